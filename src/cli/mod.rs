@@ -1,0 +1,237 @@
+//! The command line: arguments, logging, and one function per command.
+
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::error::{Error, Result};
+use crate::plan::{Overrides, Project};
+use crate::run::{Progress, RunOptions, Runner};
+
+pub use output::OutputFormat;
+
+/// kbcrm: customer data warehouse ETL and OLAP engine.
+#[derive(Debug, Parser)]
+#[command(name = "kbcrm", version, about, long_about = None)]
+pub struct Cli {
+    /// Project folder (holding kbcrm.yaml); default: the current folder or a parent.
+    #[arg(
+        short = 'C',
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "KBCRM_PROJECT"
+    )]
+    pub project: Option<PathBuf>,
+    /// Warehouse location, overriding kbcrm.yaml (also KBCRM_WAREHOUSE).
+    #[arg(long, global = true, value_name = "URL")]
+    pub warehouse: Option<String>,
+    /// Engine memory limit, e.g. 2GiB (also KBCRM_MEMORY_LIMIT).
+    #[arg(long, global = true, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event, for schedulers.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate sample data, run every pipeline and show what was built.
+    Demo {
+        /// Scale of the sample data (1 = about 100,000 customers).
+        #[arg(long, default_value_t = 0.05)]
+        scale: f64,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Check the project: YAML specs, SQL models and the DAG. Exits 2 with the problems.
+    Validate,
+    /// Run pipelines (all, in dependency order, when none are named).
+    Run {
+        /// Pipelines to run.
+        pipelines: Vec<String>,
+        /// Source files read at once; default the number of cores.
+        #[arg(long)]
+        parallel: Option<usize>,
+    },
+    /// Run a SQL query over the warehouse.
+    Query {
+        /// The SQL; `-` reads it from stdin.
+        sql: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// List the warehouse's tables: version, rows, size, last run.
+    Tables,
+    /// Print the JSON Schema of pipeline files (or of kbcrm.yaml) for editors.
+    Schema {
+        /// The schema of kbcrm.yaml instead of pipeline files.
+        #[arg(long)]
+        project_file: bool,
+    },
+    /// Generate realistic ERP, sales and service source files.
+    Generate {
+        /// Scale (1 = about 100,000 customers and 5 million order lines).
+        #[arg(long, default_value_t = 0.05)]
+        scale: f64,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Output folder.
+        #[arg(long, default_value = "sources")]
+        out: PathBuf,
+        /// 1 writes the history; N > 1 writes the files of the (N-1)th day after it.
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
+    },
+}
+
+/// Start logging on stderr: `-v`/`-q` and `RUST_LOG` set the level.
+pub fn init_tracing(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("kbcrm={default},warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).compact().init(),
+    }
+}
+
+impl Cli {
+    fn project_dir(&self) -> PathBuf {
+        self.project.clone().unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    fn overrides(&self) -> Overrides {
+        Overrides::from_env().with(Overrides {
+            warehouse: self.warehouse.clone(),
+            memory_limit: self.memory_limit.clone(),
+        })
+    }
+
+    fn load(&self) -> Result<Project> {
+        Project::load(&self.project_dir(), &self.overrides())
+    }
+}
+
+/// Run the parsed command.
+pub async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Validate => {
+            let project = cli.load()?;
+            crate::validate::check_models(&project).await?;
+            let models: usize = project.pipelines.iter().map(|p| p.models.len()).sum();
+            let sources: usize = project.pipelines.iter().map(|p| p.sources.len()).sum();
+            output::line(&format!(
+                "ok: {} pipelines, {sources} sources, {models} models",
+                project.pipelines.len()
+            ))
+        }
+        Command::Run {
+            pipelines,
+            parallel,
+        } => {
+            let project = cli.load()?;
+            crate::validate::check_models(&project).await?;
+            let runner = Runner::new(
+                &project,
+                RunOptions {
+                    parallel: *parallel,
+                },
+                Progress::auto(cli.quiet),
+            )
+            .await?;
+            let reports = runner.run(pipelines).await?;
+            output::run_summary(&reports)
+        }
+        Command::Query { sql, format } => {
+            let project = cli.load()?;
+            let sql = if sql == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| Error::io("<stdin>", e))?
+            } else {
+                sql.clone()
+            };
+            let batches = crate::query::query(&project, &sql).await?;
+            output::batches(&batches, *format)
+        }
+        Command::Tables => {
+            let project = cli.load()?;
+            output::tables(&project).await
+        }
+        Command::Schema { project_file } => {
+            let schema = if *project_file {
+                crate::config::project_json_schema()
+            } else {
+                crate::config::pipeline_json_schema()
+            };
+            output::line(&serde_json::to_string_pretty(&schema).unwrap_or_default())
+        }
+        Command::Generate {
+            scale,
+            seed,
+            out,
+            batch,
+        } => {
+            let opts = crate::generate::GenerateOptions {
+                scale: *scale,
+                seed: *seed,
+                out: out.clone(),
+                batch: *batch,
+            };
+            let summary = crate::generate::generate(&opts)?;
+            output::line(&summary.to_string())
+        }
+        Command::Demo { scale, seed } => crate::demo::demo(&cli, *scale, *seed).await,
+    }
+}
+
+/// Project loading for the demo.
+pub(crate) fn load_project(cli: &Cli) -> Result<Project> {
+    cli.load()
+}
+
+/// Print run summaries on stdout.
+pub(crate) fn print_run_summary(reports: &[crate::run::RunReport]) -> Result<()> {
+    output::run_summary(reports)
+}
+
+/// Print query results on stdout.
+pub(crate) fn print_batches(
+    batches: &[arrow::record_batch::RecordBatch],
+    format: OutputFormat,
+) -> Result<()> {
+    output::batches(batches, format)
+}

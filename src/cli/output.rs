@@ -1,0 +1,153 @@
+//! What commands print on stdout. A closed pipe (`kbcrm query ... | head`) is not an error.
+
+use std::io::Write;
+
+use arrow::record_batch::RecordBatch;
+use clap::ValueEnum;
+
+use crate::error::{Error, Result};
+use crate::plan::Project;
+use crate::run::RunReport;
+use crate::warehouse::Warehouse;
+
+/// Query result formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// One JSON object per row.
+    Json,
+}
+
+fn write_out(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    match f(&mut lock).and_then(|()| lock.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::io("<stdout>", e)),
+    }
+}
+
+/// Print one line.
+pub fn line(s: &str) -> Result<()> {
+    write_out(|w| writeln!(w, "{s}"))
+}
+
+/// Print query results.
+pub fn batches(batches: &[RecordBatch], format: OutputFormat) -> Result<()> {
+    match format {
+        OutputFormat::Table => {
+            let table = arrow::util::pretty::pretty_format_batches(batches)?;
+            write_out(|w| writeln!(w, "{table}"))
+        }
+        OutputFormat::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut writer = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
+                for b in batches {
+                    writer.write(b)?;
+                }
+            }
+            write_out(|w| w.write_all(&buf))
+        }
+        OutputFormat::Json => {
+            let mut buf = Vec::new();
+            {
+                let mut writer = arrow::json::LineDelimitedWriter::new(&mut buf);
+                for b in batches {
+                    writer.write(b)?;
+                }
+                writer.finish()?;
+            }
+            write_out(|w| w.write_all(&buf))
+        }
+    }
+}
+
+/// Human size.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// One line per table of each run.
+pub fn run_summary(reports: &[RunReport]) -> Result<()> {
+    let mut out = String::new();
+    for r in reports {
+        out.push_str(&format!(
+            "pipeline {} (run {}) committed in {:.1}s\n",
+            r.pipeline, r.run_id, r.seconds
+        ));
+        for t in &r.tables {
+            let version = t.version.map_or("-".to_string(), |v| v.to_string());
+            let change = if t.changed { "" } else { "  (unchanged)" };
+            let rejected = if t.rows_rejected > 0 {
+                format!("  {} rejected", t.rows_rejected)
+            } else {
+                String::new()
+            };
+            out.push_str(&format!(
+                "  {:<8} {:<32} {:>10} rows  {:>10}  {:>6.2}s  v{version}{rejected}{change}\n",
+                t.kind,
+                t.table,
+                t.rows_written,
+                bytes(t.bytes_written),
+                t.seconds
+            ));
+        }
+        for t in &r.tests {
+            let status = if t.failures == 0 {
+                "pass".to_string()
+            } else {
+                format!("{} failing", t.failures)
+            };
+            out.push_str(&format!("  test     {:<60} {status}\n", t.name));
+        }
+    }
+    write_out(|w| w.write_all(out.as_bytes()))
+}
+
+/// `kbcrm tables`.
+pub async fn tables(project: &Project) -> Result<()> {
+    let wh = Warehouse::open(&project.warehouse)?;
+    let names = wh.table_names().await?;
+    let mut out = format!(
+        "{:<32} {:>7} {:>12} {:>10} {:>6}  {}\n",
+        "table", "version", "rows", "size", "files", "last run"
+    );
+    for n in names {
+        if let Some(i) = wh.info(&n).await? {
+            let when = i
+                .committed_at
+                .and_then(chrono::DateTime::from_timestamp_millis)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{:<32} {:>7} {:>12} {:>10} {:>6}  {} {}\n",
+                i.name,
+                i.version,
+                i.rows,
+                bytes(i.bytes),
+                i.files,
+                when,
+                i.last_run.unwrap_or_default()
+            ));
+        }
+    }
+    write_out(|w| w.write_all(out.as_bytes()))
+}

@@ -1,0 +1,263 @@
+//! The pipeline spec: what a user writes in `pipelines/*.yaml`.
+//!
+//! These types only hold what the user wrote. [`crate::plan`] resolves paths, reads SQL and checks
+//! everything that cannot be said in a type.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::types::ColumnSpecInput;
+
+/// One pipeline file.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// Name of the pipeline; defaults to the file name without `.yaml`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the pipeline is for.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Cron expression for `kbcrm schedule`, e.g. "0 2 * * *".
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Sources to load, by name. Each lands in a table (default `raw_<pipeline>_<source>`).
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, SourceSpec>")]
+    pub sources: IndexMap<String, Spanned<SourceSpec>>,
+    /// SQL models to build, in any order (the order comes from the SQL).
+    #[serde(default)]
+    #[schemars(with = "Vec<ModelEntry>")]
+    pub models: Vec<Spanned<ModelEntry>>,
+    /// Data tests checked before anything is committed.
+    #[serde(default)]
+    #[schemars(with = "Vec<TestSpec>")]
+    pub tests: Vec<Spanned<TestSpec>>,
+}
+
+/// File formats a source can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    /// Comma (or other) separated values with a header row.
+    Csv,
+    /// Newline-delimited JSON, one object per line.
+    Json,
+    /// Apache Parquet.
+    Parquet,
+    /// A Delta Lake table.
+    Delta,
+}
+
+/// How a load changes its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    /// Replace the table's content.
+    #[default]
+    Overwrite,
+    /// Add the rows.
+    Append,
+    /// Upsert by `keys`: new keys are inserted, existing keys replaced when changed.
+    Merge,
+}
+
+impl WriteMode {
+    /// The name as written in YAML.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WriteMode::Overwrite => "overwrite",
+            WriteMode::Append => "append",
+            WriteMode::Merge => "merge",
+        }
+    }
+}
+
+/// A source of a pipeline.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// csv | json | parquet | delta
+    pub format: SourceFormat,
+    /// A path (relative to kbcrm.yaml), a folder, a glob (`sources/sales/*.csv`) or an
+    /// object-store URL (`file://`, `s3://`, ...).
+    #[schemars(with = "String")]
+    pub location: Spanned<String>,
+    /// Table to load into; default `raw_<pipeline>_<source>`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub table: Option<Spanned<String>>,
+    /// overwrite (default) | append | merge
+    #[serde(default)]
+    pub mode: WriteMode,
+    /// Key columns for `mode: merge`.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// The columns, in order, with their declared types.
+    #[schemars(with = "IndexMap<String, ColumnSpecInput>")]
+    pub schema: Spanned<IndexMap<String, ColumnSpecInput>>,
+    /// CSV options.
+    #[serde(default)]
+    pub csv: Option<CsvOptions>,
+    /// Rejected-row limits.
+    #[serde(default)]
+    pub rejects: Option<RejectsSpec>,
+    /// What the source is.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// CSV reading options.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CsvOptions {
+    /// Field separator, one character; default ",".
+    #[serde(default)]
+    pub delimiter: Option<char>,
+    /// Quote character; default '"'.
+    #[serde(default)]
+    pub quote: Option<char>,
+    /// Whether the first line holds the column names; default true.
+    #[serde(default)]
+    pub header: Option<bool>,
+    /// Field values that mean "no value"; default [""].
+    #[serde(default)]
+    pub null_values: Option<Vec<String>>,
+}
+
+/// Limits on rows rejected to quarantine.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectsSpec {
+    /// Above this share of rejected rows the run fails and commits nothing (default 0.05).
+    pub max_ratio: f64,
+}
+
+/// A model entry: a path (or glob) to SQL, or a map with the load mode.
+#[derive(Debug, Clone, PartialEq, schemars::JsonSchema)]
+#[schemars(untagged)]
+pub enum ModelEntry {
+    /// `- sql/staging/stg_orders.sql` or `- sql/staging/*.sql`
+    Path(String),
+    /// `- { path: sql/facts/fact_sales.sql, mode: merge, keys: [order_id, line_no] }`
+    Full(ModelSpec),
+}
+
+/// A model with options.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// SQL file (or glob) relative to kbcrm.yaml.
+    pub path: String,
+    /// overwrite (default) | append | merge
+    #[serde(default)]
+    pub mode: WriteMode,
+    /// Key columns for `mode: merge`.
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for ModelEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ModelEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a path to a .sql file, or a map with `path:`, `mode:`, `keys:`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ModelEntry::Path(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                ModelSpec::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ModelEntry::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How bad a failed data test is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Fail the run; nothing is committed.
+    #[default]
+    Error,
+    /// Report and go on.
+    Warn,
+}
+
+/// A data test, checked on the run's output before commit.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum TestSpec {
+    /// No two rows share these columns' values.
+    Unique(ColumnsTest),
+    /// These columns have no nulls.
+    NotNull(ColumnsTest),
+    /// The column only holds the listed values.
+    AcceptedValues(AcceptedValuesTest),
+    /// Every value of the column exists in another table's column.
+    Relationships(RelationshipsTest),
+    /// A query that must return no rows.
+    Sql(SqlTest),
+}
+
+/// Test over columns of one table.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnsTest {
+    /// The table.
+    pub table: String,
+    /// The columns.
+    pub columns: Vec<String>,
+    /// error (default) | warn
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+/// `accepted_values` test.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptedValuesTest {
+    /// The table.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// The values allowed (compared as text).
+    pub values: Vec<String>,
+    /// error (default) | warn
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+/// `relationships` test.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RelationshipsTest {
+    /// The referencing table.
+    pub table: String,
+    /// The referencing column.
+    pub column: String,
+    /// `table.column` referenced.
+    pub to: String,
+    /// error (default) | warn
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+/// A custom SQL assertion.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SqlTest {
+    /// A name for reports.
+    pub name: String,
+    /// A SELECT that returns the offending rows; the test passes when it returns none.
+    pub query: String,
+    /// error (default) | warn
+    #[serde(default)]
+    pub severity: Severity,
+}

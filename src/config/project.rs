@@ -1,0 +1,94 @@
+//! The project file, `kbcrm.yaml`.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// The project file as written.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectSpec {
+    /// Project name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Warehouse location: a folder (relative to kbcrm.yaml) or an object-store URL.
+    /// Default `warehouse/`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub warehouse: Option<Spanned<String>>,
+    /// Folder of pipeline files; default `pipelines/`.
+    #[serde(default)]
+    pub pipelines: Option<String>,
+    /// Folder of SQL models; default `sql/`.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// Engine limits.
+    #[serde(default)]
+    pub engine: EngineSpec,
+    /// DataFusion settings passed through, e.g. `datafusion.execution.batch_size: 8192`.
+    #[serde(default)]
+    pub datafusion: IndexMap<String, serde_json::Value>,
+}
+
+/// Engine limits and tuning.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSpec {
+    /// Memory the engine may use for queries, e.g. "4GiB" or "512MB"; beyond it sorts,
+    /// aggregates and repartitions spill to disk.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub memory_limit: Option<Spanned<String>>,
+    /// Folder for spill files; default the system temporary folder.
+    #[serde(default)]
+    pub spill_dir: Option<String>,
+    /// Parallelism of query plans; default the number of cores.
+    #[serde(default)]
+    pub target_partitions: Option<usize>,
+    /// Rows per record batch; default 8192.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+}
+
+/// Parse a byte size such as "4GiB", "512 MB", "1073741824".
+pub fn parse_byte_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size; write e.g. 4GiB, 512MiB or 2GB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' in '{s}'; use B, KB, KiB, MB, MiB, GB, GiB, TB or TiB"
+            ));
+        }
+    };
+    Ok((num * mult) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_byte_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_byte_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_byte_size("512 MB"), Ok(512_000_000));
+        assert_eq!(parse_byte_size("1.5kib"), Ok(1536));
+        assert!(parse_byte_size("lots").is_err());
+        assert!(parse_byte_size("4 parsecs").is_err());
+    }
+}

@@ -1,0 +1,51 @@
+//! The one place that builds the DataFusion session: memory pool, spill folder, settings,
+//! the warehouse's tables. The CLI, runs, cubes and the server all start here.
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::error::{Error, Result};
+use crate::plan::EngineSettings;
+
+/// Build a session with the project's engine settings. Tables are registered by the caller
+/// (see [`crate::warehouse::Warehouse::register_all`]).
+pub fn session(settings: &EngineSettings) -> Result<SessionContext> {
+    let mut config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_create_default_catalog_and_schema(true);
+    if let Some(n) = settings.target_partitions {
+        config = config.with_target_partitions(n.max(1));
+    }
+    if let Some(n) = settings.batch_size {
+        config = config.with_batch_size(n.max(1));
+    }
+    for (key, value) in &settings.datafusion {
+        config.options_mut().set(key, value).map_err(|e| {
+            Error::Usage(format!(
+                "kbcrm.yaml: datafusion setting '{key}: {value}' is not accepted: {e}"
+            ))
+        })?;
+    }
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(limit) = settings.memory_limit {
+        let pool = TrackConsumersPool::new(
+            FairSpillPool::new(limit),
+            NonZeroUsize::new(5).expect("non-zero"),
+        );
+        runtime = runtime.with_memory_pool(Arc::new(pool));
+    }
+    if let Some(dir) = &settings.spill_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        runtime = runtime.with_disk_manager_builder(
+            DiskManagerBuilder::default()
+                .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
+        );
+    }
+    let runtime = runtime.build_arc()?;
+    Ok(SessionContext::new_with_config_rt(config, runtime))
+}

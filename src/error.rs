@@ -1,0 +1,270 @@
+//! The one error type of the library.
+//!
+//! Variants are split by who is at fault, because that decides the exit code and what the user
+//! should do next: the project's own files ([`Error::Invalid`]: YAML, SQL, the DAG), the data
+//! ([`Error::DataQuality`]), or the run itself (engine, storage, I/O).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use miette::{Diagnostic, NamedSource, SourceSpan};
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in kbcrm.
+#[derive(Debug, thiserror::Error, Diagnostic)]
+pub enum Error {
+    /// The project's files (kbcrm.yaml, a pipeline, a SQL model) are wrong. Exit code 2.
+    #[error("{}", render_problems(.0))]
+    Invalid(#[related] Vec<Problem>),
+
+    /// Data broke a rule the pipeline declared (reject ratio, a data test). Exit code 3.
+    #[error("data quality check failed in pipeline '{pipeline}': {message}")]
+    #[diagnostic(help(
+        "nothing was committed; fix the source data or relax the rule in the pipeline"
+    ))]
+    DataQuality {
+        /// The pipeline whose check failed.
+        pipeline: String,
+        /// What failed, in words.
+        message: String,
+    },
+
+    /// A source could not be read (missing file, unreadable store). Exit code 2.
+    #[error("source '{source_name}' of pipeline '{pipeline}': {message}")]
+    Source {
+        /// Pipeline of the source.
+        pipeline: String,
+        /// Name of the source in the pipeline.
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A model failed while it ran (its SQL planned but failed on the data). Exit code 1.
+    #[error("model '{model}' ({}) failed: {message}", .file.display())]
+    Model {
+        /// Table the model builds.
+        model: String,
+        /// Its SQL file.
+        file: PathBuf,
+        /// The engine's message.
+        message: String,
+    },
+
+    /// A command-line usage error found after argument parsing. Exit code 2.
+    #[error("{0}")]
+    Usage(String),
+
+    /// The warehouse store refused an operation or holds something unexpected. Exit code 1.
+    #[error("warehouse: {0}")]
+    Warehouse(String),
+
+    /// DataFusion failed.
+    #[error(transparent)]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+
+    /// Arrow failed.
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+
+    /// Parquet failed.
+    #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+
+    /// Delta Lake failed.
+    #[error(transparent)]
+    Delta(#[from] deltalake::DeltaTableError),
+
+    /// The Delta kernel failed.
+    #[error(transparent)]
+    DeltaKernel(#[from] deltalake::kernel::Error),
+
+    /// An object store failed.
+    #[error(transparent)]
+    ObjectStore(#[from] object_store::Error),
+
+    /// Local I/O failed.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A bug in kbcrm: please report it.
+    #[error("internal error (a bug in kbcrm, please report it): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The process exit code for this error: 1 run failed, 2 usage or configuration, 3 data quality.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Invalid(_) | Error::Source { .. } | Error::Usage(_) => 2,
+            Error::DataQuality { .. } => 3,
+            _ => 1,
+        }
+    }
+
+    /// One problem as an error.
+    pub fn invalid(problem: Problem) -> Self {
+        Error::Invalid(vec![problem])
+    }
+
+    /// Wrap an I/O error with the path it concerns.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    match problems {
+        [one] => one.to_string(),
+        many => {
+            let mut out = format!("{} problems in the project:", many.len());
+            for p in many {
+                out.push_str("\n  ");
+                out.push_str(&p.to_string());
+            }
+            out
+        }
+    }
+}
+
+/// A position in a project file: 1-based line and column plus the byte span for rendering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Byte offset of the start.
+    pub offset: usize,
+    /// Length in bytes (0 for a point).
+    pub len: usize,
+}
+
+impl Position {
+    /// The position of a byte offset in `text`.
+    pub fn of_offset(text: &str, offset: usize, len: usize) -> Self {
+        let offset = offset.min(text.len());
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        Position {
+            line,
+            column,
+            offset,
+            len,
+        }
+    }
+
+    /// The position of a 1-based line and column in `text`.
+    pub fn of_line_col(text: &str, line: usize, column: usize, len: usize) -> Self {
+        let mut offset = 0;
+        for (i, l) in text.split_inclusive('\n').enumerate() {
+            if i + 1 == line {
+                let col_bytes: usize = l
+                    .chars()
+                    .take(column.saturating_sub(1))
+                    .map(char::len_utf8)
+                    .sum();
+                offset += col_bytes;
+                break;
+            }
+            offset += l.len();
+        }
+        Position {
+            line: line.max(1),
+            column: column.max(1),
+            offset: offset.min(text.len()),
+            len,
+        }
+    }
+}
+
+/// One thing wrong in one project file, with where it is and what to do about it.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// The file, relative to the project root where possible.
+    pub file: PathBuf,
+    /// Where in the file, when known.
+    pub position: Option<Position>,
+    /// What is wrong (lowercase, the offending key or name quoted).
+    pub message: String,
+    /// What to do about it.
+    pub help: Option<String>,
+    /// The file's text, for the source snippet.
+    pub text: Option<std::sync::Arc<String>>,
+}
+
+impl Problem {
+    /// A problem in `file` with no position.
+    pub fn new(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Problem {
+            file: file.into(),
+            position: None,
+            message: message.into(),
+            help: None,
+            text: None,
+        }
+    }
+
+    /// Attach a position and the file text for the snippet.
+    pub fn at(mut self, position: Position, text: &std::sync::Arc<String>) -> Self {
+        self.position = Some(position);
+        self.text = Some(text.clone());
+        self
+    }
+
+    /// Attach advice.
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(p) = self.position {
+            write!(f, ":{}:{}", p.line, p.column)?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(help) = &self.help {
+            write!(f, " ({help})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problem {}
+
+impl Diagnostic for Problem {
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        self.text
+            .as_ref()
+            .map(|t| t.as_ref() as &dyn miette::SourceCode)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
+        let p = self.position?;
+        self.text.as_ref()?;
+        let span = SourceSpan::new(p.offset.into(), p.len);
+        Some(Box::new(std::iter::once(
+            miette::LabeledSpan::new_with_span(Some("here".to_string()), span),
+        )))
+    }
+}
+
+/// A named source for miette rendering of a project file (used by the CLI).
+pub fn named_source(file: &Path, text: &str) -> NamedSource<String> {
+    NamedSource::new(file.display().to_string(), text.to_string())
+}

@@ -1,0 +1,826 @@
+//! Writing the simulated world as each source system would export it.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Date32Array, Decimal128Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use chrono::{NaiveDate, NaiveDateTime};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::names::CATEGORIES;
+use super::sink::{Damage, FileCount, Malformed, Sink};
+use super::world::{self, CHANNELS, Catalog, Customer, Details, batch_day, end, mix};
+use crate::error::{Error, Result};
+
+/// What one part of the customers produced.
+pub struct PartOutput {
+    pub files: Vec<FileCount>,
+    pub malformed: Vec<Malformed>,
+    /// (system, source id, true id)
+    pub identity: Vec<(&'static str, String, String)>,
+    /// One line of truth/customers.csv per customer.
+    pub truth: Vec<String>,
+}
+
+fn file_rng(seed: u64, name: &str) -> ChaCha8Rng {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    ChaCha8Rng::seed_from_u64(mix(seed, h))
+}
+
+fn money(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", cents.abs() / 100, cents.abs() % 100)
+}
+
+fn ymd(d: NaiveDate) -> String {
+    d.format("%Y-%m-%d").to_string()
+}
+
+fn de_date(d: NaiveDate) -> String {
+    d.format("%d.%m.%Y").to_string()
+}
+
+fn ts(t: NaiveDateTime) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+fn iso(t: NaiveDateTime) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Whether something that happens (arrives) on `day` belongs in batch `b`.
+fn in_batch(day: NaiveDate, b: u32) -> bool {
+    if b == 1 {
+        day <= end()
+    } else {
+        day == batch_day(b)
+    }
+}
+
+fn email_variant(rng: &mut ChaCha8Rng, email: &str) -> String {
+    match rng.random_range(0..100) {
+        0..=69 => email.to_string(),
+        70..=84 => {
+            let (local, domain) = email.split_once('@').unwrap_or((email, ""));
+            let cap = |s: &str| {
+                s.split('.')
+                    .map(|p| {
+                        let mut c = p.chars();
+                        c.next()
+                            .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                            .unwrap_or_default()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(".")
+            };
+            format!("{}@{}", cap(local), cap(domain))
+        }
+        85..=94 => email.to_uppercase(),
+        _ => format!("  {email} "),
+    }
+}
+
+fn phone_variant(rng: &mut ChaCha8Rng, e164: &str) -> String {
+    // e164 = +4915XXXXXXXX
+    let national = &e164[3..]; // 15XXXXXXXX
+    let (a, b) = national.split_at(3);
+    match rng.random_range(0..6) {
+        0 => e164.to_string(),
+        1 => format!("+49 {a} {b}"),
+        2 => format!("0{a} {b}"),
+        3 => format!("0049 {a}-{b}"),
+        4 => format!("(0{a}) {} {}", &b[..3], &b[3..]),
+        _ => format!("0{national}"),
+    }
+}
+
+fn tax_variant(rng: &mut ChaCha8Rng, tax: &str) -> String {
+    let digits = &tax[2..];
+    match rng.random_range(0..20) {
+        0..=13 => tax.to_string(),
+        14..=16 => format!("DE {} {} {}", &digits[..3], &digits[3..6], &digits[6..]),
+        17..=18 => tax.to_lowercase(),
+        _ => format!("DE-{}.{}.{}", &digits[..3], &digits[3..6], &digits[6..]),
+    }
+}
+
+struct Files {
+    root: std::path::PathBuf,
+    seed: u64,
+    batch: u32,
+    counts: Vec<FileCount>,
+    malformed: Vec<Malformed>,
+}
+
+impl Files {
+    fn open(
+        &self,
+        rel: &str,
+        cols: &[&'static str],
+        json: bool,
+        damage: Damage,
+    ) -> Result<(Sink, ChaCha8Rng)> {
+        Ok((
+            Sink::create(&self.root, rel, cols, json, damage)?,
+            file_rng(self.seed ^ u64::from(self.batch), rel),
+        ))
+    }
+
+    fn close(&mut self, sink: Sink) -> Result<()> {
+        let (count, malformed) = sink.finish()?;
+        self.counts.push(count);
+        self.malformed.extend(malformed);
+        Ok(())
+    }
+}
+
+fn o<T: ToString>(v: T) -> Option<String> {
+    Some(v.to_string())
+}
+
+/// Products, channels, employees, campaigns.
+pub fn catalog_files(
+    root: &Path,
+    catalog: &Catalog,
+    seed: u64,
+    batch: u32,
+) -> Result<Vec<FileCount>> {
+    let mut f = Files {
+        root: root.to_path_buf(),
+        seed,
+        batch,
+        counts: Vec::new(),
+        malformed: Vec::new(),
+    };
+    let b = format!("{batch:04}");
+    if batch == 1 {
+        let (mut s, mut rng) = f.open(
+            "sales/channels/channels.csv",
+            &["channel_id", "name", "channel_type"],
+            false,
+            Damage::default(),
+        )?;
+        for (id, name, ty) in CHANNELS {
+            s.row(&mut rng, &mut [o(id), o(name), o(ty)])?;
+        }
+        f.close(s)?;
+        let (mut s, mut rng) = f.open(
+            "erp/employees/employees.csv",
+            &[
+                "employee_id",
+                "full_name",
+                "role",
+                "region",
+                "email",
+                "hire_date",
+            ],
+            false,
+            Damage::default(),
+        )?;
+        for e in &catalog.employees {
+            s.row(
+                &mut rng,
+                &mut [
+                    o(&e.id),
+                    o(&e.name),
+                    o(e.role),
+                    o(e.region),
+                    o(&e.email),
+                    o(ymd(e.hired)),
+                ],
+            )?;
+        }
+        f.close(s)?;
+        f.counts.push(products_parquet(root, catalog)?);
+    }
+    let (mut s, mut rng) = f.open(
+        &format!("sales/campaigns/campaigns_{b}.csv"),
+        &["campaign_id", "name", "channel", "sent_on"],
+        false,
+        Damage::default(),
+    )?;
+    for c in &catalog.campaigns {
+        if in_batch(c.sent, batch) {
+            s.row(
+                &mut rng,
+                &mut [o(&c.id), o(&c.name), o(c.channel), o(ymd(c.sent))],
+            )?;
+        }
+    }
+    f.close(s)?;
+    Ok(f.counts)
+}
+
+fn products_parquet(root: &Path, catalog: &Catalog) -> Result<FileCount> {
+    let rel = "sales/products/products.parquet";
+    let path = root.join(rel);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let p = &catalog.products;
+    let dec = |v: Vec<i64>| -> Result<ArrayRef> {
+        Ok(Arc::new(
+            Decimal128Array::from(v.into_iter().map(i128::from).collect::<Vec<_>>())
+                .with_precision_and_scale(10, 2)?,
+        ))
+    };
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("product_id", DataType::Utf8, false),
+        Field::new("sku", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("category", DataType::Utf8, false),
+        Field::new("subcategory", DataType::Utf8, false),
+        Field::new("brand", DataType::Utf8, false),
+        Field::new("list_price", DataType::Decimal128(10, 2), false),
+        Field::new("unit_cost", DataType::Decimal128(10, 2), false),
+        Field::new("launched_on", DataType::Date32, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            p.iter().map(|x| x.id.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            p.iter().map(|x| x.sku.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            p.iter().map(|x| x.name.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            p.iter().map(|x| CATEGORIES[x.category].0),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            p.iter().map(|x| x.subcategory),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            p.iter().map(|x| x.brand.as_str()),
+        )),
+        dec(p.iter().map(|x| x.price_cents).collect())?,
+        dec(p.iter().map(|x| x.cost_cents).collect())?,
+        Arc::new(Date32Array::from_iter_values(
+            p.iter().map(|x| (x.launched - epoch).num_days() as i32),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(FileCount {
+        file: rel.to_string(),
+        rows: p.len() as u64,
+        malformed: 0,
+    })
+}
+
+/// One part of the customers: every per-customer file of the batch.
+pub fn part(
+    root: &Path,
+    catalog: &Catalog,
+    seed: u64,
+    batch: u32,
+    part: usize,
+    customers: Range<usize>,
+) -> Result<PartOutput> {
+    let mut f = Files {
+        root: root.to_path_buf(),
+        seed,
+        batch,
+        counts: Vec::new(),
+        malformed: Vec::new(),
+    };
+    let sfx = format!("{batch:04}_p{part:02}");
+    let on = Damage {
+        enabled: true,
+        ..Damage::default()
+    };
+    let (mut erp_c, mut r_erp_c) = f.open(
+        &format!("erp/customers/customers_{sfx}.csv"),
+        &[
+            "erp_customer_id",
+            "legal_name",
+            "tax_id",
+            "email",
+            "phone",
+            "street",
+            "postcode",
+            "city",
+            "country",
+            "region",
+            "segment",
+            "credit_limit",
+            "payment_terms_days",
+            "created_at",
+            "updated_at",
+        ],
+        false,
+        Damage::default(),
+    )?;
+    let (mut inv, mut r_inv) = f.open(
+        &format!("erp/invoices/invoices_{sfx}.csv"),
+        &[
+            "invoice_id",
+            "erp_customer_id",
+            "order_ref",
+            "invoice_date",
+            "due_date",
+            "amount",
+            "currency",
+        ],
+        false,
+        Damage {
+            id: Some(0),
+            number: Some(5),
+            date: Some(3),
+            ..on
+        },
+    )?;
+    let (mut pay, mut r_pay) = f.open(
+        &format!("erp/payments/payments_{sfx}.csv"),
+        &[
+            "payment_id",
+            "invoice_id",
+            "erp_customer_id",
+            "paid_date",
+            "amount",
+            "method",
+        ],
+        false,
+        Damage {
+            id: Some(0),
+            number: Some(4),
+            date: Some(3),
+            ..on
+        },
+    )?;
+    let (mut con, mut r_con) = f.open(
+        &format!("sales/contacts/contacts_{sfx}.ndjson"),
+        &[
+            "contact_id",
+            "first_name",
+            "last_name",
+            "company",
+            "email",
+            "phone",
+            "postcode",
+            "city",
+            "country",
+            "owner_id",
+            "created_at",
+            "updated_at",
+        ],
+        true,
+        Damage::default(),
+    )?;
+    let (mut ord, mut r_ord) = f.open(
+        &format!("sales/orders/orders_{sfx}.csv"),
+        &[
+            "order_id",
+            "contact_id",
+            "order_ts",
+            "channel_id",
+            "sales_rep_id",
+            "status",
+            "currency",
+        ],
+        false,
+        Damage {
+            id: Some(0),
+            date: Some(2),
+            ..on
+        },
+    )?;
+    let (mut lin, mut r_lin) = f.open(
+        &format!("sales/order_lines/order_lines_{sfx}.csv"),
+        &[
+            "order_id",
+            "line_no",
+            "product_id",
+            "quantity",
+            "unit_price",
+            "discount_pct",
+            "net_amount",
+        ],
+        false,
+        Damage {
+            id: Some(0),
+            number: Some(6),
+            ..on
+        },
+    )?;
+    let (mut tou, mut r_tou) = f.open(
+        &format!("sales/campaign_touches/touches_{sfx}.csv"),
+        &[
+            "touch_id",
+            "contact_id",
+            "campaign_id",
+            "sent_at",
+            "opened",
+            "clicked",
+            "responded",
+        ],
+        false,
+        Damage {
+            id: Some(0),
+            date: Some(3),
+            ..on
+        },
+    )?;
+    let (mut svc, mut r_svc) = f.open(
+        &format!("service/customers/service_customers_{sfx}.csv"),
+        &[
+            "service_customer_id",
+            "name",
+            "company",
+            "email",
+            "phone",
+            "created_at",
+        ],
+        false,
+        Damage::default(),
+    )?;
+    let (mut tic, mut r_tic) = f.open(
+        &format!("service/tickets/tickets_{sfx}.ndjson"),
+        &[
+            "ticket_id",
+            "service_customer_id",
+            "opened_at",
+            "closed_at",
+            "category",
+            "severity",
+            "complaint",
+            "satisfaction",
+            "resolution_hours",
+            "agent_id",
+            "channel",
+            "order_ref",
+        ],
+        true,
+        Damage {
+            id: Some(0),
+            number: Some(7),
+            date: Some(2),
+            ..on
+        },
+    )?;
+    let (mut fbk, mut r_fbk) = f.open(
+        &format!("service/feedback/feedback_{sfx}.csv"),
+        &[
+            "feedback_id",
+            "service_customer_id",
+            "kind",
+            "submitted_at",
+            "score",
+            "text",
+            "acted_on",
+            "answered",
+        ],
+        false,
+        Damage {
+            id: Some(0),
+            date: Some(3),
+            ..on
+        },
+    )?;
+    let mut identity = Vec::new();
+    let mut truth = Vec::new();
+    for idx in customers {
+        let c = world::customer(idx as u64, seed, catalog);
+        identity_rows(&c, &mut identity);
+        truth.push(truth_row(&c));
+        // Masters: batch 1 holds customers acquired by the end of the history, as they stood
+        // then; later batches hold customers acquired or changed on their day.
+        let (write_master, details) = master_state(&c, batch);
+        let created = c.acquired.min(end());
+        if write_master {
+            if let Some(erp_id) = &c.erp_id {
+                let legal = c
+                    .company
+                    .clone()
+                    .unwrap_or_else(|| format!("{} {}", c.first, c.last));
+                let updated = if batch == 1 {
+                    created + chrono::Duration::days((c.idx % 200) as i64).min(end() - created)
+                } else {
+                    batch_day(batch)
+                };
+                let tax = c.tax_id.as_ref().map(|t| tax_variant(&mut r_erp_c, t));
+                let email = email_variant(&mut r_erp_c, &details.email);
+                let phone = phone_variant(&mut r_erp_c, &c.phone);
+                erp_c.row(
+                    &mut r_erp_c,
+                    &mut [
+                        o(erp_id),
+                        o(legal),
+                        tax,
+                        o(email),
+                        o(phone),
+                        o(&details.street),
+                        o(&details.postcode),
+                        o(details.city),
+                        o("DE"),
+                        o(details.region),
+                        o(c.segment),
+                        details.credit_limit.map(|l| l.to_string()),
+                        o(c.payment_terms),
+                        o(ymd(c.acquired)),
+                        o(ymd(updated)),
+                    ],
+                )?;
+            }
+            for (j, crm_id) in c.crm_ids.iter().enumerate() {
+                // A duplicate contact often uses another address (work vs. private).
+                let email = if j == 1 && r_con.random_bool(0.5) {
+                    let (local, _) = details
+                        .email
+                        .split_once('@')
+                        .unwrap_or((&details.email, ""));
+                    format!("{local}.privat@mail.de")
+                } else {
+                    details.email.clone()
+                };
+                let email = if j == 1 && email != details.email {
+                    email
+                } else {
+                    email_variant(&mut r_con, &email)
+                };
+                let phone = phone_variant(&mut r_con, &c.phone);
+                con.row(
+                    &mut r_con,
+                    &mut [
+                        o(crm_id),
+                        o(c.first),
+                        o(c.last),
+                        c.company.clone(),
+                        o(email),
+                        o(phone),
+                        o(&details.postcode),
+                        o(details.city),
+                        o("DE"),
+                        o(&c.account_manager),
+                        o(iso(created.and_hms_opt(9, 0, 0).expect("valid"))),
+                        o(iso(if batch == 1 {
+                            created
+                        } else {
+                            batch_day(batch)
+                        }
+                        .and_hms_opt(18, 0, 0)
+                        .expect("valid"))),
+                    ],
+                )?;
+            }
+        }
+        if let Some(sid) = &c.service_id {
+            let first = c
+                .tickets
+                .iter()
+                .map(|t| t.opened.date())
+                .chain(c.feedback.iter().map(|f| f.ts.date()))
+                .min()
+                .unwrap_or(c.acquired)
+                .min(c.acquired.max(world::start()));
+            if in_batch(first, batch) || (batch > 1 && write_master) {
+                let email = if r_svc.random_bool(0.85) {
+                    o(email_variant(&mut r_svc, &details.email))
+                } else {
+                    None
+                };
+                let phone = phone_variant(&mut r_svc, &c.phone);
+                svc.row(
+                    &mut r_svc,
+                    &mut [
+                        o(sid),
+                        o(format!("{} {}", c.first, c.last)),
+                        c.company.clone(),
+                        email,
+                        o(phone),
+                        o(ymd(first)),
+                    ],
+                )?;
+            }
+        }
+        for order in &c.orders {
+            if !in_batch(order.arrival, batch) {
+                continue;
+            }
+            ord.row(
+                &mut r_ord,
+                &mut [
+                    o(&order.id),
+                    o(&c.crm_ids[order.contact]),
+                    o(ts(order.ts)),
+                    o(CHANNELS[order.channel].0),
+                    order.rep.clone(),
+                    o(order.status),
+                    o("EUR"),
+                ],
+            )?;
+            for (n, l) in order.lines.iter().enumerate() {
+                lin.row(
+                    &mut r_lin,
+                    &mut [
+                        o(&order.id),
+                        o(n + 1),
+                        o(&catalog.products[l.product].id),
+                        o(l.quantity),
+                        o(money(l.unit_price_cents)),
+                        o(l.discount_pct),
+                        o(money(l.net_cents)),
+                    ],
+                )?;
+            }
+        }
+        if let Some(erp_id) = &c.erp_id {
+            for order in &c.orders {
+                let Some(i) = &order.invoice else { continue };
+                if in_batch(i.date, batch) {
+                    inv.row(
+                        &mut r_inv,
+                        &mut [
+                            o(&i.id),
+                            o(erp_id),
+                            o(&order.id),
+                            o(de_date(i.date)),
+                            o(de_date(i.due)),
+                            o(money(i.amount_cents)),
+                            o("EUR"),
+                        ],
+                    )?;
+                }
+                if let Some((paid, amount, method)) = i.paid
+                    && in_batch(paid, batch)
+                {
+                    pay.row(
+                        &mut r_pay,
+                        &mut [
+                            o(format!("PAY{}", &i.id[3..])),
+                            o(&i.id),
+                            o(erp_id),
+                            o(de_date(paid)),
+                            o(money(amount)),
+                            o(method),
+                        ],
+                    )?;
+                }
+            }
+        }
+        for t in &c.touches {
+            if in_batch(t.ts.date(), batch) {
+                tou.row(
+                    &mut r_tou,
+                    &mut [
+                        o(&t.id),
+                        o(&c.crm_ids[t.contact]),
+                        o(&catalog.campaigns[t.campaign].id),
+                        o(ts(t.ts)),
+                        o(t.opened),
+                        o(t.clicked),
+                        o(t.responded),
+                    ],
+                )?;
+            }
+        }
+        let Some(sid) = &c.service_id else { continue };
+        for t in &c.tickets {
+            if !in_batch(t.arrival, batch) {
+                continue;
+            }
+            let cutoff = batch_day(batch).and_hms_opt(23, 59, 59).expect("valid");
+            let closed = t.closed.filter(|c| *c <= cutoff);
+            let hours =
+                closed.map(|c| format!("{:.1}", (c - t.opened).num_minutes() as f64 / 60.0));
+            tic.row(
+                &mut r_tic,
+                &mut [
+                    o(&t.id),
+                    o(sid),
+                    o(iso(t.opened)),
+                    closed.map(iso),
+                    o(t.category),
+                    o(t.severity),
+                    o(t.complaint),
+                    if closed.is_some() {
+                        t.satisfaction.map(|s| s.to_string())
+                    } else {
+                        None
+                    },
+                    hours,
+                    o(&t.agent),
+                    o(t.channel),
+                    t.order_ref.clone(),
+                ],
+            )?;
+        }
+        for fb in &c.feedback {
+            if in_batch(fb.ts.date(), batch) {
+                fbk.row(
+                    &mut r_fbk,
+                    &mut [
+                        o(&fb.id),
+                        o(sid),
+                        o(fb.kind),
+                        o(ts(fb.ts)),
+                        fb.score.map(|s| s.to_string()),
+                        o(fb.text),
+                        o(fb.acted_on),
+                        o(fb.answered),
+                    ],
+                )?;
+            }
+        }
+    }
+    for s in [erp_c, inv, pay, con, ord, lin, tou, svc, tic, fbk] {
+        f.close(s)?;
+    }
+    Ok(PartOutput {
+        files: f.counts,
+        malformed: f.malformed,
+        identity,
+        truth,
+    })
+}
+
+/// Whether the customer's master records go into batch `b`, and with which details.
+fn master_state(c: &Customer, b: u32) -> (bool, Details) {
+    if b == 1 {
+        return (c.acquired <= end(), c.details.clone());
+    }
+    let day = batch_day(b);
+    match &c.change {
+        Some((d, changed)) if *d == day => (c.acquired <= day, changed.clone()),
+        Some((d, changed)) if *d < day => (c.acquired == day, changed.clone()),
+        _ => (c.acquired == day, c.details.clone()),
+    }
+}
+
+fn identity_rows(c: &Customer, out: &mut Vec<(&'static str, String, String)>) {
+    if let Some(e) = &c.erp_id {
+        out.push(("erp", e.clone(), c.true_id.clone()));
+    }
+    for id in &c.crm_ids {
+        out.push(("crm", id.clone(), c.true_id.clone()));
+    }
+    if let Some(s) = &c.service_id {
+        out.push(("service", s.clone(), c.true_id.clone()));
+    }
+}
+
+fn truth_row(c: &Customer) -> String {
+    let orders = c.orders.iter().filter(|o| o.ts.date() <= end()).count();
+    let churned = c.churn_date.is_some_and(|d| d <= end());
+    format!(
+        "{},{},{},{},{},{},{},{}",
+        c.true_id,
+        c.cohort.as_str(),
+        c.b2b,
+        ymd(c.acquired),
+        churned,
+        c.churn_date.map(ymd).unwrap_or_default(),
+        c.churn_kind.unwrap_or_default(),
+        orders
+    )
+}
+
+/// Ground-truth files.
+pub fn truth_files(
+    truth: &Path,
+    batch: u32,
+    files: &[FileCount],
+    malformed: &[Malformed],
+    identity: &[(&'static str, String, String)],
+    customers: &[String],
+) -> Result<()> {
+    let write = |name: &str, body: String| -> Result<()> {
+        let p = truth.join(name);
+        std::fs::write(&p, body).map_err(|e| Error::io(&p, e))
+    };
+    let b = format!("{batch:04}");
+    let mut s = String::from("file,rows,malformed\n");
+    for f in files {
+        s.push_str(&format!("{},{},{}\n", f.file, f.rows, f.malformed));
+    }
+    write(&format!("files_{b}.csv"), s)?;
+    let mut s = String::from("file,line,kind\n");
+    for m in malformed {
+        s.push_str(&format!("{},{},{}\n", m.file, m.line, m.kind));
+    }
+    write(&format!("malformed_{b}.csv"), s)?;
+    let mut s = String::from("system,source_id,true_customer_id\n");
+    for (sys, id, t) in identity {
+        s.push_str(&format!("{sys},{id},{t}\n"));
+    }
+    write("identity.csv", s)?;
+    let mut s = String::from(
+        "true_customer_id,cohort,b2b,acquired_on,churned,churn_date,churn_kind,orders_in_history\n",
+    );
+    for line in customers {
+        s.push_str(line);
+        s.push('\n');
+    }
+    write("customers.csv", s)
+}

@@ -1,0 +1,48 @@
+//! The `kbcrm` command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = kbcrm::cli::Cli::parse();
+    kbcrm::cli::init_tracing(&cli);
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = miette::set_hook(Box::new(move |_| {
+        // Whole lines when a program reads the messages; wrapped and coloured on a terminal.
+        Box::new(
+            miette::MietteHandlerOpts::new()
+                .wrap_lines(terminal)
+                .color(terminal)
+                .unicode(terminal)
+                .build(),
+        )
+    }));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(kbcrm::cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.exit_code();
+            match e {
+                kbcrm::Error::Invalid(problems) => {
+                    let n = problems.len();
+                    for p in problems {
+                        eprintln!("{:?}", miette::Report::new(p));
+                    }
+                    eprintln!("error: {n} problem(s) in the project; nothing was run or written");
+                }
+                other => eprintln!("{:?}", miette::Report::new(other)),
+            }
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! Read-only SQL over the warehouse's committed tables.
+
+use arrow::record_batch::RecordBatch;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::SessionContext;
+
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::plan::Project;
+use crate::warehouse::Warehouse;
+
+/// A session over the project's warehouse with every committed table registered.
+pub async fn session(project: &Project) -> Result<SessionContext> {
+    let ctx = engine::session(&project.engine)?;
+    let wh = Warehouse::open(&project.warehouse)?;
+    wh.register_all(&ctx).await?;
+    Ok(ctx)
+}
+
+/// Options that refuse anything but queries.
+pub fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// Run one read-only query and collect its result.
+pub async fn query(project: &Project, sql: &str) -> Result<Vec<RecordBatch>> {
+    let ctx = session(project).await?;
+    let df = ctx
+        .sql_with_options(sql, read_only())
+        .await
+        .map_err(|e| Error::Usage(format!("query failed: {}", e.strip_backtrace())))?;
+    Ok(df.collect().await?)
+}

@@ -1,0 +1,171 @@
+//! Reading sources into Arrow batches of their declared schema.
+//!
+//! Text formats (CSV, NDJSON) are parsed row by row: a row that does not fit the declared schema
+//! becomes a [`Reject`] with its file, line and reason, and never stops a good row. Columnar
+//! formats (Parquet, Delta) are cast to the declared types.
+
+mod columnar;
+pub mod convert;
+mod csv;
+mod json;
+pub mod stores;
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::config::pipeline::SourceFormat;
+use crate::error::{Error, Result};
+use crate::plan::Source;
+
+/// Rows per batch produced by the text readers.
+pub const BATCH_ROWS: usize = 32 * 1024;
+
+/// A row that did not fit the declared schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reject {
+    /// The file it came from.
+    pub file: String,
+    /// 1-based line (CSV, NDJSON) or row number (Parquet, Delta).
+    pub line: u64,
+    /// The column at fault, when one is.
+    pub column: Option<String>,
+    /// The row as it was in the file (cut at 4 KiB).
+    pub raw: String,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// One file of a source.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Path in the store.
+    pub path: StorePath,
+    /// How to name the file to a person.
+    pub display: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What reading one file gave.
+#[derive(Debug, Default)]
+pub struct FileOutput {
+    /// The file.
+    pub file: String,
+    /// Accepted rows.
+    pub batches: Vec<RecordBatch>,
+    /// Rejected rows.
+    pub rejects: Vec<Reject>,
+    /// Rows read (accepted + rejected).
+    pub rows_read: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+}
+
+/// The files of a source, sorted by path. No file at all is an error: a source that is
+/// legitimately empty still has its folder.
+pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result<Vec<SourceFile>> {
+    let loc = &source.location;
+    let prefix = StorePath::from(loc.prefix.trim_end_matches('/'));
+    let err = |message: String| Error::Source {
+        pipeline: source.pipeline.clone(),
+        source_name: source.name.clone(),
+        message,
+    };
+    // A single file?
+    if loc.glob.is_none() && !loc.prefix.ends_with('/') {
+        match store.head(&prefix).await {
+            Ok(meta) => {
+                return Ok(vec![SourceFile {
+                    display: display_name(source, &meta.location),
+                    path: meta.location,
+                    size: meta.size,
+                }]);
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(err(format!("cannot read '{}': {e}", loc.written))),
+        }
+    }
+    let prefix_str = prefix.as_ref().to_string();
+    let mut files: Vec<SourceFile> = store
+        .list(Some(&prefix))
+        .map_err(|e| err(format!("cannot list '{}': {e}", loc.written)))
+        .try_filter_map(|meta| {
+            let rel = meta
+                .location
+                .as_ref()
+                .strip_prefix(&prefix_str)
+                .unwrap_or(meta.location.as_ref())
+                .trim_start_matches('/')
+                .to_string();
+            let keep = loc.matches(&rel) && !rel.split('/').any(|s| s.starts_with(['.', '_']));
+            let out = keep.then(|| SourceFile {
+                display: display_name(source, &meta.location),
+                path: meta.location,
+                size: meta.size,
+            });
+            async move { Ok(out) }
+        })
+        .try_collect()
+        .await?;
+    files.sort_by(|a, b| a.path.as_ref().cmp(b.path.as_ref()));
+    if files.is_empty() {
+        return Err(err(format!(
+            "no files found at '{}'; check `location:` (relative to kbcrm.yaml) or generate the \
+             sample data with `kbcrm generate`",
+            loc.written
+        )));
+    }
+    Ok(files)
+}
+
+fn display_name(source: &Source, path: &StorePath) -> String {
+    if source.location.store_url.scheme() == "file" {
+        format!("/{path}")
+    } else {
+        format!("{}{path}", source.location.store_url)
+    }
+}
+
+/// Read every file of a text source, `parallel` files at a time, in file order.
+pub fn read_text_files<'a>(
+    source: &'a Source,
+    store: Arc<dyn ObjectStore>,
+    files: Vec<SourceFile>,
+    schema: SchemaRef,
+    parallel: usize,
+) -> BoxStream<'a, Result<FileOutput>> {
+    stream::iter(files)
+        .map(move |file| {
+            let store = store.clone();
+            let schema = schema.clone();
+            let source = source.clone();
+            async move {
+                let bytes = store.get(&file.path).await?.bytes().await?;
+                let out = tokio::task::spawn_blocking(move || match source.format {
+                    SourceFormat::Csv => csv::parse(&source, &file.display, &bytes, schema),
+                    SourceFormat::Json => json::parse(&source, &file.display, &bytes, schema),
+                    other => Err(Error::Internal(format!("{other:?} is not a text format"))),
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("reader task failed: {e}")))??;
+                Ok(out)
+            }
+        })
+        .buffered(parallel.max(1))
+        .boxed()
+}
+
+pub use columnar::read_columnar;
+
+/// Cut a raw row for the quarantine table.
+pub(crate) fn raw_text(bytes: &[u8]) -> String {
+    const MAX: usize = 4096;
+    let cut = &bytes[..bytes.len().min(MAX)];
+    let s = String::from_utf8_lossy(cut);
+    s.trim_end_matches(['\r', '\n']).to_string()
+}

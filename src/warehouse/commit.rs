@@ -1,0 +1,202 @@
+//! Publishing a run's staged writes, all or (after recovery) all.
+//!
+//! Delta commits are atomic per table. A run touches several tables, so before the first table
+//! is committed the run writes a manifest (`_kbcrm/pending/<run id>.json`) holding every table's
+//! actions. If the process dies between two table commits, [`Warehouse::recover`] finds the
+//! manifest and commits what is missing: the run ends complete, never half-applied.
+
+use std::collections::HashMap;
+
+use deltalake::DeltaTableBuilder;
+use deltalake::kernel::Action;
+use deltalake::kernel::transaction::{CommitBuilder, TableReference};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use super::{META_DIR, Staged, Warehouse};
+use crate::error::{Error, Result};
+
+/// Commit-info key holding the run id.
+pub const RUN_ID_KEY: &str = "kbcrm.runId";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    run_id: String,
+    pipeline: String,
+    tables: Vec<ManifestTable>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ManifestTable {
+    table: String,
+    url: String,
+    read_version: Option<u64>,
+    actions: Vec<Action>,
+    app_metadata: HashMap<String, serde_json::Value>,
+}
+
+fn manifest_path(wh: &Warehouse, run_id: &str) -> object_store::path::Path {
+    wh.path(&format!("{META_DIR}/pending/{run_id}.json"))
+}
+
+/// Commit every staged write that changes its table, as one run. Returns the new version of each
+/// committed table.
+pub async fn commit_run(
+    wh: &Warehouse,
+    run_id: &str,
+    pipeline: &str,
+    staged: &[Staged],
+) -> Result<HashMap<String, u64>> {
+    let tables: Vec<ManifestTable> = staged
+        .iter()
+        .filter(|s| s.changes())
+        .map(|s| ManifestTable {
+            table: s.table.clone(),
+            url: s.url.to_string(),
+            read_version: s.read_version,
+            actions: s.actions.clone(),
+            app_metadata: HashMap::from([
+                (RUN_ID_KEY.to_string(), serde_json::json!(run_id)),
+                ("kbcrm.pipeline".to_string(), serde_json::json!(pipeline)),
+                ("kbcrm.mode".to_string(), serde_json::json!(s.mode.as_str())),
+                (
+                    "kbcrm.rowsWritten".to_string(),
+                    serde_json::json!(s.metrics.rows_written),
+                ),
+            ]),
+        })
+        .collect();
+    if tables.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let manifest = Manifest {
+        run_id: run_id.to_string(),
+        pipeline: pipeline.to_string(),
+        tables,
+    };
+    let path = manifest_path(wh, run_id);
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+    wh.store().put(&path, PutPayload::from(bytes)).await?;
+    let versions = apply(&manifest).await?;
+    wh.store().delete(&path).await?;
+    Ok(versions)
+}
+
+/// Commit each table of a manifest that is not committed yet.
+async fn apply(manifest: &Manifest) -> Result<HashMap<String, u64>> {
+    let mut versions = HashMap::new();
+    for t in &manifest.tables {
+        let v = commit_table(t, &manifest.run_id).await?;
+        versions.insert(t.table.clone(), v);
+    }
+    Ok(versions)
+}
+
+async fn commit_table(t: &ManifestTable, run_id: &str) -> Result<u64> {
+    let url = Url::parse(&t.url).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut table = DeltaTableBuilder::from_url(url.clone())?.build()?;
+    let latest = match table.log_store().get_latest_version(0).await {
+        Ok(v) => Some(v),
+        Err(_) => None,
+    };
+    // Already committed by this run (recovery after a crash between commit and cleanup)?
+    if let Some(latest) = latest {
+        let next = t.read_version.map_or(0, |v| v + 1);
+        if latest >= next && committed_by(&table, next, run_id).await? {
+            return Ok(next);
+        }
+    }
+    let operation = match t.read_version {
+        None => {
+            let (protocol, metadata) = t.actions.iter().fold((None, None), |(p, m), a| match a {
+                Action::Protocol(x) => (Some(x.clone()), m),
+                Action::Metadata(x) => (p, Some(x.clone())),
+                _ => (p, m),
+            });
+            DeltaOperation::Create {
+                mode: SaveMode::ErrorIfExists,
+                location: url.clone(),
+                protocol: protocol
+                    .ok_or_else(|| Error::Internal("create without protocol".into()))?,
+                metadata: metadata
+                    .ok_or_else(|| Error::Internal("create without metadata".into()))?,
+            }
+        }
+        Some(_) => DeltaOperation::Write {
+            mode: if t.actions.iter().any(|a| matches!(a, Action::Remove(_))) {
+                SaveMode::Overwrite
+            } else {
+                SaveMode::Append
+            },
+            partition_by: None,
+            predicate: None,
+        },
+    };
+    if let Some(v) = t.read_version {
+        table.load_version(v).await?;
+    }
+    let snapshot = match t.read_version {
+        Some(_) => Some(table.snapshot()?),
+        None => None,
+    };
+    let commit = CommitBuilder::default()
+        .with_actions(t.actions.clone())
+        .with_app_metadata(t.app_metadata.clone())
+        .with_max_retries(0)
+        .build(
+            snapshot.map(|s| s as &dyn TableReference),
+            table.log_store(),
+            operation,
+        )
+        .await
+        .map_err(|e| {
+            Error::Warehouse(format!(
+                "committing table '{}' failed: {e}. Another run may have changed it at the same \
+                 time; run again",
+                t.table
+            ))
+        })?;
+    Ok(commit.version())
+}
+
+/// Whether version `v` of `table` was written by run `run_id`.
+async fn committed_by(table: &deltalake::DeltaTable, v: u64, run_id: &str) -> Result<bool> {
+    let mut t = table.clone();
+    if t.load_version(v).await.is_err() {
+        return Ok(false);
+    }
+    let info = t.history(Some(1)).try_next().await?;
+    Ok(info
+        .and_then(|c| c.info.get(RUN_ID_KEY).cloned())
+        .is_some_and(|r| r == serde_json::json!(run_id)))
+}
+
+impl Warehouse {
+    /// Complete runs that died while committing. Returns the run ids completed.
+    pub async fn recover(&self) -> Result<Vec<String>> {
+        let prefix = self.path(&format!("{META_DIR}/pending"));
+        let metas: Vec<_> = self.store().list(Some(&prefix)).try_collect().await?;
+        let mut done = Vec::new();
+        for meta in metas {
+            let bytes = self.store().get(&meta.location).await?.bytes().await?;
+            let manifest: Manifest = match serde_json::from_slice(&bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    return Err(Error::Warehouse(format!(
+                        "pending run manifest '{}' is unreadable ({e}); move it away to continue",
+                        meta.location
+                    )));
+                }
+            };
+            tracing::warn!(run_id = %manifest.run_id, pipeline = %manifest.pipeline,
+                "completing the commit of an interrupted run");
+            apply(&manifest).await?;
+            self.store().delete(&meta.location).await?;
+            done.push(manifest.run_id);
+        }
+        Ok(done)
+    }
+}

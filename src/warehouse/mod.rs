@@ -1,0 +1,231 @@
+//! The warehouse: one Delta table per folder under the warehouse URL.
+//!
+//! Reads go through the committed table versions. Writes are staged first (data files written,
+//! nothing committed, see [`write`]) and committed together at the end of a pipeline run through
+//! a run manifest, so that a failed run changes no table and a run killed while committing is
+//! completed by the next command that opens the warehouse ([`Warehouse::recover`]).
+
+mod commit;
+mod schema;
+pub mod write;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path as StorePath;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::sources::stores::store_for;
+
+pub use commit::{RUN_ID_KEY, commit_run};
+pub use schema::{delta_compatible, delta_compatible_batch};
+pub use write::{Staged, WriteMetrics};
+
+/// Folder of kbcrm's own bookkeeping inside the warehouse.
+pub const META_DIR: &str = "_kbcrm";
+
+/// An opened warehouse.
+#[derive(Debug, Clone)]
+pub struct Warehouse {
+    url: Url,
+    store: Arc<dyn ObjectStore>,
+    /// The store path of the warehouse root.
+    root: StorePath,
+}
+
+/// What `kbcrm tables` shows about one table.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// Table name.
+    pub name: String,
+    /// Current Delta version.
+    pub version: u64,
+    /// Rows in the current version (from file statistics).
+    pub rows: u64,
+    /// Bytes of data files in the current version.
+    pub bytes: u64,
+    /// Data files in the current version.
+    pub files: usize,
+    /// Run that wrote the current version, when kbcrm wrote it.
+    pub last_run: Option<String>,
+    /// When the current version was committed (ms since epoch).
+    pub committed_at: Option<i64>,
+}
+
+impl Warehouse {
+    /// Open the warehouse at `url` (a local folder is created when missing).
+    pub fn open(url: &Url) -> Result<Self> {
+        if url.scheme() == "file" {
+            let path = url
+                .to_file_path()
+                .map_err(|_| Error::Usage(format!("warehouse '{url}' is not a local folder")))?;
+            std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        let store = store_for(url)?;
+        let root = StorePath::from_url_path(url.path())
+            .map_err(|e| Error::Usage(format!("warehouse '{url}': {e}")))?;
+        Ok(Warehouse {
+            url: url.clone(),
+            store,
+            root,
+        })
+    }
+
+    /// The warehouse URL.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The store holding the warehouse.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Store path of something under the warehouse root.
+    pub(crate) fn path(&self, rel: &str) -> StorePath {
+        let mut p = self.root.clone();
+        for part in rel.split('/').filter(|s| !s.is_empty()) {
+            p = p.join(part);
+        }
+        p
+    }
+
+    /// URL of a table's folder.
+    pub fn table_url(&self, name: &str) -> Url {
+        self.url
+            .join(&format!("{name}/"))
+            .expect("table names are valid URL segments")
+    }
+
+    /// Names of the tables in the warehouse (folders holding a `_delta_log`).
+    pub async fn table_names(&self) -> Result<Vec<String>> {
+        let listing = self.store.list_with_delimiter(Some(&self.root)).await?;
+        let mut names = Vec::new();
+        for dir in listing.common_prefixes {
+            let Some(name) = dir.filename().map(str::to_string) else {
+                continue;
+            };
+            if name.starts_with(['_', '.']) {
+                continue;
+            }
+            let log = dir.clone().join("_delta_log");
+            let mut entries = self.store.list(Some(&log));
+            if entries.try_next().await?.is_some() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Load a table's latest version; `None` when it does not exist yet.
+    pub async fn load(&self, name: &str) -> Result<Option<DeltaTable>> {
+        let log = self.path(&format!("{name}/_delta_log"));
+        if self.store.list(Some(&log)).try_next().await?.is_none() {
+            return Ok(None);
+        }
+        let url = self.table_url(name);
+        let mut table = deltalake::DeltaTableBuilder::from_url(url)?.build()?;
+        match table.load().await {
+            Ok(()) => Ok(Some(table)),
+            Err(deltalake::DeltaTableError::NotATable(_)) => Ok(None),
+            Err(deltalake::DeltaTableError::InvalidTableLocation(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Register every committed table in `ctx` under its name. Returns the names.
+    pub async fn register_all(&self, ctx: &SessionContext) -> Result<Vec<String>> {
+        let names = self.table_names().await?;
+        for name in &names {
+            if let Some(table) = self.load(name).await? {
+                self.register(ctx, name, &table).await?;
+            }
+        }
+        Ok(names)
+    }
+
+    /// Register one committed table version in `ctx`.
+    pub async fn register(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        table: &DeltaTable,
+    ) -> Result<()> {
+        table.update_datafusion_session(&ctx.state())?;
+        let provider = table.table_provider().await?;
+        ctx.deregister_table(name)?;
+        ctx.register_table(name, provider)?;
+        Ok(())
+    }
+
+    /// Facts about one table.
+    pub async fn info(&self, name: &str) -> Result<Option<TableInfo>> {
+        let Some(table) = self.load(name).await? else {
+            return Ok(None);
+        };
+        let snapshot = table.snapshot()?;
+        let (mut rows, mut bytes, mut files) = (0u64, 0u64, 0usize);
+        for f in snapshot.log_data().iter() {
+            rows += f.num_records().unwrap_or(0) as u64;
+            bytes += f.size() as u64;
+            files += 1;
+        }
+        let last = table.history(Some(1)).try_next().await?;
+        let last_run = last
+            .as_ref()
+            .and_then(|c| c.info.get(RUN_ID_KEY))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        Ok(Some(TableInfo {
+            name: name.to_string(),
+            version: snapshot.version(),
+            rows,
+            bytes,
+            files,
+            last_run,
+            committed_at: last.and_then(|c| c.timestamp),
+        }))
+    }
+
+    /// Current versions of the named tables (`None` for a table that does not exist).
+    pub async fn versions(&self, names: &[String]) -> Result<HashMap<String, Option<u64>>> {
+        let mut out = HashMap::new();
+        for n in names {
+            let v = self.load(n).await?.and_then(|t| t.version());
+            out.insert(n.clone(), v);
+        }
+        Ok(out)
+    }
+}
+
+/// A provider reading exactly the given Parquet files (a staged, not yet committed table state).
+pub(crate) async fn files_provider(
+    files: &[Url],
+    schema: arrow::datatypes::SchemaRef,
+) -> Result<Arc<dyn TableProvider>> {
+    if files.is_empty() {
+        return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
+    }
+    let urls = files
+        .iter()
+        .map(|u| ListingTableUrl::parse(u.as_str()))
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}

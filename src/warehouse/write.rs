@@ -1,0 +1,563 @@
+//! Staging a table write: new data files are written, the Delta actions that would publish them
+//! are computed, and nothing is committed. [`super::commit_run`] publishes a run's staged writes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::{Action, Add, Remove, StructType, new_metadata};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use url::Url;
+
+use super::schema::{conform_batch, same_columns};
+use super::{Warehouse, files_provider};
+use crate::config::pipeline::WriteMode;
+use crate::error::{Error, Result};
+
+/// What a staged write does to its table.
+#[derive(Debug, Clone, Default)]
+pub struct WriteMetrics {
+    /// Rows offered to the table (the load or the model result).
+    pub rows_in: u64,
+    /// Rows in the files the commit adds.
+    pub rows_written: u64,
+    /// Bytes of the files the commit adds.
+    pub bytes_written: u64,
+    /// Files the commit adds.
+    pub files_added: usize,
+    /// Files the commit removes.
+    pub files_removed: usize,
+}
+
+/// A table write, ready to commit.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// Table name.
+    pub table: String,
+    /// Table URL.
+    pub url: Url,
+    /// The version the write was computed against (`None`: the table is new).
+    pub read_version: Option<u64>,
+    /// The Delta actions to commit; empty when the table does not change.
+    pub actions: Vec<Action>,
+    /// How the write was made.
+    pub mode: WriteMode,
+    /// Figures for the run summary.
+    pub metrics: WriteMetrics,
+    /// The table's schema after the write.
+    pub schema: SchemaRef,
+    /// Data files of the table after the write (for reading it before the commit).
+    pub files: Vec<Url>,
+}
+
+impl Staged {
+    /// Whether committing would change the table.
+    pub fn changes(&self) -> bool {
+        !self.actions.is_empty()
+    }
+}
+
+/// Streams batches into new Parquet data files of a table, without committing them.
+pub struct TableWriter {
+    writer: RecordBatchWriter,
+    schema: SchemaRef,
+    rows: u64,
+}
+
+impl TableWriter {
+    /// A writer of files with `schema` (already Delta-compatible) into the table at `url`.
+    pub fn new(url: &Url, schema: SchemaRef) -> Result<Self> {
+        let writer = RecordBatchWriter::try_new(url.as_str(), schema.clone(), None, None)?;
+        Ok(TableWriter {
+            writer,
+            schema,
+            rows: 0,
+        })
+    }
+
+    /// Write one batch (cast to the table schema when its types differ).
+    pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let batch = conform_batch(batch, &self.schema)?;
+        self.rows += batch.num_rows() as u64;
+        self.writer.write(batch).await?;
+        Ok(())
+    }
+
+    /// Write a whole stream.
+    pub async fn write_stream(&mut self, mut stream: SendableRecordBatchStream) -> Result<()> {
+        while let Some(batch) = stream.next().await {
+            self.write(&batch?).await?;
+        }
+        Ok(())
+    }
+
+    /// Close the files; their `Add` actions and the number of rows written.
+    pub async fn finish(mut self) -> Result<(Vec<Add>, u64)> {
+        let adds = self.writer.flush().await?;
+        Ok((adds, self.rows))
+    }
+}
+
+/// New data for a table, already in uncommitted files.
+pub struct NewData {
+    /// Table name.
+    pub table: String,
+    /// Schema of the files.
+    pub schema: SchemaRef,
+    /// The files.
+    pub adds: Vec<Add>,
+    /// Rows in them.
+    pub rows: u64,
+}
+
+/// Work out what writing `new` with `mode` does to the table's current version, writing any
+/// further files needed (merge), and return the staged write. Nothing is committed.
+pub async fn stage(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    new: NewData,
+    mode: WriteMode,
+    keys: &[String],
+) -> Result<Staged> {
+    let url = wh.table_url(&new.table);
+    let current = wh.load(&new.table).await?;
+    let Some(current) = current else {
+        if mode == WriteMode::Merge {
+            check_unique_keys(wh, ctx, &new, keys).await?;
+        }
+        return create(url, new, mode);
+    };
+    let current_schema: SchemaRef = Arc::new(
+        current
+            .snapshot()?
+            .snapshot()
+            .arrow_schema()
+            .as_ref()
+            .clone(),
+    );
+    let same = same_columns(&current_schema, &new.schema);
+    if !same && mode != WriteMode::Overwrite {
+        delete_files(wh, &url, &new.adds).await?;
+        return Err(Error::Warehouse(format!(
+            "table '{}' has columns ({}) but the new data has ({}); `mode: {}` cannot change a \
+             table's columns. Run with --full-refresh to rebuild it",
+            new.table,
+            describe(&current_schema),
+            describe(&new.schema),
+            mode.as_str()
+        )));
+    }
+    match mode {
+        WriteMode::Append => append(url, &current, new),
+        WriteMode::Overwrite => overwrite(wh, ctx, url, &current, new, same).await,
+        WriteMode::Merge => {
+            check_unique_keys(wh, ctx, &new, keys).await?;
+            merge(wh, ctx, url, &current, new, keys).await
+        }
+    }
+}
+
+fn describe(schema: &SchemaRef) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn file_url(url: &Url, path: &str) -> Url {
+    url.join(path).unwrap_or_else(|_| url.clone())
+}
+
+fn add_metrics(adds: &[Add], rows_in: u64) -> WriteMetrics {
+    WriteMetrics {
+        rows_in,
+        rows_written: adds.iter().map(add_rows).sum(),
+        bytes_written: adds.iter().map(|a| a.size as u64).sum(),
+        files_added: adds.len(),
+        files_removed: 0,
+    }
+}
+
+/// Rows in a data file, from its statistics.
+fn add_rows(add: &Add) -> u64 {
+    add.stats
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .and_then(|v| v.get("numRecords").and_then(|n| n.as_u64()))
+        .unwrap_or(0)
+}
+
+fn create(url: Url, new: NewData, mode: WriteMode) -> Result<Staged> {
+    let struct_type: StructType = new.schema.as_ref().try_into_kernel()?;
+    let metadata = new_metadata(
+        &struct_type,
+        Vec::<String>::new(),
+        Vec::<(String, String)>::new(),
+    )?;
+    let protocol = serde_json::from_value(serde_json::json!({
+        "minReaderVersion": 1,
+        "minWriterVersion": 2
+    }))
+    .map_err(|e| Error::Internal(format!("protocol action: {e}")))?;
+    let mut actions = vec![Action::Protocol(protocol), Action::Metadata(metadata)];
+    let metrics = add_metrics(&new.adds, new.rows);
+    let files = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
+    actions.extend(new.adds.into_iter().map(Action::Add));
+    Ok(Staged {
+        table: new.table,
+        url,
+        read_version: None,
+        actions,
+        mode,
+        metrics,
+        schema: new.schema,
+        files,
+    })
+}
+
+/// Data files of the current version.
+fn current_files(url: &Url, table: &DeltaTable) -> Result<Vec<(Url, Remove)>> {
+    Ok(table
+        .snapshot()?
+        .log_data()
+        .iter()
+        .map(|f| (file_url(url, &f.path()), f.remove_action(true)))
+        .collect())
+}
+
+fn append(url: Url, current: &DeltaTable, new: NewData) -> Result<Staged> {
+    let mut files: Vec<Url> = current_files(&url, current)?
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect();
+    files.extend(new.adds.iter().map(|a| file_url(&url, &a.path)));
+    let metrics = add_metrics(&new.adds, new.rows);
+    Ok(Staged {
+        table: new.table,
+        url,
+        read_version: current.version(),
+        actions: new.adds.into_iter().map(Action::Add).collect(),
+        mode: WriteMode::Append,
+        metrics,
+        schema: new.schema,
+        files,
+    })
+}
+
+async fn overwrite(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    url: Url,
+    current: &DeltaTable,
+    new: NewData,
+    same_schema: bool,
+) -> Result<Staged> {
+    let old = current_files(&url, current)?;
+    let new_files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
+    let unchanged = same_schema && {
+        let target = files_provider(
+            &old.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>(),
+            new.schema.clone(),
+        )
+        .await?;
+        let fresh = files_provider(&new_files, new.schema.clone()).await?;
+        same_rows(ctx, target, fresh).await?
+    };
+    let metrics_rows = new.rows;
+    if unchanged {
+        delete_files(wh, &url, &new.adds).await?;
+        return Ok(Staged {
+            table: new.table,
+            url,
+            read_version: current.version(),
+            actions: Vec::new(),
+            mode: WriteMode::Overwrite,
+            metrics: WriteMetrics {
+                rows_in: metrics_rows,
+                ..Default::default()
+            },
+            schema: new.schema,
+            files: old.into_iter().map(|(u, _)| u).collect(),
+        });
+    }
+    let mut metrics = add_metrics(&new.adds, new.rows);
+    metrics.files_removed = old.len();
+    let mut actions = Vec::new();
+    if !same_schema {
+        let struct_type: StructType = new.schema.as_ref().try_into_kernel()?;
+        let metadata = new_metadata(
+            &struct_type,
+            Vec::<String>::new(),
+            Vec::<(String, String)>::new(),
+        )?;
+        actions.push(Action::Metadata(metadata));
+    }
+    actions.extend(old.into_iter().map(|(_, r)| Action::Remove(r)));
+    actions.extend(new.adds.into_iter().map(Action::Add));
+    Ok(Staged {
+        table: new.table,
+        url,
+        read_version: current.version(),
+        actions,
+        mode: WriteMode::Overwrite,
+        metrics,
+        schema: new.schema,
+        files: new_files,
+    })
+}
+
+/// Whether two providers hold the same multiset of rows.
+async fn same_rows(
+    ctx: &SessionContext,
+    a: Arc<dyn datafusion::catalog::TableProvider>,
+    b: Arc<dyn datafusion::catalog::TableProvider>,
+) -> Result<bool> {
+    if ctx.read_table(a.clone())?.count().await? != ctx.read_table(b.clone())?.count().await? {
+        return Ok(false);
+    }
+    let (na, nb) = ("__kbcrm_compare_a", "__kbcrm_compare_b");
+    ctx.register_table(na, a)?;
+    ctx.register_table(nb, b)?;
+    let diff = match ctx
+        .sql(&format!("select * from {na} except all select * from {nb}"))
+        .await
+    {
+        Ok(df) => df.count().await,
+        Err(e) => Err(e),
+    };
+    ctx.deregister_table(na)?;
+    ctx.deregister_table(nb)?;
+    Ok(diff? == 0)
+}
+
+async fn check_unique_keys(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    new: &NewData,
+    keys: &[String],
+) -> Result<()> {
+    let url = wh.table_url(&new.table);
+    let files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
+    let provider = files_provider(&files, new.schema.clone()).await?;
+    let name = format!("__kbcrm_keys_{}", new.table);
+    ctx.register_table(&name, provider)?;
+    let cols = keys
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "select {cols}, count(*) as n from {name} group by {cols} having count(*) > 1 limit 3"
+    );
+    let batches = match ctx.sql(&sql).await {
+        Ok(df) => df.collect().await,
+        Err(e) => Err(e),
+    };
+    ctx.deregister_table(&name)?;
+    let batches = batches?;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    if rows > 0 {
+        delete_files(wh, &url, &new.adds).await?;
+        let sample = arrow::util::pretty::pretty_format_batches(&batches)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        return Err(Error::DataQuality {
+            pipeline: String::new(),
+            message: format!(
+                "`mode: merge` into '{}' needs unique keys ({}), but the new data repeats some:\n{sample}",
+                new.table,
+                keys.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Quote an identifier for generated SQL.
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+const FILE_COLUMN: &str = "__kbcrm_file";
+
+async fn merge(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    url: Url,
+    current: &DeltaTable,
+    new: NewData,
+    keys: &[String],
+) -> Result<Staged> {
+    let old = current_files(&url, current)?;
+    let new_files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
+    let new_name = format!("__kbcrm_new_{}", new.table);
+    let target_name = format!("__kbcrm_target_{}", new.table);
+    ctx.register_table(
+        &new_name,
+        files_provider(&new_files, new.schema.clone()).await?,
+    )?;
+    current.update_datafusion_session(&ctx.state())?;
+    let target = current
+        .table_provider()
+        .with_file_column(FILE_COLUMN)
+        .await?;
+    ctx.register_table(&target_name, target)?;
+    let result = merge_sql(ctx, &url, &new, keys, &new_name, &target_name).await;
+    ctx.deregister_table(&new_name)?;
+    ctx.deregister_table(&target_name)?;
+    delete_files(wh, &url, &new.adds).await?;
+    let (touched, adds, changed_rows) = result?;
+    let removed: Vec<(Url, Remove)> = old
+        .iter()
+        .filter(|(u, _)| touched.contains(u.as_str()))
+        .cloned()
+        .collect();
+    let mut files: Vec<Url> = old
+        .iter()
+        .filter(|(u, _)| !touched.contains(u.as_str()))
+        .map(|(u, _)| u.clone())
+        .collect();
+    files.extend(adds.iter().map(|a| file_url(&url, &a.path)));
+    let mut metrics = add_metrics(&adds, new.rows);
+    metrics.files_removed = removed.len();
+    metrics.rows_written = changed_rows;
+    let mut actions: Vec<Action> = removed
+        .into_iter()
+        .map(|(_, r)| Action::Remove(r))
+        .collect();
+    actions.extend(adds.into_iter().map(Action::Add));
+    Ok(Staged {
+        table: new.table,
+        url,
+        read_version: current.version(),
+        actions,
+        mode: WriteMode::Merge,
+        metrics,
+        schema: new.schema,
+        files,
+    })
+}
+
+/// Run the merge: returns the files to remove (as URLs), the files written, and the number of
+/// new or changed rows.
+async fn merge_sql(
+    ctx: &SessionContext,
+    url: &Url,
+    new: &NewData,
+    keys: &[String],
+    new_name: &str,
+    target_name: &str,
+) -> Result<(HashSet<String>, Vec<Add>, u64)> {
+    let cols = new
+        .schema
+        .fields()
+        .iter()
+        .map(|f| quote_ident(f.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let on = keys
+        .iter()
+        .map(|k| format!("c.{k} = t.{k}", k = quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let changed = format!("select {cols} from {new_name} except select {cols} from {target_name}");
+    let changed_df = ctx.sql(&changed).await?.cache().await?;
+    let changed_rows = changed_df.clone().count().await? as u64;
+    if changed_rows == 0 {
+        return Ok((HashSet::new(), Vec::new(), 0));
+    }
+    ctx.register_table("__kbcrm_changed", changed_df.clone().into_view())?;
+    let touched_sql = format!(
+        "select distinct t.{FILE_COLUMN} from {target_name} t join __kbcrm_changed c on {on}"
+    );
+    let touched_batches = ctx.sql(&touched_sql).await?.collect().await;
+    let touched = match touched_batches {
+        Ok(b) => collect_strings(&b)?,
+        Err(e) => {
+            ctx.deregister_table("__kbcrm_changed")?;
+            return Err(e.into());
+        }
+    };
+    let touched_urls: HashSet<String> = touched.iter().map(|p| normalize_file(url, p)).collect();
+    let list = touched
+        .iter()
+        .map(|p| format!("'{}'", p.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let output_sql = if touched.is_empty() {
+        "select * from __kbcrm_changed".to_string()
+    } else {
+        let t_cols = new
+            .schema
+            .fields()
+            .iter()
+            .map(|f| format!("t.{}", quote_ident(f.name())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "select * from __kbcrm_changed union all \
+             select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
+             and not exists (select 1 from __kbcrm_changed c where {on})"
+        )
+    };
+    let result = async {
+        let stream = ctx.sql(&output_sql).await?.execute_stream().await?;
+        let mut writer = TableWriter::new(url, new.schema.clone())?;
+        writer.write_stream(stream).await?;
+        writer.finish().await
+    }
+    .await;
+    ctx.deregister_table("__kbcrm_changed")?;
+    let (adds, _) = result?;
+    Ok((touched_urls, adds, changed_rows))
+}
+
+fn collect_strings(batches: &[RecordBatch]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
+        let col = col.as_string::<i32>();
+        for i in 0..col.len() {
+            if col.is_valid(i) {
+                out.push(col.value(i).to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A file path as the scan reports it, as a URL under the table.
+fn normalize_file(table_url: &Url, p: &str) -> String {
+    if p.contains("://") {
+        p.to_string()
+    } else {
+        file_url(table_url, p.trim_start_matches('/')).to_string()
+    }
+}
+
+/// Remove uncommitted data files.
+pub(crate) async fn delete_files(wh: &Warehouse, url: &Url, adds: &[Add]) -> Result<()> {
+    for a in adds {
+        let u = file_url(url, &a.path);
+        if let Ok(p) = object_store::path::Path::from_url_path(u.path()) {
+            match wh.store().delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}

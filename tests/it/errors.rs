@@ -1,0 +1,239 @@
+//! Bad input gets a clear error naming the file and position, exit code 2, and nothing written.
+
+use crate::support::{Project, stderr};
+
+const PIPELINE: &str = "\
+sources:
+  orders:
+    format: csv
+    location: data/orders.csv
+    schema:
+      order_id: { type: string, required: true }
+      amount: \"decimal(10,2)\"
+models:
+  - sql/stg_orders.sql
+";
+
+/// A small valid project, run once so that its tables exist.
+fn project() -> Project {
+    let p = Project::empty();
+    p.write("pipelines/p.yaml", PIPELINE);
+    p.write(
+        "sql/stg_orders.sql",
+        "select order_id, amount from raw_p_orders\n",
+    );
+    p.write("data/orders.csv", "order_id,amount\nA,1.50\nB,2.00\n");
+    p.ok(&["run"]);
+    p
+}
+
+/// Run `kbcrm run`, expect exit code `code` and these fragments in stderr; the warehouse must be
+/// unchanged.
+fn fails(p: &Project, code: i32, fragments: &[&str]) -> String {
+    let before = p.warehouse_files();
+    let out = p.kbcrm(&["run"]);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}, stderr:\n{err}"
+    );
+    for f in fragments {
+        assert!(err.contains(f), "stderr lacks {f:?}:\n{err}");
+    }
+    assert_eq!(before, p.warehouse_files(), "the warehouse changed");
+    err
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace("  orders:\n", "  orders: [\n"),
+    );
+    fails(&p, 2, &["pipelines/p.yaml:2:"]);
+}
+
+#[test]
+fn unknown_key() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace("    location:", "    locaton:"),
+    );
+    fails(&p, 2, &["pipelines/p.yaml:4:", "locaton", "kbcrm schema"]);
+}
+
+#[test]
+fn wrong_type() {
+    let p = project();
+    p.write("pipelines/p.yaml", format!("{PIPELINE}tests: 12\n"));
+    fails(&p, 2, &["pipelines/p.yaml:10:"]);
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace("format: csv", "format: xlsx"),
+    );
+    fails(&p, 2, &["pipelines/p.yaml:3:", "xlsx"]);
+}
+
+#[test]
+fn bad_column_type() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace("\"decimal(10,2)\"", "decmal"),
+    );
+    fails(
+        &p,
+        2,
+        &["pipelines/p.yaml:7:", "unknown column type 'decmal'"],
+    );
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace(
+            "amount: \"decimal(10,2)\"",
+            "amount: { type: decimal(10,2) }",
+        ),
+    );
+    fails(&p, 2, &["pipelines/p.yaml:7:", "quote the type"]);
+}
+
+#[test]
+fn missing_source_file() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace("data/orders.csv", "data/nope.csv"),
+    );
+    fails(
+        &p,
+        2,
+        &["source 'orders'", "no files found at 'data/nope.csv'"],
+    );
+}
+
+#[test]
+fn sql_syntax_error() {
+    let p = project();
+    p.write(
+        "sql/stg_orders.sql",
+        "select order_id\nfrom raw_p_orders where\n",
+    );
+    fails(&p, 2, &["sql/stg_orders.sql:", "SQL syntax error"]);
+    p.write(
+        "sql/stg_orders.sql",
+        "select order_id,, amount from raw_p_orders\n",
+    );
+    fails(&p, 2, &["sql/stg_orders.sql:1:"]);
+}
+
+#[test]
+fn model_reading_unknown_table() {
+    let p = project();
+    p.write("sql/stg_orders.sql", "select *\nfrom raw_p_order\n");
+    fails(
+        &p,
+        2,
+        &[
+            "sql/stg_orders.sql:2:6",
+            "'raw_p_order'",
+            "did you mean 'raw_p_orders'",
+        ],
+    );
+}
+
+#[test]
+fn model_with_unknown_column() {
+    let p = project();
+    p.write(
+        "sql/stg_orders.sql",
+        "select order_id, amout from raw_p_orders\n",
+    );
+    fails(&p, 2, &["sql/stg_orders.sql:1:", "amout"]);
+}
+
+#[test]
+fn dependency_cycle() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        format!("{PIPELINE}  - sql/a.sql\n  - sql/b.sql\n"),
+    );
+    p.write("sql/a.sql", "select * from b\n");
+    p.write("sql/b.sql", "select * from a\n");
+    fails(&p, 2, &["cycle", "a (sql/a.sql)", "b (sql/b.sql)"]);
+}
+
+#[test]
+fn duplicate_table_name() {
+    let p = project();
+    p.write(
+        "pipelines/q.yaml",
+        "models:\n  - sql/other/stg_orders.sql\n",
+    );
+    p.write("sql/other/stg_orders.sql", "select 1 as x\n");
+    fails(&p, 2, &["table 'stg_orders' is also built by"]);
+}
+
+#[test]
+fn csv_header_not_matching_schema() {
+    let p = project();
+    p.write("data/orders.csv", "order_id,amt\nA,1.50\n");
+    fails(
+        &p,
+        2,
+        &[
+            "orders.csv:1",
+            "missing column(s) 'amount'",
+            "the file has 'order_id', 'amt'",
+        ],
+    );
+}
+
+#[test]
+fn validate_reports_all_problems_at_once() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace("data/orders.csv", "data/nope.csv"),
+    );
+    p.write(
+        "pipelines/q.yaml",
+        "models:\n  - sql/x.sql\n  - sql/y.sql\n",
+    );
+    p.write("sql/x.sql", "select * from nowhere\n");
+    p.write("sql/y.sql", "select 1 as a; select 2 as b\n");
+    let out = p.kbcrm(&["validate"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sql/x.sql:1:15") && err.contains("'nowhere'"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sql/y.sql") && err.contains("more than one statement"),
+        "{err}"
+    );
+    let good = project();
+    assert!(
+        good.ok(&["validate"])
+            .starts_with("ok: 1 pipelines, 1 sources, 1 models")
+    );
+}
+
+#[test]
+fn unknown_pipeline_and_missing_project() {
+    let p = project();
+    let out = p.kbcrm(&["run", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no pipeline named 'nope'; the project has: p"));
+    let empty = tempfile::TempDir::new().unwrap();
+    let out = crate::support::run_in(empty.path(), &["tables"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no kbcrm.yaml found"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,271 @@
+//! The demo project end to end on generated data, checked against the generator's ground truth.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::support::{Project, stderr, truth_csv};
+
+/// Source folder in the generator output -> table it loads into.
+const TEXT_SOURCES: &[(&str, &str)] = &[
+    ("erp/customers/", "raw_erp_customers"),
+    ("erp/invoices/", "raw_erp_invoices"),
+    ("erp/payments/", "raw_erp_payments"),
+    ("sales/contacts/", "raw_sales_contacts"),
+    ("sales/orders/", "raw_sales_orders"),
+    ("sales/order_lines/", "raw_sales_order_lines"),
+    ("sales/campaign_touches/", "raw_sales_campaign_touches"),
+    ("service/customers/", "raw_service_customers"),
+    ("service/tickets/", "raw_service_tickets"),
+    ("service/feedback/", "raw_service_feedback"),
+];
+
+fn demo_run() -> Project {
+    let p = Project::demo();
+    p.ok(&["run"]);
+    p
+}
+
+#[test]
+fn loaded_rows_are_generated_rows_minus_malformed() {
+    let p = demo_run();
+    let files = truth_csv("files_0001.csv");
+    let mut total_malformed = 0;
+    for (prefix, table) in TEXT_SOURCES {
+        let (rows, bad) = files.iter().filter(|f| f["file"].starts_with(prefix)).fold(
+            (0i64, 0i64),
+            |(r, b), f| {
+                (
+                    r + f["rows"].parse::<i64>().unwrap(),
+                    b + f["malformed"].parse::<i64>().unwrap(),
+                )
+            },
+        );
+        assert!(rows > 0, "no generated rows for {prefix}");
+        total_malformed += bad;
+        let loaded = p.scalar(&format!("select count(*) from {table}"));
+        assert_eq!(
+            loaded,
+            rows - bad,
+            "{table}: generated {rows}, malformed {bad}"
+        );
+        let quarantined = p.scalar(&format!(
+            "select count(*) from quarantine where file like '%/{prefix}%'"
+        ));
+        assert_eq!(quarantined, bad, "{table}: quarantined rows");
+    }
+    assert!(
+        total_malformed > 0,
+        "the generator planted no malformed rows"
+    );
+    // Staging models keep every loaded row.
+    assert_eq!(
+        p.scalar("select count(*) from stg_sales_order_lines"),
+        p.scalar("select count(*) from raw_sales_order_lines")
+    );
+}
+
+#[test]
+fn quarantine_names_file_line_and_reason_of_every_planted_row() {
+    let p = demo_run();
+    let planted: HashSet<(String, i64)> = truth_csv("malformed_0001.csv")
+        .into_iter()
+        .map(|m| (m["file"].clone(), m["line"].parse().unwrap()))
+        .collect();
+    let rows = p.query("select file, line, reason, raw from quarantine");
+    let found: HashSet<(String, i64)> = rows
+        .iter()
+        .map(|r| {
+            let file = r[0]
+                .split("/sources/")
+                .nth(1)
+                .expect("file under sources/")
+                .to_string();
+            (file, r[1].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(found, planted);
+    for r in &rows {
+        assert!(
+            !r[2].is_empty() && !r[3].is_empty(),
+            "reject without reason or raw text: {r:?}"
+        );
+    }
+    let kinds: BTreeMap<String, usize> =
+        truth_csv("malformed_0001.csv")
+            .iter()
+            .fold(BTreeMap::new(), |mut m, r| {
+                *m.entry(r["kind"].clone()).or_default() += 1;
+                m
+            });
+    assert!(kinds.len() >= 4, "planted kinds: {kinds:?}");
+    let reasons =
+        p.query("select reason from quarantine where reason like 'expected % fields, found %'");
+    assert_eq!(
+        reasons.len(),
+        kinds.get("wrong_field_count").copied().unwrap_or(0)
+    );
+}
+
+#[test]
+fn second_run_on_unchanged_sources_commits_nothing() {
+    let p = demo_run();
+    let counts = |p: &Project| -> Vec<Vec<String>> {
+        [
+            "raw_sales_orders",
+            "stg_sales_order_lines",
+            "raw_erp_customers",
+            "quarantine",
+            "stg_service_tickets",
+        ]
+        .iter()
+        .flat_map(|t| p.query(&format!("select '{t}', count(*) from {t}")))
+        .collect()
+    };
+    let before_counts = counts(&p);
+    let before = p.ok(&["tables"]);
+    let out = p.ok(&["run"]);
+    assert!(out.contains("(unchanged)"), "{out}");
+    assert_eq!(before, p.ok(&["tables"]), "table versions changed");
+    assert_eq!(before_counts, counts(&p));
+}
+
+#[test]
+fn merge_updates_changed_rows_and_inserts_new_ones() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/\n    mode: merge\n    keys: [id]\n    schema:\n      id: { type: int, required: true }\n      name: string\n",
+    );
+    p.write("data/a.csv", "id,name\n1,anna\n2,ben\n3,carl\n");
+    p.ok(&["run"]);
+    p.write(
+        "data/a.csv",
+        "id,name\n1,anna\n2,benjamin\n3,carl\n4,dora\n",
+    );
+    let out = p.ok(&["run"]);
+    assert!(
+        out.contains("raw_p_c") && out.contains(" 2 rows"),
+        "two rows new or changed: {out}"
+    );
+    assert_eq!(
+        p.query("select id, name from raw_p_c order by id"),
+        vec![
+            vec!["1", "anna"],
+            vec!["2", "benjamin"],
+            vec!["3", "carl"],
+            vec!["4", "dora"]
+        ]
+        .into_iter()
+        .map(|r| r.into_iter().map(String::from).collect::<Vec<_>>())
+        .collect::<Vec<_>>()
+    );
+    // A key twice in the new data is refused with the offending key.
+    p.write("data/b.csv", "id,name\n4,dorothea\n");
+    let out = p.kbcrm(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("needs unique keys (id)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn failing_model_leaves_every_table_at_its_version() {
+    let p = demo_run();
+    let before = p.warehouse_files();
+    // Plans fine, fails on the data: a cast that cannot succeed.
+    p.write(
+        "sql/staging/stg_sales_orders.sql",
+        "select order_id, status, cast(concat('x', status) as int) as broken from raw_sales_orders\n",
+    );
+    let out = p.kbcrm(&["run", "sales"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model 'stg_sales_orders'"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        before,
+        p.warehouse_files(),
+        "a failed run left files or commits behind"
+    );
+}
+
+#[test]
+fn failing_data_test_exits_3_and_commits_nothing() {
+    let p = demo_run();
+    let pipeline = std::fs::read_to_string(p.path().join("pipelines/sales.yaml")).unwrap();
+    p.write(
+        "pipelines/sales.yaml",
+        format!("{pipeline}  - unique: {{ table: stg_sales_orders, columns: [status] }}\n"),
+    );
+    // A changed model, so that the run would commit something if its tests passed.
+    p.write(
+        "sql/staging/stg_sales_channels.sql",
+        "select channel_id, name as channel_name, channel_type, upper(channel_type) as code from raw_sales_channels\n",
+    );
+    let before = p.warehouse_files();
+    let out = p.kbcrm(&["run", "sales"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unique(stg_sales_orders: status)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(before, p.warehouse_files());
+}
+
+#[test]
+fn too_many_rejects_exit_3() {
+    let p = Project::demo();
+    let pipeline = std::fs::read_to_string(p.path().join("pipelines/sales.yaml")).unwrap();
+    p.write(
+        "pipelines/sales.yaml",
+        pipeline.replace("max_ratio: 0.01", "max_ratio: 0.0"),
+    );
+    let out = p.kbcrm(&["run", "sales"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("more than rejects.max_ratio 0"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        p.warehouse_files()
+            .iter()
+            .all(|(f, _)| !f.starts_with("raw_sales")),
+        "{:?}",
+        p.warehouse_files()
+    );
+}
+
+#[test]
+fn query_formats_and_tables_listing() {
+    let p = demo_run();
+    let json = p.ok(&[
+        "query",
+        "--format",
+        "json",
+        "select channel_id, channel_name from stg_sales_channels order by 1 limit 2",
+    ]);
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["channel_id"], "CH01");
+    assert_eq!(rows.len(), 2);
+    let table = p.ok(&["query", "select count(*) as n from stg_sales_channels"]);
+    assert!(
+        table.contains("| n |") && table.contains("| 6 |"),
+        "{table}"
+    );
+    let tables = p.ok(&["tables"]);
+    assert!(
+        tables.lines().any(|l| l.starts_with("stg_sales_orders")),
+        "{tables}"
+    );
+    let out = p.kbcrm(&["query", "drop table stg_sales_orders"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(p.scalar("select count(*) from stg_sales_channels"), 6);
+}

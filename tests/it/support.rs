@@ -1,0 +1,201 @@
+//! Shared helpers: temporary projects, the generated sample data, running the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use tempfile::TempDir;
+
+/// The repository root (the demo project).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Scale of the shared sample data: about 1,000 customers.
+pub const SCALE: f64 = 0.01;
+
+/// Sample data generated once per test process (scale [`SCALE`], seed 7): its `sources/` and
+/// `truth/` folders.
+pub fn sample_data() -> &'static Path {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = TempDir::new().expect("temp dir");
+        let out = run_in(
+            dir.path(),
+            &[
+                "generate",
+                "--scale",
+                &SCALE.to_string(),
+                "--seed",
+                "7",
+                "--out",
+                "sources",
+            ],
+        );
+        assert!(out.status.success(), "generate failed: {}", stderr(&out));
+        dir
+    })
+    .path()
+}
+
+/// Run the kbcrm binary in `dir`.
+pub fn run_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("KBCRM_WAREHOUSE")
+        .env_remove("KBCRM_MEMORY_LIMIT")
+        .env_remove("KBCRM_PROJECT")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("kbcrm runs")
+}
+
+/// Standard output as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Standard error as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A project in a temporary folder.
+pub struct Project {
+    /// The folder.
+    pub dir: TempDir,
+}
+
+impl Project {
+    /// A copy of the repository's demo project (kbcrm.yaml, pipelines, SQL) reading the shared
+    /// sample data.
+    pub fn demo() -> Self {
+        let p = Project::empty();
+        copy_tree(&repo().join("pipelines"), &p.path().join("pipelines"));
+        copy_tree(&repo().join("sql"), &p.path().join("sql"));
+        std::fs::copy(repo().join("kbcrm.yaml"), p.path().join("kbcrm.yaml"))
+            .expect("copy kbcrm.yaml");
+        std::os::unix::fs::symlink(sample_data().join("sources"), p.path().join("sources"))
+            .expect("link sources");
+        p
+    }
+
+    /// A project with only `kbcrm.yaml` and empty `pipelines/` and `sql/` folders.
+    pub fn empty() -> Self {
+        let dir = TempDir::new().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("pipelines")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("sql")).expect("mkdir");
+        std::fs::write(dir.path().join("kbcrm.yaml"), "name: test\n").expect("write");
+        Project { dir }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write a file (folders created).
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) {
+        let p = self.path().join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, content).expect("write");
+    }
+
+    /// Run kbcrm in the project.
+    pub fn kbcrm(&self, args: &[&str]) -> Output {
+        run_in(self.path(), args)
+    }
+
+    /// Run kbcrm and require success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kbcrm(args);
+        assert!(
+            out.status.success(),
+            "kbcrm {args:?} failed ({:?}):\n{}\n{}",
+            out.status.code(),
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    /// `kbcrm query --format csv` as rows of fields (header dropped).
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        let out = self.ok(&["query", "--format", "csv", sql]);
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_reader(out.as_bytes());
+        reader
+            .records()
+            .map(|r| r.expect("csv row").iter().map(str::to_string).collect())
+            .collect()
+    }
+
+    /// A single number from a query.
+    pub fn scalar(&self, sql: &str) -> i64 {
+        let rows = self.query(sql);
+        rows[0][0]
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {rows:?}"))
+    }
+
+    /// Snapshot of the warehouse: every file path under it with its size, sorted.
+    pub fn warehouse_files(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let root = self.path().join("warehouse");
+        let mut stack = vec![root.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p
+                        .strip_prefix(&root)
+                        .expect("under root")
+                        .to_string_lossy()
+                        .into_owned();
+                    out.push((rel, e.metadata().map(|m| m.len()).unwrap_or(0)));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir").flatten() {
+        let p = e.path();
+        let dest = to.join(e.file_name());
+        if p.is_dir() {
+            copy_tree(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).expect("copy");
+        }
+    }
+}
+
+/// Rows of a truth CSV file as maps of column to value.
+pub fn truth_csv(name: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let path = sample_data().join("truth").join(name);
+    let mut reader =
+        csv::Reader::from_path(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let headers = reader.headers().expect("headers").clone();
+    reader
+        .records()
+        .map(|r| {
+            let r = r.expect("row");
+            headers
+                .iter()
+                .zip(r.iter())
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
