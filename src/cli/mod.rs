@@ -66,6 +66,12 @@ pub enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Start a project in a folder: kbcrm.yaml, one pipeline, one model, a little data.
+    Init {
+        /// The folder (created when missing).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Check the project: YAML specs, SQL models and the DAG. Exits 2 with the problems.
     Validate,
     /// Run pipelines (all, in dependency order, when none are named).
@@ -150,6 +156,15 @@ impl Cli {
 /// Run the parsed command.
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Init { dir } => {
+            let written = crate::init::init(dir)?;
+            output::line(&format!(
+                "created {} in {}; next: cd {} && kbcrm run && kbcrm query \"select * from stg_crm_customers\"",
+                written.join(", "),
+                dir.display(),
+                dir.display()
+            ))
+        }
         Command::Validate => {
             let project = cli.load()?;
             crate::validate::check_models(&project).await?;

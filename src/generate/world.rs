@@ -104,14 +104,14 @@ impl Catalog {
     pub fn new(scale: f64, seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 1));
         let n_products = ((400.0 * scale.sqrt()) as usize).clamp(60, 1500);
-        let price = LogNormal::new(3.6, 1.0).expect("valid");
+        let price = LogNormal::<f64>::new(3.6, 1.0).expect("valid");
         let products: Vec<Product> = (0..n_products)
             .map(|i| {
                 let category = rng.random_range(0..CATEGORIES.len());
                 let (cat, subs) = CATEGORIES[category];
                 let subcategory = subs[rng.random_range(0..subs.len())];
                 let price_cents =
-                    ((price.sample(&mut rng) as f64).clamp(1.5, 4000.0) * 100.0).round() as i64;
+                    (price.sample(&mut rng).clamp(1.5, 4000.0) * 100.0).round() as i64;
                 let margin = rng.random_range(0.15..0.55);
                 let brand = format!(
                     "{} {}",

@@ -98,10 +98,7 @@ async fn apply(manifest: &Manifest) -> Result<HashMap<String, u64>> {
 async fn commit_table(t: &ManifestTable, run_id: &str) -> Result<u64> {
     let url = Url::parse(&t.url).map_err(|e| Error::Internal(e.to_string()))?;
     let mut table = DeltaTableBuilder::from_url(url.clone())?.build()?;
-    let latest = match table.log_store().get_latest_version(0).await {
-        Ok(v) => Some(v),
-        Err(_) => None,
-    };
+    let latest = table.log_store().get_latest_version(0).await.ok();
     // Already committed by this run (recovery after a crash between commit and cleanup)?
     if let Some(latest) = latest {
         let next = t.read_version.map_or(0, |v| v + 1);

@@ -222,3 +222,41 @@ fn schema_command_prints_json_schema() {
     let v: serde_json::Value = serde_json::from_str(&p.ok(&["schema", "--project-file"])).unwrap();
     assert!(v["properties"]["warehouse"].is_object(), "{v}");
 }
+
+#[test]
+fn init_makes_a_project_that_runs() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let out = crate::support::run_in(dir.path(), &["init", "shop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shop = dir.path().join("shop");
+    let out = crate::support::run_in(&shop, &["run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = crate::support::run_in(
+        &shop,
+        &[
+            "query",
+            "--format",
+            "csv",
+            "select email from stg_crm_customers order by 1",
+        ],
+    );
+    assert_eq!(
+        crate::support::stdout(&out),
+        "email\nanna.schmidt@example.com\nben.weber@example.com\n"
+    );
+    let again = crate::support::run_in(dir.path(), &["init", "shop"]);
+    assert_eq!(again.status.code(), Some(2));
+}
+
+#[test]
+fn location_as_file_url() {
+    let p = Project::empty();
+    p.write("elsewhere/x.csv", "id,name\n1,a\n2,b\n");
+    let url = url::Url::from_file_path(p.path().join("elsewhere/x.csv")).unwrap();
+    p.write(
+        "pipelines/t.yaml",
+        format!("sources:\n  s:\n    format: csv\n    location: {url}\n    schema:\n      id: int\n      name: string\n"),
+    );
+    p.ok(&["run"]);
+    assert_eq!(p.scalar("select sum(id) from raw_t_s"), 3);
+}
