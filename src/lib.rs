@@ -32,6 +32,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod identity;
 pub mod init;
 pub mod plan;
 pub mod query;

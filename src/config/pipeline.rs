@@ -34,6 +34,10 @@ pub struct PipelineSpec {
     #[serde(default)]
     #[schemars(with = "Vec<TestSpec>")]
     pub tests: Vec<Spanned<TestSpec>>,
+    /// Identity resolution: records of one entity from several systems matched into one id.
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, IdentitySpec>")]
+    pub identity: IndexMap<String, Spanned<IdentitySpec>>,
 }
 
 /// File formats a source can read.
@@ -61,6 +65,9 @@ pub enum WriteMode {
     Append,
     /// Upsert by `keys`: new keys are inserted, existing keys replaced when changed.
     Merge,
+    /// Slowly changing dimension, type 2: a change to a tracked column closes the current
+    /// version and opens a new one (see `scd2:`).
+    Scd2,
 }
 
 impl WriteMode {
@@ -70,6 +77,7 @@ impl WriteMode {
             WriteMode::Overwrite => "overwrite",
             WriteMode::Append => "append",
             WriteMode::Merge => "merge",
+            WriteMode::Scd2 => "scd2",
         }
     }
 }
@@ -103,9 +111,30 @@ pub struct SourceSpec {
     /// Rejected-row limits.
     #[serde(default)]
     pub rejects: Option<RejectsSpec>,
+    /// Load only what is new: `{ files: new }` or `{ cursor: COLUMN }`.
+    #[serde(default)]
+    pub incremental: Option<IncrementalSpec>,
     /// What the source is.
     #[serde(default)]
     pub description: Option<String>,
+}
+
+/// How a source finds what is new since the last run.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum IncrementalSpec {
+    /// Only files not loaded before (`files: new`).
+    Files(NewFiles),
+    /// Only rows whose COLUMN is above the highest value loaded before.
+    Cursor(String),
+}
+
+/// The one value of `files:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NewFiles {
+    /// Files not loaded before.
+    New,
 }
 
 /// CSV reading options.
@@ -153,9 +182,120 @@ pub struct ModelSpec {
     /// overwrite (default) | append | merge
     #[serde(default)]
     pub mode: WriteMode,
-    /// Key columns for `mode: merge`.
+    /// Key columns for `mode: merge` and `mode: scd2`.
     #[serde(default)]
     pub keys: Vec<String>,
+    /// With `mode: merge`: the table whose new rows are enough to refresh the model. When only
+    /// rows were added to it since the last build, the model reads just those rows of it (all
+    /// other tables in full) and merges the result; otherwise it rebuilds.
+    #[serde(default)]
+    pub incremental: Option<String>,
+    /// Options of `mode: scd2`.
+    #[serde(default)]
+    pub scd2: Option<Scd2Spec>,
+}
+
+/// Options of a type-2 slowly changing dimension.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Scd2Spec {
+    /// Columns whose change opens a new version; other columns are updated in place.
+    pub tracked: Vec<String>,
+    /// Column holding when a change took effect; default the time of the run. A key's first
+    /// version is valid from 1900-01-01.
+    #[serde(default)]
+    pub valid_from: Option<String>,
+    /// Name of a surrogate key column (bigint, one per version) to add.
+    #[serde(default)]
+    pub surrogate_key: Option<String>,
+}
+
+/// Identity resolution of one entity (e.g. `customer`).
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySpec {
+    /// Table of (source, source_id, <entity>_id, rule, matched_at); default `map_<entity>_identity`.
+    #[serde(default)]
+    pub map: Option<String>,
+    /// Table of one merged ("golden") record per entity id; default `int_<entity>_golden`.
+    #[serde(default)]
+    pub golden: Option<String>,
+    /// Prefix of new ids; default the entity's first letter in upper case.
+    #[serde(default)]
+    pub id_prefix: Option<String>,
+    /// The records to match, by source system name.
+    pub records: IndexMap<String, IdentityRecords>,
+    /// Match rules in priority order; records that agree on all `on:` fields (normalised,
+    /// not null) are the same entity.
+    pub rules: Vec<MatchRule>,
+    /// How each field is normalised before matching: email | phone | tax_id | name | text.
+    #[serde(default)]
+    pub normalize: IndexMap<String, Normalizer>,
+    /// Default country calling code for phone numbers written without one (e.g. "49").
+    #[serde(default)]
+    pub default_country_code: Option<String>,
+    /// Which record's value each golden field takes.
+    #[serde(default)]
+    pub survivorship: IndexMap<String, Survivorship>,
+    /// A match key shared by more records than this is ignored (a shared mailbox or switchboard
+    /// number); default 20.
+    #[serde(default)]
+    pub max_group: Option<usize>,
+}
+
+/// Records of one source system.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityRecords {
+    /// The table holding them.
+    pub table: String,
+    /// Column with the record's id in that system.
+    pub id: String,
+    /// Column saying when the record last changed (for `most_recent`).
+    #[serde(default)]
+    pub updated_at: Option<String>,
+    /// Golden field name -> column of this table.
+    pub fields: IndexMap<String, String>,
+}
+
+/// A match rule.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    /// Name shown in the map's `rule` column and the match-rate report.
+    pub name: String,
+    /// Fields that must all be equal (after normalisation).
+    pub on: Vec<String>,
+}
+
+/// Field normalisers for matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalizer {
+    /// Trimmed and lower-cased.
+    Email,
+    /// E.164: digits with a leading +, national numbers given the default country code.
+    Phone,
+    /// Letters and digits only, upper-cased.
+    TaxId,
+    /// Lower-cased, accents folded, punctuation and legal forms (GmbH, AG, Ltd, Inc) removed.
+    Name,
+    /// Trimmed and lower-cased.
+    Text,
+}
+
+/// Survivorship of one golden field.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Survivorship {
+    /// The first non-null value by source order.
+    Prefer(Vec<String>),
+    /// The value of the most recently updated record.
+    MostRecent,
+    /// The largest value.
+    Max,
+    /// The smallest value.
+    Min,
 }
 
 impl<'de> Deserialize<'de> for ModelEntry {

@@ -13,8 +13,10 @@ use std::sync::Arc;
 use url::Url;
 
 use crate::config::pipeline::{
-    ModelEntry, ModelSpec, PipelineSpec, Severity, SourceFormat, SourceSpec, TestSpec, WriteMode,
+    IdentitySpec, IncrementalSpec, ModelEntry, ModelSpec, PipelineSpec, Severity, SourceFormat,
+    SourceSpec, Survivorship, TestSpec, WriteMode,
 };
+use crate::identity::{Identity, RecordSource};
 use crate::config::project::parse_byte_size;
 use crate::config::types::ColumnType;
 use crate::config::{ProjectSpec, parse_yaml};
@@ -104,8 +106,41 @@ pub struct Pipeline {
     pub models: Vec<Model>,
     /// Data tests.
     pub tests: Vec<DataTest>,
+    /// Identity resolutions.
+    pub identities: Vec<Identity>,
+    /// Models and identity resolutions in the order they run.
+    pub steps: Vec<Step>,
     /// Pipelines whose tables this one reads.
     pub depends_on: Vec<String>,
+}
+
+/// A step of a pipeline after its sources are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `models[i]`.
+    Model(usize),
+    /// `identities[i]`.
+    Identity(usize),
+}
+
+/// How a source finds what is new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incremental {
+    /// Files not loaded before.
+    NewFiles,
+    /// Rows above the highest value of this column loaded before.
+    Cursor(String),
+}
+
+/// Options of a type-2 slowly changing dimension model.
+#[derive(Debug, Clone)]
+pub struct Scd2 {
+    /// Columns whose change opens a new version.
+    pub tracked: Vec<String>,
+    /// Column holding when a change took effect (else the run time).
+    pub valid_from: Option<String>,
+    /// Surrogate key column to add.
+    pub surrogate_key: Option<String>,
 }
 
 /// A validated source.
@@ -131,6 +166,8 @@ pub struct Source {
     pub csv: CsvSettings,
     /// Highest share of rejected rows before the run fails.
     pub max_reject_ratio: f64,
+    /// What is new since the last run, when the source is incremental.
+    pub incremental: Option<Incremental>,
 }
 
 /// A declared column.
@@ -189,6 +226,10 @@ pub struct Model {
     pub keys: Vec<String>,
     /// Tables it reads.
     pub depends_on: Vec<String>,
+    /// The table whose new rows suffice to refresh it (merge models).
+    pub incremental: Option<String>,
+    /// Type-2 options (`mode: scd2`).
+    pub scd2: Option<Scd2>,
 }
 
 /// A data test with its table resolved.
@@ -471,6 +512,12 @@ impl Loader {
                 .collect();
             let models = self.models(r);
             let tests = self.tests(r);
+            let identities = r
+                .spec
+                .identity
+                .iter()
+                .filter_map(|(entity, spec)| self.identity(r, entity, &spec.value, &spec.referenced))
+                .collect();
             pipelines.push(Pipeline {
                 name: r.name.clone(),
                 file: r.file.clone(),
@@ -478,6 +525,8 @@ impl Loader {
                 sources,
                 models,
                 tests,
+                identities,
+                steps: Vec::new(),
                 depends_on: Vec::new(),
             });
         }
@@ -583,6 +632,25 @@ impl Loader {
             }
             c
         });
+        let incremental = match &s.incremental {
+            None => None,
+            Some(IncrementalSpec::Files(_)) => Some(Incremental::NewFiles),
+            Some(IncrementalSpec::Cursor(c)) => {
+                if !s.schema.value.contains_key(c) {
+                    self.problems.push(here(
+                        format!("source '{name}': incremental cursor '{c}' is not among its columns"),
+                        at,
+                    ));
+                }
+                Some(Incremental::Cursor(c.clone()))
+            }
+        };
+        if incremental == Some(Incremental::NewFiles) && s.format == SourceFormat::Delta {
+            self.problems.push(here(
+                format!("source '{name}': `files: new` needs a file format; use `cursor:` for a Delta table"),
+                at,
+            ));
+        }
         let max_reject_ratio = s.rejects.as_ref().map_or(0.05, |r| r.max_ratio);
         if !(0.0..=1.0).contains(&max_reject_ratio) {
             self.problems.push(here(
@@ -604,6 +672,7 @@ impl Loader {
             columns,
             csv,
             max_reject_ratio,
+            incremental,
         })
     }
 
@@ -641,6 +710,8 @@ impl Loader {
                     path: p.clone(),
                     mode: WriteMode::Overwrite,
                     keys: Vec::new(),
+                    incremental: None,
+                    scd2: None,
                 },
                 ModelEntry::Full(m) => m.clone(),
             };
@@ -659,7 +730,11 @@ impl Loader {
                     continue;
                 }
             };
-            if files.len() > 1 && spec.mode == WriteMode::Merge {
+            if let Some(msg) = model_options_problem(&spec) {
+                self.problems.push(here(msg));
+                continue;
+            }
+            if files.len() > 1 && matches!(spec.mode, WriteMode::Merge | WriteMode::Scd2) {
                 self.problems.push(here(format!(
                     "'{}' matches {} files; `mode: merge` with `keys:` needs one model per entry",
                     spec.path,
@@ -693,6 +768,12 @@ impl Loader {
                             mode: spec.mode,
                             keys: spec.keys.clone(),
                             depends_on: refs.iter().map(|t| t.name.clone()).collect(),
+                            incremental: spec.incremental.clone(),
+                            scd2: spec.scd2.as_ref().map(|s| Scd2 {
+                                tracked: s.tracked.clone(),
+                                valid_from: s.valid_from.clone(),
+                                surrogate_key: s.surrogate_key.clone(),
+                            }),
                         },
                         refs,
                     )),
@@ -704,6 +785,94 @@ impl Loader {
         self.model_refs
             .extend(out.iter().map(|(m, refs)| (m.name.clone(), refs.clone())));
         out.into_iter().map(|(m, _)| m).collect()
+    }
+
+    fn identity(
+        &mut self,
+        r: &RawPipeline,
+        entity: &str,
+        spec: &IdentitySpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<Identity> {
+        let before = self.problems.len();
+        let mut problem = |msg: String| {
+            self.problems
+                .push(Problem::new(&r.file, format!("identity '{entity}': {msg}")).at(yaml_pos(at, &r.text), &r.text));
+        };
+        if !valid_identifier(entity) {
+            problem("the entity name must be lowercase letters, digits and '_'".into());
+        }
+        let map_table = spec.map.clone().unwrap_or_else(|| format!("map_{entity}_identity"));
+        let golden_table = spec.golden.clone().unwrap_or_else(|| format!("int_{entity}_golden"));
+        for t in [&map_table, &golden_table] {
+            if !valid_identifier(t) {
+                problem(format!("table name '{t}' must be lowercase letters, digits and '_'"));
+            }
+        }
+        let sources: Vec<RecordSource> = spec
+            .records
+            .iter()
+            .map(|(name, rec)| RecordSource {
+                name: name.clone(),
+                table: rec.table.clone(),
+                id: rec.id.clone(),
+                updated_at: rec.updated_at.clone(),
+                fields: rec.fields.iter().map(|(f, c)| (f.clone(), c.clone())).collect(),
+            })
+            .collect();
+        if sources.is_empty() {
+            problem("`records:` names no source of records".into());
+        }
+        let known = |f: &str| sources.iter().any(|s| s.fields.iter().any(|(g, _)| g == f));
+        if spec.rules.is_empty() {
+            problem("`rules:` is empty; add at least one rule such as { name: email, on: [email] }".into());
+        }
+        for rule in &spec.rules {
+            if rule.on.is_empty() {
+                problem(format!("rule '{}' matches on no field", rule.name));
+            }
+            if let Some(f) = rule.on.iter().find(|f| !known(f)) {
+                problem(format!("rule '{}' uses field '{f}', which no record source lists under `fields:`", rule.name));
+            }
+        }
+        for (field, s) in &spec.survivorship {
+            if !known(field) {
+                problem(format!("survivorship names field '{field}', which no record source lists"));
+            }
+            if let Survivorship::Prefer(order) = s
+                && let Some(x) = order.iter().find(|x| !spec.records.contains_key(*x))
+            {
+                problem(format!("survivorship of '{field}' prefers '{x}', which is not a record source"));
+            }
+            if *s == Survivorship::MostRecent && sources.iter().all(|s| s.updated_at.is_none()) {
+                problem(format!("survivorship of '{field}' is most_recent but no record source has `updated_at:`"));
+            }
+        }
+        for f in spec.normalize.keys() {
+            if !known(f) {
+                problem(format!("`normalize:` names field '{f}', which no record source lists"));
+            }
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Identity {
+            pipeline: r.name.clone(),
+            entity: entity.to_string(),
+            map_table,
+            golden_table,
+            id_column: format!("{entity}_id"),
+            id_prefix: spec
+                .id_prefix
+                .clone()
+                .unwrap_or_else(|| entity.chars().next().map(|c| c.to_ascii_uppercase().to_string()).unwrap_or_default()),
+            rules: spec.rules.iter().map(|r| (r.name.clone(), r.on.clone())).collect(),
+            normalize: spec.normalize.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            default_cc: spec.default_country_code.clone().unwrap_or_else(|| "49".into()).trim_start_matches('+').to_string(),
+            survivorship: spec.survivorship.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            max_group: spec.max_group.unwrap_or(20),
+            sources,
+        })
     }
 
     fn tests(&mut self, r: &RawPipeline) -> Vec<DataTest> {
@@ -738,15 +907,22 @@ impl Loader {
         let mut producers: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
         let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for p in &pipelines {
+            let identity_outputs = p.identities.iter().flat_map(|i| {
+                let inputs: Vec<String> = i.sources.iter().map(|s| s.table.clone()).collect();
+                let mut golden_inputs = inputs.clone();
+                golden_inputs.push(i.map_table.clone());
+                [
+                    (i.map_table.clone(), p.file.clone(), inputs),
+                    (i.golden_table.clone(), p.file.clone(), golden_inputs),
+                ]
+            });
             let outputs = p
                 .sources
                 .iter()
                 .map(|s| (s.table.clone(), p.file.clone(), Vec::new()))
-                .chain(
-                    p.models
-                        .iter()
-                        .map(|m| (m.name.clone(), m.file.clone(), m.depends_on.clone())),
-                );
+                .chain(p.models.iter().map(|m| (m.name.clone(), m.file.clone(), m.depends_on.clone())))
+                .chain(identity_outputs)
+                .collect::<Vec<_>>();
             for (table, file, d) in outputs {
                 if let Some((_, first)) = producers.get(&table) {
                     self.problems.push(
@@ -764,7 +940,28 @@ impl Loader {
         }
         let names: Vec<&str> = producers.keys().map(String::as_str).collect();
         for p in &pipelines {
+            for i in &p.identities {
+                for s in &i.sources {
+                    if !producers.contains_key(&s.table) {
+                        self.problems.push(Problem::new(
+                            &p.file,
+                            format!(
+                                "identity '{}': record source '{}' reads table '{}', which no source or model builds",
+                                i.entity, s.name, s.table
+                            ),
+                        ));
+                    }
+                }
+            }
             for m in &p.models {
+                if let Some(t) = &m.incremental
+                    && !m.depends_on.contains(t)
+                {
+                    self.problems.push(Problem::new(
+                        &p.file,
+                        format!("model '{}': `incremental: {t}` names a table its SQL does not read", m.name),
+                    ));
+                }
                 for r in self.model_refs.get(&m.name).into_iter().flatten() {
                     if !producers.contains_key(&r.name) {
                         let mut prob = Problem::new(
@@ -847,10 +1044,23 @@ impl Loader {
         for p in &mut pipelines {
             p.models
                 .sort_by_key(|m| rank.get(m.name.as_str()).copied().unwrap_or(usize::MAX));
+            let of = |t: &str| rank.get(t).copied().unwrap_or(usize::MAX);
+            let mut steps: Vec<(usize, Step)> = p
+                .models
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (of(&m.name), Step::Model(i)))
+                .chain(p.identities.iter().enumerate().map(|(i, id)| (of(&id.map_table), Step::Identity(i))))
+                .collect();
+            steps.sort_by_key(|(r, _)| *r);
+            p.steps = steps.into_iter().map(|(_, s)| s).collect();
+            let identity_inputs: Vec<String> =
+                p.identities.iter().flat_map(|i| i.sources.iter().map(|s| s.table.clone())).collect();
             let mut up: Vec<String> = p
                 .models
                 .iter()
                 .flat_map(|m| m.depends_on.iter())
+                .chain(identity_inputs.iter())
                 .filter_map(|t| producers.get(t).map(|(pl, _)| pl.clone()))
                 .filter(|pl| *pl != p.name)
                 .collect();
@@ -891,6 +1101,30 @@ fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
         .filter(|(d, k)| *d <= 2.max(k.len() / 4))
         .min()
         .map(|(_, k)| k)
+}
+
+/// What is wrong with a model entry's options, if anything.
+fn model_options_problem(spec: &ModelSpec) -> Option<String> {
+    let what = format!("model '{}'", spec.path);
+    match spec.mode {
+        WriteMode::Merge | WriteMode::Scd2 if spec.keys.is_empty() => Some(format!(
+            "{what}: `mode: {}` needs `keys:` (the columns that identify a row)",
+            spec.mode.as_str()
+        )),
+        WriteMode::Overwrite | WriteMode::Append if !spec.keys.is_empty() => {
+            Some(format!("{what}: `keys:` is only used with `mode: merge` or `mode: scd2`"))
+        }
+        WriteMode::Scd2 if spec.scd2.is_none() => Some(format!(
+            "{what}: `mode: scd2` needs `scd2: {{ tracked: [columns] }}`"
+        )),
+        m if m != WriteMode::Scd2 && spec.scd2.is_some() => {
+            Some(format!("{what}: `scd2:` options need `mode: scd2`"))
+        }
+        m if m != WriteMode::Merge && spec.incremental.is_some() => Some(format!(
+            "{what}: `incremental:` needs `mode: merge` (new rows are merged by key)"
+        )),
+        _ => None,
+    }
 }
 
 /// Expand a model path or glob relative to the project root into sorted relative file paths.
