@@ -1,25 +1,31 @@
 //! Planning every model against the declared schemas, without data: column typos, type errors
-//! and bad merge keys are found before anything runs.
+//! and bad keys are found before anything runs.
 
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 
+use crate::config::pipeline::WriteMode;
+use crate::config::types::UTC;
 use crate::error::{Error, Position, Problem, Result};
-use crate::plan::{Model, Project};
-use crate::run::QUARANTINE_TABLE;
+use crate::identity::map_schema;
+use crate::plan::{Model, Pipeline, Project, Step};
+use crate::run::{QUARANTINE_TABLE, quarantine_schema};
 use crate::sources::convert::declared_schema;
-use crate::warehouse::delta_compatible;
+use crate::warehouse::{delta_compatible, state};
 
-/// Plan every model and data test of the project on empty tables of the right schemas.
+/// Plan every model, identity resolution and data test of the project on empty tables of the
+/// right schemas.
 pub async fn check_models(project: &Project) -> Result<()> {
     let config = datafusion::prelude::SessionConfig::new()
         .set_bool("datafusion.sql_parser.collect_spans", true);
     let ctx = SessionContext::new_with_config(config);
-    register_empty(&ctx, QUARANTINE_TABLE, crate::run::quarantine_schema())?;
+    register_empty(&ctx, QUARANTINE_TABLE, quarantine_schema())?;
+    register_empty(&ctx, state::STATE_TABLE, state::state_schema())?;
+    register_empty(&ctx, state::LOADED_FILES_TABLE, state::files_schema())?;
     let mut problems = Vec::new();
     for p in &project.pipelines {
         for s in &p.sources {
@@ -30,28 +36,28 @@ pub async fn check_models(project: &Project) -> Result<()> {
             )?;
         }
     }
-    // Pipelines and their models are in dependency order.
+    // Pipelines and their steps are in dependency order.
     for p in &project.pipelines {
-        for m in &p.models {
-            match plan_model(&ctx, m).await {
-                Ok(schema) => {
-                    if let Some(missing) =
-                        m.keys.iter().find(|k| schema.field_with_name(k).is_err())
-                    {
-                        problems.push(Problem::new(
-                            &p.file,
-                            format!(
-                                "model '{}': merge key '{missing}' is not a column of its result",
-                                m.name
-                            ),
-                        ));
+        for step in &p.steps {
+            match *step {
+                Step::Model(i) => check_model(&ctx, p, &p.models[i], &mut problems).await?,
+                Step::Identity(i) => {
+                    let id = &p.identities[i];
+                    register_empty(&ctx, &id.map_table, map_schema(&id.id_column))?;
+                    match plan_sql(&ctx, &id.golden_sql()).await {
+                        Ok(schema) => register_empty(&ctx, &id.golden_table, schema)?,
+                        Err(e) => {
+                            problems.push(Problem::new(
+                                &p.file,
+                                format!(
+                                    "identity '{}': the golden record cannot be built: {}",
+                                    id.entity,
+                                    first_line(&e)
+                                ),
+                            ));
+                            register_empty(&ctx, &id.golden_table, Arc::new(Schema::empty()))?;
+                        }
                     }
-                    register_empty(&ctx, &m.name, schema)?;
-                }
-                Err(problem) => {
-                    problems.push(problem);
-                    // Stand-in so later models report their own problems, not this one's.
-                    register_empty(&ctx, &m.name, Arc::new(arrow::datatypes::Schema::empty()))?;
                 }
             }
         }
@@ -77,21 +83,65 @@ pub async fn check_models(project: &Project) -> Result<()> {
     }
 }
 
+async fn check_model(
+    ctx: &SessionContext,
+    p: &Pipeline,
+    m: &Model,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    let schema = match plan_sql(ctx, &m.sql).await {
+        Ok(schema) => schema,
+        Err(e) => {
+            problems.push(model_problem(m, &e));
+            // Stand-in so later models report their own problems, not this one's.
+            return register_empty(ctx, &m.name, Arc::new(Schema::empty()));
+        }
+    };
+    let mut missing = |what: &str, col: &str| {
+        if schema.field_with_name(col).is_err() {
+            problems.push(Problem::new(
+                &p.file,
+                format!(
+                    "model '{}': {what} '{col}' is not a column of its result",
+                    m.name
+                ),
+            ));
+        }
+    };
+    for k in &m.keys {
+        missing("key", k);
+    }
+    let mut table_schema = schema.clone();
+    if let (WriteMode::Scd2, Some(opts)) = (m.mode, &m.scd2) {
+        for c in &opts.tracked {
+            missing("tracked column", c);
+        }
+        if let Some(v) = &opts.valid_from {
+            missing("valid_from column", v);
+        }
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(UTC)));
+        let mut fields: Vec<Field> = Vec::new();
+        if let Some(sk) = &opts.surrogate_key {
+            fields.push(Field::new(sk, DataType::Int64, false));
+        }
+        fields.extend(schema.fields().iter().map(|f| f.as_ref().clone()));
+        fields.push(Field::new("valid_from", ts.clone(), false));
+        fields.push(Field::new("valid_to", ts, false));
+        fields.push(Field::new("is_current", DataType::Boolean, false));
+        table_schema = Arc::new(Schema::new(fields));
+    }
+    register_empty(ctx, &m.name, table_schema)
+}
+
 fn register_empty(ctx: &SessionContext, name: &str, schema: SchemaRef) -> Result<()> {
     ctx.deregister_table(name)?;
     ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
     Ok(())
 }
 
-async fn plan_model(ctx: &SessionContext, m: &Model) -> Result<SchemaRef, Problem> {
-    let planned = match ctx.sql(&m.sql).await {
-        Ok(df) => df.into_optimized_plan(),
-        Err(e) => Err(e),
-    };
-    match planned {
-        Ok(plan) => Ok(delta_compatible(plan.schema().as_arrow())),
-        Err(e) => Err(model_problem(m, &e)),
-    }
+async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<SchemaRef, DataFusionError> {
+    let plan = ctx.sql(sql).await?.into_optimized_plan()?;
+    Ok(delta_compatible(plan.schema().as_arrow()))
 }
 
 /// A planning error as a problem in the model file, at the position DataFusion reports.

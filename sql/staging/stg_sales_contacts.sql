@@ -25,6 +25,7 @@ final as (
         contact_id,
         first_name,
         last_name,
+        concat_ws(' ', first_name, last_name) as full_name,
         company,
         email,
         case

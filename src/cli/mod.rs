@@ -81,6 +81,27 @@ pub enum Command {
         /// Source files read at once; default the number of cores.
         #[arg(long)]
         parallel: Option<usize>,
+        /// Reload every source file and rebuild every model, ignoring cursors and loaded files.
+        #[arg(long)]
+        full_refresh: bool,
+    },
+    /// List rows rejected to quarantine: where they came from and why.
+    Rejects {
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only this run.
+        #[arg(long)]
+        run: Option<String>,
+        /// Count rows per source and reason instead of listing them.
+        #[arg(long)]
+        summary: bool,
+        /// Most rows listed.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
     },
     /// Run a SQL query over the warehouse.
     Query {
@@ -178,17 +199,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Run {
             pipelines,
             parallel,
+            full_refresh,
         } => {
             let project = cli.load()?;
             crate::validate::check_models(&project).await?;
-            let runner = Runner::new(
-                &project,
-                RunOptions {
-                    parallel: *parallel,
-                },
-                Progress::auto(cli.quiet),
-            )
-            .await?;
+            let options = RunOptions {
+                parallel: *parallel,
+                full_refresh: *full_refresh,
+            };
+            let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
             let reports = runner.run(pipelines).await?;
             output::run_summary(&reports)
         }
@@ -199,6 +218,18 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else {
                 sql.clone()
             };
+            let batches = crate::query::query(&project, &sql).await?;
+            output::batches(&batches, *format)
+        }
+        Command::Rejects {
+            pipeline,
+            run,
+            summary,
+            limit,
+            format,
+        } => {
+            let project = cli.load()?;
+            let sql = rejects_sql(pipeline.as_deref(), run.as_deref(), *summary, *limit);
             let batches = crate::query::query(&project, &sql).await?;
             output::batches(&batches, *format)
         }
@@ -230,6 +261,40 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::line(&summary.to_string())
         }
         Command::Demo { scale, seed } => crate::demo::demo(&cli, *scale, *seed).await,
+    }
+}
+
+/// A value quoted at the start of a reject reason.
+const QUOTED_VALUE: &str = "^'[^']*'";
+
+/// The query behind `kbcrm rejects`.
+fn rejects_sql(pipeline: Option<&str>, run: Option<&str>, summary: bool, limit: usize) -> String {
+    use crate::warehouse::state::literal;
+    let mut filters = Vec::new();
+    if let Some(p) = pipeline {
+        filters.push(format!("pipeline = {}", literal(p)));
+    }
+    if let Some(r) = run {
+        filters.push(format!("run_id = {}", literal(r)));
+    }
+    let filter = if filters.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", filters.join(" and "))
+    };
+    if summary {
+        // The offending value is quoted at the start of most reasons; group without it.
+        format!(
+            "select pipeline, source, coalesce(column_name, '') as column_name, \
+             regexp_replace(reason, {pattern}, '<value>') as reason, count(*) as rows \
+             from quarantine{filter} group by 1, 2, 3, 4 order by rows desc, 1, 2, 3 limit {limit}",
+            pattern = literal(QUOTED_VALUE)
+        )
+    } else {
+        format!(
+            "select pipeline, source, file, line, column_name, reason, raw from quarantine{filter} \
+             order by rejected_at desc, file, line limit {limit}"
+        )
     }
 }
 

@@ -95,20 +95,28 @@ pub fn run_summary(reports: &[RunReport]) -> Result<()> {
         ));
         for t in &r.tables {
             let version = t.version.map_or("-".to_string(), |v| v.to_string());
-            let change = if t.changed { "" } else { "  (unchanged)" };
+            let change = match (t.skipped, t.changed) {
+                (Some(why), _) => format!("  ({why})"),
+                (None, true) => String::new(),
+                (None, false) => "  (unchanged)".to_string(),
+            };
             let rejected = if t.rows_rejected > 0 {
                 format!("  {} rejected", t.rows_rejected)
             } else {
                 String::new()
             };
             out.push_str(&format!(
-                "  {:<8} {:<32} {:>10} rows  {:>10}  {:>6.2}s  v{version}{rejected}{change}\n",
+                "  {:<10} {:<28} {:>9} read {:>9} written {:>10} {:>6.2}s  v{version}{rejected}{change}\n",
                 t.kind,
                 t.table,
+                t.rows_in,
                 t.rows_written,
                 bytes(t.bytes_written),
                 t.seconds
             ));
+        }
+        for i in &r.identities {
+            out.push_str(&format!("  {i}\n"));
         }
         for t in &r.tests {
             let status = if t.failures == 0 {

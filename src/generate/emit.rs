@@ -24,6 +24,8 @@ pub struct PartOutput {
     pub identity: Vec<(&'static str, String, String)>,
     /// One line of truth/customers.csv per customer.
     pub truth: Vec<String>,
+    /// Customers whose details change in this batch: (true id, what changed).
+    pub changes: Vec<(String, &'static str)>,
 }
 
 fn file_rng(seed: u64, name: &str) -> ChaCha8Rng {
@@ -490,10 +492,14 @@ pub fn part(
     )?;
     let mut identity = Vec::new();
     let mut truth = Vec::new();
+    let mut changes = Vec::new();
     for idx in customers {
         let c = world::customer(idx as u64, seed, catalog);
         identity_rows(&c, &mut identity);
         truth.push(truth_row(&c));
+        if let Some(kind) = visible_change(&c, batch) {
+            changes.push((c.true_id.clone(), kind));
+        }
         // Masters: batch 1 holds customers acquired by the end of the history, as they stood
         // then; later batches hold customers acquired or changed on their day.
         let (write_master, details) = master_state(&c, batch);
@@ -742,7 +748,26 @@ pub fn part(
         malformed: f.malformed,
         identity,
         truth,
+        changes,
     })
+}
+
+/// What changes, visibly in some system, for an existing customer on the day of batch `b`.
+fn visible_change(c: &Customer, b: u32) -> Option<&'static str> {
+    let (day, new) = c.change.as_ref()?;
+    if b == 1 || *day != batch_day(b) || c.acquired >= *day {
+        return None;
+    }
+    let old = &c.details;
+    if new.postcode != old.postcode || new.city != old.city || new.street != old.street {
+        Some("address")
+    } else if new.email != old.email {
+        Some("email")
+    } else if new.credit_limit != old.credit_limit && c.erp_id.is_some() {
+        Some("credit_limit")
+    } else {
+        None
+    }
 }
 
 /// Whether the customer's master records go into batch `b`, and with which details.
@@ -794,6 +819,7 @@ pub fn truth_files(
     malformed: &[Malformed],
     identity: &[(&'static str, String, String)],
     customers: &[String],
+    changes: &[(String, &'static str)],
 ) -> Result<()> {
     let write = |name: &str, body: String| -> Result<()> {
         let p = truth.join(name);
@@ -810,6 +836,11 @@ pub fn truth_files(
         s.push_str(&format!("{},{},{}\n", m.file, m.line, m.kind));
     }
     write(&format!("malformed_{b}.csv"), s)?;
+    let mut s = String::from("true_customer_id,change\n");
+    for (id, kind) in changes {
+        s.push_str(&format!("{id},{kind}\n"));
+    }
+    write(&format!("changes_{b}.csv"), s)?;
     let mut s = String::from("system,source_id,true_customer_id\n");
     for (sys, id, t) in identity {
         s.push_str(&format!("{sys},{id},{t}\n"));

@@ -155,12 +155,14 @@ pub fn generate(opts: &GenerateOptions) -> Result<Summary> {
     let mut malformed: Vec<Malformed> = Vec::new();
     let mut identity = Vec::new();
     let mut truth_rows = Vec::new();
+    let mut changes = Vec::new();
     for (_, r) in results {
         let r = r?;
         files.extend(r.files);
         malformed.extend(r.malformed);
         identity.extend(r.identity);
         truth_rows.extend(r.truth);
+        changes.extend(r.changes);
     }
     emit::truth_files(
         &truth,
@@ -169,6 +171,7 @@ pub fn generate(opts: &GenerateOptions) -> Result<Summary> {
         &malformed,
         &identity,
         &truth_rows,
+        &changes,
     )?;
     Ok(Summary {
         customers: n,

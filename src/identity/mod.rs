@@ -97,13 +97,21 @@ impl fmt::Display for IdentityStats {
             .by_rule
             .iter()
             .map(|(r, n)| {
-                let pct = if self.records == 0 { 0.0 } else { 100.0 * *n as f64 / self.records as f64 };
+                let pct = if self.records == 0 {
+                    0.0
+                } else {
+                    100.0 * *n as f64 / self.records as f64
+                };
                 format!("{r} {n} ({pct:.1}%)")
             })
             .collect();
         write!(f, "; matched by {}", parts.join(", "))?;
         if self.oversized_groups > 0 {
-            write!(f, "; {} oversized match keys ignored", self.oversized_groups)?;
+            write!(
+                f,
+                "; {} oversized match keys ignored",
+                self.oversized_groups
+            )?;
         }
         Ok(())
     }
@@ -166,13 +174,14 @@ impl Identity {
         for (si, s) in self.sources.iter().enumerate() {
             let cols: Vec<String> = fields
                 .iter()
-                .map(|f| match s.fields.iter().find(|(g, _)| g == f) {
-                    Some((_, c)) => format!("cast({} as varchar)", quote_ident(c)),
-                    None => "cast(null as varchar)".to_string(),
+                .enumerate()
+                .map(|(i, f)| match s.fields.iter().find(|(g, _)| g == f) {
+                    Some((_, c)) => format!("cast({} as varchar) as f{i}", quote_ident(c)),
+                    None => format!("cast(null as varchar) as f{i}"),
                 })
                 .collect();
             let sql = format!(
-                "select cast({} as varchar), {} from {}",
+                "select cast({} as varchar) as id, {} from {}",
                 quote_ident(&s.id),
                 cols.join(", "),
                 quote_ident(&s.table)
@@ -181,7 +190,9 @@ impl Identity {
             for batch in batches {
                 let batch = delta_compatible_batch(&batch)?;
                 let ids = batch.column(0).as_string::<i32>();
-                let values: Vec<&StringArray> = (1..batch.num_columns()).map(|i| batch.column(i).as_string::<i32>()).collect();
+                let values: Vec<&StringArray> = (1..batch.num_columns())
+                    .map(|i| batch.column(i).as_string::<i32>())
+                    .collect();
                 for row in 0..batch.num_rows() {
                     if ids.is_null(row) {
                         continue;
@@ -190,12 +201,18 @@ impl Identity {
                     for (f, col) in fields.iter().zip(&values) {
                         if col.is_valid(row) {
                             let how = self.normalize.get(f).copied().unwrap_or(Normalizer::Text);
-                            if let Some(v) = normalize::normalize(how, col.value(row), &self.default_cc) {
+                            if let Some(v) =
+                                normalize::normalize(how, col.value(row), &self.default_cc)
+                            {
                                 keys.insert(f.clone(), v);
                             }
                         }
                     }
-                    out.push(Rec { source: si, id: ids.value(row).to_string(), keys });
+                    out.push(Rec {
+                        source: si,
+                        id: ids.value(row).to_string(),
+                        keys,
+                    });
                 }
             }
         }
@@ -203,7 +220,10 @@ impl Identity {
     }
 
     /// Existing map rows: (source, source_id) -> (id, rule, matched_at).
-    async fn existing(&self, ctx: &SessionContext) -> Result<HashMap<(String, String), (String, String, i64)>> {
+    async fn existing(
+        &self,
+        ctx: &SessionContext,
+    ) -> Result<HashMap<(String, String), (String, String, i64)>> {
         let mut out = HashMap::new();
         if !ctx.table_exist(self.map_table.as_str())? {
             return Ok(out);
@@ -219,11 +239,17 @@ impl Identity {
             let sid = batch.column(1).as_string::<i32>();
             let id = batch.column(2).as_string::<i32>();
             let rule = batch.column(3).as_string::<i32>();
-            let at = batch.column(4).as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            let at = batch
+                .column(4)
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
             for i in 0..batch.num_rows() {
                 out.insert(
                     (s.value(i).to_string(), sid.value(i).to_string()),
-                    (id.value(i).to_string(), rule.value(i).to_string(), at.value(i)),
+                    (
+                        id.value(i).to_string(),
+                        rule.value(i).to_string(),
+                        at.value(i),
+                    ),
                 );
             }
         }
@@ -231,7 +257,11 @@ impl Identity {
     }
 
     /// Match every record and build the map table's content.
-    pub async fn resolve(&self, ctx: &SessionContext, now_micros: i64) -> Result<(RecordBatch, IdentityStats)> {
+    pub async fn resolve(
+        &self,
+        ctx: &SessionContext,
+        now_micros: i64,
+    ) -> Result<(RecordBatch, IdentityStats)> {
         let mut recs = self.load_records(ctx).await?;
         // Deterministic order: by source priority, then id.
         recs.sort_by(|a, b| (a.source, &a.id).cmp(&(b.source, &b.id)));
@@ -242,7 +272,10 @@ impl Identity {
         for (ri, (_, fields)) in self.rules.iter().enumerate() {
             let mut groups: HashMap<Vec<&str>, Vec<usize>> = HashMap::new();
             for (i, r) in recs.iter().enumerate() {
-                let key: Option<Vec<&str>> = fields.iter().map(|f| r.keys.get(f).map(String::as_str)).collect();
+                let key: Option<Vec<&str>> = fields
+                    .iter()
+                    .map(|f| r.keys.get(f).map(String::as_str))
+                    .collect();
                 if let Some(k) = key {
                     groups.entry(k).or_default().push(i);
                 }
@@ -261,7 +294,8 @@ impl Identity {
                 }
             }
         }
-        self.assign_ids(ctx, &recs, &mut uf, &rule_of, oversized, now_micros).await
+        self.assign_ids(ctx, &recs, &mut uf, &rule_of, oversized, now_micros)
+            .await
     }
 
     async fn assign_ids(
@@ -278,8 +312,16 @@ impl Identity {
         for i in 0..recs.len() {
             clusters.entry(uf.find(i)).or_default().push(i);
         }
-        let number = |id: &str| id.strip_prefix(&self.id_prefix).and_then(|n| n.parse::<u64>().ok());
-        let mut next = existing.values().filter_map(|(id, _, _)| number(id)).max().unwrap_or(0) + 1;
+        let number = |id: &str| {
+            id.strip_prefix(&self.id_prefix)
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        let mut next = existing
+            .values()
+            .filter_map(|(id, _, _)| number(id))
+            .max()
+            .unwrap_or(0)
+            + 1;
         let mut ids: Vec<String> = vec![String::new(); recs.len()];
         let mut stats = IdentityStats {
             entity: self.entity.clone(),
@@ -292,7 +334,12 @@ impl Identity {
         for members in clusters.values() {
             let mut old: Vec<&String> = members
                 .iter()
-                .filter_map(|&m| existing.get(&(self.sources[recs[m].source].name.clone(), recs[m].id.clone())))
+                .filter_map(|&m| {
+                    existing.get(&(
+                        self.sources[recs[m].source].name.clone(),
+                        recs[m].id.clone(),
+                    ))
+                })
                 .map(|(id, _, _)| id)
                 .collect();
             old.sort();
@@ -389,7 +436,7 @@ impl Identity {
                     None => "cast(null as timestamp)".to_string(),
                 };
                 format!(
-                    "    select m.{id}, '{name}' as source, {rank} as source_rank, m.source_id, {updated} as updated_at, {cols}\n    \
+                    "    select m.{id}, '{name}' as _source, {rank} as _source_rank, m.source_id as _source_id, {updated} as _updated_at, {cols}\n    \
                      from {table} r\n    join {map} m on m.source = '{name}' and m.source_id = cast(r.{rid} as varchar)",
                     name = s.name.replace('\'', "''"),
                     cols = cols.join(", "),
@@ -412,10 +459,10 @@ impl Identity {
                 match rule {
                     Survivorship::Prefer(order) => {
                         let rank = self.preference_rank(&order);
-                        format!("    first_value({q} order by {rank}, source_id) filter (where {q} is not null) as {q}")
+                        format!("    first_value({q} order by {rank}, _source_id) filter (where {q} is not null) as {q}")
                     }
                     Survivorship::MostRecent => format!(
-                        "    first_value({q} order by updated_at desc nulls last, source_rank, source_id) filter (where {q} is not null) as {q}"
+                        "    first_value({q} order by _updated_at desc nulls last, _source_rank, _source_id) filter (where {q} is not null) as {q}"
                     ),
                     Survivorship::Max => format!("    max({q}) as {q}"),
                     Survivorship::Min => format!("    min({q}) as {q}"),
@@ -424,7 +471,7 @@ impl Identity {
             .collect();
         format!(
             "with records as (\n{}\n)\n\nselect\n    {id},\n{},\n    count(*) as record_count,\n    \
-             array_to_string(array_sort(array_distinct(array_agg(source))), ',') as sources\nfrom records\ngroup by {id}",
+             array_to_string(array_sort(array_distinct(array_agg(_source))), ',') as sources\nfrom records\ngroup by {id}",
             records.join("\n    union all\n"),
             picks.join(",\n")
         )
@@ -434,13 +481,13 @@ impl Identity {
     /// declaration order).
     fn preference_rank(&self, order: &[String]) -> String {
         if order.is_empty() {
-            return "source_rank".to_string();
+            return "_source_rank".to_string();
         }
-        let mut case = String::from("case source");
+        let mut case = String::from("case _source");
         for (i, s) in order.iter().enumerate() {
             case.push_str(&format!(" when '{}' then {i}", s.replace('\'', "''")));
         }
-        case.push_str(&format!(" else {} + source_rank end", order.len()));
+        case.push_str(&format!(" else {} + _source_rank end", order.len()));
         case
     }
 }

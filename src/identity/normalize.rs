@@ -45,7 +45,12 @@ fn phone(v: &str, default_cc: &str) -> Option<String> {
 }
 
 fn tax_id(v: &str) -> Option<String> {
-    Some(v.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_uppercase())
+    Some(
+        v.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>()
+            .to_uppercase(),
+    )
 }
 
 fn fold(c: char) -> &'static str {
@@ -91,15 +96,33 @@ mod tests {
     #[test]
     fn normalises_each_kind() {
         let n = |h, v| normalize(h, v, "49");
-        assert_eq!(n(Normalizer::Email, "  Anna.Schmidt@Mail.DE "), Some("anna.schmidt@mail.de".into()));
+        assert_eq!(
+            n(Normalizer::Email, "  Anna.Schmidt@Mail.DE "),
+            Some("anna.schmidt@mail.de".into())
+        );
         assert_eq!(n(Normalizer::Email, "not an email"), None);
-        for p in ["+49 151 2345678", "0151 2345678", "0049 151-2345678", "(0151) 234 5678", "+491512345678"] {
+        for p in [
+            "+49 151 2345678",
+            "0151 2345678",
+            "0049 151-2345678",
+            "(0151) 234 5678",
+            "+491512345678",
+        ] {
             assert_eq!(n(Normalizer::Phone, p), Some("+491512345678".into()), "{p}");
         }
         assert_eq!(n(Normalizer::Phone, "12"), None);
-        assert_eq!(n(Normalizer::TaxId, "DE-123.456.789"), Some("DE123456789".into()));
-        assert_eq!(n(Normalizer::TaxId, "de 123 456 789"), Some("DE123456789".into()));
-        assert_eq!(n(Normalizer::Name, "Müller Bau GmbH & Co. KG"), Some("mueller bau".into()));
+        assert_eq!(
+            n(Normalizer::TaxId, "DE-123.456.789"),
+            Some("DE123456789".into())
+        );
+        assert_eq!(
+            n(Normalizer::TaxId, "de 123 456 789"),
+            Some("DE123456789".into())
+        );
+        assert_eq!(
+            n(Normalizer::Name, "Müller Bau GmbH & Co. KG"),
+            Some("mueller bau".into())
+        );
         assert_eq!(n(Normalizer::Name, "GmbH"), None);
     }
 }

@@ -10,6 +10,9 @@ use datafusion::sql::sqlparser::ast::{self, Spanned, visit_relations};
 
 use crate::error::{Position, Problem};
 
+/// Table functions DataFusion provides; a model calling one does not read a table by that name.
+const TABLE_FUNCTIONS: &[&str] = &["generate_series", "range", "unnest"];
+
 /// A table a model reads, with where the name appears in its SQL.
 #[derive(Debug, Clone)]
 pub struct TableRef {
@@ -69,7 +72,11 @@ pub fn parse_model_sql(
     };
     let (tables, _ctes) = resolve_table_references(&statement, true)
         .map_err(|e| Problem::new(file, format!("cannot read the tables of this query: {e}")))?;
-    let wanted: BTreeSet<String> = tables.iter().map(|t| t.table().to_string()).collect();
+    let wanted: BTreeSet<String> = tables
+        .iter()
+        .map(|t| t.table().to_string())
+        .filter(|t| !TABLE_FUNCTIONS.contains(&t.as_str()))
+        .collect();
     // Positions: the first occurrence of each name among the relations of the query.
     let mut positions: HashMap<String, Position> = HashMap::new();
     let _ = visit_relations(&*query, |name: &ast::ObjectName| {

@@ -16,13 +16,16 @@ use crate::config::pipeline::{
     IdentitySpec, IncrementalSpec, ModelEntry, ModelSpec, PipelineSpec, Severity, SourceFormat,
     SourceSpec, Survivorship, TestSpec, WriteMode,
 };
-use crate::identity::{Identity, RecordSource};
 use crate::config::project::parse_byte_size;
 use crate::config::types::ColumnType;
 use crate::config::{ProjectSpec, parse_yaml};
 use crate::error::{Error, Position, Problem, Result};
+use crate::identity::{Identity, RecordSource};
 
 pub use location::Location;
+
+/// Tables kbcrm itself writes, which models may read.
+pub const BUILTIN_TABLES: &[&str] = &["quarantine", "kbcrm_state", "kbcrm_loaded_files"];
 
 /// The project file's name.
 pub const PROJECT_FILE: &str = "kbcrm.yaml";
@@ -516,7 +519,9 @@ impl Loader {
                 .spec
                 .identity
                 .iter()
-                .filter_map(|(entity, spec)| self.identity(r, entity, &spec.value, &spec.referenced))
+                .filter_map(|(entity, spec)| {
+                    self.identity(r, entity, &spec.value, &spec.referenced)
+                })
                 .collect();
             pipelines.push(Pipeline {
                 name: r.name.clone(),
@@ -638,13 +643,24 @@ impl Loader {
             Some(IncrementalSpec::Cursor(c)) => {
                 if !s.schema.value.contains_key(c) {
                     self.problems.push(here(
-                        format!("source '{name}': incremental cursor '{c}' is not among its columns"),
+                        format!(
+                            "source '{name}': incremental cursor '{c}' is not among its columns"
+                        ),
                         at,
                     ));
                 }
                 Some(Incremental::Cursor(c.clone()))
             }
         };
+        if incremental.is_some() && s.mode == WriteMode::Overwrite {
+            self.problems.push(here(
+                format!(
+                    "source '{name}': an incremental source adds to its table; use `mode: append` \
+                     or `mode: merge` (with `keys:`)"
+                ),
+                at,
+            ));
+        }
         if incremental == Some(Incremental::NewFiles) && s.format == SourceFormat::Delta {
             self.problems.push(here(
                 format!("source '{name}': `files: new` needs a file format; use `cursor:` for a Delta table"),
@@ -796,17 +812,27 @@ impl Loader {
     ) -> Option<Identity> {
         let before = self.problems.len();
         let mut problem = |msg: String| {
-            self.problems
-                .push(Problem::new(&r.file, format!("identity '{entity}': {msg}")).at(yaml_pos(at, &r.text), &r.text));
+            self.problems.push(
+                Problem::new(&r.file, format!("identity '{entity}': {msg}"))
+                    .at(yaml_pos(at, &r.text), &r.text),
+            );
         };
         if !valid_identifier(entity) {
             problem("the entity name must be lowercase letters, digits and '_'".into());
         }
-        let map_table = spec.map.clone().unwrap_or_else(|| format!("map_{entity}_identity"));
-        let golden_table = spec.golden.clone().unwrap_or_else(|| format!("int_{entity}_golden"));
+        let map_table = spec
+            .map
+            .clone()
+            .unwrap_or_else(|| format!("map_{entity}_identity"));
+        let golden_table = spec
+            .golden
+            .clone()
+            .unwrap_or_else(|| format!("int_{entity}_golden"));
         for t in [&map_table, &golden_table] {
             if !valid_identifier(t) {
-                problem(format!("table name '{t}' must be lowercase letters, digits and '_'"));
+                problem(format!(
+                    "table name '{t}' must be lowercase letters, digits and '_'"
+                ));
             }
         }
         let sources: Vec<RecordSource> = spec
@@ -817,7 +843,11 @@ impl Loader {
                 table: rec.table.clone(),
                 id: rec.id.clone(),
                 updated_at: rec.updated_at.clone(),
-                fields: rec.fields.iter().map(|(f, c)| (f.clone(), c.clone())).collect(),
+                fields: rec
+                    .fields
+                    .iter()
+                    .map(|(f, c)| (f.clone(), c.clone()))
+                    .collect(),
             })
             .collect();
         if sources.is_empty() {
@@ -825,32 +855,46 @@ impl Loader {
         }
         let known = |f: &str| sources.iter().any(|s| s.fields.iter().any(|(g, _)| g == f));
         if spec.rules.is_empty() {
-            problem("`rules:` is empty; add at least one rule such as { name: email, on: [email] }".into());
+            problem(
+                "`rules:` is empty; add at least one rule such as { name: email, on: [email] }"
+                    .into(),
+            );
         }
         for rule in &spec.rules {
             if rule.on.is_empty() {
                 problem(format!("rule '{}' matches on no field", rule.name));
             }
             if let Some(f) = rule.on.iter().find(|f| !known(f)) {
-                problem(format!("rule '{}' uses field '{f}', which no record source lists under `fields:`", rule.name));
+                problem(format!(
+                    "rule '{}' uses field '{f}', which no record source lists under `fields:`",
+                    rule.name
+                ));
             }
         }
         for (field, s) in &spec.survivorship {
             if !known(field) {
-                problem(format!("survivorship names field '{field}', which no record source lists"));
+                problem(format!(
+                    "survivorship names field '{field}', which no record source lists"
+                ));
             }
             if let Survivorship::Prefer(order) = s
                 && let Some(x) = order.iter().find(|x| !spec.records.contains_key(*x))
             {
-                problem(format!("survivorship of '{field}' prefers '{x}', which is not a record source"));
+                problem(format!(
+                    "survivorship of '{field}' prefers '{x}', which is not a record source"
+                ));
             }
             if *s == Survivorship::MostRecent && sources.iter().all(|s| s.updated_at.is_none()) {
-                problem(format!("survivorship of '{field}' is most_recent but no record source has `updated_at:`"));
+                problem(format!(
+                    "survivorship of '{field}' is most_recent but no record source has `updated_at:`"
+                ));
             }
         }
         for f in spec.normalize.keys() {
             if !known(f) {
-                problem(format!("`normalize:` names field '{f}', which no record source lists"));
+                problem(format!(
+                    "`normalize:` names field '{f}', which no record source lists"
+                ));
             }
         }
         if self.problems.len() > before {
@@ -862,14 +906,34 @@ impl Loader {
             map_table,
             golden_table,
             id_column: format!("{entity}_id"),
-            id_prefix: spec
-                .id_prefix
+            id_prefix: spec.id_prefix.clone().unwrap_or_else(|| {
+                entity
+                    .chars()
+                    .next()
+                    .map(|c| c.to_ascii_uppercase().to_string())
+                    .unwrap_or_default()
+            }),
+            rules: spec
+                .rules
+                .iter()
+                .map(|r| (r.name.clone(), r.on.clone()))
+                .collect(),
+            normalize: spec
+                .normalize
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            default_cc: spec
+                .default_country_code
                 .clone()
-                .unwrap_or_else(|| entity.chars().next().map(|c| c.to_ascii_uppercase().to_string()).unwrap_or_default()),
-            rules: spec.rules.iter().map(|r| (r.name.clone(), r.on.clone())).collect(),
-            normalize: spec.normalize.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            default_cc: spec.default_country_code.clone().unwrap_or_else(|| "49".into()).trim_start_matches('+').to_string(),
-            survivorship: spec.survivorship.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                .unwrap_or_else(|| "49".into())
+                .trim_start_matches('+')
+                .to_string(),
+            survivorship: spec
+                .survivorship
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             max_group: spec.max_group.unwrap_or(20),
             sources,
         })
@@ -920,7 +984,11 @@ impl Loader {
                 .sources
                 .iter()
                 .map(|s| (s.table.clone(), p.file.clone(), Vec::new()))
-                .chain(p.models.iter().map(|m| (m.name.clone(), m.file.clone(), m.depends_on.clone())))
+                .chain(
+                    p.models
+                        .iter()
+                        .map(|m| (m.name.clone(), m.file.clone(), m.depends_on.clone())),
+                )
                 .chain(identity_outputs)
                 .collect::<Vec<_>>();
             for (table, file, d) in outputs {
@@ -959,11 +1027,16 @@ impl Loader {
                 {
                     self.problems.push(Problem::new(
                         &p.file,
-                        format!("model '{}': `incremental: {t}` names a table its SQL does not read", m.name),
+                        format!(
+                            "model '{}': `incremental: {t}` names a table its SQL does not read",
+                            m.name
+                        ),
                     ));
                 }
                 for r in self.model_refs.get(&m.name).into_iter().flatten() {
-                    if !producers.contains_key(&r.name) {
+                    if !producers.contains_key(&r.name)
+                        && !BUILTIN_TABLES.contains(&r.name.as_str())
+                    {
                         let mut prob = Problem::new(
                             &m.file,
                             format!(
@@ -1050,12 +1123,20 @@ impl Loader {
                 .iter()
                 .enumerate()
                 .map(|(i, m)| (of(&m.name), Step::Model(i)))
-                .chain(p.identities.iter().enumerate().map(|(i, id)| (of(&id.map_table), Step::Identity(i))))
+                .chain(
+                    p.identities
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| (of(&id.map_table), Step::Identity(i))),
+                )
                 .collect();
             steps.sort_by_key(|(r, _)| *r);
             p.steps = steps.into_iter().map(|(_, s)| s).collect();
-            let identity_inputs: Vec<String> =
-                p.identities.iter().flat_map(|i| i.sources.iter().map(|s| s.table.clone())).collect();
+            let identity_inputs: Vec<String> = p
+                .identities
+                .iter()
+                .flat_map(|i| i.sources.iter().map(|s| s.table.clone()))
+                .collect();
             let mut up: Vec<String> = p
                 .models
                 .iter()
@@ -1111,9 +1192,9 @@ fn model_options_problem(spec: &ModelSpec) -> Option<String> {
             "{what}: `mode: {}` needs `keys:` (the columns that identify a row)",
             spec.mode.as_str()
         )),
-        WriteMode::Overwrite | WriteMode::Append if !spec.keys.is_empty() => {
-            Some(format!("{what}: `keys:` is only used with `mode: merge` or `mode: scd2`"))
-        }
+        WriteMode::Overwrite | WriteMode::Append if !spec.keys.is_empty() => Some(format!(
+            "{what}: `keys:` is only used with `mode: merge` or `mode: scd2`"
+        )),
         WriteMode::Scd2 if spec.scd2.is_none() => Some(format!(
             "{what}: `mode: scd2` needs `scd2: {{ tracked: [columns] }}`"
         )),

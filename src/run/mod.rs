@@ -1,22 +1,26 @@
-//! Running pipelines: the only sequencer. A pipeline run loads its sources, builds its models in
-//! DAG order, checks its data tests and then commits every table it changed as one run.
+//! Running pipelines: the only sequencer. A pipeline run loads its sources, builds its models
+//! and identity resolutions in DAG order, checks its data tests and then commits every table it
+//! changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
 
+mod model;
 mod progress;
 mod quarantine;
+mod source;
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
-use futures::StreamExt;
 use tracing::{info, instrument};
 
-use crate::config::pipeline::{Severity, SourceFormat};
+use crate::config::pipeline::Severity;
 use crate::engine;
 use crate::error::{Error, Result};
-use crate::plan::{Model, Pipeline, Project, Source};
-use crate::sources::{self, convert::declared_schema, stores::store_for};
-use crate::warehouse::write::{NewData, TableWriter, stage};
-use crate::warehouse::{Staged, Warehouse, commit_run, delta_compatible, files_provider};
+use crate::identity::IdentityStats;
+use crate::plan::{Pipeline, Project, Step};
+use crate::sources;
+use crate::warehouse::state::{self, StateKey};
+use crate::warehouse::{Staged, Warehouse, commit_run, files_provider};
 
 pub use progress::Progress;
 pub use quarantine::{QUARANTINE_TABLE, quarantine_schema};
@@ -26,6 +30,8 @@ pub use quarantine::{QUARANTINE_TABLE, quarantine_schema};
 pub struct RunOptions {
     /// Files read at once per source; default the number of cores.
     pub parallel: Option<usize>,
+    /// Ignore cursors, loaded files and up-to-date models: reload and rebuild everything.
+    pub full_refresh: bool,
 }
 
 /// What happened to one table in a run.
@@ -33,13 +39,13 @@ pub struct RunOptions {
 pub struct TableReport {
     /// Table name.
     pub table: String,
-    /// "source", "model" or "quarantine".
+    /// "source", "model", "identity", "quarantine" or "state".
     pub kind: &'static str,
     /// Rows read (sources) or computed (models).
     pub rows_in: u64,
     /// Rows rejected to quarantine (sources).
     pub rows_rejected: u64,
-    /// Rows in the files committed.
+    /// Rows in the files committed (new or changed rows for merges).
     pub rows_written: u64,
     /// Bytes committed.
     pub bytes_written: u64,
@@ -49,6 +55,8 @@ pub struct TableReport {
     pub changed: bool,
     /// Version after the run.
     pub version: Option<u64>,
+    /// Why nothing was done, when nothing was: "no new files", "up to date".
+    pub skipped: Option<&'static str>,
 }
 
 /// Outcome of one data test.
@@ -73,6 +81,8 @@ pub struct RunReport {
     pub tables: Vec<TableReport>,
     /// Data tests.
     pub tests: Vec<TestReport>,
+    /// Identity resolutions.
+    pub identities: Vec<IdentityStats>,
     /// Seconds for the whole run.
     pub seconds: f64,
 }
@@ -85,12 +95,37 @@ pub struct Runner<'a> {
     progress: Progress,
 }
 
-/// Work in progress of one pipeline run: staged writes, reports, rejects.
+/// Work in progress of one pipeline run.
 struct RunState {
     run_id: String,
+    /// Start of the run, µs since the epoch (the SCD2 change time when none is given).
+    run_micros: i64,
     staged: Vec<Staged>,
     tables: Vec<TableReport>,
     rejects: Vec<(String, sources::Reject)>,
+    identities: Vec<IdentityStats>,
+    /// Committed versions of every warehouse table at the start of the run.
+    committed: HashMap<String, Option<u64>>,
+    /// kbcrm_state as committed, and the entries this run sets.
+    state_before: HashMap<StateKey, String>,
+    state_after: HashMap<StateKey, String>,
+    /// (pipeline, source, file, size) loaded in this run.
+    loaded_files: Vec<(String, String, String, u64)>,
+}
+
+impl RunState {
+    /// The version a table will have once this run commits.
+    fn version_after(&self, table: &str) -> Option<u64> {
+        match self.staged.iter().rev().find(|s| s.table == table) {
+            Some(s) if s.changes() => Some(s.read_version.map_or(0, |v| v + 1)),
+            Some(s) => s.read_version,
+            None => self.committed.get(table).copied().flatten(),
+        }
+    }
+
+    fn staged(&self, table: &str) -> Option<&Staged> {
+        self.staged.iter().rev().find(|s| s.table == table)
+    }
 }
 
 impl<'a> Runner<'a> {
@@ -142,16 +177,21 @@ impl<'a> Runner<'a> {
     pub async fn run_pipeline(&self, pipeline: &Pipeline) -> Result<RunReport> {
         let started = Instant::now();
         let ctx = engine::session(&self.project.engine)?;
-        self.wh.register_all(&ctx).await?;
+        let committed = self.wh.register_all(&ctx).await?;
         let mut state = RunState {
             run_id: uuid::Uuid::now_v7().to_string(),
+            run_micros: chrono::Utc::now().timestamp_micros(),
             staged: Vec::new(),
             tables: Vec::new(),
             rejects: Vec::new(),
+            identities: Vec::new(),
+            committed,
+            state_before: state::read_state(&ctx).await?,
+            state_after: HashMap::new(),
+            loaded_files: Vec::new(),
         };
         info!(run_id = %state.run_id, "run started");
-        let result = self.build(pipeline, &ctx, &mut state).await;
-        let tests = match result {
+        let tests = match self.build(pipeline, &ctx, &mut state).await {
             Ok(tests) => tests,
             Err(e) => {
                 self.abort(&state).await;
@@ -175,6 +215,7 @@ impl<'a> Runner<'a> {
             pipeline: pipeline.name.clone(),
             tables: state.tables,
             tests,
+            identities: state.identities,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -185,8 +226,8 @@ impl<'a> Runner<'a> {
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<Vec<TestReport>> {
-        for source in &pipeline.sources {
-            self.load_source(source, ctx, state).await?;
+        for s in &pipeline.sources {
+            self.load_source(s, ctx, state).await?;
         }
         if !state.rejects.is_empty() {
             let started = Instant::now();
@@ -207,10 +248,42 @@ impl<'a> Runner<'a> {
                 .await?;
             }
         }
-        for model in &pipeline.models {
-            self.build_model(model, ctx, state).await?;
+        for step in &pipeline.steps {
+            match *step {
+                Step::Model(i) => self.build_model(&pipeline.models[i], ctx, state).await?,
+                Step::Identity(i) => {
+                    self.resolve_identity(&pipeline.identities[i], ctx, state)
+                        .await?
+                }
+            }
         }
-        self.check_tests(pipeline, ctx).await
+        let tests = self.check_tests(pipeline, ctx).await?;
+        self.stage_bookkeeping(ctx, state).await?;
+        Ok(tests)
+    }
+
+    /// Stage kbcrm_state and kbcrm_loaded_files for this run.
+    async fn stage_bookkeeping(&self, ctx: &SessionContext, state: &mut RunState) -> Result<()> {
+        let started = Instant::now();
+        let staged = state::stage_state(
+            &self.wh,
+            ctx,
+            &state.run_id,
+            &state.state_before,
+            &state.state_after,
+        )
+        .await?;
+        if let Some(s) = staged {
+            let rows = s.metrics.rows_in;
+            self.record(ctx, state, s, "state", rows, 0, started)
+                .await?;
+        }
+        let files = std::mem::take(&mut state.loaded_files);
+        if let Some(s) = state::stage_loaded_files(&self.wh, ctx, &state.run_id, &files).await? {
+            self.record(ctx, state, s, "state", files.len() as u64, 0, started)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Delete the data files of writes that will not be committed.
@@ -230,120 +303,7 @@ impl<'a> Runner<'a> {
         }
     }
 
-    #[instrument(skip_all, fields(source = %source.name, table = %source.table))]
-    async fn load_source(
-        &self,
-        source: &Source,
-        ctx: &SessionContext,
-        state: &mut RunState,
-    ) -> Result<()> {
-        let started = Instant::now();
-        let bar = self.progress.step(&format!("load {}", source.table));
-        let store = store_for(&source.location.store_url)?;
-        let files = match source.format {
-            SourceFormat::Delta => Vec::new(),
-            _ => sources::list_files(source, &store).await?,
-        };
-        let schema = declared_schema(&source.columns);
-        let table_schema = delta_compatible(&schema);
-        let parallel = self.options.parallel.unwrap_or_else(default_parallelism);
-        let mut stream = match source.format {
-            SourceFormat::Csv | SourceFormat::Json => {
-                sources::read_text_files(source, store, files, schema.clone(), parallel)
-            }
-            SourceFormat::Parquet | SourceFormat::Delta => {
-                sources::read_columnar(source, store, files, schema.clone())
-            }
-        };
-        let url = self.wh.table_url(&source.table);
-        let mut writer = TableWriter::new(&url, table_schema.clone())?;
-        let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
-        while let Some(out) = stream.next().await {
-            let out = out?;
-            rows_read += out.rows_read;
-            bytes_read += out.bytes_read;
-            rejected += out.rejects.len() as u64;
-            for b in &out.batches {
-                writer.write(b).await?;
-            }
-            bar.inc(out.rows_read, out.bytes_read);
-            state
-                .rejects
-                .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
-        }
-        let (adds, rows) = writer.finish().await?;
-        if rows_read > 0 && rejected as f64 / rows_read as f64 > source.max_reject_ratio {
-            crate::warehouse::write::delete_files(&self.wh, &url, &adds).await?;
-            return Err(Error::DataQuality {
-                pipeline: source.pipeline.clone(),
-                message: format!(
-                    "source '{}' rejected {rejected} of {rows_read} rows ({:.2}%), more than \
-                     rejects.max_ratio {}; see the reasons with `kbcrm run` logs or raise the limit",
-                    source.name,
-                    100.0 * rejected as f64 / rows_read as f64,
-                    source.max_reject_ratio
-                ),
-            });
-        }
-        info!(rows_read, rejected, bytes_read, "source read");
-        let new = NewData {
-            table: source.table.clone(),
-            schema: table_schema,
-            adds,
-            rows,
-        };
-        let staged = stage(&self.wh, ctx, new, source.mode, &source.keys).await?;
-        bar.finish();
-        self.record(ctx, state, staged, "source", rows_read, rejected, started)
-            .await
-    }
-
-    #[instrument(skip_all, fields(model = %model.name))]
-    async fn build_model(
-        &self,
-        model: &Model,
-        ctx: &SessionContext,
-        state: &mut RunState,
-    ) -> Result<()> {
-        let started = Instant::now();
-        let bar = self.progress.step(&format!("build {}", model.name));
-        let model_err = |e: &dyn std::fmt::Display| Error::Model {
-            model: model.name.clone(),
-            file: model.file.clone(),
-            message: e.to_string(),
-        };
-        let df = ctx.sql(&model.sql).await.map_err(|e| model_err(&e))?;
-        let schema = delta_compatible(df.schema().as_arrow());
-        let stream = df.execute_stream().await.map_err(|e| model_err(&e))?;
-        let url = self.wh.table_url(&model.name);
-        let mut writer = TableWriter::new(&url, schema.clone())?;
-        writer
-            .write_stream(stream)
-            .await
-            .map_err(|e| model_err(&e))?;
-        let (adds, rows) = writer.finish().await?;
-        let new = NewData {
-            table: model.name.clone(),
-            schema,
-            adds,
-            rows,
-        };
-        let staged = stage(&self.wh, ctx, new, model.mode, &model.keys)
-            .await
-            .map_err(|e| match e {
-                Error::DataQuality { message, .. } => Error::DataQuality {
-                    pipeline: model.pipeline.clone(),
-                    message,
-                },
-                other => other,
-            })?;
-        bar.inc(rows, 0);
-        bar.finish();
-        self.record(ctx, state, staged, "model", rows, 0, started)
-            .await
-    }
-
-    /// Keep a staged write, make its new state readable by later models, and report it.
+    /// Keep a staged write, make its new state readable by later steps, and report it.
     #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
@@ -370,11 +330,30 @@ impl<'a> Runner<'a> {
             seconds: started.elapsed().as_secs_f64(),
             changed: staged.changes(),
             version: staged.read_version,
+            skipped: None,
         };
         self.progress.table_done(&report);
         state.tables.push(report);
         state.staged.push(staged);
         Ok(())
+    }
+
+    /// Report a table the run did not need to touch.
+    fn skip(&self, state: &mut RunState, table: &str, kind: &'static str, why: &'static str) {
+        let report = TableReport {
+            table: table.to_string(),
+            kind,
+            rows_in: 0,
+            rows_rejected: 0,
+            rows_written: 0,
+            bytes_written: 0,
+            seconds: 0.0,
+            changed: false,
+            version: state.version_after(table),
+            skipped: Some(why),
+        };
+        self.progress.table_done(&report);
+        state.tables.push(report);
     }
 
     async fn check_tests(

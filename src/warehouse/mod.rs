@@ -6,7 +6,9 @@
 //! completed by the next command that opens the warehouse ([`Warehouse::recover`]).
 
 mod commit;
+pub mod scd2;
 mod schema;
+pub mod state;
 pub mod write;
 
 use std::collections::HashMap;
@@ -145,15 +147,33 @@ impl Warehouse {
         }
     }
 
-    /// Register every committed table in `ctx` under its name. Returns the names.
-    pub async fn register_all(&self, ctx: &SessionContext) -> Result<Vec<String>> {
-        let names = self.table_names().await?;
-        for name in &names {
-            if let Some(table) = self.load(name).await? {
-                self.register(ctx, name, &table).await?;
+    /// Register every committed table in `ctx` under its name. Returns each table's version.
+    pub async fn register_all(&self, ctx: &SessionContext) -> Result<HashMap<String, Option<u64>>> {
+        let mut versions = HashMap::new();
+        for name in self.table_names().await? {
+            let table = self.load(&name).await?;
+            if let Some(t) = &table {
+                self.register(ctx, &name, t).await?;
             }
+            versions.insert(name, table.and_then(|t| t.version()));
         }
-        Ok(names)
+        Ok(versions)
+    }
+
+    /// URLs of a table's data files at a version (the latest when `None`).
+    pub async fn files_at(&self, name: &str, version: Option<u64>) -> Result<Vec<Url>> {
+        let url = self.table_url(name);
+        let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())?.build()?;
+        match version {
+            Some(v) => table.load_version(v).await?,
+            None => table.load().await?,
+        }
+        Ok(table
+            .snapshot()?
+            .log_data()
+            .iter()
+            .map(|f| url.join(&f.path()).unwrap_or_else(|_| url.clone()))
+            .collect())
     }
 
     /// Register one committed table version in `ctx`.

@@ -165,6 +165,9 @@ pub async fn stage(
             check_unique_keys(wh, ctx, &new, keys).await?;
             merge(wh, ctx, url, &current, new, keys).await
         }
+        WriteMode::Scd2 => Err(Error::Internal(
+            "type-2 writes go through warehouse::scd2::stage_scd2".into(),
+        )),
     }
 }
 
@@ -177,7 +180,7 @@ fn describe(schema: &SchemaRef) -> String {
         .join(", ")
 }
 
-fn file_url(url: &Url, path: &str) -> Url {
+pub(crate) fn file_url(url: &Url, path: &str) -> Url {
     url.join(path).unwrap_or_else(|_| url.clone())
 }
 
@@ -343,7 +346,7 @@ async fn same_rows(
     Ok(diff? == 0)
 }
 
-async fn check_unique_keys(
+pub(crate) async fn check_unique_keys(
     wh: &Warehouse,
     ctx: &SessionContext,
     new: &NewData,

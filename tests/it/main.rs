@@ -1,6 +1,8 @@
 //! The integration tests: the `kbcrm` binary on temporary projects and generated data.
 
 mod errors;
+mod incremental;
 mod pipeline_run;
 mod sources;
+mod star;
 mod support;

@@ -143,7 +143,7 @@ fn merge_updates_changed_rows_and_inserts_new_ones() {
     );
     let out = p.ok(&["run"]);
     assert!(
-        out.contains("raw_p_c") && out.contains(" 2 rows"),
+        out.contains("raw_p_c") && out.contains(" 2 written"),
         "two rows new or changed: {out}"
     );
     assert_eq!(
@@ -174,9 +174,13 @@ fn failing_model_leaves_every_table_at_its_version() {
     let p = demo_run();
     let before = p.warehouse_files();
     // Plans fine, fails on the data: a cast that cannot succeed.
+    let sql = std::fs::read_to_string(p.path().join("sql/staging/stg_sales_orders.sql")).unwrap();
     p.write(
         "sql/staging/stg_sales_orders.sql",
-        "select order_id, status, cast(concat('x', status) as int) as broken from raw_sales_orders\n",
+        sql.replace(
+            "select * from final",
+            "select *, cast(concat('x', status) as int) as broken from final",
+        ),
     );
     let out = p.kbcrm(&["run", "sales"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

@@ -81,6 +81,27 @@ impl Project {
         p
     }
 
+    /// The demo project reading its own sample data, generated into its `sources/` folder (so
+    /// that a test can add batches to it).
+    pub fn demo_with_own_data(scale: f64, seed: u64) -> Self {
+        let p = Project::empty();
+        copy_tree(&repo().join("pipelines"), &p.path().join("pipelines"));
+        copy_tree(&repo().join("sql"), &p.path().join("sql"));
+        std::fs::copy(repo().join("kbcrm.yaml"), p.path().join("kbcrm.yaml"))
+            .expect("copy kbcrm.yaml");
+        let out = p.kbcrm(&[
+            "generate",
+            "--scale",
+            &scale.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--out",
+            "sources",
+        ]);
+        assert!(out.status.success(), "generate failed: {}", stderr(&out));
+        p
+    }
+
     /// A project with only `kbcrm.yaml` and empty `pipelines/` and `sql/` folders.
     pub fn empty() -> Self {
         let dir = TempDir::new().expect("temp dir");

@@ -1,0 +1,240 @@
+//! Building models and identity resolutions, skipping those whose inputs did not change.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use datafusion::prelude::SessionContext;
+use sha2::{Digest, Sha256};
+use tracing::{info, instrument};
+use url::Url;
+
+use super::{RunState, Runner};
+use crate::config::pipeline::WriteMode;
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::plan::Model;
+use crate::warehouse::scd2::stage_scd2;
+use crate::warehouse::state::{StateKey, stage_batch};
+use crate::warehouse::write::{NewData, TableWriter, stage};
+use crate::warehouse::{delta_compatible, files_provider};
+
+/// What a step was built from: a hash of its definition and the version of each input.
+fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
+    let hash = hex::encode(Sha256::digest(definition.as_bytes()));
+    let versions: BTreeMap<&str, Option<u64>> = inputs
+        .iter()
+        .map(|t| (t.as_str(), state.version_after(t)))
+        .collect();
+    serde_json::json!({ "definition": hash, "inputs": versions }).to_string()
+}
+
+fn inputs_key(pipeline: &str, name: &str) -> StateKey {
+    (pipeline.to_string(), name.to_string(), "inputs".to_string())
+}
+
+/// The input version recorded in a fingerprint.
+fn recorded_version(fingerprint: &str, table: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(fingerprint).ok()?;
+    v.get("inputs")?.get(table)?.as_u64()
+}
+
+impl Runner<'_> {
+    /// Whether `outputs` exist and were built from exactly this definition and these inputs.
+    fn up_to_date(&self, state: &RunState, key: &StateKey, print: &str, outputs: &[&str]) -> bool {
+        !self.options.full_refresh
+            && state.state_before.get(key).is_some_and(|p| p == print)
+            && outputs.iter().all(|t| state.version_after(t).is_some())
+    }
+
+    #[instrument(skip_all, fields(model = %model.name))]
+    pub(super) async fn build_model(
+        &self,
+        model: &Model,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let key = inputs_key(&model.pipeline, &model.name);
+        let print = fingerprint(&model.sql, &model.depends_on, state);
+        if self.up_to_date(state, &key, &print, &[&model.name]) {
+            self.skip(state, &model.name, "model", "up to date");
+            return Ok(());
+        }
+        let bar = self.progress.step(&format!("build {}", model.name));
+        let model_err = |e: &dyn std::fmt::Display| Error::Model {
+            model: model.name.clone(),
+            file: model.file.clone(),
+            message: e.to_string(),
+        };
+        // An incremental model reads only the new rows of its driving table.
+        let narrowed = match &model.incremental {
+            Some(driver) if !self.options.full_refresh => {
+                self.narrow_driver(ctx, state, model, driver, &key).await?
+            }
+            _ => None,
+        };
+        let result = async {
+            let df = ctx.sql(&model.sql).await.map_err(|e| model_err(&e))?;
+            let schema = delta_compatible(df.schema().as_arrow());
+            let stream = df.execute_stream().await.map_err(|e| model_err(&e))?;
+            let url = self.wh.table_url(&model.name);
+            let mut writer = TableWriter::new(&url, schema.clone())?;
+            writer
+                .write_stream(stream)
+                .await
+                .map_err(|e| model_err(&e))?;
+            let (adds, rows) = writer.finish().await?;
+            Ok::<_, Error>(NewData {
+                table: model.name.clone(),
+                schema,
+                adds,
+                rows,
+            })
+        }
+        .await;
+        if let Some((driver, provider)) = narrowed {
+            ctx.deregister_table(driver.as_str())?;
+            ctx.register_table(driver.as_str(), provider)?;
+        }
+        let new = result?;
+        let rows = new.rows;
+        let mode = match (self.options.full_refresh, model.mode) {
+            (true, WriteMode::Merge) => WriteMode::Overwrite,
+            (_, m) => m,
+        };
+        let staged = match (mode, &model.scd2) {
+            (WriteMode::Scd2, Some(opts)) => {
+                stage_scd2(&self.wh, ctx, new, &model.keys, opts, state.run_micros).await
+            }
+            _ => stage(&self.wh, ctx, new, mode, &model.keys).await,
+        }
+        .map_err(|e| match e {
+            Error::DataQuality { message, .. } => Error::DataQuality {
+                pipeline: model.pipeline.clone(),
+                message,
+            },
+            other => other,
+        })?;
+        bar.inc(rows, 0);
+        bar.finish();
+        self.record(ctx, state, staged, "model", rows, 0, started)
+            .await?;
+        state.state_after.insert(key, print);
+        Ok(())
+    }
+
+    /// Register only the rows `driver` gained since the model was last built. Returns the
+    /// driver's full provider to restore afterwards, or `None` when the model must read it whole
+    /// (first build, or no record of what it read).
+    async fn narrow_driver(
+        &self,
+        ctx: &SessionContext,
+        state: &RunState,
+        model: &Model,
+        driver: &str,
+        key: &StateKey,
+    ) -> Result<
+        Option<(
+            String,
+            std::sync::Arc<dyn datafusion::catalog::TableProvider>,
+        )>,
+    > {
+        if state.version_after(&model.name).is_none() {
+            return Ok(None);
+        }
+        let Some(before) = state
+            .state_before
+            .get(key)
+            .and_then(|p| recorded_version(p, driver))
+        else {
+            return Ok(None);
+        };
+        let now: Vec<Url> = match state.staged(driver) {
+            Some(s) if s.changes() => s.files.clone(),
+            _ => self.wh.files_at(driver, None).await?,
+        };
+        let then: std::collections::HashSet<Url> = self
+            .wh
+            .files_at(driver, Some(before))
+            .await?
+            .into_iter()
+            .collect();
+        let added: Vec<Url> = now.into_iter().filter(|u| !then.contains(u)).collect();
+        let full = ctx.table_provider(driver).await?;
+        let schema = full.schema();
+        info!(
+            driver,
+            files = added.len(),
+            since_version = before,
+            "reading only the rows added to the driving table"
+        );
+        ctx.deregister_table(driver)?;
+        ctx.register_table(driver, files_provider(&added, schema).await?)?;
+        Ok(Some((driver.to_string(), full)))
+    }
+
+    #[instrument(skip_all, fields(entity = %identity.entity))]
+    pub(super) async fn resolve_identity(
+        &self,
+        identity: &Identity,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let key = inputs_key(&identity.pipeline, &format!("identity:{}", identity.entity));
+        let inputs: Vec<String> = identity.sources.iter().map(|s| s.table.clone()).collect();
+        let golden_sql = identity.golden_sql();
+        let definition = format!("{:?}{golden_sql}", identity.rules);
+        let print = fingerprint(&definition, &inputs, state);
+        if self.up_to_date(
+            state,
+            &key,
+            &print,
+            &[&identity.map_table, &identity.golden_table],
+        ) {
+            self.skip(state, &identity.map_table, "identity", "up to date");
+            self.skip(state, &identity.golden_table, "identity", "up to date");
+            return Ok(());
+        }
+        let bar = self.progress.step(&format!("match {}", identity.entity));
+        let (map, stats) = identity.resolve(ctx, state.run_micros).await?;
+        info!(%stats, "identity resolved");
+        let rows = map.num_rows() as u64;
+        let staged = stage_batch(
+            &self.wh,
+            ctx,
+            &identity.map_table,
+            map,
+            WriteMode::Overwrite,
+            &[],
+        )
+        .await?;
+        self.record(ctx, state, staged, "identity", rows, 0, started)
+            .await?;
+        let started = Instant::now();
+        let df = ctx.sql(&golden_sql).await.map_err(|e| {
+            Error::Internal(format!(
+                "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
+                identity.entity
+            ))
+        })?;
+        let schema = delta_compatible(df.schema().as_arrow());
+        let url = self.wh.table_url(&identity.golden_table);
+        let mut writer = TableWriter::new(&url, schema.clone())?;
+        writer.write_stream(df.execute_stream().await?).await?;
+        let (adds, rows) = writer.finish().await?;
+        let new = NewData {
+            table: identity.golden_table.clone(),
+            schema,
+            adds,
+            rows,
+        };
+        let staged = stage(&self.wh, ctx, new, WriteMode::Overwrite, &[]).await?;
+        bar.finish();
+        self.record(ctx, state, staged, "identity", rows, 0, started)
+            .await?;
+        state.identities.push(stats);
+        state.state_after.insert(key, print);
+        Ok(())
+    }
+}

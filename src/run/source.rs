@@ -1,0 +1,244 @@
+//! Loading one source: list, read, quarantine, keep only what is new, stage.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{Array, ArrayRef, StringArray};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::DataType;
+use arrow::record_batch::RecordBatch;
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+use tracing::{info, instrument};
+
+use super::{RunState, Runner, default_parallelism};
+use crate::config::pipeline::{SourceFormat, WriteMode};
+use crate::error::{Error, Result};
+use crate::plan::{Incremental, Source};
+use crate::sources::{self, convert::declared_schema, stores::store_for};
+use crate::warehouse::delta_compatible;
+use crate::warehouse::state::loaded_files;
+use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
+
+/// Keeps rows whose cursor column is above the last watermark, and finds the new watermark.
+struct CursorFilter {
+    column: usize,
+    above: Option<ArrayRef>,
+    max: Option<ArrayRef>,
+}
+
+impl CursorFilter {
+    fn new(column: usize, data_type: &DataType, watermark: Option<&String>) -> Result<Self> {
+        let above = match watermark {
+            Some(w) => Some(cast(
+                &(Arc::new(StringArray::from(vec![w.as_str()])) as ArrayRef),
+                data_type,
+            )?),
+            None => None,
+        };
+        Ok(CursorFilter {
+            column,
+            above,
+            max: None,
+        })
+    }
+
+    fn apply(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let col = batch.column(self.column);
+        let kept = match &self.above {
+            Some(w) => {
+                let mask =
+                    arrow::compute::kernels::cmp::gt(col, &arrow::array::Scalar::new(w.clone()))?;
+                filter_record_batch(batch, &mask)?
+            }
+            None => batch.clone(),
+        };
+        let col = kept.column(self.column);
+        if col.len() > col.null_count() {
+            let batch_max = max_of(col)?;
+            self.max = Some(match self.max.take() {
+                Some(m)
+                    if !arrow::compute::kernels::cmp::gt(
+                        &batch_max,
+                        &arrow::array::Scalar::new(m.clone()),
+                    )?
+                    .value(0) =>
+                {
+                    m
+                }
+                _ => batch_max,
+            });
+        }
+        Ok(kept)
+    }
+
+    /// The new watermark as text.
+    fn watermark(&self) -> Result<Option<String>> {
+        let Some(m) = &self.max else { return Ok(None) };
+        let s = cast(m, &DataType::Utf8)?;
+        let s = s
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .map(|a| a.value(0).to_string());
+        Ok(s)
+    }
+}
+
+/// The largest non-null value of an array, as a one-element array.
+fn max_of(col: &ArrayRef) -> Result<ArrayRef> {
+    let mut best: Option<usize> = None;
+    for i in 0..col.len() {
+        if col.is_null(i) {
+            continue;
+        }
+        best = match best {
+            None => Some(i),
+            Some(b) => {
+                let gt = arrow::compute::kernels::cmp::gt(&col.slice(i, 1), &col.slice(b, 1))?;
+                Some(if gt.value(0) { i } else { b })
+            }
+        };
+    }
+    Ok(col.slice(best.unwrap_or(0), 1))
+}
+
+impl Runner<'_> {
+    #[instrument(skip_all, fields(source = %source.name, table = %source.table))]
+    pub(super) async fn load_source(
+        &self,
+        source: &Source,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let full = self.options.full_refresh;
+        let store = store_for(&source.location.store_url)?;
+        let mut files = match source.format {
+            SourceFormat::Delta => Vec::new(),
+            _ => sources::list_files(source, &store).await?,
+        };
+        if source.incremental == Some(Incremental::NewFiles) {
+            let done = loaded_files(ctx, &source.pipeline, &source.name).await?;
+            let fresh: Vec<_> = files
+                .iter()
+                .filter(|f| !done.contains(&f.display))
+                .cloned()
+                .collect();
+            state.loaded_files.extend(fresh.iter().map(|f| {
+                (
+                    source.pipeline.clone(),
+                    source.name.clone(),
+                    f.display.clone(),
+                    f.size,
+                )
+            }));
+            if !full {
+                files = fresh;
+                if files.is_empty() {
+                    self.skip(state, &source.table, "source", "no new files");
+                    return Ok(());
+                }
+            }
+        }
+        let bar = self.progress.step(&format!("load {}", source.table));
+        let schema = declared_schema(&source.columns);
+        let table_schema = delta_compatible(&schema);
+        let cursor_key = (
+            source.pipeline.clone(),
+            source.name.clone(),
+            "cursor".to_string(),
+        );
+        let mut cursor = match &source.incremental {
+            Some(Incremental::Cursor(c)) => {
+                let idx = source
+                    .columns
+                    .iter()
+                    .position(|x| &x.name == c)
+                    .unwrap_or(0);
+                let wm = if full {
+                    None
+                } else {
+                    state.state_before.get(&cursor_key)
+                };
+                Some(CursorFilter::new(
+                    idx,
+                    table_schema.field(idx).data_type(),
+                    wm,
+                )?)
+            }
+            _ => None,
+        };
+        let parallel = self.options.parallel.unwrap_or_else(default_parallelism);
+        let mut stream = match source.format {
+            SourceFormat::Csv | SourceFormat::Json => {
+                sources::read_text_files(source, store, files, schema.clone(), parallel)
+            }
+            SourceFormat::Parquet | SourceFormat::Delta => {
+                sources::read_columnar(source, store, files, schema.clone())
+            }
+        };
+        let url = self.wh.table_url(&source.table);
+        let mut writer = TableWriter::new(&url, table_schema.clone())?;
+        let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
+        while let Some(out) = stream.next().await {
+            let out = out?;
+            rows_read += out.rows_read;
+            bytes_read += out.bytes_read;
+            rejected += out.rejects.len() as u64;
+            for b in &out.batches {
+                match &mut cursor {
+                    Some(c) => writer.write(&c.apply(b)?).await?,
+                    None => writer.write(b).await?,
+                }
+            }
+            bar.inc(out.rows_read, out.bytes_read);
+            state
+                .rejects
+                .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
+        }
+        let (adds, rows) = writer.finish().await?;
+        if rows_read > 0 && rejected as f64 / rows_read as f64 > source.max_reject_ratio {
+            delete_files(&self.wh, &url, &adds).await?;
+            return Err(Error::DataQuality {
+                pipeline: source.pipeline.clone(),
+                message: format!(
+                    "source '{}' rejected {rejected} of {rows_read} rows ({:.2}%), more than \
+                     rejects.max_ratio {}; the rejected rows and reasons are listed by the run \
+                     log (-v), or raise the limit",
+                    source.name,
+                    100.0 * rejected as f64 / rows_read as f64,
+                    source.max_reject_ratio
+                ),
+            });
+        }
+        if let Some(wm) = cursor
+            .as_ref()
+            .map(CursorFilter::watermark)
+            .transpose()?
+            .flatten()
+        {
+            state.state_after.insert(cursor_key, wm);
+        }
+        info!(
+            rows_read,
+            rejected,
+            bytes_read,
+            rows_kept = rows,
+            "source read"
+        );
+        let mode = match (full, source.mode) {
+            (true, _) => WriteMode::Overwrite,
+            (false, m) => m,
+        };
+        let new = NewData {
+            table: source.table.clone(),
+            schema: table_schema,
+            adds,
+            rows,
+        };
+        let staged = stage(&self.wh, ctx, new, mode, &source.keys).await?;
+        bar.finish();
+        self.record(ctx, state, staged, "source", rows_read, rejected, started)
+            .await
+    }
+}

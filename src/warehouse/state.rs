@@ -1,0 +1,200 @@
+//! kbcrm's own bookkeeping tables, committed in the same run as the data they describe:
+//! `kbcrm_state` (cursors, the input versions each model was built from) and
+//! `kbcrm_loaded_files` (which source files were loaded).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::prelude::SessionContext;
+
+use super::write::{NewData, TableWriter, stage};
+use super::{Staged, Warehouse, delta_compatible_batch};
+use crate::config::pipeline::WriteMode;
+use crate::config::types::UTC;
+use crate::error::Result;
+
+/// Name of the state table.
+pub const STATE_TABLE: &str = "kbcrm_state";
+/// Name of the loaded-files table.
+pub const LOADED_FILES_TABLE: &str = "kbcrm_loaded_files";
+
+/// (scope, name, key): e.g. (pipeline, source or model, "cursor").
+pub type StateKey = (String, String, String);
+
+/// Schema of `kbcrm_state`.
+pub fn state_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("scope", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::Utf8, false),
+        Field::new("run_id", DataType::Utf8, false),
+    ]))
+}
+
+/// Schema of `kbcrm_loaded_files`.
+pub fn files_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("file", DataType::Utf8, false),
+        Field::new("size", DataType::Int64, false),
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new(
+            "loaded_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(UTC))),
+            false,
+        ),
+    ]))
+}
+
+/// Every state entry, from the committed table registered in `ctx`.
+pub async fn read_state(ctx: &SessionContext) -> Result<HashMap<StateKey, String>> {
+    let mut out = HashMap::new();
+    if !ctx.table_exist(STATE_TABLE)? {
+        return Ok(out);
+    }
+    let sql = format!("select scope, name, key, value from {STATE_TABLE}");
+    for batch in ctx.sql(&sql).await?.collect().await? {
+        let b = delta_compatible_batch(&batch)?;
+        let col = |i: usize| b.column(i).as_string::<i32>().clone();
+        let (s, n, k, v) = (col(0), col(1), col(2), col(3));
+        for i in 0..b.num_rows() {
+            out.insert(
+                (
+                    s.value(i).to_string(),
+                    n.value(i).to_string(),
+                    k.value(i).to_string(),
+                ),
+                v.value(i).to_string(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Stage the entries whose value differs from `current`; `None` when none does.
+pub async fn stage_state(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    run_id: &str,
+    current: &HashMap<StateKey, String>,
+    updates: &HashMap<StateKey, String>,
+) -> Result<Option<Staged>> {
+    let mut changed: Vec<(&StateKey, &String)> = updates
+        .iter()
+        .filter(|(k, v)| current.get(*k) != Some(*v))
+        .collect();
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    changed.sort();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            changed.iter().map(|(k, _)| k.0.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            changed.iter().map(|(k, _)| k.1.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            changed.iter().map(|(k, _)| k.2.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            changed.iter().map(|(_, v)| v.as_str()),
+        )),
+        Arc::new(StringArray::from(vec![run_id; changed.len()])),
+    ];
+    let batch = RecordBatch::try_new(state_schema(), columns)?;
+    let keys = ["scope", "name", "key"].map(String::from);
+    stage_batch(wh, ctx, STATE_TABLE, batch, WriteMode::Merge, &keys)
+        .await
+        .map(Some)
+}
+
+/// Files of a source already loaded (store paths as shown to users).
+pub async fn loaded_files(
+    ctx: &SessionContext,
+    pipeline: &str,
+    source: &str,
+) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    if !ctx.table_exist(LOADED_FILES_TABLE)? {
+        return Ok(out);
+    }
+    let sql = format!(
+        "select file from {LOADED_FILES_TABLE} where pipeline = {} and source = {}",
+        literal(pipeline),
+        literal(source)
+    );
+    for batch in ctx.sql(&sql).await?.collect().await? {
+        let b = delta_compatible_batch(&batch)?;
+        let files = b.column(0).as_string::<i32>();
+        out.extend(files.iter().flatten().map(str::to_string));
+    }
+    Ok(out)
+}
+
+/// Stage the files loaded in this run: (pipeline, source, file, size).
+pub async fn stage_loaded_files(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    run_id: &str,
+    files: &[(String, String, String, u64)],
+) -> Result<Option<Staged>> {
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let now = chrono::Utc::now().timestamp_micros();
+    let n = files.len();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            files.iter().map(|f| f.0.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            files.iter().map(|f| f.1.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            files.iter().map(|f| f.2.as_str()),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            files.iter().map(|f| f.3 as i64),
+        )),
+        Arc::new(StringArray::from(vec![run_id; n])),
+        Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
+    ];
+    let batch = RecordBatch::try_new(files_schema(), columns)?;
+    stage_batch(wh, ctx, LOADED_FILES_TABLE, batch, WriteMode::Append, &[])
+        .await
+        .map(Some)
+}
+
+/// Write one in-memory batch as a staged write of `table`.
+pub async fn stage_batch(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    table: &str,
+    batch: RecordBatch,
+    mode: WriteMode,
+    keys: &[String],
+) -> Result<Staged> {
+    let schema = batch.schema();
+    let mut writer = TableWriter::new(&wh.table_url(table), schema.clone())?;
+    writer.write(&batch).await?;
+    let (adds, rows) = writer.finish().await?;
+    let new = NewData {
+        table: table.to_string(),
+        schema,
+        adds,
+        rows,
+    };
+    stage(wh, ctx, new, mode, keys).await
+}
+
+/// A SQL string literal.
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

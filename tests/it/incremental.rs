@@ -1,0 +1,180 @@
+//! Load modes on small hand-written data: SCD type 2, cursors, loaded files, full refresh.
+
+use crate::support::Project;
+
+fn rows(v: &[&[&str]]) -> Vec<Vec<String>> {
+    v.iter()
+        .map(|r| r.iter().map(|s| s.to_string()).collect())
+        .collect()
+}
+
+const SCD_PIPELINE: &str = "\
+sources:
+  people:
+    format: csv
+    location: data/people.csv
+    schema:
+      id: { type: int, required: true }
+      city: string
+      phone: string
+      changed_on: date
+models:
+  - path: sql/dim_person.sql
+    mode: scd2
+    keys: [id]
+    scd2: { tracked: [city], valid_from: changed_on, surrogate_key: person_key }
+";
+
+#[test]
+fn scd2_versions_tracked_changes_and_updates_others_in_place() {
+    let p = Project::empty();
+    p.write("pipelines/p.yaml", SCD_PIPELINE);
+    p.write(
+        "sql/dim_person.sql",
+        "select id, city, phone, changed_on from raw_p_people\n",
+    );
+    p.write("data/people.csv", "id,city,phone,changed_on\n1,Berlin,111,2024-01-01\n2,Köln,222,2024-01-01\n3,Ulm,333,2024-01-01\n");
+    p.ok(&["run"]);
+    let q = "select person_key, id, city, phone, cast(valid_from as date), cast(valid_to as date), is_current from dim_person order by person_key";
+    assert_eq!(
+        p.query(q),
+        rows(&[
+            &[
+                "1",
+                "1",
+                "Berlin",
+                "111",
+                "1900-01-01",
+                "2199-12-31",
+                "true"
+            ],
+            &["2", "2", "Köln", "222", "1900-01-01", "2199-12-31", "true"],
+            &["3", "3", "Ulm", "333", "1900-01-01", "2199-12-31", "true"],
+        ])
+    );
+    // 1 moves (tracked), 2 changes phone (in place), 3 unchanged, 4 is new.
+    p.write(
+        "data/people.csv",
+        "id,city,phone,changed_on\n1,Hamburg,111,2024-06-01\n2,Köln,999,2024-06-01\n3,Ulm,333,2024-01-01\n4,Jena,444,2024-06-01\n",
+    );
+    p.ok(&["run"]);
+    assert_eq!(
+        p.query(q),
+        rows(&[
+            &[
+                "1",
+                "1",
+                "Berlin",
+                "111",
+                "1900-01-01",
+                "2024-06-01",
+                "false"
+            ],
+            &["2", "2", "Köln", "999", "1900-01-01", "2199-12-31", "true"],
+            &["3", "3", "Ulm", "333", "1900-01-01", "2199-12-31", "true"],
+            &[
+                "4",
+                "1",
+                "Hamburg",
+                "111",
+                "2024-06-01",
+                "2199-12-31",
+                "true"
+            ],
+            &["5", "4", "Jena", "444", "1900-01-01", "2199-12-31", "true"],
+        ])
+    );
+    // Nothing changed: nothing written.
+    let before = p.ok(&["tables"]);
+    p.ok(&["run"]);
+    assert_eq!(before, p.ok(&["tables"]));
+}
+
+#[test]
+fn cursor_loads_rows_above_the_watermark_and_full_refresh_reloads() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  e:\n    format: csv\n    location: data/events.csv\n    mode: append\n    incremental: { cursor: seq }\n    schema:\n      seq: { type: bigint, required: true }\n      what: string\n",
+    );
+    p.write("data/events.csv", "seq,what\n1,a\n2,b\n10,c\n");
+    p.ok(&["run"]);
+    assert_eq!(p.scalar("select count(*) from raw_p_e"), 3);
+    assert_eq!(
+        p.query("select value from kbcrm_state where key = 'cursor'"),
+        rows(&[&["10"]])
+    );
+    // The export grows; old rows are still in it.
+    p.write(
+        "data/events.csv",
+        "seq,what\n1,a\n2,b\n10,c\n9,late\n11,d\n12,e\n",
+    );
+    let out = p.ok(&["run"]);
+    assert!(out.contains("raw_p_e"), "{out}");
+    assert_eq!(
+        p.query("select seq from raw_p_e order by seq"),
+        rows(&[&["1"], &["2"], &["10"], &["11"], &["12"]])
+    );
+    assert_eq!(
+        p.query("select value from kbcrm_state where key = 'cursor'"),
+        rows(&[&["12"]])
+    );
+    // A full refresh reloads everything, late row included.
+    p.ok(&["run", "--full-refresh"]);
+    assert_eq!(p.scalar("select count(*) from raw_p_e"), 6);
+}
+
+#[test]
+fn new_files_are_loaded_once_even_after_a_failed_run() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  e:\n    format: csv\n    location: data/\n    mode: append\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\ntests:\n  - sql: { name: no negative ids, query: \"select * from raw_p_e where id < 0\" }\n",
+    );
+    p.write("data/a.csv", "id\n1\n2\n");
+    p.ok(&["run"]);
+    // A batch that fails its data test commits nothing, not even the record of its file.
+    p.write("data/b.csv", "id\n3\n-4\n");
+    let out = p.kbcrm(&["run"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(p.scalar("select count(*) from raw_p_e"), 2);
+    assert_eq!(p.scalar("select count(*) from kbcrm_loaded_files"), 1);
+    // Fixed at the source and re-run: the batch lands exactly once.
+    p.write("data/b.csv", "id\n3\n4\n");
+    let out = p.ok(&["run"]);
+    assert!(out.contains(" 2 read"), "{out}");
+    assert_eq!(
+        p.query("select id from raw_p_e order by id"),
+        rows(&[&["1"], &["2"], &["3"], &["4"]])
+    );
+    let out = p.ok(&["run"]);
+    assert!(out.contains("(no new files)"), "{out}");
+    assert_eq!(p.scalar("select count(*) from raw_p_e"), 4);
+}
+
+#[test]
+fn rejects_command_lists_and_summarises_quarantine() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  e:\n    format: csv\n    location: data/\n    rejects: { max_ratio: 0.9 }\n    schema:\n      id: { type: int, required: true }\n      amount: \"decimal(6,2)\"\n",
+    );
+    p.write("data/a.csv", "id,amount\n1,1.00\nx,2.00\n3,abc\n4,xyz\n");
+    p.ok(&["run"]);
+    let list = p.ok(&["rejects", "--format", "csv"]);
+    assert_eq!(list.lines().count(), 4, "{list}");
+    assert!(
+        list.contains("a.csv,3,id,'x' is not a valid int for column 'id'"),
+        "{list}"
+    );
+    let summary = p.ok(&["rejects", "--summary", "--format", "csv"]);
+    assert!(
+        summary
+            .contains("p,e,amount,\"<value> is not a valid decimal(6,2) for column 'amount'\",2"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("p,e,id,<value> is not a valid int for column 'id',1"),
+        "{summary}"
+    );
+}

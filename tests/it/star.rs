@@ -1,0 +1,231 @@
+//! The star schema on generated data: identity resolution scored against the generator's truth,
+//! totals reconciled with the source files, and a second day's batch.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use crate::support::{Project, run_in, stderr, truth_csv};
+
+/// Same-customer pairs: precision and recall of the map against the truth.
+fn pair_scores(map: &[Vec<String>], truth: &HashMap<(String, String), String>) -> (f64, f64) {
+    let mut pred: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut real: HashMap<&str, usize> = HashMap::new();
+    for r in map {
+        let t = truth
+            .get(&(r[0].clone(), r[1].clone()))
+            .unwrap_or_else(|| panic!("record {r:?} is not in the truth"));
+        pred.entry(r[2].as_str()).or_default().push(t);
+        *real.entry(t).or_default() += 1;
+    }
+    let pairs = |n: usize| n * n.saturating_sub(1) / 2;
+    let mut tp = 0;
+    let mut predicted = 0;
+    for members in pred.values() {
+        predicted += pairs(members.len());
+        let mut by_truth: HashMap<&str, usize> = HashMap::new();
+        for m in members {
+            *by_truth.entry(m).or_default() += 1;
+        }
+        tp += by_truth.values().map(|n| pairs(*n)).sum::<usize>();
+    }
+    let actual: usize = real.values().map(|n| pairs(*n)).sum();
+    (tp as f64 / predicted as f64, tp as f64 / actual as f64)
+}
+
+fn truth_identity(dir: &Path) -> HashMap<(String, String), String> {
+    let mut reader = csv::Reader::from_path(dir.join("identity.csv")).unwrap();
+    reader
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            ((r[0].to_string(), r[1].to_string()), r[2].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn identity_resolution_matches_the_truth() {
+    let p = Project::demo();
+    let out = p.ok(&["run"]);
+    assert!(
+        out.contains("identity customer:") && out.contains("matched by tax_id"),
+        "{out}"
+    );
+    let truth = truth_identity(&crate::support::sample_data().join("truth"));
+    let map = p.query("select source, source_id, customer_id from map_customer_identity");
+    assert!(map.len() > 1000, "{} records", map.len());
+    let (precision, recall) = pair_scores(&map, &truth);
+    assert!(precision >= 0.99, "precision {precision:.4}");
+    assert!(recall >= 0.99, "recall {recall:.4}");
+    // Every system's records are in the map.
+    let loaded = p.scalar("select (select count(*) from stg_erp_customers) + (select count(*) from stg_sales_contacts) + (select count(*) from stg_service_customers)");
+    assert_eq!(loaded as usize, map.len());
+    // One current dimension row per resolved customer.
+    assert_eq!(
+        p.scalar("select count(distinct customer_id) from map_customer_identity"),
+        p.scalar("select count(*) from dim_customer where is_current")
+    );
+}
+
+/// Cents of a decimal text such as "12.50".
+fn cents(s: &str) -> i64 {
+    let (i, f) = s.split_once('.').unwrap_or((s, "0"));
+    let f = format!("{f:0<2}");
+    let sign = if i.starts_with('-') { -1 } else { 1 };
+    i.parse::<i64>().unwrap() * 100 + sign * f[..2].parse::<i64>().unwrap()
+}
+
+/// Net amount and count of the order lines that are valid in the source files: not malformed
+/// and belonging to a valid order. Read straight from the generated CSV files.
+fn valid_lines(data: &Path, batches: &[u32]) -> (i64, usize) {
+    let mut malformed: HashSet<(String, u64)> = HashSet::new();
+    for b in batches {
+        let mut r =
+            csv::Reader::from_path(data.join(format!("truth/malformed_{b:04}.csv"))).unwrap();
+        for row in r.records() {
+            let row = row.unwrap();
+            malformed.insert((row[0].to_string(), row[1].parse().unwrap()));
+        }
+    }
+    let rows = |dir: &str| -> Vec<(String, u64, csv::StringRecord)> {
+        let mut out = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(data.join("sources").join(dir))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let rel = f
+                .strip_prefix(data.join("sources"))
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let mut r = csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_path(&f)
+                .unwrap();
+            for (i, row) in r.records().enumerate() {
+                out.push((rel.clone(), i as u64 + 2, row.unwrap()));
+            }
+        }
+        out
+    };
+    let orders: HashSet<String> = rows("sales/orders")
+        .into_iter()
+        .filter(|(f, l, _)| !malformed.contains(&(f.clone(), *l)))
+        .map(|(_, _, r)| r[0].to_string())
+        .collect();
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for (f, l, r) in rows("sales/order_lines") {
+        if malformed.contains(&(f, l)) || !orders.contains(&r[0]) {
+            continue;
+        }
+        if seen.insert((r[0].to_string(), r[1].to_string())) {
+            total += cents(&r[6]);
+        }
+    }
+    (total, seen.len())
+}
+
+fn fact_sales_totals(p: &Project) -> (i64, usize) {
+    let rows = p.query("select cast(sum(net_amount) * 100 as bigint), count(*) from fact_sales");
+    (rows[0][0].parse().unwrap(), rows[0][1].parse().unwrap())
+}
+
+#[test]
+fn fact_sales_reconciles_with_the_source_files() {
+    let p = Project::demo();
+    p.ok(&["run"]);
+    let expected = valid_lines(crate::support::sample_data(), &[1]);
+    assert_eq!(fact_sales_totals(&p), expected);
+    // Every invoice and ticket found its customer version.
+    assert_eq!(
+        p.scalar("select count(*) from fact_invoice"),
+        p.scalar("select count(*) from stg_erp_invoices")
+    );
+    assert_eq!(
+        p.scalar("select count(*) from fact_service_ticket"),
+        p.scalar("select count(*) from stg_service_tickets")
+    );
+}
+
+#[test]
+fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
+    let p = Project::demo_with_own_data(0.01, 11);
+    p.ok(&["run"]);
+    let first_versions = p.scalar("select count(*) from dim_customer");
+    let out = run_in(
+        p.path(),
+        &[
+            "generate", "--scale", "0.01", "--seed", "11", "--out", "sources", "--batch", "2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.ok(&["run"]);
+    // Only the day-2 files were read.
+    let files: Vec<_> = truth_csv_in(p.path(), "files_0002.csv");
+    let day2_orders: i64 = files
+        .iter()
+        .filter(|f| f["file"].starts_with("sales/orders/"))
+        .map(|f| f["rows"].parse::<i64>().unwrap())
+        .sum();
+    let line = out
+        .lines()
+        .find(|l| l.contains(" raw_sales_orders "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(&format!(" {day2_orders} read")),
+        "expected {day2_orders} rows read: {line}\n{out}"
+    );
+    // New versions exactly for the customers whose details changed.
+    let truth = truth_identity(&p.path().join("truth"));
+    let changed: HashSet<String> = truth_csv_in(p.path(), "changes_0002.csv")
+        .into_iter()
+        .map(|r| r["true_customer_id"].clone())
+        .collect();
+    assert!(!changed.is_empty());
+    let versioned = p.query(
+        "select m.source, m.source_id from map_customer_identity m join \
+         (select customer_id from dim_customer group by customer_id having count(*) > 1) v on m.customer_id = v.customer_id",
+    );
+    let versioned: HashSet<String> = versioned
+        .iter()
+        .map(|r| truth[&(r[0].clone(), r[1].clone())].clone())
+        .collect();
+    assert_eq!(versioned, changed);
+    let closed = p.scalar("select count(*) from dim_customer where not is_current");
+    assert_eq!(closed as usize, changed.len());
+    assert!(p.scalar("select count(*) from dim_customer") > first_versions);
+    // Facts still reconcile with both days of source files.
+    assert_eq!(fact_sales_totals(&p), valid_lines(p.path(), &[1, 2]));
+    // A run with nothing new commits nothing.
+    let before = p.ok(&["tables"]);
+    let out = p.ok(&["run"]);
+    assert!(out.contains("(no new files)"), "{out}");
+    assert_eq!(before, p.ok(&["tables"]));
+}
+
+fn truth_csv_in(dir: &Path, name: &str) -> Vec<HashMap<String, String>> {
+    let mut reader = csv::Reader::from_path(dir.join("truth").join(name)).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    reader
+        .records()
+        .map(|r| {
+            headers
+                .iter()
+                .zip(r.unwrap().iter())
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn validate_accepts_the_demo_project() {
+    let p = Project::demo();
+    let out = p.ok(&["validate"]);
+    assert!(out.starts_with("ok: 4 pipelines"), "{out}");
+    let _ = truth_csv("files_0001.csv");
+}
