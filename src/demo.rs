@@ -10,23 +10,27 @@ use crate::run::{Progress, RunOptions, Runner};
 /// Example questions the demo answers, with their SQL.
 pub const EXAMPLES: &[(&str, &str)] = &[
     (
-        "Revenue by channel and year (completed orders)",
-        "select c.channel_name, extract(year from o.order_ts) as year, \
-         count(distinct o.order_id) as orders, round(sum(l.net_amount), 2) as revenue \
-         from stg_sales_order_lines l join stg_sales_orders o on l.order_id = o.order_id \
-         join stg_sales_channels c on o.channel_id = c.channel_id \
-         where o.status = 'completed' group by 1, 2 order by 1, 2 limit 12",
+        "Revenue by region and year (completed orders, customer region at the time of the order)",
+        "select c.region, extract(year from f.order_ts) as year, count(distinct f.order_id) as orders, \
+         round(sum(f.net_amount), 2) as revenue, round(sum(f.margin_amount), 2) as margin \
+         from fact_sales f join dim_customer c on f.customer_key = c.customer_key \
+         where f.status = 'completed' group by 1, 2 order by 1, 2 limit 15",
     ),
     (
-        "Complaints and satisfaction by ticket category",
-        "select category, count(*) as tickets, sum(case when complaint then 1 else 0 end) as complaints, \
-         round(avg(satisfaction), 2) as avg_satisfaction \
-         from stg_service_tickets group by category order by tickets desc",
+        "Top customers by revenue, with their complaints and open tickets",
+        "with revenue as (select customer_id, sum(net_amount) as revenue from fact_sales \
+         where status = 'completed' group by customer_id), \
+         service as (select customer_id, sum(case when complaint then 1 else 0 end) as complaints, \
+         sum(case when is_open then 1 else 0 end) as open_tickets from fact_service_ticket group by customer_id) \
+         select d.customer_id, d.customer_name, d.segment, d.region, round(r.revenue, 2) as revenue, \
+         coalesce(s.complaints, 0) as complaints, coalesce(s.open_tickets, 0) as open_tickets \
+         from revenue r join dim_customer d on d.customer_id = r.customer_id and d.is_current \
+         left join service s on s.customer_id = r.customer_id order by revenue desc limit 8",
     ),
     (
-        "Rows rejected to quarantine, by source and reason",
-        "select source, split_part(reason, ' for column', 1) as reason_kind, count(*) as rows \
-         from quarantine group by 1, 2 order by 3 desc limit 8",
+        "One customer across systems: how many customers each combination of systems knows",
+        "select sources, count(*) as customers, round(avg(record_count), 2) as records_per_customer \
+         from dim_customer where is_current group by sources order by customers desc",
     ),
 ];
 
@@ -61,7 +65,8 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
         crate::cli::print_batches(&batches, OutputFormat::Table)?;
     }
     println!(
-        "\ndemo finished in {:.1}s. Try: kbcrm tables, kbcrm query \"select * from stg_sales_orders limit 5\"",
+        "\ndemo finished in {:.1}s. Next: kbcrm tables, kbcrm rejects --summary, \
+         kbcrm query \"select * from dim_customer where is_current limit 5\"",
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -38,6 +38,7 @@ pub mod plan;
 pub mod query;
 pub mod run;
 pub mod sources;
+pub mod stats;
 pub mod validate;
 pub mod warehouse;
 

@@ -26,6 +26,11 @@ pub async fn check_models(project: &Project) -> Result<()> {
     register_empty(&ctx, QUARANTINE_TABLE, quarantine_schema())?;
     register_empty(&ctx, state::STATE_TABLE, state::state_schema())?;
     register_empty(&ctx, state::LOADED_FILES_TABLE, state::files_schema())?;
+    register_empty(
+        &ctx,
+        state::TEST_RESULTS_TABLE,
+        state::test_results_schema(),
+    )?;
     let mut problems = Vec::new();
     for p in &project.pipelines {
         for s in &p.sources {

@@ -25,7 +25,12 @@ use crate::identity::{Identity, RecordSource};
 pub use location::Location;
 
 /// Tables kbcrm itself writes, which models may read.
-pub const BUILTIN_TABLES: &[&str] = &["quarantine", "kbcrm_state", "kbcrm_loaded_files"];
+pub const BUILTIN_TABLES: &[&str] = &[
+    "quarantine",
+    "kbcrm_state",
+    "kbcrm_loaded_files",
+    "kbcrm_test_results",
+];
 
 /// The project file's name.
 pub const PROJECT_FILE: &str = "kbcrm.yaml";
@@ -720,6 +725,18 @@ impl Loader {
 
     fn models(&mut self, r: &RawPipeline) -> Vec<Model> {
         let mut out = Vec::new();
+        // A file named on its own (usually with options) is not taken again from a glob.
+        let named: Vec<PathBuf> = r
+            .spec
+            .models
+            .iter()
+            .map(|e| match &e.value {
+                ModelEntry::Path(p) => p.as_str(),
+                ModelEntry::Full(m) => m.path.as_str(),
+            })
+            .filter(|p| !p.contains(['*', '?', '[', '{']))
+            .map(PathBuf::from)
+            .collect();
         for entry in &r.spec.models {
             let spec = match &entry.value {
                 ModelEntry::Path(p) => ModelSpec {
@@ -739,6 +756,9 @@ impl Loader {
                     self.problems
                         .push(here(format!("no SQL file matches '{}'", spec.path)));
                     continue;
+                }
+                Ok(f) if spec.path.contains(['*', '?', '[', '{']) => {
+                    f.into_iter().filter(|p| !named.contains(p)).collect()
                 }
                 Ok(f) => f,
                 Err(msg) => {

@@ -258,13 +258,27 @@ impl<'a> Runner<'a> {
             }
         }
         let tests = self.check_tests(pipeline, ctx).await?;
-        self.stage_bookkeeping(ctx, state).await?;
+        self.stage_bookkeeping(ctx, state, &pipeline.name, &tests)
+            .await?;
         Ok(tests)
     }
 
-    /// Stage kbcrm_state and kbcrm_loaded_files for this run.
-    async fn stage_bookkeeping(&self, ctx: &SessionContext, state: &mut RunState) -> Result<()> {
+    /// Stage kbcrm_state, kbcrm_loaded_files and, when the run changes any table, the data-test
+    /// results (a run that changes nothing commits nothing).
+    async fn stage_bookkeeping(
+        &self,
+        ctx: &SessionContext,
+        state: &mut RunState,
+        pipeline: &str,
+        tests: &[TestReport],
+    ) -> Result<()> {
         let started = Instant::now();
+        if state.staged.iter().any(Staged::changes) && !tests.is_empty() {
+            let s =
+                state::stage_test_results(&self.wh, ctx, &state.run_id, pipeline, tests).await?;
+            self.record(ctx, state, s, "state", tests.len() as u64, 0, started)
+                .await?;
+        }
         let staged = state::stage_state(
             &self.wh,
             ctx,

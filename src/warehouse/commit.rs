@@ -88,11 +88,24 @@ pub async fn commit_run(
 /// Commit each table of a manifest that is not committed yet.
 async fn apply(manifest: &Manifest) -> Result<HashMap<String, u64>> {
     let mut versions = HashMap::new();
-    for t in &manifest.tables {
+    for (i, t) in manifest.tables.iter().enumerate() {
         let v = commit_table(t, &manifest.run_id).await?;
         versions.insert(t.table.clone(), v);
+        crash_point(i + 1);
     }
     Ok(versions)
+}
+
+/// Fault injection for crash tests: with `KBCRM_CRASH_AFTER_TABLE_COMMITS=N` the process dies
+/// right after the N-th table commit of a run, as a power cut would leave it.
+fn crash_point(committed: usize) {
+    if std::env::var("KBCRM_CRASH_AFTER_TABLE_COMMITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        == Some(committed)
+    {
+        std::process::abort();
+    }
 }
 
 async fn commit_table(t: &ManifestTable, run_id: &str) -> Result<u64> {

@@ -172,6 +172,60 @@ pub async fn stage_loaded_files(
         .map(Some)
 }
 
+/// Name of the data-test results table.
+pub const TEST_RESULTS_TABLE: &str = "kbcrm_test_results";
+
+/// Schema of `kbcrm_test_results`.
+pub fn test_results_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("test", DataType::Utf8, false),
+        Field::new("severity", DataType::Utf8, false),
+        Field::new("failures", DataType::Int64, false),
+        Field::new("passed", DataType::Boolean, false),
+        Field::new(
+            "checked_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(UTC))),
+            false,
+        ),
+    ]))
+}
+
+/// Stage the data-test results of a run.
+pub async fn stage_test_results(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    run_id: &str,
+    pipeline: &str,
+    tests: &[crate::run::TestReport],
+) -> Result<Staged> {
+    let n = tests.len();
+    let now = chrono::Utc::now().timestamp_micros();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec![run_id; n])),
+        Arc::new(StringArray::from(vec![pipeline; n])),
+        Arc::new(StringArray::from_iter_values(
+            tests.iter().map(|t| t.name.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(tests.iter().map(
+            |t| match t.severity {
+                crate::config::pipeline::Severity::Error => "error",
+                crate::config::pipeline::Severity::Warn => "warn",
+            },
+        ))),
+        Arc::new(Int64Array::from_iter_values(
+            tests.iter().map(|t| t.failures as i64),
+        )),
+        Arc::new(arrow::array::BooleanArray::from_iter(
+            tests.iter().map(|t| Some(t.failures == 0)),
+        )),
+        Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
+    ];
+    let batch = RecordBatch::try_new(test_results_schema(), columns)?;
+    stage_batch(wh, ctx, TEST_RESULTS_TABLE, batch, WriteMode::Append, &[]).await
+}
+
 /// Write one in-memory batch as a staged write of `table`.
 pub async fn stage_batch(
     wh: &Warehouse,

@@ -476,7 +476,28 @@ async fn merge_sql(
         .map(|k| format!("c.{k} = t.{k}", k = quote_ident(k)))
         .collect::<Vec<_>>()
         .join(" and ");
-    let changed = format!("select {cols} from {new_name} except select {cols} from {target_name}");
+    // Only target rows whose keys come again can be equal to new rows.
+    let key_list = keys
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let on_kt = keys
+        .iter()
+        .map(|k| format!("k.{k} = t.{k}", k = quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let t_cols = new
+        .schema
+        .fields()
+        .iter()
+        .map(|f| format!("t.{}", quote_ident(f.name())))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let changed = format!(
+        "select {cols} from {new_name} except \
+         select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
+    );
     let changed_df = ctx.sql(&changed).await?.cache().await?;
     let changed_rows = changed_df.clone().count().await? as u64;
     if changed_rows == 0 {
@@ -503,13 +524,6 @@ async fn merge_sql(
     let output_sql = if touched.is_empty() {
         "select * from __kbcrm_changed".to_string()
     } else {
-        let t_cols = new
-            .schema
-            .fields()
-            .iter()
-            .map(|f| format!("t.{}", quote_ident(f.name())))
-            .collect::<Vec<_>>()
-            .join(", ");
         format!(
             "select * from __kbcrm_changed union all \
              select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \

@@ -3,6 +3,7 @@
 mod errors;
 mod incremental;
 mod pipeline_run;
+mod recovery;
 mod sources;
 mod star;
 mod support;

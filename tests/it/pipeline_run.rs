@@ -1,6 +1,6 @@
 //! The demo project end to end on generated data, checked against the generator's ground truth.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::support::{Project, stderr, truth_csv};
 
@@ -97,12 +97,26 @@ fn quarantine_names_file_line_and_reason_of_every_planted_row() {
                 m
             });
     assert!(kinds.len() >= 4, "planted kinds: {kinds:?}");
-    let reasons =
-        p.query("select reason from quarantine where reason like 'expected % fields, found %'");
-    assert_eq!(
-        reasons.len(),
-        kinds.get("wrong_field_count").copied().unwrap_or(0)
-    );
+    // Each planted kind is rejected for its own reason.
+    let reason_of: HashMap<(String, i64), String> = rows
+        .iter()
+        .map(|r| {
+            let file = r[0].split("/sources/").nth(1).unwrap().to_string();
+            ((file, r[1].parse().unwrap()), r[2].clone())
+        })
+        .collect();
+    for m in truth_csv("malformed_0001.csv") {
+        let reason = &reason_of[&(m["file"].clone(), m["line"].parse().unwrap())];
+        let expected = match m["kind"].as_str() {
+            "missing_id" => "missing required value",
+            "bad_number" => "'12,5x' is not a valid",
+            "bad_date" => "'2024-13-45' is not a valid",
+            "wrong_field_count" => "fields, found",
+            "truncated_json" => "invalid JSON",
+            other => panic!("unknown planted kind {other}"),
+        };
+        assert!(reason.contains(expected), "{m:?}: {reason}");
+    }
 }
 
 #[test]
@@ -174,18 +188,18 @@ fn failing_model_leaves_every_table_at_its_version() {
     let p = demo_run();
     let before = p.warehouse_files();
     // Plans fine, fails on the data: a cast that cannot succeed.
-    let sql = std::fs::read_to_string(p.path().join("sql/staging/stg_sales_orders.sql")).unwrap();
+    let sql = std::fs::read_to_string(p.path().join("sql/staging/stg_sales_contacts.sql")).unwrap();
     p.write(
-        "sql/staging/stg_sales_orders.sql",
+        "sql/staging/stg_sales_contacts.sql",
         sql.replace(
             "select * from final",
-            "select *, cast(concat('x', status) as int) as broken from final",
+            "select *, cast(concat('x', city) as int) as broken from final",
         ),
     );
     let out = p.kbcrm(&["run", "sales"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("model 'stg_sales_orders'"),
+        stderr(&out).contains("model 'stg_sales_contacts'"),
         "{}",
         stderr(&out)
     );
@@ -272,4 +286,30 @@ fn query_formats_and_tables_listing() {
     let out = p.kbcrm(&["query", "drop table stg_sales_orders"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(p.scalar("select count(*) from stg_sales_channels"), 6);
+}
+
+#[test]
+fn demo_generates_runs_and_answers_its_examples() {
+    let p = Project::empty();
+    for dir in ["pipelines", "sql"] {
+        std::fs::remove_dir_all(p.path().join(dir)).unwrap();
+    }
+    let repo = crate::support::repo();
+    let status = std::process::Command::new("cp")
+        .args(["-r", "pipelines", "sql", "kbcrm.yaml"])
+        .arg(p.path())
+        .current_dir(&repo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = p.ok(&["demo", "--scale", "0.01"]);
+    for (title, _) in kbcrm::demo::EXAMPLES {
+        assert!(out.contains(title), "missing example {title}:\n{out}");
+    }
+    assert!(out.contains("demo finished in"), "{out}");
+    assert!(p.path().join("sources/sales/orders").is_dir());
+    // A second demo reuses the data and commits nothing new.
+    let before = p.ok(&["tables"]);
+    p.ok(&["demo", "--scale", "0.01"]);
+    assert_eq!(before, p.ok(&["tables"]));
 }

@@ -156,6 +156,8 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     let p = Project::demo_with_own_data(0.01, 11);
     p.ok(&["run"]);
     let first_versions = p.scalar("select count(*) from dim_customer");
+    let ids_before =
+        p.query("select source, source_id, customer_id from map_customer_identity order by 1, 2");
     let out = run_in(
         p.path(),
         &[
@@ -178,6 +180,23 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     assert!(
         line.contains(&format!(" {day2_orders} read")),
         "expected {day2_orders} rows read: {line}\n{out}"
+    );
+    // Every record resolved on day 1 keeps its customer id.
+    let ids_after: HashMap<(String, String), String> = p
+        .query("select source, source_id, customer_id from map_customer_identity")
+        .into_iter()
+        .map(|r| ((r[0].clone(), r[1].clone()), r[2].clone()))
+        .collect();
+    for r in &ids_before {
+        assert_eq!(
+            ids_after[&(r[0].clone(), r[1].clone())],
+            r[2],
+            "{r:?} changed id"
+        );
+    }
+    assert!(
+        ids_after.len() >= ids_before.len(),
+        "records do not disappear"
     );
     // New versions exactly for the customers whose details changed.
     let truth = truth_identity(&p.path().join("truth"));

@@ -1,0 +1,61 @@
+//! Maximum-likelihood fitting: L-BFGS (argmin) on a negative mean log-likelihood over
+//! log-parameters, so every parameter stays positive.
+
+use argmin::core::{CostFunction, Error as ArgminError, Executor, Gradient, State};
+use argmin::solver::linesearch::MoreThuenteLineSearch;
+use argmin::solver::quasinewton::LBFGS;
+
+/// A function to minimise with its gradient.
+pub trait Objective: Sync {
+    /// Value and gradient at `theta`.
+    fn value_grad(&self, theta: &[f64]) -> (f64, Vec<f64>);
+}
+
+struct Problem<'a, O>(&'a O);
+
+impl<O: Objective> CostFunction for Problem<'_, O> {
+    type Param = Vec<f64>;
+    type Output = f64;
+
+    fn cost(&self, p: &Vec<f64>) -> Result<f64, ArgminError> {
+        let v = self.0.value_grad(p).0;
+        Ok(if v.is_finite() { v } else { f64::MAX / 4.0 })
+    }
+}
+
+impl<O: Objective> Gradient for Problem<'_, O> {
+    type Param = Vec<f64>;
+    type Gradient = Vec<f64>;
+
+    fn gradient(&self, p: &Vec<f64>) -> Result<Vec<f64>, ArgminError> {
+        let g = self.0.value_grad(p).1;
+        Ok(g.into_iter()
+            .map(|x| if x.is_finite() { x } else { 0.0 })
+            .collect())
+    }
+}
+
+/// Minimise from `start`; the best parameters and value, or `None` when the solver fails.
+pub fn minimize<O: Objective>(objective: &O, start: Vec<f64>) -> Option<(Vec<f64>, f64)> {
+    let linesearch = MoreThuenteLineSearch::new().with_c(1e-4, 0.9).ok()?;
+    let solver = LBFGS::new(linesearch, 7)
+        .with_tolerance_grad(1e-9)
+        .ok()?
+        .with_tolerance_cost(1e-14)
+        .ok()?;
+    let result = Executor::new(Problem(objective), solver)
+        .configure(|s| s.param(start).max_iters(1000))
+        .run()
+        .ok()?;
+    let state = result.state();
+    let best = state.get_best_param()?.clone();
+    let cost = state.get_best_cost();
+    (cost.is_finite() && best.iter().all(|x| x.is_finite())).then_some((best, cost))
+}
+
+/// Split work into one chunk per core.
+pub fn chunks<T>(data: &[T]) -> Vec<&[T]> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let size = data.len().div_ceil(n).max(1024);
+    data.chunks(size).collect()
+}

@@ -1,0 +1,89 @@
+//! A run killed while committing its tables is completed by the next run: every table ends as a
+//! never-killed run leaves it.
+
+use crate::support::{Project, stderr};
+
+const PIPELINE: &str = "\
+sources:
+  orders:
+    format: csv
+    location: data/
+    mode: merge
+    keys: [id]
+    incremental: { files: new }
+    rejects: { max_ratio: 0.5 }
+    schema:
+      id: { type: int, required: true }
+      amount: \"decimal(8,2)\"
+models:
+  - sql/totals.sql
+  - sql/big_orders.sql
+";
+
+fn project() -> Project {
+    let p = Project::empty();
+    p.write("pipelines/p.yaml", PIPELINE);
+    p.write(
+        "sql/totals.sql",
+        "select count(*) as orders, sum(amount) as amount from raw_p_orders\n",
+    );
+    p.write(
+        "sql/big_orders.sql",
+        "select id, amount from raw_p_orders where amount > 10\n",
+    );
+    p.write("data/a.csv", "id,amount\n1,5.00\n2,20.00\n");
+    p.ok(&["run"]);
+    p.write("data/b.csv", "id,amount\n3,30.00\n4,1.00\n,bad\n");
+    p
+}
+
+fn contents(p: &Project) -> Vec<Vec<Vec<String>>> {
+    [
+        "select id, amount from raw_p_orders order by id",
+        "select * from totals",
+        "select id from big_orders order by id",
+        "select regexp_replace(file, '^.*/', '') as f from kbcrm_loaded_files order by f",
+        "select line from quarantine order by line",
+    ]
+    .iter()
+    .map(|q| p.query(q))
+    .collect()
+}
+
+#[test]
+fn a_run_killed_between_table_commits_is_completed_by_the_next() {
+    let reference = project();
+    reference.ok(&["run"]);
+    for crash_after in 1..=4 {
+        let p = project();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+            .arg("run")
+            .current_dir(p.path())
+            .env("KBCRM_CRASH_AFTER_TABLE_COMMITS", crash_after.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the run was meant to die: {}",
+            stderr(&out)
+        );
+        let pending = std::fs::read_dir(p.path().join("warehouse/_kbcrm/pending"))
+            .unwrap()
+            .count();
+        assert_eq!(pending, 1, "the run manifest is left behind");
+        // The next run completes the interrupted one, then finds nothing new.
+        let out = p.ok(&["run"]);
+        assert!(out.contains("(no new files)"), "{out}");
+        assert_eq!(
+            contents(&p),
+            contents(&reference),
+            "after a crash after {crash_after} commits"
+        );
+        assert_eq!(
+            std::fs::read_dir(p.path().join("warehouse/_kbcrm/pending"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}
