@@ -13,7 +13,7 @@ use crate::config::pipeline::WriteMode;
 use crate::config::types::UTC;
 use crate::error::Result;
 use crate::sources::Reject;
-use crate::warehouse::write::{NewData, TableWriter, stage};
+use crate::warehouse::state::stage_batch;
 use crate::warehouse::{Staged, Warehouse};
 
 /// Name of the quarantine table.
@@ -81,18 +81,10 @@ pub(super) async fn stage_rejects(
         )),
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
     ];
-    let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    let url = wh.table_url(QUARANTINE_TABLE);
-    let mut writer = TableWriter::new(&url, schema.clone())?;
-    writer.write(&batch).await?;
-    let (adds, rows) = writer.finish().await?;
-    let new = NewData {
-        table: QUARANTINE_TABLE.to_string(),
-        schema,
-        adds,
-        rows,
-    };
-    stage(wh, ctx, new, WriteMode::Append, &[]).await.map(Some)
+    let batch = RecordBatch::try_new(schema, columns)?;
+    stage_batch(wh, ctx, QUARANTINE_TABLE, batch, WriteMode::Append, &[])
+        .await
+        .map(Some)
 }
 
 /// (source, file, line) of the rows of `pipeline` already in quarantine.

@@ -208,38 +208,8 @@ impl Objective for BgNbdObjective<'_> {
             b: theta[3].exp(),
         };
         let xt = XTerms::new(&p, self.max_x);
-        let chunks = super::fit::chunks(self.data);
-        let partials: Vec<(f64, [f64; 4])> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunks
-                .iter()
-                .map(|chunk| {
-                    let xt = &xt;
-                    s.spawn(move || {
-                        let mut ll = 0.0;
-                        let mut g = [0.0; 4];
-                        for c in *chunk {
-                            let (l, gi) = p.ll_grad(c, xt);
-                            ll += l;
-                            for k in 0..4 {
-                                g[k] += gi[k];
-                            }
-                        }
-                        (ll, g)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("no panic"))
-                .collect()
-        });
-        let n = self.data.len() as f64;
-        let ll: f64 = partials.iter().map(|(l, _)| l).sum();
-        let params = [p.r, p.alpha, p.a, p.b];
-        let grad = (0..4)
-            .map(|k| -partials.iter().map(|(_, g)| g[k]).sum::<f64>() * params[k] / n)
-            .collect();
-        (-ll / n, grad)
+        let (ll, g) = super::fit::parallel_sum(self.data, |c| p.ll_grad(c, &xt));
+        super::fit::to_objective(ll, g, [p.r, p.alpha, p.a, p.b], self.data.len())
     }
 }
 

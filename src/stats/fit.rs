@@ -53,9 +53,53 @@ pub fn minimize<O: Objective>(objective: &O, start: Vec<f64>) -> Option<(Vec<f64
     (cost.is_finite() && best.iter().all(|x| x.is_finite())).then_some((best, cost))
 }
 
-/// Split work into one chunk per core.
-pub fn chunks<T>(data: &[T]) -> Vec<&[T]> {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let size = data.len().div_ceil(n).max(1024);
-    data.chunks(size).collect()
+/// Sum a per-item log-likelihood and gradient over `data`, one chunk per core.
+pub fn parallel_sum<T: Sync, const N: usize>(
+    data: &[T],
+    f: impl Fn(&T) -> (f64, [f64; N]) + Sync,
+) -> (f64, [f64; N]) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let size = data.len().div_ceil(cores).max(1024);
+    let parts: Vec<(f64, [f64; N])> = std::thread::scope(|s| {
+        let handles: Vec<_> = data
+            .chunks(size)
+            .map(|chunk| {
+                let f = &f;
+                s.spawn(move || {
+                    let mut total = (0.0, [0.0; N]);
+                    for item in chunk {
+                        let (l, g) = f(item);
+                        total.0 += l;
+                        for k in 0..N {
+                            total.1[k] += g[k];
+                        }
+                    }
+                    total
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic in a likelihood"))
+            .collect()
+    });
+    parts.into_iter().fold((0.0, [0.0; N]), |mut acc, (l, g)| {
+        acc.0 += l;
+        for k in 0..N {
+            acc.1[k] += g[k];
+        }
+        acc
+    })
+}
+
+/// Turn a total log-likelihood and its gradient in the parameters into the negative mean and
+/// its gradient in log-parameters (what [`minimize`] works on).
+pub fn to_objective<const N: usize>(
+    ll: f64,
+    grad: [f64; N],
+    params: [f64; N],
+    n: usize,
+) -> (f64, Vec<f64>) {
+    let n = n as f64;
+    (-ll / n, (0..N).map(|k| -grad[k] * params[k] / n).collect())
 }

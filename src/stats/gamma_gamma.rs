@@ -4,7 +4,7 @@
 
 use statrs::function::gamma::{digamma, ln_gamma};
 
-use super::fit::{Objective, chunks, minimize};
+use super::fit::{Objective, minimize, parallel_sum, to_objective};
 
 /// Fitted Gamma-Gamma parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,36 +115,8 @@ impl Objective for GgObjective<'_> {
             q: theta[1].exp(),
             gamma: theta[2].exp(),
         };
-        let parts: Vec<(f64, [f64; 3])> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunks(self.data)
-                .into_iter()
-                .map(|chunk| {
-                    s.spawn(move || {
-                        let mut ll = 0.0;
-                        let mut g = [0.0; 3];
-                        for c in chunk {
-                            let (l, gi) = m.ll_grad(c);
-                            ll += l;
-                            for k in 0..3 {
-                                g[k] += gi[k];
-                            }
-                        }
-                        (ll, g)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("no panic"))
-                .collect()
-        });
-        let n = self.data.len() as f64;
-        let params = [m.p, m.q, m.gamma];
-        let ll: f64 = parts.iter().map(|(l, _)| l).sum();
-        let grad = (0..3)
-            .map(|k| -parts.iter().map(|(_, g)| g[k]).sum::<f64>() * params[k] / n)
-            .collect();
-        (-ll / n, grad)
+        let (ll, g) = parallel_sum(self.data, |c| m.ll_grad(c));
+        to_objective(ll, g, [m.p, m.q, m.gamma], self.data.len())
     }
 }
 
