@@ -69,10 +69,7 @@ pub fn parallel_sum<T: Sync, const N: usize>(
                     let mut total = (0.0, [0.0; N]);
                     for item in chunk {
                         let (l, g) = f(item);
-                        total.0 += l;
-                        for k in 0..N {
-                            total.1[k] += g[k];
-                        }
+                        add_into(&mut total, l, &g);
                     }
                     total
                 })
@@ -84,12 +81,16 @@ pub fn parallel_sum<T: Sync, const N: usize>(
             .collect()
     });
     parts.into_iter().fold((0.0, [0.0; N]), |mut acc, (l, g)| {
-        acc.0 += l;
-        for k in 0..N {
-            acc.1[k] += g[k];
-        }
+        add_into(&mut acc, l, &g);
         acc
     })
+}
+
+fn add_into<const N: usize>(total: &mut (f64, [f64; N]), l: f64, g: &[f64; N]) {
+    total.0 += l;
+    for (t, x) in total.1.iter_mut().zip(g) {
+        *t += x;
+    }
 }
 
 /// Turn a total log-likelihood and its gradient in the parameters into the negative mean and
