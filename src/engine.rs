@@ -11,10 +11,11 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
 use crate::plan::EngineSettings;
+use crate::udf::{self, RunParams};
 
-/// Build a session with the project's engine settings. Tables are registered by the caller
-/// (see [`crate::warehouse::Warehouse::register_all`]).
-pub fn session(settings: &EngineSettings) -> Result<SessionContext> {
+/// Build a session with the project's engine settings and kbcrm's functions. Tables are
+/// registered by the caller (see [`crate::warehouse::Warehouse::register_all`]).
+pub fn session(settings: &EngineSettings, params: &RunParams) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         .with_create_default_catalog_and_schema(true);
@@ -47,5 +48,20 @@ pub fn session(settings: &EngineSettings) -> Result<SessionContext> {
         );
     }
     let runtime = runtime.build_arc()?;
-    Ok(SessionContext::new_with_config_rt(config, runtime))
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    udf::register(&ctx, params);
+    Ok(ctx)
+}
+
+/// Days since the epoch of a date.
+pub fn epoch_days(d: chrono::NaiveDate) -> i32 {
+    (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date")).num_days() as i32
+}
+
+/// Run parameters for a read-only session: as of today, no variables.
+pub fn today_params() -> RunParams {
+    RunParams {
+        as_of_days: epoch_days(chrono::Utc::now().date_naive()),
+        vars: Default::default(),
+    }
 }

@@ -39,6 +39,7 @@ pub mod query;
 pub mod run;
 pub mod sources;
 pub mod stats;
+pub mod udf;
 pub mod validate;
 pub mod warehouse;
 

@@ -11,7 +11,7 @@ use crate::warehouse::Warehouse;
 
 /// A session over the project's warehouse with every committed table registered.
 pub async fn session(project: &Project) -> Result<SessionContext> {
-    let ctx = engine::session(&project.engine)?;
+    let ctx = engine::session(&project.engine, &engine::today_params())?;
     let wh = Warehouse::open(&project.warehouse)?;
     wh.register_all(&ctx).await?;
     Ok(ctx)

@@ -23,6 +23,7 @@ pub async fn check_models(project: &Project) -> Result<()> {
     let config = datafusion::prelude::SessionConfig::new()
         .set_bool("datafusion.sql_parser.collect_spans", true);
     let ctx = SessionContext::new_with_config(config);
+    crate::udf::register(&ctx, &crate::engine::today_params());
     register_empty(&ctx, QUARANTINE_TABLE, quarantine_schema())?;
     register_empty(&ctx, state::STATE_TABLE, state::state_schema())?;
     register_empty(&ctx, state::LOADED_FILES_TABLE, state::files_schema())?;
@@ -43,6 +44,9 @@ pub async fn check_models(project: &Project) -> Result<()> {
     }
     // Pipelines and their steps are in dependency order.
     for p in &project.pipelines {
+        let mut params = crate::engine::today_params();
+        params.vars = p.vars.clone();
+        crate::udf::register(&ctx, &params);
         for step in &p.steps {
             match *step {
                 Step::Model(i) => check_model(&ctx, p, &p.models[i], &mut problems).await?,

@@ -84,6 +84,9 @@ pub enum Command {
         /// Reload every source file and rebuild every model, ignoring cursors and loaded files.
         #[arg(long)]
         full_refresh: bool,
+        /// The date the run is as of (`kbcrm_as_of()` in SQL), e.g. 2025-12-31; default today.
+        #[arg(long, value_name = "DATE")]
+        as_of: Option<chrono::NaiveDate>,
     },
     /// List rows rejected to quarantine: where they came from and why.
     Rejects {
@@ -200,12 +203,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             pipelines,
             parallel,
             full_refresh,
+            as_of,
         } => {
             let project = cli.load()?;
             crate::validate::check_models(&project).await?;
             let options = RunOptions {
                 parallel: *parallel,
                 full_refresh: *full_refresh,
+                as_of: *as_of,
             };
             let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
             let reports = runner.run(pipelines).await?;

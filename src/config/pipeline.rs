@@ -38,6 +38,9 @@ pub struct PipelineSpec {
     #[serde(default)]
     #[schemars(with = "IndexMap<String, IdentitySpec>")]
     pub identity: IndexMap<String, Spanned<IdentitySpec>>,
+    /// Variables the pipeline's SQL reads with `kbcrm_var('name')` (thresholds, horizons).
+    #[serde(default)]
+    pub vars: IndexMap<String, serde_json::Value>,
 }
 
 /// File formats a source can read.

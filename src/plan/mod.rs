@@ -118,6 +118,8 @@ pub struct Pipeline {
     pub identities: Vec<Identity>,
     /// Models and identity resolutions in the order they run.
     pub steps: Vec<Step>,
+    /// Variables for `kbcrm_var('name')`, as text.
+    pub vars: std::collections::BTreeMap<String, String>,
     /// Pipelines whose tables this one reads.
     pub depends_on: Vec<String>,
 }
@@ -537,6 +539,18 @@ impl Loader {
                 tests,
                 identities,
                 steps: Vec::new(),
+                vars: r
+                    .spec
+                    .vars
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
                 depends_on: Vec::new(),
             });
         }

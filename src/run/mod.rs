@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub parallel: Option<usize>,
     /// Ignore cursors, loaded files and up-to-date models: reload and rebuild everything.
     pub full_refresh: bool,
+    /// The date the run is as of (`kbcrm_as_of()` in SQL); default today.
+    pub as_of: Option<chrono::NaiveDate>,
 }
 
 /// What happened to one table in a run.
@@ -111,6 +113,8 @@ struct RunState {
     state_after: HashMap<StateKey, String>,
     /// (pipeline, source, file, size) loaded in this run.
     loaded_files: Vec<(String, String, String, u64)>,
+    /// The as-of date and variables the SQL sees.
+    params: crate::udf::RunParams,
 }
 
 impl RunState {
@@ -176,7 +180,15 @@ impl<'a> Runner<'a> {
     #[instrument(skip(self, pipeline), fields(pipeline = %pipeline.name))]
     pub async fn run_pipeline(&self, pipeline: &Pipeline) -> Result<RunReport> {
         let started = Instant::now();
-        let ctx = engine::session(&self.project.engine)?;
+        let params = crate::udf::RunParams {
+            as_of_days: engine::epoch_days(
+                self.options
+                    .as_of
+                    .unwrap_or_else(|| chrono::Utc::now().date_naive()),
+            ),
+            vars: pipeline.vars.clone(),
+        };
+        let ctx = engine::session(&self.project.engine, &params)?;
         let committed = self.wh.register_all(&ctx).await?;
         let mut state = RunState {
             run_id: uuid::Uuid::now_v7().to_string(),
@@ -189,6 +201,7 @@ impl<'a> Runner<'a> {
             state_before: state::read_state(&ctx).await?,
             state_after: HashMap::new(),
             loaded_files: Vec::new(),
+            params,
         };
         info!(run_id = %state.run_id, "run started");
         let tests = match self.build(pipeline, &ctx, &mut state).await {

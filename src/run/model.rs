@@ -28,6 +28,18 @@ fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String 
     serde_json::json!({ "definition": hash, "inputs": versions }).to_string()
 }
 
+/// What a model's result depends on besides its inputs: its SQL and the run parameters it reads.
+fn definition(sql: &str, params: &crate::udf::RunParams) -> String {
+    let mut d = sql.to_string();
+    if sql.contains("kbcrm_as_of") {
+        d.push_str(&format!("\n-- as of {}", params.as_of_days));
+    }
+    if sql.contains("kbcrm_var") {
+        d.push_str(&format!("\n-- vars {:?}", params.vars));
+    }
+    d
+}
+
 fn inputs_key(pipeline: &str, name: &str) -> StateKey {
     (pipeline.to_string(), name.to_string(), "inputs".to_string())
 }
@@ -55,7 +67,11 @@ impl Runner<'_> {
     ) -> Result<()> {
         let started = Instant::now();
         let key = inputs_key(&model.pipeline, &model.name);
-        let print = fingerprint(&model.sql, &model.depends_on, state);
+        let print = fingerprint(
+            &definition(&model.sql, &state.params),
+            &model.depends_on,
+            state,
+        );
         if self.up_to_date(state, &key, &print, &[&model.name]) {
             self.skip(state, &model.name, "model", "up to date");
             return Ok(());

@@ -2,6 +2,7 @@
 
 mod errors;
 mod incremental;
+mod models;
 mod pipeline_run;
 mod recovery;
 mod sources;

@@ -1,0 +1,461 @@
+//! kbcrm's SQL functions, registered in every session: the BG/NBD and Gamma-Gamma models as
+//! scalar functions and fitting aggregates, and the run parameters (`kbcrm_as_of()`,
+//! `kbcrm_var('name')`).
+//!
+//! ```sql
+//! with fit as (select bgnbd_fit(frequency, recency_weeks, age_weeks) as p from cube_customer_rfm)
+//! select customer_id,
+//!        bgnbd_p_alive(frequency, recency_weeks, age_weeks, p['r'], p['alpha'], p['a'], p['b'])
+//! from cube_customer_rfm cross join fit
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Float64Builder, ListArray};
+use arrow::datatypes::{DataType, Field, FieldRef, Fields, Float64Type};
+use datafusion::common::{Result as DfResult, ScalarValue, exec_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::prelude::SessionContext;
+
+use crate::stats::bgnbd::{BgNbd, Rft};
+use crate::stats::gamma_gamma::{GammaGamma, Spend};
+
+/// Run parameters visible to SQL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct RunParams {
+    /// The as-of date (`kbcrm_as_of()`), days since the epoch.
+    pub as_of_days: i32,
+    /// Pipeline variables (`kbcrm_var('name')`), as text.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// Register every kbcrm function in `ctx`.
+pub fn register(ctx: &SessionContext, params: &RunParams) {
+    for f in NUMERIC {
+        ctx.register_udf(ScalarUDF::from(NumericUdf::new(f)));
+    }
+    ctx.register_udaf(AggregateUDF::from(FitUdaf::new(FitKind::BgNbd)));
+    ctx.register_udaf(AggregateUDF::from(FitUdaf::new(FitKind::GammaGamma)));
+    ctx.register_udf(ScalarUDF::from(AsOf {
+        days: params.as_of_days,
+        signature: Signature::exact(vec![], Volatility::Stable),
+    }));
+    ctx.register_udf(ScalarUDF::from(Var {
+        vars: params.vars.clone(),
+        signature: Signature::exact(vec![DataType::Utf8], Volatility::Stable),
+    }));
+}
+
+/// A numeric function of doubles; identified by its name.
+#[derive(Debug, Clone, Copy)]
+struct NumericFn {
+    name: &'static str,
+    arity: usize,
+    f: fn(&[f64]) -> f64,
+}
+
+impl PartialEq for NumericFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for NumericFn {}
+
+impl std::hash::Hash for NumericFn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+const NUMERIC: &[NumericFn] = &[
+    // (x, t_x, T, r, alpha, a, b)
+    NumericFn {
+        name: "bgnbd_p_alive",
+        arity: 7,
+        f: |v| bgnbd(v, 3).p_alive(&rft(v)),
+    },
+    // (x, t_x, T, horizon, r, alpha, a, b)
+    NumericFn {
+        name: "bgnbd_expected_purchases",
+        arity: 8,
+        f: |v| bgnbd(v, 4).expected_purchases(&rft(v), v[3]),
+    },
+    // (x, t_x, T, horizon, periods, discount rate per period, r, alpha, a, b)
+    NumericFn {
+        name: "bgnbd_discounted_purchases",
+        arity: 10,
+        f: |v| discounted(&bgnbd(v, 6), &rft(v), v[3], v[4], v[5]),
+    },
+    // (x, m, p, q, gamma)
+    NumericFn {
+        name: "gg_expected_spend",
+        arity: 5,
+        f: |v| {
+            GammaGamma {
+                p: v[2],
+                q: v[3],
+                gamma: v[4],
+            }
+            .expected_spend(&Spend { x: v[0], m: v[1] })
+        },
+    },
+];
+
+fn rft(v: &[f64]) -> Rft {
+    Rft {
+        x: v[0],
+        t_x: v[1],
+        t: v[2],
+    }
+}
+
+fn bgnbd(v: &[f64], at: usize) -> BgNbd {
+    BgNbd {
+        r: v[at],
+        alpha: v[at + 1],
+        a: v[at + 2],
+        b: v[at + 3],
+    }
+}
+
+/// Expected purchases over `horizon` split into `periods` equal periods, each discounted at
+/// `rate` per period: Σ_k (E[Y(k·h/n)] − E[Y((k−1)·h/n)]) / (1 + rate)^k.
+fn discounted(m: &BgNbd, c: &Rft, horizon: f64, periods: f64, rate: f64) -> f64 {
+    let n = periods.max(1.0) as usize;
+    let step = horizon / n as f64;
+    let mut prev = 0.0;
+    let mut total = 0.0;
+    for k in 1..=n {
+        let e = m.expected_purchases(c, step * k as f64);
+        total += (e - prev) / (1.0 + rate).powi(k as i32);
+        prev = e;
+    }
+    total
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct NumericUdf {
+    f: NumericFn,
+    signature: Signature,
+}
+
+impl NumericUdf {
+    fn new(f: &NumericFn) -> Self {
+        NumericUdf {
+            f: *f,
+            signature: Signature::uniform(f.arity, vec![DataType::Float64], Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for NumericUdf {
+    fn name(&self) -> &str {
+        self.f.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Float64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let cols: Vec<&Float64Array> = arrays
+            .iter()
+            .map(|a| a.as_primitive::<Float64Type>())
+            .collect();
+        let mut out = Float64Builder::with_capacity(args.number_rows);
+        let mut v = vec![0.0; self.f.arity];
+        for row in 0..args.number_rows {
+            if cols.iter().any(|c| c.is_null(row)) {
+                out.append_null();
+                continue;
+            }
+            for (slot, c) in v.iter_mut().zip(&cols) {
+                *slot = c.value(row);
+            }
+            let r = (self.f.f)(&v);
+            if r.is_finite() {
+                out.append_value(r)
+            } else {
+                out.append_null()
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
+/// `kbcrm_as_of()`: the run's as-of date.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct AsOf {
+    days: i32,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for AsOf {
+    fn name(&self) -> &str {
+        "kbcrm_as_of"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Date32)
+    }
+
+    fn invoke_with_args(&self, _: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        Ok(ColumnarValue::Scalar(ScalarValue::Date32(Some(self.days))))
+    }
+}
+
+/// `kbcrm_var('name')`: a pipeline variable as text.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Var {
+    vars: BTreeMap<String, String>,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for Var {
+    fn name(&self) -> &str {
+        "kbcrm_var"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let name = match args.args.first() {
+            Some(ColumnarValue::Scalar(
+                ScalarValue::Utf8(Some(n)) | ScalarValue::Utf8View(Some(n)),
+            )) => n.clone(),
+            _ => return exec_err!("kbcrm_var takes one literal name, e.g. kbcrm_var('churn_red')"),
+        };
+        match self.vars.get(&name) {
+            Some(v) => Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(v.clone())))),
+            None => {
+                let known: Vec<&str> = self.vars.keys().map(String::as_str).collect();
+                exec_err!(
+                    "kbcrm_var('{name}'): the pipeline declares no variable '{name}' under `vars:`; it has: {}",
+                    known.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// Which model a fitting aggregate fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FitKind {
+    BgNbd,
+    GammaGamma,
+}
+
+impl FitKind {
+    fn name(&self) -> &'static str {
+        match self {
+            FitKind::BgNbd => "bgnbd_fit",
+            FitKind::GammaGamma => "gg_fit",
+        }
+    }
+
+    fn inputs(&self) -> &'static [&'static str] {
+        match self {
+            FitKind::BgNbd => &["x", "t_x", "t"],
+            FitKind::GammaGamma => &["x", "m"],
+        }
+    }
+
+    fn outputs(&self) -> &'static [&'static str] {
+        match self {
+            FitKind::BgNbd => &["r", "alpha", "a", "b", "log_likelihood", "customers"],
+            FitKind::GammaGamma => &["p", "q", "gamma", "log_likelihood", "customers"],
+        }
+    }
+
+    fn fields(&self) -> Fields {
+        self.outputs()
+            .iter()
+            .map(|n| Field::new(*n, DataType::Float64, true))
+            .collect()
+    }
+
+    /// Fit the collected columns; `None` when there is nothing to fit or the fit fails.
+    fn fit(&self, cols: &[Vec<f64>]) -> Option<Vec<f64>> {
+        match self {
+            FitKind::BgNbd => {
+                let data: Vec<Rft> = (0..cols[0].len())
+                    .map(|i| Rft {
+                        x: cols[0][i],
+                        t_x: cols[1][i],
+                        t: cols[2][i],
+                    })
+                    .collect();
+                let f = BgNbd::fit(&data)?;
+                let p = f.params;
+                Some(vec![
+                    p.r,
+                    p.alpha,
+                    p.a,
+                    p.b,
+                    f.log_likelihood,
+                    f.customers as f64,
+                ])
+            }
+            FitKind::GammaGamma => {
+                let data: Vec<Spend> = (0..cols[0].len())
+                    .map(|i| Spend {
+                        x: cols[0][i],
+                        m: cols[1][i],
+                    })
+                    .collect();
+                let f = GammaGamma::fit(&data)?;
+                let p = f.params;
+                Some(vec![
+                    p.p,
+                    p.q,
+                    p.gamma,
+                    f.log_likelihood,
+                    f.customers as f64,
+                ])
+            }
+        }
+    }
+}
+
+/// `bgnbd_fit(x, t_x, t)` and `gg_fit(x, m)`: maximum-likelihood fits as aggregates returning a
+/// struct of the parameters, the log-likelihood and the number of customers fitted.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct FitUdaf {
+    kind: FitKind,
+    signature: Signature,
+}
+
+impl FitUdaf {
+    fn new(kind: FitKind) -> Self {
+        FitUdaf {
+            kind,
+            signature: Signature::uniform(
+                kind.inputs().len(),
+                vec![DataType::Float64],
+                Volatility::Immutable,
+            ),
+        }
+    }
+}
+
+impl AggregateUDFImpl for FitUdaf {
+    fn name(&self) -> &str {
+        self.kind.name()
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Struct(self.kind.fields()))
+    }
+
+    fn accumulator(&self, _: AccumulatorArgs) -> DfResult<Box<dyn Accumulator>> {
+        Ok(Box::new(FitAccumulator {
+            kind: self.kind,
+            cols: vec![Vec::new(); self.kind.inputs().len()],
+        }))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> DfResult<Vec<FieldRef>> {
+        Ok(self
+            .kind
+            .inputs()
+            .iter()
+            .map(|n| {
+                Arc::new(Field::new(
+                    format!("{}[{n}]", args.name),
+                    DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true))),
+                    true,
+                ))
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug)]
+struct FitAccumulator {
+    kind: FitKind,
+    cols: Vec<Vec<f64>>,
+}
+
+impl Accumulator for FitAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> DfResult<()> {
+        let cols: Vec<&Float64Array> = values
+            .iter()
+            .map(|a| a.as_primitive::<Float64Type>())
+            .collect();
+        for row in 0..values.first().map_or(0, |a| a.len()) {
+            if cols.iter().any(|c| c.is_null(row)) {
+                continue;
+            }
+            for (dst, c) in self.cols.iter_mut().zip(&cols) {
+                dst.push(c.value(row));
+            }
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> DfResult<ScalarValue> {
+        let fields = self.kind.fields();
+        let values = self.kind.fit(&self.cols);
+        let arrays: Vec<ArrayRef> = (0..fields.len())
+            .map(|i| Arc::new(Float64Array::from(vec![values.as_ref().map(|v| v[i])])) as ArrayRef)
+            .collect();
+        let array = arrow::array::StructArray::try_new(fields, arrays, None)?;
+        Ok(ScalarValue::Struct(Arc::new(array)))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.cols.iter().map(|c| c.capacity() * 8).sum::<usize>()
+    }
+
+    fn state(&mut self) -> DfResult<Vec<ScalarValue>> {
+        Ok(self
+            .cols
+            .iter()
+            .map(|c| {
+                ScalarValue::List(Arc::new(
+                    ListArray::from_iter_primitive::<Float64Type, _, _>(vec![Some(
+                        c.iter().map(|v| Some(*v)).collect::<Vec<_>>(),
+                    )]),
+                ))
+            })
+            .collect())
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> DfResult<()> {
+        for (dst, state) in self.cols.iter_mut().zip(states) {
+            let lists = state.as_list::<i32>();
+            for i in 0..lists.len() {
+                if lists.is_valid(i) {
+                    let values = lists.value(i);
+                    dst.extend(values.as_primitive::<Float64Type>().iter().flatten());
+                }
+            }
+        }
+        Ok(())
+    }
+}
