@@ -17,15 +17,17 @@ pub const EXAMPLES: &[(&str, &str)] = &[
          where f.status = 'completed' group by 1, 2 order by 1, 2 limit 15",
     ),
     (
-        "Top customers by revenue, with their complaints and open tickets",
-        "with revenue as (select customer_id, sum(net_amount) as revenue from fact_sales \
-         where status = 'completed' group by customer_id), \
-         service as (select customer_id, sum(case when complaint then 1 else 0 end) as complaints, \
-         sum(case when is_open then 1 else 0 end) as open_tickets from fact_service_ticket group by customer_id) \
-         select d.customer_id, d.customer_name, d.segment, d.region, round(r.revenue, 2) as revenue, \
-         coalesce(s.complaints, 0) as complaints, coalesce(s.open_tickets, 0) as open_tickets \
-         from revenue r join dim_customer d on d.customer_id = r.customer_id and d.is_current \
-         left join service s on s.customer_id = r.customer_id order by revenue desc limit 8",
+        "Churn warnings: red customers with the most revenue at risk, why, and who owns them",
+        "select customer_id, round(risk_score, 2) as risk, round(revenue_at_risk, 0) as revenue_at_risk, \
+         reasons, account_owner from cube_churn_warning \
+         where as_of = (select max(as_of) from cube_churn_warning) and warning_level = 'red' \
+         order by revenue_at_risk desc limit 6",
+    ),
+    (
+        "Relationship structure: customers and revenue per loyalty tier",
+        "select tier, customers, round(customer_share * 100, 1) as customers_pct, \
+         round(revenue_share * 100, 1) as revenue_pct, round(customer_share_for_80pct * 100, 1) as pct_of_customers_for_80pct_revenue \
+         from cube_loyalty_structure where as_of = (select max(as_of) from cube_loyalty_structure) order by tier_order",
     ),
     (
         "One customer across systems: how many customers each combination of systems knows",
@@ -56,7 +58,12 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
         eprintln!("using the sample data in {}", sources.display());
     }
     crate::validate::check_models(&project).await?;
-    let runner = Runner::new(&project, RunOptions::default(), progress).await?;
+    // The sample data's history ends on this day; the cubes look at the customers as of then.
+    let options = RunOptions {
+        as_of: Some(crate::generate::history_end()),
+        ..RunOptions::default()
+    };
+    let runner = Runner::new(&project, options, progress).await?;
     let reports = runner.run(&[]).await?;
     crate::cli::print_run_summary(&reports)?;
     for (title, sql) in EXAMPLES {

@@ -31,6 +31,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod evaluate;
 pub mod generate;
 pub mod identity;
 pub mod init;

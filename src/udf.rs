@@ -41,6 +41,9 @@ pub fn register(ctx: &SessionContext, params: &RunParams) {
     }
     ctx.register_udaf(AggregateUDF::from(FitUdaf::new(FitKind::BgNbd)));
     ctx.register_udaf(AggregateUDF::from(FitUdaf::new(FitKind::GammaGamma)));
+    ctx.register_udf(ScalarUDF::from(TopReasons {
+        signature: Signature::variadic_any(Volatility::Immutable),
+    }));
     ctx.register_udf(ScalarUDF::from(AsOf {
         days: params.as_of_days,
         signature: Signature::exact(vec![], Volatility::Stable),
@@ -256,6 +259,64 @@ impl ScalarUDFImpl for Var {
                 )
             }
         }
+    }
+}
+
+/// `kbcrm_top_reasons(n, min_score, score1, text1, score2, text2, ...)`: the texts of the `n`
+/// highest scores at or above `min_score`, highest first, joined by "; ".
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct TopReasons {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for TopReasons {
+    fn name(&self) -> &str {
+        "kbcrm_top_reasons"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
+        if arg_types.len() < 4 || !arg_types.len().is_multiple_of(2) {
+            return datafusion::common::plan_err!(
+                "kbcrm_top_reasons(n, min_score, score1, text1, ...) takes two numbers and then pairs of score and text"
+            );
+        }
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let num = |a: &ArrayRef| arrow::compute::cast(a, &DataType::Float64);
+        let text = |a: &ArrayRef| arrow::compute::cast(a, &DataType::Utf8);
+        let n = num(&arrays[0])?;
+        let min = num(&arrays[1])?;
+        let pairs: Vec<(ArrayRef, ArrayRef)> = arrays[2..]
+            .chunks(2)
+            .map(|p| Ok((num(&p[0])?, text(&p[1])?)))
+            .collect::<DfResult<_>>()?;
+        let (n, min) = (
+            n.as_primitive::<Float64Type>(),
+            min.as_primitive::<Float64Type>(),
+        );
+        let mut out = arrow::array::StringBuilder::new();
+        for row in 0..args.number_rows {
+            let mut found: Vec<(f64, &str)> = pairs
+                .iter()
+                .filter_map(|(s, t)| {
+                    let (s, t) = (s.as_primitive::<Float64Type>(), t.as_string::<i32>());
+                    (s.is_valid(row) && t.is_valid(row) && s.value(row) >= min.value(row))
+                        .then(|| (s.value(row), t.value(row)))
+                })
+                .collect();
+            found.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let keep = n.value(row).max(0.0) as usize;
+            let texts: Vec<&str> = found.into_iter().take(keep).map(|(_, t)| t).collect();
+            out.append_value(texts.join("; "));
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }
 

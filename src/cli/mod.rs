@@ -88,6 +88,15 @@ pub enum Command {
         #[arg(long, value_name = "DATE")]
         as_of: Option<chrono::NaiveDate>,
     },
+    /// Build the cubes (the `cubes` pipeline), or check how well they predict.
+    Cubes {
+        /// The date the cubes are as of; default today.
+        #[arg(long, value_name = "DATE")]
+        as_of: Option<chrono::NaiveDate>,
+        /// What to do instead of building.
+        #[command(subcommand)]
+        action: Option<CubesAction>,
+    },
     /// List rows rejected to quarantine: where they came from and why.
     Rejects {
         /// Only this pipeline.
@@ -136,6 +145,18 @@ pub enum Command {
         /// 1 writes the history; N > 1 writes the files of the (N-1)th day after it.
         #[arg(long, default_value_t = 1)]
         batch: u32,
+    },
+}
+
+/// `kbcrm cubes` actions.
+#[derive(Debug, Subcommand)]
+pub enum CubesAction {
+    /// Build the cubes as of (last purchase − holdout) and score them on what happened next:
+    /// purchases predicted against actual, and the churn warning's ROC AUC, precision and recall.
+    Evaluate {
+        /// Length of the holdout, e.g. 90d or 12w.
+        #[arg(long, default_value = "90d")]
+        holdout: String,
     },
 }
 
@@ -238,6 +259,29 @@ pub async fn run(cli: Cli) -> Result<()> {
             let batches = crate::query::query(&project, &sql).await?;
             output::batches(&batches, *format)
         }
+        Command::Cubes { as_of, action } => match action {
+            Some(CubesAction::Evaluate { holdout }) => {
+                let project = cli.load()?;
+                crate::validate::check_models(&project).await?;
+                let days = crate::evaluate::parse_days(holdout)?;
+                let e =
+                    crate::evaluate::evaluate(&project, days, Progress::auto(cli.quiet)).await?;
+                output::line(e.to_string().trim_end())
+            }
+            None => {
+                let project = cli.load()?;
+                crate::validate::check_models(&project).await?;
+                let options = RunOptions {
+                    as_of: *as_of,
+                    ..RunOptions::default()
+                };
+                let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
+                let reports = runner
+                    .run(&[crate::evaluate::CUBES_PIPELINE.to_string()])
+                    .await?;
+                output::run_summary(&reports)
+            }
+        },
         Command::Tables => {
             let project = cli.load()?;
             output::tables(&project).await

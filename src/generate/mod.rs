@@ -91,6 +91,11 @@ impl fmt::Display for Summary {
     }
 }
 
+/// The last day of the generated history (batch 1).
+pub fn history_end() -> chrono::NaiveDate {
+    world::end()
+}
+
 /// Number of customers at a scale.
 pub fn customers_at(scale: f64) -> usize {
     ((100_000.0 * scale).round() as usize).max(50)

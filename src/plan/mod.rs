@@ -30,6 +30,7 @@ pub const BUILTIN_TABLES: &[&str] = &[
     "kbcrm_state",
     "kbcrm_loaded_files",
     "kbcrm_test_results",
+    "model_evaluation",
 ];
 
 /// The project file's name.

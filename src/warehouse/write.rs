@@ -473,7 +473,7 @@ async fn merge_sql(
         .join(", ");
     let on = keys
         .iter()
-        .map(|k| format!("c.{k} = t.{k}", k = quote_ident(k)))
+        .map(|k| format!("(c.{k} is not distinct from t.{k})", k = quote_ident(k)))
         .collect::<Vec<_>>()
         .join(" and ");
     // Only target rows whose keys come again can be equal to new rows.
@@ -484,7 +484,7 @@ async fn merge_sql(
         .join(", ");
     let on_kt = keys
         .iter()
-        .map(|k| format!("k.{k} = t.{k}", k = quote_ident(k)))
+        .map(|k| format!("(k.{k} is not distinct from t.{k})", k = quote_ident(k)))
         .collect::<Vec<_>>()
         .join(" and ");
     let t_cols = new

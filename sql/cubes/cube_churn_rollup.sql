@@ -1,0 +1,21 @@
+-- Revenue at risk and warning counts by region and segment (ROLLUP), for BI.
+with warnings as (
+    select w.*, c.region, c.segment
+    from cube_churn_warning w
+    join dim_customer c on w.customer_id = c.customer_id and c.is_current
+    where w.as_of = kbcrm_as_of()
+)
+
+select
+    kbcrm_as_of() as as_of,
+    case when grouping(region) = 0 then region end as region,
+    case when grouping(segment) = 0 then segment end as segment,
+    concat_ws('+', case when grouping(region) = 0 then 'region' end,
+                   case when grouping(segment) = 0 then 'segment' end) as grouping_level,
+    count(*) as customers,
+    count(case when warning_level = 'red' then 1 end) as red,
+    count(case when warning_level = 'amber' then 1 end) as amber,
+    sum(revenue_at_risk) as revenue_at_risk,
+    avg(risk_score) as avg_risk
+from warnings
+group by rollup (region, segment)

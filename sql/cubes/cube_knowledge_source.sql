@@ -1,0 +1,71 @@
+-- Key customer knowledge sources: what a customer knows (value: spend, breadth of products,
+-- suggestions), how willing they are to share it (feedback, surveys, campaign responses), and
+-- how much of it the firm absorbs (share of their suggestions acted on or answered).
+with rfm as (
+    select customer_id, monetary from cube_customer_rfm where as_of = kbcrm_as_of()
+),
+
+breadth as (
+    select f.customer_id, count(distinct p.category) as categories, count(distinct f.product_id) as products
+    from fact_sales f
+    join dim_product p on f.product_id = p.product_id
+    where cast(f.order_ts as date) <= kbcrm_as_of()
+    group by f.customer_id
+),
+
+interactions as (
+    select
+        customer_id,
+        count(case when kind = 'suggestion' then 1 end) as suggestions,
+        count(case when kind = 'survey' then 1 end) as surveys,
+        count(case when kind in ('suggestion', 'praise', 'survey') then 1 end) as feedback,
+        count(case when kind = 'campaign_touch' and responded then 1 end) as campaign_responses,
+        count(case when kind = 'suggestion' and (acted_on or answered) then 1 end) as suggestions_absorbed
+    from fact_interaction
+    where cast(occurred_at as date) <= kbcrm_as_of()
+    group by customer_id
+),
+
+joined as (
+    select
+        r.customer_id,
+        r.monetary,
+        coalesce(b.categories, 0) as categories,
+        coalesce(b.products, 0) as products,
+        coalesce(i.suggestions, 0) as suggestions,
+        coalesce(i.surveys, 0) as surveys,
+        coalesce(i.feedback, 0) as feedback,
+        coalesce(i.campaign_responses, 0) as campaign_responses,
+        case when i.suggestions > 0 then cast(i.suggestions_absorbed as double) / i.suggestions end as absorption_rate
+    from rfm r
+    left join breadth b on r.customer_id = b.customer_id
+    left join interactions i on r.customer_id = i.customer_id
+),
+
+scored as (
+    select
+        *,
+        (percent_rank() over (order by monetary) + percent_rank() over (order by categories)
+          + percent_rank() over (order by suggestions)) / 3 as knowledge_value,
+        (percent_rank() over (order by feedback) + percent_rank() over (order by surveys)
+          + percent_rank() over (order by campaign_responses)) / 3 as willingness,
+        coalesce(absorption_rate, 0.0) as absorption
+    from joined
+)
+
+select
+    customer_id,
+    kbcrm_as_of() as as_of,
+    monetary,
+    categories,
+    products,
+    suggestions,
+    surveys,
+    feedback,
+    campaign_responses,
+    knowledge_value,
+    willingness,
+    absorption,
+    (knowledge_value + willingness + absorption) / 3 as knowledge_score,
+    row_number() over (order by (knowledge_value + willingness + absorption) desc, customer_id) as knowledge_rank
+from scored
