@@ -38,19 +38,36 @@ pub struct GammaGammaFit {
 }
 
 impl GammaGamma {
-    fn ll_grad(&self, s: &Spend) -> (f64, [f64; 3]) {
+    /// The terms that depend on x only: lnΓ(px+q) − lnΓ(px) − lnΓ(q) and the digamma
+    /// differences of the gradient.
+    fn x_terms(&self, x: f64) -> [f64; 3] {
+        let (px, q) = (self.p * x, self.q);
+        let dg = digamma(px + q);
+        [
+            ln_gamma(px + q) - ln_gamma(px) - ln_gamma(q),
+            dg - digamma(px),
+            dg - digamma(q),
+        ]
+    }
+
+    /// Per-x terms for every whole x up to `max_x` (repeat counts are whole numbers).
+    fn x_table(&self, max_x: usize) -> Vec<[f64; 3]> {
+        (0..=max_x).map(|x| self.x_terms(x as f64)).collect()
+    }
+
+    fn ll_grad(&self, s: &Spend, table: &[[f64; 3]]) -> (f64, [f64; 3]) {
         let GammaGamma { p, q, gamma } = *self;
         let (x, m) = (s.x, s.m);
+        let t = match table.get(x as usize) {
+            Some(t) if x.fract() == 0.0 => *t,
+            _ => self.x_terms(x),
+        };
         let px = p * x;
-        let ll = ln_gamma(px + q) - ln_gamma(px) - ln_gamma(q)
-            + q * gamma.ln()
-            + (px - 1.0) * m.ln()
-            + px * x.ln()
-            - (px + q) * (gamma + m * x).ln();
-        let dg = digamma(px + q);
+        let ln_gm = (gamma + m * x).ln();
+        let ll = t[0] + q * gamma.ln() + (px - 1.0) * m.ln() + px * x.ln() - (px + q) * ln_gm;
         let g = [
-            x * (dg - digamma(px) + m.ln() + x.ln() - (gamma + m * x).ln()),
-            dg - digamma(q) + gamma.ln() - (gamma + m * x).ln(),
+            x * (t[1] + m.ln() + x.ln() - ln_gm),
+            t[2] + gamma.ln() - ln_gm,
             q / gamma - (px + q) / (gamma + m * x),
         ];
         (ll, g)
@@ -58,7 +75,8 @@ impl GammaGamma {
 
     /// Total log-likelihood.
     pub fn log_likelihood(&self, data: &[Spend]) -> f64 {
-        data.iter().map(|s| self.ll_grad(s).0).sum()
+        let table = self.x_table(max_x(data));
+        data.iter().map(|s| self.ll_grad(s, &table).0).sum()
     }
 
     /// Expected mean transaction value of a customer with `x` repeat transactions of mean `m`.
@@ -82,7 +100,10 @@ impl GammaGamma {
             return None;
         }
         let mean_m = data.iter().map(|s| s.m).sum::<f64>() / data.len() as f64;
-        let objective = GgObjective { data: &data };
+        let objective = GgObjective {
+            data: &data,
+            max_x: max_x(&data),
+        };
         let starts = [
             [0.0, 0.0, mean_m.ln()],
             [(5.0f64).ln(), (3.0f64).ln(), (mean_m * 0.5).ln()],
@@ -106,6 +127,16 @@ impl GammaGamma {
 
 struct GgObjective<'a> {
     data: &'a [Spend],
+    max_x: usize,
+}
+
+/// Largest whole repeat count, capped so the per-x table stays small.
+fn max_x(data: &[Spend]) -> usize {
+    data.iter()
+        .map(|s| s.x as usize)
+        .max()
+        .unwrap_or(0)
+        .min(100_000)
 }
 
 impl Objective for GgObjective<'_> {
@@ -115,7 +146,8 @@ impl Objective for GgObjective<'_> {
             q: theta[1].exp(),
             gamma: theta[2].exp(),
         };
-        let (ll, g) = parallel_sum(self.data, |c| m.ll_grad(c));
+        let table = m.x_table(self.max_x);
+        let (ll, g) = parallel_sum(self.data, |c| m.ll_grad(c, &table));
         to_objective(ll, g, [m.p, m.q, m.gamma], self.data.len())
     }
 }
@@ -131,7 +163,10 @@ mod tests {
             Spend { x: 4.0, m: 35.5 },
             Spend { x: 2.0, m: 12.0 },
         ];
-        let obj = GgObjective { data: &data };
+        let obj = GgObjective {
+            data: &data,
+            max_x: 4,
+        };
         let theta = [(6.0f64).ln(), (3.7f64).ln(), (15.0f64).ln()];
         let (_, g) = obj.value_grad(&theta);
         for k in 0..3 {
