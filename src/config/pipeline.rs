@@ -217,7 +217,7 @@ pub struct Scd2Spec {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySpec {
-    /// Table of (source, source_id, <entity>_id, rule, matched_at); default `map_<entity>_identity`.
+    /// Table of `(source, source_id, <entity>_id, rule, matched_at)`; default `map_<entity>_identity`.
     #[serde(default)]
     pub map: Option<String>,
     /// Table of one merged ("golden") record per entity id; default `int_<entity>_golden`.

@@ -1,7 +1,7 @@
 //! The warehouse: one Delta table per folder under the warehouse URL.
 //!
 //! Reads go through the committed table versions. Writes are staged first (data files written,
-//! nothing committed, see [`write`]) and committed together at the end of a pipeline run through
+//! nothing committed, see [`mod@write`]) and committed together at the end of a pipeline run through
 //! a run manifest, so that a failed run changes no table and a run killed while committing is
 //! completed by the next command that opens the warehouse ([`Warehouse::recover`]).
 

@@ -1,0 +1,771 @@
+//! Reading and checking each project file: the project file, pipelines, sources, models,
+//! identity resolutions and data tests.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use url::Url;
+
+use crate::config::pipeline::{
+    IdentitySpec, IncrementalSpec, ModelEntry, ModelSpec, PipelineSpec, SourceFormat, SourceSpec,
+    Survivorship, WriteMode,
+};
+use crate::config::project::parse_byte_size;
+use crate::config::types::ColumnType;
+use crate::config::{ProjectSpec, parse_yaml};
+use crate::error::{Error, Position, Problem, Result};
+use crate::identity::{Identity, RecordSource};
+
+use super::data_tests::data_test;
+use super::*;
+
+fn valid_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+pub(super) fn yaml_pos(loc: &serde_saphyr::Location, text: &str) -> Position {
+    match loc.span().byte_offset() {
+        Some(off) => {
+            let mut p = Position::of_offset(text, off as usize, 0);
+            p.len = loc.span().byte_len().unwrap_or(0) as usize;
+            p
+        }
+        None => Position::of_line_col(text, loc.line() as usize, loc.column() as usize, 0),
+    }
+}
+
+/// One pipeline file as read, before the cross-pipeline checks.
+pub(super) struct RawPipeline {
+    pub(super) file: PathBuf,
+    pub(super) text: Arc<String>,
+    pub(super) spec: PipelineSpec,
+    pub(super) name: String,
+}
+
+pub(super) struct Loader {
+    pub(super) root: PathBuf,
+    pub(super) problems: Vec<Problem>,
+    /// Tables each model reads, with positions in its SQL, for the graph check.
+    pub(super) model_refs: HashMap<String, Vec<dag::TableRef>>,
+    /// (table, pipeline file, position, pipeline text) of each data test.
+    pub(super) test_positions: Vec<(String, PathBuf, Position, Arc<String>)>,
+}
+
+impl Loader {
+    pub(super) fn new(root: PathBuf) -> Self {
+        Loader {
+            root,
+            problems: Vec::new(),
+            model_refs: HashMap::new(),
+            test_positions: Vec::new(),
+        }
+    }
+
+    fn read(&mut self, rel: &Path) -> Option<Arc<String>> {
+        match std::fs::read_to_string(self.root.join(rel)) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                self.problems
+                    .push(Problem::new(rel, format!("cannot read the file: {e}")));
+                None
+            }
+        }
+    }
+
+    pub(super) fn load(mut self, overrides: &Overrides) -> Result<Project> {
+        let project_file = PathBuf::from(PROJECT_FILE);
+        let text = self.read(&project_file).unwrap_or_default();
+        let spec: ProjectSpec = parse_yaml(&project_file, &text).map_err(Error::invalid)?;
+        let warehouse = self.warehouse(&spec, &text, overrides);
+        let engine = self.engine(&spec, &text, overrides);
+        let pipelines_dir = spec.pipelines.clone().unwrap_or_else(|| "pipelines".into());
+        let raw = self.read_pipelines(Path::new(&pipelines_dir));
+        let pipelines = self.build_pipelines(raw);
+        if !self.problems.is_empty() {
+            return Err(Error::Invalid(self.problems));
+        }
+        let name = spec.name.clone().unwrap_or_else(|| {
+            self.root
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "kbcrm".into())
+        });
+        Ok(Project {
+            root: self.root,
+            name,
+            warehouse: warehouse.expect("warehouse problems reported above"),
+            engine,
+            pipelines,
+        })
+    }
+
+    fn warehouse(&mut self, spec: &ProjectSpec, text: &Arc<String>, o: &Overrides) -> Option<Url> {
+        let (written, pos) = match (&o.warehouse, &spec.warehouse) {
+            (Some(w), _) => (w.clone(), None),
+            (None, Some(w)) => (w.value.clone(), Some(yaml_pos(&w.referenced, text))),
+            (None, None) => ("warehouse/".to_string(), None),
+        };
+        match resolve_warehouse(&written, &self.root) {
+            Ok(u) => Some(u),
+            Err(msg) => {
+                let mut p = Problem::new(PROJECT_FILE, format!("warehouse: {msg}"));
+                if let Some(pos) = pos {
+                    p = p.at(pos, text);
+                }
+                self.problems.push(p);
+                None
+            }
+        }
+    }
+
+    fn engine(&mut self, spec: &ProjectSpec, text: &Arc<String>, o: &Overrides) -> EngineSettings {
+        let e = &spec.engine;
+        let memory_limit = match (&o.memory_limit, &e.memory_limit) {
+            (Some(m), _) => parse_byte_size(m)
+                .map_err(|msg| Problem::new("KBCRM_MEMORY_LIMIT / --memory-limit", msg)),
+            (None, Some(m)) => parse_byte_size(&m.value).map_err(|msg| {
+                Problem::new(PROJECT_FILE, format!("engine.memory_limit: {msg}"))
+                    .at(yaml_pos(&m.referenced, text), text)
+            }),
+            (None, None) => Ok(0),
+        };
+        let memory_limit = match memory_limit {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(p) => {
+                self.problems.push(p);
+                None
+            }
+        };
+        EngineSettings {
+            memory_limit,
+            spill_dir: e.spill_dir.as_ref().map(|d| self.root.join(d)),
+            target_partitions: e.target_partitions,
+            batch_size: e.batch_size,
+            datafusion: spec
+                .datafusion
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        }
+    }
+
+    fn read_pipelines(&mut self, dir: &Path) -> Vec<RawPipeline> {
+        let abs = self.root.join(dir);
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&abs) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect(),
+            Err(e) => {
+                self.problems.push(
+                    Problem::new(dir, format!("cannot read the pipelines folder: {e}"))
+                        .help("create it, or set `pipelines:` in kbcrm.yaml"),
+                );
+                return Vec::new();
+            }
+        };
+        files.sort();
+        let mut out = Vec::new();
+        for path in files {
+            let rel = path.strip_prefix(&self.root).unwrap_or(&path).to_path_buf();
+            let Some(text) = self.read(&rel) else {
+                continue;
+            };
+            match parse_yaml::<PipelineSpec>(&rel, &text) {
+                Ok(spec) => {
+                    let stem = rel.file_stem().map(|s| s.to_string_lossy().into_owned());
+                    let name = spec.name.clone().or(stem).unwrap_or_default();
+                    if !valid_identifier(&name) {
+                        self.problems.push(Problem::new(
+                            &rel,
+                            format!(
+                                "pipeline name '{name}' must be lowercase letters, digits and '_'"
+                            ),
+                        ));
+                    }
+                    out.push(RawPipeline {
+                        file: rel,
+                        text,
+                        spec,
+                        name,
+                    });
+                }
+                Err(p) => self.problems.push(p),
+            }
+        }
+        let mut seen: HashMap<String, PathBuf> = HashMap::new();
+        for p in &out {
+            if let Some(first) = seen.insert(p.name.clone(), p.file.clone()) {
+                self.problems.push(Problem::new(
+                    &p.file,
+                    format!(
+                        "pipeline '{}' is also defined in {}",
+                        p.name,
+                        first.display()
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
+    fn build_pipelines(&mut self, raw: Vec<RawPipeline>) -> Vec<Pipeline> {
+        let mut pipelines = Vec::new();
+        for r in &raw {
+            let sources = r
+                .spec
+                .sources
+                .iter()
+                .filter_map(|(name, s)| self.source(r, name, &s.value, &s.referenced))
+                .collect();
+            let models = self.models(r);
+            let tests = self.tests(r);
+            let identities = r
+                .spec
+                .identity
+                .iter()
+                .filter_map(|(entity, spec)| {
+                    self.identity(r, entity, &spec.value, &spec.referenced)
+                })
+                .collect();
+            pipelines.push(Pipeline {
+                name: r.name.clone(),
+                file: r.file.clone(),
+                schedule: r.spec.schedule.clone(),
+                sources,
+                models,
+                tests,
+                identities,
+                steps: Vec::new(),
+                vars: r
+                    .spec
+                    .vars
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+                depends_on: Vec::new(),
+            });
+        }
+        self.check_graph(&raw, pipelines)
+    }
+
+    fn source(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<Source> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        let before = self.problems.len();
+        if !valid_identifier(name) {
+            self.problems.push(here(
+                format!("source name '{name}' must be lowercase letters, digits and '_'"),
+                at,
+            ));
+        }
+        let table = match &s.table {
+            Some(t) if !valid_identifier(&t.value) => {
+                self.problems.push(here(
+                    format!(
+                        "table name '{}' must be lowercase letters, digits and '_'",
+                        t.value
+                    ),
+                    &t.referenced,
+                ));
+                t.value.clone()
+            }
+            Some(t) => t.value.clone(),
+            None => format!("raw_{}_{}", r.name, name),
+        };
+        let location = match Location::resolve(&s.location.value, &self.root) {
+            Ok(l) => Some(l),
+            Err(msg) => {
+                self.problems.push(here(msg, &s.location.referenced));
+                None
+            }
+        };
+        let mut columns = Vec::new();
+        for (col, c) in &s.schema.value {
+            if !valid_identifier(col) {
+                self.problems.push(here(
+                    format!("column name '{col}' must be lowercase letters, digits and '_'"),
+                    &s.schema.referenced,
+                ));
+            }
+            let c = c.clone().into_full();
+            if c.format.is_some() && !matches!(c.ty, ColumnType::Date | ColumnType::Timestamp) {
+                self.problems.push(here(
+                    format!("column '{col}': `format:` applies to date and timestamp columns only"),
+                    &s.schema.referenced,
+                ));
+            }
+            columns.push(Column {
+                name: col.clone(),
+                source_name: c.source.clone().unwrap_or_else(|| col.clone()),
+                ty: c.ty,
+                required: c.required,
+                format: c.format,
+            });
+        }
+        if columns.is_empty() {
+            self.problems.push(here(
+                format!("source '{name}' declares no columns under `schema:`"),
+                &s.schema.referenced,
+            ));
+        }
+        self.check_keys(r, &format!("source '{name}'"), s.mode, &s.keys, at, |k| {
+            s.schema.value.contains_key(k)
+        });
+        if s.csv.is_some() && s.format != SourceFormat::Csv {
+            self.problems.push(here(
+                format!("source '{name}': `csv:` options need `format: csv`"),
+                at,
+            ));
+        }
+        let csv = s.csv.as_ref().map_or_else(CsvSettings::default, |o| {
+            let mut c = CsvSettings::default();
+            for (opt, v, slot) in [
+                ("delimiter", o.delimiter, &mut c.delimiter),
+                ("quote", o.quote, &mut c.quote),
+            ] {
+                if let Some(ch) = v {
+                    if ch.is_ascii() {
+                        *slot = ch as u8;
+                    } else {
+                        self.problems.push(here(
+                            format!("source '{name}': csv {opt} must be one ASCII character"),
+                            at,
+                        ));
+                    }
+                }
+            }
+            c.header = o.header.unwrap_or(true);
+            if let Some(n) = &o.null_values {
+                c.null_values = n.clone();
+            }
+            c
+        });
+        let incremental = match &s.incremental {
+            None => None,
+            Some(IncrementalSpec::Files(_)) => Some(Incremental::NewFiles),
+            Some(IncrementalSpec::Cursor(c)) => {
+                if !s.schema.value.contains_key(c) {
+                    self.problems.push(here(
+                        format!(
+                            "source '{name}': incremental cursor '{c}' is not among its columns"
+                        ),
+                        at,
+                    ));
+                }
+                Some(Incremental::Cursor(c.clone()))
+            }
+        };
+        if incremental.is_some() && s.mode == WriteMode::Overwrite {
+            self.problems.push(here(
+                format!(
+                    "source '{name}': an incremental source adds to its table; use `mode: append` \
+                     or `mode: merge` (with `keys:`)"
+                ),
+                at,
+            ));
+        }
+        if incremental == Some(Incremental::NewFiles) && s.format == SourceFormat::Delta {
+            self.problems.push(here(
+                format!("source '{name}': `files: new` needs a file format; use `cursor:` for a Delta table"),
+                at,
+            ));
+        }
+        let max_reject_ratio = s.rejects.as_ref().map_or(0.05, |r| r.max_ratio);
+        if !(0.0..=1.0).contains(&max_reject_ratio) {
+            self.problems.push(here(
+                format!("source '{name}': rejects.max_ratio must be between 0 and 1"),
+                at,
+            ));
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Source {
+            pipeline: r.name.clone(),
+            name: name.to_string(),
+            table,
+            format: s.format,
+            location: location?,
+            mode: s.mode,
+            keys: s.keys.clone(),
+            columns,
+            csv,
+            max_reject_ratio,
+            incremental,
+        })
+    }
+
+    fn check_keys(
+        &mut self,
+        r: &RawPipeline,
+        what: &str,
+        mode: WriteMode,
+        keys: &[String],
+        at: &serde_saphyr::Location,
+        known: impl Fn(&str) -> bool,
+    ) {
+        let problem = if mode == WriteMode::Merge && keys.is_empty() {
+            Some(format!(
+                "{what}: `mode: merge` needs `keys:` (the columns that identify a row)"
+            ))
+        } else if mode != WriteMode::Merge && !keys.is_empty() {
+            Some(format!("{what}: `keys:` is only used with `mode: merge`"))
+        } else {
+            keys.iter()
+                .find(|k| !known(k))
+                .map(|k| format!("{what}: key column '{k}' is not among its columns"))
+        };
+        if let Some(msg) = problem {
+            self.problems
+                .push(Problem::new(&r.file, msg).at(yaml_pos(at, &r.text), &r.text));
+        }
+    }
+
+    fn models(&mut self, r: &RawPipeline) -> Vec<Model> {
+        let mut out = Vec::new();
+        // A file named on its own (usually with options) is not taken again from a glob.
+        let named: Vec<PathBuf> = r
+            .spec
+            .models
+            .iter()
+            .map(|e| match &e.value {
+                ModelEntry::Path(p) => p.as_str(),
+                ModelEntry::Full(m) => m.path.as_str(),
+            })
+            .filter(|p| !p.contains(['*', '?', '[', '{']))
+            .map(PathBuf::from)
+            .collect();
+        for entry in &r.spec.models {
+            let spec = match &entry.value {
+                ModelEntry::Path(p) => ModelSpec {
+                    path: p.clone(),
+                    mode: WriteMode::Overwrite,
+                    keys: Vec::new(),
+                    incremental: None,
+                    scd2: None,
+                },
+                ModelEntry::Full(m) => m.clone(),
+            };
+            let here = |msg: String| {
+                Problem::new(&r.file, msg).at(yaml_pos(&entry.referenced, &r.text), &r.text)
+            };
+            let files = match expand_model_path(&self.root, &spec.path) {
+                Ok(f) if f.is_empty() => {
+                    self.problems
+                        .push(here(format!("no SQL file matches '{}'", spec.path)));
+                    continue;
+                }
+                Ok(f) if spec.path.contains(['*', '?', '[', '{']) => {
+                    f.into_iter().filter(|p| !named.contains(p)).collect()
+                }
+                Ok(f) => f,
+                Err(msg) => {
+                    self.problems.push(here(msg));
+                    continue;
+                }
+            };
+            if let Some(msg) = model_options_problem(&spec) {
+                self.problems.push(here(msg));
+                continue;
+            }
+            if files.len() > 1 && matches!(spec.mode, WriteMode::Merge | WriteMode::Scd2) {
+                self.problems.push(here(format!(
+                    "'{}' matches {} files; `mode: merge` with `keys:` needs one model per entry",
+                    spec.path,
+                    files.len()
+                )));
+                continue;
+            }
+            for rel in files {
+                let name = rel
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if !valid_identifier(&name) {
+                    self.problems.push(Problem::new(
+                        &rel,
+                        format!(
+                            "model file name '{name}' is the table it builds and must be \
+                             lowercase letters, digits and '_'"
+                        ),
+                    ));
+                    continue;
+                }
+                let Some(sql) = self.read(&rel) else { continue };
+                match dag::parse_model_sql(&rel, &sql) {
+                    Ok(refs) => out.push((
+                        Model {
+                            pipeline: r.name.clone(),
+                            name,
+                            file: rel,
+                            sql,
+                            mode: spec.mode,
+                            keys: spec.keys.clone(),
+                            depends_on: refs.iter().map(|t| t.name.clone()).collect(),
+                            incremental: spec.incremental.clone(),
+                            scd2: spec.scd2.as_ref().map(|s| Scd2 {
+                                tracked: s.tracked.clone(),
+                                valid_from: s.valid_from.clone(),
+                                surrogate_key: s.surrogate_key.clone(),
+                            }),
+                        },
+                        refs,
+                    )),
+                    Err(p) => self.problems.push(p),
+                }
+            }
+        }
+        // Positions of references are only needed for the graph check; keep them alongside.
+        self.model_refs
+            .extend(out.iter().map(|(m, refs)| (m.name.clone(), refs.clone())));
+        out.into_iter().map(|(m, _)| m).collect()
+    }
+
+    fn identity(
+        &mut self,
+        r: &RawPipeline,
+        entity: &str,
+        spec: &IdentitySpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<Identity> {
+        let before = self.problems.len();
+        let mut problem = |msg: String| {
+            self.problems.push(
+                Problem::new(&r.file, format!("identity '{entity}': {msg}"))
+                    .at(yaml_pos(at, &r.text), &r.text),
+            );
+        };
+        if !valid_identifier(entity) {
+            problem("the entity name must be lowercase letters, digits and '_'".into());
+        }
+        let map_table = spec
+            .map
+            .clone()
+            .unwrap_or_else(|| format!("map_{entity}_identity"));
+        let golden_table = spec
+            .golden
+            .clone()
+            .unwrap_or_else(|| format!("int_{entity}_golden"));
+        for t in [&map_table, &golden_table] {
+            if !valid_identifier(t) {
+                problem(format!(
+                    "table name '{t}' must be lowercase letters, digits and '_'"
+                ));
+            }
+        }
+        let sources: Vec<RecordSource> = spec
+            .records
+            .iter()
+            .map(|(name, rec)| RecordSource {
+                name: name.clone(),
+                table: rec.table.clone(),
+                id: rec.id.clone(),
+                updated_at: rec.updated_at.clone(),
+                fields: rec
+                    .fields
+                    .iter()
+                    .map(|(f, c)| (f.clone(), c.clone()))
+                    .collect(),
+            })
+            .collect();
+        if sources.is_empty() {
+            problem("`records:` names no source of records".into());
+        }
+        let known = |f: &str| sources.iter().any(|s| s.fields.iter().any(|(g, _)| g == f));
+        if spec.rules.is_empty() {
+            problem(
+                "`rules:` is empty; add at least one rule such as { name: email, on: [email] }"
+                    .into(),
+            );
+        }
+        for rule in &spec.rules {
+            if rule.on.is_empty() {
+                problem(format!("rule '{}' matches on no field", rule.name));
+            }
+            if let Some(f) = rule.on.iter().find(|f| !known(f)) {
+                problem(format!(
+                    "rule '{}' uses field '{f}', which no record source lists under `fields:`",
+                    rule.name
+                ));
+            }
+        }
+        for (field, s) in &spec.survivorship {
+            if !known(field) {
+                problem(format!(
+                    "survivorship names field '{field}', which no record source lists"
+                ));
+            }
+            if let Survivorship::Prefer(order) = s
+                && let Some(x) = order.iter().find(|x| !spec.records.contains_key(*x))
+            {
+                problem(format!(
+                    "survivorship of '{field}' prefers '{x}', which is not a record source"
+                ));
+            }
+            if *s == Survivorship::MostRecent && sources.iter().all(|s| s.updated_at.is_none()) {
+                problem(format!(
+                    "survivorship of '{field}' is most_recent but no record source has `updated_at:`"
+                ));
+            }
+        }
+        for f in spec.normalize.keys() {
+            if !known(f) {
+                problem(format!(
+                    "`normalize:` names field '{f}', which no record source lists"
+                ));
+            }
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Identity {
+            pipeline: r.name.clone(),
+            entity: entity.to_string(),
+            map_table,
+            golden_table,
+            id_column: format!("{entity}_id"),
+            id_prefix: spec.id_prefix.clone().unwrap_or_else(|| {
+                entity
+                    .chars()
+                    .next()
+                    .map(|c| c.to_ascii_uppercase().to_string())
+                    .unwrap_or_default()
+            }),
+            rules: spec
+                .rules
+                .iter()
+                .map(|r| (r.name.clone(), r.on.clone()))
+                .collect(),
+            normalize: spec
+                .normalize
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            default_cc: spec
+                .default_country_code
+                .clone()
+                .unwrap_or_else(|| "49".into())
+                .trim_start_matches('+')
+                .to_string(),
+            survivorship: spec
+                .survivorship
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            max_group: spec.max_group.unwrap_or(20),
+            sources,
+        })
+    }
+
+    fn tests(&mut self, r: &RawPipeline) -> Vec<DataTest> {
+        r.spec
+            .tests
+            .iter()
+            .map(|t| {
+                let mut test = data_test(&t.value);
+                test.name = format!(
+                    "{} [{}:{}]",
+                    test.name,
+                    r.file.display(),
+                    t.referenced.line()
+                );
+                self.test_positions.push((
+                    test.table.clone(),
+                    r.file.clone(),
+                    yaml_pos(&t.referenced, &r.text),
+                    r.text.clone(),
+                ));
+                test
+            })
+            .collect()
+    }
+}
+
+fn model_options_problem(spec: &ModelSpec) -> Option<String> {
+    let what = format!("model '{}'", spec.path);
+    match spec.mode {
+        WriteMode::Merge | WriteMode::Scd2 if spec.keys.is_empty() => Some(format!(
+            "{what}: `mode: {}` needs `keys:` (the columns that identify a row)",
+            spec.mode.as_str()
+        )),
+        WriteMode::Overwrite | WriteMode::Append if !spec.keys.is_empty() => Some(format!(
+            "{what}: `keys:` is only used with `mode: merge` or `mode: scd2`"
+        )),
+        WriteMode::Scd2 if spec.scd2.is_none() => Some(format!(
+            "{what}: `mode: scd2` needs `scd2: {{ tracked: [columns] }}`"
+        )),
+        m if m != WriteMode::Scd2 && spec.scd2.is_some() => {
+            Some(format!("{what}: `scd2:` options need `mode: scd2`"))
+        }
+        m if m != WriteMode::Merge && spec.incremental.is_some() => Some(format!(
+            "{what}: `incremental:` needs `mode: merge` (new rows are merged by key)"
+        )),
+        _ => None,
+    }
+}
+
+/// Expand a model path or glob relative to the project root into sorted relative file paths.
+fn expand_model_path(root: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    if !pattern.contains(['*', '?', '[', '{']) {
+        let rel = PathBuf::from(pattern);
+        if !root.join(&rel).is_file() {
+            return Err(format!("SQL file '{pattern}' does not exist"));
+        }
+        return Ok(vec![rel]);
+    }
+    let glob = globset::Glob::new(pattern)
+        .map_err(|e| format!("invalid glob '{pattern}': {e}"))?
+        .compile_matcher();
+    let base: PathBuf = Path::new(pattern)
+        .components()
+        .take_while(|c| {
+            !c.as_os_str()
+                .to_string_lossy()
+                .contains(['*', '?', '[', '{'])
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut stack = vec![root.join(&base)];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(root)
+                && glob.is_match(rel)
+                && rel.extension().is_some_and(|e| e == "sql")
+            {
+                out.push(rel.to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
