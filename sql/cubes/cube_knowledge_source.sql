@@ -1,6 +1,7 @@
 -- Key customer knowledge sources: what a customer knows (value: spend, breadth of products,
--- suggestions), how willing they are to share it (feedback, surveys, campaign responses), and
--- how much of it the firm absorbs (share of their suggestions acted on or answered).
+-- suggestions), how willing they are to share it (feedback, surveys, campaign responses, and how
+-- much detail their service tickets carry: an order reference and a satisfaction rating), and how
+-- much of it the firm absorbs (share of their suggestions acted on or answered).
 with rfm as (
     select customer_id, monetary from cube_customer_rfm where as_of = kbcrm_as_of()
 ),
@@ -26,6 +27,16 @@ interactions as (
     group by customer_id
 ),
 
+tickets as (
+    select
+        customer_id,
+        count(*) as tickets,
+        avg(case when order_id is not null and satisfaction is not null then 1.0 else 0.0 end) as ticket_detail
+    from fact_service_ticket
+    where cast(opened_at as date) <= kbcrm_as_of()
+    group by customer_id
+),
+
 joined as (
     select
         r.customer_id,
@@ -36,10 +47,13 @@ joined as (
         coalesce(i.surveys, 0) as surveys,
         coalesce(i.feedback, 0) as feedback,
         coalesce(i.campaign_responses, 0) as campaign_responses,
+        coalesce(t.tickets, 0) as tickets,
+        coalesce(t.ticket_detail, 0.0) as ticket_detail,
         case when i.suggestions > 0 then cast(i.suggestions_absorbed as double) / i.suggestions end as absorption_rate
     from rfm r
     left join breadth b on r.customer_id = b.customer_id
     left join interactions i on r.customer_id = i.customer_id
+    left join tickets t on r.customer_id = t.customer_id
 ),
 
 scored as (
@@ -48,7 +62,7 @@ scored as (
         (percent_rank() over (order by monetary) + percent_rank() over (order by categories)
           + percent_rank() over (order by suggestions)) / 3 as knowledge_value,
         (percent_rank() over (order by feedback) + percent_rank() over (order by surveys)
-          + percent_rank() over (order by campaign_responses)) / 3 as willingness,
+          + percent_rank() over (order by campaign_responses) + ticket_detail) / 4 as willingness,
         coalesce(absorption_rate, 0.0) as absorption
     from joined
 )
@@ -63,6 +77,8 @@ select
     surveys,
     feedback,
     campaign_responses,
+    tickets,
+    ticket_detail,
     knowledge_value,
     willingness,
     absorption,

@@ -76,11 +76,11 @@ fn fixture() -> Project {
         "employee_id,full_name\nE1,Eva Lang\n",
     );
     let tickets = format!(
-        "ticket_id,customer_id,opened_at,closed_at,complaint,satisfaction\n\
-         T1,C03,{} 09:00:00,{} 09:00:00,false,5\n\
-         T2,C03,{} 09:00:00,{} 09:00:00,false,2\n\
-         T3,C05,{} 09:00:00,{} 09:00:00,true,3\n\
-         T4,C05,{} 09:00:00,,true,\n",
+        "ticket_id,customer_id,opened_at,closed_at,complaint,satisfaction,order_id\n\
+         T1,C03,{} 09:00:00,{} 09:00:00,false,5,O31\n\
+         T2,C03,{} 09:00:00,{} 09:00:00,false,2,O32\n\
+         T3,C05,{} 09:00:00,{} 09:00:00,true,3,\n\
+         T4,C05,{} 09:00:00,,true,,O51\n",
         day(300),
         day(299),
         day(30),
@@ -168,7 +168,7 @@ fn fixture() -> Project {
     format: csv
     location: data/fact_service_ticket.csv
     table: fact_service_ticket
-    schema: { ticket_id: string, customer_id: string, opened_at: timestamp, closed_at: timestamp, complaint: bool, satisfaction: int }
+    schema: { ticket_id: string, customer_id: string, opened_at: timestamp, closed_at: timestamp, complaint: bool, satisfaction: int, order_id: string }
   invoices:
     format: csv
     location: data/fact_invoice.csv
@@ -352,6 +352,15 @@ fn cubes_on_a_dozen_hand_made_customers() {
     );
     assert_eq!(knowledge["C01"], vec!["2", "2", "0.5", "1"]);
     assert_eq!(knowledge["C11"][..3], ["1", "0", "0.0"]);
+    // Ticket detail: both of C03's tickets name an order and carry a rating; neither of C05's
+    // does both (one has no order, the other no rating); C01 opened none.
+    let detail = by_customer(
+        &p,
+        "select customer_id, tickets, ticket_detail from cube_knowledge_source",
+    );
+    assert_eq!(detail["C03"], vec!["2", "1.0"]);
+    assert_eq!(detail["C05"], vec!["2", "0.0"]);
+    assert_eq!(detail["C01"], vec!["0", "0.0"]);
 
     // Rollups: the grand total and one region.
     let rollup = p.query(
