@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
@@ -16,6 +16,16 @@ use crate::udf::{self, RunParams};
 /// Build a session with the project's engine settings and kbcrm's functions. Tables are
 /// registered by the caller (see [`crate::warehouse::Warehouse::register_all`]).
 pub fn session(settings: &EngineSettings, params: &RunParams) -> Result<SessionContext> {
+    session_with_runtime(settings, params, runtime(settings)?)
+}
+
+/// A session on a runtime (memory pool, spill folder) shared with other sessions, as the
+/// server's per-role sessions share one.
+pub fn session_with_runtime(
+    settings: &EngineSettings,
+    params: &RunParams,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         .with_create_default_catalog_and_schema(true);
@@ -32,6 +42,13 @@ pub fn session(settings: &EngineSettings, params: &RunParams) -> Result<SessionC
             ))
         })?;
     }
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    udf::register(&ctx, params);
+    Ok(ctx)
+}
+
+/// The memory pool and spill folder of the engine settings.
+pub fn runtime(settings: &EngineSettings) -> Result<Arc<RuntimeEnv>> {
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = settings.memory_limit {
         let pool = TrackConsumersPool::new(
@@ -47,10 +64,7 @@ pub fn session(settings: &EngineSettings, params: &RunParams) -> Result<SessionC
                 .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
         );
     }
-    let runtime = runtime.build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
-    udf::register(&ctx, params);
-    Ok(ctx)
+    Ok(runtime.build_arc()?)
 }
 
 /// Days since the epoch of a date.

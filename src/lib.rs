@@ -38,6 +38,7 @@ pub mod init;
 pub mod plan;
 pub mod query;
 pub mod run;
+pub mod serve;
 pub mod sources;
 pub mod stats;
 pub mod udf;

@@ -66,6 +66,18 @@ pub enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Serve the warehouse over the PostgreSQL wire protocol (read-only, SCRAM logins).
+    Serve {
+        /// Address to listen on; default serve.listen in kbcrm.yaml, else 127.0.0.1:5433.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
+    /// Manage the users of `kbcrm serve`.
+    User {
+        /// What to do.
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Start a project in a folder: kbcrm.yaml, one pipeline, one model, a little data.
     Init {
         /// The folder (created when missing).
@@ -145,6 +157,23 @@ pub enum Command {
         /// 1 writes the history; N > 1 writes the files of the (N-1)th day after it.
         #[arg(long, default_value_t = 1)]
         batch: u32,
+    },
+}
+
+/// `kbcrm user` actions.
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Add a user of `kbcrm serve` (or change a user's password and role): the password's
+    /// SCRAM-SHA-256 verifier is written to kbcrm.yaml, never the password.
+    Add {
+        /// User name.
+        name: String,
+        /// Role (declared under `roles:` in kbcrm.yaml).
+        #[arg(long)]
+        role: String,
+        /// Read the password from the first line of standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
     },
 }
 
@@ -310,7 +339,56 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::line(&summary.to_string())
         }
         Command::Demo { scale, seed } => crate::demo::demo(&cli, *scale, *seed).await,
+        Command::Serve { listen } => {
+            let project = cli.load()?;
+            let server = crate::serve::Server::bind(project, listen.as_deref()).await?;
+            let addr = server.local_addr()?;
+            output::line(&format!(
+                "kbcrm serve: listening on {addr}; connect with psql \"host={} port={} user=NAME dbname=kbcrm\"",
+                addr.ip(),
+                addr.port()
+            ))?;
+            server.run().await
+        }
+        Command::User {
+            action:
+                UserAction::Add {
+                    name,
+                    role,
+                    password_stdin,
+                },
+        } => {
+            let project = cli.load()?;
+            let password = read_password(name, *password_stdin)?;
+            crate::serve::users::add_user(&project, name, role, &password)?;
+            output::line(&format!(
+                "user '{name}' (role {role}) written to kbcrm.yaml; a running server picks it up at its next start"
+            ))
+        }
     }
+}
+
+fn read_password(name: &str, from_stdin: bool) -> Result<String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| Error::Usage(format!("cannot read the password from stdin: {e}")))?;
+        return Ok(line.trim_end_matches(['\n', '\r']).to_string());
+    }
+    let first = rpassword::prompt_password(format!("Password for {name}: ")).map_err(|e| {
+        Error::Usage(format!(
+            "cannot read the password: {e}; use --password-stdin"
+        ))
+    })?;
+    let again = rpassword::prompt_password("Again: ")
+        .map_err(|e| Error::Usage(format!("cannot read the password: {e}")))?;
+    if first != again {
+        return Err(Error::Usage(
+            "the two passwords differ; nothing written".into(),
+        ));
+    }
+    Ok(first)
 }
 
 /// A value quoted at the start of a reject reason.

@@ -28,6 +28,83 @@ pub struct ProjectSpec {
     /// DataFusion settings passed through, e.g. `datafusion.execution.batch_size: 8192`.
     #[serde(default)]
     pub datafusion: IndexMap<String, serde_json::Value>,
+    /// The SQL server (`kbcrm serve`).
+    #[serde(default)]
+    pub serve: ServeSpec,
+    /// Roles of the SQL server's users: which tables they read, PII, row filters.
+    #[serde(default)]
+    pub roles: IndexMap<String, RoleSpec>,
+    /// Columns holding personal data, per table; masked for roles without `pii: true`.
+    #[serde(default)]
+    pub pii: IndexMap<String, Vec<String>>,
+    /// Users of the SQL server, written by `kbcrm user add`.
+    #[serde(default)]
+    pub users: IndexMap<String, UserSpec>,
+}
+
+/// Settings of `kbcrm serve`.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSpec {
+    /// Address to listen on; default `127.0.0.1:5433` (loopback only).
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Most clients connected at once; more are refused with error 53300. Default 64.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Default statement timeout, e.g. "30s" or "5min"; "0" for none. Default 5min.
+    /// Clients may change it per session with `SET statement_timeout`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub statement_timeout: Option<Spanned<String>>,
+    /// How often to look for table versions committed by later runs; default "2s".
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub refresh_interval: Option<Spanned<String>>,
+    /// TLS certificate and key (PEM files, relative to kbcrm.yaml).
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
+    /// Refuse clients that do not use TLS.
+    #[serde(default)]
+    pub require_tls: bool,
+}
+
+/// A TLS certificate chain and its private key.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    /// PEM file with the certificate chain.
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+/// What a role may read.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSpec {
+    /// Tables the role reads: names or globs such as `cube_*`.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Whether the role sees columns listed under `pii:` unmasked.
+    #[serde(default)]
+    pub pii: bool,
+    /// Per table, a SQL condition rows must meet to be seen, e.g. `region = 'North'`.
+    #[serde(default)]
+    pub row_filter: IndexMap<String, String>,
+}
+
+/// A user of the SQL server.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// The user's role (a key of `roles:`).
+    #[schemars(with = "String")]
+    pub role: Spanned<String>,
+    /// The SCRAM-SHA-256 verifier (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`),
+    /// as PostgreSQL stores it; never the password.
+    #[schemars(with = "String")]
+    pub scram: Spanned<String>,
 }
 
 /// Engine limits and tuning.

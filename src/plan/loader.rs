@@ -81,6 +81,7 @@ impl Loader {
         let spec: ProjectSpec = parse_yaml(&project_file, &text).map_err(Error::invalid)?;
         let warehouse = self.warehouse(&spec, &text, overrides);
         let engine = self.engine(&spec, &text, overrides);
+        let access = super::access::build(&spec, &text, &self.root, &mut self.problems);
         let pipelines_dir = spec.pipelines.clone().unwrap_or_else(|| "pipelines".into());
         let raw = self.read_pipelines(Path::new(&pipelines_dir));
         let pipelines = self.build_pipelines(raw);
@@ -99,6 +100,7 @@ impl Loader {
             warehouse: warehouse.expect("warehouse problems reported above"),
             engine,
             pipelines,
+            access,
         })
     }
 

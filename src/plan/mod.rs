@@ -3,6 +3,7 @@
 //! A [`Project`] cannot be half-valid: loading collects every problem in every file and fails with
 //! all of them, or returns a project whose pipelines, sources and models are ready to run.
 
+pub mod access;
 pub mod dag;
 mod data_tests;
 mod graph;
@@ -98,6 +99,8 @@ pub struct Project {
     pub engine: EngineSettings,
     /// Pipelines, in the order they must run.
     pub pipelines: Vec<Pipeline>,
+    /// The SQL server's settings, roles, PII columns and users.
+    pub access: access::Access,
 }
 
 /// A validated pipeline.

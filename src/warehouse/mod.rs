@@ -219,6 +219,26 @@ impl Warehouse {
         }))
     }
 
+    /// The newest committed version of every table, read from the `_delta_log` listings only
+    /// (cheap enough to poll).
+    pub async fn latest_versions(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let mut out = std::collections::BTreeMap::new();
+        for name in self.table_names().await? {
+            let log = self.path(&format!("{name}/_delta_log"));
+            let entries: Vec<_> = self.store.list(Some(&log)).try_collect().await?;
+            let newest = entries
+                .iter()
+                .filter_map(|m| m.location.filename())
+                .filter_map(|f| f.strip_suffix(".json"))
+                .filter_map(|v| v.parse::<u64>().ok())
+                .max();
+            if let Some(v) = newest {
+                out.insert(name, v);
+            }
+        }
+        Ok(out)
+    }
+
     /// Current versions of the named tables (`None` for a table that does not exist).
     pub async fn versions(&self, names: &[String]) -> Result<HashMap<String, Option<u64>>> {
         let mut out = HashMap::new();

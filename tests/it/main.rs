@@ -6,6 +6,7 @@ mod incremental;
 mod models;
 mod pipeline_run;
 mod recovery;
+mod serve;
 mod sources;
 mod star;
 mod support;

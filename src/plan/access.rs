@@ -1,0 +1,268 @@
+//! Who may read what through `kbcrm serve`: the server settings, roles, PII columns and users
+//! of kbcrm.yaml, checked when the project loads.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use crate::config::ProjectSpec;
+use crate::error::Problem;
+
+use super::PROJECT_FILE;
+use super::loader::yaml_pos;
+
+/// Address `kbcrm serve` listens on unless told otherwise: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5433";
+
+/// The SQL server's settings and access rules.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Server settings.
+    pub serve: ServeSettings,
+    /// Roles by name.
+    pub roles: BTreeMap<String, Role>,
+    /// PII columns per table.
+    pub pii: BTreeMap<String, Vec<String>>,
+    /// Users by name.
+    pub users: BTreeMap<String, User>,
+}
+
+/// Settings of `kbcrm serve`.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    /// Listen address.
+    pub listen: String,
+    /// Most clients at once.
+    pub max_connections: usize,
+    /// Default statement timeout (`None`: no limit).
+    pub statement_timeout: Option<Duration>,
+    /// How often new table versions are looked for.
+    pub refresh_interval: Duration,
+    /// TLS certificate and key files (absolute).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Refuse plaintext clients.
+    pub require_tls: bool,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        ServeSettings {
+            listen: DEFAULT_LISTEN.into(),
+            max_connections: 64,
+            statement_timeout: Some(Duration::from_secs(300)),
+            refresh_interval: Duration::from_secs(2),
+            tls: None,
+            require_tls: false,
+        }
+    }
+}
+
+/// What one role may read.
+#[derive(Debug, Clone)]
+pub struct Role {
+    /// The table patterns as written.
+    pub tables: Vec<String>,
+    matcher: Arc<GlobSet>,
+    /// Sees PII unmasked.
+    pub pii: bool,
+    /// Row conditions per table.
+    pub row_filter: BTreeMap<String, String>,
+}
+
+impl Role {
+    /// Whether the role may read `table`.
+    pub fn may_read(&self, table: &str) -> bool {
+        self.matcher.is_match(table)
+    }
+}
+
+/// A user and the SCRAM verifier of their password.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Role name (a key of [`Access::roles`]).
+    pub role: String,
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
+    pub scram: String,
+}
+
+/// Parse "30s", "500ms", "5min", "1h 30m"; "0" means none.
+pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(None);
+    }
+    if let Ok(ms) = t.parse::<u64>() {
+        return Ok(Some(Duration::from_millis(ms)));
+    }
+    humantime::parse_duration(t)
+        .map(|d| (!d.is_zero()).then_some(d))
+        .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 30s, 500ms or 5min"))
+}
+
+/// A well-formed SCRAM-SHA-256 verifier, or what is wrong with it.
+pub fn check_verifier(v: &str) -> Result<(), String> {
+    let bad = || {
+        "not a SCRAM-SHA-256 verifier; expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> \
+         (write it with `kbcrm user add NAME --role ROLE`, never a password)"
+            .to_string()
+    };
+    let rest = v.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
+    let (iter_salt, keys) = rest.split_once('$').ok_or_else(bad)?;
+    let (iter, salt) = iter_salt.split_once(':').ok_or_else(bad)?;
+    let (stored, server) = keys.split_once(':').ok_or_else(bad)?;
+    let iterations: u32 = iter.parse().map_err(|_| bad())?;
+    if iterations < 4096 {
+        return Err(format!(
+            "the verifier uses {iterations} iterations; at least 4096 are required"
+        ));
+    }
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let salt = b64.decode(salt).map_err(|_| bad())?;
+    let stored = b64.decode(stored).map_err(|_| bad())?;
+    let server = b64.decode(server).map_err(|_| bad())?;
+    if salt.is_empty() || stored.len() != 32 || server.len() != 32 {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+pub(super) fn build(
+    spec: &ProjectSpec,
+    text: &Arc<String>,
+    root: &std::path::Path,
+    problems: &mut Vec<Problem>,
+) -> Access {
+    let mut at = |msg: String, loc: Option<&serde_saphyr::Location>| {
+        let mut p = Problem::new(PROJECT_FILE, msg);
+        if let Some(l) = loc {
+            p = p.at(yaml_pos(l, text), text);
+        }
+        problems.push(p);
+    };
+    let s = &spec.serve;
+    let mut serve = ServeSettings::default();
+    if let Some(l) = &s.listen {
+        if l.parse::<std::net::SocketAddr>().is_err() {
+            at(
+                format!("serve.listen: '{l}' is not an address; write e.g. 127.0.0.1:5433"),
+                None,
+            );
+        }
+        serve.listen = l.clone();
+    }
+    if let Some(n) = s.max_connections {
+        if n == 0 {
+            at("serve.max_connections must be at least 1".into(), None);
+        }
+        serve.max_connections = n.max(1);
+    }
+    if let Some(t) = &s.statement_timeout {
+        match parse_duration(&t.value) {
+            Ok(d) => serve.statement_timeout = d,
+            Err(m) => at(format!("serve.statement_timeout: {m}"), Some(&t.referenced)),
+        }
+    }
+    if let Some(t) = &s.refresh_interval {
+        match parse_duration(&t.value) {
+            Ok(Some(d)) => serve.refresh_interval = d,
+            Ok(None) => at(
+                "serve.refresh_interval must be more than 0".into(),
+                Some(&t.referenced),
+            ),
+            Err(m) => at(format!("serve.refresh_interval: {m}"), Some(&t.referenced)),
+        }
+    }
+    serve.tls = s
+        .tls
+        .as_ref()
+        .map(|t| (root.join(&t.cert), root.join(&t.key)));
+    serve.require_tls = s.require_tls;
+    if serve.require_tls && serve.tls.is_none() {
+        at(
+            "serve.require_tls is true but serve.tls names no certificate and key".into(),
+            None,
+        );
+    }
+
+    let mut roles = BTreeMap::new();
+    for (name, r) in &spec.roles {
+        let mut b = GlobSetBuilder::new();
+        for pat in &r.tables {
+            match Glob::new(pat) {
+                Ok(g) => {
+                    b.add(g);
+                }
+                Err(e) => at(format!("roles.{name}.tables: '{pat}': {e}"), None),
+            }
+        }
+        let matcher = b.build().unwrap_or_else(|_| GlobSet::empty());
+        roles.insert(
+            name.clone(),
+            Role {
+                tables: r.tables.clone(),
+                matcher: Arc::new(matcher),
+                pii: r.pii,
+                row_filter: r.row_filter.clone().into_iter().collect(),
+            },
+        );
+    }
+    let mut users = BTreeMap::new();
+    for (name, u) in &spec.users {
+        if !roles.contains_key(&u.role.value) {
+            let known: Vec<&str> = roles.keys().map(String::as_str).collect();
+            at(
+                format!(
+                    "users.{name}.role: no role '{}' under roles: (declared: {})",
+                    u.role.value,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+                Some(&u.role.referenced),
+            );
+        }
+        if let Err(m) = check_verifier(&u.scram.value) {
+            at(
+                format!("users.{name}.scram: {m}"),
+                Some(&u.scram.referenced),
+            );
+        }
+        users.insert(
+            name.clone(),
+            User {
+                role: u.role.value.clone(),
+                scram: u.scram.value.clone(),
+            },
+        );
+    }
+    Access {
+        serve,
+        roles,
+        pii: spec.pii.clone().into_iter().collect(),
+        users,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_verifiers() {
+        assert_eq!(parse_duration("30s"), Ok(Some(Duration::from_secs(30))));
+        assert_eq!(parse_duration("250"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(parse_duration("5min"), Ok(Some(Duration::from_secs(300))));
+        assert_eq!(parse_duration("0"), Ok(None));
+        assert!(parse_duration("soon").is_err());
+        let v = postgres_protocol::password::scram_sha_256(b"secret");
+        assert_eq!(check_verifier(&v), Ok(()));
+        assert!(check_verifier("secret").is_err());
+        assert!(check_verifier("SCRAM-SHA-256$100:c2FsdA==$AA==:AA==").is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! The connection's start: TLS policy, SCRAM-SHA-256 login against the users of kbcrm.yaml,
+//! the connection limit, and the per-connection state that cancel requests reach.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{Sink, SinkExt};
+use pgwire::api::auth::{
+    StartupHandler, finish_authentication, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
+use pgwire::api::cancel::CancelHandler;
+use pgwire::api::{
+    ClientInfo, METADATA_USER, PgWireConnectionState, PidSecretKeyGenerator,
+    RandomPidSecretKeyGenerator,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::startup::{Authentication, SecretKey};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::scram::{self, ScramError, Verifier};
+
+/// Metadata key holding the session's statement timeout in milliseconds (the key
+/// datafusion-postgres reads too).
+pub const TIMEOUT_KEY: &str = "statement_timeout_ms";
+
+/// An error the client sees, with its SQLSTATE.
+pub fn pg_error(severity: &str, code: &str, message: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        severity.into(),
+        code.into(),
+        message.into(),
+    )))
+}
+
+/// A logged-in connection.
+pub struct ConnSession {
+    /// User name.
+    pub user: String,
+    /// Role name.
+    pub role: String,
+    pid: i32,
+    secret: SecretKey,
+    current: Mutex<Option<CancellationToken>>,
+    registry: Arc<Registry>,
+}
+
+impl ConnSession {
+    /// A token for the statement about to run; a cancel request for this connection fires it.
+    pub fn start_statement(&self) -> CancellationToken {
+        let token = CancellationToken::new();
+        *self.current.lock().expect("cancel lock") = Some(token.clone());
+        token
+    }
+}
+
+impl Drop for ConnSession {
+    fn drop(&mut self) {
+        self.registry
+            .sessions
+            .lock()
+            .expect("registry lock")
+            .remove(&self.pid);
+    }
+}
+
+/// Logged-in connections by process id, for cancel requests.
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<i32, Weak<ConnSession>>>,
+}
+
+/// Answers cancel requests: the key must match the connection's secret.
+pub struct Cancel {
+    pub(super) registry: Arc<Registry>,
+}
+
+#[async_trait]
+impl CancelHandler for Cancel {
+    async fn on_cancel_request(&self, req: CancelRequest) {
+        let session = self
+            .registry
+            .sessions
+            .lock()
+            .expect("registry lock")
+            .get(&req.pid)
+            .and_then(Weak::upgrade);
+        if let Some(s) = session
+            && s.secret.eq_value(&req.secret_key)
+            && let Some(t) = s.current.lock().expect("cancel lock").take()
+        {
+            tracing::info!(user = %s.user, pid = s.pid, "statement cancelled by the client");
+            t.cancel();
+        }
+    }
+}
+
+enum AuthState {
+    Start,
+    Challenged(Box<scram::Pending>, String),
+    Done,
+}
+
+/// SCRAM-SHA-256 login, one per connection.
+pub struct Login {
+    shared: Arc<Shared>,
+    state: tokio::sync::Mutex<AuthState>,
+}
+
+impl Login {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Login {
+            shared,
+            state: tokio::sync::Mutex::new(AuthState::Start),
+        }
+    }
+}
+
+fn auth_failed(user: &str) -> PgWireError {
+    pg_error(
+        "FATAL",
+        "28P01",
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
+#[async_trait]
+impl StartupHandler for Login {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                if self.shared.serve.require_tls && !client.is_secure() {
+                    return Err(pg_error(
+                        "FATAL",
+                        "28000",
+                        "this server accepts only TLS connections; connect with sslmode=require",
+                    ));
+                }
+                if client
+                    .metadata()
+                    .get(METADATA_USER)
+                    .is_none_or(|u| u.is_empty())
+                {
+                    return Err(pg_error("FATAL", "28000", "no user name given"));
+                }
+                client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                client
+                    .send(PgWireBackendMessage::Authentication(Authentication::SASL(
+                        vec!["SCRAM-SHA-256".to_string()],
+                    )))
+                    .await?;
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(msg) => {
+                let user = client
+                    .metadata()
+                    .get(METADATA_USER)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut state = self.state.lock().await;
+                match std::mem::replace(&mut *state, AuthState::Done) {
+                    AuthState::Start => {
+                        let first = msg.into_sasl_initial_response()?;
+                        if first.auth_method != "SCRAM-SHA-256" {
+                            return Err(pg_error(
+                                "FATAL",
+                                "28000",
+                                format!(
+                                    "authentication method {} is not offered; use SCRAM-SHA-256",
+                                    first.auth_method
+                                ),
+                            ));
+                        }
+                        let data = first.data.unwrap_or_default();
+                        let verifier = self
+                            .shared
+                            .users
+                            .get(&user)
+                            .and_then(|u| Verifier::parse(&u.scram))
+                            .unwrap_or_else(|| Verifier::decoy(&self.shared.secret, &user));
+                        let (server_first, pending) =
+                            scram::server_first(&data, verifier, &scram::random_nonce())
+                                .map_err(|e| malformed(&e))?;
+                        client
+                            .send(PgWireBackendMessage::Authentication(
+                                Authentication::SASLContinue(Bytes::from(server_first)),
+                            ))
+                            .await?;
+                        *state = AuthState::Challenged(Box::new(pending), user);
+                    }
+                    AuthState::Challenged(pending, user) => {
+                        let resp = msg.into_sasl_response()?;
+                        let server_final = match pending.finish(&resp.data) {
+                            Ok(f) => f,
+                            Err(ScramError::WrongProof) => {
+                                tracing::warn!(%user, "failed login");
+                                return Err(auth_failed(&user));
+                            }
+                            Err(e) => return Err(malformed(&e)),
+                        };
+                        // A decoy verifier never matches, so a user passing here exists.
+                        let Some(account) = self.shared.users.get(&user) else {
+                            return Err(auth_failed(&user));
+                        };
+                        client
+                            .send(PgWireBackendMessage::Authentication(
+                                Authentication::SASLFinal(Bytes::from(server_final)),
+                            ))
+                            .await?;
+                        self.open_session(client, &user, &account.role);
+                        finish_authentication(client, &self.shared.parameters).await?;
+                        tracing::info!(%user, role = %account.role, "login");
+                    }
+                    AuthState::Done => return Err(PgWireError::InvalidSASLState),
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Login {
+    fn open_session<C: ClientInfo>(&self, client: &mut C, user: &str, role: &str) {
+        let (pid, secret) = RandomPidSecretKeyGenerator::default().generate(client);
+        client.set_pid_and_secret_key(pid, secret.clone());
+        if let Some(t) = self.shared.serve.statement_timeout {
+            client
+                .metadata_mut()
+                .insert(TIMEOUT_KEY.into(), t.as_millis().to_string());
+        }
+        client.session_extensions().insert(ConnSession {
+            user: user.to_string(),
+            role: role.to_string(),
+            pid,
+            secret,
+            current: Mutex::new(None),
+            registry: self.shared.registry.clone(),
+        });
+        if let Some(s) = client.session_extensions().get::<ConnSession>() {
+            self.shared
+                .registry
+                .sessions
+                .lock()
+                .expect("registry lock")
+                .insert(pid, Arc::downgrade(&s));
+        }
+    }
+}
+
+fn malformed(e: &ScramError) -> PgWireError {
+    let what = match e {
+        ScramError::Malformed(m) => m,
+        ScramError::WrongProof => "wrong proof",
+    };
+    pg_error("FATAL", "08P01", format!("malformed SCRAM message: {what}"))
+}
+
+/// The login of a client beyond `max_connections`: refused with 53300, like PostgreSQL.
+pub struct TooMany;
+
+#[async_trait]
+impl StartupHandler for TooMany {
+    async fn on_startup<C>(
+        &self,
+        _client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(_) => Err(pg_error(
+                "FATAL",
+                "53300",
+                "sorry, too many clients already",
+            )),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! One DataFusion session per role, holding only the tables the role may read: PII columns
+//! masked and row filters applied inside each table's definition, so every way a query can
+//! reach a table (joins, subqueries, CTEs, `information_schema`, `pg_catalog`) sees the same
+//! restricted view. Rebuilt when a run commits new table versions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, ScalarUDF, TableProviderFilterPushDown, TableType, Volatility, create_udf,
+};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use datafusion_postgres::DfSessionService;
+use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
+
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::plan::Project;
+use crate::plan::access::Role;
+use crate::warehouse::Warehouse;
+
+/// What replaces a masked text value.
+pub const MASK: &str = "***";
+
+/// The sessions of every role, built from one set of table versions.
+pub struct Catalog {
+    /// Table versions the sessions read.
+    pub versions: BTreeMap<String, u64>,
+    /// Per role.
+    pub roles: HashMap<String, Arc<RoleSession>>,
+}
+
+/// One role's view of the warehouse.
+pub struct RoleSession {
+    /// The session; its catalog holds only the role's tables.
+    pub ctx: Arc<SessionContext>,
+    /// The PostgreSQL-protocol service over that session.
+    pub service: Arc<DfSessionService>,
+    /// Tables that exist but the role may not read.
+    pub hidden: BTreeSet<String>,
+}
+
+/// Build every role's session from the warehouse as it is now.
+pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catalog> {
+    let params = engine::today_params();
+    let base = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
+    let wh = Warehouse::open(&project.warehouse)?;
+    let versions: BTreeMap<String, u64> = wh
+        .register_all(&base)
+        .await?
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+    let mut roles = HashMap::new();
+    for (name, role) in &project.access.roles {
+        let ctx = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
+        let mut hidden = BTreeSet::new();
+        for table in versions.keys() {
+            if !role.may_read(table) {
+                hidden.insert(table.clone());
+                continue;
+            }
+            let provider = restricted(&base, table, role, project).await.map_err(|e| {
+                Error::Usage(format!(
+                    "kbcrm.yaml: role '{name}', table '{table}': {e}; fix roles.{name}.row_filter \
+                     or pii.{table}"
+                ))
+            })?;
+            ctx.register_table(table.as_str(), provider)?;
+        }
+        setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
+            .map_err(|e| Error::Usage(format!("pg_catalog: {e}")))?;
+        ctx.register_udf(version_udf());
+        ctx.register_udf(to_regtype_udf());
+        ctx.register_udf(no_serial_sequence_udf());
+        ctx.register_udf(create_udf(
+            "pg_collation_is_visible",
+            vec![DataType::Int64],
+            DataType::Boolean,
+            Volatility::Stable,
+            Arc::new(|_: &[ColumnarValue]| {
+                Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true))))
+            }),
+        ));
+        ctx.register_udf(ScalarUDF::new_from_impl(JsonBuildObject::new()));
+        let ctx = Arc::new(ctx);
+        roles.insert(
+            name.clone(),
+            Arc::new(RoleSession {
+                service: Arc::new(DfSessionService::new(ctx.clone())),
+                ctx,
+                hidden,
+            }),
+        );
+    }
+    Ok(Catalog { versions, roles })
+}
+
+/// The table as the role sees it: the committed table itself, or a view over it with PII
+/// masked and the role's row filter applied.
+async fn restricted(
+    base: &SessionContext,
+    table: &str,
+    role: &Role,
+    project: &Project,
+) -> std::result::Result<Arc<dyn TableProvider>, String> {
+    let provider = base
+        .table_provider(table)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pii: BTreeSet<&str> = if role.pii {
+        BTreeSet::new()
+    } else {
+        project
+            .access
+            .pii
+            .get(table)
+            .map(|cols| cols.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    };
+    let filter = role.row_filter.get(table);
+    if pii.is_empty() && filter.is_none() {
+        return Ok(provider);
+    }
+    let schema = provider.schema();
+    let cols: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let name = f.name();
+            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            if !pii.contains(name.as_str()) {
+                return quoted;
+            }
+            match f.data_type() {
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                    format!("case when {quoted} is null then null else '{MASK}' end as {quoted}")
+                }
+                other => format!("cast(null as {}) as {quoted}", sql_type(other)),
+            }
+        })
+        .collect();
+    let sql = format!(
+        "select {} from \"{table}\"{}",
+        cols.join(", "),
+        filter.map(|f| format!(" where {f}")).unwrap_or_default()
+    );
+    let df = base.sql(&sql).await.map_err(|e| e.strip_backtrace())?;
+    Ok(Arc::new(AsTable(df.into_view())))
+}
+
+/// A restricted view that clients see as the table it stands for (psql's `\dt`, JDBC's
+/// `getTables` and SQLAlchemy list base tables only).
+#[derive(Debug)]
+struct AsTable(Arc<dyn TableProvider>);
+
+#[async_trait::async_trait]
+impl TableProvider for AsTable {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    /// The view's plan, so the planner inlines and optimises it with the query as a whole.
+    fn get_logical_plan(
+        &self,
+    ) -> Option<std::borrow::Cow<'_, datafusion::logical_expr::LogicalPlan>> {
+        self.0.get_logical_plan()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.0.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.0.scan(state, projection, filters, limit).await
+    }
+}
+
+/// `to_regtype(name)`: the type's oid, or NULL for a type the server does not have (psycopg
+/// and SQLAlchemy look up types such as `hstore` with it when they connect).
+fn to_regtype_udf() -> ScalarUDF {
+    use datafusion::arrow::array::{Array, Int32Array, StringArray};
+    use pgwire::api::Type;
+    let known = [
+        Type::BOOL,
+        Type::BYTEA,
+        Type::CHAR,
+        Type::NAME,
+        Type::INT8,
+        Type::INT2,
+        Type::INT4,
+        Type::TEXT,
+        Type::OID,
+        Type::JSON,
+        Type::FLOAT4,
+        Type::FLOAT8,
+        Type::BPCHAR,
+        Type::VARCHAR,
+        Type::DATE,
+        Type::TIME,
+        Type::TIMESTAMP,
+        Type::TIMESTAMPTZ,
+        Type::INTERVAL,
+        Type::NUMERIC,
+        Type::UUID,
+        Type::JSONB,
+    ];
+    let aliases = [
+        ("integer", "int4"),
+        ("int", "int4"),
+        ("bigint", "int8"),
+        ("smallint", "int2"),
+        ("real", "float4"),
+        ("double precision", "float8"),
+        ("boolean", "bool"),
+        ("character varying", "varchar"),
+        ("character", "bpchar"),
+        ("timestamp without time zone", "timestamp"),
+        ("timestamp with time zone", "timestamptz"),
+        ("decimal", "numeric"),
+    ];
+    let oid_of = move |name: &str| -> Option<i32> {
+        let n = name.trim().trim_start_matches("pg_catalog.").to_lowercase();
+        let n = aliases
+            .iter()
+            .find(|(a, _)| *a == n)
+            .map(|(_, t)| t.to_string())
+            .unwrap_or(n);
+        known.iter().find(|t| t.name() == n).map(|t| t.oid() as i32)
+    };
+    create_udf(
+        "to_regtype",
+        vec![DataType::Utf8],
+        DataType::Int32,
+        Volatility::Stable,
+        Arc::new(move |args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let names = arrays[0]
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(|| {
+                    datafusion::error::DataFusionError::Plan("to_regtype takes text".into())
+                })?;
+            let oids: Int32Array = (0..names.len())
+                .map(|i| {
+                    if names.is_null(i) {
+                        None
+                    } else {
+                        oid_of(names.value(i))
+                    }
+                })
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(oids)))
+        }),
+    )
+}
+
+/// `pg_get_serial_sequence(table, column)`: warehouse tables have no sequences, so NULL.
+fn no_serial_sequence_udf() -> ScalarUDF {
+    create_udf(
+        "pg_get_serial_sequence",
+        vec![DataType::Utf8, DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Stable,
+        Arc::new(|_: &[ColumnarValue]| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(None)))),
+    )
+}
+
+/// `version()` as PostgreSQL words it: clients such as SQLAlchemy parse the number from it.
+fn version_udf() -> ScalarUDF {
+    let text = format!(
+        "PostgreSQL 16.6 (kbcrm {}, Apache DataFusion) on {}-linux, 64-bit",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH
+    );
+    create_udf(
+        "version",
+        vec![],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(move |_: &[ColumnarValue]| {
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(text.clone()))))
+        }),
+    )
+}
+
+fn sql_type(t: &DataType) -> String {
+    match t {
+        DataType::Int8 | DataType::Int16 => "smallint".into(),
+        DataType::Int32 => "int".into(),
+        DataType::Int64 => "bigint".into(),
+        DataType::Float32 => "real".into(),
+        DataType::Float64 => "double".into(),
+        DataType::Boolean => "boolean".into(),
+        DataType::Date32 | DataType::Date64 => "date".into(),
+        DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => format!("decimal({p},{s})"),
+        DataType::Timestamp(_, Some(_)) => "timestamptz".into(),
+        DataType::Timestamp(_, None) => "timestamp".into(),
+        _ => "varchar".into(),
+    }
+}
+
+/// `json_build_object(k1, v1, ...)`: the JSON text of an object (catalog queries of SQLAlchemy
+/// and other clients build their results with it).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct JsonBuildObject {
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl JsonBuildObject {
+    fn new() -> Self {
+        JsonBuildObject {
+            signature: datafusion::logical_expr::Signature::variadic_any(Volatility::Immutable),
+        }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
+    fn name(&self) -> &str {
+        "json_build_object"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        use datafusion::arrow::array::{Array, StringBuilder};
+        use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+        let n = args.number_rows;
+        if !args.args.len().is_multiple_of(2) {
+            return Err(datafusion::error::DataFusionError::Plan(
+                "json_build_object needs key/value pairs".into(),
+            ));
+        }
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let options = FormatOptions::default();
+        let formatters = arrays
+            .iter()
+            .map(|a| ArrayFormatter::try_new(a.as_ref(), &options))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut out = StringBuilder::new();
+        for row in 0..n {
+            let mut obj = serde_json::Map::new();
+            for pair in 0..arrays.len() / 2 {
+                let (k, v) = (2 * pair, 2 * pair + 1);
+                let key = formatters[k].value(row).to_string();
+                let value = if arrays[v].is_null(row) {
+                    serde_json::Value::Null
+                } else {
+                    let text = formatters[v].value(row).to_string();
+                    match arrays[v].data_type() {
+                        DataType::Boolean => serde_json::Value::Bool(text == "true"),
+                        t if t.is_numeric() => {
+                            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+                        }
+                        _ => serde_json::Value::String(text),
+                    }
+                };
+                obj.insert(key, value);
+            }
+            out.append_value(serde_json::Value::Object(obj).to_string());
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}

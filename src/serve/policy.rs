@@ -1,0 +1,352 @@
+//! What a client may run: queries, `SHOW`, transactions and cursors; harmless per-session
+//! `SET`s. Everything that writes, reads files or changes the engine is refused before it is
+//! planned.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+
+use datafusion::sql::sqlparser::ast::{
+    Expr, ObjectName, Query, Set, SetExpr, Statement, TableFactor, Value, Visit, Visitor,
+};
+
+/// Client settings a session may change; the second item is the name reported back to the
+/// client in a ParameterStatus message, when PostgreSQL reports it.
+const SESSION_SETTINGS: &[(&str, Option<&str>)] = &[
+    ("application_name", Some("application_name")),
+    ("datestyle", Some("DateStyle")),
+    ("intervalstyle", Some("IntervalStyle")),
+    ("timezone", Some("TimeZone")),
+    ("client_encoding", Some("client_encoding")),
+    (
+        "standard_conforming_strings",
+        Some("standard_conforming_strings"),
+    ),
+    ("extra_float_digits", None),
+    ("search_path", None),
+    ("statement_timeout", None),
+    ("client_min_messages", None),
+    ("bytea_output", None),
+    ("lock_timeout", None),
+    ("idle_in_transaction_session_timeout", None),
+    ("default_transaction_read_only", None),
+    ("default_transaction_isolation", None),
+    ("transaction_isolation", None),
+    ("jit", None),
+    ("geqo", None),
+    ("row_security", None),
+];
+
+/// Table functions a query may call: none of them reads files.
+const TABLE_FUNCTIONS: &[&str] = &["generate_series", "range", "unnest", "pg_get_keywords"];
+
+/// What to do with one statement.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// A query, `SHOW`, `EXPLAIN`, a transaction or cursor statement: plan and run it.
+    Run,
+    /// A client setting for this session only.
+    Set {
+        /// Lower-case setting name.
+        name: String,
+        /// The value; `None` for `DEFAULT` / `RESET`.
+        value: Option<String>,
+        /// Name to report in ParameterStatus.
+        report: Option<&'static str>,
+    },
+    /// Nothing to do but answer with this command tag.
+    Reply(&'static str),
+    /// Refused, with SQLSTATE and message.
+    Refuse(&'static str, String),
+}
+
+/// Judge one parsed statement. `hidden` are tables that exist but the role may not read.
+pub fn judge(stmt: &Statement, hidden: &BTreeSet<String>) -> Verdict {
+    match stmt {
+        Statement::Query(_) => check_relations(stmt, hidden),
+        Statement::Explain { statement, .. } => match judge(statement, hidden) {
+            Verdict::Run => Verdict::Run,
+            Verdict::Refuse(c, m) => Verdict::Refuse(c, m),
+            _ => Verdict::Refuse("0A000", "only queries can be explained".into()),
+        },
+        Statement::ShowVariable { .. }
+        | Statement::ShowStatus { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowCatalogs { .. }
+        | Statement::ShowSchemas { .. } => check_relations(stmt, hidden),
+        Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. } => Verdict::Run,
+        Statement::Declare { stmts } => {
+            for d in stmts {
+                if let Some(q) = &d.for_query {
+                    let v = check_relations(&Statement::Query(q.clone()), hidden);
+                    if v != Verdict::Run {
+                        return v;
+                    }
+                }
+            }
+            Verdict::Run
+        }
+        Statement::Fetch { .. } | Statement::Close { .. } => Verdict::Run,
+        Statement::Discard { .. } => Verdict::Reply("DISCARD ALL"),
+        // Nothing is ever written, so savepoints have nothing to keep.
+        Statement::Savepoint { .. } => Verdict::Reply("SAVEPOINT"),
+        Statement::ReleaseSavepoint { .. } => Verdict::Reply("RELEASE"),
+        Statement::Deallocate { .. } => Verdict::Reply("DEALLOCATE"),
+        Statement::Set(set) => judge_set(set),
+        Statement::Copy { .. } => Verdict::Refuse(
+            "42501",
+            "COPY is not allowed: the server is read-only and does not read or write files; \
+             export with `kbcrm query --format csv` instead"
+                .into(),
+        ),
+        other => {
+            let word = other
+                .to_string()
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_uppercase();
+            Verdict::Refuse(
+                "25006",
+                format!(
+                    "cannot execute {word}: the kbcrm server is read-only; tables change only \
+                     through `kbcrm run`"
+                ),
+            )
+        }
+    }
+}
+
+fn judge_set(set: &Set) -> Verdict {
+    match set {
+        Set::SingleAssignment {
+            hivevar: false,
+            variable,
+            values,
+            ..
+        } => {
+            let name = variable.to_string().to_lowercase();
+            let value = match values.as_slice() {
+                [] => None,
+                [Expr::Identifier(i)] if i.value.eq_ignore_ascii_case("default") => None,
+                vs => Some(vs.iter().map(literal_text).collect::<Vec<_>>().join(", ")),
+            };
+            session_setting(&name, value)
+        }
+        Set::SetTimeZone { value, .. } => session_setting("timezone", Some(literal_text(value))),
+        Set::SetTransaction { .. } => Verdict::Reply("SET"),
+        Set::SetNames { charset_name, .. } => {
+            session_setting("client_encoding", Some(charset_name.value.clone()))
+        }
+        other => Verdict::Refuse(
+            "42501",
+            format!("{other} is not allowed on the kbcrm server"),
+        ),
+    }
+}
+
+fn session_setting(name: &str, value: Option<String>) -> Verdict {
+    let Some((_, report)) = SESSION_SETTINGS.iter().find(|(n, _)| *n == name) else {
+        return if name.starts_with("datafusion.") || name.contains('.') {
+            Verdict::Refuse(
+                "42501",
+                format!(
+                    "SET {name} is not allowed: engine and memory settings are fixed in \
+                     kbcrm.yaml, not per client"
+                ),
+            )
+        } else {
+            Verdict::Refuse(
+                "42704",
+                format!("unrecognized configuration parameter \"{name}\""),
+            )
+        };
+    };
+    if name == "client_encoding"
+        && let Some(v) = &value
+        && !matches!(
+            v.to_ascii_uppercase().replace('-', "").as_str(),
+            "UTF8" | "UNICODE"
+        )
+    {
+        return Verdict::Refuse(
+            "22023",
+            format!("client encoding \"{v}\" is not supported; the server speaks UTF8"),
+        );
+    }
+    Verdict::Set {
+        name: name.to_string(),
+        value,
+        report: *report,
+    }
+}
+
+/// The text of a SET value: strings without quotes, identifiers and numbers as written.
+fn literal_text(e: &Expr) -> String {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+            other => other.to_string(),
+        },
+        Expr::Identifier(i) => i.value.clone(),
+        other => other.to_string(),
+    }
+}
+
+struct Relations<'a> {
+    hidden: &'a BTreeSet<String>,
+}
+
+impl Visitor for Relations<'_> {
+    type Break = Verdict;
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<Verdict> {
+        let last = relation
+            .0
+            .last()
+            .map(|p| p.to_string().trim_matches('"').to_string())
+            .unwrap_or_default();
+        if self.hidden.contains(&last) {
+            return ControlFlow::Break(Verdict::Refuse(
+                "42501",
+                format!("permission denied for table {last}"),
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<Verdict> {
+        if let SetExpr::Select(select) = query.body.as_ref()
+            && select.into.is_some()
+        {
+            return ControlFlow::Break(Verdict::Refuse(
+                "25006",
+                "cannot execute SELECT INTO: the kbcrm server is read-only".into(),
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<Verdict> {
+        let name = match factor {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => Some(name.to_string()),
+            TableFactor::Function { name, .. } => Some(name.to_string()),
+            TableFactor::TableFunction { expr, .. } => Some(expr.to_string()),
+            _ => None,
+        };
+        if let Some(n) = name {
+            let bare = n
+                .split('(')
+                .next()
+                .unwrap_or_default()
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_lowercase();
+            if !TABLE_FUNCTIONS.contains(&bare.as_str()) {
+                return ControlFlow::Break(Verdict::Refuse(
+                    "42501",
+                    format!(
+                        "table function {bare} is not allowed: queries read warehouse tables only"
+                    ),
+                ));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn check_relations(stmt: &Statement, hidden: &BTreeSet<String>) -> Verdict {
+    match stmt.visit(&mut Relations { hidden }) {
+        ControlFlow::Break(v) => v,
+        ControlFlow::Continue(()) => Verdict::Run,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+
+    fn verdict(sql: &str) -> Verdict {
+        let hidden: BTreeSet<String> = ["fact_payment".to_string()].into();
+        let stmts = PostgresCompatibilityParser::new().parse(sql).unwrap();
+        judge(&stmts[0], &hidden)
+    }
+
+    fn code(sql: &str) -> &'static str {
+        match verdict(sql) {
+            Verdict::Refuse(c, _) => c,
+            other => panic!("{sql}: expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn queries_run_and_writes_are_refused() {
+        assert_eq!(verdict("select 1"), Verdict::Run);
+        assert_eq!(
+            verdict("with a as (select 1) select * from a"),
+            Verdict::Run
+        );
+        assert_eq!(verdict("begin"), Verdict::Run);
+        for sql in [
+            "insert into t values (1)",
+            "update t set a = 1",
+            "delete from t",
+            "create table t (a int)",
+            "create view v as select 1",
+            "drop table fact_sales",
+            "truncate fact_sales",
+            "alter table t add column b int",
+        ] {
+            assert_eq!(code(sql), "25006", "{sql}");
+        }
+        assert_eq!(code("copy fact_sales to '/tmp/x.csv'"), "42501");
+        assert_eq!(code("select * from read_csv('/etc/passwd')"), "42501");
+        assert_eq!(code("select 1 as a into t"), "25006");
+        assert_eq!(verdict("select * from generate_series(1, 3)"), Verdict::Run);
+    }
+
+    #[test]
+    fn ungranted_tables_are_refused_everywhere() {
+        for sql in [
+            "select * from fact_payment",
+            "select * from fact_sales s join fact_payment p on s.order_id = p.order_id",
+            "select * from fact_sales where order_id in (select order_id from public.fact_payment)",
+            "with p as (select * from fact_payment) select * from p",
+            "explain select * from fact_payment",
+        ] {
+            assert_eq!(code(sql), "42501", "{sql}");
+        }
+    }
+
+    #[test]
+    fn session_settings() {
+        assert_eq!(
+            verdict("SET application_name = 'bi'"),
+            Verdict::Set {
+                name: "application_name".into(),
+                value: Some("bi".into()),
+                report: Some("application_name")
+            }
+        );
+        assert!(matches!(
+            verdict("SET statement_timeout TO 1000"),
+            Verdict::Set { value: Some(v), .. } if v == "1000"
+        ));
+        assert!(matches!(
+            verdict("SET TIME ZONE 'UTC'"),
+            Verdict::Set { .. }
+        ));
+        assert_eq!(code("SET datafusion.execution.batch_size = 1"), "42501");
+        assert_eq!(code("SET work_mem_of_doom = 1"), "42704");
+    }
+}

@@ -1,0 +1,476 @@
+//! Statements of a logged-in connection: judged by the policy, run in the role's session
+//! through datafusion-postgres, bounded by the statement timeout and cancel requests while
+//! planning and while rows stream.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion_postgres::DfSessionService;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use pgwire::api::portal::{Format, Portal, PortalExecutionState};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler, send_execution_response};
+use pgwire::api::results::{FieldInfo, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::{Entry, PortalStore};
+use pgwire::api::{ClientInfo, ClientPortalStore, DEFAULT_NAME, PgWireConnectionState, Type};
+use pgwire::error::{PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::data::DataRow;
+use pgwire::messages::extendedquery::Execute;
+use pgwire::messages::response::EmptyQueryResponse;
+use pgwire::messages::startup::ParameterStatus;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::auth::{ConnSession, TIMEOUT_KEY, pg_error};
+use super::catalog::RoleSession;
+use super::policy::{self, Verdict};
+use crate::plan::access::parse_duration;
+
+/// A parsed statement as the extended protocol keeps it (the type datafusion-postgres uses).
+pub type Stmt = (String, Option<(Statement, LogicalPlan)>);
+
+/// Query handlers of one connection.
+pub struct Queries {
+    pub(super) shared: Arc<Shared>,
+    parser: Arc<Parser>,
+}
+
+impl Queries {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Queries {
+            parser: Arc::new(Parser {
+                shared: shared.clone(),
+            }),
+            shared,
+        }
+    }
+}
+
+fn session<C: ClientInfo + ?Sized>(
+    shared: &Shared,
+    client: &C,
+) -> PgWireResult<(Arc<ConnSession>, Arc<RoleSession>)> {
+    let conn = client
+        .session_extensions()
+        .get::<ConnSession>()
+        .ok_or_else(|| pg_error("FATAL", "28000", "not logged in"))?;
+    let role = shared
+        .catalog()
+        .roles
+        .get(&conn.role)
+        .cloned()
+        .ok_or_else(|| {
+            pg_error(
+                "FATAL",
+                "28000",
+                format!("role \"{}\" is not declared in kbcrm.yaml", conn.role),
+            )
+        })?;
+    Ok((conn, role))
+}
+
+fn parse(shared: &Shared, sql: &str) -> PgWireResult<Vec<Statement>> {
+    shared
+        .parser
+        .parse(sql)
+        .map_err(|e| pg_error("ERROR", "42601", format!("syntax error: {e}")))
+}
+
+fn deadline<C: ClientInfo + ?Sized>(client: &C) -> Option<Instant> {
+    client
+        .metadata()
+        .get(TIMEOUT_KEY)
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(|ms| Instant::now() + Duration::from_millis(ms))
+}
+
+fn timed_out() -> PgWireError {
+    pg_error(
+        "ERROR",
+        "57014",
+        "canceling statement due to statement timeout",
+    )
+}
+
+fn cancelled() -> PgWireError {
+    pg_error("ERROR", "57014", "canceling statement due to user request")
+}
+
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Run `fut` unless the statement is cancelled or times out first.
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = PgWireResult<T>>,
+    token: &CancellationToken,
+    deadline: Option<Instant>,
+) -> PgWireResult<T> {
+    tokio::select! {
+        biased;
+        _ = token.cancelled() => Err(cancelled()),
+        _ = until(deadline) => Err(timed_out()),
+        r = fut => r.map_err(engine_error),
+    }
+}
+
+/// The rows of a response, ended by an error when the statement is cancelled or times out
+/// while they stream.
+fn bounded_rows(
+    rows: impl Stream<Item = PgWireResult<DataRow>> + Send + Unpin + 'static,
+    token: CancellationToken,
+    deadline: Option<Instant>,
+) -> impl Stream<Item = PgWireResult<DataRow>> + Send + 'static {
+    futures::stream::unfold(Some(rows), move |state| {
+        let token = token.clone();
+        async move {
+            let mut rows = state?;
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => Some((Err(cancelled()), None)),
+                _ = until(deadline) => Some((Err(timed_out()), None)),
+                item = rows.next() => item.map(|i| (i.map_err(engine_error), Some(rows))),
+            }
+        }
+    })
+}
+
+fn bound_response(r: Response, token: &CancellationToken, deadline: Option<Instant>) -> Response {
+    match r {
+        Response::Query(mut q) => {
+            let rows = std::mem::replace(&mut q.data_rows, Box::pin(futures::stream::empty()));
+            q.data_rows = Box::pin(bounded_rows(rows, token.clone(), deadline));
+            Response::Query(q)
+        }
+        other => other,
+    }
+}
+
+/// Give engine errors PostgreSQL's SQLSTATEs so clients react as they would to PostgreSQL.
+fn engine_error(e: PgWireError) -> PgWireError {
+    let PgWireError::ApiError(inner) = &e else {
+        return e;
+    };
+    let text = inner.to_string();
+    let text = text.split("\n\nbacktrace").next().unwrap_or(&text).trim();
+    let code = if text.contains("Resources exhausted") {
+        "53200"
+    } else if text.contains("not found") && text.to_lowercase().contains("table") {
+        "42P01"
+    } else if text.contains("No field named") || text.contains("Schema error") {
+        "42703"
+    } else if text.contains("SQL error") || text.contains("ParserError") {
+        "42601"
+    } else if text.contains("Invalid function") {
+        "42883"
+    } else {
+        "XX000"
+    };
+    pg_error("ERROR", code, text.to_string())
+}
+
+/// Apply a client setting to this connection only.
+async fn apply_setting<C>(
+    shared: &Shared,
+    client: &mut C,
+    name: &str,
+    value: Option<String>,
+    report: Option<&'static str>,
+) -> PgWireResult<Response>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    if name == "statement_timeout" {
+        let timeout = match &value {
+            None => shared.serve.statement_timeout,
+            Some(v) => parse_duration(v).map_err(|m| {
+                pg_error(
+                    "ERROR",
+                    "22023",
+                    format!("invalid value for parameter \"statement_timeout\": {m}"),
+                )
+            })?,
+        };
+        match timeout {
+            Some(t) => client
+                .metadata_mut()
+                .insert(TIMEOUT_KEY.into(), t.as_millis().to_string()),
+            None => client.metadata_mut().remove(TIMEOUT_KEY),
+        };
+        return Ok(Response::Execution(Tag::new("SET")));
+    }
+    let shown = match value {
+        Some(v) => {
+            client.metadata_mut().insert(name.to_string(), v.clone());
+            v
+        }
+        None => {
+            client.metadata_mut().remove(name);
+            super::default_setting(name).to_string()
+        }
+    };
+    if let Some(report) = report {
+        client
+            .send(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
+                report.to_string(),
+                shown,
+            )))
+            .await?;
+    }
+    Ok(Response::Execution(Tag::new("SET")))
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Queries {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (conn, role) = session(&self.shared, client)?;
+        let statements = parse(&self.shared, query)?;
+        if statements.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let token = conn.start_statement();
+        let deadline = deadline(client);
+        let mut out = Vec::new();
+        for stmt in statements {
+            match policy::judge(&stmt, &role.hidden) {
+                Verdict::Refuse(code, msg) => return Err(pg_error("ERROR", code, msg)),
+                Verdict::Reply(tag) => out.push(Response::Execution(Tag::new(tag))),
+                Verdict::Set {
+                    name,
+                    value,
+                    report,
+                } => out.push(apply_setting(&self.shared, client, &name, value, report).await?),
+                Verdict::Run => {
+                    let sql = stmt.to_string();
+                    let responses = bounded(
+                        <DfSessionService as SimpleQueryHandler>::do_query(
+                            &role.service,
+                            client,
+                            &sql,
+                        ),
+                        &token,
+                        deadline,
+                    )
+                    .await?;
+                    out.extend(
+                        responses
+                            .into_iter()
+                            .map(|r| bound_response(r, &token, deadline)),
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn empty_plan() -> LogicalPlan {
+    LogicalPlan::EmptyRelation(EmptyRelation {
+        produce_one_row: false,
+        schema: Arc::new(DFSchema::empty()),
+    })
+}
+
+/// Parses extended-protocol statements: judged first, then planned in the role's session.
+pub struct Parser {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = Stmt;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<Stmt>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let (_, role) = session(&self.shared, client)?;
+        let mut statements = parse(&self.shared, sql)?;
+        if statements.is_empty() {
+            return Ok(None);
+        }
+        let stmt = statements.remove(0);
+        match policy::judge(&stmt, &role.hidden) {
+            Verdict::Refuse(code, msg) => Err(pg_error("ERROR", code, msg)),
+            Verdict::Reply(_) | Verdict::Set { .. } => {
+                Ok(Some((sql.to_string(), Some((stmt, empty_plan())))))
+            }
+            Verdict::Run => role
+                .service
+                .query_parser()
+                .parse_sql(client, sql, types)
+                .await
+                .map_err(engine_error),
+        }
+    }
+
+    fn get_parameter_types(&self, stmt: &Stmt) -> PgWireResult<Vec<Type>> {
+        match self.shared.any_role() {
+            Some(r) => r.service.query_parser().get_parameter_types(stmt),
+            None => Ok(vec![]),
+        }
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Stmt,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        match self.shared.any_role() {
+            Some(r) => r
+                .service
+                .query_parser()
+                .get_result_schema(stmt, column_format),
+            None => Ok(vec![]),
+        }
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Queries {
+    type Statement = Stmt;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        self.parser.clone()
+    }
+
+    /// An Execute without a row limit streams its rows as they are computed; pgwire's own
+    /// path would first collect the whole result in memory. Row-limited executes (cursors)
+    /// keep pgwire's suspended-portal handling.
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Stmt>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME).to_string();
+        let portal = match client.portal_store().get_portal(&name) {
+            Some(Entry::Value(p)) => p,
+            _ => return self._on_execute(client, message).await,
+        };
+        let fresh = matches!(*portal.state().lock().await, PortalExecutionState::Initial);
+        if message.max_rows != 0 || !fresh {
+            return self._on_execute(client, message).await;
+        }
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return Err(PgWireError::NotReadyForQuery);
+        }
+        let mut status = client.transaction_status();
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        let response =
+            <Self as ExtendedQueryHandler>::do_query(self, client, portal.as_ref(), 0).await?;
+        *portal.state().lock().await = PortalExecutionState::Finished;
+        match response {
+            Response::Query(mut q) => {
+                let mut rows = 0usize;
+                while let Some(row) = q.data_rows.next().await {
+                    client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+                    rows += 1;
+                }
+                let tag = Tag::new(&q.command_tag).with_rows(rows);
+                client
+                    .send(PgWireBackendMessage::CommandComplete(tag.into()))
+                    .await?;
+            }
+            Response::EmptyQuery => {
+                client
+                    .feed(PgWireBackendMessage::EmptyQueryResponse(
+                        EmptyQueryResponse::new(),
+                    ))
+                    .await?;
+            }
+            Response::Execution(tag) => send_execution_response(client, tag).await?,
+            Response::TransactionStart(tag) => {
+                send_execution_response(client, tag).await?;
+                status = status.to_in_transaction_state();
+            }
+            Response::TransactionEnd(tag) => {
+                send_execution_response(client, tag).await?;
+                status = status.to_idle_state();
+                client.portal_store().rm_portal(DEFAULT_NAME);
+            }
+            Response::Error(e) => {
+                client
+                    .send(PgWireBackendMessage::ErrorResponse((*e).into()))
+                    .await?;
+                status = status.to_error_state();
+            }
+            _ => {
+                return Err(pg_error(
+                    "ERROR",
+                    "0A000",
+                    "COPY is not supported by the kbcrm server",
+                ));
+            }
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        client.set_transaction_status(status);
+        Ok(())
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Stmt>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Stmt>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (conn, role) = session(&self.shared, client)?;
+        if let (_, Some((stmt, _))) = &portal.statement.statement {
+            match policy::judge(stmt, &role.hidden) {
+                Verdict::Refuse(code, msg) => return Err(pg_error("ERROR", code, msg)),
+                Verdict::Reply(tag) => return Ok(Response::Execution(Tag::new(tag))),
+                Verdict::Set {
+                    name,
+                    value,
+                    report,
+                } => return apply_setting(&self.shared, client, &name, value, report).await,
+                Verdict::Run => {}
+            }
+        }
+        let token = conn.start_statement();
+        let deadline = deadline(client);
+        let response = bounded(
+            <DfSessionService as ExtendedQueryHandler>::do_query(
+                &role.service,
+                client,
+                portal,
+                max_rows,
+            ),
+            &token,
+            deadline,
+        )
+        .await?;
+        Ok(bound_response(response, &token, deadline))
+    }
+}

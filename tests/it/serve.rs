@@ -1,0 +1,602 @@
+//! `kbcrm serve` against real PostgreSQL clients: tokio-postgres (the rust-postgres driver) for
+//! the protocol-level checks, psql and Python's psycopg / SQLAlchemy / pandas for what BI users
+//! run. Every expected value is computed from the fixture's CSV text, not from the server.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::support::{Project, stderr, stdout};
+
+const CUSTOMERS: &str = "customer_id,name,email,region,credit_limit\n\
+C1,Anna Berg,anna@example.com,North,1000.50\n\
+C2,Bo Lind,bo@example.com,South,250.00\n\
+C3,Cleo Holm,,North,0.00\n\
+C4,Dan Ek,dan@example.com,West,99.99\n";
+
+const SALES: &str = "order_id,customer_id,order_date,amount,paid\n\
+O1,C1,2025-01-05,100.25,true\n\
+O2,C1,2025-02-05,50.75,false\n\
+O3,C2,2025-01-09,10.00,true\n\
+O4,C3,2025-03-01,7.50,true\n\
+O5,C4,2025-03-02,1.25,false\n";
+
+const PIPELINE: &str = "\
+sources:
+  customers:
+    format: csv
+    location: data/customers.csv
+    schema: { customer_id: string, name: string, email: string, region: string, credit_limit: \"decimal(12,2)\" }
+  sales:
+    format: csv
+    location: data/sales.csv
+    schema: { order_id: string, customer_id: string, order_date: date, amount: double, paid: bool }
+  secrets:
+    format: csv
+    location: data/secrets.csv
+    schema: { k: string, v: string }
+models:
+  - path: sql/customers.sql
+  - path: sql/sales.sql
+  - path: sql/secrets.sql
+";
+
+const PROJECT: &str = "\
+name: served
+serve:
+  statement_timeout: 30s
+  max_connections: 4
+  refresh_interval: 300ms
+pii:
+  customers: [name, email]
+roles:
+  admin: { tables: [\"*\"], pii: true }
+  analyst: { tables: [customers, sales] }
+  north:
+    tables: [customers, sales]
+    row_filter:
+      customers: \"region = 'North'\"
+      sales: \"customer_id in (select customer_id from customers where region = 'North')\"
+";
+
+/// Whether a test that needs an outside program may skip: on a laptop yes, under CI never.
+fn may_skip(what: &str) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} is required under CI=true (.ci/run installs it)");
+    }
+    eprintln!("skipped: {what} is not available");
+    true
+}
+
+fn add_user(p: &Project, name: &str, role: &str, password: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+        .args(["user", "add", name, "--role", role, "--password-stdin"])
+        .current_dir(p.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kbcrm runs");
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "user add: {}", stderr(&out));
+}
+
+/// A project with three tables, three roles and three users, built and ready to serve;
+/// `serve_extra` are more lines of the `serve:` block.
+fn project(serve_extra: &str) -> Project {
+    let p = Project::empty();
+    p.write(
+        "kbcrm.yaml",
+        PROJECT.replace(
+            "  refresh_interval: 300ms\n",
+            &format!("  refresh_interval: 300ms\n{serve_extra}"),
+        ),
+    );
+    p.write("pipelines/p.yaml", PIPELINE);
+    p.write("sql/customers.sql", "select * from raw_p_customers\n");
+    p.write("sql/sales.sql", "select * from raw_p_sales\n");
+    p.write("sql/secrets.sql", "select * from raw_p_secrets\n");
+    p.write("data/customers.csv", CUSTOMERS);
+    p.write("data/sales.csv", SALES);
+    p.write("data/secrets.csv", "k,v\nroot,hunter2\n");
+    p.ok(&["run"]);
+    add_user(&p, "ada", "admin", "ada long password");
+    add_user(&p, "ann", "analyst", "ann-pw-2025");
+    add_user(&p, "nils", "north", "nils pw");
+    p
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(p: &Project) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(p.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("kbcrm serve starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    Server { child, port }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(port: u16, user: &str, password: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user={user} password='{password}' dbname=kbcrm"),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// The error of a call that must fail.
+fn refused<T>(r: Result<T, tokio_postgres::Error>, what: &str) -> tokio_postgres::Error {
+    match r {
+        Ok(_) => panic!("{what}: accepted, expected an error"),
+        Err(e) => e,
+    }
+}
+
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no code: {e}"))
+}
+
+async fn texts(c: &Client, sql: &str) -> Vec<Vec<String>> {
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn logins_need_the_right_password_and_fail_alike() {
+    let p = project("");
+    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
+    assert!(yaml.contains("ann: { role: analyst, scram: \"SCRAM-SHA-256$4096:"));
+    assert!(
+        !yaml.contains("ann-pw-2025"),
+        "a password reached kbcrm.yaml"
+    );
+    // Unknown role: nothing written.
+    let out = p.kbcrm(&["user", "add", "eve", "--role", "root", "--password-stdin"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(stderr(&out).contains("no role 'root'"), "{}", stderr(&out));
+
+    let s = serve(&p);
+    rt().block_on(async {
+        let c = connect(s.port, "ann", "ann-pw-2025").await.expect("login");
+        assert_eq!(texts(&c, "select 1 + 1").await, vec![vec!["2"]]);
+        for (user, pw) in [("ann", "wrong"), ("nobody", "ann-pw-2025"), ("ann", "")] {
+            let e = refused(connect(s.port, user, pw).await, "refused");
+            assert_eq!(code(&e), "28P01", "{user}/{pw}: {e}");
+        }
+        // A failed login takes as long for an unknown user as for a wrong password.
+        let mut known = Vec::new();
+        let mut unknown = Vec::new();
+        for _ in 0..9 {
+            let t = Instant::now();
+            assert!(connect(s.port, "ann", "nope").await.is_err());
+            known.push(t.elapsed());
+            let t = Instant::now();
+            assert!(connect(s.port, "ghost", "nope").await.is_err());
+            unknown.push(t.elapsed());
+        }
+        known.sort();
+        unknown.sort();
+        let ratio = known[4].as_secs_f64() / unknown[4].as_secs_f64();
+        assert!(
+            (0.5..2.0).contains(&ratio),
+            "median failed login {:?} (user exists) vs {:?} (unknown)",
+            known[4],
+            unknown[4]
+        );
+    });
+}
+
+#[test]
+fn roles_see_only_their_tables_masked_and_filtered() {
+    let p = project("");
+    let s = serve(&p);
+    rt().block_on(async {
+        let ann = connect(s.port, "ann", "ann-pw-2025").await.unwrap();
+        // Every way of reaching the ungranted table is refused.
+        for sql in [
+            "select * from secrets",
+            "select * from customers c join secrets s on c.customer_id = s.k",
+            "select * from customers where customer_id in (select k from secrets)",
+            "with s as (select * from secrets) select * from s",
+            "select * from public.secrets",
+            "explain select * from secrets",
+        ] {
+            let e = refused(ann.simple_query(sql).await, sql);
+            assert_eq!(code(&e), "42501", "{sql}: {e}");
+            let e = refused(ann.query(sql, &[]).await, sql);
+            assert_eq!(code(&e), "42501", "extended {sql}: {e}");
+        }
+        // ... and hidden from the catalog listings.
+        for sql in [
+            "select table_name from information_schema.tables where table_schema = 'public' order by 1",
+            "select relname from pg_catalog.pg_class c join pg_catalog.pg_namespace n on c.relnamespace = n.oid where n.nspname = 'public' order by 1",
+            "select tablename from pg_catalog.pg_tables where schemaname = 'public' order by 1",
+        ] {
+            assert_eq!(
+                texts(&ann, sql).await,
+                vec![vec!["customers"], vec!["sales"]],
+                "{sql}"
+            );
+        }
+        // PII masked for the analyst, clear for the admin.
+        let masked = texts(&ann, "select customer_id, name, email, region from customers order by 1").await;
+        assert_eq!(masked[0], vec!["C1", "***", "***", "North"]);
+        assert_eq!(masked[2], vec!["C3", "***", "NULL", "North"]);
+        let ada = connect(s.port, "ada", "ada long password").await.unwrap();
+        let clear = texts(&ada, "select name, email from customers where customer_id = 'C1'").await;
+        assert_eq!(clear, vec![vec!["Anna Berg", "anna@example.com"]]);
+        assert_eq!(texts(&ada, "select v from secrets").await, vec![vec!["hunter2"]]);
+
+        // The northern manager sees northern customers and their sales only.
+        let nils = connect(s.port, "nils", "nils pw").await.unwrap();
+        let expected_total: f64 = SALES
+            .lines()
+            .skip(1)
+            .filter(|l| l.contains(",C1,") || l.contains(",C3,"))
+            .map(|l| l.split(',').nth(3).unwrap().parse::<f64>().unwrap())
+            .sum();
+        let got = texts(&nils, "select count(*), sum(amount) from sales").await;
+        assert_eq!(got, vec![vec!["3".to_string(), format!("{expected_total}")]]);
+        assert_eq!(
+            texts(&nils, "select customer_id from customers order by 1").await,
+            vec![vec!["C1"], vec!["C3"]]
+        );
+        // Typed results on the extended protocol.
+        let row = ann
+            .query_one(
+                "select credit_limit, order_date, amount, paid, count(*) over () as n \
+                 from customers c join sales s using (customer_id) where order_id = $1",
+                &[&"O1"],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.columns()[0].type_(), &tokio_postgres::types::Type::NUMERIC);
+        assert_eq!(row.get::<_, chrono::NaiveDate>(1).to_string(), "2025-01-05");
+        assert_eq!(row.get::<_, f64>(2), 100.25);
+        assert!(row.get::<_, bool>(3));
+        assert_eq!(row.get::<_, i64>(4), 1);
+    });
+}
+
+#[test]
+fn the_server_is_read_only_and_settings_stay_in_their_session() {
+    let p = project("");
+    let s = serve(&p);
+    rt().block_on(async {
+        let a = connect(s.port, "ada", "ada long password").await.unwrap();
+        for (sql, expected) in [
+            ("insert into sales values ('O9', 'C1', '2025-01-01', 1.0, true)", "25006"),
+            ("update sales set amount = 0", "25006"),
+            ("delete from sales", "25006"),
+            ("create table t as select 1", "25006"),
+            ("create view v as select * from sales", "25006"),
+            ("drop table sales", "25006"),
+            ("copy sales to '/tmp/sales.csv'", "42501"),
+            ("create external table x stored as csv location '/etc/passwd'", "42601"),
+            ("select * from read_csv('/etc/passwd')", "42501"),
+            ("set datafusion.execution.batch_size = 1", "42501"),
+            ("set datafusion.runtime.memory_limit = '100G'", "42501"),
+        ] {
+            let e = refused(a.simple_query(sql).await, sql);
+            assert_eq!(code(&e), expected, "{sql}: {e}");
+        }
+        assert_eq!(texts(&a, "select count(*) from sales").await, vec![vec!["5"]]);
+
+        let b = connect(s.port, "ada", "ada long password").await.unwrap();
+        a.batch_execute("set application_name = 'report-a'; set statement_timeout = '2s'; set datestyle = 'ISO, DMY'")
+            .await
+            .unwrap();
+        assert_eq!(texts(&a, "show application_name").await, vec![vec!["report-a"]]);
+        let other = texts(&b, "show application_name").await;
+        assert_ne!(other, vec![vec!["report-a"]], "a SET leaked into another session");
+    });
+}
+
+#[test]
+fn timeouts_cancel_and_the_connection_limit() {
+    let p = project("");
+    let s = serve(&p);
+    rt().block_on(async {
+        use futures::StreamExt;
+        let c = connect(s.port, "ann", "ann-pw-2025").await.unwrap();
+        c.batch_execute("set statement_timeout = '1500ms'")
+            .await
+            .unwrap();
+        // Rows start at once; the timeout ends the stream part-way.
+        let started = Instant::now();
+        let stream = c
+            .query_raw(
+                "select * from generate_series(1, 2000000000) as t(n)",
+                Vec::<String>::new(),
+            )
+            .await
+            .expect("the query starts");
+        futures::pin_mut!(stream);
+        let mut rows = 0u64;
+        let err = loop {
+            match stream.next().await {
+                Some(Ok(_)) => rows += 1,
+                Some(Err(e)) => break e,
+                None => panic!("two billion rows arrived within the timeout"),
+            }
+        };
+        assert!(rows > 0, "no rows streamed before the timeout: {err:?}");
+        assert_eq!(code(&err), "57014", "{err}");
+        assert!(message(&err).contains("statement timeout"), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+        // The connection is still usable, and SET statement_timeout = 0 lifts the limit.
+        assert_eq!(texts(&c, "select 7").await, vec![vec!["7"]]);
+
+        // Cancel from another connection while rows stream.
+        c.batch_execute("set statement_timeout = 0").await.unwrap();
+        let token = c.cancel_token();
+        let stream = c
+            .query_raw(
+                "select * from generate_series(1, 2000000000) as t(n)",
+                Vec::<String>::new(),
+            )
+            .await
+            .unwrap();
+        futures::pin_mut!(stream);
+        let mut rows = 0u64;
+        let err = loop {
+            match stream.next().await {
+                Some(Ok(_)) => {
+                    rows += 1;
+                    if rows == 1000 {
+                        token.cancel_query(NoTls).await.unwrap();
+                    }
+                }
+                Some(Err(e)) => break e,
+                None => panic!("not cancelled"),
+            }
+        };
+        assert_eq!(code(&err), "57014", "{err}");
+        assert!(message(&err).contains("user request"), "{err:?}");
+        assert_eq!(texts(&c, "select 8").await, vec![vec!["8"]]);
+
+        // max_connections: 4 in the fixture; this is the second open connection.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(connect(s.port, "ann", "ann-pw-2025").await.unwrap());
+        }
+        let e = refused(
+            connect(s.port, "ann", "ann-pw-2025").await,
+            "a fifth connection",
+        );
+        assert_eq!(code(&e), "53300", "{e}");
+        drop(held);
+        let mut ok = false;
+        for _ in 0..50 {
+            if connect(s.port, "ann", "ann-pw-2025").await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "a slot did not come free after clients left");
+    });
+}
+
+#[test]
+fn new_table_versions_are_served_without_a_restart() {
+    let p = project("");
+    let s = serve(&p);
+    async fn count(c: &Client) -> String {
+        texts(c, "select count(*) from sales").await[0][0].clone()
+    }
+    let runtime = rt();
+    let c = runtime
+        .block_on(connect(s.port, "ada", "ada long password"))
+        .unwrap();
+    assert_eq!(runtime.block_on(count(&c)), "5");
+    p.write(
+        "data/sales.csv",
+        format!("{SALES}O6,C2,2025-04-01,3.00,true\n"),
+    );
+    p.ok(&["run"]);
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = runtime.block_on(count(&c));
+        if seen == "6" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(seen, "6", "the server still answers from the old version");
+}
+
+fn psql(port: u16, user: &str, password: &str, extra: &str, sql: &str) -> std::process::Output {
+    Command::new("psql")
+        .args([
+            &format!("host=127.0.0.1 port={port} user={user} dbname=kbcrm {extra}"),
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql runs")
+}
+
+fn have(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn psql_lists_and_describes_tables() {
+    if !have("psql", "--version") && may_skip("psql") {
+        return;
+    }
+    let p = project("");
+    let s = serve(&p);
+    let out = psql(s.port, "ann", "ann-pw-2025", "", "\\dt");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listing = stdout(&out);
+    assert!(
+        listing.contains("customers") && listing.contains("sales"),
+        "{listing}"
+    );
+    assert!(!listing.contains("secrets"), "{listing}");
+    let out = psql(s.port, "ann", "ann-pw-2025", "", "\\d customers");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = stdout(&out);
+    assert!(
+        d.contains("customer_id") && d.contains("credit_limit"),
+        "{d}"
+    );
+    let out = psql(s.port, "ann", "ann-pw-2025", "", "\\dn");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("public"), "{}", stdout(&out));
+    let out = psql(s.port, "ann", "wrong", "", "select 1");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("password authentication failed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn tls_is_used_when_configured_and_required() {
+    if !have("psql", "--version") && may_skip("psql") {
+        return;
+    }
+    if !have("openssl", "version") && may_skip("openssl") {
+        return;
+    }
+    let p = project("  tls: { cert: tls/server.crt, key: tls/server.key }\n  require_tls: true\n");
+    // A missing certificate stops the server at start.
+    let out = p.kbcrm(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(stderr(&out).contains("server.crt"), "{}", stderr(&out));
+    std::fs::create_dir_all(p.path().join("tls")).unwrap();
+    let keygen = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "tls/server.key",
+            "-out",
+            "tls/server.crt",
+        ])
+        .current_dir(p.path())
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{}", stderr(&keygen));
+    let s = serve(&p);
+    let out = psql(
+        s.port,
+        "ann",
+        "ann-pw-2025",
+        "sslmode=require",
+        "select 'over tls'",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "over tls");
+    let out = psql(s.port, "ann", "ann-pw-2025", "sslmode=disable", "select 1");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("only TLS"), "{}", stderr(&out));
+}
+
+#[test]
+fn python_clients_psycopg_sqlalchemy_pandas() {
+    let probe = Command::new("python3")
+        .args(["-c", "import psycopg, sqlalchemy, pandas"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success())
+        && may_skip("python3 with psycopg, sqlalchemy, pandas")
+    {
+        return;
+    }
+    let p = project("");
+    let s = serve(&p);
+    let script = crate::support::repo().join("tests/it/clients/python_clients.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .env("KBCRM_PORT", s.port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python clients failed:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("all python client checks passed"),
+        "{}",
+        stdout(&out)
+    );
+}
