@@ -600,3 +600,29 @@ fn python_clients_psycopg_sqlalchemy_pandas() {
         stdout(&out)
     );
 }
+
+#[test]
+fn jdbc_metadata_and_prepared_queries() {
+    let jar = std::env::var("KBCRM_PGJDBC").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
+    if (!have("java", "-version") || !std::path::Path::new(&jar).exists())
+        && may_skip("java and the PostgreSQL JDBC driver")
+    {
+        return;
+    }
+    let p = project("");
+    let s = serve(&p);
+    let source = crate::support::repo().join("tests/it/clients/JdbcClient.java");
+    let out = Command::new("java")
+        .args(["-cp", &jar])
+        .arg(source)
+        .args([&s.port.to_string(), "ann", "ann-pw-2025", "customers,sales"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "jdbc client failed:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("all jdbc checks passed"), "{}", stdout(&out));
+}
