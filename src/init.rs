@@ -13,6 +13,17 @@ pipelines: pipelines/
 sql: sql/
 engine:
   memory_limit: 2GiB
+# `kbcrm serve`: roles say which tables users read; add users with
+# `kbcrm user add NAME --role analyst`.
+pii:
+  raw_crm_customers: [name, email]
+  stg_crm_customers: [name, email]
+roles:
+  analyst:
+    tables: [\"*\"]
+  admin:
+    tables: [\"*\"]
+    pii: true
 ";
 
 const PIPELINE: &str = "\

@@ -341,7 +341,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo { scale, seed } => crate::demo::demo(&cli, *scale, *seed).await,
         Command::Serve { listen } => {
             let project = cli.load()?;
-            let server = crate::serve::Server::bind(project, listen.as_deref()).await?;
+            let server =
+                crate::serve::Server::bind(project, cli.overrides(), listen.as_deref()).await?;
             let addr = server.local_addr()?;
             output::line(&format!(
                 "kbcrm serve: listening on {addr}; connect with psql \"host={} port={} user=NAME dbname=kbcrm\"",
@@ -362,7 +363,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let password = read_password(name, *password_stdin)?;
             crate::serve::users::add_user(&project, name, role, &password)?;
             output::line(&format!(
-                "user '{name}' (role {role}) written to kbcrm.yaml; a running server picks it up at its next start"
+                "user '{name}' (role {role}) written to kbcrm.yaml; a running server picks it up within seconds"
             ))
         }
     }

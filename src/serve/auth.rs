@@ -190,8 +190,7 @@ impl StartupHandler for Login {
                         let data = first.data.unwrap_or_default();
                         let verifier = self
                             .shared
-                            .users
-                            .get(&user)
+                            .user(&user)
                             .and_then(|u| Verifier::parse(&u.scram))
                             .unwrap_or_else(|| Verifier::decoy(&self.shared.secret, &user));
                         let (server_first, pending) =
@@ -215,7 +214,7 @@ impl StartupHandler for Login {
                             Err(e) => return Err(malformed(&e)),
                         };
                         // A decoy verifier never matches, so a user passing here exists.
-                        let Some(account) = self.shared.users.get(&user) else {
+                        let Some(account) = self.shared.user(&user) else {
                             return Err(auth_failed(&user));
                         };
                         client

@@ -14,7 +14,6 @@ pub mod queries;
 pub mod scram;
 pub mod users;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::net::SocketAddr;
@@ -33,8 +32,8 @@ use tokio_rustls::rustls::{self, ServerConfig};
 
 use crate::engine;
 use crate::error::{Error, Result};
-use crate::plan::Project;
 use crate::plan::access::{ServeSettings, User};
+use crate::plan::{Overrides, Project};
 use crate::warehouse::Warehouse;
 
 use auth::{Cancel, Login, Registry, TooMany};
@@ -43,9 +42,11 @@ use queries::Queries;
 
 /// What every connection shares.
 pub struct Shared {
-    project: Project,
+    project: RwLock<Arc<Project>>,
+    overrides: Overrides,
+    /// When kbcrm.yaml was last read.
+    project_file_changed: std::sync::Mutex<Option<std::time::SystemTime>>,
     serve: ServeSettings,
-    users: BTreeMap<String, User>,
     catalog: RwLock<Arc<Catalog>>,
     runtime: Arc<RuntimeEnv>,
     /// Keys the decoy verifiers of unknown users; random per server start.
@@ -65,14 +66,54 @@ impl Shared {
         self.catalog().roles.values().next().cloned()
     }
 
-    /// Rebuild the role sessions when a run has committed new table versions.
+    /// The project as last read (users, roles, PII columns).
+    pub fn project(&self) -> Arc<Project> {
+        self.project.read().expect("project lock").clone()
+    }
+
+    /// A user's account, if declared.
+    fn user(&self, name: &str) -> Option<User> {
+        self.project().access.users.get(name).cloned()
+    }
+
+    /// Re-read kbcrm.yaml when it changed (users, roles, PII columns take effect without a
+    /// restart); a file with problems leaves the previous settings in force.
+    fn reload_project(&self) -> bool {
+        let file = self.project().root.join(crate::plan::PROJECT_FILE);
+        let modified = std::fs::metadata(&file).and_then(|m| m.modified()).ok();
+        {
+            let mut seen = self.project_file_changed.lock().expect("mtime lock");
+            if *seen == modified {
+                return false;
+            }
+            *seen = modified;
+        }
+        match Project::load(&self.project().root, &self.overrides) {
+            Ok(p) => {
+                *self.project.write().expect("project lock") = Arc::new(p);
+                tracing::info!("kbcrm.yaml re-read: users, roles and PII columns updated");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "kbcrm.yaml has problems, keeping the previous users and roles: {e}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Rebuild the role sessions when a run has committed new table versions or the roles
+    /// changed.
     async fn refresh(&self) -> Result<bool> {
-        let wh = Warehouse::open(&self.project.warehouse)?;
+        let reloaded = self.reload_project();
+        let project = self.project();
+        let wh = Warehouse::open(&project.warehouse)?;
         let latest = wh.latest_versions().await?;
-        if latest == self.catalog().versions {
+        if !reloaded && latest == self.catalog().versions {
             return Ok(false);
         }
-        let fresh = catalog::build(&self.project, &self.runtime).await?;
+        let fresh = catalog::build(&project, &self.runtime).await?;
         *self.catalog.write().expect("catalog lock") = Arc::new(fresh);
         Ok(true)
     }
@@ -176,7 +217,11 @@ pub struct Server {
 
 impl Server {
     /// Check the settings, load TLS, build the role sessions and bind the address.
-    pub async fn bind(project: Project, listen: Option<&str>) -> Result<Server> {
+    pub async fn bind(
+        project: Project,
+        overrides: Overrides,
+        listen: Option<&str>,
+    ) -> Result<Server> {
         let access = &project.access;
         if access.users.is_empty() {
             return Err(Error::Usage(
@@ -210,10 +255,14 @@ impl Server {
         parameters.server_version = "16.6".into();
         parameters.is_superuser = false;
         parameters.default_transaction_read_only = true;
+        let modified = std::fs::metadata(project.root.join(crate::plan::PROJECT_FILE))
+            .and_then(|m| m.modified())
+            .ok();
         let shared = Arc::new(Shared {
-            users: access.users.clone(),
             serve,
-            project,
+            project: RwLock::new(Arc::new(project)),
+            overrides,
+            project_file_changed: std::sync::Mutex::new(modified),
             catalog: RwLock::new(Arc::new(catalog)),
             runtime,
             secret,

@@ -435,7 +435,7 @@ fn timeouts_cancel_and_the_connection_limit() {
 }
 
 #[test]
-fn new_table_versions_are_served_without_a_restart() {
+fn new_table_versions_and_users_are_served_without_a_restart() {
     let p = project("");
     let s = serve(&p);
     async fn count(c: &Client) -> String {
@@ -460,6 +460,17 @@ fn new_table_versions_are_served_without_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(seen, "6", "the server still answers from the old version");
+    // A user added while the server runs can log in without a restart.
+    add_user(&p, "late", "analyst", "late-pw");
+    let mut logged_in = false;
+    for _ in 0..100 {
+        if runtime.block_on(connect(s.port, "late", "late-pw")).is_ok() {
+            logged_in = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(logged_in, "a user added by `kbcrm user add` cannot log in");
 }
 
 fn psql(port: u16, user: &str, password: &str, extra: &str, sql: &str) -> std::process::Output {
@@ -603,7 +614,8 @@ fn python_clients_psycopg_sqlalchemy_pandas() {
 
 #[test]
 fn jdbc_metadata_and_prepared_queries() {
-    let jar = std::env::var("KBCRM_PGJDBC").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
+    let jar =
+        std::env::var("KBCRM_PGJDBC").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
     if (!have("java", "-version") || !std::path::Path::new(&jar).exists())
         && may_skip("java and the PostgreSQL JDBC driver")
     {
@@ -624,5 +636,9 @@ fn jdbc_metadata_and_prepared_queries() {
         stdout(&out),
         stderr(&out)
     );
-    assert!(stdout(&out).contains("all jdbc checks passed"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("all jdbc checks passed"),
+        "{}",
+        stdout(&out)
+    );
 }
