@@ -51,12 +51,7 @@ pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catal
     let params = engine::today_params();
     let base = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
     let wh = Warehouse::open(&project.warehouse)?;
-    let versions: BTreeMap<String, u64> = wh
-        .register_all(&base)
-        .await?
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v)))
-        .collect();
+    let versions: BTreeMap<String, u64> = wh.register_snapshots(&base).await?;
     let mut roles = HashMap::new();
     for (name, role) in &project.access.roles {
         let ctx = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;

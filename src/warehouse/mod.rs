@@ -160,6 +160,37 @@ impl Warehouse {
         Ok(versions)
     }
 
+    /// Register every table's current version as a plain Parquet listing of its active files:
+    /// the fastest way to scan a version that does not change (the server's snapshots).
+    /// Returns each table's version.
+    pub async fn register_snapshots(
+        &self,
+        ctx: &SessionContext,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        let mut versions = std::collections::BTreeMap::new();
+        for name in self.table_names().await? {
+            let Some(table) = self.load(&name).await? else {
+                continue;
+            };
+            let Some(version) = table.version() else {
+                continue;
+            };
+            table.update_datafusion_session(&ctx.state())?;
+            let schema = table.table_provider().await?.schema();
+            let url = self.table_url(&name);
+            let files: Vec<Url> = table
+                .snapshot()?
+                .log_data()
+                .iter()
+                .map(|f| url.join(&f.path()).unwrap_or_else(|_| url.clone()))
+                .collect();
+            ctx.deregister_table(name.as_str())?;
+            ctx.register_table(name.as_str(), files_provider(&files, schema).await?)?;
+            versions.insert(name, version);
+        }
+        Ok(versions)
+    }
+
     /// URLs of a table's data files at a version (the latest when `None`).
     pub async fn files_at(&self, name: &str, version: Option<u64>) -> Result<Vec<Url>> {
         let url = self.table_url(name);
