@@ -57,6 +57,10 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// Another run holds the warehouse. Exit code 1.
+    #[error("{0}")]
+    Busy(String),
+
     /// The warehouse store refused an operation or holds something unexpected. Exit code 1.
     #[error("warehouse: {0}")]
     Warehouse(String),

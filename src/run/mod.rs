@@ -2,6 +2,7 @@
 //! and identity resolutions in DAG order, checks its data tests and then commits every table it
 //! changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
 
+mod lock;
 mod model;
 mod progress;
 mod quarantine;
@@ -95,6 +96,7 @@ pub struct Runner<'a> {
     wh: Warehouse,
     options: RunOptions,
     progress: Progress,
+    _lock: Option<lock::RunLock>,
 }
 
 /// Work in progress of one pipeline run.
@@ -140,6 +142,8 @@ impl<'a> Runner<'a> {
         progress: Progress,
     ) -> Result<Self> {
         let wh = Warehouse::open(&project.warehouse)?;
+        // Held until the runner is dropped: recovery and every commit happen under it.
+        let lock = lock::RunLock::acquire(&project.warehouse)?;
         for run in wh.recover().await? {
             info!(run_id = %run, "completed the commit of an interrupted run");
         }
@@ -148,6 +152,7 @@ impl<'a> Runner<'a> {
             wh,
             options,
             progress,
+            _lock: lock,
         })
     }
 
