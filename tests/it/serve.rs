@@ -642,3 +642,99 @@ fn jdbc_metadata_and_prepared_queries() {
         stdout(&out)
     );
 }
+
+/// What Grafana's PostgreSQL data source sends to fill its table picker, as it sends it.
+const GRAFANA_TABLES: &str = r#"SELECT
+        CASE WHEN
+              quote_ident(table_schema) IN (
+              SELECT
+                CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE trim(s[i]) END
+              FROM
+                generate_series(
+                  array_lower(string_to_array(current_setting('search_path'),','),1),
+                  array_upper(string_to_array(current_setting('search_path'),','),1)
+                ) as i,
+                string_to_array(current_setting('search_path'),',') s
+              )
+          THEN quote_ident(table_name)
+          ELSE quote_ident(table_schema) || '.' || quote_ident(table_name)
+        END AS "table"
+        FROM information_schema.tables
+        WHERE quote_ident(table_schema) NOT IN ('information_schema',
+                                 'pg_catalog',
+                                 '_timescaledb_cache',
+                                 '_timescaledb_catalog',
+                                 '_timescaledb_internal',
+                                 '_timescaledb_config',
+                                 'timescaledb_information',
+                                 'timescaledb_experimental')
+        ORDER BY CASE WHEN
+              quote_ident(table_schema) IN (
+              SELECT
+                CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE trim(s[i]) END
+              FROM
+                generate_series(
+                  array_lower(string_to_array(current_setting('search_path'),','),1),
+                  array_upper(string_to_array(current_setting('search_path'),','),1)
+                ) as i,
+                string_to_array(current_setting('search_path'),',') s
+              ) THEN 0 ELSE 1 END, 1"#;
+
+const GRAFANA_COLUMNS: &str = r#"SELECT quote_ident(column_name) AS "column", data_type AS "type"
+  FROM information_schema.columns
+  WHERE CASE WHEN array_length(parse_ident('public.sales'),1) = 2
+    THEN quote_ident(table_schema) = (parse_ident('public.sales'))[1]
+      AND quote_ident(table_name) = (parse_ident('public.sales'))[2]
+    ELSE quote_ident(table_name) = 'public.sales' END"#;
+
+/// Metabase's connection set-up and table sync (its JDBC metadata calls are covered by the
+/// JDBC test).
+const METABASE: &[&str] = &[
+    "SET extra_float_digits = 2",
+    "SET application_name = 'Metabase v0.55.1'",
+    "SHOW TRANSACTION ISOLATION LEVEL",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ UNCOMMITTED",
+    r#"SELECT nspname AS "TABLE_SCHEM", current_database() AS "TABLE_CATALOG" FROM pg_catalog.pg_namespace WHERE nspname <> 'pg_toast' AND (nspname !~ '^pg_temp_' OR nspname = (pg_catalog.current_schemas(true))[1]) ORDER BY "TABLE_SCHEM""#,
+    "show timezone",
+];
+
+const METABASE_TABLES: &str = r#"SELECT "n"."nspname" AS "schema", "c"."relname" AS "name",
+    CASE "c"."relkind" WHEN 'r' THEN 'TABLE' WHEN 'v' THEN 'VIEW' ELSE NULL END AS "type"
+  FROM "pg_catalog"."pg_class" AS "c"
+  INNER JOIN "pg_catalog"."pg_namespace" AS "n" ON "c"."relnamespace" = "n"."oid"
+  WHERE ("n"."nspname" !~ '^pg_') AND ("n"."nspname" <> 'information_schema')
+    AND c.relkind in ('r', 'p', 'v', 'f', 'm') AND ("n"."nspname" IN ('public'))
+  ORDER BY "type" ASC, "schema" ASC, "name" ASC"#;
+
+#[test]
+fn grafana_and_metabase_catalog_queries() {
+    let p = project("");
+    let s = serve(&p);
+    rt().block_on(async {
+        let c = connect(s.port, "ann", "ann-pw-2025").await.unwrap();
+        // The search_path lookup is not evaluated (no current_setting()), so Grafana shows
+        // schema-qualified names, which it then queries as they are.
+        assert_eq!(
+            texts(&c, GRAFANA_TABLES).await,
+            vec![vec!["public.customers"], vec!["public.sales"]]
+        );
+        let cols = texts(&c, GRAFANA_COLUMNS).await;
+        let names: Vec<&str> = cols.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(
+            names,
+            ["order_id", "customer_id", "order_date", "amount", "paid"]
+        );
+        for sql in METABASE {
+            c.simple_query(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        }
+        assert_eq!(
+            texts(&c, METABASE_TABLES).await,
+            vec![
+                vec!["public", "customers", "TABLE"],
+                vec!["public", "sales", "TABLE"]
+            ]
+        );
+    });
+}
