@@ -329,6 +329,30 @@ mod tests {
     }
 
     #[test]
+    fn subqueries_over_empty_catalogs_become_null_and_keep_their_parameters() {
+        let sql = "SELECT a.attname, CASE WHEN a.atthasdef THEN (SELECT pg_get_expr(d.adbin, d.adrelid) \
+                   FROM pg_catalog.pg_attrdef d WHERE d.adrelid = a.attrelid) ELSE NULL END AS dflt, \
+                   CASE WHEN a.attcollation != $1::INTEGER AND (SELECT t.typcollation FROM pg_type t \
+                   WHERE t.oid = a.atttypid) != a.attcollation THEN (SELECT json_build_object($2::VARCHAR, \
+                   c.collname) FROM pg_catalog.pg_collation c WHERE c.oid = a.attcollation) ELSE NULL END AS coll \
+                   FROM pg_catalog.pg_attribute a WHERE a.attnum > $3::SMALLINT";
+        let mut stmt = PostgresCompatibilityParser::new()
+            .parse(sql)
+            .unwrap()
+            .remove(0);
+        simplify_catalog_subqueries(&mut stmt);
+        let text = stmt.to_string();
+        assert!(
+            !text.contains("pg_attrdef") && !text.contains("pg_collation"),
+            "{text}"
+        );
+        assert!(!text.contains("typcollation"), "{text}");
+        for p in ["$1", "$2", "$3"] {
+            assert!(text.contains(p), "{p} lost: {text}");
+        }
+    }
+
+    #[test]
     fn session_settings() {
         assert_eq!(
             verdict("SET application_name = 'bi'"),
@@ -349,4 +373,74 @@ mod tests {
         assert_eq!(code("SET datafusion.execution.batch_size = 1"), "42501");
         assert_eq!(code("SET work_mem_of_doom = 1"), "42704");
     }
+}
+
+/// Catalogs that are always empty on the kbcrm server: warehouse columns have no defaults,
+/// identity sequences or collations.
+const EMPTY_CATALOGS: &[&str] = &["pg_attrdef", "pg_sequence", "pg_collation"];
+
+/// Replace scalar subqueries over always-empty catalogs with NULL, which is what they return.
+/// Client catalog queries (SQLAlchemy's column reflection) use them correlated inside `CASE`,
+/// which the engine cannot plan. The subquery's parameters stay in the replacement (in a branch
+/// never taken), so the statement keeps the parameters, and their types, the client binds.
+pub fn simplify_catalog_subqueries(stmt: &mut Statement) {
+    use datafusion::sql::sqlparser::ast::visit_expressions_mut;
+    let _ = visit_expressions_mut(stmt, |e: &mut Expr| {
+        let replace = match e {
+            Expr::Subquery(q) => {
+                let text = q.to_string();
+                EMPTY_CATALOGS.iter().any(|c| text.contains(c))
+            }
+            // A CASE left with nothing but NULL results (its subqueries replaced above, as
+            // expressions are visited inner first) is NULL, whatever its conditions ask.
+            Expr::Case {
+                conditions,
+                else_result,
+                ..
+            } => {
+                conditions.iter().all(|w| is_null_like(&w.result))
+                    && else_result.as_deref().is_none_or(is_null_like)
+            }
+            _ => false,
+        };
+        if replace && let Some(expr) = null_keeping_parameters(e) {
+            *e = expr;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+fn is_null_like(e: &Expr) -> bool {
+    matches!(e, Expr::Value(v) if matches!(v.value, Value::Null))
+        || e.to_string().starts_with(NULL_WITH_PARAMETERS)
+}
+
+const NULL_WITH_PARAMETERS: &str = "CASE WHEN false AND ";
+
+/// NULL, written so that it still names the typed parameters of `e`.
+fn null_keeping_parameters(e: &Expr) -> Option<Expr> {
+    use datafusion::sql::sqlparser::ast::visit_expressions;
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    let mut params = Vec::new();
+    let _ = visit_expressions(e, |p: &Expr| {
+        if let Expr::Cast { expr, .. } = p
+            && matches!(expr.as_ref(), Expr::Value(v) if matches!(v.value, Value::Placeholder(_)))
+        {
+            params.push(format!("({p}) IS NULL"));
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    let text = if params.is_empty() {
+        "NULL".to_string()
+    } else {
+        format!(
+            "{NULL_WITH_PARAMETERS}{} THEN NULL END",
+            params.join(" AND ")
+        )
+    };
+    Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&text)
+        .and_then(|mut p| p.parse_expr())
+        .ok()
 }

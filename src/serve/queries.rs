@@ -249,7 +249,7 @@ impl SimpleQueryHandler for Queries {
         let token = conn.start_statement();
         let deadline = deadline(client);
         let mut out = Vec::new();
-        for stmt in statements {
+        for mut stmt in statements {
             match policy::judge(&stmt, &role.hidden) {
                 Verdict::Refuse(code, msg) => return Err(pg_error("ERROR", code, msg)),
                 Verdict::Reply(tag) => out.push(Response::Execution(Tag::new(tag))),
@@ -259,6 +259,7 @@ impl SimpleQueryHandler for Queries {
                     report,
                 } => out.push(apply_setting(&self.shared, client, &name, value, report).await?),
                 Verdict::Run => {
+                    policy::simplify_catalog_subqueries(&mut stmt);
                     let sql = stmt.to_string();
                     let responses = bounded(
                         <DfSessionService as SimpleQueryHandler>::do_query(
@@ -312,18 +313,20 @@ impl QueryParser for Parser {
         if statements.is_empty() {
             return Ok(None);
         }
-        let stmt = statements.remove(0);
+        let mut stmt = statements.remove(0);
         match policy::judge(&stmt, &role.hidden) {
             Verdict::Refuse(code, msg) => Err(pg_error("ERROR", code, msg)),
             Verdict::Reply(_) | Verdict::Set { .. } => {
                 Ok(Some((sql.to_string(), Some((stmt, empty_plan())))))
             }
-            Verdict::Run => role
-                .service
-                .query_parser()
-                .parse_sql(client, sql, types)
-                .await
-                .map_err(engine_error),
+            Verdict::Run => {
+                policy::simplify_catalog_subqueries(&mut stmt);
+                role.service
+                    .query_parser()
+                    .parse_sql(client, &stmt.to_string(), types)
+                    .await
+                    .map_err(engine_error)
+            }
         }
     }
 

@@ -1,6 +1,6 @@
 """BI-style Python clients against `kbcrm serve`: psycopg 3 (simple and extended protocol,
-server-side parameters), SQLAlchemy's PostgreSQL dialect (connect, table names) and pandas
-read_sql.
+server-side parameters), SQLAlchemy's PostgreSQL dialect (inspect: table names, columns and
+types) and pandas read_sql.
 Run by tests/it/serve.rs with KBCRM_PORT set; the fixture's users and tables are there."""
 
 import datetime
@@ -60,8 +60,13 @@ insp = sqlalchemy.inspect(engine)
 tables = sorted(insp.get_table_names())
 check(tables == ["customers", "sales"], f"inspect tables: {tables}")
 check(insp.has_table("sales") and not insp.has_table("secrets"), "has_table")
-# Column reflection (inspect().get_columns) needs correlated catalog subqueries the engine does
-# not plan yet; column names and types come through the cursor description instead.
+cols = {c["name"]: c["type"] for c in insp.get_columns("sales")}
+check(list(cols) == ["order_id", "customer_id", "order_date", "amount", "paid"], f"columns: {cols}")
+check(isinstance(cols["order_date"], sqlalchemy.types.Date), f"date type: {cols['order_date']!r}")
+check(isinstance(cols["paid"], sqlalchemy.types.Boolean), f"bool type: {cols['paid']!r}")
+check(isinstance(cols["amount"], sqlalchemy.types.Float), f"double type: {cols['amount']!r}")
+masked = {c["name"] for c in insp.get_columns("customers")}
+check("email" in masked and "credit_limit" in masked, f"customers columns: {masked}")
 
 with engine.connect() as c:
     df = pd.read_sql("select customer_id, sum(amount) as total from sales group by customer_id order by customer_id", c)
