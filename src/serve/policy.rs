@@ -271,6 +271,76 @@ fn check_relations(stmt: &Statement, hidden: &BTreeSet<String>) -> Verdict {
     }
 }
 
+/// Catalogs that are always empty on the kbcrm server: warehouse columns have no defaults,
+/// identity sequences or collations.
+const EMPTY_CATALOGS: &[&str] = &["pg_attrdef", "pg_sequence", "pg_collation"];
+
+/// Replace scalar subqueries over always-empty catalogs with NULL, which is what they return.
+/// Client catalog queries (SQLAlchemy's column reflection) use them correlated inside `CASE`,
+/// which the engine cannot plan. The subquery's parameters stay in the replacement (in a branch
+/// never taken), so the statement keeps the parameters, and their types, the client binds.
+pub fn simplify_catalog_subqueries(stmt: &mut Statement) {
+    use datafusion::sql::sqlparser::ast::visit_expressions_mut;
+    let _ = visit_expressions_mut(stmt, |e: &mut Expr| {
+        let replace = match e {
+            Expr::Subquery(q) => {
+                let text = q.to_string();
+                EMPTY_CATALOGS.iter().any(|c| text.contains(c))
+            }
+            // A CASE left with nothing but NULL results (its subqueries replaced above, as
+            // expressions are visited inner first) is NULL, whatever its conditions ask.
+            Expr::Case {
+                conditions,
+                else_result,
+                ..
+            } => {
+                conditions.iter().all(|w| is_null_like(&w.result))
+                    && else_result.as_deref().is_none_or(is_null_like)
+            }
+            _ => false,
+        };
+        if replace && let Some(expr) = null_keeping_parameters(e) {
+            *e = expr;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+fn is_null_like(e: &Expr) -> bool {
+    matches!(e, Expr::Value(v) if matches!(v.value, Value::Null))
+        || e.to_string().starts_with(NULL_WITH_PARAMETERS)
+}
+
+const NULL_WITH_PARAMETERS: &str = "CASE WHEN false AND ";
+
+/// NULL, written so that it still names the typed parameters of `e`.
+fn null_keeping_parameters(e: &Expr) -> Option<Expr> {
+    use datafusion::sql::sqlparser::ast::visit_expressions;
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    let mut params = Vec::new();
+    let _ = visit_expressions(e, |p: &Expr| {
+        if let Expr::Cast { expr, .. } = p
+            && matches!(expr.as_ref(), Expr::Value(v) if matches!(v.value, Value::Placeholder(_)))
+        {
+            params.push(format!("({p}) IS NULL"));
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    let text = if params.is_empty() {
+        "NULL".to_string()
+    } else {
+        format!(
+            "{NULL_WITH_PARAMETERS}{} THEN NULL END",
+            params.join(" AND ")
+        )
+    };
+    Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&text)
+        .and_then(|mut p| p.parse_expr())
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,74 +443,4 @@ mod tests {
         assert_eq!(code("SET datafusion.execution.batch_size = 1"), "42501");
         assert_eq!(code("SET work_mem_of_doom = 1"), "42704");
     }
-}
-
-/// Catalogs that are always empty on the kbcrm server: warehouse columns have no defaults,
-/// identity sequences or collations.
-const EMPTY_CATALOGS: &[&str] = &["pg_attrdef", "pg_sequence", "pg_collation"];
-
-/// Replace scalar subqueries over always-empty catalogs with NULL, which is what they return.
-/// Client catalog queries (SQLAlchemy's column reflection) use them correlated inside `CASE`,
-/// which the engine cannot plan. The subquery's parameters stay in the replacement (in a branch
-/// never taken), so the statement keeps the parameters, and their types, the client binds.
-pub fn simplify_catalog_subqueries(stmt: &mut Statement) {
-    use datafusion::sql::sqlparser::ast::visit_expressions_mut;
-    let _ = visit_expressions_mut(stmt, |e: &mut Expr| {
-        let replace = match e {
-            Expr::Subquery(q) => {
-                let text = q.to_string();
-                EMPTY_CATALOGS.iter().any(|c| text.contains(c))
-            }
-            // A CASE left with nothing but NULL results (its subqueries replaced above, as
-            // expressions are visited inner first) is NULL, whatever its conditions ask.
-            Expr::Case {
-                conditions,
-                else_result,
-                ..
-            } => {
-                conditions.iter().all(|w| is_null_like(&w.result))
-                    && else_result.as_deref().is_none_or(is_null_like)
-            }
-            _ => false,
-        };
-        if replace && let Some(expr) = null_keeping_parameters(e) {
-            *e = expr;
-        }
-        ControlFlow::<()>::Continue(())
-    });
-}
-
-fn is_null_like(e: &Expr) -> bool {
-    matches!(e, Expr::Value(v) if matches!(v.value, Value::Null))
-        || e.to_string().starts_with(NULL_WITH_PARAMETERS)
-}
-
-const NULL_WITH_PARAMETERS: &str = "CASE WHEN false AND ";
-
-/// NULL, written so that it still names the typed parameters of `e`.
-fn null_keeping_parameters(e: &Expr) -> Option<Expr> {
-    use datafusion::sql::sqlparser::ast::visit_expressions;
-    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-    use datafusion::sql::sqlparser::parser::Parser;
-    let mut params = Vec::new();
-    let _ = visit_expressions(e, |p: &Expr| {
-        if let Expr::Cast { expr, .. } = p
-            && matches!(expr.as_ref(), Expr::Value(v) if matches!(v.value, Value::Placeholder(_)))
-        {
-            params.push(format!("({p}) IS NULL"));
-        }
-        ControlFlow::<()>::Continue(())
-    });
-    let text = if params.is_empty() {
-        "NULL".to_string()
-    } else {
-        format!(
-            "{NULL_WITH_PARAMETERS}{} THEN NULL END",
-            params.join(" AND ")
-        )
-    };
-    Parser::new(&PostgreSqlDialect {})
-        .try_with_sql(&text)
-        .and_then(|mut p| p.parse_expr())
-        .ok()
 }
