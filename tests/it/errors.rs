@@ -237,3 +237,21 @@ fn unknown_pipeline_and_missing_project() {
         stderr(&out)
     );
 }
+
+#[test]
+fn bad_server_users_and_roles_name_their_line() {
+    let p = project();
+    p.write(
+        "kbcrm.yaml",
+        "name: p\nserve:\n  statement_timeout: soon\nroles:\n  analyst: { tables: [\"*\"] }\nusers:\n  bob: { role: nobody, scram: \"hunter2\" }\n",
+    );
+    fails(
+        &p,
+        2,
+        &[
+            "kbcrm.yaml:3:22: serve.statement_timeout: 'soon' is not a duration",
+            "kbcrm.yaml:7:16: users.bob.role: no role 'nobody' under roles: (declared: analyst)",
+            "kbcrm.yaml:7:31: users.bob.scram: not a SCRAM-SHA-256 verifier",
+        ],
+    );
+}
