@@ -46,6 +46,8 @@ pub struct Shared {
     overrides: Overrides,
     /// When kbcrm.yaml was last read.
     project_file_changed: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// kbcrm.yaml was re-read and the role sessions are not rebuilt from it yet.
+    roles_changed: std::sync::atomic::AtomicBool,
     serve: ServeSettings,
     catalog: RwLock<Arc<Catalog>>,
     runtime: Arc<RuntimeEnv>,
@@ -106,15 +108,26 @@ impl Shared {
     /// Rebuild the role sessions when a run has committed new table versions or the roles
     /// changed.
     async fn refresh(&self) -> Result<bool> {
-        let reloaded = self.reload_project();
+        if self.reload_project() {
+            self.roles_changed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let project = self.project();
         let wh = Warehouse::open(&project.warehouse)?;
+        // Mid-commit, tables of one run stand at different versions: keep serving the
+        // previous set until the run has committed all of them.
+        if wh.commit_in_progress().await? {
+            return Ok(false);
+        }
         let latest = wh.latest_versions().await?;
-        if !reloaded && latest == self.catalog().versions {
+        let roles_changed = self.roles_changed.load(std::sync::atomic::Ordering::SeqCst);
+        if !roles_changed && latest == self.catalog().versions {
             return Ok(false);
         }
         let fresh = catalog::build(&project, &self.runtime).await?;
         *self.catalog.write().expect("catalog lock") = Arc::new(fresh);
+        self.roles_changed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(true)
     }
 }
@@ -263,6 +276,7 @@ impl Server {
             project: RwLock::new(Arc::new(project)),
             overrides,
             project_file_changed: std::sync::Mutex::new(modified),
+            roles_changed: std::sync::atomic::AtomicBool::new(false),
             catalog: RwLock::new(Arc::new(catalog)),
             runtime,
             secret,

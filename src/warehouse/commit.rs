@@ -185,6 +185,13 @@ async fn committed_by(table: &deltalake::DeltaTable, v: u64, run_id: &str) -> Re
 }
 
 impl Warehouse {
+    /// Whether a run is committing its tables right now (or died doing so): until its
+    /// manifest is gone, some of its tables may be at the new version and others not.
+    pub async fn commit_in_progress(&self) -> Result<bool> {
+        let prefix = self.path(&format!("{META_DIR}/pending"));
+        Ok(self.store().list(Some(&prefix)).try_next().await?.is_some())
+    }
+
     /// Complete runs that died while committing. Returns the run ids completed.
     pub async fn recover(&self) -> Result<Vec<String>> {
         let prefix = self.path(&format!("{META_DIR}/pending"));

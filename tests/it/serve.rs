@@ -738,3 +738,55 @@ fn grafana_and_metabase_catalog_queries() {
         );
     });
 }
+
+#[test]
+fn a_run_half_way_through_committing_is_not_served_until_complete() {
+    let p = project("");
+    let s = serve(&p);
+    let runtime = rt();
+    let c = runtime
+        .block_on(connect(s.port, "ada", "ada long password"))
+        .unwrap();
+    // Every table the run changes: the source tables and the models over them.
+    let counts = |c: &Client| {
+        runtime.block_on(async {
+            let mut n = Vec::new();
+            for t in ["raw_p_customers", "raw_p_sales", "customers", "sales"] {
+                n.push(texts(c, &format!("select count(*) from {t}")).await[0][0].clone());
+            }
+            n.join(" ")
+        })
+    };
+    assert_eq!(counts(&c), "4 5 4 5");
+    p.write(
+        "data/customers.csv",
+        format!("{CUSTOMERS}C5,Eva Sund,,East,5.00\n"),
+    );
+    p.write(
+        "data/sales.csv",
+        format!("{SALES}O6,C5,2025-04-01,3.00,true\n"),
+    );
+    // The run dies after committing its first table; its manifest stays pending.
+    let out = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+        .arg("run")
+        .current_dir(p.path())
+        .env("KBCRM_CRASH_AFTER_TABLE_COMMITS", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the crash hook did not fire");
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(counts(&c), "4 5 4 5", "a half-committed run is visible");
+    }
+    // The next run completes the commit; the server then serves all of it.
+    p.ok(&["run"]);
+    let mut seen = counts(&c);
+    for _ in 0..100 {
+        if seen == "5 6 5 6" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        seen = counts(&c);
+    }
+    assert_eq!(seen, "5 6 5 6");
+}
