@@ -104,30 +104,7 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
 
 /// A well-formed SCRAM-SHA-256 verifier, or what is wrong with it.
 pub fn check_verifier(v: &str) -> Result<(), String> {
-    let bad = || {
-        "not a SCRAM-SHA-256 verifier; expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> \
-         (write it with `kbcrm user add NAME --role ROLE`, never a password)"
-            .to_string()
-    };
-    let rest = v.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
-    let (iter_salt, keys) = rest.split_once('$').ok_or_else(bad)?;
-    let (iter, salt) = iter_salt.split_once(':').ok_or_else(bad)?;
-    let (stored, server) = keys.split_once(':').ok_or_else(bad)?;
-    let iterations: u32 = iter.parse().map_err(|_| bad())?;
-    if iterations < 4096 {
-        return Err(format!(
-            "the verifier uses {iterations} iterations; at least 4096 are required"
-        ));
-    }
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let salt = b64.decode(salt).map_err(|_| bad())?;
-    let stored = b64.decode(stored).map_err(|_| bad())?;
-    let server = b64.decode(server).map_err(|_| bad())?;
-    if salt.is_empty() || stored.len() != 32 || server.len() != 32 {
-        return Err(bad());
-    }
-    Ok(())
+    crate::serve::scram::Verifier::parse(v).map(|_| ())
 }
 
 pub(super) fn build(

@@ -20,6 +20,14 @@ use crate::identity::{Identity, RecordSource};
 use super::data_tests::data_test;
 use super::*;
 
+/// A YAML setting's value as text: strings as they are, numbers and booleans as written.
+fn setting_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn valid_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
@@ -150,13 +158,7 @@ impl Loader {
             datafusion: spec
                 .datafusion
                 .iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    (k.clone(), v)
-                })
+                .map(|(k, v)| (k.clone(), setting_text(v)))
                 .collect(),
         }
     }
@@ -253,13 +255,7 @@ impl Loader {
                     .spec
                     .vars
                     .iter()
-                    .map(|(k, v)| {
-                        let v = match v {
-                            serde_json::Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        (k.clone(), v)
-                    })
+                    .map(|(k, v)| (k.clone(), setting_text(v)))
                     .collect(),
                 depends_on: Vec::new(),
             });

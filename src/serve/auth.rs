@@ -191,7 +191,7 @@ impl StartupHandler for Login {
                         let verifier = self
                             .shared
                             .user(&user)
-                            .and_then(|u| Verifier::parse(&u.scram))
+                            .and_then(|u| Verifier::parse(&u.scram).ok())
                             .unwrap_or_else(|| Verifier::decoy(&self.shared.secret, &user));
                         let (server_first, pending) =
                             scram::server_first(&data, verifier, &scram::random_nonce())

@@ -21,18 +21,37 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Parse the PostgreSQL form (checked when the project loads, so failures here are rare).
-    pub fn parse(v: &str) -> Option<Verifier> {
-        let rest = v.strip_prefix("SCRAM-SHA-256$")?;
-        let (iter_salt, keys) = rest.split_once('$')?;
-        let (iter, salt) = iter_salt.split_once(':')?;
-        let (stored, server) = keys.split_once(':')?;
-        Some(Verifier {
-            iterations: iter.parse().ok()?,
-            salt: B64.decode(salt).ok()?,
-            stored_key: B64.decode(stored).ok()?,
-            server_key: B64.decode(server).ok()?,
-        })
+    /// Parse PostgreSQL's form, or say what is wrong with it (the project loader reports this
+    /// with the line of kbcrm.yaml).
+    pub fn parse(v: &str) -> Result<Verifier, String> {
+        let bad = || {
+            "not a SCRAM-SHA-256 verifier; expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> \
+             (write it with `kbcrm user add NAME --role ROLE`, never a password)"
+                .to_string()
+        };
+        let rest = v.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
+        let (iter_salt, keys) = rest.split_once('$').ok_or_else(bad)?;
+        let (iter, salt) = iter_salt.split_once(':').ok_or_else(bad)?;
+        let (stored, server) = keys.split_once(':').ok_or_else(bad)?;
+        let verifier = Verifier {
+            iterations: iter.parse().map_err(|_| bad())?,
+            salt: B64.decode(salt).map_err(|_| bad())?,
+            stored_key: B64.decode(stored).map_err(|_| bad())?,
+            server_key: B64.decode(server).map_err(|_| bad())?,
+        };
+        if verifier.iterations < 4096 {
+            return Err(format!(
+                "the verifier uses {} iterations; at least 4096 are required",
+                verifier.iterations
+            ));
+        }
+        if verifier.salt.is_empty()
+            || verifier.stored_key.len() != 32
+            || verifier.server_key.len() != 32
+        {
+            return Err(bad());
+        }
+        Ok(verifier)
     }
 
     /// A verifier no password matches, the same for every call with the same name, so that

@@ -110,18 +110,24 @@ impl Warehouse {
             .expect("table names are valid URL segments")
     }
 
+    /// Folders under the warehouse root that may hold tables (not kbcrm's own `_kbcrm`).
+    async fn folders(&self) -> Result<Vec<(String, StorePath)>> {
+        let listing = self.store.list_with_delimiter(Some(&self.root)).await?;
+        Ok(listing
+            .common_prefixes
+            .into_iter()
+            .filter_map(|dir| {
+                let name = dir.filename()?.to_string();
+                (!name.starts_with(['_', '.'])).then_some((name, dir))
+            })
+            .collect())
+    }
+
     /// Names of the tables in the warehouse (folders holding a `_delta_log`).
     pub async fn table_names(&self) -> Result<Vec<String>> {
-        let listing = self.store.list_with_delimiter(Some(&self.root)).await?;
         let mut names = Vec::new();
-        for dir in listing.common_prefixes {
-            let Some(name) = dir.filename().map(str::to_string) else {
-                continue;
-            };
-            if name.starts_with(['_', '.']) {
-                continue;
-            }
-            let log = dir.clone().join("_delta_log");
+        for (name, dir) in self.folders().await? {
+            let log = dir.join("_delta_log");
             let mut entries = self.store.list(Some(&log));
             if entries.try_next().await?.is_some() {
                 names.push(name);
@@ -177,13 +183,7 @@ impl Warehouse {
             };
             table.update_datafusion_session(&ctx.state())?;
             let schema = table.table_provider().await?.schema();
-            let url = self.table_url(&name);
-            let files: Vec<Url> = table
-                .snapshot()?
-                .log_data()
-                .iter()
-                .map(|f| url.join(&f.path()).unwrap_or_else(|_| url.clone()))
-                .collect();
+            let files = active_files(&table, &self.table_url(&name))?;
             ctx.deregister_table(name.as_str())?;
             ctx.register_table(name.as_str(), files_provider(&files, schema).await?)?;
             versions.insert(name, version);
@@ -199,12 +199,7 @@ impl Warehouse {
             Some(v) => table.load_version(v).await?,
             None => table.load().await?,
         }
-        Ok(table
-            .snapshot()?
-            .log_data()
-            .iter()
-            .map(|f| url.join(&f.path()).unwrap_or_else(|_| url.clone()))
-            .collect())
+        active_files(&table, &url)
     }
 
     /// Register one committed table version in `ctx`.
@@ -254,8 +249,8 @@ impl Warehouse {
     /// (cheap enough to poll).
     pub async fn latest_versions(&self) -> Result<std::collections::BTreeMap<String, u64>> {
         let mut out = std::collections::BTreeMap::new();
-        for name in self.table_names().await? {
-            let log = self.path(&format!("{name}/_delta_log"));
+        for (name, dir) in self.folders().await? {
+            let log = dir.join("_delta_log");
             let entries: Vec<_> = self.store.list(Some(&log)).try_collect().await?;
             let newest = entries
                 .iter()
@@ -279,6 +274,16 @@ impl Warehouse {
         }
         Ok(out)
     }
+}
+
+/// URLs of the data files of a loaded table version (`url` is the table's folder).
+fn active_files(table: &DeltaTable, url: &Url) -> Result<Vec<Url>> {
+    Ok(table
+        .snapshot()?
+        .log_data()
+        .iter()
+        .map(|f| url.join(&f.path()).unwrap_or_else(|_| url.clone()))
+        .collect())
 }
 
 /// A provider reading exactly the given Parquet files (a staged, not yet committed table state).
