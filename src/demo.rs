@@ -58,19 +58,38 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
         eprintln!("using the sample data in {}", sources.display());
     }
     crate::validate::check_models(&project).await?;
-    // The sample data's history ends on this day; the cubes look at the customers as of then.
-    let options = RunOptions {
-        as_of: Some(crate::generate::history_end()),
-        ..RunOptions::default()
-    };
-    let runner = Runner::new(&project, options, progress).await?;
-    let reports = runner.run(&[]).await?;
+    // The sample data's history ends on this day; the cubes look at the customers as of then,
+    // and as of a quarter before, so the executive pack shows how the figures moved.
+    let end = crate::generate::history_end();
+    let quarter_before = end
+        .checked_sub_months(chrono::Months::new(3))
+        .unwrap_or(end);
+    let mut reports = Vec::new();
+    for (as_of, pipelines) in [
+        (quarter_before, vec![]),
+        (end, vec![crate::evaluate::CUBES_PIPELINE.to_string()]),
+    ] {
+        let options = RunOptions {
+            as_of: Some(as_of),
+            ..RunOptions::default()
+        };
+        let runner = Runner::new(&project, options, progress.clone()).await?;
+        reports.extend(runner.run(&pipelines).await?);
+    }
     crate::cli::print_run_summary(&reports)?;
     for (title, sql) in EXAMPLES {
         println!("\n-- {title}\n{sql};");
         let batches = crate::query::query(&project, sql).await?;
         crate::cli::print_batches(&batches, OutputFormat::Table)?;
     }
+    println!("\n-- The executive pack (kbcrm extract)");
+    let options = crate::extract::ExtractOptions {
+        out: project.root.join("extracts"),
+        as_of: None,
+        deliver: false,
+    };
+    let extracts = crate::extract::extract(&project, None, &options).await?;
+    crate::cli::print_extract_summary(&extracts)?;
     println!(
         "\ndemo finished in {:.1}s. Next: kbcrm tables, kbcrm rejects --summary, \
          kbcrm query \"select * from dim_customer where is_current limit 5\"",

@@ -61,6 +61,11 @@ pub enum Error {
     #[error("{0}")]
     Busy(String),
 
+    /// An extract was written but could not be delivered. Exit code 1.
+    #[error("delivery failed: {0}")]
+    #[diagnostic(help("fix the destination or its credentials and run `kbcrm extract` again"))]
+    Delivery(String),
+
     /// The warehouse store refused an operation or holds something unexpected. Exit code 1.
     #[error("warehouse: {0}")]
     Warehouse(String),

@@ -72,6 +72,21 @@ pub enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         listen: Option<String>,
     },
+    /// Write the executive extracts (workbook, dashboard, tables) and deliver them.
+    Extract {
+        /// The extract (a key of `extracts:` in kbcrm.yaml); default all, or the built-in
+        /// executive pack when none is declared.
+        name: Option<String>,
+        /// Folder to write into; each extract gets a folder of its own name in it.
+        #[arg(long, default_value = "extracts", value_name = "DIR")]
+        out: PathBuf,
+        /// The cubes' as-of date to report on; default the extract's, else the newest.
+        #[arg(long, value_name = "DATE")]
+        as_of: Option<chrono::NaiveDate>,
+        /// Write the files only; skip the deliveries declared in kbcrm.yaml.
+        #[arg(long)]
+        no_deliver: bool,
+    },
     /// Manage the users of `kbcrm serve`.
     User {
         /// What to do.
@@ -311,6 +326,28 @@ pub async fn run(cli: Cli) -> Result<()> {
                 output::run_summary(&reports)
             }
         },
+        Command::Extract {
+            name,
+            out,
+            as_of,
+            no_deliver,
+        } => {
+            let project = cli.load()?;
+            let options = crate::extract::ExtractOptions {
+                out: if out.is_absolute() {
+                    out.clone()
+                } else {
+                    std::env::current_dir()
+                        .map_err(|e| Error::io(".", e))?
+                        .join(out)
+                },
+                as_of: *as_of,
+                deliver: !*no_deliver,
+            };
+            let reports = crate::extract::extract(&project, name.as_deref(), &options).await?;
+            output::extract_summary(&reports)?;
+            crate::extract::delivery_failures(&reports)
+        }
         Command::Tables => {
             let project = cli.load()?;
             output::tables(&project).await
@@ -434,6 +471,11 @@ pub(crate) fn load_project(cli: &Cli) -> Result<Project> {
 /// Print run summaries on stdout.
 pub(crate) fn print_run_summary(reports: &[crate::run::RunReport]) -> Result<()> {
     output::run_summary(reports)
+}
+
+/// Print what extracts wrote on stdout.
+pub(crate) fn print_extract_summary(reports: &[crate::extract::ExtractReport]) -> Result<()> {
+    output::extract_summary(reports)
 }
 
 /// Print query results on stdout.

@@ -159,3 +159,64 @@ pub async fn tables(project: &Project) -> Result<()> {
     }
     write_out(|w| w.write_all(out.as_bytes()))
 }
+
+/// Print what `kbcrm extract` wrote, its headline figures and its deliveries.
+pub fn extract_summary(reports: &[crate::extract::ExtractReport]) -> Result<()> {
+    let mut s = String::new();
+    for r in reports {
+        s.push_str(&format!(
+            "extract '{}' as of {}{}: {} files in {}\n",
+            r.name,
+            r.as_of,
+            r.role
+                .as_ref()
+                .map(|role| format!(" for role {role}"))
+                .unwrap_or_default(),
+            r.files.len(),
+            r.dir.display()
+        ));
+        for f in r
+            .files
+            .iter()
+            .filter(|f| f.parent() == Some(std::path::Path::new("")))
+        {
+            s.push_str(&format!("  {}\n", r.dir.join(f).display()));
+        }
+        let tables = r.files.len()
+            - r.files
+                .iter()
+                .filter(|f| f.parent() == Some(std::path::Path::new("")))
+                .count();
+        if tables > 0 {
+            s.push_str(&format!(
+                "  {} table files in {}\n",
+                tables,
+                r.dir.join("tables").display()
+            ));
+        }
+        for f in &r.headline {
+            s.push_str(&format!(
+                "  {:<34} {:>14}  {}\n",
+                f.label,
+                f.show(f.value),
+                f.show_change().unwrap_or_default()
+            ));
+        }
+        for (section, why) in &r.omitted {
+            s.push_str(&format!("  left out: {section}: {why}\n"));
+        }
+        for d in &r.deliveries {
+            match &d.error {
+                None => s.push_str(&format!(
+                    "  delivered to {} ({} attempts)\n",
+                    d.target, d.attempts
+                )),
+                Some(_) => s.push_str(&format!(
+                    "  NOT delivered to {} ({} attempts)\n",
+                    d.target, d.attempts
+                )),
+            }
+        }
+    }
+    write_out(|w| write!(w, "{s}"))
+}

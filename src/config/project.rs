@@ -40,6 +40,117 @@ pub struct ProjectSpec {
     /// Users of the SQL server, written by `kbcrm user add`.
     #[serde(default)]
     pub users: IndexMap<String, UserSpec>,
+    /// Decision-support extracts written by `kbcrm extract` (and `kbcrm demo`): the executive
+    /// pack of the cubes' findings as a workbook, a dashboard and tables, for one recipient role.
+    #[serde(default)]
+    pub extracts: IndexMap<String, ExtractSpec>,
+}
+
+/// One extract: what goes in, for whom, as of when, in which files, and where they go.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractSpec {
+    /// Title of the workbook and the dashboard; default "<project name>: executive pack".
+    #[serde(default)]
+    pub title: Option<String>,
+    /// The recipient's role (a key of `roles:`): the extract reads only that role's tables,
+    /// with its row filters and PII masking. Without a role: every table, PII masked.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub role: Option<Spanned<String>>,
+    /// `latest` (the newest as-of date in the cubes; the default) or a date, e.g. 2025-12-31.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub as_of: Option<Spanned<String>>,
+    /// Files to write: xlsx, html, csv, parquet. Default [xlsx, html, csv].
+    #[serde(default)]
+    pub formats: Option<Vec<ExtractFormat>>,
+    /// Rows of the customer lists on the dashboard (top CLV, knowledge sources, the
+    /// dashboard's churn list); default 25. The workbook lists every red and amber customer.
+    #[serde(default)]
+    pub top: Option<usize>,
+    /// Further tables, name: SQL query over the role's tables. Each becomes a sheet, a
+    /// dashboard table and a file.
+    #[serde(default)]
+    pub queries: IndexMap<String, String>,
+    /// Where to send the files once written.
+    #[serde(default)]
+    pub deliver: Vec<DeliverySpec>,
+    /// Attempts per delivery before it counts as failed; default 3.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+}
+
+/// A file format of an extract.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ExtractFormat {
+    /// Excel workbook with native charts.
+    Xlsx,
+    /// One self-contained HTML dashboard.
+    Html,
+    /// One CSV file per table.
+    Csv,
+    /// One Parquet file per table.
+    Parquet,
+}
+
+/// Where an extract's files go.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeliverySpec {
+    /// Copy into a folder (relative to kbcrm.yaml, or absolute).
+    Folder(String),
+    /// Upload under an object-store URL: s3://, gs://, az://, file://.
+    Url(String),
+    /// Send by e-mail: the workbook attached, the headline figures in the message.
+    Email(EmailSpec),
+}
+
+/// E-mail delivery over SMTP.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSpec {
+    /// Recipients.
+    #[schemars(with = "Vec<String>")]
+    pub to: Vec<Spanned<String>>,
+    /// Sender, e.g. "kbcrm <reports@example.com>".
+    #[schemars(with = "String")]
+    pub from: Spanned<String>,
+    /// Subject; default "<title>, as of <date>".
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// SMTP server as host:port.
+    #[schemars(with = "String")]
+    pub smtp: Spanned<String>,
+    /// starttls (default), tls (implicit, usually port 465) or none (loopback relays only).
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// Environment variable holding the SMTP user name.
+    #[serde(default)]
+    pub username_env: Option<String>,
+    /// Environment variable holding the SMTP password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// PEM file of a certificate authority to trust besides the public ones (relative to
+    /// kbcrm.yaml).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (required).
+    #[default]
+    Starttls,
+    /// TLS from the first byte.
+    Tls,
+    /// No encryption.
+    None,
 }
 
 /// Settings of `kbcrm serve`.

@@ -93,15 +93,17 @@ impl Loader {
         let pipelines_dir = spec.pipelines.clone().unwrap_or_else(|| "pipelines".into());
         let raw = self.read_pipelines(Path::new(&pipelines_dir));
         let pipelines = self.build_pipelines(raw);
-        if !self.problems.is_empty() {
-            return Err(Error::Invalid(self.problems));
-        }
         let name = spec.name.clone().unwrap_or_else(|| {
             self.root
                 .file_name()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "kbcrm".into())
         });
+        let extracts =
+            super::extracts::build(&spec, &text, &self.root, &name, &access, &mut self.problems);
+        if !self.problems.is_empty() {
+            return Err(Error::Invalid(self.problems));
+        }
         Ok(Project {
             root: self.root,
             name,
@@ -109,6 +111,7 @@ impl Loader {
             engine,
             pipelines,
             access,
+            extracts,
         })
     }
 

@@ -6,6 +6,7 @@
 pub mod access;
 pub mod dag;
 mod data_tests;
+pub mod extracts;
 mod graph;
 mod loader;
 pub mod location;
@@ -101,6 +102,8 @@ pub struct Project {
     pub pipelines: Vec<Pipeline>,
     /// The SQL server's settings, roles, PII columns and users.
     pub access: access::Access,
+    /// Extracts declared in kbcrm.yaml, in the order written.
+    pub extracts: Vec<extracts::Extract>,
 }
 
 /// A validated pipeline.

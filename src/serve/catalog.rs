@@ -6,14 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
-use datafusion::catalog::{Session, TableProvider};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::logical_expr::{
-    ColumnarValue, Expr, ScalarUDF, TableProviderFilterPushDown, TableType, Volatility, create_udf,
-};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::SessionContext;
 use datafusion_postgres::DfSessionService;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
@@ -22,11 +18,8 @@ use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::plan::Project;
-use crate::plan::access::Role;
+use crate::roles;
 use crate::warehouse::Warehouse;
-
-/// What replaces a masked text value.
-pub const MASK: &str = "***";
 
 /// The sessions of every role, built from one set of table versions.
 pub struct Catalog {
@@ -55,20 +48,7 @@ pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catal
     let mut roles = HashMap::new();
     for (name, role) in &project.access.roles {
         let ctx = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
-        let mut hidden = BTreeSet::new();
-        for table in versions.keys() {
-            if !role.may_read(table) {
-                hidden.insert(table.clone());
-                continue;
-            }
-            let provider = restricted(&base, table, role, project).await.map_err(|e| {
-                Error::Usage(format!(
-                    "kbcrm.yaml: role '{name}', table '{table}': {e}; fix roles.{name}.row_filter \
-                     or pii.{table}"
-                ))
-            })?;
-            ctx.register_table(table.as_str(), provider)?;
-        }
+        let hidden = roles::register_views(&base, &ctx, &versions, name, role, project).await?;
         setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
             .map_err(|e| Error::Usage(format!("pg_catalog: {e}")))?;
         ctx.register_udf(version_udf());
@@ -95,99 +75,6 @@ pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catal
         );
     }
     Ok(Catalog { versions, roles })
-}
-
-/// The table as the role sees it: the committed table itself, or a view over it with PII
-/// masked and the role's row filter applied.
-async fn restricted(
-    base: &SessionContext,
-    table: &str,
-    role: &Role,
-    project: &Project,
-) -> std::result::Result<Arc<dyn TableProvider>, String> {
-    let provider = base
-        .table_provider(table)
-        .await
-        .map_err(|e| e.to_string())?;
-    let pii: BTreeSet<&str> = if role.pii {
-        BTreeSet::new()
-    } else {
-        project
-            .access
-            .pii
-            .get(table)
-            .map(|cols| cols.iter().map(String::as_str).collect())
-            .unwrap_or_default()
-    };
-    let filter = role.row_filter.get(table);
-    if pii.is_empty() && filter.is_none() {
-        return Ok(provider);
-    }
-    let schema = provider.schema();
-    let cols: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let name = f.name();
-            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-            if !pii.contains(name.as_str()) {
-                return quoted;
-            }
-            match f.data_type() {
-                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-                    format!("case when {quoted} is null then null else '{MASK}' end as {quoted}")
-                }
-                other => format!("cast(null as {}) as {quoted}", sql_type(other)),
-            }
-        })
-        .collect();
-    let sql = format!(
-        "select {} from \"{table}\"{}",
-        cols.join(", "),
-        filter.map(|f| format!(" where {f}")).unwrap_or_default()
-    );
-    let df = base.sql(&sql).await.map_err(|e| e.strip_backtrace())?;
-    Ok(Arc::new(AsTable(df.into_view())))
-}
-
-/// A restricted view that clients see as the table it stands for (psql's `\dt`, JDBC's
-/// `getTables` and SQLAlchemy list base tables only).
-#[derive(Debug)]
-struct AsTable(Arc<dyn TableProvider>);
-
-#[async_trait::async_trait]
-impl TableProvider for AsTable {
-    fn schema(&self) -> SchemaRef {
-        self.0.schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    /// The view's plan, so the planner inlines and optimises it with the query as a whole.
-    fn get_logical_plan(
-        &self,
-    ) -> Option<std::borrow::Cow<'_, datafusion::logical_expr::LogicalPlan>> {
-        self.0.get_logical_plan()
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        self.0.supports_filters_pushdown(filters)
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        self.0.scan(state, projection, filters, limit).await
-    }
 }
 
 /// `to_regtype(name)`: the type's oid, or NULL for a type the server does not have (psycopg
@@ -296,22 +183,6 @@ fn version_udf() -> ScalarUDF {
             Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(text.clone()))))
         }),
     )
-}
-
-fn sql_type(t: &DataType) -> String {
-    match t {
-        DataType::Int8 | DataType::Int16 => "smallint".into(),
-        DataType::Int32 => "int".into(),
-        DataType::Int64 => "bigint".into(),
-        DataType::Float32 => "real".into(),
-        DataType::Float64 => "double".into(),
-        DataType::Boolean => "boolean".into(),
-        DataType::Date32 | DataType::Date64 => "date".into(),
-        DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => format!("decimal({p},{s})"),
-        DataType::Timestamp(_, Some(_)) => "timestamptz".into(),
-        DataType::Timestamp(_, None) => "timestamp".into(),
-        _ => "varchar".into(),
-    }
 }
 
 /// `json_build_object(k1, v1, ...)`: the JSON text of an object (catalog queries of SQLAlchemy

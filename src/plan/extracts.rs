@@ -1,0 +1,300 @@
+//! The extracts of kbcrm.yaml, checked when the project loads: roles exist, dates parse,
+//! addresses are addresses, query names are table names.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+
+use crate::config::ProjectSpec;
+use crate::config::project::{DeliverySpec, ExtractFormat, SmtpTls};
+use crate::error::Problem;
+
+use super::PROJECT_FILE;
+use super::access::Access;
+use super::loader::yaml_pos;
+
+/// Name of the extract `kbcrm extract` writes when kbcrm.yaml declares none.
+pub const DEFAULT_EXTRACT: &str = "executive";
+
+/// A validated extract.
+#[derive(Debug, Clone)]
+pub struct Extract {
+    /// Name (a key of `extracts:`).
+    pub name: String,
+    /// Title of the workbook and dashboard.
+    pub title: String,
+    /// Recipient role; `None`: every table, PII masked.
+    pub role: Option<String>,
+    /// Fixed as-of date; `None`: the newest in the cubes.
+    pub as_of: Option<NaiveDate>,
+    /// Files to write, without repeats, in a fixed order.
+    pub formats: Vec<ExtractFormat>,
+    /// Rows of the dashboard's customer lists.
+    pub top: usize,
+    /// Further tables: (name, SQL).
+    pub queries: Vec<(String, String)>,
+    /// Where the files go.
+    pub deliver: Vec<Delivery>,
+    /// Attempts per delivery.
+    pub attempts: u32,
+}
+
+impl Extract {
+    /// The executive pack with every default: every table, PII masked, the newest as-of date.
+    pub fn default_pack(project_name: &str) -> Extract {
+        Extract {
+            name: DEFAULT_EXTRACT.into(),
+            title: format!("{project_name}: executive pack"),
+            role: None,
+            as_of: None,
+            formats: vec![ExtractFormat::Xlsx, ExtractFormat::Html, ExtractFormat::Csv],
+            top: 25,
+            queries: Vec::new(),
+            deliver: Vec::new(),
+            attempts: 3,
+        }
+    }
+}
+
+/// A destination of an extract's files.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A local folder (absolute).
+    Folder(PathBuf),
+    /// An object-store URL (ends with '/').
+    Url(url::Url),
+    /// An e-mail.
+    Email(Email),
+}
+
+/// E-mail delivery settings.
+#[derive(Debug, Clone)]
+pub struct Email {
+    /// Recipients as written.
+    pub to: Vec<String>,
+    /// Sender as written.
+    pub from: String,
+    /// Subject, when not the default.
+    pub subject: Option<String>,
+    /// SMTP host.
+    pub host: String,
+    /// SMTP port.
+    pub port: u16,
+    /// Connection security.
+    pub tls: SmtpTls,
+    /// Variable holding the user name.
+    pub username_env: Option<String>,
+    /// Variable holding the password.
+    pub password_env: Option<String>,
+    /// Extra certificate authority (absolute path).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Tables the executive pack writes; further queries may not take these names.
+pub const PACK_TABLES: &[&str] = &[
+    "headline",
+    "churn_warnings",
+    "risk_by_region",
+    "loyalty_tiers",
+    "pareto",
+    "purchasing_power_bands",
+    "top_clv",
+    "clv_distribution",
+    "knowledge_sources",
+    "notes",
+];
+
+pub(super) fn build(
+    spec: &ProjectSpec,
+    text: &Arc<String>,
+    root: &std::path::Path,
+    project_name: &str,
+    access: &Access,
+    problems: &mut Vec<Problem>,
+) -> Vec<Extract> {
+    let mut at = |msg: String, loc: Option<&serde_saphyr::Location>| {
+        let mut p = Problem::new(PROJECT_FILE, msg);
+        if let Some(l) = loc {
+            p = p.at(yaml_pos(l, text), text);
+        }
+        problems.push(p);
+    };
+    let mut out = Vec::new();
+    for (name, e) in &spec.extracts {
+        let mut x = Extract::default_pack(project_name);
+        x.name = name.clone();
+        if !valid_name(name) {
+            at(
+                format!(
+                    "extracts.{name}: an extract's name names its files; use lower-case letters, \
+                     digits, '_' and '-'"
+                ),
+                None,
+            );
+        }
+        if let Some(t) = &e.title {
+            x.title = t.clone();
+        }
+        if let Some(role) = &e.role {
+            if !access.roles.contains_key(&role.value) {
+                let known: Vec<&str> = access.roles.keys().map(String::as_str).collect();
+                at(
+                    format!(
+                        "extracts.{name}.role: no role '{}' under roles: (declared: {})",
+                        role.value,
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                    Some(&role.referenced),
+                );
+            }
+            x.role = Some(role.value.clone());
+        }
+        if let Some(d) = &e.as_of {
+            let v = d.value.trim();
+            if v != "latest" {
+                match NaiveDate::parse_from_str(v, "%Y-%m-%d") {
+                    Ok(date) => x.as_of = Some(date),
+                    Err(_) => at(
+                        format!(
+                            "extracts.{name}.as_of: '{v}' is neither `latest` nor a date like \
+                             2025-12-31"
+                        ),
+                        Some(&d.referenced),
+                    ),
+                }
+            }
+        }
+        if let Some(f) = &e.formats {
+            let mut formats = f.clone();
+            formats.sort();
+            formats.dedup();
+            if formats.is_empty() {
+                at(
+                    format!(
+                        "extracts.{name}.formats is empty; name at least one of xlsx, html, csv, parquet"
+                    ),
+                    None,
+                );
+            }
+            x.formats = formats;
+        }
+        if let Some(top) = e.top {
+            if top == 0 {
+                at(format!("extracts.{name}.top must be at least 1"), None);
+            }
+            x.top = top.max(1);
+        }
+        for (q, sql) in &e.queries {
+            if !valid_table(q) {
+                at(
+                    format!(
+                        "extracts.{name}.queries.{q}: a query's name becomes a sheet and a file; \
+                         use lower-case letters, digits and '_'"
+                    ),
+                    None,
+                );
+            } else if PACK_TABLES.contains(&q.as_str()) {
+                at(
+                    format!(
+                        "extracts.{name}.queries.{q}: the executive pack already writes a table \
+                         '{q}'; choose another name"
+                    ),
+                    None,
+                );
+            }
+            x.queries.push((q.clone(), sql.clone()));
+        }
+        if let Some(n) = e.attempts {
+            if n == 0 {
+                at(format!("extracts.{name}.attempts must be at least 1"), None);
+            }
+            x.attempts = n.max(1);
+        }
+        for d in &e.deliver {
+            match d {
+                DeliverySpec::Folder(f) => x.deliver.push(Delivery::Folder(root.join(f))),
+                DeliverySpec::Url(u) => match url::Url::parse(u) {
+                    Ok(mut url) => {
+                        if !url.path().ends_with('/') {
+                            url.set_path(&format!("{}/", url.path()));
+                        }
+                        x.deliver.push(Delivery::Url(url));
+                    }
+                    Err(err) => at(
+                        format!(
+                            "extracts.{name}.deliver: '{u}' is not a URL ({err}); write e.g. \
+                             s3://bucket/packs/ or use `folder:` for a local folder"
+                        ),
+                        None,
+                    ),
+                },
+                DeliverySpec::Email(m) => {
+                    if m.to.is_empty() {
+                        at(
+                            format!("extracts.{name}.deliver.email.to names no recipient"),
+                            None,
+                        );
+                    }
+                    for addr in m.to.iter().chain(std::iter::once(&m.from)) {
+                        if let Err(err) = addr.value.parse::<lettre::message::Mailbox>() {
+                            at(
+                                format!(
+                                    "extracts.{name}.deliver.email: '{}' is not an e-mail \
+                                     address ({err})",
+                                    addr.value
+                                ),
+                                Some(&addr.referenced),
+                            );
+                        }
+                    }
+                    let (host, port) = match m.smtp.value.rsplit_once(':') {
+                        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+                            (h.to_string(), p.parse().unwrap_or(25))
+                        }
+                        _ => {
+                            at(
+                                format!(
+                                    "extracts.{name}.deliver.email.smtp: '{}' is not host:port; \
+                                     write e.g. smtp.example.com:587",
+                                    m.smtp.value
+                                ),
+                                Some(&m.smtp.referenced),
+                            );
+                            (String::new(), 0)
+                        }
+                    };
+                    x.deliver.push(Delivery::Email(Email {
+                        to: m.to.iter().map(|t| t.value.clone()).collect(),
+                        from: m.from.value.clone(),
+                        subject: m.subject.clone(),
+                        host,
+                        port,
+                        tls: m.tls,
+                        username_env: m.username_env.clone(),
+                        password_env: m.password_env.clone(),
+                        ca_file: m.ca_file.as_ref().map(|f| root.join(f)),
+                    }));
+                }
+            }
+        }
+        out.push(x);
+    }
+    out
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn valid_table(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
