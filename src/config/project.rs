@@ -106,7 +106,7 @@ pub enum DeliverySpec {
     /// Upload under an object-store URL: s3://, gs://, az://, file://.
     Url(String),
     /// Send by e-mail: the workbook attached, the headline figures in the message.
-    Email(EmailSpec),
+    Email(Box<EmailSpec>),
 }
 
 /// E-mail delivery over SMTP.

@@ -37,6 +37,7 @@ svg { width: 100%; height: auto; display: block; }
 table { border-collapse: collapse; width: 100%; font-size: .88em; }
 th { background: #ddebf7; text-align: left; position: sticky; top: 0; }
 th, td { padding: 5px 8px; border-bottom: 1px solid #e3e6e9; vertical-align: top; }
+td.wide { min-width: 16em; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 4px; color: #fff; font-size: .85em; }
 .tag.red { background: #c0392b; } .tag.amber { background: #d68910; } .tag.green { background: #1e8449; }
@@ -80,7 +81,7 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
     for f in &pack.headline {
         let class = match f.change() {
             None => "flat",
-            Some(d) if d == 0.0 => "flat",
+            Some(0.0) => "flat",
             Some(d) if (d > 0.0) == f.higher_is_better => "good",
             Some(_) => "bad",
         };
@@ -234,35 +235,35 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
     }
 
     if let Some(t) = pack.table("knowledge_sources") {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<section id=\"knowledge\"><h2>{}</h2>{}</section>\n",
+            "<section id=\"knowledge\"><h2>{}</h2>{}</section>",
             esc(&t.title),
             html_table(t, top)
         );
     }
     for t in &pack.tables {
         if !crate::plan::extracts::PACK_TABLES.contains(&t.name.as_str()) {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<section><h2>{}</h2>{}</section>\n",
+                "<section><h2>{}</h2>{}</section>",
                 esc(&t.title),
                 html_table(t, 200)
             );
         }
     }
     if let Some(t) = pack.table("notes") {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<section id=\"notes\"><h2>{}</h2>{}</section>\n",
+            "<section id=\"notes\"><h2>{}</h2>{}</section>",
             esc(&t.title),
             html_table(t, usize::MAX)
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
         "</main><footer>Made by kbcrm {} from the warehouse's table versions listed in the \
-         notes. The workbook holds every row.</footer></body></html>\n",
+         notes. The workbook holds every row.</footer></body></html>",
         env!("CARGO_PKG_VERSION")
     );
     h
@@ -322,22 +323,30 @@ fn html_table(t: &PackTable, limit: usize) -> String {
         let _ = write!(h, "<th>{}</th>", esc(&f.name().replace('_', " ")));
     }
     h.push_str("</tr></thead><tbody>");
-    let cols: Vec<(Vec<Cell>, ColumnKind, bool)> = (0..schema.fields().len())
+    let cols: Vec<(Vec<Cell>, ColumnKind, bool, bool)> = (0..schema.fields().len())
         .map(|i| {
+            let cells = t.cells(i);
+            // Long text (the reasons) keeps a readable width; the table scrolls instead.
+            let wide = cells
+                .iter()
+                .any(|c| matches!(c, Cell::Text(s) if s.chars().count() > 40));
             (
-                t.cells(i),
+                cells,
                 t.kind(i),
                 schema.field(i).name() == "warning_level",
+                wide,
             )
         })
         .collect();
     let shown = t.rows().min(limit);
     for r in 0..shown {
         h.push_str("<tr>");
-        for (cells, kind, level) in &cols {
+        for (cells, kind, level, wide) in &cols {
             let (text, numeric) = show(&cells[r], *kind);
             if *level && !text.is_empty() {
                 let _ = write!(h, "<td><span class=\"tag {text}\">{text}</span></td>");
+            } else if *wide {
+                let _ = write!(h, "<td class=\"wide\">{text}</td>");
             } else if numeric {
                 let _ = write!(h, "<td class=\"n\">{text}</td>");
             } else {

@@ -30,7 +30,7 @@ use crate::plan::extracts::{DEFAULT_EXTRACT, Extract};
 use crate::warehouse::Warehouse;
 
 pub use deliver::DeliveryReport;
-pub use pack::{Figure, FigureKind, Pack, PackTable};
+pub use pack::{Figure, FigureKind, Pack, PackTable, group_digits};
 
 /// What `kbcrm extract` was asked for.
 #[derive(Debug, Clone)]

@@ -510,7 +510,7 @@ pub async fn gather(
                  (1, -1e300, 50.0, 'under 50'), (2, 50.0, 100.0, '50-100'), \
                  (3, 100.0, 250.0, '100-250'), (4, 250.0, 500.0, '250-500'), \
                  (5, 500.0, 1000.0, '500-1k'), (6, 1000.0, 2500.0, '1k-2.5k'), \
-                 (7, 2500.0, 5000.0, '2.5k-5k'), (8, 5000.0, 1e300, '5k and more')), \
+                 (7, 2500.0, 5000.0, '2.5k-5k'), (8, 5000.0, 1e300, '5k+')), \
                  p as (select clv from cube_purchasing_power where as_of = {d} and clv is not null) \
                  select b.clv_range, count(p.clv) as customers, \
                  coalesce(sum(p.clv), 0.0) as clv \

@@ -36,7 +36,7 @@ pub fn hbars(
     color: &str,
     show: &dyn Fn(f64) -> String,
 ) -> String {
-    let (w, row, left, right) = (640u32, 30u32, 110f64, 90f64);
+    let (w, row, left, right) = (480u32, 28u32, 92f64, 72f64);
     let h = row * categories.len().max(1) as u32 + 10;
     let max = values
         .iter()
@@ -75,7 +75,7 @@ pub fn columns(
     color: &str,
     show: &dyn Fn(f64) -> String,
 ) -> String {
-    let (w, h, top, bottom) = (640f64, 280f64, 24f64, 54f64);
+    let (w, h, top, bottom) = (480f64, 260f64, 24f64, 40f64);
     let n = categories.len().max(1) as f64;
     let slot = w / n;
     let bar = slot * 0.7;
@@ -101,7 +101,7 @@ pub fn columns(
             "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar:.1}\" height=\"{len:.1}\" \
              fill=\"{color}\" rx=\"2\"/>\
              <text x=\"{mid:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"12\">{}</text>\
-             <text x=\"{mid:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"12\">{}</text>",
+             <text x=\"{mid:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
             y - 5.0,
             esc(&show(*v)),
             h - bottom + 18.0,
@@ -114,7 +114,7 @@ pub fn columns(
 
 /// A line through (x, y) points: x from 0 to 100 (percent of customers), y a share 0..1.
 pub fn share_curve(label: &str, xs: &[f64], ys: &[f64], color: &str, x_title: &str) -> String {
-    let (w, h, left, bottom, top, right) = (640f64, 300f64, 48f64, 40f64, 12f64, 16f64);
+    let (w, h, left, bottom, top, right) = (480f64, 280f64, 44f64, 40f64, 12f64, 14f64);
     let px = |x: f64| left + x / 100.0 * (w - left - right);
     let py = |y: f64| h - bottom - y.clamp(0.0, 1.0) * (h - top - bottom);
     let mut s = open(w as u32, h as u32, label);

@@ -154,7 +154,7 @@ fn build(pack: &Pack) -> std::result::Result<Vec<u8>, XlsxError> {
 
 fn fill(color: u32) -> ChartFormat {
     let mut f = ChartFormat::new();
-    f.set_solid_fill(&ChartSolidFill::new().set_color(Color::RGB(color)));
+    f.set_solid_fill(ChartSolidFill::new().set_color(Color::RGB(color)));
     f
 }
 

@@ -2,6 +2,7 @@
 
 mod cubes;
 mod errors;
+mod extract;
 mod incremental;
 mod models;
 mod pipeline_run;

@@ -307,6 +307,29 @@ fn demo_generates_runs_and_answers_its_examples() {
         assert!(out.contains(title), "missing example {title}:\n{out}");
     }
     assert!(out.contains("demo finished in"), "{out}");
+    // The executive pack, compared with the quarter before.
+    assert!(
+        out.contains("extract 'executive' as of 2025-12-31"),
+        "{out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Revenue at risk"))
+        .unwrap_or_else(|| panic!("no revenue at risk figure:\n{out}"));
+    assert!(
+        line.contains("%)"),
+        "no change against the quarter before: {line}"
+    );
+    for file in [
+        "executive-2025-12-31.xlsx",
+        "executive-2025-12-31.html",
+        "tables/churn_warnings.csv",
+    ] {
+        assert!(
+            p.path().join("extracts/executive").join(file).is_file(),
+            "{file}"
+        );
+    }
     assert!(p.path().join("sources/sales/orders").is_dir());
     // A second demo reuses the data and commits nothing new.
     let before = p.ok(&["tables"]);

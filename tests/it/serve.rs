@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{Project, stderr, stdout};
+use crate::support::{Project, have, may_skip, stderr, stdout};
 
 const CUSTOMERS: &str = "customer_id,name,email,region,credit_limit\n\
 C1,Anna Berg,anna@example.com,North,1000.50\n\
@@ -60,15 +60,6 @@ roles:
       customers: \"region = 'North'\"
       sales: \"customer_id in (select customer_id from customers where region = 'North')\"
 ";
-
-/// Whether a test that needs an outside program may skip: on a laptop yes, under CI never.
-fn may_skip(what: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} is required under CI=true (.ci/run installs it)");
-    }
-    eprintln!("skipped: {what} is not available");
-    true
-}
 
 fn add_user(p: &Project, name: &str, role: &str, password: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
@@ -489,13 +480,6 @@ fn psql(port: u16, user: &str, password: &str, extra: &str, sql: &str) -> std::p
         .env("PGCONNECT_TIMEOUT", "10")
         .output()
         .expect("psql runs")
-}
-
-fn have(program: &str, arg: &str) -> bool {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 #[test]

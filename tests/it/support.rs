@@ -51,6 +51,23 @@ pub fn run_in(dir: &Path, args: &[&str]) -> Output {
         .expect("kbcrm runs")
 }
 
+/// Whether a test that needs an outside program may skip: on a laptop yes, under CI never.
+pub fn may_skip(what: &str) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} is required under CI=true (.ci/run installs it)");
+    }
+    eprintln!("skipped: {what} is not available");
+    true
+}
+
+/// Whether `program arg` runs and succeeds.
+pub fn have(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Standard output as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
