@@ -72,6 +72,7 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
     for as_of in dates {
         let options = RunOptions {
             as_of: Some(as_of),
+            trigger: Some("demo".into()),
             ..RunOptions::default()
         };
         let runner = Runner::new(&project, options, progress.clone()).await?;
@@ -88,6 +89,7 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
         out: project.root.join("extracts"),
         as_of: None,
         deliver: false,
+        trigger: "demo".into(),
     };
     let extracts = crate::extract::extract(&project, None, &options).await?;
     crate::cli::print_extract_summary(&extracts)?;

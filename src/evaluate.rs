@@ -155,6 +155,7 @@ pub async fn evaluate(
     let as_of = last - chrono::Duration::days(holdout_days);
     let options = RunOptions {
         as_of: Some(as_of),
+        trigger: Some("evaluate".into()),
         ..RunOptions::default()
     };
     Runner::new(project, options, progress)

@@ -14,6 +14,7 @@ pub async fn session(project: &Project) -> Result<SessionContext> {
     let ctx = engine::session(&project.engine, &engine::today_params())?;
     let wh = Warehouse::open(&project.warehouse)?;
     wh.register_all(&ctx).await?;
+    wh.register_runs(&ctx).await?;
     Ok(ctx)
 }
 

@@ -152,6 +152,24 @@ pub enum Command {
     },
     /// List the warehouse's tables: version, rows, size, last run.
     Tables,
+    /// The run history: pipeline runs and extracts, newest first (also the table kbcrm_runs).
+    Runs {
+        /// Show one run in full instead.
+        #[command(subcommand)]
+        action: Option<RunsAction>,
+        /// Only runs of this pipeline or extract.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only failed runs.
+        #[arg(long)]
+        failed: bool,
+        /// Most runs listed.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
     /// Print the JSON Schema of pipeline files (or of kbcrm.yaml) for editors.
     Schema {
         /// The schema of kbcrm.yaml instead of pipeline files.
@@ -189,6 +207,16 @@ pub enum UserAction {
         /// Read the password from the first line of standard input instead of prompting.
         #[arg(long)]
         password_stdin: bool,
+    },
+}
+
+/// `kbcrm runs` actions.
+#[derive(Debug, Subcommand)]
+pub enum RunsAction {
+    /// Everything recorded about one run: tables, versions, rows, tests, deliveries, error.
+    Show {
+        /// The run id, or its first characters.
+        id: String,
     },
 }
 
@@ -276,6 +304,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 parallel: *parallel,
                 full_refresh: *full_refresh,
                 as_of: *as_of,
+                trigger: None,
             };
             let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
             let reports = runner.run(pipelines).await?;
@@ -343,10 +372,44 @@ pub async fn run(cli: Cli) -> Result<()> {
                 },
                 as_of: *as_of,
                 deliver: !*no_deliver,
+                trigger: "cli".into(),
             };
             let reports = crate::extract::extract(&project, name.as_deref(), &options).await?;
             output::extract_summary(&reports)?;
             crate::extract::delivery_failures(&reports)
+        }
+        Command::Runs {
+            action,
+            name,
+            failed,
+            limit,
+            format,
+        } => {
+            let project = cli.load()?;
+            match action {
+                Some(RunsAction::Show { id }) => output::run_record(&project, id).await,
+                None => {
+                    let mut filters = Vec::new();
+                    if let Some(n) = name {
+                        filters.push(format!("name = {}", crate::warehouse::state::literal(n)));
+                    }
+                    if *failed {
+                        filters.push("status = 'failed'".to_string());
+                    }
+                    let sql = format!(
+                        "select run_id, kind, name, trigger, as_of, started_at, \
+                         round(seconds, 1) as seconds, status, rows_written, tables_changed, \
+                         error from kbcrm_runs{} order by started_at desc limit {limit}",
+                        if filters.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" where {}", filters.join(" and "))
+                        }
+                    );
+                    let batches = crate::query::query(&project, &sql).await?;
+                    output::batches(&batches, *format)
+                }
+            }
         }
         Command::Tables => {
             let project = cli.load()?;

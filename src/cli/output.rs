@@ -220,3 +220,78 @@ pub fn extract_summary(reports: &[crate::extract::ExtractReport]) -> Result<()> 
     }
     write_out(|w| write!(w, "{s}"))
 }
+
+/// Print one recorded run in full.
+pub async fn run_record(project: &Project, id: &str) -> Result<()> {
+    use crate::warehouse::history::RunStatus;
+    let wh = Warehouse::open(&project.warehouse)?;
+    let runs = wh.runs().await?;
+    let found: Vec<_> = runs.iter().filter(|r| r.run_id.starts_with(id)).collect();
+    let r = match found.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(Error::Usage(format!(
+                "no run '{id}' in the run history; `kbcrm runs` lists them"
+            )));
+        }
+        many => {
+            return Err(Error::Usage(format!(
+                "'{id}' starts {} run ids; give more of it",
+                many.len()
+            )));
+        }
+    };
+    let mut s = format!(
+        "run {}\n  {:?} {} (trigger {})\n  status: {}\n",
+        r.run_id,
+        r.kind,
+        r.name,
+        r.trigger,
+        match r.status {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+        }
+    );
+    if let Some(d) = r.as_of {
+        s.push_str(&format!("  as of: {d}\n"));
+    }
+    s.push_str(&format!(
+        "  started: {}\n  ended: {} ({:.1}s)\n",
+        r.started_at.to_rfc3339(),
+        r.ended_at.to_rfc3339(),
+        (r.ended_at - r.started_at).num_milliseconds() as f64 / 1000.0
+    ));
+    if !r.tables.is_empty() {
+        s.push_str(&format!(
+            "  {:<32} {:>8} {:>10} {:>10} {:>9}  changed\n",
+            "table", "version", "read", "written", "rejected"
+        ));
+        for t in &r.tables {
+            s.push_str(&format!(
+                "  {:<32} {:>8} {:>10} {:>10} {:>9}  {}\n",
+                t.table,
+                t.version
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                t.rows_read,
+                t.rows_written,
+                t.rows_rejected,
+                if t.changed { "yes" } else { "no" }
+            ));
+        }
+        s.push_str(&format!(
+            "  data tests: {} passed, {} failed\n",
+            r.tests_passed, r.tests_failed
+        ));
+    }
+    for f in &r.files {
+        s.push_str(&format!("  file: {f}\n"));
+    }
+    for d in &r.deliveries {
+        s.push_str(&format!("  delivery: {d}\n"));
+    }
+    if let Some(e) = &r.error {
+        s.push_str(&format!("  error: {e}\n"));
+    }
+    write_out(|w| write!(w, "{s}"))
+}

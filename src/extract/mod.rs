@@ -28,6 +28,7 @@ use crate::plan::Project;
 use crate::plan::access::Role;
 use crate::plan::extracts::{DEFAULT_EXTRACT, Extract};
 use crate::warehouse::Warehouse;
+use crate::warehouse::history::{RunKind, RunRecord, RunStatus};
 
 pub use deliver::DeliveryReport;
 pub use pack::{Figure, FigureKind, Pack, PackTable, group_digits};
@@ -41,6 +42,8 @@ pub struct ExtractOptions {
     pub as_of: Option<NaiveDate>,
     /// Run the declared deliveries.
     pub deliver: bool,
+    /// What started it, for the run history (`cli`, `demo`, `schedule`).
+    pub trigger: String,
 }
 
 /// What one extract wrote and where it went.
@@ -98,9 +101,51 @@ pub async fn extract(
     name: Option<&str>,
     options: &ExtractOptions,
 ) -> Result<Vec<ExtractReport>> {
+    let wh = Warehouse::open(&project.warehouse)?;
     let mut reports = Vec::new();
     for x in selected(project, name)? {
-        reports.push(write_one(project, &x, options).await?);
+        let started_at = chrono::Utc::now();
+        let result = write_one(project, &x, options).await;
+        let mut record = RunRecord {
+            run_id: uuid::Uuid::now_v7().to_string(),
+            kind: RunKind::Extract,
+            name: x.name.clone(),
+            trigger: options.trigger.clone(),
+            as_of: options.as_of.or(x.as_of),
+            started_at,
+            ended_at: chrono::Utc::now(),
+            status: RunStatus::Succeeded,
+            tables: Vec::new(),
+            tests_passed: 0,
+            tests_failed: 0,
+            files: Vec::new(),
+            deliveries: Vec::new(),
+            error: None,
+        };
+        match &result {
+            Ok(r) => {
+                record.as_of = Some(r.as_of);
+                record.files = r.files.iter().map(|f| f.display().to_string()).collect();
+                for d in &r.deliveries {
+                    record.deliveries.push(match &d.error {
+                        None => format!("{}: delivered ({} attempts)", d.target, d.attempts),
+                        Some(e) => {
+                            format!("{}: failed after {} attempts: {e}", d.target, d.attempts)
+                        }
+                    });
+                }
+                if r.deliveries.iter().any(|d| d.error.is_some()) {
+                    record.status = RunStatus::Failed;
+                    record.error = Some("a delivery failed; the files were written".into());
+                }
+            }
+            Err(e) => {
+                record.status = RunStatus::Failed;
+                record.error = Some(e.to_string());
+            }
+        }
+        wh.record_run(&record).await;
+        reports.push(result?);
     }
     Ok(reports)
 }

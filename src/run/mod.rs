@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::identity::IdentityStats;
 use crate::plan::{Pipeline, Project, Step};
 use crate::sources;
+use crate::warehouse::history::{RunKind, RunRecord, RunStatus, TableRecord};
 use crate::warehouse::state::{self, StateKey};
 use crate::warehouse::{Staged, Warehouse, commit_run, files_provider};
 
@@ -35,6 +36,8 @@ pub struct RunOptions {
     pub full_refresh: bool,
     /// The date the run is as of (`kbcrm_as_of()` in SQL); default today.
     pub as_of: Option<chrono::NaiveDate>,
+    /// What started the run, for the run history; default `cli`.
+    pub trigger: Option<String>,
 }
 
 /// What happened to one table in a run.
@@ -181,9 +184,60 @@ impl<'a> Runner<'a> {
         Ok(reports)
     }
 
-    /// Run one pipeline and commit it.
-    #[instrument(skip(self, pipeline), fields(pipeline = %pipeline.name))]
+    /// Run one pipeline and commit it; the run history records how it went either way.
     pub async fn run_pipeline(&self, pipeline: &Pipeline) -> Result<RunReport> {
+        let run_id = uuid::Uuid::now_v7().to_string();
+        let started_at = chrono::Utc::now();
+        let result = self.run_pipeline_as(pipeline, run_id.clone()).await;
+        let as_of = self
+            .options
+            .as_of
+            .unwrap_or_else(|| started_at.date_naive());
+        let mut record = RunRecord {
+            run_id,
+            kind: RunKind::Pipeline,
+            name: pipeline.name.clone(),
+            trigger: self.options.trigger.clone().unwrap_or_else(|| "cli".into()),
+            as_of: Some(as_of),
+            started_at,
+            ended_at: chrono::Utc::now(),
+            status: RunStatus::Succeeded,
+            tables: Vec::new(),
+            tests_passed: 0,
+            tests_failed: 0,
+            files: Vec::new(),
+            deliveries: Vec::new(),
+            error: None,
+        };
+        match &result {
+            Ok(report) => {
+                record.tables = report
+                    .tables
+                    .iter()
+                    .map(|t| TableRecord {
+                        table: t.table.clone(),
+                        version: t.version,
+                        rows_read: t.rows_in,
+                        rows_written: t.rows_written,
+                        rows_rejected: t.rows_rejected,
+                        changed: t.changed,
+                    })
+                    .collect();
+                record.tests_passed =
+                    report.tests.iter().filter(|t| t.failures == 0).count() as u64;
+                record.tests_failed = report.tests.len() as u64 - record.tests_passed;
+            }
+            Err(e) => {
+                record.status = RunStatus::Failed;
+                record.error = Some(e.to_string());
+            }
+        }
+        self.wh.record_run(&record).await;
+        result
+    }
+
+    #[instrument(skip(self, pipeline, run_id), fields(pipeline = %pipeline.name))]
+    async fn run_pipeline_as(&self, pipeline: &Pipeline, run_id: String) -> Result<RunReport> {
         let started = Instant::now();
         let params = crate::udf::RunParams {
             as_of_days: engine::epoch_days(
@@ -196,7 +250,7 @@ impl<'a> Runner<'a> {
         let ctx = engine::session(&self.project.engine, &params)?;
         let committed = self.wh.register_all(&ctx).await?;
         let mut state = RunState {
-            run_id: uuid::Uuid::now_v7().to_string(),
+            run_id,
             run_micros: chrono::Utc::now().timestamp_micros(),
             staged: Vec::new(),
             tables: Vec::new(),

@@ -606,6 +606,16 @@ fn folder_and_object_store_deliveries_and_a_failing_one() {
     );
     assert!(again.path().join("board/board-2025-12-31.xlsx").is_file());
     assert!(stdout(&o).contains("NOT delivered"), "{}", stdout(&o));
+    // Both extracts are in the run history, the failed delivery with its reason.
+    let runs = p.query(
+        "select status, deliveries, error from kbcrm_runs where kind = 'extract' \
+         and name = 'board' order by started_at",
+    );
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[0][0], "succeeded");
+    assert!(runs[0][1].contains("delivered (1 attempts)"), "{runs:?}");
+    assert_eq!(runs[1][0], "failed");
+    assert!(runs[1][1].contains("failed after 2 attempts"), "{runs:?}");
 }
 
 fn free_port() -> u16 {

@@ -3,6 +3,7 @@
 mod cubes;
 mod errors;
 mod extract;
+mod history;
 mod incremental;
 mod models;
 mod pipeline_run;

@@ -178,7 +178,8 @@ impl Project {
             .unwrap_or_else(|_| panic!("not a number: {rows:?}"))
     }
 
-    /// Snapshot of the warehouse: every file path under it with its size, sorted.
+    /// Snapshot of the warehouse: every file path under it with its size, sorted; the run
+    /// history (`_kbcrm/runs/`), which records every run, is left out.
     pub fn warehouse_files(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         let root = self.path().join("warehouse");
@@ -190,7 +191,9 @@ impl Project {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
-                    stack.push(p);
+                    if !p.ends_with("_kbcrm/runs") {
+                        stack.push(p);
+                    }
                 } else {
                     let rel = p
                         .strip_prefix(&root)

@@ -1,0 +1,256 @@
+//! The run history: one JSON record per pipeline run and per extract, written under
+//! `_kbcrm/runs/` in the warehouse whether the run succeeded or failed, and read back as the
+//! table `kbcrm_runs` (`kbcrm runs`, `kbcrm query`, the SQL server).
+//!
+//! Records are files rather than rows of a Delta table so that a failed run, which must leave
+//! every table as it was, can still say that it failed, and so that an extract writing its
+//! record never races a pipeline run's commit.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::{META_DIR, Warehouse};
+use crate::error::{Error, Result};
+
+/// Name under which the history is queried.
+pub const RUNS_TABLE: &str = "kbcrm_runs";
+
+/// What a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    /// A pipeline run.
+    Pipeline,
+    /// An extract written (and delivered).
+    Extract,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Committed (a pipeline) or written and delivered (an extract).
+    Succeeded,
+    /// Nothing committed (a pipeline), or a delivery failed (an extract; its files exist).
+    Failed,
+}
+
+/// One table a run wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableRecord {
+    /// Table name.
+    pub table: String,
+    /// Version after the run (`None`: the table does not exist yet).
+    pub version: Option<u64>,
+    /// Rows read or computed.
+    pub rows_read: u64,
+    /// Rows written.
+    pub rows_written: u64,
+    /// Rows rejected to quarantine.
+    pub rows_rejected: u64,
+    /// Whether the run changed it.
+    pub changed: bool,
+}
+
+/// One run, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Run id (UUID v7 for pipeline runs).
+    pub run_id: String,
+    /// Pipeline or extract.
+    pub kind: RunKind,
+    /// The pipeline's or the extract's name.
+    pub name: String,
+    /// What started it: `cli`, `demo`, `schedule`, ...
+    pub trigger: String,
+    /// The as-of date.
+    pub as_of: Option<chrono::NaiveDate>,
+    /// Start.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// End.
+    pub ended_at: chrono::DateTime<chrono::Utc>,
+    /// Outcome.
+    pub status: RunStatus,
+    /// Tables the run wrote or left as they were (pipelines).
+    #[serde(default)]
+    pub tables: Vec<TableRecord>,
+    /// Data tests that passed.
+    pub tests_passed: u64,
+    /// Data tests that failed (errors and warnings).
+    pub tests_failed: u64,
+    /// Files written, relative to the extract's folder (extracts).
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// Deliveries and their outcomes, in words (extracts).
+    #[serde(default)]
+    pub deliveries: Vec<String>,
+    /// The error, when it failed.
+    pub error: Option<String>,
+}
+
+impl RunRecord {
+    /// Rows read over all tables.
+    pub fn rows_read(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows_read).sum()
+    }
+
+    /// Rows written over all tables.
+    pub fn rows_written(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows_written).sum()
+    }
+
+    /// Rows rejected over all tables.
+    pub fn rows_rejected(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows_rejected).sum()
+    }
+}
+
+impl Warehouse {
+    /// Write a run's record. A record that cannot be written is logged, never fatal: the run's
+    /// own outcome stands.
+    pub async fn record_run(&self, record: &RunRecord) {
+        let name = format!(
+            "{}-{}.json",
+            record.started_at.format("%Y%m%dT%H%M%S%.6fZ"),
+            record.run_id
+        );
+        let path = self.path(&format!("{META_DIR}/runs/{name}"));
+        let body = match serde_json::to_vec_pretty(record) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("cannot encode the run record of {}: {e}", record.run_id);
+                return;
+            }
+        };
+        if let Err(e) = self.store().put(&path, PutPayload::from(body)).await {
+            tracing::warn!("cannot write the run record {path}: {e}");
+        }
+    }
+
+    /// Every recorded run, oldest first.
+    pub async fn runs(&self) -> Result<Vec<RunRecord>> {
+        let dir = self.path(&format!("{META_DIR}/runs"));
+        let mut entries: Vec<_> = self.store().list(Some(&dir)).try_collect().await?;
+        entries.sort_by(|a, b| a.location.cmp(&b.location));
+        let mut out = Vec::new();
+        for e in entries {
+            if e.location.extension() != Some("json") {
+                continue;
+            }
+            let bytes = self.store().get(&e.location).await?.bytes().await?;
+            let record: RunRecord = serde_json::from_slice(&bytes).map_err(|err| {
+                Error::Warehouse(format!(
+                    "the run record {} is not readable ({err}); move it away",
+                    e.location
+                ))
+            })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Register the history as the table `kbcrm_runs` (one row per run).
+    pub async fn register_runs(&self, ctx: &SessionContext) -> Result<()> {
+        let batch = runs_batch(&self.runs().await?)?;
+        ctx.deregister_table(RUNS_TABLE)?;
+        ctx.register_table(
+            RUNS_TABLE,
+            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
+        )?;
+        Ok(())
+    }
+}
+
+/// Schema of `kbcrm_runs`.
+pub fn runs_schema() -> SchemaRef {
+    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC")));
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("trigger", DataType::Utf8, false),
+        Field::new("as_of", DataType::Date32, true),
+        Field::new("started_at", ts(), false),
+        Field::new("ended_at", ts(), false),
+        Field::new("seconds", DataType::Float64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("rows_read", DataType::Int64, false),
+        Field::new("rows_written", DataType::Int64, false),
+        Field::new("rows_rejected", DataType::Int64, false),
+        Field::new("tables_changed", DataType::Utf8, false),
+        Field::new("tests_passed", DataType::Int64, false),
+        Field::new("tests_failed", DataType::Int64, false),
+        Field::new("deliveries", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, true),
+    ]))
+}
+
+fn runs_batch(runs: &[RunRecord]) -> Result<RecordBatch> {
+    let text = |f: &dyn Fn(&RunRecord) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(runs.iter().map(f)))
+    };
+    let int = |f: &dyn Fn(&RunRecord) -> u64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(
+            runs.iter().map(|r| f(r) as i64),
+        ))
+    };
+    let time = |f: &dyn Fn(&RunRecord) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(runs.iter().map(f)).with_timezone("UTC"),
+        )
+    };
+    let columns: Vec<ArrayRef> = vec![
+        text(&|r| r.run_id.clone()),
+        text(&|r| {
+            match r.kind {
+                RunKind::Pipeline => "pipeline",
+                RunKind::Extract => "extract",
+            }
+            .into()
+        }),
+        text(&|r| r.name.clone()),
+        text(&|r| r.trigger.clone()),
+        Arc::new(arrow::array::Date32Array::from_iter(
+            runs.iter().map(|r| r.as_of.map(crate::engine::epoch_days)),
+        )),
+        time(&|r| r.started_at.timestamp_micros()),
+        time(&|r| r.ended_at.timestamp_micros()),
+        Arc::new(arrow::array::Float64Array::from_iter_values(
+            runs.iter()
+                .map(|r| (r.ended_at - r.started_at).num_microseconds().unwrap_or(0) as f64 / 1e6),
+        )),
+        text(&|r| {
+            match r.status {
+                RunStatus::Succeeded => "succeeded",
+                RunStatus::Failed => "failed",
+            }
+            .into()
+        }),
+        int(&RunRecord::rows_read),
+        int(&RunRecord::rows_written),
+        int(&RunRecord::rows_rejected),
+        text(&|r| {
+            r.tables
+                .iter()
+                .filter(|t| t.changed)
+                .map(|t| match t.version {
+                    Some(v) => format!("{}@{v}", t.table),
+                    None => t.table.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }),
+        int(&|r| r.tests_passed),
+        int(&|r| r.tests_failed),
+        text(&|r| r.deliveries.join("; ")),
+        Arc::new(StringArray::from_iter(runs.iter().map(|r| r.error.clone()))),
+    ];
+    Ok(RecordBatch::try_new(runs_schema(), columns)?)
+}
