@@ -40,6 +40,7 @@ pub mod plan;
 pub mod query;
 pub mod roles;
 pub mod run;
+pub mod schedule;
 pub mod serve;
 pub mod sources;
 pub mod stats;

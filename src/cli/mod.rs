@@ -87,6 +87,16 @@ pub enum Command {
         #[arg(long)]
         no_deliver: bool,
     },
+    /// Run pipelines and extracts on their `schedule:` cron expressions until SIGTERM or
+    /// Ctrl-C (the run under way finishes first).
+    Schedule {
+        /// Run what is due now, then exit (for cron or an outside scheduler).
+        #[arg(long)]
+        once: bool,
+        /// Folder scheduled extracts are written in.
+        #[arg(long, default_value = "extracts", value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Manage the users of `kbcrm serve`.
     User {
         /// What to do.
@@ -377,6 +387,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             let reports = crate::extract::extract(&project, name.as_deref(), &options).await?;
             output::extract_summary(&reports)?;
             crate::extract::delivery_failures(&reports)
+        }
+        Command::Schedule { once, out } => {
+            let project = cli.load()?;
+            crate::validate::check_models(&project).await?;
+            let options = crate::schedule::ScheduleOptions {
+                once: *once,
+                out: if out.is_absolute() {
+                    out.clone()
+                } else {
+                    std::env::current_dir()
+                        .map_err(|e| Error::io(".", e))?
+                        .join(out)
+                },
+            };
+            crate::schedule::schedule(&project, &options).await
         }
         Command::Runs {
             action,

@@ -19,9 +19,22 @@ pub struct PipelineSpec {
     /// What the pipeline is for.
     #[serde(default)]
     pub description: Option<String>,
-    /// Cron expression for `kbcrm schedule`, e.g. "0 2 * * *".
+    /// Cron expression for `kbcrm schedule`, e.g. "0 2 * * *" (minute hour day month
+    /// weekday, an optional seconds field first), in kbcrm.yaml's `timezone`.
     #[serde(default)]
-    pub schedule: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub schedule: Option<Spanned<String>>,
+    /// Further attempts `kbcrm schedule` makes when a scheduled run fails; default 0.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Wait before the first retry, doubled for each further one; default "1min".
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub retry_delay: Option<Spanned<String>>,
+    /// What `kbcrm schedule` does about runs it missed while it was not running: `run_once`
+    /// (one catch-up run, the default) or `skip` (wait for the next time).
+    #[serde(default)]
+    pub misfire: Option<Misfire>,
     /// Sources to load, by name. Each lands in a table (default `raw_<pipeline>_<source>`).
     #[serde(default)]
     #[schemars(with = "IndexMap<String, SourceSpec>")]
@@ -41,6 +54,17 @@ pub struct PipelineSpec {
     /// Variables the pipeline's SQL reads with `kbcrm_var('name')` (thresholds, horizons).
     #[serde(default)]
     pub vars: IndexMap<String, serde_json::Value>,
+}
+
+/// What to do about scheduled times missed while the scheduler was down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Misfire {
+    /// Run once for all the missed times.
+    #[default]
+    RunOnce,
+    /// Do not catch up; wait for the next scheduled time.
+    Skip,
 }
 
 /// File formats a source can read.

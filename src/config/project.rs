@@ -16,6 +16,10 @@ pub struct ProjectSpec {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub warehouse: Option<Spanned<String>>,
+    /// Time zone of the cron schedules, e.g. Europe/Berlin; default UTC.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub timezone: Option<Spanned<String>>,
     /// Folder of pipeline files; default `pipelines/`.
     #[serde(default)]
     pub pipelines: Option<String>,
@@ -79,6 +83,11 @@ pub struct ExtractSpec {
     /// Attempts per delivery before it counts as failed; default 3.
     #[serde(default)]
     pub attempts: Option<u32>,
+    /// Cron expression: `kbcrm schedule` writes and delivers the extract then, after the
+    /// pipelines due at the same time.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub schedule: Option<Spanned<String>>,
 }
 
 /// A file format of an extract.

@@ -38,6 +38,8 @@ pub struct Extract {
     pub deliver: Vec<Delivery>,
     /// Attempts per delivery.
     pub attempts: u32,
+    /// Cron schedule for `kbcrm schedule`.
+    pub schedule: Option<String>,
 }
 
 impl Extract {
@@ -53,6 +55,7 @@ impl Extract {
             queries: Vec::new(),
             deliver: Vec::new(),
             attempts: 3,
+            schedule: None,
         }
     }
 }
@@ -208,6 +211,15 @@ pub(super) fn build(
                 );
             }
             x.queries.push((q.clone(), sql.clone()));
+        }
+        if let Some(c) = &e.schedule {
+            if let Err(msg) = super::check_cron(&c.value) {
+                at(
+                    format!("extracts.{name}.schedule: {msg}"),
+                    Some(&c.referenced),
+                );
+            }
+            x.schedule = Some(c.value.clone());
         }
         if let Some(n) = e.attempts {
             if n == 0 {

@@ -101,6 +101,23 @@ impl Loader {
         });
         let extracts =
             super::extracts::build(&spec, &text, &self.root, &name, &access, &mut self.problems);
+        let timezone = match &spec.timezone {
+            None => chrono_tz::Tz::UTC,
+            Some(tz) => tz.value.parse().unwrap_or_else(|_| {
+                self.problems.push(
+                    Problem::new(
+                        PROJECT_FILE,
+                        format!(
+                            "timezone: '{}' is not a time zone; write an IANA name such as \
+                             Europe/Berlin or UTC",
+                            tz.value
+                        ),
+                    )
+                    .at(yaml_pos(&tz.referenced, &text), &text),
+                );
+                chrono_tz::Tz::UTC
+            }),
+        };
         if !self.problems.is_empty() {
             return Err(Error::Invalid(self.problems));
         }
@@ -112,6 +129,7 @@ impl Loader {
             pipelines,
             access,
             extracts,
+            timezone,
         })
     }
 
@@ -245,10 +263,35 @@ impl Loader {
                     self.identity(r, entity, &spec.value, &spec.referenced)
                 })
                 .collect();
+            let at = |loc: &serde_saphyr::Location| yaml_pos(loc, &r.text);
+            if let Some(c) = &r.spec.schedule
+                && let Err(msg) = check_cron(&c.value)
+            {
+                self.problems.push(
+                    Problem::new(&r.file, format!("schedule: {msg}"))
+                        .at(at(&c.referenced), &r.text),
+                );
+            }
+            let retry_delay = match &r.spec.retry_delay {
+                None => std::time::Duration::from_secs(60),
+                Some(d) => match super::access::parse_duration(&d.value) {
+                    Ok(v) => v.unwrap_or_default(),
+                    Err(msg) => {
+                        self.problems.push(
+                            Problem::new(&r.file, format!("retry_delay: {msg}"))
+                                .at(at(&d.referenced), &r.text),
+                        );
+                        std::time::Duration::ZERO
+                    }
+                },
+            };
             pipelines.push(Pipeline {
                 name: r.name.clone(),
                 file: r.file.clone(),
-                schedule: r.spec.schedule.clone(),
+                schedule: r.spec.schedule.as_ref().map(|s| s.value.clone()),
+                retries: r.spec.retries.unwrap_or(0),
+                retry_delay,
+                misfire: r.spec.misfire.unwrap_or_default(),
                 sources,
                 models,
                 tests,

@@ -104,6 +104,8 @@ pub struct Project {
     pub access: access::Access,
     /// Extracts declared in kbcrm.yaml, in the order written.
     pub extracts: Vec<extracts::Extract>,
+    /// Time zone of the cron schedules.
+    pub timezone: chrono_tz::Tz,
 }
 
 /// A validated pipeline.
@@ -115,6 +117,12 @@ pub struct Pipeline {
     pub file: PathBuf,
     /// Cron schedule, when declared.
     pub schedule: Option<String>,
+    /// Further attempts of a failed scheduled run.
+    pub retries: u32,
+    /// Wait before the first retry (doubled for each further one).
+    pub retry_delay: std::time::Duration,
+    /// What the scheduler does about missed times.
+    pub misfire: crate::config::pipeline::Misfire,
     /// Sources in declaration order.
     pub sources: Vec<Source>,
     /// Models in dependency order (within the pipeline).
@@ -342,4 +350,15 @@ pub fn resolve_warehouse(written: &str, root: &Path) -> Result<Url, String> {
         url.set_path(&p);
     }
     Ok(url)
+}
+
+/// Check a cron expression as `kbcrm schedule` reads it.
+pub fn check_cron(expr: &str) -> Result<croner::Cron, String> {
+    use std::str::FromStr;
+    croner::Cron::from_str(expr).map_err(|e| {
+        format!(
+            "'{expr}' is not a cron expression ({e}); write minute hour day month weekday, \
+             e.g. \"0 2 * * *\" for 02:00 every day"
+        )
+    })
 }

@@ -815,3 +815,37 @@ fn bad_extract_settings_name_file_line_and_fix() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_scheduled_extract_is_written_delivered_and_recorded() {
+    let p = copy_of_built();
+    let folder = temp_out();
+    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
+    p.write(
+        "kbcrm.yaml",
+        format!(
+            "{yaml}\n  daily:\n    role: analyst\n    formats: [xlsx]\n    schedule: \"0 6 * * *\"\n    \
+             deliver:\n      - folder: {}\n",
+            folder.path().display()
+        ),
+    );
+    let out = temp_out();
+    let printed = p.ok(&["schedule", "--once", "--out", out.path().to_str().unwrap()]);
+    assert!(
+        printed.contains("extract daily as of 2025-12-31 written to"),
+        "{printed}"
+    );
+    assert!(out.path().join("daily/daily-2025-12-31.xlsx").is_file());
+    assert!(folder.path().join("daily/daily-2025-12-31.xlsx").is_file());
+    let runs = p.query(
+        "select trigger, status, deliveries from kbcrm_runs where kind = 'extract' and name = 'daily'",
+    );
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(
+        (runs[0][0].as_str(), runs[0][1].as_str()),
+        ("schedule", "succeeded")
+    );
+    assert!(runs[0][2].contains("delivered"), "{runs:?}");
+    let again = p.ok(&["schedule", "--once", "--out", out.path().to_str().unwrap()]);
+    assert!(again.contains("nothing is due"), "{again}");
+}

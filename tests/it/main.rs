@@ -8,6 +8,7 @@ mod incremental;
 mod models;
 mod pipeline_run;
 mod recovery;
+mod schedule;
 mod serve;
 mod sources;
 mod star;
