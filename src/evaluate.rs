@@ -64,7 +64,7 @@ pub fn parse_days(s: &str) -> Result<i64> {
         .map(|n| n * mult)
         .ok_or_else(|| {
             Error::Usage(format!(
-                "'{s}' is not a holdout length; write e.g. 90d or 12w"
+                "'{s}' is not a number of days; write e.g. 90d or 12w"
             ))
         })
 }

@@ -122,8 +122,21 @@ pub enum Command {
         #[arg(long)]
         full_refresh: bool,
         /// The date the run is as of (`kbcrm_as_of()` in SQL), e.g. 2025-12-31; default today.
-        #[arg(long, value_name = "DATE")]
+        #[arg(long, value_name = "DATE", conflicts_with_all = ["from", "rerun"])]
         as_of: Option<chrono::NaiveDate>,
+        /// Backfill: one run per as-of date from this date to --to, in order; the same command
+        /// resumes after a failure.
+        #[arg(long, value_name = "DATE", requires = "to", conflicts_with = "rerun")]
+        from: Option<chrono::NaiveDate>,
+        /// Last as-of date of a backfill.
+        #[arg(long, value_name = "DATE", requires = "from")]
+        to: Option<chrono::NaiveDate>,
+        /// Days between backfill dates, e.g. 1d or 1w.
+        #[arg(long, default_value = "1d", requires = "from")]
+        every: String,
+        /// Repeat a recorded run (its pipeline, its as-of date); a prefix of the id will do.
+        #[arg(long, value_name = "RUN_ID")]
+        rerun: Option<String>,
     },
     /// Build the cubes (the `cubes` pipeline), or check how well they predict.
     Cubes {
@@ -307,6 +320,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             parallel,
             full_refresh,
             as_of,
+            from,
+            to,
+            every,
+            rerun,
         } => {
             let project = cli.load()?;
             crate::validate::check_models(&project).await?;
@@ -316,8 +333,23 @@ pub async fn run(cli: Cli) -> Result<()> {
                 as_of: *as_of,
                 trigger: None,
             };
-            let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
-            let reports = runner.run(pipelines).await?;
+            let progress = Progress::auto(cli.quiet);
+            let reports = if let Some(id) = rerun {
+                if !pipelines.is_empty() {
+                    return Err(Error::Usage(
+                        "--rerun repeats the recorded run's own pipeline; name no pipelines".into(),
+                    ));
+                }
+                crate::run::backfill::rerun(&project, id, progress).await?
+            } else if let (Some(from), Some(to)) = (from, to) {
+                let every = crate::evaluate::parse_days(every)?;
+                let dates = crate::run::backfill::dates(*from, *to, every)?;
+                crate::run::backfill::backfill(&project, pipelines, &dates, options, progress)
+                    .await?
+            } else {
+                let runner = Runner::new(&project, options, progress).await?;
+                runner.run(pipelines).await?
+            };
             output::run_summary(&reports)
         }
         Command::Query { sql, format } => {

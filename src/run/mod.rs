@@ -2,6 +2,7 @@
 //! and identity resolutions in DAG order, checks its data tests and then commits every table it
 //! changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
 
+pub mod backfill;
 mod lock;
 mod model;
 mod progress;

@@ -1,5 +1,6 @@
 //! The integration tests: the `kbcrm` binary on temporary projects and generated data.
 
+mod backfill;
 mod cubes;
 mod errors;
 mod extract;
