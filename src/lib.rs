@@ -36,6 +36,7 @@ pub mod extract;
 pub mod generate;
 pub mod identity;
 pub mod init;
+pub mod lineage;
 pub mod plan;
 pub mod query;
 pub mod roles;

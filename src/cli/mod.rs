@@ -193,6 +193,12 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
+    /// Print where every table comes from: sources, models, identity resolutions, extracts.
+    Lineage {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = crate::lineage::LineageFormat::Text)]
+        format: crate::lineage::LineageFormat,
+    },
     /// Print the JSON Schema of pipeline files (or of kbcrm.yaml) for editors.
     Schema {
         /// The schema of kbcrm.yaml instead of pipeline files.
@@ -467,6 +473,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output::batches(&batches, *format)
                 }
             }
+        }
+        Command::Lineage { format } => {
+            let project = cli.load()?;
+            output::line(crate::lineage::render(&project, *format).trim_end())
         }
         Command::Tables => {
             let project = cli.load()?;

@@ -6,6 +6,7 @@ mod errors;
 mod extract;
 mod history;
 mod incremental;
+mod lineage;
 mod models;
 mod pipeline_run;
 mod recovery;

@@ -1,0 +1,201 @@
+//! `kbcrm lineage`: where every table comes from. Source locations feed raw tables, models
+//! and identity resolutions read tables and build tables, extracts read tables; printed as
+//! text, Graphviz dot or Mermaid.
+
+use std::collections::BTreeSet;
+
+use clap::ValueEnum;
+
+use crate::plan::Project;
+
+/// Output formats of `kbcrm lineage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LineageFormat {
+    /// One line per edge, grouped by pipeline.
+    Text,
+    /// Graphviz dot.
+    Dot,
+    /// Mermaid flowchart.
+    Mermaid,
+}
+
+/// What a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NodeKind {
+    /// A source location.
+    Source,
+    /// A warehouse table.
+    Table,
+    /// An extract.
+    Extract,
+}
+
+/// One edge: `from` feeds `to`, by `how` (source load, model, identity, extract), in a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Edge {
+    /// Pipeline (or `extracts`).
+    pub pipeline: String,
+    /// Upstream node.
+    pub from: (NodeKind, String),
+    /// Downstream node.
+    pub to: (NodeKind, String),
+    /// What makes the edge.
+    pub how: &'static str,
+}
+
+/// Every edge of the project, in pipeline order.
+pub fn edges(project: &Project) -> Vec<Edge> {
+    let mut out = Vec::new();
+    for p in &project.pipelines {
+        let mut push = |from: (NodeKind, String), to: (NodeKind, String), how| {
+            out.push(Edge {
+                pipeline: p.name.clone(),
+                from,
+                to,
+                how,
+            })
+        };
+        for s in &p.sources {
+            push(
+                (NodeKind::Source, s.location.written.clone()),
+                (NodeKind::Table, s.table.clone()),
+                "load",
+            );
+        }
+        for i in &p.identities {
+            for r in &i.sources {
+                for out_table in [&i.map_table, &i.golden_table] {
+                    push(
+                        (NodeKind::Table, r.table.clone()),
+                        (NodeKind::Table, out_table.clone()),
+                        "identity",
+                    );
+                }
+            }
+        }
+        for m in &p.models {
+            for d in &m.depends_on {
+                push(
+                    (NodeKind::Table, d.clone()),
+                    (NodeKind::Table, m.name.clone()),
+                    "model",
+                );
+            }
+        }
+    }
+    let pack: [&str; 5] = [
+        "cube_churn_warning",
+        "cube_loyalty",
+        "cube_purchasing_power",
+        "cube_knowledge_source",
+        "dim_customer",
+    ];
+    let built: BTreeSet<&str> = project.producers().keys().copied().collect();
+    let extracts = if project.extracts.is_empty() {
+        vec![crate::plan::extracts::Extract::default_pack(&project.name)]
+    } else {
+        project.extracts.clone()
+    };
+    for x in &extracts {
+        for t in pack.iter().filter(|t| built.contains(**t)) {
+            out.push(Edge {
+                pipeline: "extracts".into(),
+                from: (NodeKind::Table, t.to_string()),
+                to: (NodeKind::Extract, x.name.clone()),
+                how: "extract",
+            });
+        }
+    }
+    out
+}
+
+fn id(node: &(NodeKind, String)) -> String {
+    let prefix = match node.0 {
+        NodeKind::Source => "src",
+        NodeKind::Table => "t",
+        NodeKind::Extract => "x",
+    };
+    let clean: String = node
+        .1
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{prefix}_{clean}")
+}
+
+fn label(node: &(NodeKind, String)) -> String {
+    match node.0 {
+        NodeKind::Source => format!("source {}", node.1),
+        NodeKind::Table => node.1.clone(),
+        NodeKind::Extract => format!("extract {}", node.1),
+    }
+}
+
+/// The lineage in a format.
+pub fn render(project: &Project, format: LineageFormat) -> String {
+    let edges = edges(project);
+    let nodes: BTreeSet<(NodeKind, String)> = edges
+        .iter()
+        .flat_map(|e| [e.from.clone(), e.to.clone()])
+        .collect();
+    let mut s = String::new();
+    match format {
+        LineageFormat::Text => {
+            let mut current = None;
+            for e in &edges {
+                if current != Some(&e.pipeline) {
+                    s.push_str(&format!("{}:\n", e.pipeline));
+                    current = Some(&e.pipeline);
+                }
+                s.push_str(&format!(
+                    "  {} -> {}  ({})\n",
+                    label(&e.from),
+                    label(&e.to),
+                    e.how
+                ));
+            }
+        }
+        LineageFormat::Dot => {
+            s.push_str(
+                "digraph lineage {\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];\n",
+            );
+            for n in &nodes {
+                let shape = match n.0 {
+                    NodeKind::Source => "folder",
+                    NodeKind::Table => "box",
+                    NodeKind::Extract => "note",
+                };
+                s.push_str(&format!(
+                    "  {} [label=\"{}\", shape={shape}];\n",
+                    id(n),
+                    label(n).replace('"', "\\\"")
+                ));
+            }
+            for e in &edges {
+                s.push_str(&format!(
+                    "  {} -> {} [label=\"{}\"];\n",
+                    id(&e.from),
+                    id(&e.to),
+                    e.how
+                ));
+            }
+            s.push_str("}\n");
+        }
+        LineageFormat::Mermaid => {
+            s.push_str("flowchart LR\n");
+            for n in &nodes {
+                let text = label(n).replace('"', "'");
+                let shape = match n.0 {
+                    NodeKind::Source => format!("[/\"{text}\"/]"),
+                    NodeKind::Table => format!("[\"{text}\"]"),
+                    NodeKind::Extract => format!("([\"{text}\"])"),
+                };
+                s.push_str(&format!("  {}{shape}\n", id(n)));
+            }
+            for e in &edges {
+                s.push_str(&format!("  {} -->|{}| {}\n", id(&e.from), e.how, id(&e.to)));
+            }
+        }
+    }
+    s
+}
