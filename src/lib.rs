@@ -33,6 +33,7 @@ pub mod engine;
 pub mod error;
 pub mod evaluate;
 pub mod extract;
+pub mod freshness;
 pub mod generate;
 pub mod identity;
 pub mod init;

@@ -193,6 +193,13 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
+    /// How old each source's newest file is, against its `freshness:` thresholds; exits 3
+    /// when one is past `error_after`.
+    Freshness {
+        /// Every source, not only those with thresholds.
+        #[arg(long)]
+        all: bool,
+    },
     /// Print where every table comes from: sources, models, identity resolutions, extracts.
     Lineage {
         /// Output format.
@@ -473,6 +480,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output::batches(&batches, *format)
                 }
             }
+        }
+        Command::Freshness { all } => {
+            let project = cli.load()?;
+            let results = crate::freshness::check(&project, *all).await?;
+            let (text, verdict) = crate::freshness::report(&results);
+            output::line(text.trim_end())?;
+            verdict
         }
         Command::Lineage { format } => {
             let project = cli.load()?;

@@ -56,6 +56,20 @@ pub struct PipelineSpec {
     pub vars: IndexMap<String, serde_json::Value>,
 }
 
+/// Freshness thresholds of a source.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FreshnessSpec {
+    /// Age of the newest file beyond which `kbcrm freshness` warns, e.g. "26h".
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub warn_after: Option<Spanned<String>>,
+    /// Age beyond which it fails (exit code 3), e.g. "50h".
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub error_after: Option<Spanned<String>>,
+}
+
 /// What to do about scheduled times missed while the scheduler was down.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -141,6 +155,10 @@ pub struct SourceSpec {
     /// Load only what is new: `{ files: new }` or `{ cursor: COLUMN }`.
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,
+    /// How old the newest file may be before `kbcrm freshness` warns or fails,
+    /// e.g. `{ warn_after: 26h, error_after: 50h }`.
+    #[serde(default)]
+    pub freshness: Option<FreshnessSpec>,
     /// What the source is.
     #[serde(default)]
     pub description: Option<String>,

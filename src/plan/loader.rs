@@ -445,6 +445,25 @@ impl Loader {
                 at,
             ));
         }
+        let freshness = s.freshness.as_ref().map(|f| {
+            let mut parse = |what: &str, v: &Option<serde_saphyr::Spanned<String>>| {
+                let v = v.as_ref()?;
+                match super::access::parse_duration(&v.value) {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        self.problems.push(here(
+                            format!("source '{name}': freshness.{what}: {msg}"),
+                            &v.referenced,
+                        ));
+                        None
+                    }
+                }
+            };
+            (
+                parse("warn_after", &f.warn_after),
+                parse("error_after", &f.error_after),
+            )
+        });
         if self.problems.len() > before {
             return None;
         }
@@ -460,6 +479,7 @@ impl Loader {
             csv,
             max_reject_ratio,
             incremental,
+            freshness,
         })
     }
 

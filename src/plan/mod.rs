@@ -193,6 +193,8 @@ pub struct Source {
     pub max_reject_ratio: f64,
     /// What is new since the last run, when the source is incremental.
     pub incremental: Option<Incremental>,
+    /// Freshness thresholds: (warn after, error after).
+    pub freshness: Option<(Option<std::time::Duration>, Option<std::time::Duration>)>,
 }
 
 /// A declared column.

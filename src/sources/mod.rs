@@ -49,6 +49,8 @@ pub struct SourceFile {
     pub display: String,
     /// Size in bytes.
     pub size: u64,
+    /// When the file was last changed.
+    pub modified: chrono::DateTime<chrono::Utc>,
 }
 
 /// What reading one file gave.
@@ -84,6 +86,7 @@ pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result
                     display: display_name(source, &meta.location),
                     path: meta.location,
                     size: meta.size,
+                    modified: meta.last_modified,
                 }]);
             }
             Err(object_store::Error::NotFound { .. }) => {}
@@ -107,6 +110,7 @@ pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result
                 display: display_name(source, &meta.location),
                 path: meta.location,
                 size: meta.size,
+                modified: meta.last_modified,
             });
             async move { Ok(out) }
         })

@@ -4,6 +4,7 @@ mod backfill;
 mod cubes;
 mod errors;
 mod extract;
+mod freshness;
 mod history;
 mod incremental;
 mod lineage;
