@@ -83,13 +83,6 @@ pub fn edges(project: &Project) -> Vec<Edge> {
             }
         }
     }
-    let pack: [&str; 5] = [
-        "cube_churn_warning",
-        "cube_loyalty",
-        "cube_purchasing_power",
-        "cube_knowledge_source",
-        "dim_customer",
-    ];
     let built: BTreeSet<&str> = project.producers().keys().copied().collect();
     let extracts = if project.extracts.is_empty() {
         vec![crate::plan::extracts::Extract::default_pack(&project.name)]
@@ -97,7 +90,10 @@ pub fn edges(project: &Project) -> Vec<Edge> {
         project.extracts.clone()
     };
     for x in &extracts {
-        for t in pack.iter().filter(|t| built.contains(**t)) {
+        for t in crate::extract::PACK_INPUTS
+            .iter()
+            .filter(|t| built.contains(**t))
+        {
             out.push(Edge {
                 pipeline: "extracts".into(),
                 from: (NodeKind::Table, t.to_string()),

@@ -172,7 +172,26 @@ pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()
                         run_pipeline(project, p, &stop).await
                     }
                 }
-                Job::Extract(x) => run_extract(project, x, options).await,
+                Job::Extract(x) => {
+                    let producers = project.producers();
+                    let upstream = crate::extract::PACK_INPUTS.iter().find_map(|t| {
+                        let p = match producers.get(t)? {
+                            crate::plan::Producer::Source(s) => &s.pipeline,
+                            crate::plan::Producer::Model(m) => &m.pipeline,
+                        };
+                        failed.contains(p).then_some(p)
+                    });
+                    if let Some(up) = upstream {
+                        println!(
+                            "kbcrm schedule: extract {} skipped until its next time: pipeline \
+                             {up}, which builds what it reads, did not run",
+                            x.name
+                        );
+                        false
+                    } else {
+                        run_extract(project, x, options).await
+                    }
+                }
             };
             if !ok && let Job::Pipeline(p) = job {
                 failed.push(p.name.clone());

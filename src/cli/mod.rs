@@ -418,13 +418,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let project = cli.load()?;
             let options = crate::extract::ExtractOptions {
-                out: if out.is_absolute() {
-                    out.clone()
-                } else {
-                    std::env::current_dir()
-                        .map_err(|e| Error::io(".", e))?
-                        .join(out)
-                },
+                out: std::path::absolute(out).map_err(|e| Error::io(out, e))?,
                 as_of: *as_of,
                 deliver: !*no_deliver,
                 trigger: "cli".into(),
@@ -438,13 +432,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::validate::check_models(&project).await?;
             let options = crate::schedule::ScheduleOptions {
                 once: *once,
-                out: if out.is_absolute() {
-                    out.clone()
-                } else {
-                    std::env::current_dir()
-                        .map_err(|e| Error::io(".", e))?
-                        .join(out)
-                },
+                out: std::path::absolute(out).map_err(|e| Error::io(out, e))?,
             };
             crate::schedule::schedule(&project, &options).await
         }

@@ -225,22 +225,7 @@ pub fn extract_summary(reports: &[crate::extract::ExtractReport]) -> Result<()> 
 pub async fn run_record(project: &Project, id: &str) -> Result<()> {
     use crate::warehouse::history::RunStatus;
     let wh = Warehouse::open(&project.warehouse)?;
-    let runs = wh.runs().await?;
-    let found: Vec<_> = runs.iter().filter(|r| r.run_id.starts_with(id)).collect();
-    let r = match found.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(Error::Usage(format!(
-                "no run '{id}' in the run history; `kbcrm runs` lists them"
-            )));
-        }
-        many => {
-            return Err(Error::Usage(format!(
-                "'{id}' starts {} run ids; give more of it",
-                many.len()
-            )));
-        }
-    };
+    let r = &wh.find_run(id, None).await?;
     let mut s = format!(
         "run {}\n  {:?} {} (trigger {})\n  status: {}\n",
         r.run_id,

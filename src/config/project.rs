@@ -54,7 +54,7 @@ pub struct ProjectSpec {
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtractSpec {
-    /// Title of the workbook and the dashboard; default "<project name>: executive pack".
+    /// Title of the workbook and the dashboard; default `<project name>: executive pack`.
     #[serde(default)]
     pub title: Option<String>,
     /// The recipient's role (a key of `roles:`): the extract reads only that role's tables,
@@ -128,7 +128,7 @@ pub struct EmailSpec {
     /// Sender, e.g. "kbcrm <reports@example.com>".
     #[schemars(with = "String")]
     pub from: Spanned<String>,
-    /// Subject; default "<title>, as of <date>".
+    /// Subject; default `<title>, as of <date>`.
     #[serde(default)]
     pub subject: Option<String>,
     /// SMTP server as host:port.

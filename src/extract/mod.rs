@@ -33,6 +33,15 @@ use crate::warehouse::history::{RunKind, RunRecord, RunStatus};
 pub use deliver::DeliveryReport;
 pub use pack::{Figure, FigureKind, Pack, PackTable, group_digits};
 
+/// The tables the executive pack reads.
+pub const PACK_INPUTS: &[&str] = &[
+    "cube_churn_warning",
+    "cube_loyalty",
+    "cube_purchasing_power",
+    "cube_knowledge_source",
+    "dim_customer",
+];
+
 /// What `kbcrm extract` was asked for.
 #[derive(Debug, Clone)]
 pub struct ExtractOptions {
@@ -106,22 +115,14 @@ pub async fn extract(
     for x in selected(project, name)? {
         let started_at = chrono::Utc::now();
         let result = write_one(project, &x, options).await;
-        let mut record = RunRecord {
-            run_id: uuid::Uuid::now_v7().to_string(),
-            kind: RunKind::Extract,
-            name: x.name.clone(),
-            trigger: options.trigger.clone(),
-            as_of: options.as_of.or(x.as_of),
+        let mut record = RunRecord::new(
+            uuid::Uuid::now_v7().to_string(),
+            RunKind::Extract,
+            &x.name,
+            &options.trigger,
+            options.as_of.or(x.as_of),
             started_at,
-            ended_at: chrono::Utc::now(),
-            status: RunStatus::Succeeded,
-            tables: Vec::new(),
-            tests_passed: 0,
-            tests_failed: 0,
-            files: Vec::new(),
-            deliveries: Vec::new(),
-            error: None,
-        };
+        );
         match &result {
             Ok(r) => {
                 record.as_of = Some(r.as_of);

@@ -94,25 +94,7 @@ pub async fn backfill(
 /// Repeat a recorded pipeline run: same pipeline, same as-of date.
 pub async fn rerun(project: &Project, id: &str, progress: Progress) -> Result<Vec<RunReport>> {
     let wh = Warehouse::open(&project.warehouse)?;
-    let history = wh.runs().await?;
-    let found: Vec<_> = history
-        .iter()
-        .filter(|r| r.run_id.starts_with(id) && r.kind == RunKind::Pipeline)
-        .collect();
-    let record = match found.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(Error::Usage(format!(
-                "no pipeline run '{id}' in the run history; `kbcrm runs` lists them"
-            )));
-        }
-        many => {
-            return Err(Error::Usage(format!(
-                "'{id}' starts {} run ids; give more of it",
-                many.len()
-            )));
-        }
-    };
+    let record = wh.find_run(id, Some(RunKind::Pipeline)).await?;
     if project.pipeline(&record.name).is_none() {
         return Err(Error::Usage(format!(
             "run {} was of pipeline '{}', which the project no longer has",

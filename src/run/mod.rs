@@ -194,22 +194,15 @@ impl<'a> Runner<'a> {
             .options
             .as_of
             .unwrap_or_else(|| started_at.date_naive());
-        let mut record = RunRecord {
+        let trigger = self.options.trigger.as_deref().unwrap_or("cli");
+        let mut record = RunRecord::new(
             run_id,
-            kind: RunKind::Pipeline,
-            name: pipeline.name.clone(),
-            trigger: self.options.trigger.clone().unwrap_or_else(|| "cli".into()),
-            as_of: Some(as_of),
+            RunKind::Pipeline,
+            &pipeline.name,
+            trigger,
+            Some(as_of),
             started_at,
-            ended_at: chrono::Utc::now(),
-            status: RunStatus::Succeeded,
-            tables: Vec::new(),
-            tests_passed: 0,
-            tests_failed: 0,
-            files: Vec::new(),
-            deliveries: Vec::new(),
-            error: None,
-        };
+        );
         match &result {
             Ok(report) => {
                 record.tables = report

@@ -96,6 +96,34 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// A record of a run that started at `started_at` and ends now, succeeded until told
+    /// otherwise.
+    pub fn new(
+        run_id: String,
+        kind: RunKind,
+        name: &str,
+        trigger: &str,
+        as_of: Option<chrono::NaiveDate>,
+        started_at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        RunRecord {
+            run_id,
+            kind,
+            name: name.to_string(),
+            trigger: trigger.to_string(),
+            as_of,
+            started_at,
+            ended_at: chrono::Utc::now(),
+            status: RunStatus::Succeeded,
+            tables: Vec::new(),
+            tests_passed: 0,
+            tests_failed: 0,
+            files: Vec::new(),
+            deliveries: Vec::new(),
+            error: None,
+        }
+    }
+
     /// Rows read over all tables.
     pub fn rows_read(&self) -> u64 {
         self.tables.iter().map(|t| t.rows_read).sum()
@@ -154,6 +182,25 @@ impl Warehouse {
             out.push(record);
         }
         Ok(out)
+    }
+
+    /// The recorded run whose id starts with `prefix` (of `kind`, when given).
+    pub async fn find_run(&self, prefix: &str, kind: Option<RunKind>) -> Result<RunRecord> {
+        let mut found: Vec<RunRecord> = self
+            .runs()
+            .await?
+            .into_iter()
+            .filter(|r| r.run_id.starts_with(prefix) && kind.is_none_or(|k| r.kind == k))
+            .collect();
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(Error::Usage(format!(
+                "no run '{prefix}' in the run history; `kbcrm runs` lists them"
+            ))),
+            n => Err(Error::Usage(format!(
+                "'{prefix}' starts {n} run ids; give more of it"
+            ))),
+        }
     }
 
     /// Register the history as the table `kbcrm_runs` (one row per run).
