@@ -61,6 +61,10 @@ pub enum Error {
     #[error("{0}")]
     Busy(String),
 
+    /// The run changed no table and `--exit-code-unchanged` asked to say so. Exit code 4.
+    #[error("nothing to do: the run changed no table")]
+    Unchanged,
+
     /// An extract was written but could not be delivered. Exit code 1.
     #[error("delivery failed: {0}")]
     #[diagnostic(help("fix the destination or its credentials and run `kbcrm extract` again"))]
@@ -109,11 +113,13 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code for this error: 1 run failed, 2 usage or configuration, 3 data quality.
+    /// The process exit code for this error: 1 run failed, 2 usage or configuration, 3 data
+    /// quality, 4 nothing to do (when asked for).
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Invalid(_) | Error::Source { .. } | Error::Usage(_) => 2,
             Error::DataQuality { .. } => 3,
+            Error::Unchanged => 4,
             _ => 1,
         }
     }

@@ -45,6 +45,15 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `kbcrm run` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunOutput {
+    /// A summary per pipeline and table.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -137,6 +146,13 @@ pub enum Command {
         /// Repeat a recorded run (its pipeline, its as-of date); a prefix of the id will do.
         #[arg(long, value_name = "RUN_ID")]
         rerun: Option<String>,
+        /// What to print on stdout: a summary, or one JSON document (run ids, tables, versions,
+        /// rows) for the scheduler that called kbcrm.
+        #[arg(long, value_enum, default_value_t = RunOutput::Text)]
+        output: RunOutput,
+        /// Exit with code 4 when the run changed no table (Airflow: skip_on_exit_code=4).
+        #[arg(long)]
+        exit_code_unchanged: bool,
     },
     /// Build the cubes (the `cubes` pipeline), or check how well they predict.
     Cubes {
@@ -337,6 +353,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             to,
             every,
             rerun,
+            output: run_output,
+            exit_code_unchanged,
         } => {
             let project = cli.load()?;
             crate::validate::check_models(&project).await?;
@@ -363,7 +381,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let runner = Runner::new(&project, options, progress).await?;
                 runner.run(pipelines).await?
             };
-            output::run_summary(&reports)
+            match run_output {
+                RunOutput::Text => output::run_summary(&reports)?,
+                RunOutput::Json => output::run_json(&reports)?,
+            }
+            let changed = reports.iter().any(|r| r.tables.iter().any(|t| t.changed));
+            if *exit_code_unchanged && !changed {
+                return Err(Error::Unchanged);
+            }
+            Ok(())
         }
         Command::Query { sql, format } => {
             let project = cli.load()?;

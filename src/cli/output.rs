@@ -160,6 +160,39 @@ pub async fn tables(project: &Project) -> Result<()> {
     write_out(|w| w.write_all(out.as_bytes()))
 }
 
+/// Print run results as one JSON document.
+pub fn run_json(reports: &[RunReport]) -> Result<()> {
+    let runs: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "run_id": r.run_id,
+                "pipeline": r.pipeline,
+                "seconds": r.seconds,
+                "changed": r.tables.iter().any(|t| t.changed),
+                "tables": r.tables.iter().map(|t| serde_json::json!({
+                    "table": t.table,
+                    "kind": t.kind,
+                    "version": t.version,
+                    "changed": t.changed,
+                    "skipped": t.skipped,
+                    "rows_read": t.rows_in,
+                    "rows_written": t.rows_written,
+                    "rows_rejected": t.rows_rejected,
+                    "bytes_written": t.bytes_written,
+                })).collect::<Vec<_>>(),
+                "tests": r.tests.iter().map(|t| serde_json::json!({
+                    "test": t.name,
+                    "failures": t.failures,
+                    "passed": t.failures == 0,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({ "status": "succeeded", "runs": runs });
+    write_out(|w| writeln!(w, "{doc}"))
+}
+
 /// Print what `kbcrm extract` wrote, its headline figures and its deliveries.
 pub fn extract_summary(reports: &[crate::extract::ExtractReport]) -> Result<()> {
     let mut s = String::new();

@@ -133,3 +133,63 @@ fn runs_are_recorded_listed_and_shown() {
     assert_eq!(err.status.code(), Some(2));
     assert!(stderr(&err).contains("no run 'nosuch'"), "{}", stderr(&err));
 }
+
+#[test]
+fn the_contract_for_outside_schedulers() {
+    let p = Project::empty();
+    p.write("pipelines/p.yaml", PIPELINE);
+    p.write(
+        "sql/stg_orders.sql",
+        "select order_id, amount from raw_p_orders\n",
+    );
+    p.write("data/orders.csv", "order_id,amount\nA,1.50\nB,2.00\n");
+    let out = p.kbcrm(&[
+        "-v",
+        "--log-format",
+        "json",
+        "run",
+        "--output",
+        "json",
+        "--exit-code-unchanged",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // stdout: one JSON document with the run, its tables, versions and rows.
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let run = &doc["runs"][0];
+    assert_eq!(run["pipeline"], "p");
+    assert_eq!(run["changed"], true);
+    let stg = run["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "stg_orders")
+        .unwrap();
+    assert_eq!(
+        (stg["version"].as_u64(), stg["rows_written"].as_u64()),
+        (Some(0), Some(2))
+    );
+    let id = run["run_id"].as_str().unwrap();
+    assert_eq!(
+        p.query(&format!(
+            "select status from kbcrm_runs where run_id = '{id}'"
+        ))[0][0],
+        "succeeded"
+    );
+    // stderr: one JSON object per line.
+    let log = stderr(&out);
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "run committed"),
+        "{log}"
+    );
+    // Nothing new: exit code 4 when asked for, 0 otherwise.
+    let again = p.kbcrm(&["run", "--exit-code-unchanged"]);
+    assert_eq!(again.status.code(), Some(4), "{}", stderr(&again));
+    assert!(stderr(&again).contains("nothing to do"));
+    assert_eq!(p.kbcrm(&["run"]).status.code(), Some(0));
+}
