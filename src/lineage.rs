@@ -195,3 +195,131 @@ pub fn render(project: &Project, format: LineageFormat) -> String {
     }
     s
 }
+
+/// The datasets a pipeline reads from outside itself and the tables it writes.
+fn datasets(project: &Project, pipeline: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let edges: Vec<Edge> = edges(project)
+        .into_iter()
+        .filter(|e| e.pipeline == pipeline)
+        .collect();
+    let outputs: BTreeSet<String> = edges
+        .iter()
+        .filter(|e| e.to.0 == NodeKind::Table)
+        .map(|e| e.to.1.clone())
+        .collect();
+    let mut inputs = BTreeSet::new();
+    for e in &edges {
+        match e.from.0 {
+            NodeKind::Source => {
+                let s = project
+                    .pipeline(pipeline)
+                    .and_then(|p| p.sources.iter().find(|s| s.location.written == e.from.1));
+                if let Some(s) = s {
+                    inputs.insert((s.location.store_url.to_string(), s.location.prefix.clone()));
+                }
+            }
+            NodeKind::Table if !outputs.contains(&e.from.1) => {
+                inputs.insert((project.warehouse.to_string(), e.from.1.clone()));
+            }
+            _ => {}
+        }
+    }
+    (inputs.into_iter().collect(), outputs.into_iter().collect())
+}
+
+/// The OpenLineage run event of a pipeline run.
+pub fn run_event(
+    project: &Project,
+    namespace: &str,
+    pipeline: &str,
+    run_id: &str,
+    event_type: &str,
+    time: chrono::DateTime<chrono::Utc>,
+    error: Option<&str>,
+) -> serde_json::Value {
+    let (inputs, outputs) = datasets(project, pipeline);
+    let mut run = serde_json::json!({ "runId": run_id });
+    if let Some(e) = error {
+        run["facets"] = serde_json::json!({
+            "errorMessage": {
+                "_producer": PRODUCER,
+                "_schemaURL": "https://openlineage.io/spec/facets/1-0-1/ErrorMessageRunFacet.json",
+                "message": e,
+                "programmingLanguage": "Rust",
+            }
+        });
+    }
+    serde_json::json!({
+        "eventType": event_type,
+        "eventTime": time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "producer": PRODUCER,
+        "schemaURL": "https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent",
+        "run": run,
+        "job": { "namespace": namespace, "name": pipeline },
+        "inputs": inputs.iter().map(|(ns, name)| serde_json::json!({"namespace": ns, "name": name})).collect::<Vec<_>>(),
+        "outputs": outputs.iter().map(|name| serde_json::json!({"namespace": project.warehouse.to_string(), "name": name})).collect::<Vec<_>>(),
+    })
+}
+
+/// Who produced the events.
+const PRODUCER: &str = concat!("kbcrm/", env!("CARGO_PKG_VERSION"));
+
+/// Send a pipeline run's event where kbcrm.yaml says; a target that fails is logged, never
+/// fatal to the run.
+pub async fn emit(
+    project: &Project,
+    pipeline: &str,
+    run_id: &str,
+    event_type: &str,
+    error: Option<&str>,
+) {
+    let Some(target) = &project.openlineage else {
+        return;
+    };
+    let event = run_event(
+        project,
+        &target.namespace,
+        pipeline,
+        run_id,
+        event_type,
+        chrono::Utc::now(),
+        error,
+    );
+    if let Some(file) = &target.file {
+        use std::io::Write;
+        let written = (|| -> std::io::Result<()> {
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)?;
+            writeln!(f, "{event}")
+        })();
+        if let Err(e) = written {
+            tracing::warn!(
+                "cannot write the OpenLineage event to {}: {e}",
+                file.display()
+            );
+        }
+    }
+    if let Some(url) = &target.url {
+        let mut request = reqwest::Client::new()
+            .post(url.clone())
+            .timeout(std::time::Duration::from_secs(10))
+            .header("content-type", "application/json")
+            .body(event.to_string());
+        if let Some(var) = &target.api_key_env {
+            match std::env::var(var) {
+                Ok(key) => request = request.bearer_auth(key),
+                Err(_) => tracing::warn!("OpenLineage: the environment variable {var} is not set"),
+            }
+        }
+        match request.send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => tracing::warn!("OpenLineage endpoint {url} answered {}", r.status()),
+            Err(e) => tracing::warn!("cannot send the OpenLineage event to {url}: {e}"),
+        }
+    }
+}

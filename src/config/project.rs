@@ -44,10 +44,31 @@ pub struct ProjectSpec {
     /// Users of the SQL server, written by `kbcrm user add`.
     #[serde(default)]
     pub users: IndexMap<String, UserSpec>,
+    /// OpenLineage run events of every pipeline run (START, then COMPLETE or FAIL).
+    #[serde(default)]
+    pub openlineage: Option<OpenLineageSpec>,
     /// Decision-support extracts written by `kbcrm extract` (and `kbcrm demo`): the executive
     /// pack of the cubes' findings as a workbook, a dashboard and tables, for one recipient role.
     #[serde(default)]
     pub extracts: IndexMap<String, ExtractSpec>,
+}
+
+/// Where OpenLineage events go: a file (one JSON event per line) or an HTTP endpoint.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenLineageSpec {
+    /// File the events are appended to, relative to kbcrm.yaml.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Endpoint the events are POSTed to, e.g. http://marquez:5000/api/v1/lineage.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Environment variable holding an API key, sent as a Bearer token.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Namespace of the jobs; default the project name.
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 /// One extract: what goes in, for whom, as of when, in which files, and where they go.

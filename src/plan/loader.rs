@@ -118,6 +118,36 @@ impl Loader {
                 chrono_tz::Tz::UTC
             }),
         };
+        let openlineage = spec.openlineage.as_ref().and_then(|o| {
+            let url = match o.url.as_deref().map(Url::parse) {
+                Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => Some(u),
+                Some(_) => {
+                    self.problems.push(Problem::new(
+                        PROJECT_FILE,
+                        format!(
+                            "openlineage.url: '{}' is not an http(s) URL; write e.g. \
+                             http://localhost:5000/api/v1/lineage",
+                            o.url.as_deref().unwrap_or_default()
+                        ),
+                    ));
+                    None
+                }
+                None => None,
+            };
+            if o.file.is_none() && o.url.is_none() {
+                self.problems.push(Problem::new(
+                    PROJECT_FILE,
+                    "openlineage: give a `file:` or a `url:` for the events".to_string(),
+                ));
+                return None;
+            }
+            Some(OpenLineageTarget {
+                file: o.file.as_ref().map(|f| self.root.join(f)),
+                url,
+                api_key_env: o.api_key_env.clone(),
+                namespace: o.namespace.clone().unwrap_or_else(|| name.clone()),
+            })
+        });
         if !self.problems.is_empty() {
             return Err(Error::Invalid(self.problems));
         }
@@ -130,6 +160,7 @@ impl Loader {
             access,
             extracts,
             timezone,
+            openlineage,
         })
     }
 

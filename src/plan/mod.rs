@@ -106,6 +106,8 @@ pub struct Project {
     pub extracts: Vec<extracts::Extract>,
     /// Time zone of the cron schedules.
     pub timezone: chrono_tz::Tz,
+    /// Where OpenLineage events go, when anywhere.
+    pub openlineage: Option<OpenLineageTarget>,
 }
 
 /// A validated pipeline.
@@ -352,6 +354,19 @@ pub fn resolve_warehouse(written: &str, root: &Path) -> Result<Url, String> {
         url.set_path(&p);
     }
     Ok(url)
+}
+
+/// Where OpenLineage events go.
+#[derive(Debug, Clone)]
+pub struct OpenLineageTarget {
+    /// File to append to (absolute).
+    pub file: Option<PathBuf>,
+    /// Endpoint to POST to.
+    pub url: Option<Url>,
+    /// Variable holding a Bearer token.
+    pub api_key_env: Option<String>,
+    /// Job namespace.
+    pub namespace: String,
 }
 
 /// Check a cron expression as `kbcrm schedule` reads it.

@@ -189,7 +189,18 @@ impl<'a> Runner<'a> {
     pub async fn run_pipeline(&self, pipeline: &Pipeline) -> Result<RunReport> {
         let run_id = uuid::Uuid::now_v7().to_string();
         let started_at = chrono::Utc::now();
+        crate::lineage::emit(self.project, &pipeline.name, &run_id, "START", None).await;
         let result = self.run_pipeline_as(pipeline, run_id.clone()).await;
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let event = if error.is_some() { "FAIL" } else { "COMPLETE" };
+        crate::lineage::emit(
+            self.project,
+            &pipeline.name,
+            &run_id,
+            event,
+            error.as_deref(),
+        )
+        .await;
         let as_of = self
             .options
             .as_of
