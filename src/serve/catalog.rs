@@ -45,10 +45,14 @@ pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catal
     let base = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
     let wh = Warehouse::open(&project.warehouse)?;
     let versions: BTreeMap<String, u64> = wh.register_snapshots(&base).await?;
+    // The run history is served too (to roles granted `kbcrm_runs`), read afresh per query.
+    wh.register_runs(&base).await?;
+    let mut tables = versions.clone();
+    tables.insert(crate::warehouse::history::RUNS_TABLE.to_string(), 0);
     let mut roles = HashMap::new();
     for (name, role) in &project.access.roles {
         let ctx = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
-        let hidden = roles::register_views(&base, &ctx, &versions, name, role, project).await?;
+        let hidden = roles::register_views(&base, &ctx, &tables, name, role, project).await?;
         setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
             .map_err(|e| Error::Usage(format!("pg_catalog: {e}")))?;
         ctx.register_udf(version_udf());

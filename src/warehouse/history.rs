@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::MemTable;
+use datafusion::logical_expr::{Expr, TableType};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -203,15 +206,46 @@ impl Warehouse {
         }
     }
 
-    /// Register the history as the table `kbcrm_runs` (one row per run).
+    /// Register the history as the table `kbcrm_runs` (one row per run), read afresh by
+    /// every query.
     pub async fn register_runs(&self, ctx: &SessionContext) -> Result<()> {
-        let batch = runs_batch(&self.runs().await?)?;
         ctx.deregister_table(RUNS_TABLE)?;
-        ctx.register_table(
-            RUNS_TABLE,
-            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
-        )?;
+        ctx.register_table(RUNS_TABLE, Arc::new(RunsTable(self.clone())))?;
         Ok(())
+    }
+}
+
+/// `kbcrm_runs`: the run records as they are when a query scans them.
+#[derive(Debug)]
+struct RunsTable(Warehouse);
+
+#[async_trait::async_trait]
+impl TableProvider for RunsTable {
+    fn schema(&self) -> SchemaRef {
+        runs_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let runs = self
+            .0
+            .runs()
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let batch = runs_batch(&runs)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        MemTable::try_new(runs_schema(), vec![vec![batch]])?
+            .scan(state, projection, filters, limit)
+            .await
     }
 }
 

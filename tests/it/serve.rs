@@ -451,6 +451,23 @@ fn new_table_versions_and_users_are_served_without_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(seen, "6", "the server still answers from the old version");
+    // The run history is served to roles granted it, as it is at each query.
+    let runs = || runtime.block_on(texts(&c, "select count(*) from kbcrm_runs"))[0][0].clone();
+    let before = runs();
+    assert!(before.parse::<u32>().unwrap() >= 2, "{before}");
+    p.ok(&["run"]);
+    assert_eq!(
+        runs().parse::<u32>().unwrap(),
+        before.parse::<u32>().unwrap() + 1
+    );
+    let ann = runtime
+        .block_on(connect(s.port, "ann", "ann-pw-2025"))
+        .unwrap();
+    let e = refused(
+        runtime.block_on(ann.simple_query("select * from kbcrm_runs")),
+        "the analyst reading kbcrm_runs",
+    );
+    assert_eq!(code(&e), "42501");
     // A user added while the server runs can log in without a restart.
     add_user(&p, "late", "analyst", "late-pw");
     let mut logged_in = false;
