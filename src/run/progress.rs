@@ -31,7 +31,9 @@ impl Progress {
         let bar = self.bars.as_ref().map(|m| {
             let bar = m.add(ProgressBar::new_spinner());
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {msg:32} {human_pos:>12} rows  {elapsed}")
+                ProgressStyle::with_template(
+                    "{spinner} {msg:32} {human_pos:>12} rows {per_sec:>14}  {prefix}  {elapsed}",
+                )
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.set_message(name.to_string());
@@ -39,7 +41,11 @@ impl Progress {
             bar
         });
         tracing::debug!(step = name, "started");
-        Step { bar }
+        Step {
+            bar,
+            bytes: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
     }
 
     /// A table is staged.
@@ -51,6 +57,7 @@ impl Progress {
             rows_written = t.rows_written,
             bytes = t.bytes_written,
             seconds = format!("{:.2}", t.seconds),
+            rows_per_second = (t.rows_in as f64 / t.seconds.max(1e-3)).round() as u64,
             changed = t.changed,
             "{} staged", t.kind
         );
@@ -60,13 +67,25 @@ impl Progress {
 /// One running step.
 pub struct Step {
     bar: Option<ProgressBar>,
+    bytes: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
 
 impl Step {
     /// Count rows and bytes done.
-    pub fn inc(&self, rows: u64, _bytes: u64) {
+    pub fn inc(&self, rows: u64, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc(rows);
+            let total = self
+                .bytes
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed)
+                + bytes;
+            let rate = total as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+            b.set_prefix(format!(
+                "{} {}/s",
+                indicatif::HumanBytes(total),
+                indicatif::HumanBytes(rate as u64)
+            ));
         }
     }
 
