@@ -32,9 +32,9 @@ impl Progress {
             let bar = m.add(ProgressBar::new_spinner());
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} {msg:32} {human_pos:>12} rows {per_sec:>14}  {prefix}  {elapsed}",
+                    "{spinner} {msg:32} {human_pos:>12} rows  {prefix}  {elapsed}",
                 )
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.set_message(name.to_string());
             bar.enable_steady_tick(Duration::from_millis(120));
@@ -80,12 +80,17 @@ impl Step {
                 .bytes
                 .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed)
                 + bytes;
-            let rate = total as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
-            b.set_prefix(format!(
-                "{} {}/s",
-                indicatif::HumanBytes(total),
-                indicatif::HumanBytes(rate as u64)
-            ));
+            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+            let rows_rate = indicatif::HumanCount((b.position() as f64 / secs) as u64);
+            let mut prefix = format!("{rows_rate} rows/s");
+            if total > 0 {
+                prefix.push_str(&format!(
+                    "  {} at {}/s",
+                    indicatif::HumanBytes(total),
+                    indicatif::HumanBytes((total as f64 / secs) as u64)
+                ));
+            }
+            b.set_prefix(prefix);
         }
     }
 
