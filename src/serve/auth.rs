@@ -49,7 +49,16 @@ pub struct ConnSession {
     secret: SecretKey,
     current: Mutex<Option<CancellationToken>>,
     registry: Arc<Registry>,
+    /// This connection's session with its own memory pool, for the role session it was made
+    /// from (a connection runs one statement at a time, so the pool is per statement).
+    pub(super) own: Mutex<Option<OwnSession>>,
 }
+
+/// A connection's own session and the role session it copies.
+pub(super) type OwnSession = (
+    Arc<super::catalog::RoleSession>,
+    Arc<datafusion_postgres::DfSessionService>,
+);
 
 impl ConnSession {
     /// A token for the statement about to run; a cancel request for this connection fires it.
@@ -251,6 +260,7 @@ impl Login {
             secret,
             current: Mutex::new(None),
             registry: self.shared.registry.clone(),
+            own: Mutex::new(None),
         });
         if let Some(s) = client.session_extensions().get::<ConnSession>() {
             self.shared

@@ -39,6 +39,32 @@ pub struct RoleSession {
     pub hidden: BTreeSet<String>,
 }
 
+impl RoleSession {
+    /// The role's session for one statement: the same tables and settings, with a memory pool
+    /// of its own of `memory_limit` bytes (so the engine limit applies per query, and one
+    /// heavy query cannot starve the others). Without a limit, the shared session.
+    pub fn for_statement(&self, memory_limit: Option<usize>) -> Result<Arc<DfSessionService>> {
+        let Some(limit) = memory_limit else {
+            return Ok(self.service.clone());
+        };
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+            &self.ctx.runtime_env(),
+        )
+        .with_memory_pool(Arc::new(
+            datafusion::execution::memory_pool::FairSpillPool::new(limit),
+        ))
+        .build_arc()?;
+        let state = datafusion::execution::session_state::SessionStateBuilder::new_from_existing(
+            self.ctx.state(),
+        )
+        .with_runtime_env(runtime)
+        .build();
+        Ok(Arc::new(DfSessionService::new(Arc::new(
+            SessionContext::new_with_state(state),
+        ))))
+    }
+}
+
 /// Build every role's session from the warehouse as it is now.
 pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catalog> {
     let params = engine::today_params();

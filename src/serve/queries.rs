@@ -76,6 +76,26 @@ fn session<C: ClientInfo + ?Sized>(
     Ok((conn, role))
 }
 
+/// The session a connection's statements run in: the role's tables with a memory pool of the
+/// engine limit of its own, made once per connection and role-session version.
+fn statement_service(
+    shared: &Shared,
+    conn: &ConnSession,
+    role: &Arc<RoleSession>,
+) -> PgWireResult<Arc<DfSessionService>> {
+    let mut own = conn.own.lock().expect("session lock");
+    if let Some((made_from, service)) = own.as_ref()
+        && Arc::ptr_eq(made_from, role)
+    {
+        return Ok(service.clone());
+    }
+    let service = role
+        .for_statement(shared.project().engine.memory_limit)
+        .map_err(|e| pg_error("ERROR", "XX000", e.to_string()))?;
+    *own = Some((role.clone(), service.clone()));
+    Ok(service)
+}
+
 fn parse(shared: &Shared, sql: &str) -> PgWireResult<Vec<Statement>> {
     shared
         .parser
@@ -261,12 +281,9 @@ impl SimpleQueryHandler for Queries {
                 Verdict::Run => {
                     policy::simplify_catalog_subqueries(&mut stmt);
                     let sql = stmt.to_string();
+                    let service = statement_service(&self.shared, &conn, &role)?;
                     let responses = bounded(
-                        <DfSessionService as SimpleQueryHandler>::do_query(
-                            &role.service,
-                            client,
-                            &sql,
-                        ),
+                        <DfSessionService as SimpleQueryHandler>::do_query(&service, client, &sql),
                         &token,
                         deadline,
                     )
@@ -463,12 +480,10 @@ impl ExtendedQueryHandler for Queries {
         }
         let token = conn.start_statement();
         let deadline = deadline(client);
+        let service = statement_service(&self.shared, &conn, &role)?;
         let response = bounded(
             <DfSessionService as ExtendedQueryHandler>::do_query(
-                &role.service,
-                client,
-                portal,
-                max_rows,
+                &service, client, portal, max_rows,
             ),
             &token,
             deadline,

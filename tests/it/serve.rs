@@ -791,3 +791,39 @@ fn a_run_half_way_through_committing_is_not_served_until_complete() {
     }
     assert_eq!(seen, "5 6 5 6");
 }
+
+#[test]
+fn the_memory_limit_applies_to_each_query() {
+    let p = project("");
+    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
+    p.write(
+        "kbcrm.yaml",
+        format!("{yaml}\nengine:\n  memory_limit: 64MiB\n"),
+    );
+    let s = serve(&p);
+    let runtime = rt();
+    let (a, b) = runtime.block_on(async {
+        (
+            connect(s.port, "ada", "ada long password").await.unwrap(),
+            connect(s.port, "ada", "ada long password").await.unwrap(),
+        )
+    });
+    // More than the limit in one query: refused with 53200, and the connection goes on.
+    let e = refused(
+        runtime.block_on(a.simple_query(
+            "select array_length(array_agg(x), 1) from generate_series(1, 20000000) t(x)",
+        )),
+        "a query above the memory limit",
+    );
+    assert_eq!(code(&e), "53200", "{}", message(&e));
+    assert_eq!(runtime.block_on(texts(&a, "select 1"))[0][0], "1");
+    // Two queries of about 40 MB each at once: each has its own 64 MiB, so both finish
+    // (with one pool for the server the second would be refused).
+    let sql = "select array_length(array_agg(x), 1) from generate_series(1, 250000000) t(x) \
+               where x % 50 = 0";
+    let (ra, rb) = runtime.block_on(async { tokio::join!(texts(&a, sql), texts(&b, sql)) });
+    assert_eq!(
+        (ra[0][0].as_str(), rb[0][0].as_str()),
+        ("5000000", "5000000")
+    );
+}
