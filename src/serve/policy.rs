@@ -287,6 +287,30 @@ pub fn simplify_catalog_subqueries(stmt: &mut Statement) {
                 let text = q.to_string();
                 EMPTY_CATALOGS.iter().any(|c| text.contains(c))
             }
+            // DataFusion's LIKE takes only the backslash as escape character; SQLAlchemy's
+            // catalog queries use `ESCAPE '/'`. Rewrite the pattern to backslash escapes.
+            Expr::Like {
+                pattern,
+                escape_char,
+                ..
+            }
+            | Expr::ILike {
+                pattern,
+                escape_char,
+                ..
+            } => {
+                if let Some(c) = escape_char.as_ref().and_then(|v| match &v.value {
+                    Value::SingleQuotedString(s) if s.chars().count() == 1 && s != "\\" => {
+                        s.chars().next()
+                    }
+                    _ => None,
+                }) && let Some(p) = backslash_pattern(pattern, c)
+                {
+                    **pattern = p;
+                    *escape_char = None;
+                }
+                false
+            }
             // A CASE left with nothing but NULL results (its subqueries replaced above, as
             // expressions are visited inner first) is NULL, whatever its conditions ask.
             Expr::Case {
@@ -304,6 +328,83 @@ pub fn simplify_catalog_subqueries(stmt: &mut Statement) {
         }
         ControlFlow::<()>::Continue(())
     });
+}
+
+/// `pattern` (written with escape character `c`) as a pattern with backslash escapes:
+/// backslashes doubled, then `c` followed by a character turned into a backslash before it.
+fn backslash_pattern(pattern: &Expr, c: char) -> Option<Expr> {
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    let sql = format!(
+        "regexp_replace(replace(({pattern}), '\\', '\\\\'), '\\x{{{:x}}}(.)', '\\\\\\1', 'g')",
+        c as u32
+    );
+    Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&sql)
+        .ok()?
+        .parse_expr()
+        .ok()
+}
+
+/// Catalogs of indexes and constraints: always empty, since warehouse tables have neither.
+const NO_INDEX_CATALOGS: &[&str] = &["pg_index", "pg_constraint"];
+
+/// Replace derived tables over the index and constraint catalogs with empty ones of the same
+/// columns. Client reflection queries (SQLAlchemy's primary keys and unique constraints)
+/// unnest `int2vector` columns the engine cannot plan; the answer is no rows either way, since
+/// warehouse tables have no indexes or constraints. The typed parameters stay in the
+/// replacement, so the statement keeps its parameter list.
+pub fn empty_index_catalog_queries(stmt: &mut Statement) {
+    use datafusion::sql::sqlparser::ast::{SelectItem, SetExpr, TableFactor, VisitMut, VisitorMut};
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    struct Empty;
+    impl VisitorMut for Empty {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, t: &mut TableFactor) -> ControlFlow<()> {
+            let TableFactor::Derived { subquery, .. } = t else {
+                return ControlFlow::Continue(());
+            };
+            let text = subquery.to_string();
+            if !NO_INDEX_CATALOGS.iter().any(|c| text.contains(c)) {
+                return ControlFlow::Continue(());
+            }
+            let SetExpr::Select(select) = subquery.body.as_ref() else {
+                return ControlFlow::Continue(());
+            };
+            let names: Option<Vec<String>> = select
+                .projection
+                .iter()
+                .map(|item| match item {
+                    SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+                    SelectItem::UnnamedExpr(Expr::Identifier(i)) => Some(i.value.clone()),
+                    SelectItem::UnnamedExpr(Expr::CompoundIdentifier(parts)) => {
+                        parts.last().map(|i| i.value.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            let (Some(names), Some(none)) = (
+                names,
+                null_keeping_parameters(&Expr::Subquery(subquery.clone())),
+            ) else {
+                return ControlFlow::Continue(());
+            };
+            let columns: Vec<String> = names
+                .iter()
+                .map(|n| format!("NULL AS \"{}\"", n.replace('"', "\"\"")))
+                .collect();
+            let sql = format!("SELECT {} WHERE {none}", columns.join(", "));
+            if let Ok(q) = Parser::new(&PostgreSqlDialect {})
+                .try_with_sql(&sql)
+                .and_then(|mut p| p.parse_query())
+            {
+                *subquery = q;
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let _ = stmt.visit(&mut Empty);
 }
 
 fn is_null_like(e: &Expr) -> bool {

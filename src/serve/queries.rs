@@ -280,6 +280,7 @@ impl SimpleQueryHandler for Queries {
                 } => out.push(apply_setting(&self.shared, client, &name, value, report).await?),
                 Verdict::Run => {
                     policy::simplify_catalog_subqueries(&mut stmt);
+                    policy::empty_index_catalog_queries(&mut stmt);
                     let sql = stmt.to_string();
                     let service = statement_service(&self.shared, &conn, &role)?;
                     let responses = bounded(
@@ -338,6 +339,7 @@ impl QueryParser for Parser {
             }
             Verdict::Run => {
                 policy::simplify_catalog_subqueries(&mut stmt);
+                policy::empty_index_catalog_queries(&mut stmt);
                 role.service
                     .query_parser()
                     .parse_sql(client, &stmt.to_string(), types)

@@ -67,6 +67,14 @@ check(isinstance(cols["paid"], sqlalchemy.types.Boolean), f"bool type: {cols['pa
 check(isinstance(cols["amount"], sqlalchemy.types.Float), f"double type: {cols['amount']!r}")
 masked = {c["name"] for c in insp.get_columns("customers")}
 check("email" in masked and "credit_limit" in masked, f"customers columns: {masked}")
+# What BI tools (Superset, DBeaver through SQLAlchemy) ask next: schemas, keys, constraints.
+check("public" in insp.get_schema_names(), f"schemas: {insp.get_schema_names()}")
+pk = insp.get_pk_constraint("sales")
+check(pk["constrained_columns"] == [], f"primary key: {pk}")
+check(insp.get_foreign_keys("sales") == [], "foreign keys")
+check(insp.get_unique_constraints("sales") == [], "unique constraints")
+check(insp.get_check_constraints("sales") == [], "check constraints")
+check(insp.get_table_comment("sales")["text"] is None, "table comment")
 
 with engine.connect() as c:
     df = pd.read_sql("select customer_id, sum(amount) as total from sales group by customer_id order by customer_id", c)
