@@ -94,7 +94,8 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
     let extracts = crate::extract::extract(&project, None, &options).await?;
     crate::cli::print_extract_summary(&extracts)?;
     println!(
-        "\ndemo finished in {:.1}s. Next: kbcrm tables, kbcrm rejects --summary, \
+        "\ndemo finished in {:.1}s. Next: open extracts/executive/*.html or the workbook; \
+         kbcrm tables, kbcrm runs, kbcrm lineage, kbcrm rejects --summary, \
          kbcrm query \"select * from dim_customer where is_current limit 5\"",
         started.elapsed().as_secs_f64()
     );

@@ -78,7 +78,8 @@ pub fn columns(
     let (w, h, top, bottom) = (480f64, 260f64, 24f64, 40f64);
     let n = categories.len().max(1) as f64;
     let slot = w / n;
-    let bar = slot * 0.7;
+    // A few categories keep bars of a readable width instead of filling the chart.
+    let bar = (slot * 0.7).min(70.0);
     let max = values
         .iter()
         .copied()
