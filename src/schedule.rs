@@ -131,6 +131,7 @@ pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()
         let now = Utc::now();
         let local = now.with_timezone(&tz);
         let mut due: Vec<(usize, DateTime<Utc>)> = Vec::new();
+        let mut skipped = false;
         for (i, (job, cron)) in jobs.iter().enumerate() {
             let Ok(tick) = cron.find_previous_occurrence(&local, true) else {
                 continue;
@@ -146,6 +147,7 @@ pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()
                     job.key()
                 );
                 state.insert(job.key(), tick);
+                skipped = true;
                 continue;
             }
             due.push((i, tick));
@@ -199,7 +201,10 @@ pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()
             state.insert(job.key(), tick);
             write_state(&wh, &state).await?;
         }
-        write_state(&wh, &state).await?;
+        // Runs wrote their times above; only skipped misfires are left to keep.
+        if skipped {
+            write_state(&wh, &state).await?;
+        }
         if options.once || stop.is_cancelled() {
             break;
         }
