@@ -33,11 +33,11 @@ pub async fn check(project: &Project, all: bool) -> Result<Vec<SourceFreshness>>
     let mut out = Vec::new();
     for p in &project.pipelines {
         for s in &p.sources {
-            if s.freshness.is_none() && !all {
+            if (s.freshness.is_none() && !all) || s.location.is_none() {
                 continue;
             }
             let (warn_after, error_after) = s.freshness.unwrap_or((None, None));
-            let store = crate::sources::stores::store_for(&s.location.store_url)?;
+            let store = crate::sources::stores::store_for(&s.file_location()?.store_url)?;
             let newest = match crate::sources::list_files(s, &store).await {
                 Ok(files) => files.iter().map(|f| f.modified).max(),
                 Err(Error::Source { .. }) => None,

@@ -57,7 +57,7 @@ pub fn edges(project: &Project) -> Vec<Edge> {
         };
         for s in &p.sources {
             push(
-                (NodeKind::Source, s.location.written.clone()),
+                (NodeKind::Source, s.origin()),
                 (NodeKind::Table, s.table.clone()),
                 "load",
             );
@@ -213,9 +213,12 @@ fn datasets(project: &Project, pipeline: &str) -> (Vec<(String, String)>, Vec<St
             NodeKind::Source => {
                 let s = project
                     .pipeline(pipeline)
-                    .and_then(|p| p.sources.iter().find(|s| s.location.written == e.from.1));
-                if let Some(s) = s {
-                    inputs.insert((s.location.store_url.to_string(), s.location.prefix.clone()));
+                    .and_then(|p| p.sources.iter().find(|s| s.origin() == e.from.1));
+                if let Some(l) = s.and_then(|s| s.location.as_ref()) {
+                    inputs.insert((l.store_url.to_string(), l.prefix.clone()));
+                }
+                if let Some(db) = s.and_then(|s| s.database.as_ref()) {
+                    inputs.insert(crate::sources::postgres::lineage_dataset(db));
                 }
             }
             NodeKind::Table if !outputs.contains(&e.from.1) => {

@@ -242,6 +242,17 @@ pub enum Command {
         /// 1 writes the history; N > 1 writes the files of the (N-1)th day after it.
         #[arg(long, default_value_t = 1)]
         batch: u32,
+        /// Also load the batch's ERP data into this PostgreSQL database (tables erp.customers,
+        /// erp.invoices, erp.payments, erp.employees; a later batch upserts). Read from the
+        /// environment variable KBCRM_ERP_POSTGRES_URL when not given, which keeps the password
+        /// out of the process list.
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "KBCRM_ERP_POSTGRES_URL",
+            hide_env_values = true
+        )]
+        erp_postgres: Option<String>,
     },
 }
 
@@ -523,6 +534,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             seed,
             out,
             batch,
+            erp_postgres,
         } => {
             let opts = crate::generate::GenerateOptions {
                 scale: *scale,
@@ -531,7 +543,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 batch: *batch,
             };
             let summary = crate::generate::generate(&opts)?;
-            output::line(&summary.to_string())
+            output::line(&summary.to_string())?;
+            if let Some(url) = erp_postgres {
+                let loaded = crate::generate::postgres::load_erp(url, &summary, *batch).await?;
+                for (table, rows, malformed) in loaded {
+                    output::line(&format!(
+                        "  {table:<28} {rows:>10} rows loaded into PostgreSQL ({malformed} malformed left out)"
+                    ))?;
+                }
+            }
+            Ok(())
         }
         Command::Demo { scale, seed } => crate::demo::demo(&cli, *scale, *seed).await,
         Command::Serve { listen } => {

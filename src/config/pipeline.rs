@@ -93,6 +93,16 @@ pub enum SourceFormat {
     Parquet,
     /// A Delta Lake table.
     Delta,
+    /// A table or query of a PostgreSQL database (`connection:`, and `location:` naming the
+    /// table or `query:`).
+    Postgres,
+}
+
+impl SourceFormat {
+    /// Whether the source is a database rather than files.
+    pub fn is_database(&self) -> bool {
+        matches!(self, SourceFormat::Postgres)
+    }
 }
 
 /// How a load changes its table.
@@ -127,12 +137,35 @@ impl WriteMode {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
-    /// csv | json | parquet | delta
+    /// csv | json | parquet | delta | postgres
     pub format: SourceFormat,
     /// A path (relative to kbcrm.yaml), a folder, a glob (`sources/sales/*.csv`) or an
-    /// object-store URL (`file://`, `s3://`, ...).
-    #[schemars(with = "String")]
-    pub location: Spanned<String>,
+    /// object-store URL (`file://`, `s3://`, ...). For a database: the table to read
+    /// (`schema.table`), unless `query:` is given.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub location: Option<Spanned<String>>,
+    /// Database sources: where the connection URL comes from (never the URL itself):
+    /// `ERP_DATABASE_URL` or `{ env: ERP_DATABASE_URL }` names an environment variable,
+    /// `{ file: secrets/erp.url }` a file holding it. TLS follows the URL's `sslmode`
+    /// (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`) and `sslrootcert`.
+    #[serde(default)]
+    #[schemars(with = "Option<ConnectionSpec>")]
+    pub connection: Option<Spanned<ConnectionSpec>>,
+    /// Database sources: a SELECT to read instead of a table (`location:`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub query: Option<Spanned<String>>,
+    /// Database sources: read key ranges of an integer column in parallel,
+    /// e.g. `{ column: id, parts: 4 }`.
+    #[serde(default)]
+    pub partition: Option<PartitionSpec>,
+    /// Database sources: how rows removed at the source are found and marked in the table's
+    /// `_deleted_at` column: `{ soft_column: deleted_at }` (the source marks them itself) or
+    /// `{ compare_keys: 1d }` (all keys compared with the source at most this often; `always`
+    /// for every run).
+    #[serde(default)]
+    pub deletes: Option<DeletesSpec>,
     /// Table to load into; default `raw_<pipeline>_<source>`.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
@@ -152,7 +185,8 @@ pub struct SourceSpec {
     /// Rejected-row limits.
     #[serde(default)]
     pub rejects: Option<RejectsSpec>,
-    /// Load only what is new: `{ files: new }` or `{ cursor: COLUMN }`.
+    /// Load only what is new: `{ files: new }` or `{ cursor: COLUMN }` (database sources may
+    /// add `overlap: 10min`, re-reading that much before the watermark for late commits).
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,
     /// How old the newest file may be before `kbcrm freshness` warns or fails,
@@ -164,14 +198,86 @@ pub struct SourceSpec {
     pub description: Option<String>,
 }
 
-/// How a source finds what is new since the last run.
+/// How a source finds what is new since the last run: exactly one of `files:` and `cursor:`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalSpec {
+    /// Only files not loaded before (`files: new`).
+    #[serde(default)]
+    pub files: Option<NewFiles>,
+    /// Only rows whose COLUMN is above the highest value loaded before.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Database sources with a timestamp or date cursor: also re-read rows this far below the
+    /// watermark (e.g. "10min"), for transactions that committed late; rows read twice are
+    /// merged by key. Default none.
+    #[serde(default)]
+    pub overlap: Option<String>,
+}
+
+/// Where a database connection URL comes from.
+#[derive(Debug, Clone, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(untagged)]
+pub enum ConnectionSpec {
+    /// `connection: ERP_DATABASE_URL`: an environment variable.
+    Name(String),
+    /// `connection: { env: NAME }` or `connection: { file: PATH }`.
+    From(ConnectionFrom),
+}
+
+/// `{ env: NAME }` or `{ file: PATH }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum IncrementalSpec {
-    /// Only files not loaded before (`files: new`).
-    Files(NewFiles),
-    /// Only rows whose COLUMN is above the highest value loaded before.
-    Cursor(String),
+pub enum ConnectionFrom {
+    /// An environment variable holding the URL.
+    Env(String),
+    /// A file (relative to kbcrm.yaml) holding the URL.
+    File(String),
+}
+
+impl<'de> Deserialize<'de> for ConnectionSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ConnectionSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "the name of an environment variable, `{ env: NAME }` or `{ file: PATH }`",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ConnectionSpec::Name(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                ConnectionFrom::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ConnectionSpec::From)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parallel reads of key ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionSpec {
+    /// An integer column (of the declared schema) to split on.
+    pub column: String,
+    /// Number of ranges read at once (1 to 64).
+    pub parts: u32,
+}
+
+/// How deletes at a database source are found.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum DeletesSpec {
+    /// A column the source sets when it deletes a row (a timestamp, a date or a boolean);
+    /// rows where it is set (not null, or true) are marked deleted.
+    SoftColumn(String),
+    /// Compare all keys with the source at most this often (`always`, or a duration such as
+    /// `1d`); keys gone at the source are marked deleted.
+    CompareKeys(String),
 }
 
 /// The one value of `files:`.

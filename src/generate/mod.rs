@@ -8,6 +8,7 @@
 
 mod emit;
 mod names;
+pub mod postgres;
 mod sink;
 pub(crate) mod world;
 

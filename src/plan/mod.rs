@@ -181,8 +181,10 @@ pub struct Source {
     pub table: String,
     /// File format.
     pub format: SourceFormat,
-    /// Where the files are.
-    pub location: Location,
+    /// Where the files are (file formats).
+    pub location: Option<Location>,
+    /// What to read from a database (database formats).
+    pub database: Option<Database>,
     /// Write mode.
     pub mode: WriteMode,
     /// Merge keys.
@@ -198,6 +200,92 @@ pub struct Source {
     /// Freshness thresholds: (warn after, error after).
     pub freshness: Option<(Option<std::time::Duration>, Option<std::time::Duration>)>,
 }
+
+impl Source {
+    /// The location of a file source; an internal error for a database source.
+    pub fn file_location(&self) -> Result<&Location> {
+        self.location.as_ref().ok_or_else(|| {
+            Error::Internal(format!(
+                "source '{}' reads a database, not files",
+                self.name
+            ))
+        })
+    }
+
+    /// Where the source reads from, for people: the location as written, or the database table
+    /// or query (never the connection URL).
+    pub fn origin(&self) -> String {
+        match (&self.location, &self.database) {
+            (Some(l), _) => l.written.clone(),
+            (None, Some(db)) => db.origin(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// A database source's settings.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// Where the connection URL comes from.
+    pub connection: ConnectionRef,
+    /// The table or query read.
+    pub relation: Relation,
+    /// Parallel reads: (integer column, number of ranges).
+    pub partition: Option<(String, u32)>,
+    /// How far below the watermark an incremental read starts again.
+    pub overlap: Option<std::time::Duration>,
+    /// How deletes at the source are found.
+    pub deletes: Option<Deletes>,
+}
+
+impl Database {
+    /// `postgres erp.customers` or `postgres query`.
+    pub fn origin(&self) -> String {
+        match &self.relation {
+            Relation::Table(t) => format!("postgres {t}"),
+            Relation::Query(_) => "postgres query".to_string(),
+        }
+    }
+}
+
+/// Where a connection URL comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionRef {
+    /// An environment variable.
+    Env(String),
+    /// A file (absolute path).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for ConnectionRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectionRef::Env(v) => write!(f, "environment variable {v}"),
+            ConnectionRef::File(p) => write!(f, "file {}", p.display()),
+        }
+    }
+}
+
+/// A table (`schema.table`) or a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relation {
+    /// Table name parts, unquoted.
+    Table(String),
+    /// A SELECT.
+    Query(String),
+}
+
+/// How deletes at a database source are found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deletes {
+    /// A column the source sets on deleted rows.
+    SoftColumn(String),
+    /// A full key comparison at most this often (`None`: every run).
+    CompareKeys(Option<std::time::Duration>),
+}
+
+/// The column marking rows deleted at a database source.
+pub const DELETED_AT: &str = "_deleted_at";
 
 /// A declared column.
 #[derive(Debug, Clone)]

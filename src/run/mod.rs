@@ -3,6 +3,7 @@
 //! changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
 
 pub mod backfill;
+mod database;
 mod lock;
 mod model;
 mod progress;

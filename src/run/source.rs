@@ -21,14 +21,19 @@ use crate::warehouse::state::loaded_files;
 use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
 
 /// Keeps rows whose cursor column is above the last watermark, and finds the new watermark.
-struct CursorFilter {
+pub(super) struct CursorFilter {
     column: usize,
+    data_type: DataType,
     above: Option<ArrayRef>,
     max: Option<ArrayRef>,
 }
 
 impl CursorFilter {
-    fn new(column: usize, data_type: &DataType, watermark: Option<&String>) -> Result<Self> {
+    pub(super) fn new(
+        column: usize,
+        data_type: &DataType,
+        watermark: Option<&String>,
+    ) -> Result<Self> {
         let above = match watermark {
             Some(w) => Some(cast(
                 &(Arc::new(StringArray::from(vec![w.as_str()])) as ArrayRef),
@@ -38,12 +43,23 @@ impl CursorFilter {
         };
         Ok(CursorFilter {
             column,
+            data_type: data_type.clone(),
             above,
             max: None,
         })
     }
 
-    fn apply(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+    /// Start the maximum at an earlier watermark, so the new one never goes below it.
+    pub(super) fn seed(&mut self, watermark: &str) -> Result<()> {
+        let field_type = self.data_type.clone();
+        self.max = Some(cast(
+            &(Arc::new(StringArray::from(vec![watermark])) as ArrayRef),
+            &field_type,
+        )?);
+        Ok(())
+    }
+
+    pub(super) fn apply(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
         let col = batch.column(self.column);
         let kept = match &self.above {
             Some(w) => {
@@ -73,7 +89,7 @@ impl CursorFilter {
     }
 
     /// The new watermark as text.
-    fn watermark(&self) -> Result<Option<String>> {
+    pub(super) fn watermark(&self) -> Result<Option<String>> {
         let Some(m) = &self.max else { return Ok(None) };
         let s = cast(m, &DataType::Utf8)?;
         let s = s
@@ -112,7 +128,10 @@ impl Runner<'_> {
     ) -> Result<()> {
         let started = Instant::now();
         let full = self.options.full_refresh;
-        let store = store_for(&source.location.store_url)?;
+        if source.database.is_some() {
+            return self.load_database_source(source, ctx, state).await;
+        }
+        let store = store_for(&source.file_location()?.store_url)?;
         let mut files = match source.format {
             SourceFormat::Delta => Vec::new(),
             _ => sources::list_files(source, &store).await?,
@@ -175,6 +194,12 @@ impl Runner<'_> {
             }
             SourceFormat::Parquet | SourceFormat::Delta => {
                 sources::read_columnar(source, store, files, schema.clone())
+            }
+            SourceFormat::Postgres => {
+                return Err(Error::Internal(format!(
+                    "source '{}' reads a database, not files",
+                    source.name
+                )));
             }
         };
         let url = self.wh.table_url(&source.table);

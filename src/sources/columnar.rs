@@ -61,12 +61,12 @@ async fn read_parquet(
 }
 
 async fn read_delta(source: &Source, schema: SchemaRef) -> Result<FileOutput> {
-    let url = source
-        .location
+    let location = source.file_location()?;
+    let url = location
         .store_url
-        .join(&source.location.prefix)
+        .join(&location.prefix)
         .map_err(|e| Error::Internal(e.to_string()))?;
-    let display = source.location.written.clone();
+    let display = location.written.clone();
     let table = deltalake::open_table(url)
         .await
         .map_err(|e| Error::Source {

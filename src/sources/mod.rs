@@ -8,6 +8,7 @@ mod columnar;
 pub mod convert;
 mod csv;
 mod json;
+pub mod postgres;
 pub mod stores;
 
 use std::sync::Arc;
@@ -71,7 +72,7 @@ pub struct FileOutput {
 /// The files of a source, sorted by path. No file at all is an error: a source that is
 /// legitimately empty still has its folder.
 pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result<Vec<SourceFile>> {
-    let loc = &source.location;
+    let loc = source.file_location()?;
     let prefix = StorePath::from(loc.prefix.trim_end_matches('/'));
     let err = |message: String| Error::Source {
         pipeline: source.pipeline.clone(),
@@ -128,10 +129,9 @@ pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result
 }
 
 fn display_name(source: &Source, path: &StorePath) -> String {
-    if source.location.store_url.scheme() == "file" {
-        format!("/{path}")
-    } else {
-        format!("{}{path}", source.location.store_url)
+    match &source.location {
+        Some(l) if l.store_url.scheme() != "file" => format!("{}{path}", l.store_url),
+        _ => format!("/{path}"),
     }
 }
 

@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::sources::stores::store_for;
 
 pub use commit::{RUN_ID_KEY, commit_run};
-pub use schema::{delta_compatible, delta_compatible_batch};
+pub use schema::{conform_batch, delta_compatible, delta_compatible_batch};
 pub use write::{Staged, WriteMetrics};
 
 /// Folder of kbcrm's own bookkeeping inside the warehouse.

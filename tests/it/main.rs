@@ -10,6 +10,7 @@ mod incremental;
 mod lineage;
 mod models;
 mod pipeline_run;
+mod postgres;
 mod recovery;
 mod schedule;
 mod serve;

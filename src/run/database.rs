@@ -1,0 +1,475 @@
+//! Loading a database source: check the declared columns, read what is new (in key ranges at
+//! once when asked), mark rows deleted at the source, stage.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, TimestampMicrosecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::info;
+
+use super::source::CursorFilter;
+use super::{RunState, Runner};
+use crate::config::pipeline::WriteMode;
+use crate::config::types::{ColumnType, UTC};
+use crate::error::{Error, Result};
+use crate::plan::{DELETED_AT, Database, Deletes, Incremental, Source};
+use crate::sources::convert::declared_schema;
+use crate::sources::postgres::{self, quote_ident, quote_literal};
+use crate::warehouse::delta_compatible;
+use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
+
+/// The condition for rows past the watermark (less the overlap).
+fn cursor_condition(
+    column: &str,
+    ty: ColumnType,
+    pg_type: &tokio_postgres::types::Type,
+    watermark: &str,
+    overlap: Option<std::time::Duration>,
+) -> String {
+    let col = quote_ident(column);
+    let lit = match ty {
+        ColumnType::Int | ColumnType::BigInt | ColumnType::Double | ColumnType::Decimal(..) => {
+            // A number written by Arrow; quoted and cast, so it cannot be anything else.
+            format!("{}::{}", quote_literal(watermark), pg_type.name())
+        }
+        _ => format!("{}::{}", quote_literal(watermark), pg_type.name()),
+    };
+    match (overlap, ty) {
+        (Some(d), ColumnType::Date) => {
+            let days = d.as_secs().div_ceil(86_400).max(1);
+            format!("{col} > {lit} - {days}")
+        }
+        (Some(d), _) => format!("{col} > {lit} - interval '{} microseconds'", d.as_micros()),
+        (None, _) => format!("{col} > {lit}"),
+    }
+}
+
+fn and(a: Option<&str>, b: &str) -> String {
+    match a {
+        Some(a) => format!("({a}) AND {b}"),
+        None => b.to_string(),
+    }
+}
+
+/// The declared schema plus `_deleted_at` when the source tracks deletes.
+fn table_schema(source: &Source, db: &Database) -> SchemaRef {
+    let declared = declared_schema(&source.columns);
+    let mut fields: Vec<Field> = declared
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    if db.deletes.is_some() {
+        fields.push(Field::new(
+            DELETED_AT,
+            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(UTC))),
+            true,
+        ));
+    }
+    delta_compatible(&Schema::new(fields))
+}
+
+/// Add `_deleted_at` to a batch of declared columns: null, or when the soft-delete column says
+/// the row is deleted, that column's time (a timestamp or date), or for a boolean the cursor's
+/// time, or else `now`.
+fn with_deleted_at(
+    source: &Source,
+    db: &Database,
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    now: i64,
+) -> Result<RecordBatch> {
+    if db.deletes.is_none() {
+        return crate::warehouse::conform_batch(batch, schema);
+    }
+    let n = batch.num_rows();
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    let ts_type = DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(UTC)));
+    let as_ts = |a: &ArrayRef| -> Result<TimestampMicrosecondArray> {
+        let c = cast(a, &ts_type)?;
+        Ok(c.as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .cloned()
+            .unwrap_or_else(|| TimestampMicrosecondArray::new_null(n)))
+    };
+    let deleted: ArrayRef = match &db.deletes {
+        Some(Deletes::SoftColumn(c)) => {
+            let idx = source
+                .columns
+                .iter()
+                .position(|x| &x.name == c)
+                .unwrap_or(0);
+            let col = batch.column(idx);
+            match source.columns[idx].ty {
+                ColumnType::Bool => {
+                    let flags = col.as_any().downcast_ref::<BooleanArray>().ok_or_else(|| {
+                        Error::Internal("soft delete column is not boolean".into())
+                    })?;
+                    let when = match &source.incremental {
+                        Some(Incremental::Cursor(cur)) => {
+                            let ci = source.columns.iter().position(|x| &x.name == cur);
+                            match ci.map(|i| (i, source.columns[i].ty)) {
+                                Some((i, ColumnType::Timestamp | ColumnType::Date)) => {
+                                    Some(as_ts(batch.column(i))?)
+                                }
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    };
+                    let values: TimestampMicrosecondArray = (0..n)
+                        .map(|i| {
+                            (flags.is_valid(i) && flags.value(i)).then(|| match &when {
+                                Some(w) if w.is_valid(i) => w.value(i),
+                                _ => now,
+                            })
+                        })
+                        .collect();
+                    Arc::new(values.with_timezone(UTC))
+                }
+                _ => Arc::new(as_ts(col)?.with_timezone(UTC)),
+            }
+        }
+        _ => Arc::new(TimestampMicrosecondArray::new_null(n).with_timezone(UTC)),
+    };
+    columns.push(deleted);
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(
+            schema
+                .fields()
+                .iter()
+                .zip(&columns)
+                .map(|(f, c)| Field::new(f.name(), c.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        )),
+        columns,
+    )?;
+    crate::warehouse::conform_batch(&batch, schema)
+}
+
+impl Runner<'_> {
+    pub(super) async fn load_database_source(
+        &self,
+        source: &Source,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let db = source
+            .database
+            .as_ref()
+            .ok_or_else(|| Error::Internal("not a database source".into()))?;
+        let full = self.options.full_refresh;
+        let conn = Arc::new(postgres::connection(source, db)?);
+        let client = conn.connect(source).await?;
+        let types = postgres::describe(source, db, &client, &conn).await?;
+        let origin = source.origin();
+        let bar = self.progress.step(&format!("load {}", source.table));
+        let declared = declared_schema(&source.columns);
+        let schema = table_schema(source, db);
+        let now = chrono::Utc::now().timestamp_micros();
+
+        // What is new: rows past the watermark, less the overlap.
+        let cursor_key = (
+            source.pipeline.clone(),
+            source.name.clone(),
+            "cursor".to_string(),
+        );
+        let watermark = (!full)
+            .then(|| state.state_before.get(&cursor_key).cloned())
+            .flatten();
+        let mut cursor = None;
+        let mut condition = None;
+        if let Some(Incremental::Cursor(c)) = &source.incremental {
+            let idx = source
+                .columns
+                .iter()
+                .position(|x| &x.name == c)
+                .unwrap_or(0);
+            let mut filter = CursorFilter::new(idx, declared.field(idx).data_type(), None)?;
+            if let Some(w) = &watermark {
+                filter.seed(w)?;
+                condition = Some(cursor_condition(
+                    &source.columns[idx].source_name,
+                    source.columns[idx].ty,
+                    &types[idx],
+                    w,
+                    db.overlap,
+                ));
+            }
+            cursor = Some(filter);
+        }
+
+        // Key ranges read at once, each on its own connection.
+        let parts: Vec<Option<String>> = match &db.partition {
+            Some((column, n)) if *n > 1 => {
+                let col = source
+                    .columns
+                    .iter()
+                    .find(|c| &c.name == column)
+                    .map_or(column.as_str(), |c| c.source_name.as_str());
+                match postgres::bounds(source, &client, db, col, condition.as_deref()).await? {
+                    Some((lo, hi)) => postgres::ranges(col, lo, hi, *n)
+                        .into_iter()
+                        .map(|r| Some(and(condition.as_deref(), &r)))
+                        .collect(),
+                    None => vec![condition.clone()],
+                }
+            }
+            _ => vec![condition.clone()],
+        };
+        let key_idx: Vec<usize> = source
+            .keys
+            .iter()
+            .filter_map(|k| source.columns.iter().position(|c| &c.name == k))
+            .collect();
+        let (tx, mut rx) = mpsc::channel(2 * parts.len() + 2);
+        let mut tasks = JoinSet::new();
+        let mut first = Some(client);
+        for (i, cond) in parts.into_iter().enumerate() {
+            let sql = postgres::select_sql(source, db, cond.as_deref());
+            let (source, types, declared, conn, tx, key_idx) = (
+                source.clone(),
+                types.clone(),
+                declared.clone(),
+                conn.clone(),
+                tx.clone(),
+                key_idx.clone(),
+            );
+            let label = if i == 0 && first.is_some() {
+                origin.clone()
+            } else {
+                format!("{origin} part {}", i + 1)
+            };
+            let given = first.take();
+            tasks.spawn(async move {
+                let client = match given {
+                    Some(c) => c,
+                    None => match conn.connect(&source).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    },
+                };
+                let r = postgres::copy_out(
+                    &source,
+                    &client,
+                    &sql,
+                    &types,
+                    declared,
+                    &label,
+                    &key_idx,
+                    tx.clone(),
+                )
+                .await;
+                if let Err(e) = r {
+                    let _ = tx.send(Err(e)).await;
+                }
+            });
+        }
+        drop(tx);
+
+        let url = self.wh.table_url(&source.table);
+        let mut writer = TableWriter::new(&url, schema.clone())?;
+        let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
+        let mut new_keys: Vec<RecordBatch> = Vec::new();
+        let failure = loop {
+            let Some(out) = rx.recv().await else {
+                break None;
+            };
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => break Some(e),
+            };
+            rows_read += out.rows_read;
+            bytes_read += out.bytes_read;
+            rejected += out.rejects.len() as u64;
+            for b in &out.batches {
+                if let Some(c) = &mut cursor {
+                    c.apply(b)?;
+                }
+                if matches!(db.deletes, Some(Deletes::CompareKeys(_))) {
+                    new_keys.push(b.project(&key_idx)?);
+                }
+                writer
+                    .write(&with_deleted_at(source, db, b, &schema, now)?)
+                    .await?;
+            }
+            bar.inc(out.rows_read, out.bytes_read);
+            state
+                .rejects
+                .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
+        };
+        if let Some(e) = failure {
+            tasks.shutdown().await;
+            let (adds, _) = writer.finish().await?;
+            delete_files(&self.wh, &url, &adds).await?;
+            return Err(e);
+        }
+        while tasks.join_next().await.is_some() {}
+
+        // Rows gone at the source, marked deleted.
+        let compare_key = (
+            source.pipeline.clone(),
+            source.name.clone(),
+            "keys_compared".to_string(),
+        );
+        let mut marked = 0u64;
+        if let Some(Deletes::CompareKeys(every)) = &db.deletes {
+            let due = match (every, state.state_before.get(&compare_key)) {
+                (Some(every), Some(last)) if !full => last
+                    .parse::<i64>()
+                    .map(|last| now - last >= every.as_micros() as i64)
+                    .unwrap_or(true),
+                _ => true,
+            };
+            if due && !full {
+                let client = conn.connect(source).await?;
+                let key_cols: Vec<&crate::plan::Column> =
+                    key_idx.iter().map(|&i| &source.columns[i]).collect();
+                let key_types: Vec<_> = key_idx.iter().map(|&i| types[i].clone()).collect();
+                let at_source =
+                    postgres::all_keys(source, &client, db, &key_cols, &key_types).await?;
+                let gone = self
+                    .gone_rows(source, ctx, &schema, &key_idx, at_source, new_keys, now)
+                    .await?;
+                for b in &gone {
+                    marked += b.num_rows() as u64;
+                    writer.write(b).await?;
+                }
+                // The time is kept only when it decides the next comparison, so that a run with
+                // nothing new commits nothing.
+                if every.is_some() {
+                    state.state_after.insert(compare_key, now.to_string());
+                }
+            }
+        }
+
+        let (adds, rows) = writer.finish().await?;
+        if rows_read > 0 && rejected as f64 / rows_read as f64 > source.max_reject_ratio {
+            delete_files(&self.wh, &url, &adds).await?;
+            return Err(Error::DataQuality {
+                pipeline: source.pipeline.clone(),
+                message: format!(
+                    "source '{}' rejected {rejected} of {rows_read} rows ({:.2}%), more than \
+                     rejects.max_ratio {}; `kbcrm rejects` lists them, or raise the limit",
+                    source.name,
+                    100.0 * rejected as f64 / rows_read as f64,
+                    source.max_reject_ratio
+                ),
+            });
+        }
+        if let Some(wm) = cursor
+            .as_ref()
+            .map(CursorFilter::watermark)
+            .transpose()?
+            .flatten()
+        {
+            state.state_after.insert(cursor_key, wm);
+        }
+        info!(
+            rows_read,
+            rejected,
+            bytes_read,
+            marked_deleted = marked,
+            rows_kept = rows,
+            database = %conn.display,
+            "database source read"
+        );
+        if rows == 0 && !full && source.mode != WriteMode::Overwrite {
+            bar.finish();
+            self.skip(state, &source.table, "source", "no new rows");
+            return Ok(());
+        }
+        let mode = if full {
+            WriteMode::Overwrite
+        } else {
+            source.mode
+        };
+        let new = NewData {
+            table: source.table.clone(),
+            schema,
+            adds,
+            rows,
+        };
+        let staged = stage(&self.wh, ctx, new, mode, &source.keys).await?;
+        bar.finish();
+        self.record(ctx, state, staged, "source", rows_read, rejected, started)
+            .await
+    }
+
+    /// Rows of the table not yet marked deleted whose keys are neither at the source nor among
+    /// the rows just read, with `_deleted_at` set to `now`.
+    #[allow(clippy::too_many_arguments)]
+    async fn gone_rows(
+        &self,
+        source: &Source,
+        ctx: &SessionContext,
+        schema: &SchemaRef,
+        key_idx: &[usize],
+        at_source: Vec<RecordBatch>,
+        new_keys: Vec<RecordBatch>,
+        now: i64,
+    ) -> Result<Vec<RecordBatch>> {
+        let Some(table) = self.wh.load(&source.table).await? else {
+            return Ok(Vec::new());
+        };
+        let key_schema: SchemaRef = Arc::new(schema.project(key_idx)?);
+        let conform = |b: &RecordBatch| crate::warehouse::conform_batch(b, &key_schema);
+        let mut keys: Vec<RecordBatch> = Vec::new();
+        for b in at_source.iter().chain(&new_keys) {
+            keys.push(conform(b)?);
+        }
+        let suffix = format!("{}_{}", source.pipeline, source.name);
+        let (t_name, k_name) = (
+            format!("__kbcrm_del_t_{suffix}"),
+            format!("__kbcrm_del_k_{suffix}"),
+        );
+        table.update_datafusion_session(&ctx.state())?;
+        ctx.register_table(&t_name, table.table_provider().await?)?;
+        ctx.register_table(
+            &k_name,
+            Arc::new(MemTable::try_new(key_schema, vec![keys])?),
+        )?;
+        let cols: Vec<String> = schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != DELETED_AT)
+            .map(|f| format!("t.{}", quote_ident(f.name())))
+            .collect();
+        let on: Vec<String> = source
+            .keys
+            .iter()
+            .map(|k| format!("k.{k} = t.{k}", k = quote_ident(k)))
+            .collect();
+        let sql = format!(
+            "SELECT {}, to_timestamp_micros({now}) AS {} \
+             FROM {t_name} t WHERE t.{} IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM {k_name} k WHERE {})",
+            cols.join(", "),
+            quote_ident(DELETED_AT),
+            quote_ident(DELETED_AT),
+            on.join(" AND ")
+        );
+        let result = match ctx.sql(&sql).await {
+            Ok(df) => df.collect().await,
+            Err(e) => Err(e),
+        };
+        ctx.deregister_table(&t_name)?;
+        ctx.deregister_table(&k_name)?;
+        let mut out = Vec::new();
+        for b in result? {
+            out.push(crate::warehouse::conform_batch(&b, schema)?);
+        }
+        Ok(out)
+    }
+}
