@@ -195,11 +195,10 @@ pub async fn load_erp(url: &str, summary: &Summary, batch: u32) -> Result<Loaded
     let conn = Connection::parse(url, "--erp-postgres").map_err(fail)?;
     let client = conn.open().await.map_err(fail)?;
     let db = |e: tokio_postgres::Error| {
-        fail(format!(
-            "{}",
+        fail(
             e.as_db_error()
-                .map_or_else(|| e.to_string(), |d| d.message().to_string())
-        ))
+                .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+        )
     };
     client
         .batch_execute("CREATE SCHEMA IF NOT EXISTS erp")

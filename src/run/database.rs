@@ -34,13 +34,9 @@ fn cursor_condition(
     overlap: Option<std::time::Duration>,
 ) -> String {
     let col = quote_ident(column);
-    let lit = match ty {
-        ColumnType::Int | ColumnType::BigInt | ColumnType::Double | ColumnType::Decimal(..) => {
-            // A number written by Arrow; quoted and cast, so it cannot be anything else.
-            format!("{}::{}", quote_literal(watermark), pg_type.name())
-        }
-        _ => format!("{}::{}", quote_literal(watermark), pg_type.name()),
-    };
+    // The watermark as Arrow wrote it, quoted and cast to the column's type, so it cannot be
+    // anything but a value.
+    let lit = format!("{}::{}", quote_literal(watermark), pg_type.name());
     match (overlap, ty) {
         (Some(d), ColumnType::Date) => {
             let days = d.as_secs().div_ceil(86_400).max(1);
