@@ -14,7 +14,6 @@ use crate::error::{Error, Position, Problem, Result};
 use crate::identity::map_schema;
 use crate::plan::{Model, Pipeline, Project, Step};
 use crate::run::{QUARANTINE_TABLE, quarantine_schema};
-use crate::sources::convert::declared_schema;
 use crate::warehouse::{delta_compatible, state};
 
 /// Plan every model, identity resolution and data test of the project on empty tables of the
@@ -35,11 +34,7 @@ pub async fn check_models(project: &Project) -> Result<()> {
     let mut problems = Vec::new();
     for p in &project.pipelines {
         for s in &p.sources {
-            register_empty(
-                &ctx,
-                &s.table,
-                delta_compatible(&declared_schema(&s.columns)),
-            )?;
+            register_empty(&ctx, &s.table, crate::sources::table_schema(s))?;
         }
     }
     // Pipelines and their steps are in dependency order.

@@ -22,7 +22,6 @@ use crate::error::{Error, Result};
 use crate::plan::{DELETED_AT, Database, Deletes, Incremental, Source};
 use crate::sources::convert::declared_schema;
 use crate::sources::postgres::{self, quote_ident, quote_literal};
-use crate::warehouse::delta_compatible;
 use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
 
 /// The condition for rows past the watermark (less the overlap).
@@ -52,24 +51,6 @@ fn and(a: Option<&str>, b: &str) -> String {
         Some(a) => format!("({a}) AND {b}"),
         None => b.to_string(),
     }
-}
-
-/// The declared schema plus `_deleted_at` when the source tracks deletes.
-fn table_schema(source: &Source, db: &Database) -> SchemaRef {
-    let declared = declared_schema(&source.columns);
-    let mut fields: Vec<Field> = declared
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    if db.deletes.is_some() {
-        fields.push(Field::new(
-            DELETED_AT,
-            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(UTC))),
-            true,
-        ));
-    }
-    delta_compatible(&Schema::new(fields))
 }
 
 /// Add `_deleted_at` to a batch of declared columns: null, or when the soft-delete column says
@@ -169,7 +150,7 @@ impl Runner<'_> {
         let origin = source.origin();
         let bar = self.progress.step(&format!("load {}", source.table));
         let declared = declared_schema(&source.columns);
-        let schema = table_schema(source, db);
+        let schema = crate::sources::table_schema(source);
         let now = chrono::Utc::now().timestamp_micros();
 
         // What is new: rows past the watermark, less the overlap.
@@ -351,27 +332,15 @@ impl Runner<'_> {
         }
 
         let (adds, rows) = writer.finish().await?;
-        if rows_read > 0 && rejected as f64 / rows_read as f64 > source.max_reject_ratio {
-            delete_files(&self.wh, &url, &adds).await?;
-            return Err(Error::DataQuality {
-                pipeline: source.pipeline.clone(),
-                message: format!(
-                    "source '{}' rejected {rejected} of {rows_read} rows ({:.2}%), more than \
-                     rejects.max_ratio {}; `kbcrm rejects` lists them, or raise the limit",
-                    source.name,
-                    100.0 * rejected as f64 / rows_read as f64,
-                    source.max_reject_ratio
-                ),
-            });
-        }
-        if let Some(wm) = cursor
-            .as_ref()
-            .map(CursorFilter::watermark)
-            .transpose()?
-            .flatten()
-        {
-            state.state_after.insert(cursor_key, wm);
-        }
+        self.settle_read(
+            source,
+            state,
+            &url,
+            &adds,
+            (rows_read, rejected),
+            cursor.as_ref(),
+        )
+        .await?;
         info!(
             rows_read,
             rejected,

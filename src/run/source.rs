@@ -119,6 +119,44 @@ fn max_of(col: &ArrayRef) -> Result<ArrayRef> {
 }
 
 impl Runner<'_> {
+    /// After a source is read: above its reject limit the staged files go and the run fails
+    /// (nothing committed); otherwise the new watermark is kept for the commit.
+    pub(super) async fn settle_read(
+        &self,
+        source: &Source,
+        state: &mut RunState,
+        url: &url::Url,
+        adds: &[deltalake::kernel::Add],
+        (rows_read, rejected): (u64, u64),
+        cursor: Option<&CursorFilter>,
+    ) -> Result<()> {
+        if rows_read > 0 && rejected as f64 / rows_read as f64 > source.max_reject_ratio {
+            delete_files(&self.wh, url, adds).await?;
+            return Err(Error::DataQuality {
+                pipeline: source.pipeline.clone(),
+                message: format!(
+                    "source '{}' rejected {rejected} of {rows_read} rows ({:.2}%), more than \
+                     rejects.max_ratio {}; the rejected rows and reasons are listed by the run \
+                     log (-v), or raise the limit",
+                    source.name,
+                    100.0 * rejected as f64 / rows_read as f64,
+                    source.max_reject_ratio
+                ),
+            });
+        }
+        if let Some(wm) = cursor.map(CursorFilter::watermark).transpose()?.flatten() {
+            state.state_after.insert(
+                (
+                    source.pipeline.clone(),
+                    source.name.clone(),
+                    "cursor".to_string(),
+                ),
+                wm,
+            );
+        }
+        Ok(())
+    }
+
     #[instrument(skip_all, fields(source = %source.name, table = %source.table))]
     pub(super) async fn load_source(
         &self,
@@ -222,28 +260,15 @@ impl Runner<'_> {
                 .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
         }
         let (adds, rows) = writer.finish().await?;
-        if rows_read > 0 && rejected as f64 / rows_read as f64 > source.max_reject_ratio {
-            delete_files(&self.wh, &url, &adds).await?;
-            return Err(Error::DataQuality {
-                pipeline: source.pipeline.clone(),
-                message: format!(
-                    "source '{}' rejected {rejected} of {rows_read} rows ({:.2}%), more than \
-                     rejects.max_ratio {}; the rejected rows and reasons are listed by the run \
-                     log (-v), or raise the limit",
-                    source.name,
-                    100.0 * rejected as f64 / rows_read as f64,
-                    source.max_reject_ratio
-                ),
-            });
-        }
-        if let Some(wm) = cursor
-            .as_ref()
-            .map(CursorFilter::watermark)
-            .transpose()?
-            .flatten()
-        {
-            state.state_after.insert(cursor_key, wm);
-        }
+        self.settle_read(
+            source,
+            state,
+            &url,
+            &adds,
+            (rows_read, rejected),
+            cursor.as_ref(),
+        )
+        .await?;
         info!(
             rows_read,
             rejected,

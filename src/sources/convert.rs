@@ -130,7 +130,8 @@ pub fn parse_date(t: &str, format: Option<&str>) -> Option<i32> {
     Some(days(d))
 }
 
-/// Parse a timestamp to UTC microseconds. Without a format: RFC 3339 with offset, or
+/// Parse a timestamp to UTC microseconds. Without a format: RFC 3339 with offset, the same with
+/// a space and a short offset (`2025-01-01 10:00:00+01`, as PostgreSQL prints), or
 /// `YYYY-MM-DD[ T]HH:MM[:SS[.f]]` (taken as UTC), or a bare date (midnight UTC).
 pub fn parse_timestamp(t: &str, format: Option<&str>) -> Option<i64> {
     if let Some(f) = format {
@@ -150,6 +151,12 @@ pub fn parse_timestamp(t: &str, format: Option<&str>) -> Option<i64> {
     }
     if let Ok(d) = DateTime::parse_from_rfc3339(t) {
         return Some(d.timestamp_micros());
+    }
+    // With an offset as databases print it: `2025-01-01 10:00:00+01` or `+05:30`.
+    for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(d) = DateTime::parse_from_str(t, f) {
+            return Some(d.timestamp_micros());
+        }
     }
     for f in [
         "%Y-%m-%d %H:%M:%S%.f",
@@ -359,5 +366,15 @@ mod tests {
             parse_text(&col(ColumnType::Bool, None), "Yes"),
             Ok(Cell::Bool(true))
         ));
+    }
+
+    #[test]
+    fn timestamps_with_offsets_as_databases_print_them() {
+        let utc = parse_timestamp("2025-01-01 10:00:00+00", None);
+        assert_eq!(utc, parse_timestamp("2025-01-01T10:00:00Z", None));
+        assert_eq!(utc, parse_timestamp("2025-01-01 11:00:00+01", None));
+        assert_eq!(utc, parse_timestamp("2025-01-01 15:30:00.000+05:30", None));
+        assert_eq!(utc, parse_timestamp("2025-01-01 10:00:00", None));
+        assert!(utc.is_some());
     }
 }

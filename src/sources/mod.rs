@@ -166,6 +166,32 @@ pub fn read_text_files<'a>(
 
 pub use columnar::read_columnar;
 
+/// The schema of the table a source loads into: its declared columns (Delta-compatible types),
+/// and `_deleted_at` when it tracks deletes at a database.
+pub fn table_schema(source: &Source) -> SchemaRef {
+    let declared = convert::declared_schema(&source.columns);
+    let mut fields: Vec<arrow::datatypes::Field> = declared
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    if source
+        .database
+        .as_ref()
+        .is_some_and(|d| d.deletes.is_some())
+    {
+        fields.push(arrow::datatypes::Field::new(
+            crate::plan::DELETED_AT,
+            arrow::datatypes::DataType::Timestamp(
+                arrow::datatypes::TimeUnit::Microsecond,
+                Some(Arc::from(crate::config::types::UTC)),
+            ),
+            true,
+        ));
+    }
+    crate::warehouse::delta_compatible(&arrow::datatypes::Schema::new(fields))
+}
+
 /// Cut a raw row for the quarantine table.
 pub(crate) fn raw_text(bytes: &[u8]) -> String {
     const MAX: usize = 4096;

@@ -51,36 +51,32 @@ fn source_error(source: &Source, message: String) -> Error {
     }
 }
 
-/// Read the URL from where the pipeline says.
-fn read_url(source: &Source, db: &Database) -> Result<String> {
-    let url = match &db.connection {
+/// The URL from where the pipeline says, or what is wrong.
+fn url_text(connection: &ConnectionRef) -> std::result::Result<String, String> {
+    let url = match connection {
         ConnectionRef::Env(var) => std::env::var(var).map_err(|_| {
-            source_error(
-                source,
-                format!(
-                    "environment variable {var} is not set; set it to the database URL, e.g. \
-                     postgres://USER:PASSWORD@HOST:5432/DATABASE?sslmode=require"
-                ),
+            format!(
+                "environment variable {var} is not set; set it to the database URL, e.g. \
+                 postgres://USER:PASSWORD@HOST:5432/DATABASE?sslmode=require"
             )
         })?,
         ConnectionRef::File(path) => std::fs::read_to_string(path).map_err(|e| {
-            source_error(
-                source,
-                format!(
-                    "cannot read the connection URL from {}: {e}",
-                    path.display()
-                ),
+            format!(
+                "cannot read the connection URL from {}: {e}",
+                path.display()
             )
         })?,
     };
     let url = url.trim().to_string();
     if url.is_empty() {
-        return Err(source_error(
-            source,
-            format!("the connection URL in {} is empty", db.connection),
-        ));
+        return Err(format!("the connection URL in {connection} is empty"));
     }
     Ok(url)
+}
+
+/// Read the URL from where the pipeline says.
+fn read_url(source: &Source, db: &Database) -> Result<String> {
+    url_text(&db.connection).map_err(|m| source_error(source, m))
 }
 
 /// Parse a source's connection URL without ever echoing it (it holds a password).
@@ -390,13 +386,22 @@ pub fn relation_sql(db: &Database) -> String {
     }
 }
 
-/// The lineage dataset of a database source: (namespace, name), without credentials.
+/// The lineage dataset of a database source, named as OpenLineage names PostgreSQL tables:
+/// (`postgres://host:port`, `database.schema.table`), never with credentials. When the URL
+/// cannot be read here, the namespace names where it comes from.
 pub fn lineage_dataset(db: &Database) -> (String, String) {
-    let name = match &db.relation {
-        Relation::Table(t) => t.clone(),
+    let conn = url_text(&db.connection)
+        .ok()
+        .and_then(|u| Connection::parse(&u, "").ok());
+    let table = match &db.relation {
+        Relation::Table(t) if t.contains('.') => t.clone(),
+        Relation::Table(t) => format!("public.{t}"),
         Relation::Query(_) => "query".to_string(),
     };
-    (format!("postgres ({})", db.connection), name)
+    match conn {
+        Some(c) => (c.namespace, format!("{}.{table}", c.database)),
+        None => (format!("postgres ({})", db.connection), table),
+    }
 }
 
 /// Whether a database column type can be read as a declared type, losslessly.
@@ -597,12 +602,15 @@ fn decode<'a>(
                 Cell::Str(std::str::from_utf8(text).map_err(|e| e.to_string())?)
             }
             Type::CHAR => Cell::Str(std::str::from_utf8(raw).map_err(|e| e.to_string())?),
+            Type::TEXT | Type::VARCHAR if col.ty == ColumnType::Json => {
+                let text = wire::text_from_sql(raw).map_err(bad)?;
+                serde_json::from_str::<serde::de::IgnoredAny>(text)
+                    .map_err(|e| format!("invalid JSON in column '{}': {e}", col.name))?;
+                Cell::Str(text)
+            }
             _ => Cell::Str(wire::text_from_sql(raw).map_err(bad)?),
         },
-        ColumnType::Int => {
-            let v = int(raw)?;
-            Cell::Int(v)
-        }
+        ColumnType::Int => Cell::Int(int(raw)?),
         ColumnType::BigInt => Cell::Int(int(raw)?),
         ColumnType::Double => match *ty {
             Type::FLOAT4 => Cell::Float(f64::from(wire::float4_from_sql(raw).map_err(bad)?)),

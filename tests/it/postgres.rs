@@ -3,11 +3,9 @@
 //! the generator filled, incremental reads of updates and inserts, deletes, types, TLS, parallel
 //! key ranges, and the errors a user meets.
 
-use std::process::Output;
-
 use tokio_postgres::NoTls;
 
-use crate::support::{Project, may_skip, repo, run_in, stderr, stdout};
+use crate::support::{Project, may_skip, repo, run_in, run_with_env, stderr, stdout};
 
 /// A database of its own for one test on the test server.
 struct Db {
@@ -103,36 +101,9 @@ fn exec(url: &str, sql: &str) {
     });
 }
 
-/// Run kbcrm in the project with extra environment variables.
-fn kbcrm_env(p: &Project, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kbcrm"));
-    cmd.args(args)
-        .current_dir(p.path())
-        .env_remove("KBCRM_WAREHOUSE")
-        .env_remove("KBCRM_MEMORY_LIMIT")
-        .env_remove("ERP_DATABASE_URL")
-        .env("NO_COLOR", "1");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("kbcrm runs")
-}
-
-fn ok_env(p: &Project, args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = kbcrm_env(p, args, env);
-    assert!(
-        out.status.success(),
-        "kbcrm {args:?} failed ({:?}):\n{}\n{}",
-        out.status.code(),
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
-
 /// `kbcrm run --output json` for one pipeline: table -> (rows read, changed, skipped).
 fn run_json(p: &Project, env: &[(&str, &str)]) -> Vec<(String, u64, bool, bool)> {
-    let out = kbcrm_env(p, &["run", "erp", "--output", "json", "-v"], env);
+    let out = run_with_env(p.path(), &["run", "erp", "--output", "json", "-v"], env);
     // The run's log, shown when the test fails.
     eprintln!("{}", stderr(&out));
     assert!(out.status.success(), "kbcrm run failed");
@@ -217,7 +188,7 @@ fn erp_pipeline_pulls_from_postgres_incrementally_with_deletes() {
         assert_eq!(figures(&files, t, col), want, "{t}: database vs files");
     }
     // The rest of the project builds on it as on the files.
-    ok_env(&p, &["run"], &env);
+    p.ok_with_env(&["run"], &env);
     assert!(p.scalar("select count(*) from fact_invoice") > 0);
 
     // At the source: one customer changes, one invoice is added, one customer is deleted.
@@ -378,7 +349,7 @@ fn postgres_types_partitions_tls_quarantine_and_soft_deletes() {
     let tls_url = format!("{}?sslmode=verify-full&sslrootcert={ca}", db.url);
     p.write("secrets/things.url", format!("{tls_url}\n"));
     let env = [("THINGS_URL", tls_url.as_str())];
-    ok_env(&p, &["run"], &env);
+    p.ok_with_env(&["run"], &env);
 
     // Three rows rejected with their reasons; the rest loaded, value for value.
     let rejects = p.query("select line, column_name, reason, raw from quarantine order by raw");
@@ -440,7 +411,7 @@ fn postgres_types_partitions_tls_quarantine_and_soft_deletes() {
         "update shop.things set qty = -1, changed_at = now() where id = 4000;
          insert into shop.things (id, name, changed_at) values (9000, 'new', now());",
     );
-    let out = ok_env(&p, &["run", "--output", "json"], &env);
+    let out = p.ok_with_env(&["run", "--output", "json"], &env);
     let doc: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let things = doc["runs"][0]["tables"]
         .as_array()
@@ -460,7 +431,7 @@ fn postgres_types_partitions_tls_quarantine_and_soft_deletes() {
     // nothing written.
     let before = p.warehouse_files();
     let untrusted = format!("{}?sslmode=verify-full", db.url);
-    let out = kbcrm_env(&p, &["run"], &[("THINGS_URL", untrusted.as_str())]);
+    let out = run_with_env(p.path(), &["run"], &[("THINGS_URL", untrusted.as_str())]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("sslrootcert"), "{err}");
@@ -484,7 +455,9 @@ fn postgres_errors_are_clear_and_commit_nothing() {
     db.exec(
         "create table items (id int primary key, amount numeric(10,2), label text);
          insert into items values (1, 2.50, 'x'), (2, null, 'y');
-         create role kbcrm_reader login password 'right-secret';
+         do $$ begin create role kbcrm_reader login password 'right-secret';
+           exception when duplicate_object then
+             alter role kbcrm_reader login password 'right-secret'; end $$;
          grant select on items to kbcrm_reader;",
     );
     let p = Project::empty();
@@ -493,13 +466,13 @@ fn postgres_errors_are_clear_and_commit_nothing() {
     reader.set_username("kbcrm_reader").unwrap();
     reader.set_password(Some("right-secret")).unwrap();
     let good = reader.to_string();
-    ok_env(&p, &["run"], &[("ITEMS_URL", good.as_str())]);
+    p.ok_with_env(&["run"], &[("ITEMS_URL", good.as_str())]);
     assert_eq!(p.scalar("select count(*) from raw_shop_items"), 2);
     let before = p.warehouse_files();
     db.exec("insert into items values (3, 1.00, 'z')");
 
     let check = |url: &str, want: &[&str]| {
-        let out = kbcrm_env(&p, &["run"], &[("ITEMS_URL", url)]);
+        let out = run_with_env(p.path(), &["run"], &[("ITEMS_URL", url)]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{err}");
         for w in want {
@@ -531,7 +504,7 @@ fn postgres_errors_are_clear_and_commit_nothing() {
         "mysql://x@localhost/db",
         &["ITEMS_URL is not a PostgreSQL URL"],
     );
-    let out = kbcrm_env(&p, &["run"], &[]);
+    let out = run_with_env(p.path(), &["run"], &[]);
     assert!(stderr(&out).contains("environment variable ITEMS_URL is not set"));
     // Declared types that the database columns do not match, all named at once.
     p.write(
@@ -558,7 +531,7 @@ fn postgres_errors_are_clear_and_commit_nothing() {
         "pipelines/shop.yaml",
         SMALL_PIPELINE.replace("connection: ITEMS_URL", "connection: postgres://u:p@h/db"),
     );
-    let out = kbcrm_env(&p, &["validate"], &[]);
+    let out = run_with_env(p.path(), &["validate"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("looks like a URL"),

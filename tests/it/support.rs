@@ -40,15 +40,22 @@ pub fn sample_data() -> &'static Path {
 
 /// Run the kbcrm binary in `dir`.
 pub fn run_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kbcrm"))
-        .args(args)
+    run_with_env(dir, args, &[])
+}
+
+/// Run the kbcrm binary in `dir` with extra environment variables.
+pub fn run_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kbcrm"));
+    cmd.args(args)
         .current_dir(dir)
         .env_remove("KBCRM_WAREHOUSE")
         .env_remove("KBCRM_MEMORY_LIMIT")
         .env_remove("KBCRM_PROJECT")
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("kbcrm runs")
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("kbcrm runs")
 }
 
 /// Whether a test that needs an outside program may skip: on a laptop yes, under CI never.
@@ -147,7 +154,12 @@ impl Project {
 
     /// Run kbcrm and require success.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.kbcrm(args);
+        self.ok_with_env(args, &[])
+    }
+
+    /// Run kbcrm with extra environment variables and require success.
+    pub fn ok_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = run_with_env(self.path(), args, env);
         assert!(
             out.status.success(),
             "kbcrm {args:?} failed ({:?}):\n{}\n{}",

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Throughput of a PostgreSQL source: a narrow table (bigint id, numeric(12,2) amount,
+# timestamptz changed_at, int status) read by `kbcrm run` over binary COPY, next to the
+# two-step route of `COPY ... TO STDOUT` into a CSV file and a CSV load of that file.
+#
+#   cargo build --release
+#   benches/postgres_source.sh [ROWS]        # default 5,000,000 rows
+#
+# Starts the throwaway test server (.ci/postgres) when KBCRM_TEST_PG_URL is not set. Prints
+# wall-clock seconds, the kbcrm process's CPU seconds (user + sys) and rows per second per core
+# (rows / CPU seconds of the kbcrm process; the server works on the other core).
+set -euo pipefail
+[ -n "${BENCH_TRACE:-}" ] && set -x
+cd "$(dirname "$0")/.."
+rows="${1:-5000000}"
+kbcrm="$PWD/target/release/kbcrm"
+[ -x "$kbcrm" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+if [ -z "${KBCRM_TEST_PG_URL:-}" ]; then
+  eval "$(.ci/postgres start)"
+fi
+admin="$KBCRM_TEST_PG_URL"
+db_url="${admin%/*}/kbcrm_bench"
+psql -q "$admin" -c "DROP DATABASE IF EXISTS kbcrm_bench" -c "CREATE DATABASE kbcrm_bench"
+psql -q "$db_url" <<SQL
+CREATE TABLE narrow (id bigint PRIMARY KEY, amount numeric(12,2), changed_at timestamptz, status int);
+INSERT INTO narrow SELECT g, (g % 100000) / 100.0, timestamptz '2025-01-01' + g * interval '1 second', g % 7
+  FROM generate_series(1, $rows) g;
+VACUUM ANALYZE narrow;
+SQL
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+schema='    schema:
+      id: { type: bigint, required: true }
+      amount: decimal(12,2)
+      changed_at: timestamp
+      status: int'
+mkdir -p "$work/db/pipelines" "$work/csv/pipelines"
+echo "name: bench" >"$work/db/kbcrm.yaml"
+echo "name: bench" >"$work/csv/kbcrm.yaml"
+cat >"$work/db/pipelines/pg.yaml" <<EOF
+sources:
+  narrow:
+    format: postgres
+    connection: BENCH_URL
+    location: public.narrow
+$schema
+EOF
+cat >"$work/db/pipelines/pg2.yaml" <<EOF
+sources:
+  narrow:
+    format: postgres
+    connection: BENCH_URL
+    location: public.narrow
+    partition: { column: id, parts: 2 }
+$schema
+EOF
+cat >"$work/csv/pipelines/csv.yaml" <<EOF
+sources:
+  narrow:
+    format: csv
+    location: narrow.csv
+$schema
+EOF
+
+# seconds, cpu seconds of a command
+timed() {
+  /usr/bin/time -f '%e %U %S' -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
+  awk '{ printf "%s %.2f\n", $1, $2 + $3 }' "$work/time"
+}
+report() {
+  awk -v name="$1" -v rows="$rows" -v wall="$2" -v cpu="$3" 'BEGIN {
+    printf "%-44s %8.2f s wall %8.2f s cpu %12.0f rows/s %12.0f rows/s per core\n",
+      name, wall, cpu, rows / wall, rows / cpu }'
+}
+
+export BENCH_URL="$db_url"
+printf 'PostgreSQL source throughput, %s rows, %s cores (%s)\n' "$rows" "$(nproc)" "$(date -u +%F)"
+for i in 1 2 3; do
+  rm -rf "$work/db/warehouse" "$work/csv/warehouse" "$work/csv/narrow.csv"
+  read -r w c < <(cd "$work/db" && timed "$kbcrm" run pg)
+  report "kbcrm run, format: postgres (binary COPY)" "$w" "$c"
+  rm -rf "$work/db/warehouse"
+  read -r w c < <(cd "$work/db" && timed "$kbcrm" run pg2)
+  report "kbcrm run, format: postgres, 2 key ranges" "$w" "$c"
+  read -r w1 c1 < <(timed psql -q "$db_url" -c "\\copy narrow TO '$work/csv/narrow.csv' WITH (FORMAT csv, HEADER)")
+  report "psql COPY ... TO STDOUT (csv file)" "$w1" "$c1"
+  read -r w2 c2 < <(cd "$work/csv" && timed "$kbcrm" run csv)
+  report "kbcrm run, format: csv of that file" "$w2" "$c2"
+  report "COPY to CSV + CSV load, together" "$(awk -v a="$w1" -v b="$w2" 'BEGIN{print a+b}')" \
+    "$(awk -v a="$c1" -v b="$c2" 'BEGIN{print a+b}')"
+done
+psql -q "$admin" -c "DROP DATABASE kbcrm_bench"
