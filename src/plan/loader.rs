@@ -249,6 +249,27 @@ impl Loader {
                             ),
                         ));
                     }
+                    if spec.sources.is_empty()
+                        && spec.models.is_empty()
+                        && spec.identity.is_empty()
+                        && spec.tests.is_empty()
+                    {
+                        let start = Position {
+                            line: 1,
+                            column: 1,
+                            offset: 0,
+                            len: 0,
+                        };
+                        self.problems.push(
+                            Problem::new(
+                                &rel,
+                                "the pipeline declares nothing: no sources, models, identity or \
+                                 tests; fill it in or delete the file",
+                            )
+                            .at(start, &text),
+                        );
+                        continue;
+                    }
                     out.push(RawPipeline {
                         file: rel,
                         text,

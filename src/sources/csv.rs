@@ -120,6 +120,16 @@ pub(super) fn parse(
             continue; // blank line
         }
         out.rows_read += 1;
+        // A quote opened and never closed runs to the end of the file: the last record then
+        // holds an odd number of quote characters (escaped quotes come in pairs).
+        let end = (reader.position().byte() as usize).min(bytes.len());
+        let unterminated = end == bytes.len()
+            && bytes[start..end]
+                .iter()
+                .filter(|b| **b == opts.quote)
+                .count()
+                % 2
+                == 1;
         let mut reject = |column: Option<String>, reason: String, out: &mut FileOutput| {
             out.rejects.push(Reject {
                 file: file.to_string(),
@@ -130,6 +140,17 @@ pub(super) fn parse(
             });
             open_reject = Some((out.rejects.len() - 1, start));
         };
+        if unterminated {
+            reject(
+                None,
+                format!(
+                    "unterminated quoted field: the quote opened on line {line} is never closed, \
+                     so the rest of the file would be one value"
+                ),
+                &mut out,
+            );
+            continue;
+        }
         if record.len() != width {
             reject(
                 None,

@@ -1,6 +1,7 @@
 //! The integration tests: the `kbcrm` binary on temporary projects and generated data.
 
 mod backfill;
+mod bad_input;
 mod cubes;
 mod errors;
 mod extract;
