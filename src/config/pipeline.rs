@@ -96,12 +96,14 @@ pub enum SourceFormat {
     /// A table or query of a PostgreSQL database (`connection:`, and `location:` naming the
     /// table or `query:`).
     Postgres,
+    /// A table or query of a MySQL or MariaDB database, as `postgres`.
+    Mysql,
 }
 
 impl SourceFormat {
     /// Whether the source is a database rather than files.
     pub fn is_database(&self) -> bool {
-        matches!(self, SourceFormat::Postgres)
+        matches!(self, SourceFormat::Postgres | SourceFormat::Mysql)
     }
 }
 
@@ -137,7 +139,7 @@ impl WriteMode {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
-    /// csv | json | parquet | delta | postgres
+    /// csv | json | parquet | delta | postgres | mysql
     pub format: SourceFormat,
     /// A path (relative to kbcrm.yaml), a folder, a glob (`sources/sales/*.csv`) or an
     /// object-store URL (`file://`, `s3://`, ...). For a database: the table to read

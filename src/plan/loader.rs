@@ -598,7 +598,7 @@ impl Loader {
             ];
             for (what, _) in used.iter().filter(|(_, u)| *u) {
                 self.problems.push(here(
-                    format!("source '{name}': `{what}:` applies to database sources (`format: postgres`)"),
+                    format!("source '{name}': `{what}:` applies to database sources (`format: postgres` or `mysql`)"),
                     at,
                 ));
             }
@@ -822,6 +822,7 @@ impl Loader {
             }
         };
         Some(Database {
+            format: s.format,
             connection: connection?,
             relation: relation?,
             partition,

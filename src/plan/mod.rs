@@ -226,6 +226,8 @@ impl Source {
 /// A database source's settings.
 #[derive(Debug, Clone)]
 pub struct Database {
+    /// `postgres` or `mysql`.
+    pub format: SourceFormat,
     /// Where the connection URL comes from.
     pub connection: ConnectionRef,
     /// The table or query read.
@@ -239,11 +241,15 @@ pub struct Database {
 }
 
 impl Database {
-    /// `postgres erp.customers` or `postgres query`.
+    /// `postgres erp.customers` or `mysql query`.
     pub fn origin(&self) -> String {
+        let kind = match self.format {
+            SourceFormat::Mysql => "mysql",
+            _ => "postgres",
+        };
         match &self.relation {
-            Relation::Table(t) => format!("postgres {t}"),
-            Relation::Query(_) => "postgres query".to_string(),
+            Relation::Table(t) => format!("{kind} {t}"),
+            Relation::Query(_) => format!("{kind} query"),
         }
     }
 }

@@ -16,13 +16,152 @@ use tracing::info;
 
 use super::source::CursorFilter;
 use super::{RunState, Runner};
-use crate::config::pipeline::WriteMode;
+use crate::config::pipeline::{SourceFormat, WriteMode};
 use crate::config::types::{ColumnType, UTC};
 use crate::error::{Error, Result};
 use crate::plan::{DELETED_AT, Database, Deletes, Incremental, Source};
 use crate::sources::convert::declared_schema;
+use crate::sources::mysql;
 use crate::sources::postgres::{self, quote_ident, quote_literal};
 use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
+
+/// The database of a source: its connection and its columns' types, PostgreSQL or MySQL.
+#[derive(Clone)]
+enum Remote {
+    Pg(
+        Arc<postgres::Connection>,
+        Arc<Vec<tokio_postgres::types::Type>>,
+    ),
+    My(Arc<mysql::Connection>, Arc<Vec<mysql::Kind>>),
+}
+
+/// An open session with the database.
+enum Session {
+    Pg(tokio_postgres::Client),
+    My(mysql_async::Conn),
+}
+
+impl Remote {
+    /// Connect, check the declared columns, and keep the session for the first read.
+    async fn open(source: &Source, db: &Database) -> Result<(Remote, Session)> {
+        match db.format {
+            SourceFormat::Mysql => {
+                let conn = mysql::connection(source, db)?;
+                let mut session = conn.connect(source).await?;
+                let kinds = mysql::describe(source, db, &mut session, &conn).await?;
+                Ok((
+                    Remote::My(Arc::new(conn), Arc::new(kinds)),
+                    Session::My(session),
+                ))
+            }
+            _ => {
+                let conn = postgres::connection(source, db)?;
+                let client = conn.connect(source).await?;
+                let types = postgres::describe(source, db, &client, &conn).await?;
+                Ok((
+                    Remote::Pg(Arc::new(conn), Arc::new(types)),
+                    Session::Pg(client),
+                ))
+            }
+        }
+    }
+
+    async fn session(&self, source: &Source) -> Result<Session> {
+        Ok(match self {
+            Remote::Pg(c, _) => Session::Pg(c.connect(source).await?),
+            Remote::My(c, _) => Session::My(c.connect(source).await?),
+        })
+    }
+
+    fn display(&self) -> &str {
+        match self {
+            Remote::Pg(c, _) => &c.display,
+            Remote::My(c, _) => &c.display,
+        }
+    }
+
+    fn cursor_condition(
+        &self,
+        source: &Source,
+        idx: usize,
+        watermark: &str,
+        overlap: Option<std::time::Duration>,
+    ) -> String {
+        let col = &source.columns[idx];
+        match self {
+            Remote::Pg(_, types) => {
+                cursor_condition(&col.source_name, col.ty, &types[idx], watermark, overlap)
+            }
+            Remote::My(_, kinds) => {
+                mysql::cursor_condition(&col.source_name, col.ty, kinds[idx], watermark, overlap)
+            }
+        }
+    }
+
+    async fn bounds(
+        &self,
+        session: &mut Session,
+        source: &Source,
+        db: &Database,
+        column: &str,
+        condition: Option<&str>,
+    ) -> Result<Option<(i64, i64)>> {
+        match session {
+            Session::Pg(c) => postgres::bounds(source, c, db, column, condition).await,
+            Session::My(c) => mysql::bounds(source, c, db, column, condition).await,
+        }
+    }
+
+    /// Read the rows of `sql` into `tx`.
+    #[allow(clippy::too_many_arguments)]
+    async fn read(
+        &self,
+        session: Session,
+        source: &Source,
+        sql: &str,
+        schema: SchemaRef,
+        label: &str,
+        keys: &[usize],
+        tx: mpsc::Sender<Result<crate::sources::FileOutput>>,
+    ) -> Result<()> {
+        match (self, session) {
+            (Remote::Pg(_, types), Session::Pg(c)) => {
+                postgres::copy_out(source, &c, sql, types, schema, label, keys, tx).await
+            }
+            (Remote::My(_, kinds), Session::My(mut c)) => {
+                let r = mysql::read(source, &mut c, sql, kinds, schema, label, keys, tx).await;
+                let _ = c.disconnect().await;
+                r
+            }
+            _ => Err(Error::Internal("session of another database".into())),
+        }
+    }
+
+    /// Every key at the source.
+    async fn all_keys(
+        &self,
+        source: &Source,
+        db: &Database,
+        key_idx: &[usize],
+    ) -> Result<Vec<RecordBatch>> {
+        let key_cols: Vec<&crate::plan::Column> =
+            key_idx.iter().map(|&i| &source.columns[i]).collect();
+        match self {
+            Remote::Pg(c, types) => {
+                let client = c.connect(source).await?;
+                let key_types: Vec<_> = key_idx.iter().map(|&i| types[i].clone()).collect();
+                postgres::all_keys(source, &client, db, &key_cols, &key_types).await
+            }
+            Remote::My(c, kinds) => {
+                let mut conn = c.connect(source).await?;
+                let key_kinds: Vec<_> = key_idx.iter().map(|&i| kinds[i]).collect();
+                let r = mysql::all_keys(source, &mut conn, db, &key_cols, &key_kinds).await;
+                let _ = conn.disconnect().await;
+                r
+            }
+        }
+    }
+}
 
 /// The condition for rows past the watermark (less the overlap).
 fn cursor_condition(
@@ -144,9 +283,7 @@ impl Runner<'_> {
             .as_ref()
             .ok_or_else(|| Error::Internal("not a database source".into()))?;
         let full = self.options.full_refresh;
-        let conn = Arc::new(postgres::connection(source, db)?);
-        let client = conn.connect(source).await?;
-        let types = postgres::describe(source, db, &client, &conn).await?;
+        let (remote, mut session) = Remote::open(source, db).await?;
         let origin = source.origin();
         let bar = self.progress.step(&format!("load {}", source.table));
         let declared = declared_schema(&source.columns);
@@ -173,13 +310,7 @@ impl Runner<'_> {
             let mut filter = CursorFilter::new(idx, declared.field(idx).data_type(), None)?;
             if let Some(w) = &watermark {
                 filter.seed(w)?;
-                condition = Some(cursor_condition(
-                    &source.columns[idx].source_name,
-                    source.columns[idx].ty,
-                    &types[idx],
-                    w,
-                    db.overlap,
-                ));
+                condition = Some(remote.cursor_condition(source, idx, w, db.overlap));
             }
             cursor = Some(filter);
         }
@@ -192,7 +323,10 @@ impl Runner<'_> {
                     .iter()
                     .find(|c| &c.name == column)
                     .map_or(column.as_str(), |c| c.source_name.as_str());
-                match postgres::bounds(source, &client, db, col, condition.as_deref()).await? {
+                match remote
+                    .bounds(&mut session, source, db, col, condition.as_deref())
+                    .await?
+                {
                     Some((lo, hi)) => postgres::ranges(col, lo, hi, *n)
                         .into_iter()
                         .map(|r| Some(and(condition.as_deref(), &r)))
@@ -209,14 +343,13 @@ impl Runner<'_> {
             .collect();
         let (tx, mut rx) = mpsc::channel(2 * parts.len() + 2);
         let mut tasks = JoinSet::new();
-        let mut first = Some(client);
+        let mut first = Some(session);
         for (i, cond) in parts.into_iter().enumerate() {
             let sql = postgres::select_sql(source, db, cond.as_deref());
-            let (source, types, declared, conn, tx, key_idx) = (
+            let (source, remote, declared, tx, key_idx) = (
                 source.clone(),
-                types.clone(),
+                remote.clone(),
                 declared.clone(),
-                conn.clone(),
                 tx.clone(),
                 key_idx.clone(),
             );
@@ -227,27 +360,27 @@ impl Runner<'_> {
             };
             let given = first.take();
             tasks.spawn(async move {
-                let client = match given {
-                    Some(c) => c,
-                    None => match conn.connect(&source).await {
-                        Ok(c) => c,
+                let session = match given {
+                    Some(s) => s,
+                    None => match remote.session(&source).await {
+                        Ok(s) => s,
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;
                             return;
                         }
                     },
                 };
-                let r = postgres::copy_out(
-                    &source,
-                    &client,
-                    &sql,
-                    &types,
-                    declared,
-                    &label,
-                    &key_idx,
-                    tx.clone(),
-                )
-                .await;
+                let r = remote
+                    .read(
+                        session,
+                        &source,
+                        &sql,
+                        declared,
+                        &label,
+                        &key_idx,
+                        tx.clone(),
+                    )
+                    .await;
                 if let Err(e) = r {
                     let _ = tx.send(Err(e)).await;
                 }
@@ -310,12 +443,7 @@ impl Runner<'_> {
                 _ => true,
             };
             if due && !full {
-                let client = conn.connect(source).await?;
-                let key_cols: Vec<&crate::plan::Column> =
-                    key_idx.iter().map(|&i| &source.columns[i]).collect();
-                let key_types: Vec<_> = key_idx.iter().map(|&i| types[i].clone()).collect();
-                let at_source =
-                    postgres::all_keys(source, &client, db, &key_cols, &key_types).await?;
+                let at_source = remote.all_keys(source, db, &key_idx).await?;
                 let gone = self
                     .gone_rows(source, ctx, &schema, &key_idx, at_source, new_keys, now)
                     .await?;
@@ -347,7 +475,7 @@ impl Runner<'_> {
             bytes_read,
             marked_deleted = marked,
             rows_kept = rows,
-            database = %conn.display,
+            database = %remote.display(),
             "database source read"
         );
         if rows == 0 && !full && source.mode != WriteMode::Overwrite {

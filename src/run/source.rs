@@ -233,7 +233,7 @@ impl Runner<'_> {
             SourceFormat::Parquet | SourceFormat::Delta => {
                 sources::read_columnar(source, store, files, schema.clone())
             }
-            SourceFormat::Postgres => {
+            SourceFormat::Postgres | SourceFormat::Mysql => {
                 return Err(Error::Internal(format!(
                     "source '{}' reads a database, not files",
                     source.name

@@ -8,6 +8,7 @@ mod columnar;
 pub mod convert;
 mod csv;
 mod json;
+pub mod mysql;
 pub mod postgres;
 pub mod stores;
 

@@ -52,7 +52,7 @@ fn source_error(source: &Source, message: String) -> Error {
 }
 
 /// The URL from where the pipeline says, or what is wrong.
-fn url_text(connection: &ConnectionRef) -> std::result::Result<String, String> {
+pub fn url_text(connection: &ConnectionRef) -> std::result::Result<String, String> {
     let url = match connection {
         ConnectionRef::Env(var) => std::env::var(var).map_err(|_| {
             format!(
@@ -390,17 +390,26 @@ pub fn relation_sql(db: &Database) -> String {
 /// (`postgres://host:port`, `database.schema.table`), never with credentials. When the URL
 /// cannot be read here, the namespace names where it comes from.
 pub fn lineage_dataset(db: &Database) -> (String, String) {
-    let conn = url_text(&db.connection)
-        .ok()
-        .and_then(|u| Connection::parse(&u, "").ok());
+    let url = url_text(&db.connection).ok();
+    let conn = match db.format {
+        crate::config::pipeline::SourceFormat::Mysql => url
+            .and_then(|u| super::mysql::Connection::parse(&u, "").ok())
+            .map(|c| (c.namespace, c.database)),
+        _ => url
+            .and_then(|u| Connection::parse(&u, "").ok())
+            .map(|c| (c.namespace, c.database)),
+    };
     let table = match &db.relation {
         Relation::Table(t) if t.contains('.') => t.clone(),
-        Relation::Table(t) => format!("public.{t}"),
+        Relation::Table(t) if db.format == crate::config::pipeline::SourceFormat::Postgres => {
+            format!("public.{t}")
+        }
+        Relation::Table(t) => t.clone(),
         Relation::Query(_) => "query".to_string(),
     };
     match conn {
-        Some(c) => (c.namespace, format!("{}.{table}", c.database)),
-        None => (format!("postgres ({})", db.connection), table),
+        Some((namespace, database)) => (namespace, format!("{database}.{table}")),
+        None => (format!("{} ({})", db.origin(), db.connection), table),
     }
 }
 

@@ -10,6 +10,7 @@ mod history;
 mod incremental;
 mod lineage;
 mod models;
+mod mysql;
 mod pipeline_run;
 mod postgres;
 mod recovery;
