@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Throughput of a PostgreSQL source: a narrow table (bigint id, numeric(12,2) amount,
-# timestamptz changed_at, int status) read by `kbcrm run` over binary COPY, next to the
-# two-step route of `COPY ... TO STDOUT` into a CSV file and a CSV load of that file.
+# Throughput of database sources: a narrow table (bigint id, numeric(12,2) amount,
+# timestamptz changed_at, int status) read by `kbcrm run` from PostgreSQL over binary COPY, next
+# to the two-step route of `COPY ... TO STDOUT` into a CSV file and a CSV load of that file; then
+# the same table read from MariaDB when its server is installed (.ci/mariadb).
 #
 #   cargo build --release
 #   benches/postgres_source.sh [ROWS]        # default 5,000,000 rows
@@ -91,3 +92,35 @@ for i in 1 2 3; do
     "$(awk -v a="$c1" -v b="$c2" 'BEGIN{print a+b}')"
 done
 psql -q "$admin" -c "DROP DATABASE kbcrm_bench"
+
+# The same table in MariaDB, read with `format: mysql` (skipped without a MariaDB server).
+if [ -z "${KBCRM_TEST_MYSQL_URL:-}" ] && command -v mariadb-install-db >/dev/null; then
+  eval "$(.ci/mariadb start)"
+fi
+if [ -n "${KBCRM_TEST_MYSQL_URL:-}" ]; then
+  my_admin="$KBCRM_TEST_MYSQL_URL"
+  my_url="${my_admin%/*}/kbcrm_bench"
+  my() { # the server's own client, credentials from the URL
+    local rest=${my_admin#mysql://}
+    local cred=${rest%%@*}
+    local hostport=${rest#*@}
+    hostport=${hostport%%/*}
+    mariadb --no-defaults -h "${hostport%:*}" -P "${hostport#*:}" -u "${cred%%:*}" -p"${cred#*:}" "$@"
+  }
+  my -e "DROP DATABASE IF EXISTS kbcrm_bench; CREATE DATABASE kbcrm_bench"
+  my kbcrm_bench -e "CREATE TABLE narrow (id bigint PRIMARY KEY, amount decimal(12,2),
+      changed_at datetime(6), status int);
+    INSERT INTO narrow SELECT seq, (seq % 100000) / 100.0,
+      timestamp '2025-01-01' + interval seq second, seq % 7 FROM seq_1_to_$rows"
+  mkdir -p "$work/my/pipelines"
+  echo "name: bench" >"$work/my/kbcrm.yaml"
+  printf 'sources:\n  narrow:\n    format: mysql\n    connection: BENCH_URL\n    location: narrow\n%s\n' \
+    "$schema" >"$work/my/pipelines/my.yaml"
+  export BENCH_URL="$my_url"
+  for i in 1 2 3; do
+    rm -rf "$work/my/warehouse"
+    read -r w c < <(cd "$work/my" && timed "$kbcrm" run my)
+    report "kbcrm run, format: mysql (MariaDB)" "$w" "$c"
+  done
+  my -e "DROP DATABASE kbcrm_bench"
+fi
