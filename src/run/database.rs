@@ -137,29 +137,49 @@ impl Remote {
         }
     }
 
-    /// Every key at the source.
+    /// Every key at the source, read on a session of its own.
     async fn all_keys(
         &self,
         source: &Source,
         db: &Database,
         key_idx: &[usize],
     ) -> Result<Vec<RecordBatch>> {
-        let key_cols: Vec<&crate::plan::Column> =
-            key_idx.iter().map(|&i| &source.columns[i]).collect();
-        match self {
-            Remote::Pg(c, types) => {
-                let client = c.connect(source).await?;
-                let key_types: Vec<_> = key_idx.iter().map(|&i| types[i].clone()).collect();
-                postgres::all_keys(source, &client, db, &key_cols, &key_types).await
+        let columns: Vec<crate::plan::Column> = key_idx
+            .iter()
+            .map(|&i| crate::plan::Column {
+                required: false,
+                ..source.columns[i].clone()
+            })
+            .collect();
+        let schema = declared_schema(&columns);
+        let probe = Source {
+            columns,
+            ..source.clone()
+        };
+        let keys_only = match self {
+            Remote::Pg(c, types) => Remote::Pg(
+                c.clone(),
+                Arc::new(key_idx.iter().map(|&i| types[i].clone()).collect()),
+            ),
+            Remote::My(c, kinds) => Remote::My(
+                c.clone(),
+                Arc::new(key_idx.iter().map(|&i| kinds[i]).collect()),
+            ),
+        };
+        let session = keys_only.session(source).await?;
+        let sql = postgres::select_sql(&probe, db, None);
+        let (tx, mut rx) = mpsc::channel(4);
+        let read = keys_only.read(session, &probe, &sql, schema, "keys", &[], tx);
+        let collect = async {
+            let mut batches = Vec::new();
+            while let Some(out) = rx.recv().await {
+                batches.extend(out?.batches);
             }
-            Remote::My(c, kinds) => {
-                let mut conn = c.connect(source).await?;
-                let key_kinds: Vec<_> = key_idx.iter().map(|&i| kinds[i]).collect();
-                let r = mysql::all_keys(source, &mut conn, db, &key_cols, &key_kinds).await;
-                let _ = conn.disconnect().await;
-                r
-            }
-        }
+            Ok::<_, Error>(batches)
+        };
+        let (read, batches) = tokio::join!(read, collect);
+        read?;
+        batches
     }
 }
 

@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
-use arrow::record_batch::RecordBatch;
 use mysql_async::consts::ColumnType as My;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Column as MyColumn, Conn, OptsBuilder, SslOpts, Value};
@@ -636,39 +635,4 @@ pub async fn bounds(
         )
     })?;
     Ok(row.and_then(|(lo, hi)| lo.zip(hi)))
-}
-
-/// Every value of the key columns at the source.
-pub async fn all_keys(
-    source: &Source,
-    conn: &mut Conn,
-    db: &Database,
-    key_columns: &[&Column],
-    kinds: &[Kind],
-) -> Result<Vec<RecordBatch>> {
-    let cols: Vec<Column> = key_columns
-        .iter()
-        .map(|c| Column {
-            required: false,
-            ..(*c).clone()
-        })
-        .collect();
-    let probe = Source {
-        columns: cols.clone(),
-        ..source.clone()
-    };
-    let schema = super::convert::declared_schema(&cols);
-    let sql = select_sql(&probe, db, None);
-    let (tx, mut rx) = mpsc::channel(4);
-    let read = read(&probe, conn, &sql, kinds, schema, "keys", &[], tx);
-    let collect = async {
-        let mut batches = Vec::new();
-        while let Some(out) = rx.recv().await {
-            batches.extend(out?.batches);
-        }
-        Ok::<_, Error>(batches)
-    };
-    let (r, batches) = tokio::join!(read, collect);
-    r?;
-    batches
 }

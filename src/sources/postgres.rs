@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
-use arrow::record_batch::RecordBatch;
 use futures::{StreamExt, pin_mut};
 use postgres_protocol::types as wire;
 use tokio::sync::mpsc;
@@ -869,41 +868,6 @@ pub fn ranges(column: &str, lo: i64, hi: i64, parts: u32) -> Vec<String> {
         out.push(cond);
     }
     out
-}
-
-/// Every value of the key columns at the source, as one batch per COPY chunk.
-pub async fn all_keys(
-    source: &Source,
-    client: &Client,
-    db: &Database,
-    key_columns: &[&Column],
-    types: &[Type],
-) -> Result<Vec<RecordBatch>> {
-    let cols: Vec<Column> = key_columns
-        .iter()
-        .map(|c| Column {
-            required: false,
-            ..(*c).clone()
-        })
-        .collect();
-    let probe = Source {
-        columns: cols.clone(),
-        ..source.clone()
-    };
-    let schema = super::convert::declared_schema(&cols);
-    let sql = select_sql(&probe, db, None);
-    let (tx, mut rx) = mpsc::channel(4);
-    let read = copy_out(&probe, client, &sql, types, schema, "keys", &[], tx);
-    let collect = async {
-        let mut batches = Vec::new();
-        while let Some(out) = rx.recv().await {
-            batches.extend(out?.batches);
-        }
-        Ok::<_, Error>(batches)
-    };
-    let (r, batches) = tokio::join!(read, collect);
-    r?;
-    batches
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use mysql_async::prelude::Queryable;
 
-use crate::support::{Project, may_skip, run_with_env, stderr};
+use crate::support::{Project, may_skip};
 
 /// A database of its own for one test on the test server.
 struct Db {
@@ -227,13 +227,13 @@ fn mysql_types_partitions_tls_incremental_and_deletes() {
     );
 
     // verify-full without the CA: the certificate is not trusted; nothing written.
-    let before = p.warehouse_files();
     let untrusted = format!("{}?sslmode=verify-full", db.url);
-    let out = run_with_env(p.path(), &["run"], &[("THINGS_URL", untrusted.as_str())]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("sslrootcert"), "{err}");
-    assert_eq!(p.warehouse_files(), before);
+    p.fails_cleanly(
+        &["run"],
+        &[("THINGS_URL", untrusted.as_str())],
+        &["sslrootcert"],
+        &[],
+    );
 }
 
 #[test]
@@ -258,19 +258,13 @@ fn mysql_errors_are_clear_and_commit_nothing() {
         p.query("select cast(sum(amount) as varchar) from raw_shop_items")[0][0],
         "2.50"
     );
-    let before = p.warehouse_files();
     let check = |url: &str, want: &[&str]| {
-        let out = run_with_env(p.path(), &["run"], &[("ITEMS_URL", url)]);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(2), "{err}");
-        for w in want {
-            assert!(err.contains(w), "'{w}' not in: {err}");
-        }
-        assert!(
-            !err.contains("wrong-secret") && !err.contains("right-secret"),
-            "{err}"
-        );
-        assert_eq!(p.warehouse_files(), before, "nothing may be committed");
+        p.fails_cleanly(
+            &["run"],
+            &[("ITEMS_URL", url)],
+            want,
+            &["wrong-secret", "right-secret"],
+        )
     };
     let mut wrong = reader.clone();
     wrong.set_password(Some("wrong-secret")).unwrap();

@@ -170,6 +170,28 @@ impl Project {
         stdout(&out)
     }
 
+    /// Run kbcrm with extra environment variables and require exit code 2 with `want` in
+    /// stderr, none of `never` (passwords), and the warehouse unchanged.
+    pub fn fails_cleanly(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        want: &[&str],
+        never: &[&str],
+    ) {
+        let before = self.warehouse_files();
+        let out = run_with_env(self.path(), args, env);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        for w in want {
+            assert!(err.contains(w), "'{w}' not in: {err}");
+        }
+        for n in never {
+            assert!(!err.contains(n), "'{n}' must not be shown: {err}");
+        }
+        assert_eq!(self.warehouse_files(), before, "nothing may be committed");
+    }
+
     /// `kbcrm query --format csv` as rows of fields (header dropped).
     pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
         let out = self.ok(&["query", "--format", "csv", sql]);
