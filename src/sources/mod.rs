@@ -193,6 +193,15 @@ pub fn table_schema(source: &Source) -> SchemaRef {
     crate::warehouse::delta_compatible(&arrow::datatypes::Schema::new(fields))
 }
 
+/// An error of a source, for its pipeline.
+pub(crate) fn source_error(source: &Source, message: String) -> Error {
+    Error::Source {
+        pipeline: source.pipeline.clone(),
+        source_name: source.name.clone(),
+        message,
+    }
+}
+
 /// Cut a raw row for the quarantine table.
 pub(crate) fn raw_text(bytes: &[u8]) -> String {
     const MAX: usize = 4096;

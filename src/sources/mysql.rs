@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 
 use super::convert::{Cell, RowBuilder, parse_text};
 use super::postgres::relation_sql;
-use super::{BATCH_ROWS, FileOutput, Reject};
+use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::plan::{Column, Database, Relation, Source};
 
 /// The binary character set: a BLOB, not text.
@@ -37,14 +37,6 @@ pub struct Connection {
     pub namespace: String,
     /// The database name.
     pub database: String,
-}
-
-fn source_error(source: &Source, message: String) -> Error {
-    Error::Source {
-        pipeline: source.pipeline.clone(),
-        source_name: source.name.clone(),
-        message,
-    }
 }
 
 /// A column's type as the server describes it.

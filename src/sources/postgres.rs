@@ -20,7 +20,7 @@ use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::convert::{Cell, RowBuilder};
-use super::{BATCH_ROWS, FileOutput, Reject};
+use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
 use crate::plan::{Column, ConnectionRef, Database, Relation, Source};
@@ -40,14 +40,6 @@ pub struct Connection {
     pub namespace: String,
     /// The database name.
     pub database: String,
-}
-
-fn source_error(source: &Source, message: String) -> Error {
-    Error::Source {
-        pipeline: source.pipeline.clone(),
-        source_name: source.name.clone(),
-        message,
-    }
 }
 
 /// The URL from where the pipeline says, or what is wrong.
