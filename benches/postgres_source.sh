@@ -111,7 +111,7 @@ if [ -n "${KBCRM_TEST_MYSQL_URL:-}" ]; then
   my kbcrm_bench -e "CREATE TABLE narrow (id bigint PRIMARY KEY, amount decimal(12,2),
       changed_at datetime(6), status int);
     INSERT INTO narrow SELECT seq, (seq % 100000) / 100.0,
-      timestamp '2025-01-01' + interval seq second, seq % 7 FROM seq_1_to_$rows"
+      timestamp '2025-01-01 00:00:00' + interval seq second, seq % 7 FROM seq_1_to_$rows"
   mkdir -p "$work/my/pipelines"
   echo "name: bench" >"$work/my/kbcrm.yaml"
   printf 'sources:\n  narrow:\n    format: mysql\n    connection: BENCH_URL\n    location: narrow\n%s\n' \

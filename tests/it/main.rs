@@ -2,6 +2,7 @@
 
 mod backfill;
 mod bad_input;
+mod crash;
 mod cubes;
 mod errors;
 mod extract;
