@@ -827,3 +827,188 @@ fn the_memory_limit_applies_to_each_query() {
         ("5000000", "5000000")
     );
 }
+
+/// Resident memory and open file descriptors of a process, from /proc.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (rss_kb, fds)
+}
+
+/// Many clients at once for a while (`KBCRM_SERVE_LOAD_CLIENTS`, default 20, and
+/// `KBCRM_SERVE_LOAD_SECS`, default 4; the long mode is 50 clients for 120 s): queries, prepared
+/// statements, cancels and dropped connections mixed. The server must answer
+/// throughout, keep no connection once the clients are gone, and end with its memory where it
+/// was after the first round.
+#[test]
+fn many_clients_mixing_queries_cancels_and_disconnects() {
+    let p = project("");
+    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
+    p.write(
+        "kbcrm.yaml",
+        yaml.replace("max_connections: 4", "max_connections: 64"),
+    );
+    let s = serve(&p);
+    let pid = s.child.id();
+    let secs: u64 = std::env::var("KBCRM_SERVE_LOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let clients: u64 = std::env::var("KBCRM_SERVE_LOAD_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let (idle_rss, idle_fds) = rss_and_fds(pid);
+    const GROUPED: &str =
+        "select region, count(*), sum(credit_limit) from customers group by region order by region";
+    let expected: &'static Vec<Vec<String>> = Box::leak(Box::new(rt().block_on(async {
+        let c = connect(s.port, "ann", "ann-pw-2025").await.unwrap();
+        texts(&c, GROUPED).await
+    })));
+    let round = |seconds: u64| {
+        rt().block_on(async move {
+            use futures::StreamExt;
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let mut tasks = Vec::new();
+            for client in 0..clients {
+                let port = s.port;
+                tasks.push(tokio::spawn(async move {
+                    let mut done = [0u64; 5];
+                    let mut step = client;
+                    while Instant::now() < deadline {
+                        // Slots of connections just dropped free up when the server notices;
+                        // until then it refuses with 53300, as PostgreSQL does.
+                        let c = match connect(port, "ann", "ann-pw-2025").await {
+                            Ok(c) => c,
+                            Err(e) if code(&e) == "53300" => {
+                                done[4] += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                            Err(e) => panic!("login: {e}"),
+                        };
+                        for _ in 0..(5 + step % 7) {
+                            step = step
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            match (step >> 33) % 4 {
+                                0 => {
+                                    let r = texts(&c, GROUPED).await;
+                                    assert_eq!(r, *expected, "an answer changed under load");
+                                    done[0] += 1;
+                                }
+                                1 => {
+                                    let stmt = c
+                                        .prepare("select count(*) from sales where amount > $1")
+                                        .await
+                                        .unwrap();
+                                    let n: i64 =
+                                        c.query_one(&stmt, &[&5.0f64]).await.unwrap().get(0);
+                                    assert_eq!(n, 4, "amounts above 5 in the fixture");
+                                    done[1] += 1;
+                                }
+                                2 => {
+                                    // A long query cancelled part-way.
+                                    let token = c.cancel_token();
+                                    let stream = c
+                                        .query_raw(
+                                            "select * from generate_series(1, 200000) as t(n)",
+                                            Vec::<String>::new(),
+                                        )
+                                        .await
+                                        .unwrap();
+                                    futures::pin_mut!(stream);
+                                    let mut rows = 0;
+                                    while let Some(r) = stream.next().await {
+                                        if r.is_err() {
+                                            break;
+                                        }
+                                        rows += 1;
+                                        if rows == 200 {
+                                            token.cancel_query(NoTls).await.unwrap();
+                                        }
+                                    }
+                                    done[2] += 1;
+                                }
+                                _ => {
+                                    // Walk away in the middle of a stream.
+                                    let stream = c
+                                        .query_raw(
+                                            "select * from generate_series(1, 200000) as t(n)",
+                                            Vec::<String>::new(),
+                                        )
+                                        .await
+                                        .unwrap();
+                                    futures::pin_mut!(stream);
+                                    let _ = stream.next().await;
+                                    done[3] += 1;
+                                    break;
+                                }
+                            }
+                        }
+                        drop(c);
+                    }
+                    done
+                }));
+            }
+            let mut total = [0u64; 5];
+            for t in tasks {
+                let d = t.await.expect("a client task panicked");
+                for i in 0..5 {
+                    total[i] += d[i];
+                }
+            }
+            total
+        })
+    };
+    // A first round warms caches and pools; the second must not grow memory further.
+    let first = round(secs.min(5));
+    std::thread::sleep(Duration::from_secs(2));
+    let (warm_rss, _) = rss_and_fds(pid);
+    let second = round(secs);
+    // Dropped connections are noticed and closed.
+    let mut settled = rss_and_fds(pid);
+    for _ in 0..50 {
+        if settled.1 <= idle_fds + 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        settled = rss_and_fds(pid);
+    }
+    eprintln!(
+        "serve load: {secs} s, {clients} clients; queries/prepared/cancelled/abandoned/refused logins: first round \
+         {first:?}, second {second:?}; RSS idle {idle_rss} kB, after warm-up {warm_rss} kB, \
+         at the end {} kB; fds idle {idle_fds}, at the end {}",
+        settled.0, settled.1
+    );
+    assert!(
+        second[..4].iter().all(|n| *n > 0),
+        "every kind of work ran: {second:?}"
+    );
+    assert!(
+        settled.1 <= idle_fds + 2,
+        "connections left open: {} fds, {idle_fds} when idle",
+        settled.1
+    );
+    assert!(
+        settled.0 <= warm_rss + warm_rss / 2 + 50_000,
+        "memory grew: {} kB after the second round, {warm_rss} kB after the first",
+        settled.0
+    );
+    // Still answering.
+    let answer = rt().block_on(async {
+        let c = connect(s.port, "ann", "ann-pw-2025")
+            .await
+            .expect("login after the load");
+        texts(&c, "select count(*) from sales").await
+    });
+    assert_eq!(answer, vec![vec!["5"]]);
+}
