@@ -55,12 +55,21 @@ fn history(p: &Project) -> Vec<(String, String, String)> {
     .collect()
 }
 
+/// A daily cron time three hours ago: missed by a scheduler that never ran, and not due again
+/// for a day, whatever time the test runs at.
+fn daily_three_hours_ago() -> String {
+    use chrono::Timelike;
+    let t = chrono::Utc::now() - chrono::Duration::hours(3);
+    format!("{} {} * * *", t.minute(), t.hour())
+}
+
 #[test]
 fn once_runs_what_is_due_in_order_and_then_nothing() {
-    let p = project("0 2 * * *", "misfire: run_once\n");
+    let cron = daily_three_hours_ago();
+    let p = project(&cron, "misfire: run_once\n");
     p.write(
         "pipelines/c.yaml",
-        "schedule: \"0 2 * * *\"\nmisfire: skip\nmodels:\n  - sql/c_out.sql\n",
+        format!("schedule: \"{cron}\"\nmisfire: skip\nmodels:\n  - sql/c_out.sql\n"),
     );
     p.write("sql/c_out.sql", "select count(*) as n from stg_a\n");
     // The scheduler has never run: 02:00 was missed; a and b catch up once, c skips it.
@@ -96,7 +105,7 @@ fn once_runs_what_is_due_in_order_and_then_nothing() {
 
 #[test]
 fn a_run_the_warehouse_lock_refuses_is_skipped() {
-    let p = project("0 2 * * *", "");
+    let p = project(&daily_three_hours_ago(), "");
     std::fs::create_dir_all(p.path().join("warehouse/_kbcrm")).unwrap();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
