@@ -218,7 +218,7 @@ fn datasets(project: &Project, pipeline: &str) -> (Vec<(String, String)>, Vec<St
                     inputs.insert((l.store_url.to_string(), l.prefix.clone()));
                 }
                 if let Some(db) = s.and_then(|s| s.database.as_ref()) {
-                    inputs.insert(crate::sources::postgres::lineage_dataset(db));
+                    inputs.insert(crate::sources::database::lineage_dataset(db));
                 }
             }
             NodeKind::Table if !outputs.contains(&e.from.1) => {

@@ -21,8 +21,10 @@ use crate::config::types::{ColumnType, UTC};
 use crate::error::{Error, Result};
 use crate::plan::{DELETED_AT, Database, Deletes, Incremental, Source};
 use crate::sources::convert::declared_schema;
+use crate::sources::database;
+use crate::sources::database::quote_ident;
 use crate::sources::mysql;
-use crate::sources::postgres::{self, quote_ident, quote_literal};
+use crate::sources::postgres;
 use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
 
 /// The database of a source: its connection and its columns' types, PostgreSQL or MySQL.
@@ -89,9 +91,13 @@ impl Remote {
     ) -> String {
         let col = &source.columns[idx];
         match self {
-            Remote::Pg(_, types) => {
-                cursor_condition(&col.source_name, col.ty, &types[idx], watermark, overlap)
-            }
+            Remote::Pg(_, types) => postgres::cursor_condition(
+                &col.source_name,
+                col.ty,
+                &types[idx],
+                watermark,
+                overlap,
+            ),
             Remote::My(_, kinds) => {
                 mysql::cursor_condition(&col.source_name, col.ty, kinds[idx], watermark, overlap)
             }
@@ -167,7 +173,7 @@ impl Remote {
             ),
         };
         let session = keys_only.session(source).await?;
-        let sql = postgres::select_sql(&probe, db, None);
+        let sql = database::select_sql(&probe, db, None);
         let (tx, mut rx) = mpsc::channel(4);
         let read = keys_only.read(session, &probe, &sql, schema, "keys", &[], tx);
         let collect = async {
@@ -180,28 +186,6 @@ impl Remote {
         let (read, batches) = tokio::join!(read, collect);
         read?;
         batches
-    }
-}
-
-/// The condition for rows past the watermark (less the overlap).
-fn cursor_condition(
-    column: &str,
-    ty: ColumnType,
-    pg_type: &tokio_postgres::types::Type,
-    watermark: &str,
-    overlap: Option<std::time::Duration>,
-) -> String {
-    let col = quote_ident(column);
-    // The watermark as Arrow wrote it, quoted and cast to the column's type, so it cannot be
-    // anything but a value.
-    let lit = format!("{}::{}", quote_literal(watermark), pg_type.name());
-    match (overlap, ty) {
-        (Some(d), ColumnType::Date) => {
-            let days = d.as_secs().div_ceil(86_400).max(1);
-            format!("{col} > {lit} - {days}")
-        }
-        (Some(d), _) => format!("{col} > {lit} - interval '{} microseconds'", d.as_micros()),
-        (None, _) => format!("{col} > {lit}"),
     }
 }
 
@@ -347,7 +331,7 @@ impl Runner<'_> {
                     .bounds(&mut session, source, db, col, condition.as_deref())
                     .await?
                 {
-                    Some((lo, hi)) => postgres::ranges(col, lo, hi, *n)
+                    Some((lo, hi)) => database::ranges(col, lo, hi, *n)
                         .into_iter()
                         .map(|r| Some(and(condition.as_deref(), &r)))
                         .collect(),
@@ -365,7 +349,7 @@ impl Runner<'_> {
         let mut tasks = JoinSet::new();
         let mut first = Some(session);
         for (i, cond) in parts.into_iter().enumerate() {
-            let sql = postgres::select_sql(source, db, cond.as_deref());
+            let sql = database::select_sql(source, db, cond.as_deref());
             let (source, remote, declared, tx, key_idx) = (
                 source.clone(),
                 remote.clone(),

@@ -7,6 +7,7 @@
 mod columnar;
 pub mod convert;
 mod csv;
+pub mod database;
 mod json;
 pub mod mysql;
 pub mod postgres;

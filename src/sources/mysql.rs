@@ -16,7 +16,8 @@ use mysql_async::{Column as MyColumn, Conn, OptsBuilder, SslOpts, Value};
 use tokio::sync::mpsc;
 
 use super::convert::{Cell, RowBuilder, parse_text};
-use super::postgres::relation_sql;
+use super::csv::recycle;
+use super::database::{quote_ident, quote_literal, relation_sql, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::Result;
@@ -174,7 +175,7 @@ fn compatible(declared: ColumnType, k: Kind) -> bool {
 
 /// Parse a source's connection URL without ever echoing it (it holds a password).
 pub fn connection(source: &Source, db: &Database) -> Result<Connection> {
-    let raw = super::postgres::url_text(&db.connection).map_err(|m| source_error(source, m))?;
+    let raw = url_text(&db.connection).map_err(|m| source_error(source, m))?;
     Connection::parse(&raw, &db.connection.to_string()).map_err(|m| source_error(source, m))
 }
 
@@ -331,11 +332,6 @@ fn explain(e: &mysql_async::Error) -> String {
     }
 }
 
-/// The SELECT of the declared columns from the relation, with an optional condition.
-pub fn select_sql(source: &Source, db: &Database, condition: Option<&str>) -> String {
-    super::postgres::select_sql(source, db, condition)
-}
-
 /// The condition for rows past the watermark (less the overlap).
 pub fn cursor_condition(
     column: &str,
@@ -344,7 +340,7 @@ pub fn cursor_condition(
     watermark: &str,
     overlap: Option<Duration>,
 ) -> String {
-    let col = super::postgres::quote_ident(column);
+    let col = quote_ident(column);
     // Arrow writes timestamps as 2025-01-01T10:00:00.5Z; MySQL wants the space and no zone.
     let text = match ty {
         ColumnType::Timestamp | ColumnType::Date => {
@@ -352,11 +348,7 @@ pub fn cursor_condition(
         }
         _ => watermark.to_string(),
     };
-    let lit = format!(
-        "CAST({} AS {})",
-        super::postgres::quote_literal(&text),
-        kind.cast_target()
-    );
+    let lit = format!("CAST({} AS {})", quote_literal(&text), kind.cast_target());
     match (overlap, ty) {
         (Some(d), ColumnType::Date) => {
             let days = d.as_secs().div_ceil(86_400).max(1);
@@ -534,11 +526,13 @@ pub async fn read(
     };
     let mut out = fresh();
     let mut line = 0u64;
+    // Reused between rows (see the CSV reader).
+    let mut spare: Vec<Cell<'static>> = Vec::with_capacity(source.columns.len());
     while let Some(row) = result.next().await.map_err(failed)? {
         line += 1;
         out.rows_read += 1;
         let values = row.unwrap();
-        let mut cells: Vec<Cell<'_>> = Vec::with_capacity(values.len());
+        let mut cells: Vec<Cell<'_>> = recycle(std::mem::take(&mut spare));
         let mut problem = None;
         for (i, ((col, kind), v)) in source.columns.iter().zip(kinds).zip(&values).enumerate() {
             if let Value::Bytes(b) = v {
@@ -564,7 +558,6 @@ pub async fn read(
         match problem {
             None => builder.push(&cells),
             Some((i, reason)) => {
-                drop(cells);
                 let raw = keys
                     .iter()
                     .map(|&k| {
@@ -588,6 +581,7 @@ pub async fn read(
                 });
             }
         }
+        spare = recycle(cells);
         if builder.len() >= BATCH_ROWS {
             out.batches.push(builder.finish()?);
             let full = std::mem::replace(&mut out, fresh());
@@ -611,7 +605,7 @@ pub async fn bounds(
     column: &str,
     condition: Option<&str>,
 ) -> Result<Option<(i64, i64)>> {
-    let col = super::postgres::quote_ident(column);
+    let col = quote_ident(column);
     let mut sql = format!(
         "SELECT CAST(MIN({col}) AS SIGNED), CAST(MAX({col}) AS SIGNED) FROM {}",
         relation_sql(db)

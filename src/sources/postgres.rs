@@ -20,10 +20,12 @@ use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::convert::{Cell, RowBuilder};
+use super::csv::recycle;
+use super::database::{quote_ident, quote_literal, relation_sql, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
-use crate::plan::{Column, ConnectionRef, Database, Relation, Source};
+use crate::plan::{Column, Database, Relation, Source};
 
 /// Microseconds from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -40,29 +42,6 @@ pub struct Connection {
     pub namespace: String,
     /// The database name.
     pub database: String,
-}
-
-/// The URL from where the pipeline says, or what is wrong.
-pub fn url_text(connection: &ConnectionRef) -> std::result::Result<String, String> {
-    let url = match connection {
-        ConnectionRef::Env(var) => std::env::var(var).map_err(|_| {
-            format!(
-                "environment variable {var} is not set; set it to the database URL, e.g. \
-                 postgres://USER:PASSWORD@HOST:5432/DATABASE?sslmode=require"
-            )
-        })?,
-        ConnectionRef::File(path) => std::fs::read_to_string(path).map_err(|e| {
-            format!(
-                "cannot read the connection URL from {}: {e}",
-                path.display()
-            )
-        })?,
-    };
-    let url = url.trim().to_string();
-    if url.is_empty() {
-        return Err(format!("the connection URL in {connection} is empty"));
-    }
-    Ok(url)
 }
 
 /// Read the URL from where the pipeline says.
@@ -359,48 +338,25 @@ fn explain_connect(e: &tokio_postgres::Error) -> String {
     format!("{msg}{hint}")
 }
 
-/// `"name"` with quotes doubled.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` with quotes doubled.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// The relation as SQL: a quoted table name or the query as a derived table.
-pub fn relation_sql(db: &Database) -> String {
-    match &db.relation {
-        Relation::Table(t) => t.split('.').map(quote_ident).collect::<Vec<_>>().join("."),
-        Relation::Query(q) => format!("({q}) AS kbcrm_source"),
-    }
-}
-
-/// The lineage dataset of a database source, named as OpenLineage names PostgreSQL tables:
-/// (`postgres://host:port`, `database.schema.table`), never with credentials. When the URL
-/// cannot be read here, the namespace names where it comes from.
-pub fn lineage_dataset(db: &Database) -> (String, String) {
-    let url = url_text(&db.connection).ok();
-    let conn = match db.format {
-        crate::config::pipeline::SourceFormat::Mysql => url
-            .and_then(|u| super::mysql::Connection::parse(&u, "").ok())
-            .map(|c| (c.namespace, c.database)),
-        _ => url
-            .and_then(|u| Connection::parse(&u, "").ok())
-            .map(|c| (c.namespace, c.database)),
-    };
-    let table = match &db.relation {
-        Relation::Table(t) if t.contains('.') => t.clone(),
-        Relation::Table(t) if db.format == crate::config::pipeline::SourceFormat::Postgres => {
-            format!("public.{t}")
+/// The condition for rows past the watermark (less the overlap).
+pub fn cursor_condition(
+    column: &str,
+    ty: ColumnType,
+    pg_type: &Type,
+    watermark: &str,
+    overlap: Option<std::time::Duration>,
+) -> String {
+    let col = quote_ident(column);
+    // The watermark as Arrow wrote it, quoted and cast to the column's type, so it cannot be
+    // anything but a value.
+    let lit = format!("{}::{}", quote_literal(watermark), pg_type.name());
+    match (overlap, ty) {
+        (Some(d), ColumnType::Date) => {
+            let days = d.as_secs().div_ceil(86_400).max(1);
+            format!("{col} > {lit} - {days}")
         }
-        Relation::Table(t) => t.clone(),
-        Relation::Query(_) => "query".to_string(),
-    };
-    match conn {
-        Some((namespace, database)) => (namespace, format!("{database}.{table}")),
-        None => (format!("{} ({})", db.origin(), db.connection), table),
+        (Some(d), _) => format!("{col} > {lit} - interval '{} microseconds'", d.as_micros()),
+        (None, _) => format!("{col} > {lit}"),
     }
 }
 
@@ -434,21 +390,6 @@ fn compatible(declared: ColumnType, ty: &Type) -> bool {
         ColumnType::Date => t == Type::DATE,
         ColumnType::Timestamp => matches!(t, Type::TIMESTAMP | Type::TIMESTAMPTZ | Type::DATE),
     }
-}
-
-/// The SELECT of the declared columns from the relation, with an optional condition.
-pub fn select_sql(source: &Source, db: &Database, condition: Option<&str>) -> String {
-    let cols: Vec<String> = source
-        .columns
-        .iter()
-        .map(|c| quote_ident(&c.source_name))
-        .collect();
-    let mut sql = format!("SELECT {} FROM {}", cols.join(", "), relation_sql(db));
-    if let Some(c) = condition {
-        sql.push_str(" WHERE ");
-        sql.push_str(c);
-    }
-    sql
 }
 
 /// Check the declared columns against the database: every column exists and its type can be
@@ -698,6 +639,8 @@ pub async fn copy_out(
     let mut scratch = vec![[0u8; 36]; source.columns.len()];
     let mut line = 0u64;
     let mut batch_bytes = 0u64;
+    // Reused between rows (see the CSV reader).
+    let mut spare: Vec<Cell<'static>> = Vec::with_capacity(source.columns.len());
     while let Some(row) = rows.next().await {
         let row = row.map_err(|e| {
             source_error(
@@ -706,7 +649,7 @@ pub async fn copy_out(
             )
         })?;
         line += 1;
-        let mut cells: Vec<Cell<'_>> = Vec::with_capacity(source.columns.len());
+        let mut cells: Vec<Cell<'_>> = recycle(std::mem::take(&mut spare));
         let mut problem: Option<(usize, String)> = None;
         for (i, ((col, ty), buf)) in source
             .columns
@@ -743,7 +686,6 @@ pub async fn copy_out(
         match problem {
             None => builder.push(&cells),
             Some((i, reason)) => {
-                drop(cells);
                 out.rejects.push(Reject {
                     file: origin.to_string(),
                     line,
@@ -753,6 +695,7 @@ pub async fn copy_out(
                 });
             }
         }
+        spare = recycle(cells);
         if builder.len() >= BATCH_ROWS {
             out.batches.push(builder.finish()?);
             out.bytes_read = batch_bytes;
@@ -839,29 +782,6 @@ pub async fn bounds(
     Ok(lo.zip(hi))
 }
 
-/// Split [lo, hi] into `parts` conditions; the first also takes the rows where the column is
-/// null.
-pub fn ranges(column: &str, lo: i64, hi: i64, parts: u32) -> Vec<String> {
-    let col = quote_ident(column);
-    let span = (i128::from(hi) - i128::from(lo) + 1).max(1);
-    let parts = i128::from(parts).min(span);
-    let mut out = Vec::new();
-    for p in 0..parts {
-        let a = i128::from(lo) + span * p / parts;
-        let b = i128::from(lo) + span * (p + 1) / parts;
-        let mut cond = if p + 1 == parts {
-            format!("{col} >= {a}")
-        } else {
-            format!("({col} >= {a} AND {col} < {b})")
-        };
-        if p == 0 {
-            cond = format!("({cond} OR {col} IS NULL)");
-        }
-        out.push(cond);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -908,14 +828,5 @@ mod tests {
             numeric_to_i128(&numeric(0, 0xC000, 0, &[]), 2).unwrap(),
             None
         );
-    }
-
-    #[test]
-    fn ranges_cover_the_span_once() {
-        let r = ranges("id", 1, 10, 4);
-        assert_eq!(r.len(), 4);
-        assert_eq!(r[0], "((\"id\" >= 1 AND \"id\" < 3) OR \"id\" IS NULL)");
-        assert_eq!(r[3], "\"id\" >= 8");
-        assert_eq!(ranges("id", 5, 5, 4).len(), 1);
     }
 }
