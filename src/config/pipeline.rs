@@ -338,14 +338,86 @@ pub struct ModelSpec {
     /// Key columns for `mode: merge` and `mode: scd2`.
     #[serde(default)]
     pub keys: Vec<String>,
-    /// With `mode: merge`: the table whose new rows are enough to refresh the model. When only
-    /// rows were added to it since the last build, the model reads just those rows of it (all
-    /// other tables in full) and merges the result; otherwise it rebuilds.
+    /// With `mode: merge`: what is enough to refresh the model after its first build.
+    /// `incremental: TABLE` (or a list of tables): the model reads only the rows added to those
+    /// tables since its last build (all other tables in full) and merges the result.
+    /// `incremental: { key: COLUMN, tables: [A, B] }`: the model rebuilds only the rows of the
+    /// keys that appear among the rows added to any of the tables, reading those tables
+    /// restricted to these keys (for models that aggregate per key, e.g. payments per invoice).
     #[serde(default)]
-    pub incremental: Option<String>,
+    #[schemars(with = "Option<ModelIncrementalInput>")]
+    pub incremental: Option<ModelIncrementalSpec>,
     /// Options of `mode: scd2`.
     #[serde(default)]
     pub scd2: Option<Scd2Spec>,
+}
+
+/// What refreshes an incremental model: its driving tables' new rows, optionally widened to
+/// every row of the keys those new rows carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelIncrementalSpec {
+    /// Tables whose added rows drive the refresh.
+    pub tables: Vec<String>,
+    /// With a key: rebuild every row of the keys among the added rows.
+    pub key: Option<String>,
+}
+
+/// The accepted spellings of a model's `incremental:` (for the JSON Schema).
+#[allow(dead_code)]
+#[derive(schemars::JsonSchema)]
+#[serde(untagged)]
+enum ModelIncrementalInput {
+    /// One driving table.
+    Table(String),
+    /// Several driving tables.
+    Tables(Vec<String>),
+    /// `{ key: COLUMN, tables: [A, B] }`.
+    ByKey(ModelIncrementalByKey),
+}
+
+/// `incremental: { key: COLUMN, tables: [A, B] }`.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ModelIncrementalByKey {
+    /// Column every listed table has; the rows of the keys among the new rows are rebuilt.
+    key: String,
+    /// The tables whose new rows name the keys to rebuild.
+    tables: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for ModelIncrementalSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ModelIncrementalSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a table name, a list of table names, or `{ key: COLUMN, tables: [A, B] }`",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ModelIncrementalSpec {
+                    tables: vec![v.to_string()],
+                    key: None,
+                })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                let tables =
+                    Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(ModelIncrementalSpec { tables, key: None })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let k =
+                    ModelIncrementalByKey::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ModelIncrementalSpec {
+                    tables: k.tables,
+                    key: Some(k.key),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Options of a type-2 slowly changing dimension.

@@ -9,7 +9,8 @@
 
 pub mod normalize;
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -135,9 +136,34 @@ pub fn map_schema(id_column: &str) -> SchemaRef {
 struct Rec {
     source: usize,
     id: String,
-    /// Normalised match fields, by field name.
-    keys: HashMap<String, String>,
+    /// Normalised match fields, in the order of `match_fields()`.
+    keys: Vec<Option<String>>,
 }
+
+impl Rec {
+    /// The record's key under a rule over these fields (by index), when it has them all.
+    fn rule_key(&self, fields: &[usize]) -> Option<Cow<'_, str>> {
+        match fields {
+            [one] => self.keys[*one].as_deref().map(Cow::Borrowed),
+            many => {
+                let mut key = String::new();
+                for (n, f) in many.iter().enumerate() {
+                    if n > 0 {
+                        key.push('\u{1f}');
+                    }
+                    key.push_str(self.keys[*f].as_deref()?);
+                }
+                Some(Cow::Owned(key))
+            }
+        }
+    }
+}
+
+/// The existing map: per record source (by index), record id -> (id, rule, matched_at).
+type ExistingMap = Vec<FastMap<String, (String, String, i64)>>;
+
+/// DataFusion's hash map (hashbrown with a fast hasher), for the large maps of matching.
+type FastMap<K, V> = datafusion::common::HashMap<K, V>;
 
 struct UnionFind(Vec<usize>);
 
@@ -170,6 +196,10 @@ impl Identity {
 
     async fn load_records(&self, ctx: &SessionContext) -> Result<Vec<Rec>> {
         let fields = self.match_fields();
+        let hows: Vec<Normalizer> = fields
+            .iter()
+            .map(|f| self.normalize.get(f).copied().unwrap_or(Normalizer::Text))
+            .collect();
         let mut out = Vec::new();
         for (si, s) in self.sources.iter().enumerate() {
             let cols: Vec<String> = fields
@@ -197,17 +227,17 @@ impl Identity {
                     if ids.is_null(row) {
                         continue;
                     }
-                    let mut keys = HashMap::new();
-                    for (f, col) in fields.iter().zip(&values) {
-                        if col.is_valid(row) {
-                            let how = self.normalize.get(f).copied().unwrap_or(Normalizer::Text);
-                            if let Some(v) =
-                                normalize::normalize(how, col.value(row), &self.default_cc)
-                            {
-                                keys.insert(f.clone(), v);
-                            }
-                        }
-                    }
+                    let keys = values
+                        .iter()
+                        .zip(&hows)
+                        .map(|(col, how)| {
+                            col.is_valid(row)
+                                .then(|| {
+                                    normalize::normalize(*how, col.value(row), &self.default_cc)
+                                })
+                                .flatten()
+                        })
+                        .collect();
                     out.push(Rec {
                         source: si,
                         id: ids.value(row).to_string(),
@@ -219,20 +249,24 @@ impl Identity {
         Ok(out)
     }
 
-    /// Existing map rows: (source, source_id) -> (id, rule, matched_at).
-    async fn existing(
-        &self,
-        ctx: &SessionContext,
-    ) -> Result<HashMap<(String, String), (String, String, i64)>> {
-        let mut out = HashMap::new();
+    /// Existing map rows, per record source, and the largest number among the existing ids.
+    async fn existing(&self, ctx: &SessionContext) -> Result<(ExistingMap, u64)> {
+        let mut out: ExistingMap = vec![FastMap::default(); self.sources.len()];
+        let mut largest = 0;
         if !ctx.table_exist(self.map_table.as_str())? {
-            return Ok(out);
+            return Ok((out, largest));
         }
         let sql = format!(
             "select source, source_id, {}, rule, matched_at from {}",
             quote_ident(&self.id_column),
             quote_ident(&self.map_table)
         );
+        let source_index: HashMap<&str, usize> = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
         for batch in ctx.sql(&sql).await?.collect().await? {
             let batch = delta_compatible_batch(&batch)?;
             let s = batch.column(0).as_string::<i32>();
@@ -243,17 +277,29 @@ impl Identity {
                 .column(4)
                 .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
             for i in 0..batch.num_rows() {
-                out.insert(
-                    (s.value(i).to_string(), sid.value(i).to_string()),
-                    (
-                        id.value(i).to_string(),
-                        rule.value(i).to_string(),
-                        at.value(i),
-                    ),
-                );
+                if let Some(n) = self.id_number(id.value(i)) {
+                    largest = largest.max(n);
+                }
+                // Records of a source no longer declared keep no id.
+                if let Some(&si) = source_index.get(s.value(i)) {
+                    out[si].insert(
+                        sid.value(i).to_string(),
+                        (
+                            id.value(i).to_string(),
+                            rule.value(i).to_string(),
+                            at.value(i),
+                        ),
+                    );
+                }
             }
         }
-        Ok(out)
+        Ok((out, largest))
+    }
+
+    /// The number in an id made by this resolution (`C00000042` -> 42).
+    fn id_number(&self, id: &str) -> Option<u64> {
+        id.strip_prefix(&self.id_prefix)
+            .and_then(|n| n.parse::<u64>().ok())
     }
 
     /// Match every record and build the map table's content.
@@ -262,40 +308,65 @@ impl Identity {
         ctx: &SessionContext,
         now_micros: i64,
     ) -> Result<(RecordBatch, IdentityStats)> {
+        let started = std::time::Instant::now();
         let mut recs = self.load_records(ctx).await?;
+        tracing::debug!(
+            records = recs.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: records loaded"
+        );
         // Deterministic order: by source priority, then id.
         recs.sort_by(|a, b| (a.source, &a.id).cmp(&(b.source, &b.id)));
         recs.dedup_by(|a, b| a.source == b.source && a.id == b.id);
         let mut uf = UnionFind((0..recs.len()).collect());
         let mut rule_of: Vec<Option<usize>> = vec![None; recs.len()];
         let mut oversized = 0;
-        for (ri, (_, fields)) in self.rules.iter().enumerate() {
-            let mut groups: HashMap<Vec<&str>, Vec<usize>> = HashMap::new();
-            for (i, r) in recs.iter().enumerate() {
-                let key: Option<Vec<&str>> = fields
-                    .iter()
-                    .map(|f| r.keys.get(f).map(String::as_str))
-                    .collect();
-                if let Some(k) = key {
-                    groups.entry(k).or_default().push(i);
-                }
-            }
-            for members in groups.values() {
-                if members.len() < 2 {
+        let fields = self.match_fields();
+        for (ri, (_, on)) in self.rules.iter().enumerate() {
+            let on: Vec<usize> = on
+                .iter()
+                .filter_map(|f| fields.iter().position(|g| g == f))
+                .collect();
+            // Each key's group: its first record and its size; then join every group of a
+            // usable size to its first record.
+            let mut group_of_key: FastMap<Cow<'_, str>, usize> = FastMap::default();
+            let mut groups: Vec<(usize, usize)> = Vec::new();
+            let group_of: Vec<Option<usize>> = recs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let key = r.rule_key(&on)?;
+                    let g = *group_of_key.entry(key).or_insert_with(|| {
+                        groups.push((i, 0));
+                        groups.len() - 1
+                    });
+                    groups[g].1 += 1;
+                    Some(g)
+                })
+                .collect();
+            oversized += groups.iter().filter(|(_, n)| *n > self.max_group).count();
+            for (m, g) in group_of.iter().enumerate() {
+                let Some(&(first, n)) = g.map(|g| &groups[g]) else {
                     continue;
-                }
-                if members.len() > self.max_group {
-                    oversized += 1;
-                    continue;
-                }
-                for &m in members {
+                };
+                if n >= 2 && n <= self.max_group {
                     rule_of[m].get_or_insert(ri);
-                    uf.union(members[0], m);
+                    uf.union(first, m);
                 }
             }
         }
-        self.assign_ids(ctx, &recs, &mut uf, &rule_of, oversized, now_micros)
-            .await
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: records matched"
+        );
+        let out = self
+            .assign_ids(ctx, &recs, &mut uf, &rule_of, oversized, now_micros)
+            .await;
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: ids assigned"
+        );
+        out
     }
 
     async fn assign_ids(
@@ -307,21 +378,20 @@ impl Identity {
         oversized: usize,
         now: i64,
     ) -> Result<(RecordBatch, IdentityStats)> {
-        let existing = self.existing(ctx).await?;
-        let mut clusters: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        let (existing, largest) = self.existing(ctx).await?;
+        let known = |i: usize| existing[recs[i].source].get(recs[i].id.as_str());
+        // A set's root is its smallest member, so clusters come in order of first record.
+        let mut cluster_of: Vec<usize> = vec![usize::MAX; recs.len()];
+        let mut clusters: Vec<Vec<usize>> = Vec::new();
         for i in 0..recs.len() {
-            clusters.entry(uf.find(i)).or_default().push(i);
+            let root = uf.find(i);
+            if cluster_of[root] == usize::MAX {
+                cluster_of[root] = clusters.len();
+                clusters.push(Vec::new());
+            }
+            clusters[cluster_of[root]].push(i);
         }
-        let number = |id: &str| {
-            id.strip_prefix(&self.id_prefix)
-                .and_then(|n| n.parse::<u64>().ok())
-        };
-        let mut next = existing
-            .values()
-            .filter_map(|(id, _, _)| number(id))
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let mut next = largest + 1;
         let mut ids: Vec<String> = vec![String::new(); recs.len()];
         let mut stats = IdentityStats {
             entity: self.entity.clone(),
@@ -331,15 +401,10 @@ impl Identity {
             ..Default::default()
         };
         // Clusters are keyed by their smallest member, so this order is deterministic.
-        for members in clusters.values() {
+        for members in &clusters {
             let mut old: Vec<&String> = members
                 .iter()
-                .filter_map(|&m| {
-                    existing.get(&(
-                        self.sources[recs[m].source].name.clone(),
-                        recs[m].id.clone(),
-                    ))
-                })
+                .filter_map(|&m| known(m))
                 .map(|(id, _, _)| id)
                 .collect();
             old.sort();
@@ -373,7 +438,7 @@ impl Identity {
                 }
             };
             let source = &self.sources[r.source].name;
-            let matched_at = match existing.get(&(source.clone(), r.id.clone())) {
+            let matched_at = match known(i) {
                 Some((old_id, old_rule, t)) if *old_id == ids[i] && old_rule == rule_name => *t,
                 _ => now,
             };

@@ -73,17 +73,6 @@ impl Loader {
                 }
             }
             for m in &p.models {
-                if let Some(t) = &m.incremental
-                    && !m.depends_on.contains(t)
-                {
-                    self.problems.push(Problem::new(
-                        &p.file,
-                        format!(
-                            "model '{}': `incremental: {t}` names a table its SQL does not read",
-                            m.name
-                        ),
-                    ));
-                }
                 for r in self.model_refs.get(&m.name).into_iter().flatten() {
                     if !producers.contains_key(&r.name)
                         && !BUILTIN_TABLES.contains(&r.name.as_str())

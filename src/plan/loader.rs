@@ -929,24 +929,33 @@ impl Loader {
                 }
                 let Some(sql) = self.read(&rel) else { continue };
                 match dag::parse_model_sql(&rel, &sql) {
-                    Ok(refs) => out.push((
-                        Model {
-                            pipeline: r.name.clone(),
-                            name,
-                            file: rel,
-                            sql,
-                            mode: spec.mode,
-                            keys: spec.keys.clone(),
-                            depends_on: refs.iter().map(|t| t.name.clone()).collect(),
-                            incremental: spec.incremental.clone(),
-                            scd2: spec.scd2.as_ref().map(|s| Scd2 {
-                                tracked: s.tracked.clone(),
-                                valid_from: s.valid_from.clone(),
-                                surrogate_key: s.surrogate_key.clone(),
-                            }),
-                        },
-                        refs,
-                    )),
+                    Ok(refs) => {
+                        let drivers = spec.incremental.iter().flat_map(|i| &i.tables);
+                        for t in drivers.filter(|t| !refs.iter().any(|r| &r.name == *t)) {
+                            self.problems.push(here(format!(
+                                "model '{name}': `incremental:` names table '{t}', which its SQL \
+                                 does not read"
+                            )));
+                        }
+                        out.push((
+                            Model {
+                                pipeline: r.name.clone(),
+                                name,
+                                file: rel,
+                                sql,
+                                mode: spec.mode,
+                                keys: spec.keys.clone(),
+                                depends_on: refs.iter().map(|t| t.name.clone()).collect(),
+                                incremental: spec.incremental.clone(),
+                                scd2: spec.scd2.as_ref().map(|s| Scd2 {
+                                    tracked: s.tracked.clone(),
+                                    valid_from: s.valid_from.clone(),
+                                    surrogate_key: s.surrogate_key.clone(),
+                                }),
+                            },
+                            refs,
+                        ))
+                    }
                     Err(p) => self.problems.push(p),
                 }
             }
@@ -1136,6 +1145,15 @@ fn model_options_problem(spec: &ModelSpec) -> Option<String> {
         m if m != WriteMode::Merge && spec.incremental.is_some() => Some(format!(
             "{what}: `incremental:` needs `mode: merge` (new rows are merged by key)"
         )),
+        _ if spec
+            .incremental
+            .as_ref()
+            .is_some_and(|i| i.tables.is_empty()) =>
+        {
+            Some(format!(
+                "{what}: `incremental:` lists no table; name the tables whose new rows refresh it"
+            ))
+        }
         _ => None,
     }
 }

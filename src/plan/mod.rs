@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use url::Url;
 
-use crate::config::pipeline::{Severity, SourceFormat, WriteMode};
+use crate::config::pipeline::{ModelIncrementalSpec, Severity, SourceFormat, WriteMode};
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
@@ -349,8 +349,8 @@ pub struct Model {
     pub keys: Vec<String>,
     /// Tables it reads.
     pub depends_on: Vec<String>,
-    /// The table whose new rows suffice to refresh it (merge models).
-    pub incremental: Option<String>,
+    /// What suffices to refresh it (merge models): driving tables, and a key to widen to.
+    pub incremental: Option<ModelIncrementalSpec>,
     /// Type-2 options (`mode: scd2`).
     pub scd2: Option<Scd2>,
 }

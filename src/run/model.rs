@@ -1,14 +1,19 @@
 //! Building models and identity resolutions, skipping those whose inputs did not change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::prelude::SessionContext;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::catalog::TableProvider;
+use datafusion::common::JoinType;
+use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident};
 use sha2::{Digest, Sha256};
 use tracing::{info, instrument};
 use url::Url;
 
 use super::{RunState, Runner};
+use crate::config::pipeline::ModelIncrementalSpec;
 use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
@@ -38,6 +43,29 @@ fn definition(sql: &str, params: &crate::udf::RunParams) -> String {
         d.push_str(&format!("\n-- vars {:?}", params.vars));
     }
     d
+}
+
+/// The column of the key set an incremental model with a key rebuilds.
+const KEYS_COLUMN: &str = "__kbcrm_key";
+
+/// The type of `key` in a driving table, or an error naming the model and table without it.
+fn key_type(
+    model: &Model,
+    table: &str,
+    key: &str,
+    full: &Arc<dyn TableProvider>,
+) -> Result<DataType> {
+    match full.schema().field_with_name(key) {
+        Ok(f) => Ok(f.data_type().clone()),
+        Err(_) => Err(Error::Model {
+            model: model.name.clone(),
+            file: model.file.clone(),
+            message: format!(
+                "`incremental:` key '{key}' is not a column of table '{table}'; every table listed \
+                 under `tables:` needs it"
+            ),
+        }),
+    }
 }
 
 fn inputs_key(pipeline: &str, name: &str) -> StateKey {
@@ -82,12 +110,12 @@ impl Runner<'_> {
             file: model.file.clone(),
             message: e.to_string(),
         };
-        // An incremental model reads only the new rows of its driving table.
+        // An incremental model reads only what its driving tables gained.
         let narrowed = match &model.incremental {
-            Some(driver) if !self.options.full_refresh => {
-                self.narrow_driver(ctx, state, model, driver, &key).await?
+            Some(inc) if !self.options.full_refresh => {
+                self.narrow_inputs(ctx, state, model, inc, &key).await?
             }
-            _ => None,
+            _ => Vec::new(),
         };
         let result = async {
             let df = ctx.sql(&model.sql).await.map_err(|e| model_err(&e))?;
@@ -108,9 +136,9 @@ impl Runner<'_> {
             })
         }
         .await;
-        if let Some((driver, provider)) = narrowed {
-            ctx.deregister_table(driver.as_str())?;
-            ctx.register_table(driver.as_str(), provider)?;
+        for (table, provider) in narrowed {
+            ctx.deregister_table(table.as_str())?;
+            ctx.register_table(table.as_str(), provider)?;
         }
         let new = result?;
         let rows = new.rows;
@@ -139,56 +167,113 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// Register only the rows `driver` gained since the model was last built. Returns the
-    /// driver's full provider to restore afterwards, or `None` when the model must read it whole
-    /// (first build, or no record of what it read).
-    async fn narrow_driver(
+    /// Register, in place of each driving table, only the rows it gained since the model was
+    /// last built, or (with a key) every row of the keys among those rows. Returns the tables'
+    /// full providers to restore afterwards; none when the model must read everything (first
+    /// build, or no record of what it read).
+    async fn narrow_inputs(
         &self,
         ctx: &SessionContext,
         state: &RunState,
         model: &Model,
-        driver: &str,
+        inc: &ModelIncrementalSpec,
         key: &StateKey,
-    ) -> Result<
-        Option<(
-            String,
-            std::sync::Arc<dyn datafusion::catalog::TableProvider>,
-        )>,
-    > {
+    ) -> Result<Vec<(String, Arc<dyn TableProvider>)>> {
         if state.version_after(&model.name).is_none() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let Some(before) = state
-            .state_before
-            .get(key)
-            .and_then(|p| recorded_version(p, driver))
-        else {
-            return Ok(None);
+        let Some(print) = state.state_before.get(key) else {
+            return Ok(Vec::new());
         };
-        let now: Vec<Url> = match state.staged(driver) {
+        let mut added = Vec::new();
+        for table in &inc.tables {
+            let Some(before) = recorded_version(print, table) else {
+                return Ok(Vec::new());
+            };
+            let full = ctx.table_provider(table.as_str()).await?;
+            let files = self.added_files(state, table, before).await?;
+            info!(
+                table = table.as_str(),
+                files = files.len(),
+                since_version = before,
+                "reading only the rows added to a driving table"
+            );
+            let new_rows = files_provider(&files, full.schema()).await?;
+            added.push((table, full, new_rows));
+        }
+        let mut restore = Vec::new();
+        let keys = match &inc.key {
+            Some(k) => Some(self.added_keys(ctx, model, k, &added).await?),
+            None => None,
+        };
+        for (table, full, new_rows) in added {
+            let narrowed = match (&inc.key, &keys) {
+                (Some(k), Some(keys)) => {
+                    let ty = key_type(model, table, k, &full)?;
+                    let keys = keys
+                        .clone()
+                        .select(vec![cast(col(KEYS_COLUMN), ty).alias(KEYS_COLUMN)])?;
+                    ctx.read_table(full.clone())?
+                        .join_on(keys, JoinType::LeftSemi, [ident(k).eq(col(KEYS_COLUMN))])?
+                        .into_view()
+                }
+                _ => new_rows,
+            };
+            ctx.deregister_table(table.as_str())?;
+            ctx.register_table(table.as_str(), narrowed)?;
+            restore.push((table.clone(), full));
+        }
+        Ok(restore)
+    }
+
+    /// Files of `table` now that were not among its files at version `before`.
+    async fn added_files(&self, state: &RunState, table: &str, before: u64) -> Result<Vec<Url>> {
+        let now: Vec<Url> = match state.staged(table) {
             Some(s) if s.changes() => s.files.clone(),
-            _ => self.wh.files_at(driver, None).await?,
+            _ => self.wh.files_at(table, None).await?,
         };
-        let then: std::collections::HashSet<Url> = self
+        let then: HashSet<Url> = self
             .wh
-            .files_at(driver, Some(before))
+            .files_at(table, Some(before))
             .await?
             .into_iter()
             .collect();
-        let added: Vec<Url> = now.into_iter().filter(|u| !then.contains(u)).collect();
-        let full = ctx.table_provider(driver).await?;
-        let schema = full.schema();
-        info!(
-            driver,
-            files = added.len(),
-            since_version = before,
-            "reading only the rows added to the driving table"
-        );
-        ctx.deregister_table(driver)?;
-        ctx.register_table(driver, files_provider(&added, schema).await?)?;
-        Ok(Some((driver.to_string(), full)))
+        Ok(now.into_iter().filter(|u| !then.contains(u)).collect())
     }
 
+    /// The distinct values of `key` among the added rows of every driving table, in memory,
+    /// as a one-column frame typed as the first table's key.
+    async fn added_keys(
+        &self,
+        ctx: &SessionContext,
+        model: &Model,
+        key: &str,
+        added: &[(&String, Arc<dyn TableProvider>, Arc<dyn TableProvider>)],
+    ) -> Result<DataFrame> {
+        let mut all: Option<DataFrame> = None;
+        let mut ty = None;
+        for (table, full, new_rows) in added {
+            let t = ty.get_or_insert(key_type(model, table, key, full)?).clone();
+            let df = ctx
+                .read_table(new_rows.clone())?
+                .select(vec![cast(ident(key), t).alias(KEYS_COLUMN)])?;
+            all = Some(match all {
+                Some(a) => a.union(df)?,
+                None => df,
+            });
+        }
+        let keys = all
+            .ok_or_else(|| Error::Internal("an incremental model without tables".into()))?
+            .distinct()?
+            .cache()
+            .await?;
+        info!(
+            key,
+            keys = keys.clone().count().await?,
+            "rebuilding the rows of these keys"
+        );
+        Ok(keys)
+    }
     #[instrument(skip_all, fields(entity = %identity.entity))]
     pub(super) async fn resolve_identity(
         &self,
@@ -228,6 +313,11 @@ impl Runner<'_> {
         self.record(ctx, state, staged, "identity", rows, 0, started)
             .await?;
         let started = Instant::now();
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: map staged"
+        );
+        let started = Instant::now();
         let df = ctx.sql(&golden_sql).await.map_err(|e| {
             Error::Internal(format!(
                 "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
@@ -239,6 +329,10 @@ impl Runner<'_> {
         let mut writer = TableWriter::new(&url, schema.clone())?;
         writer.write_stream(df.execute_stream().await?).await?;
         let (adds, rows) = writer.finish().await?;
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: golden records written"
+        );
         let new = NewData {
             table: identity.golden_table.clone(),
             schema,
