@@ -10,7 +10,7 @@
 pub mod normalize;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -116,6 +116,45 @@ impl fmt::Display for IdentityStats {
         }
         Ok(())
     }
+}
+
+/// The outcome of a resolution.
+pub struct Resolution {
+    /// The map table's content.
+    pub map: RecordBatch,
+    /// What it found.
+    pub stats: IdentityStats,
+    /// The ids whose set of records changed (a new record, or one that moved to another id), or
+    /// `None` when an id or a record disappeared, so the golden records are rebuilt whole.
+    pub regrouped: Option<HashSet<String>>,
+}
+
+/// Which ids gained or lost records, given each record's id before (when it had one) and now.
+fn regrouped_ids<'a>(
+    existing: &ExistingMap,
+    ids: &[String],
+    before: impl Iterator<Item = Option<&'a (String, String, i64)>>,
+) -> Option<HashSet<String>> {
+    let mut changed = HashSet::new();
+    let mut kept = 0;
+    for (now, old) in ids.iter().zip(before) {
+        match old {
+            Some((old, _, _)) => {
+                kept += 1;
+                if old != now {
+                    changed.insert(old.clone());
+                    changed.insert(now.clone());
+                }
+            }
+            None => {
+                changed.insert(now.clone());
+            }
+        }
+    }
+    let records_before: usize = existing.iter().map(|m| m.len()).sum();
+    let ids_now: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let all_kept = kept == records_before && changed.iter().all(|id| ids_now.contains(id.as_str()));
+    all_kept.then_some(changed)
 }
 
 /// Schema of the map table.
@@ -303,11 +342,7 @@ impl Identity {
     }
 
     /// Match every record and build the map table's content.
-    pub async fn resolve(
-        &self,
-        ctx: &SessionContext,
-        now_micros: i64,
-    ) -> Result<(RecordBatch, IdentityStats)> {
+    pub async fn resolve(&self, ctx: &SessionContext, now_micros: i64) -> Result<Resolution> {
         let started = std::time::Instant::now();
         let mut recs = self.load_records(ctx).await?;
         tracing::debug!(
@@ -377,7 +412,7 @@ impl Identity {
         rule_of: &[Option<usize>],
         oversized: usize,
         now: i64,
-    ) -> Result<(RecordBatch, IdentityStats)> {
+    ) -> Result<Resolution> {
         let (existing, largest) = self.existing(ctx).await?;
         let known = |i: usize| existing[recs[i].source].get(recs[i].id.as_str());
         // A set's root is its smallest member, so clusters come in order of first record.
@@ -424,6 +459,7 @@ impl Identity {
                 ids[m] = id.clone();
             }
         }
+        let regrouped = regrouped_ids(&existing, &ids, (0..recs.len()).map(known));
         let mut by_rule = vec![0usize; self.rules.len() + 1];
         let (mut src, mut sid, mut rule, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, r) in recs.iter().enumerate() {
@@ -461,9 +497,13 @@ impl Identity {
             Arc::new(StringArray::from(rule)),
             Arc::new(TimestampMicrosecondArray::from(at).with_timezone(UTC)),
         ];
-        let batch = RecordBatch::try_new(map_schema(&self.id_column), columns)
+        let map = RecordBatch::try_new(map_schema(&self.id_column), columns)
             .map_err(|e| Error::Internal(format!("identity map: {e}")))?;
-        Ok((batch, stats))
+        Ok(Resolution {
+            map,
+            stats,
+            regrouped,
+        })
     }
 
     /// Golden fields in order of first appearance.

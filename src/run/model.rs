@@ -4,9 +4,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::array::{AsArray, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::catalog::TableProvider;
 use datafusion::common::JoinType;
+use datafusion::datasource::MemTable;
 use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident};
 use sha2::{Digest, Sha256};
 use tracing::{info, instrument};
@@ -44,6 +46,9 @@ fn definition(sql: &str, params: &crate::udf::RunParams) -> String {
     }
     d
 }
+
+/// A driving table of an incremental model: its name, its full provider, its added rows.
+type Driver<'a> = (&'a String, Arc<dyn TableProvider>, Arc<dyn TableProvider>);
 
 /// The column of the key set an incremental model with a key rebuilds.
 const KEYS_COLUMN: &str = "__kbcrm_key";
@@ -248,7 +253,7 @@ impl Runner<'_> {
         ctx: &SessionContext,
         model: &Model,
         key: &str,
-        added: &[(&String, Arc<dyn TableProvider>, Arc<dyn TableProvider>)],
+        added: &[Driver<'_>],
     ) -> Result<DataFrame> {
         let mut all: Option<DataFrame> = None;
         let mut ty = None;
@@ -274,6 +279,63 @@ impl Runner<'_> {
         );
         Ok(keys)
     }
+    /// The ids of records whose golden fields differ from the versions of their tables the last
+    /// resolution read (new records included). Fails when that cannot be told (no record of
+    /// those versions, or their files are gone), and the caller rebuilds everything.
+    async fn edited_records(
+        &self,
+        ctx: &SessionContext,
+        state: &RunState,
+        identity: &Identity,
+        key: &StateKey,
+        map: &RecordBatch,
+    ) -> Result<HashSet<String>> {
+        let print = state
+            .state_before
+            .get(key)
+            .ok_or_else(|| Error::Internal("no record of the last resolution".into()))?;
+        let mut edited: Vec<HashSet<String>> = Vec::new();
+        for s in &identity.sources {
+            let before = recorded_version(print, &s.table)
+                .ok_or_else(|| Error::Internal(format!("no version of '{}' recorded", s.table)))?;
+            let now = ctx.table_provider(s.table.as_str()).await?;
+            let old_files = self.wh.files_at(&s.table, Some(before)).await?;
+            let old = files_provider(&old_files, now.schema()).await?;
+            let mut cols: Vec<&str> = vec![s.id.as_str()];
+            cols.extend(s.fields.iter().map(|(_, c)| c.as_str()));
+            cols.extend(s.updated_at.as_deref());
+            cols.sort_unstable();
+            cols.dedup();
+            let pick =
+                |df: DataFrame| df.select(cols.iter().map(|c| ident(*c)).collect::<Vec<_>>());
+            let changed = pick(ctx.read_table(now)?)?
+                .except(pick(ctx.read_table(old)?)?)?
+                .select(vec![cast(ident(&s.id), DataType::Utf8).alias("id")])?
+                .collect()
+                .await?;
+            let mut ids = HashSet::new();
+            for b in &changed {
+                let col = b.column(0).as_string::<i32>();
+                ids.extend(col.iter().flatten().map(str::to_string));
+            }
+            edited.push(ids);
+        }
+        let source = map.column(0).as_string::<i32>();
+        let record = map.column(1).as_string::<i32>();
+        let id = map.column(2).as_string::<i32>();
+        let mut out = HashSet::new();
+        for i in 0..map.num_rows() {
+            let si = identity
+                .sources
+                .iter()
+                .position(|s| s.name == source.value(i));
+            if si.is_some_and(|si| edited[si].contains(record.value(i))) {
+                out.insert(id.value(i).to_string());
+            }
+        }
+        Ok(out)
+    }
+
     #[instrument(skip_all, fields(entity = %identity.entity))]
     pub(super) async fn resolve_identity(
         &self,
@@ -298,8 +360,10 @@ impl Runner<'_> {
             return Ok(());
         }
         let bar = self.progress.step(&format!("match {}", identity.entity));
-        let (map, stats) = identity.resolve(ctx, state.run_micros).await?;
+        let resolution = identity.resolve(ctx, state.run_micros).await?;
+        let (map, stats) = (resolution.map, resolution.stats);
         info!(%stats, "identity resolved");
+        let map_now = map.clone();
         let rows = map.num_rows() as u64;
         let staged = stage_batch(
             &self.wh,
@@ -313,33 +377,99 @@ impl Runner<'_> {
         self.record(ctx, state, staged, "identity", rows, 0, started)
             .await?;
         let started = Instant::now();
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            "identity: map staged"
-        );
-        let started = Instant::now();
-        let df = ctx.sql(&golden_sql).await.map_err(|e| {
-            Error::Internal(format!(
-                "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
-                identity.entity
-            ))
-        })?;
-        let schema = delta_compatible(df.schema().as_arrow());
-        let url = self.wh.table_url(&identity.golden_table);
-        let mut writer = TableWriter::new(&url, schema.clone())?;
-        writer.write_stream(df.execute_stream().await?).await?;
-        let (adds, rows) = writer.finish().await?;
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            "identity: golden records written"
-        );
-        let new = NewData {
-            table: identity.golden_table.clone(),
-            schema,
-            adds,
-            rows,
+        // Golden records change only for ids whose records changed: rebuild just those when
+        // that is known (the table exists, no id or record disappeared, and the record tables'
+        // previous versions can be compared with the current ones).
+        let only = match resolution.regrouped {
+            Some(mut ids)
+                if !self.options.full_refresh
+                    && state.version_after(&identity.golden_table).is_some() =>
+            {
+                match self
+                    .edited_records(ctx, state, identity, &key, &map_now)
+                    .await
+                {
+                    Ok(edited) => {
+                        ids.extend(edited);
+                        Some(ids)
+                    }
+                    Err(e) => {
+                        info!(reason = %e, "rebuilding every golden record");
+                        None
+                    }
+                }
+            }
+            _ => None,
         };
-        let staged = stage(&self.wh, ctx, new, WriteMode::Overwrite, &[]).await?;
+        let full_map = match &only {
+            Some(ids) => {
+                info!(
+                    ids = ids.len(),
+                    "rebuilding the golden records of changed ids"
+                );
+                let full = ctx.table_provider(identity.map_table.as_str()).await?;
+                let keys = MemTable::try_new(
+                    Arc::new(Schema::new(vec![Field::new(
+                        KEYS_COLUMN,
+                        DataType::Utf8,
+                        false,
+                    )])),
+                    vec![vec![RecordBatch::try_new(
+                        Arc::new(Schema::new(vec![Field::new(
+                            KEYS_COLUMN,
+                            DataType::Utf8,
+                            false,
+                        )])),
+                        vec![Arc::new(StringArray::from_iter_values(ids.iter()))],
+                    )?]],
+                )?;
+                let narrowed = ctx
+                    .read_table(full.clone())?
+                    .join_on(
+                        ctx.read_table(Arc::new(keys))?,
+                        JoinType::LeftSemi,
+                        [ident(&identity.id_column).eq(col(KEYS_COLUMN))],
+                    )?
+                    .into_view();
+                ctx.deregister_table(identity.map_table.as_str())?;
+                ctx.register_table(identity.map_table.as_str(), narrowed)?;
+                Some(full)
+            }
+            None => None,
+        };
+        let written = async {
+            let df = ctx.sql(&golden_sql).await.map_err(|e| {
+                Error::Internal(format!(
+                    "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
+                    identity.entity
+                ))
+            })?;
+            let schema = delta_compatible(df.schema().as_arrow());
+            let url = self.wh.table_url(&identity.golden_table);
+            let mut writer = TableWriter::new(&url, schema.clone())?;
+            writer.write_stream(df.execute_stream().await?).await?;
+            let (adds, rows) = writer.finish().await?;
+            Ok::<_, Error>(NewData {
+                table: identity.golden_table.clone(),
+                schema,
+                adds,
+                rows,
+            })
+        }
+        .await;
+        if let Some(full) = full_map {
+            ctx.deregister_table(identity.map_table.as_str())?;
+            ctx.register_table(identity.map_table.as_str(), full)?;
+        }
+        let new = written?;
+        let rows = new.rows;
+        let staged = match only {
+            Some(_) => {
+                let keys = [identity.id_column.clone()];
+                stage(&self.wh, ctx, new, WriteMode::Merge, &keys).await?
+            }
+            None => stage(&self.wh, ctx, new, WriteMode::Overwrite, &[]).await?,
+        };
         bar.finish();
         self.record(ctx, state, staged, "identity", rows, 0, started)
             .await?;

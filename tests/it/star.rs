@@ -167,6 +167,20 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let out = p.ok(&["run"]);
+    let golden_line = out
+        .lines()
+        .find(|l| l.contains(" int_customer_golden "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let golden_read: i64 = golden_line
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        golden_read * 5 < p.scalar("select count(*) from int_customer_golden"),
+        "only the changed customers' golden records are rebuilt: {golden_line}"
+    );
     // Only the day-2 files were read.
     let files: Vec<_> = truth_csv_in(p.path(), "files_0002.csv");
     let day2_orders: i64 = files
@@ -263,6 +277,16 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     let out = p.ok(&["run"]);
     assert!(out.contains("(no new files)"), "{out}");
     assert_eq!(before, p.ok(&["tables"]));
+    // Day 2 rebuilt only the golden records of the customers whose records changed; resolving
+    // everything again finds nothing to change in the map or the golden records.
+    let out = p.ok(&["run", "star", "--full-refresh"]);
+    for table in ["map_customer_identity", "int_customer_golden"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!(" {table} ")))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(line.ends_with("(unchanged)"), "{line}");
+    }
 }
 
 fn truth_csv_in(dir: &Path, name: &str) -> Vec<HashMap<String, String>> {
