@@ -20,10 +20,10 @@ use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::plan::Model;
+use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
-use crate::warehouse::write::{NewData, TableWriter, stage};
-use crate::warehouse::{delta_compatible, files_provider};
+use crate::warehouse::write::{stage, write_frame};
 
 /// What a step was built from: a hash of its definition and the version of each input.
 fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
@@ -124,21 +124,7 @@ impl Runner<'_> {
         };
         let result = async {
             let df = ctx.sql(&model.sql).await.map_err(|e| model_err(&e))?;
-            let schema = delta_compatible(df.schema().as_arrow());
-            let stream = df.execute_stream().await.map_err(|e| model_err(&e))?;
-            let url = self.wh.table_url(&model.name);
-            let mut writer = TableWriter::new(&url, schema.clone())?;
-            writer
-                .write_stream(stream)
-                .await
-                .map_err(|e| model_err(&e))?;
-            let (adds, rows) = writer.finish().await?;
-            Ok::<_, Error>(NewData {
-                table: model.name.clone(),
-                schema,
-                adds,
-                rows,
-            })
+            write_frame(&self.wh, &model.name, df, model_err).await
         }
         .await;
         for (table, provider) in narrowed {
@@ -438,23 +424,14 @@ impl Runner<'_> {
             None => None,
         };
         let written = async {
-            let df = ctx.sql(&golden_sql).await.map_err(|e| {
+            let golden_err = |e: &dyn std::fmt::Display| {
                 Error::Internal(format!(
                     "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
                     identity.entity
                 ))
-            })?;
-            let schema = delta_compatible(df.schema().as_arrow());
-            let url = self.wh.table_url(&identity.golden_table);
-            let mut writer = TableWriter::new(&url, schema.clone())?;
-            writer.write_stream(df.execute_stream().await?).await?;
-            let (adds, rows) = writer.finish().await?;
-            Ok::<_, Error>(NewData {
-                table: identity.golden_table.clone(),
-                schema,
-                adds,
-                rows,
-            })
+            };
+            let df = ctx.sql(&golden_sql).await.map_err(|e| golden_err(&e))?;
+            write_frame(&self.wh, &identity.golden_table, df, golden_err).await
         }
         .await;
         if let Some(full) = full_map {
