@@ -1,5 +1,5 @@
-//! One run at a time per warehouse: `_kbcrm/run.lock`, created exclusively, removed when the
-//! run ends. A lock whose process no longer runs on this machine (a crashed or killed run) is
+//! One run at a time per warehouse: `_kbcrm/run.lock`, created exclusively (written whole,
+//! then linked in), removed when the run ends. A lock whose process no longer runs on this machine (a crashed or killed run) is
 //! taken over, so a crash never blocks the next run.
 //!
 //! Local warehouses only for now; on object storage runs are not yet serialised (a second
@@ -56,24 +56,42 @@ impl RunLock {
             host: host(),
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         };
+        // The holder is written whole to a file of this process first and then linked in as
+        // the lock in one step, so a run killed at any moment never leaves a lock that cannot
+        // be read (and so taken over).
+        remove_stale_drafts(&dir, &me.host);
+        let draft = dir.join(format!("run.lock.{}.{}", me.host, me.pid));
+        let text = serde_json::to_string(&me).unwrap_or_default();
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&draft)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+            .map_err(|e| Error::io(&draft, e))?;
+        let taken = Self::link(&draft, &path, &me);
+        let _ = std::fs::remove_file(&draft);
+        taken
+    }
+
+    /// Link `draft` in as the lock at `path`, taking over the lock of a gone process.
+    fn link(draft: &Path, path: &Path, me: &Holder) -> Result<Option<RunLock>> {
         for _ in 0..3 {
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    let text = serde_json::to_string(&me).unwrap_or_default();
-                    f.write_all(text.as_bytes())
-                        .and_then(|()| f.sync_all())
-                        .map_err(|e| Error::io(&path, e))?;
-                    return Ok(Some(RunLock { path }));
+            match std::fs::hard_link(draft, path) {
+                Ok(()) => {
+                    return Ok(Some(RunLock {
+                        path: path.to_path_buf(),
+                    }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
                     match serde_json::from_str::<Holder>(&text) {
                         Ok(h) if h.host == me.host && gone(h.pid) => {
                             tracing::warn!(
                                 pid = h.pid,
                                 "taking over the run lock of a run that no longer runs"
                             );
-                            let _ = std::fs::remove_file(&path);
+                            let _ = std::fs::remove_file(path);
                         }
                         Ok(h) => {
                             return Err(Error::Busy(format!(
@@ -82,11 +100,12 @@ impl RunLock {
                                 h.pid, h.host, h.started_at
                             )));
                         }
-                        // Being written this instant, or unreadable: let the next attempt tell.
+                        // Written by an older kbcrm this instant, or unreadable: let the next
+                        // attempt tell.
                         Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
                     }
                 }
-                Err(e) => return Err(Error::io(&path, e)),
+                Err(e) => return Err(Error::io(path, e)),
             }
         }
         Err(Error::Busy(format!(
@@ -96,8 +115,69 @@ impl RunLock {
     }
 }
 
+/// Remove holder drafts (`run.lock.HOST.PID`) left by processes of this machine that are gone.
+fn remove_stale_drafts(dir: &Path, host: &str) {
+    let prefix = format!("run.lock.{host}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix.as_str()))
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(gone) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl Drop for RunLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_runs_lock_and_draft_are_taken_over() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = Url::from_directory_path(dir.path()).expect("url");
+        let meta = dir.path().join("_kbcrm");
+        std::fs::create_dir_all(&meta).expect("mkdir");
+        // A process id above the kernel's largest is certainly not running.
+        let dead = Holder {
+            pid: 4_194_305,
+            host: host(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let text = serde_json::to_string(&dead).expect("json");
+        std::fs::write(meta.join("run.lock"), &text).expect("lock");
+        let draft = meta.join(format!("run.lock.{}.{}", dead.host, dead.pid));
+        std::fs::write(&draft, &text).expect("draft");
+
+        let lock = RunLock::acquire(&url)
+            .expect("acquire")
+            .expect("a local lock");
+        let now: Holder =
+            serde_json::from_str(&std::fs::read_to_string(meta.join("run.lock")).expect("read"))
+                .expect("a whole holder");
+        assert_eq!(now.pid, std::process::id());
+        assert!(!draft.exists(), "the dead run's draft is removed");
+        // While held, a second acquisition is refused with the holder named.
+        let again = RunLock::acquire(&url).expect_err("held");
+        assert!(
+            again
+                .to_string()
+                .contains(&format!("process {}", std::process::id())),
+            "{again}"
+        );
+        drop(lock);
+        let left: Vec<_> = std::fs::read_dir(&meta).expect("list").flatten().collect();
+        assert!(left.is_empty(), "nothing left behind: {left:?}");
     }
 }
