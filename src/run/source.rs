@@ -1,5 +1,6 @@
 //! Loading one source: list, read, quarantine, keep only what is new, stage.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -176,16 +177,30 @@ impl Runner<'_> {
         };
         if source.incremental == Some(Incremental::NewFiles) {
             let done = loaded_files(ctx, &source.pipeline, &source.name).await?;
+            // Local files are remembered relative to the project, so a moved or copied project
+            // does not load them again; earlier records hold absolute paths and still count.
+            let record = |f: &sources::SourceFile| match Path::new(&f.display)
+                .strip_prefix(&self.project.root)
+            {
+                Ok(rel)
+                    if source
+                        .file_location()
+                        .is_ok_and(|l| l.store_url.scheme() == "file") =>
+                {
+                    rel.to_string_lossy().replace('\\', "/")
+                }
+                _ => f.display.clone(),
+            };
             let fresh: Vec<_> = files
                 .iter()
-                .filter(|f| !done.contains(&f.display))
+                .filter(|f| !done.contains(&record(f)) && !done.contains(&f.display))
                 .cloned()
                 .collect();
             state.loaded_files.extend(fresh.iter().map(|f| {
                 (
                     source.pipeline.clone(),
                     source.name.clone(),
-                    f.display.clone(),
+                    record(f),
                     f.size,
                 )
             }));

@@ -153,6 +153,33 @@ fn new_files_are_loaded_once_even_after_a_failed_run() {
 }
 
 #[test]
+fn a_moved_project_does_not_load_its_files_again() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  e:\n    format: csv\n    location: data/\n    mode: append\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n",
+    );
+    p.write("data/a.csv", "id\n1\n2\n");
+    p.ok(&["run"]);
+    assert_eq!(
+        p.query("select file from kbcrm_loaded_files"),
+        rows(&[&["data/a.csv"]])
+    );
+    // The same project in another folder: the appended rows are not loaded a second time.
+    let moved = p.copied();
+    drop(p);
+    let out = moved.ok(&["run"]);
+    assert!(out.contains("(no new files)"), "{out}");
+    moved.write("data/b.csv", "id\n3\n");
+    let out = moved.ok(&["run"]);
+    assert!(out.contains(" 1 read"), "{out}");
+    assert_eq!(
+        moved.query("select id from raw_p_e order by id"),
+        rows(&[&["1"], &["2"], &["3"]])
+    );
+}
+
+#[test]
 fn rejects_command_lists_and_summarises_quarantine() {
     let p = Project::empty();
     p.write(

@@ -135,6 +135,13 @@ impl Project {
         Project { dir }
     }
 
+    /// A copy of the whole project (warehouse included) in another folder, as after moving it.
+    pub fn copied(&self) -> Self {
+        let dir = TempDir::new().expect("temp dir");
+        copy_tree(self.path(), dir.path());
+        Project { dir }
+    }
+
     /// The folder.
     pub fn path(&self) -> &Path {
         self.dir.path()
