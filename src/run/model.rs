@@ -394,21 +394,14 @@ impl Runner<'_> {
                     "rebuilding the golden records of changed ids"
                 );
                 let full = ctx.table_provider(identity.map_table.as_str()).await?;
-                let keys = MemTable::try_new(
-                    Arc::new(Schema::new(vec![Field::new(
-                        KEYS_COLUMN,
-                        DataType::Utf8,
-                        false,
-                    )])),
-                    vec![vec![RecordBatch::try_new(
-                        Arc::new(Schema::new(vec![Field::new(
-                            KEYS_COLUMN,
-                            DataType::Utf8,
-                            false,
-                        )])),
-                        vec![Arc::new(StringArray::from_iter_values(ids.iter()))],
-                    )?]],
-                )?;
+                let schema = Arc::new(Schema::new(vec![Field::new(
+                    KEYS_COLUMN,
+                    DataType::Utf8,
+                    false,
+                )]));
+                let ids = StringArray::from_iter_values(ids.iter());
+                let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids)])?;
+                let keys = MemTable::try_new(schema, vec![vec![batch]])?;
                 let narrowed = ctx
                     .read_table(full.clone())?
                     .join_on(
