@@ -170,7 +170,8 @@ impl Runner<'_> {
         if source.database.is_some() {
             return self.load_database_source(source, ctx, state).await;
         }
-        let store = store_for(&source.file_location()?.store_url)?;
+        let store_url = source.file_location()?.store_url.clone();
+        let store = store_for(&store_url)?;
         let mut files = match source.format {
             SourceFormat::Delta => Vec::new(),
             _ => sources::list_files(source, &store).await?,
@@ -179,16 +180,11 @@ impl Runner<'_> {
             let done = loaded_files(ctx, &source.pipeline, &source.name).await?;
             // Local files are remembered relative to the project, so a moved or copied project
             // does not load them again; earlier records hold absolute paths and still count.
+            let local = store_url.scheme() == "file";
             let record = |f: &sources::SourceFile| match Path::new(&f.display)
                 .strip_prefix(&self.project.root)
             {
-                Ok(rel)
-                    if source
-                        .file_location()
-                        .is_ok_and(|l| l.store_url.scheme() == "file") =>
-                {
-                    rel.to_string_lossy().replace('\\', "/")
-                }
+                Ok(rel) if local => rel.to_string_lossy().replace('\\', "/"),
                 _ => f.display.clone(),
             };
             let fresh: Vec<_> = files

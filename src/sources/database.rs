@@ -82,12 +82,25 @@ pub fn select_sql(source: &Source, db: &Database, condition: Option<&str>) -> St
         .iter()
         .map(|c| quote_ident(&c.source_name))
         .collect();
-    let mut sql = format!("SELECT {} FROM {}", cols.join(", "), relation_sql(db));
-    if let Some(c) = condition {
-        sql.push_str(" WHERE ");
-        sql.push_str(c);
+    format!("SELECT {}{}", cols.join(", "), from_where(db, condition))
+}
+
+/// The SELECT of the smallest and largest value of an integer column under an optional
+/// condition, both cast to the dialect's 64-bit integer type (`bigint`, MySQL's `SIGNED`).
+pub fn bounds_sql(db: &Database, column: &str, condition: Option<&str>, int64: &str) -> String {
+    let col = quote_ident(column);
+    format!(
+        "SELECT CAST(MIN({col}) AS {int64}), CAST(MAX({col}) AS {int64}){}",
+        from_where(db, condition)
+    )
+}
+
+/// ` FROM relation` and ` WHERE condition` when there is one.
+fn from_where(db: &Database, condition: Option<&str>) -> String {
+    match condition {
+        Some(c) => format!(" FROM {} WHERE {c}", relation_sql(db)),
+        None => format!(" FROM {}", relation_sql(db)),
     }
-    sql
 }
 
 /// Split [lo, hi] into `parts` conditions; the first also takes the rows where the column is

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::convert::{Cell, RowBuilder, parse_text};
 use super::csv::recycle;
-use super::database::{quote_ident, quote_literal, relation_sql, select_sql, url_text};
+use super::database::{bounds_sql, quote_ident, quote_literal, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::Result;
@@ -605,15 +605,7 @@ pub async fn bounds(
     column: &str,
     condition: Option<&str>,
 ) -> Result<Option<(i64, i64)>> {
-    let col = quote_ident(column);
-    let mut sql = format!(
-        "SELECT CAST(MIN({col}) AS SIGNED), CAST(MAX({col}) AS SIGNED) FROM {}",
-        relation_sql(db)
-    );
-    if let Some(c) = condition {
-        sql.push_str(" WHERE ");
-        sql.push_str(c);
-    }
+    let sql = bounds_sql(db, column, condition, "SIGNED");
     let row: Option<(Option<i64>, Option<i64>)> = conn.query_first(sql).await.map_err(|e| {
         source_error(
             source,

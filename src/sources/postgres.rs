@@ -21,7 +21,7 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::convert::{Cell, RowBuilder};
 use super::csv::recycle;
-use super::database::{quote_ident, quote_literal, relation_sql, select_sql, url_text};
+use super::database::{bounds_sql, quote_ident, quote_literal, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
@@ -762,15 +762,7 @@ pub async fn bounds(
     column: &str,
     condition: Option<&str>,
 ) -> Result<Option<(i64, i64)>> {
-    let col = quote_ident(column);
-    let mut sql = format!(
-        "SELECT min({col})::bigint, max({col})::bigint FROM {}",
-        relation_sql(db)
-    );
-    if let Some(c) = condition {
-        sql.push_str(" WHERE ");
-        sql.push_str(c);
-    }
+    let sql = bounds_sql(db, column, condition, "bigint");
     let row = client.query_one(&sql, &[]).await.map_err(|e| {
         source_error(
             source,
