@@ -29,6 +29,10 @@ pub fn session_with_runtime(
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         .with_create_default_catalog_and_schema(true);
+    // Join inputs ordered by estimated size through operators: without it, DataFusion knows the
+    // row counts of scans but not of joins, and in a star join (fact, then dimension after
+    // dimension) hashes the joined fact rows instead of the next small dimension.
+    config.options_mut().optimizer.use_statistics_registry = true;
     if let Some(n) = settings.target_partitions {
         config = config.with_target_partitions(n.max(1));
     }

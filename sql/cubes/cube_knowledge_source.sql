@@ -6,12 +6,24 @@ with rfm as (
     select customer_id, monetary from cube_customer_rfm where as_of = kbcrm_as_of()
 ),
 
-breadth as (
-    select f.customer_id, count(distinct p.category) as categories, count(distinct f.product_id) as products
+-- distinct products and categories by grouping three times (per-group distinct sets over
+-- millions of lines are several times slower and take gigabytes)
+bought as (
+    select f.customer_id, p.category, f.product_id
     from fact_sales f
     join dim_product p on f.product_id = p.product_id
     where cast(f.order_ts as date) <= kbcrm_as_of()
-    group by f.customer_id
+    group by f.customer_id, p.category, f.product_id
+),
+
+per_category as (
+    select customer_id, category, count(*) as products from bought group by customer_id, category
+),
+
+breadth as (
+    select customer_id, count(*) as categories, sum(products) as products
+    from per_category
+    group by customer_id
 ),
 
 interactions as (

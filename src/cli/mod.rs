@@ -183,7 +183,8 @@ pub enum Command {
     },
     /// Run a SQL query over the warehouse.
     Query {
-        /// The SQL; `-` reads it from stdin.
+        /// The SQL; `-` reads it from stdin. It may start with a `--` comment.
+        #[arg(allow_hyphen_values = true)]
         sql: String,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]

@@ -278,6 +278,14 @@ fn query_formats_and_tables_listing() {
         table.contains("| n |") && table.contains("| 6 |"),
         "{table}"
     );
+    // SQL pasted from a file often starts with a comment.
+    let commented = p.ok(&[
+        "query",
+        "-f",
+        "csv",
+        "-- channels\nselect count(*) as n from stg_sales_channels",
+    ]);
+    assert_eq!(commented.trim(), "n\n6", "{commented}");
     let tables = p.ok(&["tables"]);
     assert!(
         tables.lines().any(|l| l.starts_with("stg_sales_orders")),
