@@ -9,34 +9,15 @@
 //! Prints one line per phase with seconds and rows per second, and the ratios day-2 / full for
 //! the star schema alone and with the cubes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use kbcrm::generate::{GenerateOptions, generate};
 use kbcrm::plan::{Overrides, Project};
 use kbcrm::run::{Progress, RunOptions, Runner};
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read dir").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_tree(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).expect("copy");
-        }
-    }
-}
-
-fn project_dir(scale: f64) -> PathBuf {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("kbcrm-bench-{scale}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    copy_tree(&repo.join("pipelines"), &dir.join("pipelines"));
-    copy_tree(&repo.join("sql"), &dir.join("sql"));
-    std::fs::copy(repo.join("kbcrm.yaml"), dir.join("kbcrm.yaml")).expect("copy kbcrm.yaml");
-    dir
-}
+mod support;
+use support::project_dir;
 
 /// The pipelines that load the sources into the star schema; the cubes come after them.
 const STAR: [&str; 4] = ["erp", "sales", "service", "star"];
@@ -74,7 +55,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
-    let dir = project_dir(scale);
+    let dir = project_dir(&format!("kbcrm-bench-{scale}"));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "kbcrm pipeline benchmark: scale {scale}, {cores} cores, in {}",

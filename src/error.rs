@@ -124,6 +124,15 @@ impl Error {
         }
     }
 
+    /// Whether the engine ran out of its memory limit (an operator that could not spill).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(
+            self,
+            Error::DataFusion(e)
+                if matches!(e.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_))
+        )
+    }
+
     /// One problem as an error.
     pub fn invalid(problem: Problem) -> Self {
         Error::Invalid(vec![problem])

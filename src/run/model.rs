@@ -11,7 +11,7 @@ use datafusion::common::JoinType;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident};
 use sha2::{Digest, Sha256};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 use url::Url;
 
 use super::{RunState, Runner};
@@ -23,7 +23,7 @@ use crate::plan::Model;
 use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
-use crate::warehouse::write::{stage, write_frame};
+use crate::warehouse::write::{NewData, stage, write_frame};
 
 /// What a step was built from: a hash of its definition and the version of each input.
 fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
@@ -122,11 +122,10 @@ impl Runner<'_> {
             }
             _ => Vec::new(),
         };
-        let result = async {
-            let df = ctx.sql(&model.sql).await.map_err(|e| model_err(&e))?;
-            write_frame(&self.wh, &model.name, df, model_err).await
-        }
-        .await;
+        let result = self
+            .write_sql(ctx, &model.sql, &model.name)
+            .await
+            .map_err(|e| model_err(&e));
         for (table, provider) in narrowed {
             ctx.deregister_table(table.as_str())?;
             ctx.register_table(table.as_str(), provider)?;
@@ -156,6 +155,42 @@ impl Runner<'_> {
             .await?;
         state.state_after.insert(key, print);
         Ok(())
+    }
+
+    /// Run `sql` into new, uncommitted files of `table`. DataFusion's hash joins keep their build
+    /// side in memory and cannot spill: when one does not fit the memory limit, the query is
+    /// planned once more with sort-merge joins, which sort (and spill) instead.
+    async fn write_sql(&self, ctx: &SessionContext, sql: &str, table: &str) -> Result<NewData> {
+        let attempt = || async { write_frame(&self.wh, table, ctx.sql(sql).await?).await };
+        let hash_joins = ctx
+            .state_ref()
+            .read()
+            .config()
+            .options()
+            .optimizer
+            .prefer_hash_join;
+        match attempt().await {
+            Err(e) if hash_joins && e.is_out_of_memory() => {
+                warn!(
+                    table,
+                    error = %e,
+                    "out of the memory limit with hash joins; building it again with sort-merge joins, which spill"
+                );
+                let prefer_hash_join = |on: bool| {
+                    ctx.state_ref()
+                        .write()
+                        .config_mut()
+                        .options_mut()
+                        .optimizer
+                        .prefer_hash_join = on;
+                };
+                prefer_hash_join(false);
+                let again = attempt().await;
+                prefer_hash_join(true);
+                again
+            }
+            other => other,
+        }
     }
 
     /// Register, in place of each driving table, only the rows it gained since the model was
@@ -423,8 +458,9 @@ impl Runner<'_> {
                     identity.entity
                 ))
             };
-            let df = ctx.sql(&golden_sql).await.map_err(|e| golden_err(&e))?;
-            write_frame(&self.wh, &identity.golden_table, df, golden_err).await
+            self.write_sql(ctx, &golden_sql, &identity.golden_table)
+                .await
+                .map_err(|e| golden_err(&e))
         }
         .await;
         if let Some(full) = full_map {

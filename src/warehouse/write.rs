@@ -109,18 +109,16 @@ impl TableWriter {
     }
 }
 
-/// Run `df` and write its rows into new, uncommitted files of `table`; a failure while running
-/// or writing is given to `fail` to word.
+/// Run `df` and write its rows into new, uncommitted files of `table`.
 pub async fn write_frame(
     wh: &Warehouse,
     table: &str,
     df: datafusion::dataframe::DataFrame,
-    fail: impl Fn(&dyn std::fmt::Display) -> Error,
 ) -> Result<NewData> {
     let schema = super::delta_compatible(df.schema().as_arrow());
-    let stream = df.execute_stream().await.map_err(|e| fail(&e))?;
+    let stream = df.execute_stream().await?;
     let mut writer = TableWriter::new(&wh.table_url(table), schema.clone())?;
-    writer.write_stream(stream).await.map_err(|e| fail(&e))?;
+    writer.write_stream(stream).await?;
     let (adds, rows) = writer.finish().await?;
     Ok(NewData {
         table: table.to_string(),

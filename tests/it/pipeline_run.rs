@@ -344,3 +344,33 @@ fn demo_generates_runs_and_answers_its_examples() {
     p.ok(&["demo", "--scale", "0.01"]);
     assert_eq!(before, p.ok(&["tables"]));
 }
+
+/// A join whose hash table does not fit the memory limit (DataFusion's hash joins cannot spill)
+/// is built again with sort-merge joins, which spill, instead of failing the run.
+#[test]
+fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
+    let p = Project::empty();
+    p.write("kbcrm.yaml", "name: test\nengine:\n  memory_limit: 8MiB\n");
+    let mut csv = String::from("k,v\n");
+    for i in 0..300_000u64 {
+        csv.push_str(&format!("{i},{:040}\n", i * 7));
+    }
+    p.write("data/a.csv", csv);
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  a:\n    format: csv\n    location: data/a.csv\n    schema:\n      k: { type: bigint, required: true }\n      v: string\nmodels:\n  - sql/joined.sql\n",
+    );
+    p.write(
+        "sql/joined.sql",
+        "select x.k, x.v, y.k as k2 from raw_p_a x join raw_p_a y on x.v = y.v\n",
+    );
+    let out = p.kbcrm(&["run"]);
+    let err = crate::support::stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("building it again with sort-merge joins"),
+        "the hash join should not have fit in 8 MiB: {err}"
+    );
+    assert_eq!(p.scalar("select count(*) from joined"), 300_000);
+    assert_eq!(p.scalar("select count(*) from joined where k <> k2"), 0);
+}
