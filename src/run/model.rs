@@ -170,10 +170,12 @@ impl Runner<'_> {
             .optimizer
             .prefer_hash_join;
         match attempt().await {
-            Err(e) if hash_joins && e.is_out_of_memory() => {
+            // DataFusion names the operator that failed only in the message.
+            Err(e) if hash_joins && e.is_out_of_memory() && e.to_string().contains("HashJoin") => {
+                let error = e.to_string();
                 warn!(
                     table,
-                    error = %e,
+                    error = error.lines().next().unwrap_or_default(),
                     "out of the memory limit with hash joins; building it again with sort-merge joins, which spill"
                 );
                 let prefer_hash_join = |on: bool| {
