@@ -350,10 +350,15 @@ fn demo_generates_runs_and_answers_its_examples() {
 #[test]
 fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
     let p = Project::empty();
-    p.write("kbcrm.yaml", "name: test\nengine:\n  memory_limit: 8MiB\n");
+    // Sorts keep 1 MiB back for merging their spills (10 MiB by default) and merge a batch of
+    // each spill file at once: small batches, so that the sort-merge join fits in 24 MiB.
+    p.write(
+        "kbcrm.yaml",
+        "name: test\nengine:\n  memory_limit: 24MiB\ndatafusion:\n  datafusion.execution.sort_spill_reservation_bytes: 1048576\n  datafusion.execution.batch_size: 1024\n",
+    );
     let mut csv = String::from("k,v\n");
-    for i in 0..300_000u64 {
-        csv.push_str(&format!("{i},{:040}\n", i * 7));
+    for i in 0..500_000u64 {
+        csv.push_str(&format!("{i},{:060}\n", i * 7));
     }
     p.write("data/a.csv", csv);
     p.write(
@@ -369,8 +374,8 @@ fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
     assert!(out.status.success(), "{err}");
     assert!(
         err.contains("building it again with sort-merge joins"),
-        "the hash join should not have fit in 8 MiB: {err}"
+        "the hash join should not have fit in 24 MiB: {err}"
     );
-    assert_eq!(p.scalar("select count(*) from joined"), 300_000);
+    assert_eq!(p.scalar("select count(*) from joined"), 500_000);
     assert_eq!(p.scalar("select count(*) from joined where k <> k2"), 0);
 }
