@@ -51,6 +51,47 @@ pub fn session_with_runtime(
     Ok(ctx)
 }
 
+/// Run `work` on `ctx`; when a hash join in it runs out of the memory limit (DataFusion's hash
+/// joins keep their build side in memory and cannot spill), run it once more with sort-merge
+/// joins, which sort and spill instead. `what` names the work in the warning.
+pub async fn spill_joins_on_retry<T, F, Fut>(ctx: &SessionContext, what: &str, work: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let hash_joins = ctx
+        .state_ref()
+        .read()
+        .config()
+        .options()
+        .optimizer
+        .prefer_hash_join;
+    match work().await {
+        // DataFusion names the operator that failed only in the message.
+        Err(e) if hash_joins && e.is_out_of_memory() && e.to_string().contains("HashJoin") => {
+            let error = e.to_string();
+            tracing::warn!(
+                what,
+                error = error.lines().next().unwrap_or_default(),
+                "out of the memory limit with hash joins; doing it again with sort-merge joins, which spill"
+            );
+            let prefer_hash_join = |on: bool| {
+                ctx.state_ref()
+                    .write()
+                    .config_mut()
+                    .options_mut()
+                    .optimizer
+                    .prefer_hash_join = on;
+            };
+            prefer_hash_join(false);
+            let again = work().await;
+            prefer_hash_join(true);
+            again
+        }
+        other => other,
+    }
+}
+
 /// The memory pool and spill folder of the engine settings.
 pub fn runtime(settings: &EngineSettings) -> Result<Arc<RuntimeEnv>> {
     let mut runtime = RuntimeEnvBuilder::new();

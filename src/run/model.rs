@@ -11,7 +11,7 @@ use datafusion::common::JoinType;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident};
 use sha2::{Digest, Sha256};
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 use url::Url;
 
 use super::{RunState, Runner};
@@ -157,42 +157,13 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// Run `sql` into new, uncommitted files of `table`. DataFusion's hash joins keep their build
-    /// side in memory and cannot spill: when one does not fit the memory limit, the query is
-    /// planned once more with sort-merge joins, which sort (and spill) instead.
+    /// Run `sql` into new, uncommitted files of `table` (with sort-merge joins when a hash join
+    /// does not fit the memory limit).
     async fn write_sql(&self, ctx: &SessionContext, sql: &str, table: &str) -> Result<NewData> {
-        let attempt = || async { write_frame(&self.wh, table, ctx.sql(sql).await?).await };
-        let hash_joins = ctx
-            .state_ref()
-            .read()
-            .config()
-            .options()
-            .optimizer
-            .prefer_hash_join;
-        match attempt().await {
-            // DataFusion names the operator that failed only in the message.
-            Err(e) if hash_joins && e.is_out_of_memory() && e.to_string().contains("HashJoin") => {
-                let error = e.to_string();
-                warn!(
-                    table,
-                    error = error.lines().next().unwrap_or_default(),
-                    "out of the memory limit with hash joins; building it again with sort-merge joins, which spill"
-                );
-                let prefer_hash_join = |on: bool| {
-                    ctx.state_ref()
-                        .write()
-                        .config_mut()
-                        .options_mut()
-                        .optimizer
-                        .prefer_hash_join = on;
-                };
-                prefer_hash_join(false);
-                let again = attempt().await;
-                prefer_hash_join(true);
-                again
-            }
-            other => other,
-        }
+        crate::engine::spill_joins_on_retry(ctx, table, || async {
+            write_frame(&self.wh, table, ctx.sql(sql).await?).await
+        })
+        .await
     }
 
     /// Register, in place of each driving table, only the rows it gained since the model was

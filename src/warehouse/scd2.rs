@@ -70,7 +70,8 @@ pub async fn stage_scd2(
             changes_sql(&new_name, &cur_name, &cols, keys, opts, &run_ts, max_sk)
         }
     };
-    let result = async {
+    // Only this part is tried again with sort-merge joins: what follows deletes `new`'s files.
+    let result = crate::engine::spill_joins_on_retry(ctx, &table, || async {
         let df = ctx.sql(&sql).await?;
         let schema = delta_compatible(df.schema().as_arrow());
         let stream = df.execute_stream().await?;
@@ -83,7 +84,7 @@ pub async fn stage_scd2(
             adds,
             rows,
         })
-    }
+    })
     .await;
     ctx.deregister_table(&new_name)?;
     if current.is_some() {

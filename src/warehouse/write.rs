@@ -296,7 +296,10 @@ async fn overwrite(
         )
         .await?;
         let fresh = files_provider(&new_files, new.schema.clone()).await?;
-        same_rows(ctx, target, fresh).await?
+        crate::engine::spill_joins_on_retry(ctx, &new.table, || {
+            same_rows(ctx, target.clone(), fresh.clone())
+        })
+        .await?
     };
     let metrics_rows = new.rows;
     if unchanged {
@@ -437,7 +440,12 @@ async fn merge(
         .with_file_column(FILE_COLUMN)
         .await?;
     ctx.register_table(&target_name, target)?;
-    let result = merge_sql(ctx, &url, &new, keys, &new_name, &target_name).await;
+    // Tried again with sort-merge joins when a hash join does not fit; `new`'s files are deleted
+    // only after.
+    let result = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
+        merge_sql(ctx, &url, &new, keys, &new_name, &target_name)
+    })
+    .await;
     ctx.deregister_table(&new_name)?;
     ctx.deregister_table(&target_name)?;
     delete_files(wh, &url, &new.adds).await?;

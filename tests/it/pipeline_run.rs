@@ -373,9 +373,52 @@ fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
     let err = crate::support::stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("building it again with sort-merge joins"),
+        err.contains("again with sort-merge joins"),
         "the hash join should not have fit in 24 MiB: {err}"
     );
     assert_eq!(p.scalar("select count(*) from joined"), 500_000);
     assert_eq!(p.scalar("select count(*) from joined where k <> k2"), 0);
+}
+
+/// A load merged by key into a table too big to hash in the memory limit is tried again with
+/// sort-merge joins; whether that fits or not, the table ends either fully merged or unchanged
+/// (a retry that reused the first attempt's deleted files once "succeeded" with the new rows lost).
+#[test]
+fn a_merge_out_of_memory_ends_merged_or_unchanged() {
+    let p = Project::empty();
+    p.write(
+        "kbcrm.yaml",
+        "name: test\nengine:\n  memory_limit: 24MiB\ndatafusion:\n  datafusion.execution.sort_spill_reservation_bytes: 1048576\n  datafusion.execution.batch_size: 1024\n",
+    );
+    let file = |from: u64, to: u64, tag: &str| {
+        let mut csv = String::from("k,v\n");
+        for i in from..to {
+            csv.push_str(&format!("{:060},{tag}\n", i * 7));
+        }
+        csv
+    };
+    p.write("data/a_1.csv", file(0, 500_000, "one"));
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  a:\n    format: csv\n    location: data/*.csv\n    mode: merge\n    keys: [k]\n    incremental: { files: new }\n    schema:\n      k: { type: string, required: true }\n      v: string\n",
+    );
+    p.ok(&["run"]);
+    // The second file changes the last 100,000 keys and adds 100,000.
+    p.write("data/a_2.csv", file(400_000, 600_000, "two"));
+    let out = p.kbcrm(&["run"]);
+    let err = crate::support::stderr(&out);
+    assert!(
+        err.contains("again with sort-merge joins"),
+        "the merge's hash join should not have fit in 24 MiB: {err}"
+    );
+    let (rows, two) = (
+        p.scalar("select count(*) from raw_p_a"),
+        p.scalar("select count(*) from raw_p_a where v = 'two'"),
+    );
+    if out.status.success() {
+        assert_eq!((rows, two), (600_000, 200_000), "{err}");
+    } else {
+        assert!(err.contains("Resources exhausted"), "{err}");
+        assert_eq!((rows, two), (500_000, 0), "{err}");
+    }
 }
