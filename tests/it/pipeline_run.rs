@@ -345,17 +345,16 @@ fn demo_generates_runs_and_answers_its_examples() {
     assert_eq!(before, p.ok(&["tables"]));
 }
 
+/// A 24 MiB engine. Sorts keep 1 MiB back for merging their spills (10 MiB by default) and
+/// merge a batch of each spill file at once: small batches, so that a sort-merge join can fit.
+const TIGHT_MEMORY: &str = "name: test\nengine:\n  memory_limit: 24MiB\ndatafusion:\n  datafusion.execution.sort_spill_reservation_bytes: 1048576\n  datafusion.execution.batch_size: 1024\n";
+
 /// A join whose hash table does not fit the memory limit (DataFusion's hash joins cannot spill)
 /// is built again with sort-merge joins, which spill, instead of failing the run.
 #[test]
 fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
     let p = Project::empty();
-    // Sorts keep 1 MiB back for merging their spills (10 MiB by default) and merge a batch of
-    // each spill file at once: small batches, so that the sort-merge join fits in 24 MiB.
-    p.write(
-        "kbcrm.yaml",
-        "name: test\nengine:\n  memory_limit: 24MiB\ndatafusion:\n  datafusion.execution.sort_spill_reservation_bytes: 1048576\n  datafusion.execution.batch_size: 1024\n",
-    );
+    p.write("kbcrm.yaml", TIGHT_MEMORY);
     let mut csv = String::from("k,v\n");
     for i in 0..500_000u64 {
         csv.push_str(&format!("{i},{:060}\n", i * 7));
@@ -386,10 +385,7 @@ fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
 #[test]
 fn a_merge_out_of_memory_ends_merged_or_unchanged() {
     let p = Project::empty();
-    p.write(
-        "kbcrm.yaml",
-        "name: test\nengine:\n  memory_limit: 24MiB\ndatafusion:\n  datafusion.execution.sort_spill_reservation_bytes: 1048576\n  datafusion.execution.batch_size: 1024\n",
-    );
+    p.write("kbcrm.yaml", TIGHT_MEMORY);
     let file = |from: u64, to: u64, tag: &str| {
         let mut csv = String::from("k,v\n");
         for i in from..to {
