@@ -1,6 +1,6 @@
 //! One run at a time per warehouse: `_kbcrm/run.lock`, created exclusively (written whole,
-//! then linked in), removed when the run ends. A lock whose process no longer runs on this machine (a crashed or killed run) is
-//! taken over, so a crash never blocks the next run.
+//! then linked in), removed when the run ends. A lock whose process no longer runs on this
+//! machine (a crashed or killed run) is taken over, so a crash never blocks the next run.
 //!
 //! Local warehouses only for now; on object storage runs are not yet serialised (a second
 //! run's commit then fails on the Delta version conflict instead).

@@ -424,18 +424,15 @@ impl Runner<'_> {
             }
             None => None,
         };
-        let written = async {
-            let golden_err = |e: &dyn std::fmt::Display| {
+        let written = self
+            .write_sql(ctx, &golden_sql, &identity.golden_table)
+            .await
+            .map_err(|e| {
                 Error::Internal(format!(
                     "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
                     identity.entity
                 ))
-            };
-            self.write_sql(ctx, &golden_sql, &identity.golden_table)
-                .await
-                .map_err(|e| golden_err(&e))
-        }
-        .await;
+            });
         if let Some(full) = full_map {
             ctx.deregister_table(identity.map_table.as_str())?;
             ctx.register_table(identity.map_table.as_str(), full)?;

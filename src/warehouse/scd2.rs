@@ -9,11 +9,11 @@
 use datafusion::prelude::SessionContext;
 
 use super::write::{
-    NewData, TableWriter, check_unique_keys, delete_files, file_url, quote_ident, stage,
+    NewData, check_unique_keys, delete_files, file_url, quote_ident, stage, write_frame,
 };
-use super::{Staged, Warehouse, delta_compatible, files_provider};
+use super::{Staged, Warehouse, files_provider};
 use crate::config::pipeline::WriteMode;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::plan::Scd2;
 
 const EPOCH_START: &str = "1900-01-01T00:00:00Z";
@@ -72,18 +72,7 @@ pub async fn stage_scd2(
     };
     // Only this part is tried again with sort-merge joins: what follows deletes `new`'s files.
     let result = crate::engine::spill_joins_on_retry(ctx, &table, || async {
-        let df = ctx.sql(&sql).await?;
-        let schema = delta_compatible(df.schema().as_arrow());
-        let stream = df.execute_stream().await?;
-        let mut writer = TableWriter::new(&url, schema.clone())?;
-        writer.write_stream(stream).await?;
-        let (adds, rows) = writer.finish().await?;
-        Ok::<_, Error>(NewData {
-            table: table.clone(),
-            schema,
-            adds,
-            rows,
-        })
+        write_frame(wh, &table, ctx.sql(&sql).await?).await
     })
     .await;
     ctx.deregister_table(&new_name)?;
