@@ -15,7 +15,7 @@ pub mod write;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::catalog::TableProvider;
+use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -288,6 +288,9 @@ fn active_files(table: &DeltaTable, url: &Url) -> Result<Vec<Url>> {
 }
 
 /// A provider reading exactly the given Parquet files (a staged, not yet committed table state).
+///
+/// Every scan first checks that each file is still there: a listing over a file's URL that
+/// finds nothing would otherwise read a removed file as zero rows.
 pub(crate) async fn files_provider(
     files: &[Url],
     schema: arrow::datatypes::SchemaRef,
@@ -301,8 +304,152 @@ pub(crate) async fn files_provider(
         .collect::<datafusion::error::Result<Vec<_>>>()?;
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls)
+    let config = ListingTableConfig::new_with_multi_paths(urls.clone())
         .with_listing_options(options)
         .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
+    Ok(Arc::new(ExactFiles {
+        files: urls,
+        inner: ListingTable::try_new(config)?,
+    }))
+}
+
+/// [`ListingTable`] over named files that fails a scan when one of them is missing.
+#[derive(Debug)]
+struct ExactFiles {
+    files: Vec<ListingTableUrl>,
+    inner: ListingTable,
+}
+
+impl ExactFiles {
+    async fn check(&self, state: &dyn Session) -> datafusion::error::Result<()> {
+        for chunk in self.files.chunks(32) {
+            let mut heads = Vec::with_capacity(chunk.len());
+            for url in chunk {
+                let store = state.runtime_env().object_store(url.object_store())?;
+                heads.push(present(store, url));
+            }
+            futures::future::try_join_all(heads).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `Ok` when the file at `url` exists.
+async fn present(
+    store: Arc<dyn ObjectStore>,
+    url: &ListingTableUrl,
+) -> datafusion::error::Result<()> {
+    use object_store::ObjectStoreExt;
+    match store.head(url.prefix()).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::NotFound { .. }) => {
+            Err(datafusion::error::DataFusionError::Execution(format!(
+                "data file {} is missing: it was removed after this step started reading the \
+                 table; nothing was written, run the command again",
+                url.as_str()
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for ExactFiles {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        self.inner.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&datafusion::logical_expr::Expr],
+    ) -> datafusion::error::Result<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
+        self.inner.supports_filters_pushdown(filters)
+    }
+
+    fn statistics(&self) -> Option<datafusion::common::Statistics> {
+        self.inner.statistics()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::logical_expr::Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        self.check(state).await?;
+        self.inner.scan(state, projection, filters, limit).await
+    }
+
+    async fn scan_with_args<'a>(
+        &self,
+        state: &dyn Session,
+        args: datafusion::catalog::ScanArgs<'a>,
+    ) -> datafusion::error::Result<datafusion::catalog::ScanResult> {
+        self.check(state).await?;
+        self.inner.scan_with_args(state, args).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use arrow::record_batch::RecordBatch;
+
+    fn write_file(path: &std::path::Path, values: &[i64]) -> SchemaRef {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(values.to_vec()))],
+        )
+        .expect("batch");
+        let file = std::fs::File::create(path).expect("create");
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        schema
+    }
+
+    #[test]
+    fn a_removed_file_fails_the_scan_instead_of_reading_as_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.parquet");
+        let b = dir.path().join("b.parquet");
+        let schema = write_file(&a, &[1, 2, 3]);
+        write_file(&b, &[4, 5]);
+        let urls: Vec<Url> = [&a, &b]
+            .iter()
+            .map(|p| Url::from_file_path(p).expect("url"))
+            .collect();
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let ctx = SessionContext::new();
+            let provider = files_provider(&urls, schema).await.expect("provider");
+            ctx.register_table("t", provider).expect("register");
+            let count = |ctx: SessionContext| async move {
+                let batches = ctx.sql("select sum(n) from t").await?.collect().await?;
+                datafusion::error::Result::Ok(
+                    arrow::util::pretty::pretty_format_batches(&batches)?.to_string(),
+                )
+            };
+            let before = count(ctx.clone()).await.expect("both files");
+            assert!(before.contains("15"), "{before}");
+            std::fs::remove_file(&b).expect("remove");
+            let text = match count(ctx.clone()).await {
+                Ok(rows) => panic!("a missing file must fail the scan, read {rows}"),
+                Err(e) => datafusion::error::DataFusionError::to_string(&e),
+            };
+            assert!(
+                text.contains("b.parquet") && text.contains("is missing"),
+                "{text}"
+            );
+        });
+    }
 }
