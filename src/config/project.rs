@@ -26,6 +26,14 @@ pub struct ProjectSpec {
     /// Folder of SQL models; default `sql/`.
     #[serde(default)]
     pub sql: Option<String>,
+    /// Object-store settings for an `s3://`, `gs://` or `az://` warehouse or sources, e.g.
+    /// `aws_endpoint: http://127.0.0.1:9000`, `aws_region: eu-central-1`. They win over the
+    /// `AWS_*`, `GOOGLE_*` and `AZURE_*` environment variables. Credentials are never written
+    /// here: a setting ending in `_env` names the environment variable holding the value, e.g.
+    /// `aws_secret_access_key_env: WAREHOUSE_SECRET`.
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, String>")]
+    pub storage: IndexMap<String, Spanned<String>>,
     /// Engine limits.
     #[serde(default)]
     pub engine: EngineSpec,

@@ -1,7 +1,7 @@
 //! Reading and checking each project file: the project file, pipelines, sources, models,
 //! identity resolutions and data tests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -88,6 +88,7 @@ impl Loader {
         let text = self.read(&project_file).unwrap_or_default();
         let spec: ProjectSpec = parse_yaml(&project_file, &text).map_err(Error::invalid)?;
         let warehouse = self.warehouse(&spec, &text, overrides);
+        let storage = self.storage(&spec, &text);
         let engine = self.engine(&spec, &text, overrides);
         let access = super::access::build(&spec, &text, &self.root, &mut self.problems);
         let pipelines_dir = spec.pipelines.clone().unwrap_or_else(|| "pipelines".into());
@@ -151,6 +152,7 @@ impl Loader {
         if !self.problems.is_empty() {
             return Err(Error::Invalid(self.problems));
         }
+        crate::sources::stores::configure(storage);
         Ok(Project {
             root: self.root,
             name,
@@ -181,6 +183,48 @@ impl Loader {
                 None
             }
         }
+    }
+
+    /// kbcrm.yaml's `storage:` settings with the environment variables they name read. Its
+    /// problems name the line but do not show it or its neighbours: they may hold a secret.
+    fn storage(&mut self, spec: &ProjectSpec, text: &Arc<String>) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (key, value) in &spec.storage {
+            let key = key.to_ascii_lowercase();
+            let at = yaml_pos(&value.referenced, text);
+            if let Some(name) = key.strip_suffix("_env") {
+                match std::env::var(&value.value) {
+                    Ok(v) => {
+                        out.insert(name.to_string(), v);
+                    }
+                    Err(_) => {
+                        let mut p = Problem::new(
+                            PROJECT_FILE,
+                            format!(
+                                "storage.{key}: the environment variable {} is not set; set it \
+                                 to the {name} before running kbcrm",
+                                value.value
+                            ),
+                        );
+                        p.position = Some(at);
+                        self.problems.push(p);
+                    }
+                }
+            } else if is_credential(&key) {
+                let mut p = Problem::new(
+                    PROJECT_FILE,
+                    format!(
+                        "storage.{key}: credentials are not written in kbcrm.yaml; put the \
+                         value in an environment variable and write `{key}_env: VARIABLE`"
+                    ),
+                );
+                p.position = Some(at);
+                self.problems.push(p);
+            } else {
+                out.insert(key, value.value.clone());
+            }
+        }
+        out
     }
 
     fn engine(&mut self, spec: &ProjectSpec, text: &Arc<String>, o: &Overrides) -> EngineSettings {
@@ -1198,4 +1242,15 @@ fn expand_model_path(root: &Path, pattern: &str) -> Result<Vec<PathBuf>, String>
     }
     out.sort();
     Ok(out)
+}
+
+/// Whether an object-store setting holds a credential (kept out of kbcrm.yaml).
+fn is_credential(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if key.ends_with("kms_key_id") || key.contains("sse_") {
+        return false;
+    }
+    ["secret", "key", "token", "password", "sas"]
+        .iter()
+        .any(|w| key.contains(w))
 }

@@ -2,22 +2,37 @@
 //! then linked in), removed when the run ends. A lock whose process no longer runs on this
 //! machine (a crashed or killed run) is taken over, so a crash never blocks the next run.
 //!
-//! Local warehouses only for now; on object storage runs are not yet serialised (a second
-//! run's commit then fails on the Delta version conflict instead).
+//! On object storage the lock is the same file, created with a conditional write (put if
+//! absent) and deleted when the run ends; a lock left by a killed run of this machine is taken
+//! over the same way, one left by another machine is reported with its holder.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::error::{Error, Result};
+use crate::warehouse::{META_DIR, Warehouse};
 
 /// The lock, released on drop.
 #[derive(Debug)]
 pub struct RunLock {
-    path: PathBuf,
+    held: Held,
+}
+
+#[derive(Debug)]
+enum Held {
+    File(PathBuf),
+    Store {
+        store: Arc<dyn ObjectStore>,
+        path: StorePath,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,14 +56,77 @@ fn gone(pid: u32) -> bool {
 
 impl RunLock {
     /// Take the warehouse's run lock, or say who holds it.
-    pub fn acquire(warehouse: &Url) -> Result<Option<RunLock>> {
-        if warehouse.scheme() != "file" {
-            return Ok(None);
+    pub async fn acquire(wh: &Warehouse) -> Result<Option<RunLock>> {
+        match wh.url().scheme() {
+            "file" => Self::acquire_local(wh.url()),
+            "memory" => Ok(None),
+            _ => Self::acquire_in_store(wh).await.map(Some),
         }
+    }
+
+    /// The lock as an object created by a conditional write.
+    async fn acquire_in_store(wh: &Warehouse) -> Result<RunLock> {
+        let store = wh.store().clone();
+        let path = wh.path(&format!("{META_DIR}/run.lock"));
+        let me = Holder {
+            pid: std::process::id(),
+            host: host(),
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        let text = serde_json::to_string(&me).unwrap_or_default();
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            match store
+                .put_opts(&path, text.clone().into(), create.clone())
+                .await
+            {
+                Ok(_) => {
+                    return Ok(RunLock {
+                        held: Held::Store { store, path },
+                    });
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let holder = match store.get(&path).await {
+                        Ok(got) => got.bytes().await.ok(),
+                        // Released in between: try again.
+                        Err(object_store::Error::NotFound { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    match holder.and_then(|b| serde_json::from_slice::<Holder>(&b).ok()) {
+                        Some(h) if h.host == me.host && gone(h.pid) => {
+                            tracing::warn!(
+                                pid = h.pid,
+                                "taking over the run lock of a run that no longer runs"
+                            );
+                            store.delete(&path).await?;
+                        }
+                        Some(h) => return Err(busy(&h)),
+                        None => {
+                            return Err(Error::Busy(format!(
+                                "the run lock {}/{path} is held and unreadable; delete it if \
+                                 no kbcrm run is going on",
+                                crate::sources::stores::redact(wh.url()).trim_end_matches('/')
+                            )));
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Busy(
+            "the run lock changed hands three times while this run waited; try again".into(),
+        ))
+    }
+
+    /// The lock as a file linked in whole.
+    fn acquire_local(warehouse: &Url) -> Result<Option<RunLock>> {
         let Ok(root) = warehouse.to_file_path() else {
             return Ok(None);
         };
-        let dir = root.join("_kbcrm");
+        let dir = root.join(META_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let path = dir.join("run.lock");
         let me = Holder {
@@ -80,7 +158,7 @@ impl RunLock {
             match std::fs::hard_link(draft, path) {
                 Ok(()) => {
                     return Ok(Some(RunLock {
-                        path: path.to_path_buf(),
+                        held: Held::File(path.to_path_buf()),
                     }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -93,13 +171,7 @@ impl RunLock {
                             );
                             let _ = std::fs::remove_file(path);
                         }
-                        Ok(h) => {
-                            return Err(Error::Busy(format!(
-                                "another kbcrm run (process {} on {}, started {}) is writing \
-                                 this warehouse; try again when it has finished",
-                                h.pid, h.host, h.started_at
-                            )));
-                        }
+                        Ok(h) => return Err(busy(&h)),
                         // Written by an older kbcrm this instant, or unreadable: let the next
                         // attempt tell.
                         Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
@@ -113,6 +185,15 @@ impl RunLock {
             path.display()
         )))
     }
+}
+
+/// The error for a lock held by `h`.
+fn busy(h: &Holder) -> Error {
+    Error::Busy(format!(
+        "another kbcrm run (process {} on {}, started {}) is writing this warehouse; try again \
+         when it has finished",
+        h.pid, h.host, h.started_at
+    ))
 }
 
 /// Remove holder drafts (`run.lock.HOST.PID`) left by processes of this machine that are gone.
@@ -135,7 +216,27 @@ fn remove_stale_drafts(dir: &Path, host: &str) {
 
 impl Drop for RunLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        match &self.held {
+            Held::File(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+            // Dropped inside or outside a runtime: delete from a thread of its own.
+            Held::Store { store, path } => std::thread::scope(|s| {
+                s.spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match runtime {
+                        Ok(rt) => {
+                            if let Err(e) = rt.block_on(store.delete(path)) {
+                                tracing::warn!(error = %e, "could not release the run lock");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not release the run lock"),
+                    }
+                });
+            }),
+        }
     }
 }
 
@@ -160,7 +261,7 @@ mod tests {
         let draft = meta.join(format!("run.lock.{}.{}", dead.host, dead.pid));
         std::fs::write(&draft, &text).expect("draft");
 
-        let lock = RunLock::acquire(&url)
+        let lock = RunLock::acquire_local(&url)
             .expect("acquire")
             .expect("a local lock");
         let now: Holder =
@@ -169,7 +270,7 @@ mod tests {
         assert_eq!(now.pid, std::process::id());
         assert!(!draft.exists(), "the dead run's draft is removed");
         // While held, a second acquisition is refused with the holder named.
-        let again = RunLock::acquire(&url).expect_err("held");
+        let again = RunLock::acquire_local(&url).expect_err("held");
         assert!(
             again
                 .to_string()
@@ -179,5 +280,48 @@ mod tests {
         drop(lock);
         let left: Vec<_> = std::fs::read_dir(&meta).expect("list").flatten().collect();
         assert!(left.is_empty(), "nothing left behind: {left:?}");
+    }
+
+    #[test]
+    fn a_lock_in_an_object_store_is_exclusive_and_released() {
+        let url = Url::parse("memory:///wh/").expect("url");
+        let wh = Warehouse::open(&url).expect("open");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let lock = RunLock::acquire_in_store(&wh).await.expect("first");
+            let again = RunLock::acquire_in_store(&wh).await.expect_err("held");
+            assert!(
+                again
+                    .to_string()
+                    .contains(&format!("process {}", std::process::id())),
+                "{again}"
+            );
+            drop(lock);
+            let lock = RunLock::acquire_in_store(&wh).await.expect("released");
+            // A lock left by a gone process of this machine is taken over.
+            std::mem::forget(lock);
+            let path = wh.path(&format!("{META_DIR}/run.lock"));
+            let dead = Holder {
+                pid: 4_194_305,
+                host: host(),
+                started_at: "2026-01-01T00:00:00Z".into(),
+            };
+            let text = serde_json::to_string(&dead).expect("json");
+            wh.store().put(&path, text.into()).await.expect("plant");
+            let taken = RunLock::acquire_in_store(&wh).await.expect("taken over");
+            let now: Holder = serde_json::from_slice(
+                &wh.store()
+                    .get(&path)
+                    .await
+                    .expect("get")
+                    .bytes()
+                    .await
+                    .expect("bytes"),
+            )
+            .expect("holder");
+            assert_eq!(now.pid, std::process::id());
+            drop(taken);
+            assert!(wh.store().head(&path).await.is_err(), "released");
+        });
     }
 }

@@ -148,7 +148,7 @@ impl<'a> Runner<'a> {
     ) -> Result<Self> {
         let wh = Warehouse::open(&project.warehouse)?;
         // Held until the runner is dropped: recovery and every commit happen under it.
-        let lock = lock::RunLock::acquire(&project.warehouse)?;
+        let lock = lock::RunLock::acquire(&wh).await?;
         for run in wh.recover().await? {
             info!(run_id = %run, "completed the commit of an interrupted run");
         }

@@ -1,10 +1,18 @@
 //! Object stores for source and warehouse URLs.
 //!
 //! Local paths and `file://` use the local file system. `s3://`, `gs://`, `az://` (and the other
-//! schemes object_store knows) take their settings from the standard environment variables:
-//! `AWS_*` (e.g. `AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT`), `GOOGLE_*`, `AZURE_*`.
+//! schemes object_store knows, with the `cloud` feature) take their settings from the standard
+//! environment variables — `AWS_*` (e.g. `AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT`),
+//! `GOOGLE_*`, `AZURE_*` — and from kbcrm.yaml's `storage:` section, which wins over them
+//! ([`configure`]). Credentials are never taken from kbcrm.yaml itself, only from environment
+//! variables it names, and never printed.
+//!
+//! Delta tables on object storage commit with conditional writes (put-if-absent): kbcrm
+//! registers these schemes with the Delta log store that does so, and refuses settings that
+//! would turn that off ([`check_commit_safety`]).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
@@ -15,24 +23,144 @@ use crate::error::{Error, Result};
 /// Environment variables passed to object-store builders, by their prefixes.
 const ENV_PREFIXES: &[&str] = &["AWS_", "GOOGLE_", "AZURE_"];
 
+/// Object-store schemes kbcrm opens through object_store's cloud stores.
+#[cfg(feature = "cloud")]
+pub const CLOUD_SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss"];
+
+/// Settings from kbcrm.yaml's `storage:` (names lower case, environment references resolved).
+static SETTINGS: RwLock<BTreeMap<String, String>> = RwLock::new(BTreeMap::new());
+
+/// Apply kbcrm.yaml's `storage:` settings to every store opened from now on.
+pub fn configure(settings: BTreeMap<String, String>) {
+    *SETTINGS.write().unwrap_or_else(|e| e.into_inner()) = settings;
+}
+
+/// The object-store options in force: the environment's, then kbcrm.yaml's.
+fn options() -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+    for (k, v) in SETTINGS.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        out.insert(k.clone(), v.clone());
+    }
+    out
+}
+
 /// The store holding `url` (its root: `file:///`, `s3://bucket/`, ...).
 pub fn store_for(url: &Url) -> Result<Arc<dyn ObjectStore>> {
     match url.scheme() {
         "file" => Ok(Arc::new(LocalFileSystem::new())),
         "memory" => Ok(Arc::new(object_store::memory::InMemory::new())),
         _ => {
-            let options = std::env::vars()
-                .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
-                .map(|(k, v)| (k.to_ascii_lowercase(), v));
-            let (store, _) = object_store::parse_url_opts(url, options).map_err(|e| {
+            let (store, _) = object_store::parse_url_opts(url, options()).map_err(|e| {
                 Error::Usage(format!(
-                    "cannot open '{}': {e}; check the URL and the credentials in the environment \
-                     (AWS_*, GOOGLE_*, AZURE_*)",
+                    "cannot open '{}': {e}; check the URL, kbcrm.yaml's `storage:` and the \
+                     credentials in the environment (AWS_*, GOOGLE_*, AZURE_*)",
                     redact(url)
                 ))
             })?;
             Ok(Arc::from(store))
         }
+    }
+}
+
+/// Refuse object-store settings under which a Delta commit could overwrite another one: a
+/// warehouse on object storage is only safe with conditional writes.
+pub fn check_commit_safety(url: &Url) -> Result<()> {
+    if matches!(url.scheme(), "file" | "memory") {
+        return Ok(());
+    }
+    let options = options();
+    let on = |k: &str| {
+        options
+            .get(k)
+            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
+    };
+    if on("aws_s3_allow_unsafe_rename") || on("aws_allow_unsafe_rename") {
+        return Err(Error::Usage(format!(
+            "warehouse '{}': AWS_S3_ALLOW_UNSAFE_RENAME is set; kbcrm commits with conditional \
+             writes only, because an unsafe rename lets two runs overwrite each other's commit. \
+             Unset it (S3, MinIO, R2 and most S3-compatible servers support conditional writes)",
+            redact(url)
+        )));
+    }
+    if options
+        .get("aws_conditional_put")
+        .is_some_and(|v| v.eq_ignore_ascii_case("disabled"))
+    {
+        return Err(Error::Usage(format!(
+            "warehouse '{}': aws_conditional_put is 'disabled'; Delta commits need conditional \
+             writes (put if absent). Remove the setting",
+            redact(url)
+        )));
+    }
+    Ok(())
+}
+
+/// Let the Delta library open tables on the cloud schemes with kbcrm's stores and the log
+/// store that commits by conditional write. Done once per process.
+pub fn register_delta_schemes() {
+    #[cfg(feature = "cloud")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let stores = deltalake::logstore::object_store_factories();
+            let logs = deltalake::logstore::logstore_factories();
+            for scheme in CLOUD_SCHEMES {
+                let key = Url::parse(&format!("{scheme}://")).expect("scheme URL");
+                stores.insert(key.clone(), Arc::new(DeltaStores));
+                logs.insert(key, Arc::new(DeltaLogStores));
+            }
+        });
+    }
+}
+
+/// Builds a Delta table's store from kbcrm's settings.
+#[cfg(feature = "cloud")]
+struct DeltaStores;
+
+#[cfg(feature = "cloud")]
+impl deltalake::logstore::ObjectStoreFactory for DeltaStores {
+    fn parse_url_opts(
+        &self,
+        url: &Url,
+        config: &deltalake::logstore::StorageConfig,
+    ) -> deltalake::DeltaResult<(
+        deltalake::logstore::ObjectStoreRef,
+        object_store::path::Path,
+    )> {
+        let mut options = options();
+        options.extend(
+            config
+                .raw
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+        );
+        let (store, path) = object_store::parse_url_opts(url, options)?;
+        Ok((Arc::from(store), path))
+    }
+}
+
+/// The Delta log store that writes each commit file with put-if-absent.
+#[cfg(feature = "cloud")]
+struct DeltaLogStores;
+
+#[cfg(feature = "cloud")]
+impl deltalake::logstore::LogStoreFactory for DeltaLogStores {
+    fn with_options(
+        &self,
+        prefixed_store: deltalake::logstore::ObjectStoreRef,
+        root_store: deltalake::logstore::ObjectStoreRef,
+        location: &Url,
+        options: &deltalake::logstore::StorageConfig,
+    ) -> deltalake::DeltaResult<Arc<dyn deltalake::logstore::LogStore>> {
+        Ok(deltalake::logstore::default_logstore(
+            prefixed_store,
+            root_store,
+            location,
+            options,
+        ))
     }
 }
 

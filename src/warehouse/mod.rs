@@ -75,6 +75,8 @@ impl Warehouse {
                 .map_err(|_| Error::Usage(format!("warehouse '{url}' is not a local folder")))?;
             std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
+        crate::sources::stores::register_delta_schemes();
+        crate::sources::stores::check_commit_safety(url)?;
         let store = store_for(url)?;
         let root = StorePath::from_url_path(url.path())
             .map_err(|e| Error::Usage(format!("warehouse '{url}': {e}")))?;
@@ -154,8 +156,16 @@ impl Warehouse {
         }
     }
 
+    /// Let `ctx` read files of this warehouse by their URLs (staged and snapshot files).
+    pub fn attach(&self, ctx: &SessionContext) {
+        if self.url.scheme() != "file" {
+            ctx.register_object_store(&self.url, self.store.clone());
+        }
+    }
+
     /// Register every committed table in `ctx` under its name. Returns each table's version.
     pub async fn register_all(&self, ctx: &SessionContext) -> Result<HashMap<String, Option<u64>>> {
+        self.attach(ctx);
         let mut versions = HashMap::new();
         for name in self.table_names().await? {
             let table = self.load(&name).await?;
@@ -174,6 +184,7 @@ impl Warehouse {
         &self,
         ctx: &SessionContext,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
+        self.attach(ctx);
         let mut versions = std::collections::BTreeMap::new();
         for name in self.table_names().await? {
             let Some(table) = self.load(&name).await? else {

@@ -12,6 +12,7 @@ mod incremental;
 mod lineage;
 mod models;
 mod mysql;
+mod object_storage;
 mod pipeline_run;
 mod postgres;
 mod recovery;

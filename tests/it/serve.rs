@@ -62,8 +62,20 @@ roles:
 ";
 
 fn add_user(p: &Project, name: &str, role: &str, password: &str) {
+    add_user_with_env(p, name, role, password, &[]);
+}
+
+/// `kbcrm user add` with extra environment variables.
+pub(crate) fn add_user_with_env(
+    p: &Project,
+    name: &str,
+    role: &str,
+    password: &str,
+    env: &[(&str, &str)],
+) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
         .args(["user", "add", name, "--role", role, "--password-stdin"])
+        .envs(env.iter().copied())
         .current_dir(p.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -100,9 +112,9 @@ fn project(serve_extra: &str) -> Project {
     p
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Drop for Server {
@@ -113,8 +125,14 @@ impl Drop for Server {
 }
 
 fn serve(p: &Project) -> Server {
+    serve_with_env(p, &[])
+}
+
+/// `kbcrm serve` on a free port with extra environment variables.
+pub(crate) fn serve_with_env(p: &Project, env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .envs(env.iter().copied())
         .current_dir(p.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -134,7 +152,7 @@ fn serve(p: &Project) -> Server {
     Server { child, port }
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -142,7 +160,11 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn connect(port: u16, user: &str, password: &str) -> Result<Client, tokio_postgres::Error> {
+pub(crate) async fn connect(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> Result<Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} user={user} password='{password}' dbname=kbcrm"),
         NoTls,
@@ -172,7 +194,7 @@ fn code(e: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| format!("no code: {e}"))
 }
 
-async fn texts(c: &Client, sql: &str) -> Vec<Vec<String>> {
+pub(crate) async fn texts(c: &Client, sql: &str) -> Vec<Vec<String>> {
     c.simple_query(sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e:?}"))

@@ -159,6 +159,11 @@ impl Project {
         run_in(self.path(), args)
     }
 
+    /// Run kbcrm in the project with extra environment variables.
+    pub fn kbcrm_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        run_with_env(self.path(), args, env)
+    }
+
     /// Run kbcrm and require success.
     pub fn ok(&self, args: &[&str]) -> String {
         self.ok_with_env(args, &[])
@@ -201,7 +206,12 @@ impl Project {
 
     /// `kbcrm query --format csv` as rows of fields (header dropped).
     pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
-        let out = self.ok(&["query", "--format", "csv", sql]);
+        self.query_with_env(sql, &[])
+    }
+
+    /// [`Project::query`] with extra environment variables.
+    pub fn query_with_env(&self, sql: &str, env: &[(&str, &str)]) -> Vec<Vec<String>> {
+        let out = self.ok_with_env(&["query", "--format", "csv", sql], env);
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .from_reader(out.as_bytes());
