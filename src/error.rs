@@ -96,6 +96,10 @@ pub enum Error {
 
     /// An object store failed.
     #[error(transparent)]
+    #[diagnostic(help(
+        "check the URL and that its bucket exists, the endpoint (AWS_ENDPOINT or `storage:` in \
+         kbcrm.yaml) and the credentials in the environment"
+    ))]
     ObjectStore(#[from] object_store::Error),
 
     /// Local I/O failed.
