@@ -26,7 +26,15 @@ pub fn session_with_runtime(
     params: &RunParams,
     runtime: Arc<RuntimeEnv>,
 ) -> Result<SessionContext> {
-    let mut config = SessionConfig::new()
+    let config = configure(SessionConfig::new(), settings)?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    udf::register(&ctx, params);
+    Ok(ctx)
+}
+
+/// `config` with kbcrm's defaults and the project's engine and `datafusion:` settings.
+pub fn configure(config: SessionConfig, settings: &EngineSettings) -> Result<SessionConfig> {
+    let mut config = config
         .with_information_schema(true)
         .with_create_default_catalog_and_schema(true);
     // Join inputs ordered by estimated size through operators: without it, DataFusion knows the
@@ -39,16 +47,23 @@ pub fn session_with_runtime(
     if let Some(n) = settings.batch_size {
         config = config.with_batch_size(n.max(1));
     }
+    let cluster = config
+        .options()
+        .extensions
+        .iter()
+        .any(|e| e.0 == "ballista");
     for (key, value) in &settings.datafusion {
+        // `ballista.*` settings are for sessions on a cluster.
+        if key.starts_with("ballista.") && !cluster {
+            continue;
+        }
         config.options_mut().set(key, value).map_err(|e| {
             Error::Usage(format!(
                 "kbcrm.yaml: datafusion setting '{key}: {value}' is not accepted: {e}"
             ))
         })?;
     }
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
-    udf::register(&ctx, params);
-    Ok(ctx)
+    Ok(config)
 }
 
 /// Run `work` on `ctx`; when a hash join in it runs out of the memory limit (DataFusion's hash
@@ -94,7 +109,8 @@ where
 
 /// The memory pool and spill folder of the engine settings.
 pub fn runtime(settings: &EngineSettings) -> Result<Arc<RuntimeEnv>> {
-    let mut runtime = RuntimeEnvBuilder::new();
+    let mut runtime = RuntimeEnvBuilder::new()
+        .with_object_store_registry(Arc::new(crate::sources::stores::StoreRegistry::default()));
     if let Some(limit) = settings.memory_limit {
         let pool = TrackConsumersPool::new(
             FairSpillPool::new(limit),

@@ -29,6 +29,8 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+#[cfg(feature = "ballista")]
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod evaluate;

@@ -9,10 +9,19 @@ use crate::error::{Error, Result};
 use crate::plan::Project;
 use crate::warehouse::Warehouse;
 
-/// A session over the project's warehouse with every committed table registered.
+/// A session over the project's warehouse with every committed table registered; on the
+/// project's Ballista cluster when it has one (there the run history, `kbcrm_runs`, is not
+/// available: it is not a table the cluster can read).
 pub async fn session(project: &Project) -> Result<SessionContext> {
-    let ctx = engine::session(&project.engine, &engine::today_params())?;
     let wh = Warehouse::open(&project.warehouse)?;
+    #[cfg(feature = "ballista")]
+    if let Some(cluster) = &project.engine.cluster {
+        let ctx =
+            crate::distributed::session(&project.engine, &engine::today_params(), cluster).await?;
+        wh.register_for_cluster(&ctx).await?;
+        return Ok(ctx);
+    }
+    let ctx = engine::session(&project.engine, &engine::today_params())?;
     wh.register_all(&ctx).await?;
     wh.register_runs(&ctx).await?;
     Ok(ctx)

@@ -31,6 +31,10 @@ pub struct Cli {
     /// Engine memory limit, e.g. 2GiB (also KBCRM_MEMORY_LIMIT).
     #[arg(long, global = true, value_name = "SIZE")]
     pub memory_limit: Option<String>,
+    /// Where queries run: local, ballista (a Ballista cluster inside this process) or a
+    /// scheduler's df://host:port (also KBCRM_ENGINE; overrides kbcrm.yaml's engine.kind).
+    #[arg(long, global = true, value_name = "ENGINE")]
+    pub engine: Option<String>,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -52,6 +56,46 @@ pub enum RunOutput {
     Text,
     /// One JSON document.
     Json,
+}
+
+/// The processes of a Ballista cluster.
+#[cfg(feature = "ballista")]
+#[derive(Debug, Subcommand)]
+pub enum BallistaRole {
+    /// The scheduler: plans queries into stages and hands their tasks to executors.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:50050")]
+        bind: std::net::SocketAddr,
+        /// Host name executors and clients reach the scheduler by.
+        #[arg(long, default_value = "localhost")]
+        external_host: String,
+    },
+    /// An executor: runs tasks, keeps their shuffle output, serves results over Arrow Flight.
+    Executor {
+        /// The scheduler, host:port.
+        #[arg(long, default_value = "localhost:50050")]
+        scheduler: String,
+        /// Host to listen on.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind_host: String,
+        /// Arrow Flight port: results and shuffle data.
+        #[arg(long, default_value_t = 50051)]
+        port: u16,
+        /// gRPC port: the scheduler hands tasks here.
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Host name the scheduler, other executors and clients reach this one by; default
+        /// the address the scheduler sees.
+        #[arg(long)]
+        external_host: Option<String>,
+        /// Folder for shuffle files; default a temporary folder.
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// Tasks run at once; default the number of cores.
+        #[arg(long)]
+        vcores: Option<usize>,
+    },
 }
 
 /// Log line format.
@@ -105,6 +149,14 @@ pub enum Command {
         /// Folder scheduled extracts are written in.
         #[arg(long, default_value = "extracts", value_name = "DIR")]
         out: PathBuf,
+    },
+    /// Run a process of an Apache DataFusion Ballista cluster that knows kbcrm's functions
+    /// and object stores (queries use it with `--engine df://host:port`).
+    #[cfg(feature = "ballista")]
+    Ballista {
+        /// Which process.
+        #[command(subcommand)]
+        role: BallistaRole,
     },
     /// Manage the users of `kbcrm serve`.
     User {
@@ -307,7 +359,13 @@ pub fn init_tracing(cli: &Cli) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("kbcrm={default},warn")));
+        // Ballista's scheduler reports, as an error, when it cannot print a finished stage's
+        // metrics; nothing is wrong with the query.
+        .unwrap_or_else(|_| {
+            EnvFilter::new(format!(
+                "kbcrm={default},warn,ballista_scheduler::display=off"
+            ))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -326,6 +384,7 @@ impl Cli {
         Overrides::from_env().with(Overrides {
             warehouse: self.warehouse.clone(),
             memory_limit: self.memory_limit.clone(),
+            engine: self.engine.clone(),
         })
     }
 
@@ -567,6 +626,53 @@ pub async fn run(cli: Cli) -> Result<()> {
                 addr.port()
             ))?;
             server.run().await
+        }
+        #[cfg(feature = "ballista")]
+        Command::Ballista { role } => {
+            // A project is optional: its `storage:` settings and memory limit apply when the
+            // process starts in one.
+            let project = if cli.project_dir().join("kbcrm.yaml").exists() {
+                Some(cli.load()?)
+            } else {
+                None
+            };
+            match role {
+                BallistaRole::Scheduler {
+                    bind,
+                    external_host,
+                } => {
+                    output::line(&format!("Ballista scheduler listening on {bind}"))?;
+                    crate::distributed::scheduler(crate::distributed::SchedulerOptions {
+                        bind: *bind,
+                        external_host: external_host.clone(),
+                    })
+                    .await
+                }
+                BallistaRole::Executor {
+                    scheduler,
+                    bind_host,
+                    port,
+                    grpc_port,
+                    external_host,
+                    work_dir,
+                    vcores,
+                } => {
+                    output::line(&format!(
+                        "Ballista executor on {bind_host}:{port} (gRPC {grpc_port}) joining {scheduler}"
+                    ))?;
+                    crate::distributed::executor(crate::distributed::ExecutorOptions {
+                        scheduler: scheduler.clone(),
+                        bind_host: bind_host.clone(),
+                        port: *port,
+                        grpc_port: *grpc_port,
+                        external_host: external_host.clone(),
+                        work_dir: work_dir.clone(),
+                        vcores: *vcores,
+                        memory_limit: project.as_ref().and_then(|p| p.engine.memory_limit),
+                    })
+                    .await
+                }
+            }
         }
         Command::User {
             action:

@@ -260,6 +260,15 @@ pub struct UserSpec {
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSpec {
+    /// Where queries run: `local` (default) or `ballista`, an Apache DataFusion Ballista
+    /// cluster: the one at `scheduler:`, or without it one started inside the process.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub kind: Option<Spanned<String>>,
+    /// The Ballista scheduler, e.g. `df://scheduler:50050` (with `kind: ballista`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub scheduler: Option<Spanned<String>>,
     /// Memory the engine may use for queries, e.g. "4GiB" or "512MB"; beyond it sorts,
     /// aggregates and repartitions spill to disk.
     #[serde(default)]

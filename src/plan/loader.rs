@@ -246,7 +246,9 @@ impl Loader {
                 None
             }
         };
+        let cluster = self.cluster(spec, text, o);
         EngineSettings {
+            cluster,
             memory_limit,
             spill_dir: e.spill_dir.as_ref().map(|d| self.root.join(d)),
             target_partitions: e.target_partitions,
@@ -257,6 +259,97 @@ impl Loader {
                 .map(|(k, v)| (k.clone(), setting_text(v)))
                 .collect(),
         }
+    }
+
+    /// `engine.kind` / `engine.scheduler`, or `--engine` / `KBCRM_ENGINE`.
+    fn cluster(
+        &mut self,
+        spec: &ProjectSpec,
+        text: &Arc<String>,
+        o: &Overrides,
+    ) -> Option<Cluster> {
+        let e = &spec.engine;
+        let (cluster, problem) = match &o.engine {
+            Some(written) => match written.trim() {
+                "local" => (None, None),
+                "ballista" => (Some(Cluster::Standalone), None),
+                url if url.starts_with("df://") => {
+                    (Some(Cluster::Scheduler(url.to_string())), None)
+                }
+                other => (
+                    None,
+                    Some(Problem::new(
+                        "KBCRM_ENGINE / --engine",
+                        format!(
+                            "'{other}' is not an engine; write local, ballista (a cluster in \
+                             this process) or a scheduler URL such as df://scheduler:50050"
+                        ),
+                    )),
+                ),
+            },
+            None => match (e.kind.as_ref().map(|k| k.value.as_str()), &e.scheduler) {
+                (None | Some("local"), None) => (None, None),
+                (Some("ballista"), None) => (Some(Cluster::Standalone), None),
+                (Some("ballista"), Some(s)) if s.value.starts_with("df://") => {
+                    (Some(Cluster::Scheduler(s.value.clone())), None)
+                }
+                (_, Some(s)) if !s.value.starts_with("df://") => (
+                    None,
+                    Some(
+                        Problem::new(
+                            PROJECT_FILE,
+                            format!(
+                                "engine.scheduler: '{}' is not a scheduler URL; write e.g. \
+                                 df://scheduler:50050",
+                                s.value
+                            ),
+                        )
+                        .at(yaml_pos(&s.referenced, text), text),
+                    ),
+                ),
+                (None | Some("local"), Some(s)) => (
+                    None,
+                    Some(
+                        Problem::new(
+                            PROJECT_FILE,
+                            "engine.scheduler is set but engine.kind is not ballista; add \
+                             `kind: ballista`"
+                                .to_string(),
+                        )
+                        .at(yaml_pos(&s.referenced, text), text),
+                    ),
+                ),
+                (Some(other), _) => {
+                    let k = e.kind.as_ref().expect("matched Some");
+                    (
+                        None,
+                        Some(
+                            Problem::new(
+                                PROJECT_FILE,
+                                format!(
+                                    "engine.kind: '{other}' is not an engine; write local or \
+                                     ballista"
+                                ),
+                            )
+                            .at(yaml_pos(&k.referenced, text), text),
+                        ),
+                    )
+                }
+            },
+        };
+        if let Some(p) = problem {
+            self.problems.push(p);
+        }
+        if cluster.is_some() && !cfg!(feature = "ballista") {
+            self.problems.push(Problem::new(
+                PROJECT_FILE,
+                "engine: this kbcrm was built without the `ballista` feature; rebuild it with \
+                 `--features ballista` or use the local engine"
+                    .to_string(),
+            ));
+            return None;
+        }
+        cluster
     }
 
     fn read_pipelines(&mut self, dir: &Path) -> Vec<RawPipeline> {

@@ -45,12 +45,15 @@ pub struct Overrides {
     pub warehouse: Option<String>,
     /// Engine memory limit, e.g. "2GiB".
     pub memory_limit: Option<String>,
+    /// Where queries run: `local`, `ballista` (a cluster in this process) or `df://host:port`.
+    pub engine: Option<String>,
 }
 
 impl Overrides {
-    /// Read `KBCRM_WAREHOUSE` and `KBCRM_MEMORY_LIMIT`.
+    /// Read `KBCRM_WAREHOUSE`, `KBCRM_MEMORY_LIMIT` and `KBCRM_ENGINE`.
     pub fn from_env() -> Self {
         Overrides {
+            engine: std::env::var("KBCRM_ENGINE").ok().filter(|s| !s.is_empty()),
             warehouse: std::env::var("KBCRM_WAREHOUSE")
                 .ok()
                 .filter(|s| !s.is_empty()),
@@ -68,13 +71,27 @@ impl Overrides {
         if other.memory_limit.is_some() {
             self.memory_limit = other.memory_limit;
         }
+        if other.engine.is_some() {
+            self.engine = other.engine;
+        }
         self
     }
+}
+
+/// Where queries run when not in this process's own engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cluster {
+    /// A Ballista scheduler and executor started inside this process.
+    Standalone,
+    /// The Ballista scheduler at this `df://host:port` URL.
+    Scheduler(String),
 }
 
 /// Engine settings after validation.
 #[derive(Debug, Clone, Default)]
 pub struct EngineSettings {
+    /// The Ballista cluster queries run on; `None` runs them here.
+    pub cluster: Option<Cluster>,
     /// Memory pool limit in bytes.
     pub memory_limit: Option<usize>,
     /// Spill folder.

@@ -122,6 +122,9 @@ struct RunState {
     loaded_files: Vec<(String, String, String, u64)>,
     /// The as-of date and variables the SQL sees.
     params: crate::udf::RunParams,
+    /// A session on the project's Ballista cluster, when it has one: the models' SQL runs
+    /// there, over the same table versions (committed, then this run's staged ones).
+    cluster: Option<SessionContext>,
 }
 
 impl RunState {
@@ -255,6 +258,7 @@ impl<'a> Runner<'a> {
         };
         let ctx = engine::session(&self.project.engine, &params)?;
         let committed = self.wh.register_all(&ctx).await?;
+        let cluster = self.cluster_session(&params).await?;
         let mut state = RunState {
             run_id,
             run_micros: chrono::Utc::now().timestamp_micros(),
@@ -267,6 +271,7 @@ impl<'a> Runner<'a> {
             state_after: HashMap::new(),
             loaded_files: Vec::new(),
             params,
+            cluster,
         };
         info!(run_id = %state.run_id, "run started");
         let tests = match self.build(pipeline, &ctx, &mut state).await {
@@ -395,6 +400,23 @@ impl<'a> Runner<'a> {
         }
     }
 
+    /// A session on the project's Ballista cluster with every committed table, when the
+    /// project runs its SQL on one.
+    #[allow(clippy::unused_async)]
+    async fn cluster_session(
+        &self,
+        params: &crate::udf::RunParams,
+    ) -> Result<Option<SessionContext>> {
+        #[cfg(feature = "ballista")]
+        if let Some(cluster) = &self.project.engine.cluster {
+            let ctx = crate::distributed::session(&self.project.engine, params, cluster).await?;
+            self.wh.register_for_cluster(&ctx).await?;
+            return Ok(Some(ctx));
+        }
+        let _ = params;
+        Ok(None)
+    }
+
     /// Keep a staged write, make its new state readable by later steps, and report it.
     #[allow(clippy::too_many_arguments)]
     async fn record(
@@ -411,6 +433,11 @@ impl<'a> Runner<'a> {
             let provider = files_provider(&staged.files, staged.schema.clone()).await?;
             ctx.deregister_table(&staged.table)?;
             ctx.register_table(&staged.table, provider)?;
+            if let Some(cluster) = &state.cluster {
+                let provider = crate::warehouse::listing(&staged.files, staged.schema.clone())?;
+                cluster.deregister_table(&staged.table)?;
+                cluster.register_table(&staged.table, provider)?;
+            }
         }
         let report = TableReport {
             table: staged.table.clone(),

@@ -122,10 +122,31 @@ impl Runner<'_> {
             }
             _ => Vec::new(),
         };
-        let result = self
-            .write_sql(ctx, &model.sql, &model.name)
-            .await
-            .map_err(|e| model_err(&e));
+        // On the project's cluster, unless inputs were narrowed to what changed (those are
+        // views of this process's tables).
+        let cluster = match &state.cluster {
+            Some(cluster) if narrowed.is_empty() => {
+                tracing::info!(model = %model.name, "SQL runs on the Ballista cluster");
+                Some(cluster.clone())
+            }
+            _ => None,
+        };
+        let mut result = self
+            .write_sql(cluster.as_ref().unwrap_or(ctx), &model.sql, &model.name)
+            .await;
+        if let Err(e) = &result
+            && cluster.is_some()
+            && not_distributable(e)
+        {
+            tracing::warn!(
+                model = %model.name,
+                reason = %e.to_string().lines().next().unwrap_or_default(),
+                "the cluster cannot be sent this model's plan (a table function or a table \
+                 only this process has); it runs in this process"
+            );
+            result = self.write_sql(ctx, &model.sql, &model.name).await;
+        }
+        let result = result.map_err(|e| model_err(&e));
         for (table, provider) in narrowed {
             ctx.deregister_table(table.as_str())?;
             ctx.register_table(table.as_str(), provider)?;
@@ -453,4 +474,13 @@ impl Runner<'_> {
         state.state_after.insert(key, print);
         Ok(())
     }
+}
+
+/// Whether `e` says the plan could not be sent to the cluster (Ballista serialises plans with
+/// DataFusion's codec, which has no form for table functions such as `generate_series` or for
+/// custom tables): nothing ran, so the model can run here instead.
+fn not_distributable(e: &Error) -> bool {
+    let text = e.to_string();
+    text.contains("failed to serialize logical plan")
+        || text.contains("LogicalExtensionCodec is not provided")
 }

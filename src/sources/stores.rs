@@ -171,3 +171,38 @@ pub fn redact(url: &Url) -> String {
     let _ = u.set_password(None);
     u.to_string()
 }
+
+/// DataFusion's object-store registry that also opens the cloud stores on first use, with
+/// kbcrm's settings: every session (and every Ballista scheduler and executor) can read any
+/// `s3://`, `gs://` or `az://` URL its plans name without registering each bucket first.
+#[derive(Debug, Default)]
+pub struct StoreRegistry {
+    inner: datafusion::execution::object_store::DefaultObjectStoreRegistry,
+}
+
+impl datafusion::execution::object_store::ObjectStoreRegistry for StoreRegistry {
+    fn register_store(
+        &self,
+        url: &Url,
+        store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        self.inner.register_store(url, store)
+    }
+
+    fn deregister_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
+        self.inner.deregister_store(url)
+    }
+
+    fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
+        match self.inner.get_store(url) {
+            Ok(store) => Ok(store),
+            Err(e) if matches!(url.scheme(), "file" | "memory") => Err(e),
+            Err(_) => {
+                let store = store_for(url)
+                    .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+                self.inner.register_store(url, store.clone());
+                Ok(store)
+            }
+        }
+    }
+}

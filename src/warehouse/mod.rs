@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::datasource::MemTable;
+use datafusion::datasource::empty::EmptyTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -184,6 +184,23 @@ impl Warehouse {
         &self,
         ctx: &SessionContext,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
+        self.register_listings(ctx, true).await
+    }
+
+    /// [`Warehouse::register_snapshots`] with DataFusion's own listing tables, which a Ballista
+    /// cluster can be sent (a scan does not first check that every file is still there).
+    pub async fn register_for_cluster(
+        &self,
+        ctx: &SessionContext,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        self.register_listings(ctx, false).await
+    }
+
+    async fn register_listings(
+        &self,
+        ctx: &SessionContext,
+        checked: bool,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
         self.attach(ctx);
         let mut versions = std::collections::BTreeMap::new();
         for name in self.table_names().await? {
@@ -197,7 +214,12 @@ impl Warehouse {
             let schema = table.table_provider().await?.schema();
             let files = active_files(&table, &self.table_url(&name))?;
             ctx.deregister_table(name.as_str())?;
-            ctx.register_table(name.as_str(), files_provider(&files, schema).await?)?;
+            let provider = if checked {
+                files_provider(&files, schema).await?
+            } else {
+                listing(&files, schema)?
+            };
+            ctx.register_table(name.as_str(), provider)?;
             versions.insert(name, version);
         }
         Ok(versions)
@@ -307,21 +329,43 @@ pub(crate) async fn files_provider(
     schema: arrow::datatypes::SchemaRef,
 ) -> Result<Arc<dyn TableProvider>> {
     if files.is_empty() {
-        return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
+        return Ok(Arc::new(EmptyTable::new(schema)));
     }
-    let urls = files
+    let urls = urls(files)?;
+    Ok(Arc::new(ExactFiles {
+        inner: listing_table(urls.clone(), schema)?,
+        files: urls,
+    }))
+}
+
+/// A plain listing table over exactly these Parquet files (one a Ballista cluster can read).
+pub(crate) fn listing(
+    files: &[Url],
+    schema: arrow::datatypes::SchemaRef,
+) -> Result<Arc<dyn TableProvider>> {
+    if files.is_empty() {
+        return Ok(Arc::new(EmptyTable::new(schema)));
+    }
+    Ok(Arc::new(listing_table(urls(files)?, schema)?))
+}
+
+fn urls(files: &[Url]) -> Result<Vec<ListingTableUrl>> {
+    Ok(files
         .iter()
         .map(|u| ListingTableUrl::parse(u.as_str()))
-        .collect::<datafusion::error::Result<Vec<_>>>()?;
+        .collect::<datafusion::error::Result<Vec<_>>>()?)
+}
+
+fn listing_table(
+    urls: Vec<ListingTableUrl>,
+    schema: arrow::datatypes::SchemaRef,
+) -> Result<ListingTable> {
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls.clone())
+    let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);
-    Ok(Arc::new(ExactFiles {
-        files: urls,
-        inner: ListingTable::try_new(config)?,
-    }))
+    Ok(ListingTable::try_new(config)?)
 }
 
 /// [`ListingTable`] over named files that fails a scan when one of them is missing.

@@ -4,6 +4,7 @@ mod backfill;
 mod bad_input;
 mod crash;
 mod cubes;
+mod distributed;
 mod errors;
 mod extract;
 mod freshness;

@@ -1,0 +1,253 @@
+//! Queries and cube builds on Apache DataFusion Ballista: a cluster inside the kbcrm process
+//! (`--engine ballista`), and a scheduler with two executor processes on loopback
+//! (`kbcrm ballista scheduler|executor`, `--engine df://host:port`); the results must be those
+//! of the local engine.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Project, repo, stderr};
+
+/// The OLAP query set of the benchmarks, with one customer's id for the history query.
+fn olap_queries(customer_id: &str) -> Vec<(String, String)> {
+    let dir = repo().join("benches/olap");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("benches/olap")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 12, "the OLAP query set: {files:?}");
+    files
+        .into_iter()
+        .map(|f| {
+            let sql = std::fs::read_to_string(&f)
+                .expect("read")
+                .replace(":customer_id", &format!("'{customer_id}'"));
+            let name = f.file_stem().expect("name").to_string_lossy().into_owned();
+            (name, sql)
+        })
+        .collect()
+}
+
+/// Whether two fields agree: numbers with a decimal point to a relative 1e-6 (sums of doubles
+/// differ in the last bits with the order they are added in, and the model fits with them),
+/// anything else exactly.
+fn close(a: &str, b: &str) -> bool {
+    match (a.parse::<f64>(), b.parse::<f64>()) {
+        (Ok(x), Ok(y)) if a.contains('.') || b.contains('.') => {
+            (x - y).abs() <= 1e-6 * x.abs().max(y.abs()) + 1e-9
+        }
+        _ => a == b,
+    }
+}
+
+/// Rows sorted by their fields, numbers rounded for the sort only.
+fn sorted(mut rows: Vec<Vec<String>>) -> Vec<Vec<String>> {
+    let key = |r: &Vec<String>| -> Vec<String> {
+        r.iter()
+            .map(|f| match f.parse::<f64>() {
+                Ok(x) if f.contains('.') => format!("{x:.3e}"),
+                _ => f.clone(),
+            })
+            .collect()
+    };
+    rows.sort_by_key(key);
+    rows
+}
+
+/// Assert that two results hold the same rows, in any order.
+fn assert_same(got: Vec<Vec<String>>, want: Vec<Vec<String>>, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: row counts differ");
+    let (got, want) = (sorted(got), sorted(want));
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            g.len() == w.len() && g.iter().zip(w).all(|(a, b)| close(a, b)),
+            "{what}: {g:?} differs from {w:?}"
+        );
+    }
+}
+
+/// The cube tables a `kbcrm run cubes` builds.
+const CUBES: &[&str] = &[
+    "cube_customer_rfm",
+    "model_params",
+    "cube_loyalty",
+    "cube_loyalty_structure",
+    "cube_loyalty_pareto",
+    "cube_purchasing_power",
+    "cube_churn_warning",
+    "cube_knowledge_source",
+    "cube_churn_rollup",
+    "cube_loyalty_rollup",
+    "int_sales_order_category",
+    "cube_sales_rollup",
+];
+
+/// `local` and `other` (built on `engine`) hold the same cube rows; and the OLAP queries on
+/// `engine` answer as the local engine does over `local`.
+fn same_results(local: &Project, other: &Project, engine: &str) {
+    let env = [("KBCRM_ENGINE", engine)];
+    for cube in CUBES {
+        // The BG/NBD fit on this data lies on a ridge where a and b grow together: their
+        // ratio is what the fit determines (and what P(alive) depends on).
+        let sql = if *cube == "model_params" {
+            "select * except (bg_a, bg_b), bg_a / (bg_a + bg_b) as bg_a_share from model_params"
+                .to_string()
+        } else {
+            format!("select * from {cube}")
+        };
+        let want = local.query(&sql);
+        assert!(!want.is_empty(), "{cube} is empty");
+        assert_same(
+            other.query(&sql),
+            want,
+            &format!("{cube} built on {engine} and locally"),
+        );
+    }
+    let customer = &local.query("select min(customer_id) from fact_sales")[0][0];
+    for (name, sql) in olap_queries(customer) {
+        let (got, want) = (local.query_with_env(&sql, &env), local.query(&sql));
+        if name.contains("history") {
+            // Ordered by day, kind and a unique reference: the order itself must agree.
+            let keys = |rows: &[Vec<String>]| -> Vec<String> {
+                rows.iter().map(|r| r[..3].join("|")).collect()
+            };
+            assert_eq!(keys(&got), keys(&want), "{name}: the order on {engine}");
+        }
+        assert_same(got, want, &format!("{name} on {engine} and locally"));
+    }
+    let plan = local.query_with_env("explain select count(*) from fact_sales", &env);
+    let plan = format!("{plan:?}");
+    assert!(
+        plan.contains("distributed_plan") || plan.contains("DistributedQueryExec"),
+        "the query ran on the cluster: {plan}"
+    );
+}
+
+/// The star schema built locally, and two copies: cubes built locally in the first, on
+/// `engine` in the second.
+fn built(engine: &str) -> (Project, Project) {
+    let local = Project::demo();
+    local.ok(&["run", "erp", "sales", "service", "star"]);
+    let other = local.copied();
+    local.ok(&["run", "cubes"]);
+    let out = other.kbcrm_with_env(&["-v", "run", "cubes"], &[("KBCRM_ENGINE", engine)]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "cubes on {engine}: {log}");
+    assert!(
+        log.contains("SQL runs on the Ballista cluster"),
+        "the models ran on the cluster: {log}"
+    );
+    (local, other)
+}
+
+#[test]
+fn queries_and_cubes_on_a_ballista_cluster_in_the_process_match_local() {
+    let (local, other) = built("ballista");
+    same_results(&local, &other, "ballista");
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Start `kbcrm ballista ...` in `dir`, wait for its first line and for `port` to accept.
+fn start(dir: &Path, args: &[&str], port: u16) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+        .arg("ballista")
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kbcrm ballista starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    assert!(line.contains("Ballista"), "{line}");
+    let process = Process(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "port {port} did not open: {args:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    process
+}
+
+#[test]
+fn queries_and_cubes_on_a_scheduler_and_two_executors_match_local() {
+    let scheduler_port = free_port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let _scheduler = start(
+        dir.path(),
+        &[
+            "scheduler",
+            "--bind",
+            &format!("127.0.0.1:{scheduler_port}"),
+            "--external-host",
+            "127.0.0.1",
+        ],
+        scheduler_port,
+    );
+    let mut executors = Vec::new();
+    let mut work_dirs = Vec::new();
+    for i in 0..2 {
+        let (port, grpc) = (free_port(), free_port());
+        let work = dir.path().join(format!("executor-{i}"));
+        std::fs::create_dir_all(&work).expect("mkdir");
+        executors.push(start(
+            dir.path(),
+            &[
+                "executor",
+                "--scheduler",
+                &format!("127.0.0.1:{scheduler_port}"),
+                "--bind-host",
+                "127.0.0.1",
+                "--external-host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--grpc-port",
+                &grpc.to_string(),
+                "--vcores",
+                "1",
+                "--work-dir",
+                &work.to_string_lossy(),
+            ],
+            port,
+        ));
+        work_dirs.push(work);
+    }
+    // Executors register with the scheduler right after they start listening.
+    std::thread::sleep(Duration::from_secs(2));
+    let engine = format!("df://127.0.0.1:{scheduler_port}");
+    let (local, other) = built(&engine);
+    same_results(&local, &other, &engine);
+    for work in &work_dirs {
+        let used = std::fs::read_dir(work).expect("work dir").count();
+        assert!(used > 0, "executor {} ran no task", work.display());
+    }
+}
