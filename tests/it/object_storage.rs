@@ -189,6 +189,12 @@ fn the_warehouse_and_sources_on_s3_give_the_local_results() {
         );
     }
 
+    // A Ballista cluster reads the S3 warehouse through the same stores.
+    let mut on_cluster = ENV.to_vec();
+    on_cluster.push(("KBCRM_ENGINE", "ballista"));
+    let sql = "select count(*), sum(net_amount) from fact_sales";
+    assert_eq!(cloud.query_with_env(sql, &on_cluster), local.query(sql));
+
     // Nothing new: a second run reads no file again and commits nothing.
     let tables = cloud.ok_with_env(&["tables"], ENV);
     cloud.ok_with_env(&["run"], ENV);
