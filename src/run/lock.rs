@@ -244,18 +244,32 @@ impl Drop for RunLock {
 mod tests {
     use super::*;
 
+    /// A holder on this machine whose process is gone: a process id above the kernel's
+    /// largest is certainly not running.
+    fn dead_holder() -> Holder {
+        Holder {
+            pid: 4_194_305,
+            host: host(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// A second acquisition is refused with this process named as the holder.
+    fn assert_names_this_process(e: &Error) {
+        assert!(
+            e.to_string()
+                .contains(&format!("process {}", std::process::id())),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_killed_runs_lock_and_draft_are_taken_over() {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = Url::from_directory_path(dir.path()).expect("url");
         let meta = dir.path().join("_kbcrm");
         std::fs::create_dir_all(&meta).expect("mkdir");
-        // A process id above the kernel's largest is certainly not running.
-        let dead = Holder {
-            pid: 4_194_305,
-            host: host(),
-            started_at: "2026-01-01T00:00:00Z".into(),
-        };
+        let dead = dead_holder();
         let text = serde_json::to_string(&dead).expect("json");
         std::fs::write(meta.join("run.lock"), &text).expect("lock");
         let draft = meta.join(format!("run.lock.{}.{}", dead.host, dead.pid));
@@ -270,13 +284,7 @@ mod tests {
         assert_eq!(now.pid, std::process::id());
         assert!(!draft.exists(), "the dead run's draft is removed");
         // While held, a second acquisition is refused with the holder named.
-        let again = RunLock::acquire_local(&url).expect_err("held");
-        assert!(
-            again
-                .to_string()
-                .contains(&format!("process {}", std::process::id())),
-            "{again}"
-        );
+        assert_names_this_process(&RunLock::acquire_local(&url).expect_err("held"));
         drop(lock);
         let left: Vec<_> = std::fs::read_dir(&meta).expect("list").flatten().collect();
         assert!(left.is_empty(), "nothing left behind: {left:?}");
@@ -289,23 +297,13 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         runtime.block_on(async {
             let lock = RunLock::acquire_in_store(&wh).await.expect("first");
-            let again = RunLock::acquire_in_store(&wh).await.expect_err("held");
-            assert!(
-                again
-                    .to_string()
-                    .contains(&format!("process {}", std::process::id())),
-                "{again}"
-            );
+            assert_names_this_process(&RunLock::acquire_in_store(&wh).await.expect_err("held"));
             drop(lock);
             let lock = RunLock::acquire_in_store(&wh).await.expect("released");
             // A lock left by a gone process of this machine is taken over.
             std::mem::forget(lock);
             let path = wh.path(&format!("{META_DIR}/run.lock"));
-            let dead = Holder {
-                pid: 4_194_305,
-                host: host(),
-                started_at: "2026-01-01T00:00:00Z".into(),
-            };
+            let dead = dead_holder();
             let text = serde_json::to_string(&dead).expect("json");
             wh.store().put(&path, text.into()).await.expect("plant");
             let taken = RunLock::acquire_in_store(&wh).await.expect("taken over");
