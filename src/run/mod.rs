@@ -402,7 +402,7 @@ impl<'a> Runner<'a> {
 
     /// A session on the project's Ballista cluster with every committed table, when the
     /// project runs its SQL on one.
-    #[allow(clippy::unused_async)]
+    #[cfg_attr(not(feature = "ballista"), allow(clippy::unused_async))]
     async fn cluster_session(
         &self,
         params: &crate::udf::RunParams,
@@ -413,6 +413,7 @@ impl<'a> Runner<'a> {
             self.wh.register_for_cluster(&ctx).await?;
             return Ok(Some(ctx));
         }
+        #[cfg(not(feature = "ballista"))]
         let _ = params;
         Ok(None)
     }
