@@ -44,6 +44,9 @@ pub async fn session(
     let local = SessionContext::new_with_config_rt(config, engine::runtime(settings)?);
     udf::register(&local, params);
     let state = local.state();
+    if let Cluster::Scheduler(url) = cluster {
+        reachable(url).await?;
+    }
     let ctx = match cluster {
         Cluster::Standalone => SessionContext::standalone_with_state(state).await,
         Cluster::Scheduler(url) => SessionContext::remote_with_state(url, state).await,
@@ -52,6 +55,33 @@ pub async fn session(
     // The Ballista session keeps only its own function list: kbcrm's are registered again.
     udf::register(&ctx, params);
     Ok(ctx)
+}
+
+/// Fail with a clear message when nothing answers at the scheduler's address (Ballista itself
+/// reports a bare transport error at the first query).
+async fn reachable(url: &str) -> Result<()> {
+    let address = url.trim_start_matches("df://").trim_end_matches('/');
+    let address = if address.contains(':') {
+        address.to_string()
+    } else {
+        format!("{address}:50050")
+    };
+    let attempt = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(address.as_str()),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(Error::Usage(format!(
+            "cannot reach the Ballista scheduler at {url}: {e}; start `kbcrm ballista scheduler` \
+             there, or check --engine / engine.scheduler"
+        ))),
+        Err(_) => Err(Error::Usage(format!(
+            "the Ballista scheduler at {url} did not answer within 10 s; check --engine / \
+             engine.scheduler and the network"
+        ))),
+    }
 }
 
 /// The session settings of every process of the cluster: Ballista's, with its static

@@ -251,3 +251,16 @@ fn queries_and_cubes_on_a_scheduler_and_two_executors_match_local() {
         assert!(used > 0, "executor {} ran no task", work.display());
     }
 }
+
+#[test]
+fn an_unreachable_scheduler_is_a_clear_error() {
+    let p = Project::empty();
+    let engine = format!("df://127.0.0.1:{}", free_port());
+    let out = p.kbcrm(&["--engine", &engine, "query", "select 1"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the Ballista scheduler at {engine}")),
+        "{err}"
+    );
+}
