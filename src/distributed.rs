@@ -60,15 +60,9 @@ pub async fn session(
 /// Fail with a clear message when nothing answers at the scheduler's address (Ballista itself
 /// reports a bare transport error at the first query).
 async fn reachable(url: &str) -> Result<()> {
-    let address = url.trim_start_matches("df://").trim_end_matches('/');
-    let address = if address.contains(':') {
-        address.to_string()
-    } else {
-        format!("{address}:50050")
-    };
     let attempt = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        tokio::net::TcpStream::connect(address.as_str()),
+        tokio::net::TcpStream::connect(scheduler_address(url)?),
     )
     .await;
     match attempt {
@@ -81,6 +75,23 @@ async fn reachable(url: &str) -> Result<()> {
             "the Ballista scheduler at {url} did not answer within 10 s; check --engine / \
              engine.scheduler and the network"
         ))),
+    }
+}
+
+/// Host and port of a scheduler written `host:port` or `df://host:port` (port 50050 when
+/// left out).
+fn scheduler_address(written: &str) -> Result<(String, u16)> {
+    let target = written.trim_start_matches("df://").trim_end_matches('/');
+    match target.rsplit_once(':') {
+        Some((host, port)) => Ok((
+            host.to_string(),
+            port.parse().map_err(|_| {
+                Error::Usage(format!(
+                    "scheduler '{written}': the port is not a number; write host:port"
+                ))
+            })?,
+        )),
+        None => Ok((target.to_string(), 50050)),
     }
 }
 
@@ -124,12 +135,12 @@ pub struct SchedulerOptions {
 
 /// Run a scheduler until the process is stopped.
 pub async fn scheduler(options: SchedulerOptions) -> Result<()> {
+    let functions = functions().state();
     let builder: ballista_scheduler::scheduler_server::SessionBuilder =
-        Arc::new(|config: SessionConfig| {
+        Arc::new(move |config: SessionConfig| {
             let runtime = RuntimeEnvBuilder::new()
                 .with_object_store_registry(Arc::new(StoreRegistry::default()))
                 .build_arc()?;
-            let functions = functions().state();
             let state = SessionStateBuilder::new()
                 .with_default_features()
                 .with_config(config)
@@ -183,19 +194,7 @@ pub struct ExecutorOptions {
 /// Run an executor until the process is stopped (SIGTERM or Ctrl-C: running tasks finish
 /// first).
 pub async fn executor(options: ExecutorOptions) -> Result<()> {
-    let target = options.scheduler.trim_start_matches("df://");
-    let (host, port) = match target.rsplit_once(':') {
-        Some((h, p)) => (
-            h.to_string(),
-            p.parse::<u16>().map_err(|_| {
-                Error::Usage(format!(
-                    "--scheduler '{}': the port is not a number; write host:port",
-                    options.scheduler
-                ))
-            })?,
-        ),
-        None => (target.to_string(), 50050),
-    };
+    let (host, port) = scheduler_address(&options.scheduler)?;
     let functions = Arc::new(BallistaFunctionRegistry::from(&functions().state()));
     let mut config = ExecutorProcessConfig {
         bind_host: options.bind_host.clone(),

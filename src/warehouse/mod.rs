@@ -156,16 +156,8 @@ impl Warehouse {
         }
     }
 
-    /// Let `ctx` read files of this warehouse by their URLs (staged and snapshot files).
-    pub fn attach(&self, ctx: &SessionContext) {
-        if self.url.scheme() != "file" {
-            ctx.register_object_store(&self.url, self.store.clone());
-        }
-    }
-
     /// Register every committed table in `ctx` under its name. Returns each table's version.
     pub async fn register_all(&self, ctx: &SessionContext) -> Result<HashMap<String, Option<u64>>> {
-        self.attach(ctx);
         let mut versions = HashMap::new();
         for name in self.table_names().await? {
             let table = self.load(&name).await?;
@@ -201,7 +193,6 @@ impl Warehouse {
         ctx: &SessionContext,
         checked: bool,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        self.attach(ctx);
         let mut versions = std::collections::BTreeMap::new();
         for name in self.table_names().await? {
             let Some(table) = self.load(&name).await? else {
