@@ -74,6 +74,20 @@ pub enum Error {
     #[error("warehouse: {0}")]
     Warehouse(String),
 
+    /// A run's commit failed after its manifest was written: some of its tables may be
+    /// committed, the others will be from the manifest. Exit code 1.
+    #[error("the commit of run {run_id} did not finish: {message}")]
+    #[diagnostic(help(
+        "nothing is lost: the next `kbcrm run` on this warehouse completes the commit from \
+         `_kbcrm/pending/{run_id}.json` first; keep that file, and the run's data files"
+    ))]
+    Unfinished {
+        /// The run.
+        run_id: String,
+        /// What failed.
+        message: String,
+    },
+
     /// DataFusion failed.
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),

@@ -617,12 +617,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo { scale, seed } => crate::demo::demo(&cli, *scale, *seed).await,
         Command::Serve { listen } => {
             let project = cli.load()?;
-            if project.engine.cluster.is_some() {
-                tracing::warn!(
-                    "kbcrm serve answers with its own engine, not the Ballista cluster: the \
-                     engine setting applies to kbcrm query and the models of kbcrm run"
-                );
-            }
             let server =
                 crate::serve::Server::bind(project, cli.overrides(), listen.as_deref()).await?;
             let addr = server.local_addr()?;

@@ -284,6 +284,8 @@ impl<'a> Runner<'a> {
         let versions =
             match commit_run(&self.wh, &state.run_id, &pipeline.name, &state.staged).await {
                 Ok(v) => v,
+                // The manifest holds the run's files: they stay for the next run to commit.
+                Err(e @ Error::Unfinished { .. }) => return Err(e),
                 Err(e) => {
                     self.abort(&state).await;
                     return Err(e);

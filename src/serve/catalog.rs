@@ -37,6 +37,8 @@ pub struct RoleSession {
     pub service: Arc<DfSessionService>,
     /// Tables that exist but the role may not read.
     pub hidden: BTreeSet<String>,
+    /// The role's session on the project's Ballista cluster, when it has one.
+    pub cluster: Option<super::cluster::ClusterSide>,
 }
 
 impl RoleSession {
@@ -65,12 +67,22 @@ impl RoleSession {
     }
 }
 
-/// Build every role's session from the warehouse as it is now.
-pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catalog> {
+/// Build every role's session from the warehouse as it is now; with `cluster` (a session on
+/// the project's Ballista cluster), each role also gets a session there over the same table
+/// versions.
+pub async fn build(
+    project: &Project,
+    runtime: &Arc<RuntimeEnv>,
+    cluster: Option<&SessionContext>,
+) -> Result<Catalog> {
     let params = engine::today_params();
     let base = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
     let wh = Warehouse::open(&project.warehouse)?;
-    let versions: BTreeMap<String, u64> = wh.register_snapshots(&base).await?;
+    let cluster_base = cluster.map(|root| on_cluster(root, &params));
+    let versions: BTreeMap<String, u64> = match &cluster_base {
+        Some(cb) => wh.register_snapshots_and_for_cluster(&base, cb).await?,
+        None => wh.register_snapshots(&base).await?,
+    };
     // The run history is served too (to roles granted `kbcrm_runs`), read afresh per query.
     wh.register_runs(&base).await?;
     let mut tables = versions.clone();
@@ -95,16 +107,38 @@ pub async fn build(project: &Project, runtime: &Arc<RuntimeEnv>) -> Result<Catal
         ));
         ctx.register_udf(ScalarUDF::new_from_impl(JsonBuildObject::new()));
         let ctx = Arc::new(ctx);
+        let cluster = match (cluster, &cluster_base) {
+            (Some(root), Some(cb)) => {
+                let on = on_cluster(root, &params);
+                roles::register_views(cb, &on, &versions, name, role, project).await?;
+                Some(super::cluster::ClusterSide::new(on))
+            }
+            _ => None,
+        };
         roles.insert(
             name.clone(),
             Arc::new(RoleSession {
                 service: Arc::new(DfSessionService::new(ctx.clone())),
                 ctx,
                 hidden,
+                cluster,
             }),
         );
     }
     Ok(Catalog { versions, roles })
+}
+
+/// A session on the cluster of `root` with an empty catalog and kbcrm's functions as of today.
+#[cfg(feature = "ballista")]
+fn on_cluster(root: &SessionContext, params: &crate::udf::RunParams) -> SessionContext {
+    let ctx = crate::distributed::with_empty_catalog(root);
+    crate::udf::register(&ctx, params);
+    ctx
+}
+
+#[cfg(not(feature = "ballista"))]
+fn on_cluster(_: &SessionContext, _: &crate::udf::RunParams) -> SessionContext {
+    unreachable!("a cluster session exists only in builds with Ballista")
 }
 
 /// `to_regtype(name)`: the type's oid, or NULL for a type the server does not have (psycopg

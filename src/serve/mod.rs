@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod cluster;
 pub mod policy;
 pub mod queries;
 pub mod scram;
@@ -51,6 +52,9 @@ pub struct Shared {
     serve: ServeSettings,
     catalog: RwLock<Arc<Catalog>>,
     runtime: Arc<RuntimeEnv>,
+    /// A session on the project's Ballista cluster, whose scheduler and settings the roles'
+    /// cluster sessions share.
+    cluster: Option<datafusion::prelude::SessionContext>,
     /// Keys the decoy verifiers of unknown users; random per server start.
     secret: [u8; 32],
     registry: Arc<Registry>,
@@ -124,7 +128,7 @@ impl Shared {
         if !roles_changed && latest == self.catalog().versions {
             return Ok(false);
         }
-        let fresh = catalog::build(&project, &self.runtime).await?;
+        let fresh = catalog::build(&project, &self.runtime, self.cluster.as_ref()).await?;
         *self.catalog.write().expect("catalog lock") = Arc::new(fresh);
         self.roles_changed
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -221,6 +225,29 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A session on the project's Ballista cluster, when the engine setting names one.
+#[cfg(feature = "ballista")]
+async fn cluster_session(project: &Project) -> Result<Option<datafusion::prelude::SessionContext>> {
+    match &project.engine.cluster {
+        Some(cluster) => {
+            let ctx =
+                crate::distributed::session(&project.engine, &engine::today_params(), cluster)
+                    .await?;
+            tracing::info!(
+                "queries over warehouse tables run on the Ballista cluster; catalog queries, \
+                 the run history and PostgreSQL functions in this process"
+            );
+            Ok(Some(ctx))
+        }
+        None => Ok(None),
+    }
+}
+
+#[cfg(not(feature = "ballista"))]
+async fn cluster_session(_: &Project) -> Result<Option<datafusion::prelude::SessionContext>> {
+    Ok(None)
+}
+
 /// A server bound to its address, not yet serving.
 pub struct Server {
     listener: TcpListener,
@@ -258,7 +285,8 @@ impl Server {
             None => None,
         };
         let runtime = engine::runtime(&project.engine)?;
-        let catalog = catalog::build(&project, &runtime).await?;
+        let cluster = cluster_session(&project).await?;
+        let catalog = catalog::build(&project, &runtime, cluster.as_ref()).await?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
@@ -279,6 +307,7 @@ impl Server {
             roles_changed: std::sync::atomic::AtomicBool::new(false),
             catalog: RwLock::new(Arc::new(catalog)),
             runtime,
+            cluster,
             secret,
             registry: Arc::new(Registry::default()),
             parameters,

@@ -96,6 +96,23 @@ fn statement_service(
     Ok(service)
 }
 
+/// The service a statement runs in: the role's session on the cluster when the statement goes
+/// there ([`super::cluster::ClusterSide::takes`]), else the connection's own.
+fn service_for(
+    shared: &Shared,
+    conn: &ConnSession,
+    role: &Arc<RoleSession>,
+    stmt: &Statement,
+) -> PgWireResult<Arc<DfSessionService>> {
+    match role.cluster.as_ref().filter(|c| c.takes(stmt)) {
+        Some(cluster) => {
+            tracing::debug!("on the Ballista cluster: {stmt}");
+            Ok(cluster.service.clone())
+        }
+        None => statement_service(shared, conn, role),
+    }
+}
+
 fn parse(shared: &Shared, sql: &str) -> PgWireResult<Vec<Statement>> {
     shared
         .parser
@@ -282,7 +299,7 @@ impl SimpleQueryHandler for Queries {
                     policy::simplify_catalog_subqueries(&mut stmt);
                     policy::empty_index_catalog_queries(&mut stmt);
                     let sql = stmt.to_string();
-                    let service = statement_service(&self.shared, &conn, &role)?;
+                    let service = service_for(&self.shared, &conn, &role, &stmt)?;
                     let responses = bounded(
                         <DfSessionService as SimpleQueryHandler>::do_query(&service, client, &sql),
                         &token,
@@ -340,7 +357,13 @@ impl QueryParser for Parser {
             Verdict::Run => {
                 policy::simplify_catalog_subqueries(&mut stmt);
                 policy::empty_index_catalog_queries(&mut stmt);
-                role.service
+                // Planned where it will run: a plan of the role's local tables cannot be sent
+                // to the cluster.
+                let service = match role.cluster.as_ref().filter(|c| c.takes(&stmt)) {
+                    Some(cluster) => &cluster.service,
+                    None => &role.service,
+                };
+                service
                     .query_parser()
                     .parse_sql(client, &stmt.to_string(), types)
                     .await
@@ -482,7 +505,10 @@ impl ExtendedQueryHandler for Queries {
         }
         let token = conn.start_statement();
         let deadline = deadline(client);
-        let service = statement_service(&self.shared, &conn, &role)?;
+        let service = match &portal.statement.statement {
+            (_, Some((stmt, _))) => service_for(&self.shared, &conn, &role, stmt)?,
+            _ => statement_service(&self.shared, &conn, &role)?,
+        };
         let response = bounded(
             <DfSessionService as ExtendedQueryHandler>::do_query(
                 &service, client, portal, max_rows,

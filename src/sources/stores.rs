@@ -47,8 +47,33 @@ fn options() -> BTreeMap<String, String> {
     out
 }
 
+/// Stores of URL schemes of their own ([`register_store`]).
+static REGISTERED: RwLock<BTreeMap<String, Arc<dyn ObjectStore>>> = RwLock::new(BTreeMap::new());
+
+/// Open every `scheme:///path` URL with `store` (paths taken as they are written), in all of
+/// kbcrm: its own reads and writes, its query sessions and the Delta commits. For a program
+/// embedding kbcrm with a store of its own: an in-house store, or a store that fails on purpose
+/// to test what a failed write leaves behind. Delta commits use put-if-absent, which `store`
+/// must honour.
+pub fn register_store(scheme: &str, store: Arc<dyn ObjectStore>) {
+    let key = Url::parse(&format!("{scheme}://")).expect("a URL scheme");
+    REGISTERED
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(scheme.to_string(), store.clone());
+    deltalake::logstore::object_store_factories().insert(key.clone(), Arc::new(Fixed(store)));
+    deltalake::logstore::logstore_factories().insert(key, Arc::new(DeltaLogStores));
+}
+
 /// The store holding `url` (its root: `file:///`, `s3://bucket/`, ...).
 pub fn store_for(url: &Url) -> Result<Arc<dyn ObjectStore>> {
+    if let Some(store) = REGISTERED
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(url.scheme())
+    {
+        return Ok(store.clone());
+    }
     match url.scheme() {
         "file" => Ok(Arc::new(LocalFileSystem::new())),
         "memory" => Ok(Arc::new(object_store::memory::InMemory::new())),
@@ -142,11 +167,28 @@ impl deltalake::logstore::ObjectStoreFactory for DeltaStores {
     }
 }
 
+/// Gives the Delta library a registered store ([`register_store`]).
+#[derive(Debug)]
+struct Fixed(Arc<dyn ObjectStore>);
+
+impl deltalake::logstore::ObjectStoreFactory for Fixed {
+    fn parse_url_opts(
+        &self,
+        url: &Url,
+        _: &deltalake::logstore::StorageConfig,
+    ) -> deltalake::DeltaResult<(
+        deltalake::logstore::ObjectStoreRef,
+        object_store::path::Path,
+    )> {
+        let path = object_store::path::Path::from_url_path(url.path())
+            .map_err(|e| deltalake::DeltaTableError::Generic(format!("{url}: {e}")))?;
+        Ok((self.0.clone(), path))
+    }
+}
+
 /// The Delta log store that writes each commit file with put-if-absent.
-#[cfg(feature = "cloud")]
 struct DeltaLogStores;
 
-#[cfg(feature = "cloud")]
 impl deltalake::logstore::LogStoreFactory for DeltaLogStores {
     fn with_options(
         &self,

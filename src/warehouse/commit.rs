@@ -32,6 +32,9 @@ struct Manifest {
 #[derive(Debug, Serialize, Deserialize)]
 struct ManifestTable {
     table: String,
+    /// Where the table was when the run wrote the manifest; recovery commits to the table of
+    /// that name in the warehouse as it is opened then (the same folder may be reached by
+    /// another URL: a moved folder, another mount point, `s3a://` for `s3://`).
     url: String,
     read_version: Option<u64>,
     actions: Vec<Action>,
@@ -79,17 +82,39 @@ pub async fn commit_run(
     };
     let path = manifest_path(wh, run_id);
     let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
-    wh.store().put(&path, PutPayload::from(bytes)).await?;
-    let versions = apply(&manifest).await?;
-    wh.store().delete(&path).await?;
+    if let Err(e) = wh.store().put(&path, PutPayload::from(bytes)).await {
+        // Nothing is committed: the caller discards the run's files. A put that failed late
+        // may still have written the manifest, which would then name files that are gone.
+        if let Err(gone) = wh.store().delete(&path).await
+            && !matches!(gone, object_store::Error::NotFound { .. })
+        {
+            return Err(Error::Unfinished {
+                run_id: run_id.to_string(),
+                message: format!(
+                    "writing its manifest failed ({e}), and so did removing it \
+                                  ({gone})"
+                ),
+            });
+        }
+        return Err(e.into());
+    }
+    // From here on the manifest promises the commit: its files stay until it is complete.
+    let versions = apply(wh, &manifest).await.map_err(|e| Error::Unfinished {
+        run_id: run_id.to_string(),
+        message: e.to_string(),
+    })?;
+    if let Err(e) = wh.store().delete(&path).await {
+        // Every table is committed; the next run finds that and removes the manifest.
+        tracing::warn!(run_id, "the run is committed, but its manifest stays: {e}");
+    }
     Ok(versions)
 }
 
 /// Commit each table of a manifest that is not committed yet.
-async fn apply(manifest: &Manifest) -> Result<HashMap<String, u64>> {
+async fn apply(wh: &Warehouse, manifest: &Manifest) -> Result<HashMap<String, u64>> {
     let mut versions = HashMap::new();
     for (i, t) in manifest.tables.iter().enumerate() {
-        let v = commit_table(t, &manifest.run_id).await?;
+        let v = commit_table(wh.table_url(&t.table), t, &manifest.run_id).await?;
         versions.insert(t.table.clone(), v);
         crash_point(i + 1);
     }
@@ -108,8 +133,7 @@ fn crash_point(committed: usize) {
     }
 }
 
-async fn commit_table(t: &ManifestTable, run_id: &str) -> Result<u64> {
-    let url = Url::parse(&t.url).map_err(|e| Error::Internal(e.to_string()))?;
+async fn commit_table(url: Url, t: &ManifestTable, run_id: &str) -> Result<u64> {
     let mut table = DeltaTableBuilder::from_url(url.clone())?.build()?;
     let latest = table.log_store().get_latest_version(0).await.ok();
     // Already committed by this run (recovery after a crash between commit and cleanup)?
@@ -162,12 +186,13 @@ async fn commit_table(t: &ManifestTable, run_id: &str) -> Result<u64> {
             operation,
         )
         .await
-        .map_err(|e| {
-            Error::Warehouse(format!(
-                "committing table '{}' failed: {e}. Another run may have changed it at the same \
-                 time; run again",
+        .map_err(|e| match e {
+            deltalake::DeltaTableError::VersionAlreadyExists(_) => Error::Warehouse(format!(
+                "committing table '{}' failed: {e}. Another run changed it at the same time; \
+                 run again",
                 t.table
-            ))
+            )),
+            other => Error::Warehouse(format!("committing table '{}' failed: {other}", t.table)),
         })?;
     Ok(commit.version())
 }
@@ -210,7 +235,7 @@ impl Warehouse {
             };
             tracing::warn!(run_id = %manifest.run_id, pipeline = %manifest.pipeline,
                 "completing the commit of an interrupted run");
-            apply(&manifest).await?;
+            apply(self, &manifest).await?;
             self.store().delete(&meta.location).await?;
             done.push(manifest.run_id);
         }

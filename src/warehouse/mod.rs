@@ -176,7 +176,7 @@ impl Warehouse {
         &self,
         ctx: &SessionContext,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        self.register_listings(ctx, true).await
+        self.register_listings(Some(ctx), None).await
     }
 
     /// [`Warehouse::register_snapshots`] with DataFusion's own listing tables, which a Ballista
@@ -185,13 +185,24 @@ impl Warehouse {
         &self,
         ctx: &SessionContext,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        self.register_listings(ctx, false).await
+        self.register_listings(None, Some(ctx)).await
+    }
+
+    /// The same table versions twice, read once: as [`Warehouse::register_snapshots`] in
+    /// `local` and as [`Warehouse::register_for_cluster`] in `cluster` (a server answering
+    /// from both must not mix versions).
+    pub async fn register_snapshots_and_for_cluster(
+        &self,
+        local: &SessionContext,
+        cluster: &SessionContext,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        self.register_listings(Some(local), Some(cluster)).await
     }
 
     async fn register_listings(
         &self,
-        ctx: &SessionContext,
-        checked: bool,
+        checked: Option<&SessionContext>,
+        plain: Option<&SessionContext>,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
         let mut versions = std::collections::BTreeMap::new();
         for name in self.table_names().await? {
@@ -201,16 +212,19 @@ impl Warehouse {
             let Some(version) = table.version() else {
                 continue;
             };
-            table.update_datafusion_session(&ctx.state())?;
-            let schema = table.table_provider().await?.schema();
             let files = active_files(&table, &self.table_url(&name))?;
-            ctx.deregister_table(name.as_str())?;
-            let provider = if checked {
-                files_provider(&files, schema).await?
-            } else {
-                listing(&files, schema)?
-            };
-            ctx.register_table(name.as_str(), provider)?;
+            if let Some(ctx) = checked {
+                table.update_datafusion_session(&ctx.state())?;
+                let schema = table.table_provider().await?.schema();
+                ctx.deregister_table(name.as_str())?;
+                ctx.register_table(name.as_str(), files_provider(&files, schema).await?)?;
+            }
+            if let Some(ctx) = plain {
+                table.update_datafusion_session(&ctx.state())?;
+                let schema = table.table_provider().await?.schema();
+                ctx.deregister_table(name.as_str())?;
+                ctx.register_table(name.as_str(), listing(&files, schema)?)?;
+            }
             versions.insert(name, version);
         }
         Ok(versions)

@@ -1,9 +1,21 @@
-//! The crash matrix: `kbcrm run` killed with SIGKILL at seeded random moments. After each kill
-//! every table opens and is as it was before the run or as a complete run leaves it, and the
-//! next run ends with exactly what a never-killed run gives. `KBCRM_CRASH_POINTS=N` runs N kill
-//! points instead of 20 (the long mode, by hand).
+//! The crash matrix: `kbcrm run` killed with SIGKILL at seeded random moments, and runs whose
+//! warehouse store fails one write. After each, every table opens and is as it was before the
+//! run or as a complete run leaves it, and the next run ends with exactly what a never-killed
+//! run gives. `KBCRM_CRASH_POINTS=N` runs N kill points instead of 20, `KBCRM_FAULT_POINTS=all`
+//! fails every write of a run in turn instead of 16 of them (the long modes, by hand).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+};
 
 use crate::support::{Project, stderr, stdout};
 
@@ -182,4 +194,226 @@ fn runs_killed_at_random_moments_lose_and_duplicate_nothing() {
         killed > 0,
         "no run was killed; the kill points miss the run"
     );
+}
+
+/// The local file system failing the N-th write (a put, multipart upload, copy, rename or
+/// delete) after it is armed; reads always work. The run lock's own file is left alone: a lock
+/// that cannot be removed stays held until its process ends, and this process (the test) does
+/// not end between runs.
+#[derive(Debug, Default)]
+struct Faulty {
+    inner: LocalFileSystem,
+    counter: Arc<Writes>,
+}
+
+/// Writes counted since the store was armed, and the one to fail.
+#[derive(Debug, Default)]
+struct Writes {
+    done: AtomicU64,
+    fail_at: AtomicU64,
+}
+
+impl std::fmt::Display for Faulty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Faulty({})", self.inner)
+    }
+}
+
+impl Faulty {
+    /// Count writes from zero and fail the `n`-th (none when 0).
+    fn arm(&self, n: u64) {
+        self.counter.done.store(0, Ordering::SeqCst);
+        self.counter.fail_at.store(n, Ordering::SeqCst);
+    }
+
+    fn writes(&self) -> u64 {
+        self.counter.done.load(Ordering::SeqCst)
+    }
+
+    fn write(&self, what: &str, path: &StorePath) -> object_store::Result<()> {
+        self.counter.write(what, path)
+    }
+}
+
+impl Writes {
+    fn write(&self, what: &str, path: &StorePath) -> object_store::Result<()> {
+        if path.as_ref().ends_with("_kbcrm/run.lock") {
+            return Ok(());
+        }
+        let n = self.done.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.fail_at.load(Ordering::SeqCst) {
+            return Err(object_store::Error::Generic {
+                store: "Faulty",
+                source: format!("injected fault: {what} of {path} (write {n})").into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &StorePath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.write("put", location)?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &StorePath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.write("multipart upload", location)?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &StorePath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<StorePath>>,
+    ) -> BoxStream<'static, object_store::Result<StorePath>> {
+        let counter = self.counter.clone();
+        let judged =
+            locations.map(move |l| l.and_then(|p| counter.write("delete", &p).map(|()| p)));
+        self.inner.delete_stream(judged.boxed())
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&StorePath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&StorePath>,
+    ) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &StorePath,
+        to: &StorePath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.write("copy", to)?;
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &StorePath,
+        to: &StorePath,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        self.write("rename", to)?;
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+/// `kbcrm run` in this process with the warehouse opened through `faulty:///...`.
+fn run_through_faulty_store(rt: &tokio::runtime::Runtime, p: &Project) -> kbcrm::Result<()> {
+    let overrides = kbcrm::plan::Overrides {
+        warehouse: Some(format!(
+            "faulty://{}/",
+            p.path().join("warehouse").display()
+        )),
+        ..Default::default()
+    };
+    let project = kbcrm::plan::Project::load(p.path(), &overrides)?;
+    rt.block_on(async {
+        let runner = kbcrm::run::Runner::new(
+            &project,
+            kbcrm::run::RunOptions::default(),
+            kbcrm::run::Progress::hidden(),
+        )
+        .await?;
+        runner.run(&[]).await.map(|_| ())
+    })
+}
+
+#[test]
+fn runs_whose_store_fails_a_write_lose_and_duplicate_nothing() {
+    let faulty = Arc::new(Faulty::default());
+    kbcrm::sources::stores::register_store("faulty", faulty.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let reference = project();
+    let before = fingerprints(&reference);
+    faulty.arm(0);
+    run_through_faulty_store(&rt, &reference).expect("a run through the store without faults");
+    let writes = faulty.writes();
+    let after = fingerprints(&reference);
+    assert_ne!(before, after, "the run changes the tables");
+    assert!(
+        writes > 10,
+        "the run wrote through the store: {writes} writes"
+    );
+
+    let mut points: Vec<u64> = match std::env::var("KBCRM_FAULT_POINTS").as_deref() {
+        Ok("all") => (1..=writes).collect(),
+        _ => {
+            let mut seed = 0xfa017_u64;
+            let mut chosen = vec![1, writes];
+            chosen.extend((0..14).map(|_| 1 + next(&mut seed) % writes));
+            chosen
+        }
+    };
+    points.sort_unstable();
+    points.dedup();
+    let mut failed = 0;
+    for &n in &points {
+        let p = project();
+        faulty.arm(n);
+        match run_through_faulty_store(&rt, &p) {
+            Ok(()) => {}
+            Err(e) => {
+                failed += 1;
+                let text = format!("{e}");
+                assert!(
+                    text.contains("injected fault"),
+                    "write {n}: the error does not say what failed: {text}"
+                );
+            }
+        }
+        let now = fingerprints(&p);
+        for ((table, _), ((got, b), a)) in
+            FINGERPRINTS.iter().zip(now.iter().zip(&before).zip(&after))
+        {
+            assert!(
+                got == b || got == a,
+                "write {n} failed: {table} is {got}, neither before ({b}) nor after ({a})"
+            );
+        }
+        p.ok(&["run"]);
+        assert_eq!(
+            fingerprints(&p),
+            after,
+            "write {n} failed: after the next run"
+        );
+    }
+    eprintln!(
+        "fault matrix: a run writes {writes} times through the store; {} write points failed, \
+         {failed} of those runs reported the fault",
+        points.len()
+    );
+    assert!(failed > 0, "no injected fault reached a run");
 }

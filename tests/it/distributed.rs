@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::serve::{add_user_with_env, connect, rt, serve_with_env, texts};
 use crate::support::{Project, repo, stderr};
 
 /// The OLAP query set of the benchmarks, with one customer's id for the history query.
@@ -146,10 +147,70 @@ fn built(engine: &str) -> (Project, Project) {
     (local, other)
 }
 
+/// `kbcrm serve` on `engine` answers the OLAP queries as the local server does, runs them on
+/// the cluster, and still answers the catalog queries BI tools send.
+fn served_alike(p: &Project, engine: &str) {
+    add_user_with_env(p, "ada", "admin", "ada long password", &[]);
+    let local = serve_with_env(p, &[]);
+    let cluster = serve_with_env(p, &[("KBCRM_ENGINE", engine)]);
+    let customer = &p.query("select min(customer_id) from fact_sales")[0][0];
+    rt().block_on(async {
+        let l = connect(local.port, "ada", "ada long password")
+            .await
+            .expect("local");
+        let c = connect(cluster.port, "ada", "ada long password")
+            .await
+            .expect("cluster");
+        for (name, sql) in olap_queries(customer) {
+            let (got, want) = (texts(&c, &sql).await, texts(&l, &sql).await);
+            assert!(!want.is_empty(), "{name}: no rows");
+            let plan = format!("{:?}", texts(&c, &format!("explain {sql}")).await);
+            assert!(
+                plan.contains("DistributedQueryExec") || plan.contains("distributed_plan"),
+                "{name} did not run on the cluster: {plan}"
+            );
+            assert_same(
+                got,
+                want,
+                &format!("{name} served from {engine} and locally"),
+            );
+        }
+        // Through the extended protocol too (a bound parameter, planned on the cluster).
+        let count = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i64>(0);
+        let sql = "select count(*) from fact_sales where customer_id = $1";
+        assert_eq!(
+            count(c.query(sql, &[customer]).await.expect("cluster")),
+            count(l.query(sql, &[customer]).await.expect("local")),
+        );
+        let explain = "explain select count(*) from fact_sales";
+        let plan = format!("{:?}", texts(&c, explain).await);
+        assert!(
+            plan.contains("DistributedQueryExec") || plan.contains("distributed_plan"),
+            "on the cluster: {plan}"
+        );
+        let plan = format!("{:?}", texts(&l, explain).await);
+        assert!(
+            !plan.contains("DistributedQueryExec") && !plan.contains("distributed_plan"),
+            "locally: {plan}"
+        );
+        // Catalog queries and the run history are answered by the server itself.
+        for sql in [
+            "select table_name from information_schema.tables where table_name = 'fact_sales'",
+            "select relname from pg_catalog.pg_class where relname = 'fact_sales'",
+            "select count(*) > 0 from kbcrm_runs",
+        ] {
+            let got = texts(&c, sql).await;
+            assert!(!got.is_empty(), "{sql}: no rows");
+            assert_eq!(got, texts(&l, sql).await, "{sql}");
+        }
+    });
+}
+
 #[test]
 fn queries_and_cubes_on_a_ballista_cluster_in_the_process_match_local() {
     let (local, other) = built("ballista");
     same_results(&local, &other, "ballista");
+    served_alike(&local, "ballista");
 }
 
 /// A child process killed on drop.

@@ -210,6 +210,52 @@ pub(crate) async fn texts(c: &Client, sql: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// On a Ballista cluster, every role sees what it sees on the local server: the same tables,
+/// PII masked, rows filtered, hidden tables refused.
+#[test]
+fn roles_see_the_same_rows_on_a_ballista_cluster() {
+    let p = project("");
+    let local = serve(&p);
+    let cluster = serve_with_env(&p, &[("KBCRM_ENGINE", "ballista")]);
+    let queries = [
+        "select customer_id, name, email, region, credit_limit from customers order by 1",
+        "select order_id, customer_id, order_date, amount, paid from sales order by 1",
+        "select c.region, sum(s.amount), count(*) from sales s join customers c \
+         using (customer_id) group by c.region order by 1",
+        "with big as (select * from sales where amount > 5) \
+         select count(*), max(customer_id) from big",
+    ];
+    rt().block_on(async {
+        for (user, password) in [
+            ("ada", "ada long password"),
+            ("ann", "ann-pw-2025"),
+            ("nils", "nils pw"),
+        ] {
+            let l = connect(local.port, user, password).await.expect("local");
+            let c = connect(cluster.port, user, password)
+                .await
+                .expect("cluster");
+            for sql in queries {
+                let want = texts(&l, sql).await;
+                assert!(!want.is_empty(), "{user}: {sql}");
+                assert_eq!(texts(&c, sql).await, want, "{user}: {sql}");
+                let plan = format!("{:?}", texts(&c, &format!("explain {sql}")).await);
+                assert!(
+                    plan.contains("DistributedQueryExec") || plan.contains("distributed_plan"),
+                    "{user} on the cluster: {plan}"
+                );
+            }
+            let secrets = "select k, v from secrets";
+            if user == "ada" {
+                assert_eq!(texts(&c, secrets).await, [["root", "hunter2"]]);
+            } else {
+                let e = refused(c.simple_query(secrets).await, "secrets");
+                assert_eq!(code(&e), "42501", "{user}: {e}");
+            }
+        }
+    });
+}
+
 #[test]
 fn logins_need_the_right_password_and_fail_alike() {
     let p = project("");
