@@ -212,7 +212,8 @@ impl Warehouse {
             let Some(version) = table.version() else {
                 continue;
             };
-            let files = active_files(&table, &self.table_url(&name))?;
+            let files = active_files(&table, &self.table_url(&name))
+                .map_err(|e| with_table(e, &name))?;
             if let Some(ctx) = checked {
                 table.update_datafusion_session(&ctx.state())?;
                 let schema = table.table_provider().await?.schema();
@@ -238,7 +239,7 @@ impl Warehouse {
             Some(v) => table.load_version(v).await?,
             None => table.load().await?,
         }
-        active_files(&table, &url)
+        active_files(&table, &url).map_err(|e| with_table(e, name))
     }
 
     /// Register one committed table version in `ctx`.
@@ -316,13 +317,34 @@ impl Warehouse {
 }
 
 /// URLs of the data files of a loaded table version (`url` is the table's folder).
+///
+/// kbcrm's writes never mark rows deleted in place (deletion vectors): a merge rewrites files.
+/// A table another Delta writer changed that way is refused here, because its files read as
+/// plain Parquet would bring the deleted rows back (the Delta provider of `kbcrm query` and the
+/// runs applies them).
 fn active_files(table: &DeltaTable, url: &Url) -> Result<Vec<Url>> {
-    Ok(table
-        .snapshot()?
-        .log_data()
-        .iter()
-        .map(|f| url.join(&f.path()).unwrap_or_else(|_| url.clone()))
-        .collect())
+    let mut files = Vec::new();
+    for f in table.snapshot()?.log_data().iter() {
+        if f.deletion_vector_descriptor().is_some() {
+            return Err(Error::Warehouse(format!(
+                "file '{}' has rows deleted by a deletion vector: the server, extracts and a \
+                 Ballista cluster read a table's files as plain Parquet and would return those \
+                 rows; rewrite the table without them (e.g. Delta's REORG TABLE ... APPLY (PURGE) in \
+                 the tool that wrote it), or rebuild it with `kbcrm run --full-refresh`",
+                f.path()
+            )));
+        }
+        files.push(url.join(&f.path()).unwrap_or_else(|_| url.clone()));
+    }
+    Ok(files)
+}
+
+/// `e` with the table it is about.
+fn with_table(e: Error, table: &str) -> Error {
+    match e {
+        Error::Warehouse(m) => Error::Warehouse(format!("table '{table}': {m}")),
+        other => other,
+    }
 }
 
 /// A provider reading exactly the given Parquet files (a staged, not yet committed table state).
@@ -475,6 +497,40 @@ mod tests {
         writer.write(&batch).expect("write");
         writer.close().expect("close");
         schema
+    }
+
+    #[test]
+    fn a_table_with_deletion_vectors_is_refused_not_read_with_its_deleted_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = dir.path().join("t");
+        std::fs::create_dir_all(table.join("_delta_log")).expect("log folder");
+        write_file(&table.join("a.parquet"), &[1, 2, 3]);
+        // The log another Delta writer leaves after deleting row 2 in place: a deletion
+        // vector (inline, one row) on the file's add action.
+        let log = [
+            r#"{"protocol":{"minReaderVersion":3,"minWriterVersion":7,"readerFeatures":["deletionVectors"],"writerFeatures":["deletionVectors"]}}"#,
+            r#"{"metaData":{"id":"00000000-0000-0000-0000-000000000001","format":{"provider":"parquet","options":{}},"schemaString":"{\"type\":\"struct\",\"fields\":[{\"name\":\"n\",\"type\":\"long\",\"nullable\":false,\"metadata\":{}}]}","partitionColumns":[],"configuration":{"delta.enableDeletionVectors":"true"},"createdTime":1700000000000}}"#,
+            r#"{"add":{"path":"a.parquet","partitionValues":{},"size":500,"modificationTime":1700000000000,"dataChange":true,"deletionVector":{"storageType":"i","pathOrInlineDv":"wi5b=000010000siXQKl0rr91000f55c8Xg0@@D72lkbi5=-{L","sizeInBytes":40,"cardinality":1}}}"#,
+        ];
+        std::fs::write(
+            table.join("_delta_log/00000000000000000000.json"),
+            log.join("\n") + "\n",
+        )
+        .expect("log");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let root = Url::from_directory_path(dir.path()).expect("url");
+            let wh = Warehouse::open(&root).expect("warehouse");
+            let err = wh.files_at("t", None).await.expect_err("refused");
+            let text = err.to_string();
+            assert!(
+                text.contains("table 't'") && text.contains("deletion vector"),
+                "{text}"
+            );
+            let ctx = SessionContext::new();
+            let err = wh.register_snapshots(&ctx).await.expect_err("refused");
+            assert!(err.to_string().contains("deletion vector"), "{err}");
+        });
     }
 
     #[test]
