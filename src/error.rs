@@ -51,6 +51,9 @@ pub enum Error {
         file: PathBuf,
         /// The engine's message.
         message: String,
+        /// What to do, when kbcrm can tell (e.g. the memory limit was reached).
+        #[help]
+        help: Option<String>,
     },
 
     /// A command-line usage error found after argument parsing. Exit code 2.

@@ -53,6 +53,19 @@ type Driver<'a> = (&'a String, Arc<dyn TableProvider>, Arc<dyn TableProvider>);
 /// The column of the key set an incremental model with a key rebuilds.
 const KEYS_COLUMN: &str = "__kbcrm_key";
 
+/// What to do when a model needs more memory than the engine may use.
+fn out_of_memory_help(limit: Option<usize>) -> String {
+    let limit = limit.map_or("the memory limit".to_string(), |b| {
+        format!("the memory limit ({} MiB)", b / (1024 * 1024))
+    });
+    format!(
+        "the model needs more than {limit} at once, in an operator that cannot spill to disk \
+         (a hash join's build side, a window function over all rows): raise `engine.memory_limit` \
+         in kbcrm.yaml (or --memory-limit), or rewrite the SQL to hold less at once (window \
+         functions over fewer columns, GROUP BY forms). Nothing was committed"
+    )
+}
+
 /// The type of `key` in a driving table, or an error naming the model and table without it.
 fn key_type(
     model: &Model,
@@ -69,6 +82,7 @@ fn key_type(
                 "`incremental:` key '{key}' is not a column of table '{table}'; every table listed \
                  under `tables:` needs it"
             ),
+            help: None,
         }),
     }
 }
@@ -110,10 +124,18 @@ impl Runner<'_> {
             return Ok(());
         }
         let bar = self.progress.step(&format!("build {}", model.name));
-        let model_err = |e: &dyn std::fmt::Display| Error::Model {
-            model: model.name.clone(),
-            file: model.file.clone(),
-            message: e.to_string(),
+        let memory_limit = self.project.engine.memory_limit;
+        let model_err = |e: &dyn std::fmt::Display| {
+            let message = e.to_string();
+            let help = (message.contains("Resources exhausted")
+                || message.contains("Not enough memory"))
+            .then(|| out_of_memory_help(memory_limit));
+            Error::Model {
+                model: model.name.clone(),
+                file: model.file.clone(),
+                message,
+                help,
+            }
         };
         // An incremental model reads only what its driving tables gained.
         let narrowed = match &model.incremental {

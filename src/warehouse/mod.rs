@@ -212,8 +212,8 @@ impl Warehouse {
             let Some(version) = table.version() else {
                 continue;
             };
-            let files = active_files(&table, &self.table_url(&name))
-                .map_err(|e| with_table(e, &name))?;
+            let files =
+                active_files(&table, &self.table_url(&name)).map_err(|e| with_table(e, &name))?;
             if let Some(ctx) = checked {
                 table.update_datafusion_session(&ctx.state())?;
                 let schema = table.table_provider().await?.schema();

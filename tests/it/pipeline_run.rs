@@ -379,6 +379,42 @@ fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
     assert_eq!(p.scalar("select count(*) from joined where k <> k2"), 0);
 }
 
+/// A model whose window function needs all its rows in memory at once, beyond the limit, fails
+/// with a resources error that says which setting to raise, and commits nothing.
+#[test]
+fn a_model_beyond_the_memory_limit_fails_saying_what_to_raise() {
+    let p = Project::empty();
+    p.write("kbcrm.yaml", TIGHT_MEMORY);
+    let mut csv = String::from("k,v\n");
+    for i in 0..300_000u64 {
+        csv.push_str(&format!("{i},{:060}\n", (i * 7919) % 300_000));
+    }
+    p.write("data/a.csv", csv);
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  a:\n    format: csv\n    location: data/a.csv\n    schema:\n      k: { type: bigint, required: true }\n      v: string\nmodels:\n  - sql/ranked.sql\n",
+    );
+    p.write(
+        "sql/ranked.sql",
+        "select k, v, percent_rank() over (order by v) as a, percent_rank() over (order by k desc) \
+         as b, cume_dist() over (order by v desc) as c from raw_p_a\n",
+    );
+    let out = p.kbcrm(&["run"]);
+    let err = crate::support::stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("model 'ranked'"), "{err}");
+    assert!(
+        err.contains("engine.memory_limit") && err.contains("24 MiB"),
+        "{err}"
+    );
+    assert!(
+        !p.kbcrm(&["query", "select count(*) from raw_p_a"])
+            .status
+            .success(),
+        "nothing is committed, not even the load"
+    );
+}
+
 /// A load merged by key into a table too big to hash in the memory limit is tried again with
 /// sort-merge joins; whether that fits or not, the table ends either fully merged or unchanged
 /// (a retry that reused the first attempt's deleted files once "succeeded" with the new rows lost).
