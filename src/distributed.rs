@@ -47,6 +47,7 @@ pub async fn session(
     let config = engine::configure(cluster_config(), settings)?;
     let local = SessionContext::new_with_config_rt(config, engine::runtime(settings)?);
     udf::register(&local, params);
+    crate::optimizer::register(&local);
     let state = local.state();
     if let Cluster::Scheduler(url) = cluster {
         reachable(url).await?;

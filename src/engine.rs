@@ -29,6 +29,7 @@ pub fn session_with_runtime(
     let config = configure(SessionConfig::new(), settings)?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     udf::register(&ctx, params);
+    crate::optimizer::register(&ctx);
     Ok(ctx)
 }
 

@@ -40,6 +40,7 @@ pub mod generate;
 pub mod identity;
 pub mod init;
 pub mod lineage;
+pub mod optimizer;
 pub mod plan;
 pub mod query;
 pub mod roles;
