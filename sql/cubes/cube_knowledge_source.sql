@@ -2,81 +2,52 @@
 -- suggestions), how willing they are to share it (feedback, surveys, campaign responses, and how
 -- much detail their service tickets carry: an order reference and a satisfaction rating), and how
 -- much of it the firm absorbs (share of their suggestions acted on or answered).
-with rfm as (
-    select customer_id, monetary from cube_customer_rfm where as_of = kbcrm_as_of()
+--
+-- Each column's percent rank is computed over its distinct values: the share of the other
+-- customers with a smaller value, (rank - 1) / (n - 1) as percent_rank() gives it. A window over
+-- all customers would hold every row in memory at once, and six of them one after the other.
+with n as (
+    select count(*) as total from int_knowledge_inputs
 ),
 
--- distinct products and categories by grouping three times (per-group distinct sets over
--- millions of lines are several times slower and take gigabytes)
-bought as (
-    select f.customer_id, p.category, f.product_id
-    from fact_sales f
-    join dim_product p on f.product_id = p.product_id
-    where cast(f.order_ts as date) <= kbcrm_as_of()
-    group by f.customer_id, p.category, f.product_id
+counted as (
+    select 'monetary' as col, cast(monetary as double) as v, count(*) as cnt from int_knowledge_inputs group by monetary
+    union all
+    select 'categories', cast(categories as double), count(*) from int_knowledge_inputs group by categories
+    union all
+    select 'suggestions', cast(suggestions as double), count(*) from int_knowledge_inputs group by suggestions
+    union all
+    select 'feedback', cast(feedback as double), count(*) from int_knowledge_inputs group by feedback
+    union all
+    select 'surveys', cast(surveys as double), count(*) from int_knowledge_inputs group by surveys
+    union all
+    select 'campaign_responses', cast(campaign_responses as double), count(*) from int_knowledge_inputs group by campaign_responses
 ),
 
-per_category as (
-    select customer_id, category, count(*) as products from bought group by customer_id, category
-),
-
-breadth as (
-    select customer_id, count(*) as categories, sum(products) as products
-    from per_category
-    group by customer_id
-),
-
-interactions as (
+ranks as (
     select
-        customer_id,
-        count(case when kind = 'suggestion' then 1 end) as suggestions,
-        count(case when kind = 'survey' then 1 end) as surveys,
-        count(case when kind in ('suggestion', 'praise', 'survey') then 1 end) as feedback,
-        count(case when kind = 'campaign_touch' and responded then 1 end) as campaign_responses,
-        count(case when kind = 'suggestion' and (acted_on or answered) then 1 end) as suggestions_absorbed
-    from fact_interaction
-    where cast(occurred_at as date) <= kbcrm_as_of()
-    group by customer_id
-),
-
-tickets as (
-    select
-        customer_id,
-        count(*) as tickets,
-        avg(case when order_id is not null and satisfaction is not null then 1.0 else 0.0 end) as ticket_detail
-    from fact_service_ticket
-    where cast(opened_at as date) <= kbcrm_as_of()
-    group by customer_id
-),
-
-joined as (
-    select
-        r.customer_id,
-        r.monetary,
-        coalesce(b.categories, 0) as categories,
-        coalesce(b.products, 0) as products,
-        coalesce(i.suggestions, 0) as suggestions,
-        coalesce(i.surveys, 0) as surveys,
-        coalesce(i.feedback, 0) as feedback,
-        coalesce(i.campaign_responses, 0) as campaign_responses,
-        coalesce(t.tickets, 0) as tickets,
-        coalesce(t.ticket_detail, 0.0) as ticket_detail,
-        case when i.suggestions > 0 then cast(i.suggestions_absorbed as double) / i.suggestions end as absorption_rate
-    from rfm r
-    left join breadth b on r.customer_id = b.customer_id
-    left join interactions i on r.customer_id = i.customer_id
-    left join tickets t on r.customer_id = t.customer_id
+        col,
+        v,
+        case when total > 1
+            then cast(sum(cnt) over (partition by col order by v rows between unbounded preceding and current row) - cnt as double) / (total - 1)
+            else 0.0
+        end as pr
+    from counted cross join n
 ),
 
 scored as (
     select
-        *,
-        (percent_rank() over (order by monetary) + percent_rank() over (order by categories)
-          + percent_rank() over (order by suggestions)) / 3 as knowledge_value,
-        (percent_rank() over (order by feedback) + percent_rank() over (order by surveys)
-          + percent_rank() over (order by campaign_responses) + ticket_detail) / 4 as willingness,
-        coalesce(absorption_rate, 0.0) as absorption
-    from joined
+        i.*,
+        (m.pr + c.pr + s.pr) / 3 as knowledge_value,
+        (f.pr + sv.pr + cr.pr + i.ticket_detail) / 4 as willingness,
+        coalesce(i.absorption_rate, 0.0) as absorption
+    from int_knowledge_inputs i
+    join ranks m on m.col = 'monetary' and m.v is not distinct from cast(i.monetary as double)
+    join ranks c on c.col = 'categories' and c.v = cast(i.categories as double)
+    join ranks s on s.col = 'suggestions' and s.v = cast(i.suggestions as double)
+    join ranks f on f.col = 'feedback' and f.v = cast(i.feedback as double)
+    join ranks sv on sv.col = 'surveys' and sv.v = cast(i.surveys as double)
+    join ranks cr on cr.col = 'campaign_responses' and cr.v = cast(i.campaign_responses as double)
 )
 
 select

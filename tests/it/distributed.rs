@@ -82,6 +82,7 @@ const CUBES: &[&str] = &[
     "cube_loyalty_pareto",
     "cube_purchasing_power",
     "cube_churn_warning",
+    "int_knowledge_inputs",
     "cube_knowledge_source",
     "cube_churn_rollup",
     "cube_loyalty_rollup",
