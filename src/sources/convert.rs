@@ -74,11 +74,9 @@ pub fn parse_text<'a>(col: &Column, text: &'a str) -> Result<Cell<'a>, String> {
             .filter(|v| v.is_finite())
             .map(Cell::Float)
             .ok_or_else(|| bad("double")),
-        ColumnType::Decimal(p, s) => {
-            arrow::compute::kernels::cast_utils::parse_decimal::<Decimal128Type>(t, p, s)
-                .map(Cell::Decimal)
-                .map_err(|_| bad(&format!("decimal({p},{s})")))
-        }
+        ColumnType::Decimal(p, s) => parse_decimal(t, p, s)
+            .map(Cell::Decimal)
+            .ok_or_else(|| bad(&format!("decimal({p},{s})"))),
         ColumnType::Bool => parse_bool(t).map(Cell::Bool).ok_or_else(|| bad("bool")),
         ColumnType::Date => parse_date(t, col.format.as_deref())
             .map(Cell::Date)
@@ -117,6 +115,21 @@ fn parse_bool(t: &str) -> Option<bool> {
 fn days(d: NaiveDate) -> i32 {
     use chrono::Datelike;
     d.num_days_from_ce() - UNIX_EPOCH_DAYS_FROM_CE
+}
+
+/// A decimal from its text, `None` when it is not one or does not fit.
+///
+/// arrow's parser reads the exponent of `1e...` text into an i16 without checking for overflow
+/// (a panic in debug builds; in release builds `1e65536` wrapped to `1e0` and loaded as 1.00):
+/// an exponent beyond what any decimal can hold (38 digits) is refused before it gets there.
+pub fn parse_decimal(t: &str, precision: u8, scale: i8) -> Option<i128> {
+    if let Some(at) = t.find(['e', 'E']) {
+        let exponent: i64 = t[at + 1..].parse().ok()?;
+        if exponent.abs() > 2 * i64::from(arrow::datatypes::DECIMAL128_MAX_PRECISION) {
+            return None;
+        }
+    }
+    arrow::compute::kernels::cast_utils::parse_decimal::<Decimal128Type>(t, precision, scale).ok()
 }
 
 /// Parse a date; without a format, ISO `YYYY-MM-DD` (a time part is ignored).
@@ -195,20 +208,14 @@ pub fn parse_json<'a>(col: &Column, v: &'a serde_json::Value) -> Result<Cell<'a>
             .as_f64()
             .map(Cell::Float)
             .ok_or_else(|| format!("{n} is not a valid double for column '{}'", col.name)),
-        (Value::Number(n), ColumnType::Decimal(p, s)) => {
-            arrow::compute::kernels::cast_utils::parse_decimal::<Decimal128Type>(
-                &n.to_string(),
-                p,
-                s,
-            )
+        (Value::Number(n), ColumnType::Decimal(p, s)) => parse_decimal(&n.to_string(), p, s)
             .map(Cell::Decimal)
-            .map_err(|_| {
+            .ok_or_else(|| {
                 format!(
                     "{n} is not a valid decimal({p},{s}) for column '{}'",
                     col.name
                 )
-            })
-        }
+            }),
         (other, ty) => Err(format!(
             "{} is not a valid {ty} for column '{}'",
             shorten(&other.to_string()),
@@ -327,6 +334,18 @@ mod tests {
             ty,
             required: false,
             format: format.map(String::from),
+        }
+    }
+
+    /// Found by the `csv_quarantine` fuzz target: exponents that overflow arrow's i16.
+    #[test]
+    fn decimals_with_exponents_beyond_any_decimal_are_rejected_not_wrapped() {
+        let d = col(ColumnType::Decimal(10, 2), None);
+        assert!(matches!(parse_text(&d, "2.5e1"), Ok(Cell::Decimal(2500))));
+        assert!(matches!(parse_text(&d, "25E-1"), Ok(Cell::Decimal(250))));
+        for t in ["1e65536", "1E50235023", "1e-5000", "1e99999999999999999999", "1e"] {
+            let e = parse_text(&d, t).expect_err(t);
+            assert!(e.contains("decimal(10,2)"), "{t}: {e}");
         }
     }
 

@@ -152,10 +152,8 @@ pub fn read_text_files<'a>(
             let source = source.clone();
             async move {
                 let bytes = store.get(&file.path).await?.bytes().await?;
-                let out = tokio::task::spawn_blocking(move || match source.format {
-                    SourceFormat::Csv => csv::parse(&source, &file.display, &bytes, schema),
-                    SourceFormat::Json => json::parse(&source, &file.display, &bytes, schema),
-                    other => Err(Error::Internal(format!("{other:?} is not a text format"))),
+                let out = tokio::task::spawn_blocking(move || {
+                    parse_file(&source, &file.display, &bytes, schema)
                 })
                 .await
                 .map_err(|e| Error::Internal(format!("reader task failed: {e}")))??;
@@ -167,6 +165,21 @@ pub fn read_text_files<'a>(
 }
 
 pub use columnar::read_columnar;
+
+/// One CSV or NDJSON file of `source` into rows of `schema` (see [`table_schema`]) and rejected
+/// lines with their reasons: what a load does with each file (and what the fuzz targets feed).
+pub fn parse_file(
+    source: &Source,
+    file: &str,
+    bytes: &[u8],
+    schema: SchemaRef,
+) -> Result<FileOutput> {
+    match source.format {
+        SourceFormat::Csv => csv::parse(source, file, bytes, schema),
+        SourceFormat::Json => json::parse(source, file, bytes, schema),
+        other => Err(Error::Internal(format!("{other:?} is not a text format"))),
+    }
+}
 
 /// The schema of the table a source loads into: its declared columns (Delta-compatible types),
 /// and `_deleted_at` when it tracks deletes at a database.
