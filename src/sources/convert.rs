@@ -343,7 +343,13 @@ mod tests {
         let d = col(ColumnType::Decimal(10, 2), None);
         assert!(matches!(parse_text(&d, "2.5e1"), Ok(Cell::Decimal(2500))));
         assert!(matches!(parse_text(&d, "25E-1"), Ok(Cell::Decimal(250))));
-        for t in ["1e65536", "1E50235023", "1e-5000", "1e99999999999999999999", "1e"] {
+        for t in [
+            "1e65536",
+            "1E50235023",
+            "1e-5000",
+            "1e99999999999999999999",
+            "1e",
+        ] {
             let e = parse_text(&d, t).expect_err(t);
             assert!(e.contains("decimal(10,2)"), "{t}: {e}");
         }
