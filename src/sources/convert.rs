@@ -119,10 +119,14 @@ fn days(d: NaiveDate) -> i32 {
 
 /// A decimal from its text, `None` when it is not one or does not fit.
 ///
-/// arrow's parser reads the exponent of `1e...` text into an i16 without checking for overflow
-/// (a panic in debug builds; in release builds `1e65536` wrapped to `1e0` and loaded as 1.00):
-/// an exponent beyond what any decimal can hold (38 digits) is refused before it gets there.
+/// arrow's parser counts digits in a u8 and reads the exponent of `1e...` text into an i16,
+/// without checking for overflow (a panic in debug builds; in release builds `1e65536` wrapped
+/// to `1e0` and loaded as 1.00). Text longer than any decimal needs (38 digits, a sign, a point,
+/// an exponent; 128 characters allowed) and exponents beyond 76 are refused before it gets there.
 pub fn parse_decimal(t: &str, precision: u8, scale: i8) -> Option<i128> {
+    if t.len() > 128 {
+        return None;
+    }
     if let Some(at) = t.find(['e', 'E']) {
         let exponent: i64 = t[at + 1..].parse().ok()?;
         if exponent.abs() > 2 * i64::from(arrow::datatypes::DECIMAL128_MAX_PRECISION) {
@@ -337,7 +341,8 @@ mod tests {
         }
     }
 
-    /// Found by the `csv_quarantine` fuzz target: exponents that overflow arrow's i16.
+    /// Found by the `csv_quarantine` fuzz target: exponents and digit counts that overflow
+    /// arrow's parser.
     #[test]
     fn decimals_with_exponents_beyond_any_decimal_are_rejected_not_wrapped() {
         let d = col(ColumnType::Decimal(10, 2), None);
@@ -349,6 +354,8 @@ mod tests {
             "1e-5000",
             "1e99999999999999999999",
             "1e",
+            &"9".repeat(300),
+            &format!("0.{}", "5".repeat(300)),
         ] {
             let e = parse_text(&d, t).expect_err(t);
             assert!(e.contains("decimal(10,2)"), "{t}: {e}");

@@ -216,10 +216,34 @@ pub(crate) fn source_error(source: &Source, message: String) -> Error {
     }
 }
 
-/// Cut a raw row for the quarantine table.
+/// Cut a raw row for the quarantine table: at most 4 KiB of text (invalid UTF-8 bytes become
+/// U+FFFD, three bytes each, so the text is cut again after the conversion).
 pub(crate) fn raw_text(bytes: &[u8]) -> String {
     const MAX: usize = 4096;
     let cut = &bytes[..bytes.len().min(MAX)];
-    let s = String::from_utf8_lossy(cut);
+    let mut s = String::from_utf8_lossy(cut).into_owned();
+    if s.len() > MAX {
+        let end = (0..=MAX)
+            .rev()
+            .find(|i| s.is_char_boundary(*i))
+            .unwrap_or(0);
+        s.truncate(end);
+    }
     s.trim_end_matches(['\r', '\n']).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Found by the `csv_quarantine` fuzz target: invalid bytes grew the text past 4 KiB.
+    #[test]
+    fn raw_text_of_invalid_utf8_stays_within_4_kib() {
+        let bytes = vec![0xff_u8; 5000];
+        let text = super::raw_text(&bytes);
+        assert!(
+            text.len() <= 4096 && text.starts_with('\u{fffd}'),
+            "{}",
+            text.len()
+        );
+        assert_eq!(super::raw_text(b"a,b\r\n"), "a,b");
+    }
 }
