@@ -23,10 +23,6 @@ use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
 use ballista_scheduler::scheduler_process::start_server;
-use datafusion::catalog::{
-    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
-    MemorySchemaProvider,
-};
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -60,29 +56,6 @@ pub async fn session(
     // The Ballista session keeps only its own function list: kbcrm's are registered again.
     udf::register(&ctx, params);
     Ok(ctx)
-}
-
-/// A session on the same cluster as `root` (its scheduler, settings and functions) with a
-/// catalog of its own, still empty: the server holds one such session per role, each with
-/// only the role's tables, and starts one cluster, not one per role.
-pub fn with_empty_catalog(root: &SessionContext) -> SessionContext {
-    let state = root.state();
-    let options = state.config().options();
-    let (catalog_name, schema_name) = (
-        options.catalog.default_catalog.clone(),
-        options.catalog.default_schema.clone(),
-    );
-    let catalog = MemoryCatalogProvider::new();
-    catalog
-        .register_schema(&schema_name, Arc::new(MemorySchemaProvider::new()))
-        .expect("a new catalog takes a schema");
-    let catalogs = MemoryCatalogProviderList::new();
-    catalogs.register_catalog(catalog_name, Arc::new(catalog));
-    SessionContext::new_with_state(
-        SessionStateBuilder::new_from_existing(state)
-            .with_catalog_list(Arc::new(catalogs))
-            .build(),
-    )
 }
 
 /// Fail with a clear message when nothing answers at the scheduler's address (Ballista itself

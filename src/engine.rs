@@ -4,6 +4,11 @@
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    MemorySchemaProvider,
+};
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
@@ -140,4 +145,27 @@ pub fn today_params() -> RunParams {
         as_of_days: epoch_days(chrono::Utc::now().date_naive()),
         vars: Default::default(),
     }
+}
+
+/// A session like `root` (its planner, settings, functions and runtime: on a Ballista cluster,
+/// the same scheduler) with a catalog of its own, still empty. The server holds one such
+/// session per role on the cluster, each with only the role's tables.
+pub fn with_empty_catalog(root: &SessionContext) -> SessionContext {
+    let state = root.state();
+    let options = state.config().options();
+    let (catalog_name, schema_name) = (
+        options.catalog.default_catalog.clone(),
+        options.catalog.default_schema.clone(),
+    );
+    let catalog = MemoryCatalogProvider::new();
+    catalog
+        .register_schema(&schema_name, Arc::new(MemorySchemaProvider::new()))
+        .expect("a new catalog takes a schema");
+    let catalogs = MemoryCatalogProviderList::new();
+    catalogs.register_catalog(catalog_name, Arc::new(catalog));
+    SessionContext::new_with_state(
+        SessionStateBuilder::new_from_existing(state)
+            .with_catalog_list(Arc::new(catalogs))
+            .build(),
+    )
 }

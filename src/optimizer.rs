@@ -23,18 +23,19 @@ use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
 #[derive(Debug, Default)]
 pub struct CountBesideDistinct;
 
-/// What a plain aggregate of the node becomes.
-enum Plain {
+/// What an aggregate of the node becomes.
+enum Plain<'a> {
     /// Kept as it is (sum, min, max, distinct aggregates).
     Kept,
-    /// A count, written as a sum; the result is that sum or, over no rows, 0.
-    Count,
+    /// A count of these arguments, written as a sum; the result is that sum or, over no
+    /// rows, 0.
+    Count(&'a [Expr]),
 }
 
 /// How each aggregate expression is rewritten, or `None` when the node does not qualify: one
 /// set of distinct arguments, no filters or orderings, no grouping sets, and besides the
 /// distinct aggregates only counts, sums, minima and maxima, at least one of them a count.
-fn plan_rewrite(agg: &Aggregate) -> Option<Vec<Plain>> {
+fn plan_rewrite(agg: &Aggregate) -> Option<Vec<Plain<'_>>> {
     if matches!(agg.group_expr.first(), Some(Expr::GroupingSet(_))) {
         return None;
     }
@@ -67,24 +68,21 @@ fn plan_rewrite(agg: &Aggregate) -> Option<Vec<Plain>> {
             }
             kinds.push(Plain::Kept);
         } else if name == "count" && args.len() <= 1 {
-            kinds.push(Plain::Count);
+            kinds.push(Plain::Count(args));
         } else if matches!(name.as_str(), "sum" | "min" | "max") {
             kinds.push(Plain::Kept);
         } else {
             return None;
         }
     }
-    let counts = kinds.iter().any(|k| matches!(k, Plain::Count));
+    let counts = kinds.iter().any(|k| matches!(k, Plain::Count(_)));
     (distinct_args.is_some() && counts).then_some(kinds)
 }
 
 /// `count(arg)` as a sum of ones: `sum(1)` for `count(*)` and constants, else
 /// `sum(case when arg is not null then 1 else 0 end)`.
-fn count_as_sum(count: &Expr) -> Result<Expr> {
-    let Expr::AggregateFunction(AggregateFunction { params, .. }) = count else {
-        unreachable!("plan_rewrite admits aggregate functions only");
-    };
-    Ok(match params.args.first() {
+fn count_as_sum(args: &[Expr]) -> Result<Expr> {
+    Ok(match args.first() {
         Some(Expr::Literal(v, _)) if v.is_null() => sum(lit(0i64)),
         None | Some(Expr::Literal(..)) => sum(lit(1i64)),
         Some(arg) => sum(case(arg.clone().is_not_null())
@@ -121,7 +119,7 @@ impl OptimizerRule for CountBesideDistinct {
         for (e, kind) in agg.aggr_expr.iter().zip(&kinds) {
             aggr_expr.push(match kind {
                 Plain::Kept => e.clone(),
-                Plain::Count => count_as_sum(e)?,
+                Plain::Count(args) => count_as_sum(args)?,
             });
         }
         // Two counts of the same argument, or a count beside the same sum, would name two
@@ -143,7 +141,7 @@ impl OptimizerRule for CountBesideDistinct {
             let (new_qualifier, new_field) = new.qualified_field(i);
             let (old_qualifier, old_field) = old.qualified_field(i);
             let mut e = Expr::Column(Column::new(new_qualifier.cloned(), new_field.name()));
-            if i >= groups && matches!(kinds[i - groups], Plain::Count) {
+            if i >= groups && matches!(kinds[i - groups], Plain::Count(_)) {
                 e = datafusion::functions::expr_fn::coalesce(vec![e, lit(0i64)]);
             }
             columns.push(e.alias_qualified(old_qualifier.cloned(), old_field.name()));

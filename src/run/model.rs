@@ -125,17 +125,13 @@ impl Runner<'_> {
         }
         let bar = self.progress.step(&format!("build {}", model.name));
         let memory_limit = self.project.engine.memory_limit;
-        let model_err = |e: &dyn std::fmt::Display| {
-            let message = e.to_string();
-            let help = (message.contains("Resources exhausted")
-                || message.contains("Not enough memory"))
-            .then(|| out_of_memory_help(memory_limit));
-            Error::Model {
-                model: model.name.clone(),
-                file: model.file.clone(),
-                message,
-                help,
-            }
+        let model_err = |e: &Error| Error::Model {
+            model: model.name.clone(),
+            file: model.file.clone(),
+            message: e.to_string(),
+            help: e
+                .is_out_of_memory()
+                .then(|| out_of_memory_help(memory_limit)),
         };
         // An incremental model reads only what its driving tables gained.
         let narrowed = match &model.incremental {

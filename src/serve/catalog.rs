@@ -42,6 +42,14 @@ pub struct RoleSession {
 }
 
 impl RoleSession {
+    /// The role's cluster session when `stmt` runs there ([`super::cluster::ClusterSide::takes`]).
+    pub fn cluster_for(
+        &self,
+        stmt: &datafusion::sql::sqlparser::ast::Statement,
+    ) -> Option<&super::cluster::ClusterSide> {
+        self.cluster.as_ref().filter(|c| c.takes(stmt))
+    }
+
     /// The role's session for one statement: the same tables and settings, with a memory pool
     /// of its own of `memory_limit` bytes (so the engine limit applies per query, and one
     /// heavy query cannot starve the others). Without a limit, the shared session.
@@ -129,16 +137,10 @@ pub async fn build(
 }
 
 /// A session on the cluster of `root` with an empty catalog and kbcrm's functions as of today.
-#[cfg(feature = "ballista")]
 fn on_cluster(root: &SessionContext, params: &crate::udf::RunParams) -> SessionContext {
-    let ctx = crate::distributed::with_empty_catalog(root);
+    let ctx = engine::with_empty_catalog(root);
     crate::udf::register(&ctx, params);
     ctx
-}
-
-#[cfg(not(feature = "ballista"))]
-fn on_cluster(_: &SessionContext, _: &crate::udf::RunParams) -> SessionContext {
-    unreachable!("a cluster session exists only in builds with Ballista")
 }
 
 /// `to_regtype(name)`: the type's oid, or NULL for a type the server does not have (psycopg

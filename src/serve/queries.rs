@@ -104,7 +104,7 @@ fn service_for(
     role: &Arc<RoleSession>,
     stmt: &Statement,
 ) -> PgWireResult<Arc<DfSessionService>> {
-    match role.cluster.as_ref().filter(|c| c.takes(stmt)) {
+    match role.cluster_for(stmt) {
         Some(cluster) => {
             tracing::debug!("on the Ballista cluster: {stmt}");
             Ok(cluster.service.clone())
@@ -359,7 +359,7 @@ impl QueryParser for Parser {
                 policy::empty_index_catalog_queries(&mut stmt);
                 // Planned where it will run: a plan of the role's local tables cannot be sent
                 // to the cluster.
-                let service = match role.cluster.as_ref().filter(|c| c.takes(&stmt)) {
+                let service = match role.cluster_for(&stmt) {
                     Some(cluster) => &cluster.service,
                     None => &role.service,
                 };

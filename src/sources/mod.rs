@@ -222,13 +222,7 @@ pub(crate) fn raw_text(bytes: &[u8]) -> String {
     const MAX: usize = 4096;
     let cut = &bytes[..bytes.len().min(MAX)];
     let mut s = String::from_utf8_lossy(cut).into_owned();
-    if s.len() > MAX {
-        let end = (0..=MAX)
-            .rev()
-            .find(|i| s.is_char_boundary(*i))
-            .unwrap_or(0);
-        s.truncate(end);
-    }
+    s.truncate(s.floor_char_boundary(MAX));
     s.trim_end_matches(['\r', '\n']).to_string()
 }
 

@@ -214,15 +214,15 @@ impl Warehouse {
             };
             let files =
                 active_files(&table, &self.table_url(&name)).map_err(|e| with_table(e, &name))?;
+            let schema = table.table_provider().await?.schema();
             if let Some(ctx) = checked {
                 table.update_datafusion_session(&ctx.state())?;
-                let schema = table.table_provider().await?.schema();
                 ctx.deregister_table(name.as_str())?;
-                ctx.register_table(name.as_str(), files_provider(&files, schema).await?)?;
+                let provider = files_provider(&files, schema.clone()).await?;
+                ctx.register_table(name.as_str(), provider)?;
             }
             if let Some(ctx) = plain {
                 table.update_datafusion_session(&ctx.state())?;
-                let schema = table.table_provider().await?.schema();
                 ctx.deregister_table(name.as_str())?;
                 ctx.register_table(name.as_str(), listing(&files, schema)?)?;
             }
