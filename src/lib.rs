@@ -44,6 +44,7 @@ pub mod optimizer;
 pub mod plan;
 pub mod query;
 pub mod roles;
+pub mod rollup;
 pub mod run;
 pub mod schedule;
 pub mod serve;

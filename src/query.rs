@@ -22,8 +22,13 @@ pub async fn session(project: &Project) -> Result<SessionContext> {
         return Ok(ctx);
     }
     let ctx = engine::session(&project.engine, &engine::today_params())?;
-    wh.register_all(&ctx).await?;
+    let versions = wh.register_all(&ctx).await?;
     wh.register_runs(&ctx).await?;
+    if project.engine.rollups {
+        let version_of = |t: &str| versions.get(t).copied().flatten();
+        let rollups = crate::rollup::Rollups::load(&ctx, project, &version_of).await?;
+        rollups.attach(&ctx, |_| true).await?;
+    }
     Ok(ctx)
 }
 
@@ -42,5 +47,30 @@ pub async fn query(project: &Project, sql: &str) -> Result<Vec<RecordBatch>> {
         .sql_with_options(sql, read_only())
         .await
         .map_err(|e| Error::Usage(format!("query failed: {}", e.strip_backtrace())))?;
-    Ok(df.collect().await?)
+    let batches = df.collect().await?;
+    match explained(sql) {
+        Some(inner) => match crate::rollup::explain_row(&ctx, &inner).await? {
+            Some(row) => crate::rollup::with_explain_row(batches, &row),
+            None => Ok(batches),
+        },
+        None => Ok(batches),
+    }
+}
+
+/// The statement an `EXPLAIN` (without ANALYZE) explains, as SQL.
+pub fn explained(sql: &str) -> Option<String> {
+    use datafusion::sql::sqlparser::ast::Statement;
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    let statements = Parser::parse_sql(&GenericDialect {}, sql).ok()?;
+    match statements.as_slice() {
+        [
+            Statement::Explain {
+                statement,
+                analyze: false,
+                ..
+            },
+        ] => Some(statement.to_string()),
+        _ => None,
+    }
 }

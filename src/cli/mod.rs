@@ -385,6 +385,7 @@ impl Cli {
             warehouse: self.warehouse.clone(),
             memory_limit: self.memory_limit.clone(),
             engine: self.engine.clone(),
+            rollups: None,
         })
     }
 

@@ -350,6 +350,13 @@ pub struct ModelSpec {
     /// Options of `mode: scd2`.
     #[serde(default)]
     pub scd2: Option<Scd2Spec>,
+    /// `rollup: true`: the model is a pre-aggregate of its tables (one SELECT of plain columns
+    /// and sum/count/min/max over inner joins, grouped by those columns, no WHERE). `kbcrm
+    /// query` and `kbcrm serve` answer an aggregate query over the same joins from it when
+    /// the query only groups and filters by its columns and it was built from the tables'
+    /// current versions; EXPLAIN says which rollup answered, or why none did.
+    #[serde(default)]
+    pub rollup: bool,
 }
 
 /// What refreshes an incremental model: its driving tables' new rows, optionally widened to

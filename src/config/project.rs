@@ -283,6 +283,10 @@ pub struct EngineSpec {
     /// Rows per record batch; default 8192.
     #[serde(default)]
     pub batch_size: Option<usize>,
+    /// Answer aggregate queries from rollups (models with `rollup: true`) where they can;
+    /// default true. `KBCRM_ROLLUPS=off` turns it off for one command.
+    #[serde(default)]
+    pub rollups: Option<bool>,
 }
 
 /// Parse a byte size such as "4GiB", "512 MB", "1073741824".

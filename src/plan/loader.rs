@@ -247,7 +247,20 @@ impl Loader {
             }
         };
         let cluster = self.cluster(spec, text, o);
+        let rollups = match o.rollups.as_deref().map(str::trim) {
+            None => e.rollups.unwrap_or(true),
+            Some("on" | "true" | "1") => true,
+            Some("off" | "false" | "0") => false,
+            Some(other) => {
+                self.problems.push(Problem::new(
+                    "KBCRM_ROLLUPS",
+                    format!("'{other}' is neither on nor off"),
+                ));
+                true
+            }
+        };
         EngineSettings {
+            rollups,
             cluster,
             memory_limit,
             spill_dir: e.spill_dir.as_ref().map(|d| self.root.join(d)),
@@ -1016,6 +1029,7 @@ impl Loader {
                     keys: Vec::new(),
                     incremental: None,
                     scd2: None,
+                    rollup: false,
                 },
                 ModelEntry::Full(m) => m.clone(),
             };
@@ -1065,6 +1079,15 @@ impl Loader {
                     continue;
                 }
                 let Some(sql) = self.read(&rel) else { continue };
+                if spec.rollup && (sql.contains("kbcrm_as_of") || sql.contains("kbcrm_var")) {
+                    self.problems.push(Problem::new(
+                        &rel,
+                        "a rollup must not read run parameters (kbcrm_as_of, kbcrm_var): queries \
+                         are answered from it as if from its tables"
+                            .to_string(),
+                    ));
+                    continue;
+                }
                 match dag::parse_model_sql(&rel, &sql) {
                     Ok(refs) => {
                         let drivers = spec.incremental.iter().flat_map(|i| &i.tables);
@@ -1089,6 +1112,7 @@ impl Loader {
                                     valid_from: s.valid_from.clone(),
                                     surrogate_key: s.surrogate_key.clone(),
                                 }),
+                                rollup: spec.rollup,
                             },
                             refs,
                         ))
@@ -1281,6 +1305,10 @@ fn model_options_problem(spec: &ModelSpec) -> Option<String> {
         }
         m if m != WriteMode::Merge && spec.incremental.is_some() => Some(format!(
             "{what}: `incremental:` needs `mode: merge` (new rows are merged by key)"
+        )),
+        m if spec.rollup && m != WriteMode::Overwrite => Some(format!(
+            "{what}: a rollup is rebuilt whole (`mode: overwrite`, the default), so that it \
+             always sums every row of its tables"
         )),
         _ if spec
             .incremental

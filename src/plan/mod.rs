@@ -47,6 +47,8 @@ pub struct Overrides {
     pub memory_limit: Option<String>,
     /// Where queries run: `local`, `ballista` (a cluster in this process) or `df://host:port`.
     pub engine: Option<String>,
+    /// Whether queries are answered from rollups (`on`/`off`).
+    pub rollups: Option<String>,
 }
 
 impl Overrides {
@@ -58,6 +60,9 @@ impl Overrides {
                 .ok()
                 .filter(|s| !s.is_empty()),
             memory_limit: std::env::var("KBCRM_MEMORY_LIMIT")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            rollups: std::env::var("KBCRM_ROLLUPS")
                 .ok()
                 .filter(|s| !s.is_empty()),
         }
@@ -73,6 +78,9 @@ impl Overrides {
         }
         if other.engine.is_some() {
             self.engine = other.engine;
+        }
+        if other.rollups.is_some() {
+            self.rollups = other.rollups;
         }
         self
     }
@@ -102,6 +110,8 @@ pub struct EngineSettings {
     pub batch_size: Option<usize>,
     /// DataFusion settings passed through.
     pub datafusion: Vec<(String, String)>,
+    /// Whether `kbcrm query` and `kbcrm serve` answer aggregates from rollups.
+    pub rollups: bool,
 }
 
 /// A validated project.
@@ -370,6 +380,8 @@ pub struct Model {
     pub incremental: Option<ModelIncrementalSpec>,
     /// Type-2 options (`mode: scd2`).
     pub scd2: Option<Scd2>,
+    /// A rollup that aggregate queries are routed to ([`crate::rollup`]).
+    pub rollup: bool,
 }
 
 /// A data test with its table resolved.

@@ -123,6 +123,10 @@ impl Runner<'_> {
             self.skip(state, &model.name, "model", "up to date");
             return Ok(());
         }
+        if model.rollup {
+            // Refused before it is built: SQL that queries could not be answered from.
+            crate::rollup::definition(ctx, model).await?;
+        }
         let bar = self.progress.step(&format!("build {}", model.name));
         let memory_limit = self.project.engine.memory_limit;
         let model_err = |e: &Error| Error::Model {

@@ -95,10 +95,25 @@ pub async fn build(
     wh.register_runs(&base).await?;
     let mut tables = versions.clone();
     tables.insert(crate::warehouse::history::RUNS_TABLE.to_string(), 0);
+    let rollups = if project.engine.rollups {
+        let version_of = |t: &str| versions.get(t).copied();
+        crate::rollup::Rollups::load(&base, project, &version_of).await?
+    } else {
+        crate::rollup::Rollups::default()
+    };
     let mut roles = HashMap::new();
     for (name, role) in &project.access.roles {
         let ctx = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
         let hidden = roles::register_views(&base, &ctx, &tables, name, role, project).await?;
+        // A rollup answers for a role only when the role reads it as it is: unmasked and
+        // unfiltered (the tables it stands for must be plain too; the routing checks that).
+        rollups
+            .attach(&ctx, |r| {
+                role.may_read(r)
+                    && !role.row_filter.contains_key(r)
+                    && (role.pii || project.access.pii.get(r).is_none_or(|c| c.is_empty()))
+            })
+            .await?;
         setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
             .map_err(|e| Error::Usage(format!("pg_catalog: {e}")))?;
         ctx.register_udf(version_udf());

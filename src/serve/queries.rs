@@ -298,6 +298,10 @@ impl SimpleQueryHandler for Queries {
                 Verdict::Run => {
                     policy::simplify_catalog_subqueries(&mut stmt);
                     policy::empty_index_catalog_queries(&mut stmt);
+                    if let Some(r) = explain_with_routing(&role, &stmt, client).await? {
+                        out.push(r);
+                        continue;
+                    }
                     let sql = stmt.to_string();
                     let service = service_for(&self.shared, &conn, &role, &stmt)?;
                     let responses = bounded(
@@ -316,6 +320,54 @@ impl SimpleQueryHandler for Queries {
         }
         Ok(out)
     }
+}
+
+/// An `EXPLAIN` (without ANALYZE) in a role session with rollups: DataFusion's plan rows and
+/// the `rollup_routing` row saying which rollup answered each aggregate or why none did.
+async fn explain_with_routing<C: ClientInfo + ?Sized>(
+    role: &RoleSession,
+    stmt: &Statement,
+    client: &C,
+) -> PgWireResult<Option<Response>> {
+    let Statement::Explain {
+        statement,
+        analyze: false,
+        ..
+    } = stmt
+    else {
+        return Ok(None);
+    };
+    if role.cluster_for(stmt).is_some() {
+        return Ok(None);
+    }
+    let fail = |e: String| pg_error("ERROR", "XX000", e);
+    let ctx = &role.ctx;
+    let Some(row) = crate::rollup::explain_row(ctx, &statement.to_string())
+        .await
+        .map_err(|e| fail(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    let df = ctx
+        .sql(&stmt.to_string())
+        .await
+        .map_err(|e| fail(e.strip_backtrace()))?;
+    let batches = df.collect().await.map_err(|e| fail(e.strip_backtrace()))?;
+    let batches =
+        crate::rollup::with_explain_row(batches, &row).map_err(|e| fail(e.to_string()))?;
+    let df = ctx
+        .read_batches(batches)
+        .map_err(|e| fail(e.strip_backtrace()))?;
+    let options = Arc::new(pgwire::types::format::FormatOptions::from_client_metadata(
+        client.metadata(),
+    ));
+    let resp = datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe(
+        df,
+        &Format::UnifiedText,
+        Some(options),
+    )
+    .await?;
+    Ok(Some(Response::Query(resp)))
 }
 
 fn empty_plan() -> LogicalPlan {
