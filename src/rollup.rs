@@ -388,9 +388,12 @@ impl Rollup {
                 [] => {
                     let through_view = tree.leaves.iter().any(|l| {
                         l.table.is_none()
-                            && l.qualifier
-                                .as_ref()
-                                .is_some_and(|q| q.table() == t.as_str())
+                            && l.plan
+                                .exists(|n| {
+                                    Ok(matches!(n, LogicalPlan::TableScan(ts)
+                                        if ts.table_name.table() == t.as_str()))
+                                })
+                                .unwrap_or(false)
                     });
                     return Err(if through_view {
                         format!(

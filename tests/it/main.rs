@@ -17,6 +17,7 @@ mod object_storage;
 mod pipeline_run;
 mod postgres;
 mod recovery;
+mod rollups;
 mod schedule;
 mod serve;
 mod sources;

@@ -51,6 +51,7 @@ pub fn run_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("KBCRM_WAREHOUSE")
         .env_remove("KBCRM_MEMORY_LIMIT")
         .env_remove("KBCRM_PROJECT")
+        .env_remove("KBCRM_ROLLUPS")
         .env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);
