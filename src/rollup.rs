@@ -831,29 +831,34 @@ impl Rollups {
     }
 }
 
-/// A rollup model's definition, read by planning its SQL in `ctx`.
-pub async fn definition(ctx: &SessionContext, model: &Model) -> Result<Rollup> {
-    let problem = |message: String| crate::error::Error::Model {
-        model: model.name.clone(),
-        file: model.file.clone(),
-        message,
-        help: Some(
-            "a rollup is one SELECT of plain columns and sum/count/min/max of columns, from \
-             tables joined with inner joins on equal columns, grouped by those columns, without \
-             WHERE or HAVING"
-                .into(),
-        ),
-    };
+/// What a rollup's SQL must be.
+pub const SHAPE: &str = "a rollup is one SELECT of plain columns and sum/count/min/max of \
+    columns, from tables joined with inner joins on equal columns, grouped by those columns, \
+    without WHERE or HAVING";
+
+/// A rollup model's definition, read by planning its SQL in `ctx`; or why it is not one.
+pub async fn check(ctx: &SessionContext, model: &Model) -> std::result::Result<Rollup, String> {
     let state = ctx.state();
     let plan = state
         .create_logical_plan(&model.sql)
         .await
-        .map_err(|e| problem(format!("its SQL does not plan: {}", e.strip_backtrace())))?;
+        .map_err(|e| format!("its SQL does not plan: {}", e.strip_backtrace()))?;
     let analyzed = without_routing(&state)
         .execute_and_check(plan, state.config_options(), |_, _| {})
-        .map_err(|e| problem(format!("its SQL does not plan: {}", e.strip_backtrace())))?;
-    Rollup::from_plan(&model.name, &analyzed)
-        .map_err(|why| problem(format!("it is not a rollup: {why}")))
+        .map_err(|e| format!("its SQL does not plan: {}", e.strip_backtrace()))?;
+    Rollup::from_plan(&model.name, &analyzed).map_err(|why| format!("it is not a rollup: {why}"))
+}
+
+/// [`check`] as a model error naming the file (what a run reports).
+pub async fn definition(ctx: &SessionContext, model: &Model) -> Result<Rollup> {
+    check(ctx, model)
+        .await
+        .map_err(|message| crate::error::Error::Model {
+            model: model.name.clone(),
+            file: model.file.clone(),
+            message,
+            help: Some(SHAPE.into()),
+        })
 }
 
 /// The session's analyzer without the routing rule.

@@ -101,6 +101,14 @@ async fn check_model(
             return register_empty(ctx, &m.name, Arc::new(Schema::empty()));
         }
     };
+    if m.rollup
+        && let Err(why) = crate::rollup::check(ctx, m).await
+    {
+        problems.push(Problem::new(
+            &m.file,
+            format!("model '{}': {why} ({})", m.name, crate::rollup::SHAPE),
+        ));
+    }
     let mut missing = |what: &str, col: &str| {
         if schema.field_with_name(col).is_err() {
             problems.push(Problem::new(

@@ -174,6 +174,12 @@ fn a_rollup_that_is_not_one_fails_its_run_naming_the_file() {
         "select d.year, sum(f.net_amount) as revenue from fact_sales f \
          join dim_date d on f.date_key = d.date_key where f.status = 'completed' group by d.year\n",
     );
+    let out = p.kbcrm(&["validate"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for want in ["sql/rollups/rollup_sales_daily.sql", "it filters rows"] {
+        assert!(err.contains(want), "validate: '{want}' not in {err}");
+    }
     let before = p.warehouse_files();
     let out = p.kbcrm(&["run", "rollups"]);
     let err = stderr(&out);

@@ -308,6 +308,6 @@ fn truth_csv_in(dir: &Path, name: &str) -> Vec<HashMap<String, String>> {
 fn validate_accepts_the_demo_project() {
     let p = Project::demo();
     let out = p.ok(&["validate"]);
-    assert!(out.starts_with("ok: 5 pipelines"), "{out}");
+    assert!(out.starts_with("ok: 6 pipelines"), "{out}");
     let _ = truth_csv("files_0001.csv");
 }
