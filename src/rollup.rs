@@ -735,7 +735,9 @@ fn staleness(
         return Some("no run has recorded what it was built from; run its pipeline".into());
     };
     let v: serde_json::Value = serde_json::from_str(recorded).unwrap_or_default();
-    let hash = hex::encode(Sha256::digest(model.sql.as_bytes()));
+    // A rollup reads no run parameters (refused when the project loads).
+    let definition = crate::run::model_definition(model, &crate::udf::RunParams::default());
+    let hash = hex::encode(Sha256::digest(definition.as_bytes()));
     if v.get("definition").and_then(|d| d.as_str()) != Some(hash.as_str()) {
         return Some(format!(
             "its SQL ({}) changed since it was built; run pipeline '{}'",
@@ -968,6 +970,7 @@ mod tests {
             incremental: None,
             scd2: None,
             rollup: true,
+            cluster_by: vec![],
         };
         let def = definition(&routed, &model).await.unwrap();
         Rollups { defs: vec![def] }
@@ -1103,6 +1106,7 @@ mod tests {
                 incremental: None,
                 scd2: None,
                 rollup: true,
+                cluster_by: vec![],
             };
             let err = definition(&routed, &model).await.unwrap_err().to_string();
             assert!(err.contains(why), "{sql}: want '{why}' in {err}");
@@ -1122,6 +1126,7 @@ mod tests {
             incremental: None,
             scd2: None,
             rollup: true,
+            cluster_by: vec![],
         };
         let hash = hex::encode(Sha256::digest(b"select 1"));
         let built = |def: &str, v: u64| {

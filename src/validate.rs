@@ -123,6 +123,9 @@ async fn check_model(
     for k in &m.keys {
         missing("key", k);
     }
+    for c in &m.cluster_by {
+        missing("cluster_by column", c);
+    }
     let mut table_schema = schema.clone();
     if let (WriteMode::Scd2, Some(opts)) = (m.mode, &m.scd2) {
         for c in &opts.tracked {

@@ -357,6 +357,12 @@ pub struct ModelSpec {
     /// current versions; EXPLAIN says which rollup answered, or why none did.
     #[serde(default)]
     pub rollup: bool,
+    /// Columns the model's data files are sorted by when written (e.g. `[customer_id]`), so
+    /// that a query filtering on them reads only the row groups and pages holding the values
+    /// (Parquet statistics). Applied to every write; `kbcrm run --full-refresh` rewrites a
+    /// table written before its order was declared.
+    #[serde(default)]
+    pub cluster_by: Vec<String>,
 }
 
 /// What refreshes an incremental model: its driving tables' new rows, optionally widened to

@@ -1030,6 +1030,7 @@ impl Loader {
                     incremental: None,
                     scd2: None,
                     rollup: false,
+                    cluster_by: Vec::new(),
                 },
                 ModelEntry::Full(m) => m.clone(),
             };
@@ -1113,6 +1114,7 @@ impl Loader {
                                     surrogate_key: s.surrogate_key.clone(),
                                 }),
                                 rollup: spec.rollup,
+                                cluster_by: spec.cluster_by.clone(),
                             },
                             refs,
                         ))

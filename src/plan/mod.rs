@@ -382,6 +382,8 @@ pub struct Model {
     pub scd2: Option<Scd2>,
     /// A rollup that aggregate queries are routed to ([`crate::rollup`]).
     pub rollup: bool,
+    /// Columns its data files are sorted by.
+    pub cluster_by: Vec<String>,
 }
 
 /// A data test with its table resolved.

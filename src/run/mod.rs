@@ -6,6 +6,7 @@ pub mod backfill;
 mod database;
 mod lock;
 mod model;
+pub(crate) use model::model_definition;
 mod progress;
 mod quarantine;
 mod source;

@@ -47,6 +47,16 @@ fn definition(sql: &str, params: &crate::udf::RunParams) -> String {
     d
 }
 
+/// A model's whole definition: its SQL with the run parameters it reads, and the order its
+/// files are written in.
+pub(crate) fn model_definition(model: &Model, params: &crate::udf::RunParams) -> String {
+    let mut d = definition(&model.sql, params);
+    if !model.cluster_by.is_empty() {
+        d.push_str(&format!("\n-- cluster by {}", model.cluster_by.join(", ")));
+    }
+    d
+}
+
 /// A driving table of an incremental model: its name, its full provider, its added rows.
 type Driver<'a> = (&'a String, Arc<dyn TableProvider>, Arc<dyn TableProvider>);
 
@@ -115,7 +125,7 @@ impl Runner<'_> {
         let started = Instant::now();
         let key = inputs_key(&model.pipeline, &model.name);
         let print = fingerprint(
-            &definition(&model.sql, &state.params),
+            &model_definition(model, &state.params),
             &model.depends_on,
             state,
         );
@@ -154,7 +164,12 @@ impl Runner<'_> {
             _ => None,
         };
         let mut result = self
-            .write_sql(cluster.as_ref().unwrap_or(ctx), &model.sql, &model.name)
+            .write_sql(
+                cluster.as_ref().unwrap_or(ctx),
+                &model.sql,
+                &model.name,
+                &model.cluster_by,
+            )
             .await;
         if let Err(e) = &result
             && cluster.is_some()
@@ -166,7 +181,9 @@ impl Runner<'_> {
                 "the cluster cannot be sent this model's plan (a table function or a table \
                  only this process has); it runs in this process"
             );
-            result = self.write_sql(ctx, &model.sql, &model.name).await;
+            result = self
+                .write_sql(ctx, &model.sql, &model.name, &model.cluster_by)
+                .await;
         }
         let result = result.map_err(|e| model_err(&e));
         for (table, provider) in narrowed {
@@ -202,9 +219,15 @@ impl Runner<'_> {
 
     /// Run `sql` into new, uncommitted files of `table` (with sort-merge joins when a hash join
     /// does not fit the memory limit).
-    async fn write_sql(&self, ctx: &SessionContext, sql: &str, table: &str) -> Result<NewData> {
+    async fn write_sql(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+        table: &str,
+        cluster_by: &[String],
+    ) -> Result<NewData> {
         crate::engine::spill_joins_on_retry(ctx, table, || async {
-            write_frame(&self.wh, table, ctx.sql(sql).await?).await
+            write_frame(&self.wh, table, ctx.sql(sql).await?, cluster_by).await
         })
         .await
     }
@@ -468,7 +491,7 @@ impl Runner<'_> {
             None => None,
         };
         let written = self
-            .write_sql(ctx, &golden_sql, &identity.golden_table)
+            .write_sql(ctx, &golden_sql, &identity.golden_table, &[])
             .await
             .map_err(|e| {
                 Error::Internal(format!(

@@ -296,6 +296,7 @@ impl Runner<'_> {
             schema: table_schema,
             adds,
             rows,
+            cluster_by: Vec::new(),
         };
         let staged = stage(&self.wh, ctx, new, mode, &source.keys).await?;
         bar.finish();

@@ -72,7 +72,7 @@ pub async fn stage_scd2(
     };
     // Only this part is tried again with sort-merge joins: what follows deletes `new`'s files.
     let result = crate::engine::spill_joins_on_retry(ctx, &table, || async {
-        write_frame(wh, &table, ctx.sql(&sql).await?).await
+        write_frame(wh, &table, ctx.sql(&sql).await?, &[]).await
     })
     .await;
     ctx.deregister_table(&new_name)?;

@@ -244,6 +244,7 @@ pub async fn stage_batch(
         schema,
         adds,
         rows,
+        cluster_by: Vec::new(),
     };
     stage(wh, ctx, new, mode, keys).await
 }

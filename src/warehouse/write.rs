@@ -109,13 +109,24 @@ impl TableWriter {
     }
 }
 
-/// Run `df` and write its rows into new, uncommitted files of `table`.
+/// Run `df` and write its rows into new, uncommitted files of `table`, sorted by `cluster_by`.
 pub async fn write_frame(
     wh: &Warehouse,
     table: &str,
     df: datafusion::dataframe::DataFrame,
+    cluster_by: &[String],
 ) -> Result<NewData> {
     let schema = super::delta_compatible(df.schema().as_arrow());
+    let df = if cluster_by.is_empty() {
+        df
+    } else {
+        df.sort(
+            cluster_by
+                .iter()
+                .map(|c| datafusion::prelude::ident(c).sort(true, false))
+                .collect(),
+        )?
+    };
     let stream = df.execute_stream().await?;
     let mut writer = TableWriter::new(&wh.table_url(table), schema.clone())?;
     writer.write_stream(stream).await?;
@@ -125,6 +136,7 @@ pub async fn write_frame(
         schema,
         adds,
         rows,
+        cluster_by: cluster_by.to_vec(),
     })
 }
 
@@ -138,6 +150,32 @@ pub struct NewData {
     pub adds: Vec<Add>,
     /// Rows in them.
     pub rows: u64,
+    /// Columns the files are sorted by (recorded in the table's metadata; merges keep the
+    /// files they write in this order).
+    pub cluster_by: Vec<String>,
+}
+
+/// The table property recording the columns its data files are sorted by.
+pub const CLUSTER_BY_PROPERTY: &str = "kbcrm.clusterBy";
+
+/// The table configuration recording `cluster_by`.
+fn clustering(cluster_by: &[String]) -> Vec<(String, String)> {
+    if cluster_by.is_empty() {
+        Vec::new()
+    } else {
+        vec![(CLUSTER_BY_PROPERTY.to_string(), cluster_by.join(","))]
+    }
+}
+
+/// The columns a table's data files are sorted by, as its metadata records them.
+fn table_clustering(table: &DeltaTable) -> Result<Vec<String>> {
+    Ok(table
+        .snapshot()?
+        .metadata()
+        .configuration()
+        .get(CLUSTER_BY_PROPERTY)
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default())
 }
 
 /// Work out what writing `new` with `mode` does to the table's current version, writing any
@@ -227,7 +265,7 @@ fn create(url: Url, new: NewData, mode: WriteMode) -> Result<Staged> {
     let metadata = new_metadata(
         &struct_type,
         Vec::<String>::new(),
-        Vec::<(String, String)>::new(),
+        clustering(&new.cluster_by),
     )?;
     let protocol = serde_json::from_value(serde_json::json!({
         "minReaderVersion": 1,
@@ -289,7 +327,9 @@ async fn overwrite(
 ) -> Result<Staged> {
     let old = current_files(&url, current)?;
     let new_files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
-    let unchanged = same_schema && {
+    // The same rows in another order are a change when the table's declared order changed.
+    let same_order = table_clustering(current)? == new.cluster_by;
+    let unchanged = same_schema && same_order && {
         let target = files_provider(
             &old.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>(),
             new.schema.clone(),
@@ -321,12 +361,12 @@ async fn overwrite(
     let mut metrics = add_metrics(&new.adds, new.rows);
     metrics.files_removed = old.len();
     let mut actions = Vec::new();
-    if !same_schema {
+    if !same_schema || !same_order {
         let struct_type: StructType = new.schema.as_ref().try_into_kernel()?;
         let metadata = new_metadata(
             &struct_type,
             Vec::<String>::new(),
-            Vec::<(String, String)>::new(),
+            clustering(&new.cluster_by),
         )?;
         actions.push(Action::Metadata(metadata));
     }
@@ -556,6 +596,13 @@ async fn merge_sql(
              select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
              and not exists (select 1 from __kbcrm_changed c where {on})"
         )
+    };
+    // The files a merge writes keep the order the table declares.
+    let output_sql = if new.cluster_by.is_empty() {
+        output_sql
+    } else {
+        let order: Vec<String> = new.cluster_by.iter().map(|c| quote_ident(c)).collect();
+        format!("select * from ({output_sql}) order by {}", order.join(", "))
     };
     let result = async {
         let stream = ctx.sql(&output_sql).await?.execute_stream().await?;

@@ -454,3 +454,98 @@ fn a_merge_out_of_memory_ends_merged_or_unchanged() {
         assert_eq!((rows, two), (500_000, 0), "{err}");
     }
 }
+
+/// The values of `column` in the data files of `table` (removed ones too: nothing is vacuumed),
+/// file by file in row order.
+fn file_columns(p: &Project, table: &str, column: &str) -> Vec<Vec<String>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut files: Vec<_> = std::fs::read_dir(p.path().join("warehouse").join(table))
+        .expect("table folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|f| f.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let reader = SerializedFileReader::new(std::fs::File::open(f).unwrap()).unwrap();
+            let schema = reader.metadata().file_metadata().schema_descr();
+            let i = (0..schema.num_columns())
+                .find(|&i| schema.column(i).name() == column)
+                .expect("column");
+            reader
+                .get_row_iter(None)
+                .unwrap()
+                .map(|r| r.unwrap().get_column_iter().nth(i).unwrap().1.to_string())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn cluster_by_writes_sorted_files_and_a_full_refresh_applies_a_new_order() {
+    let p = Project::empty();
+    let pipeline = |cluster: &str| {
+        format!(
+            "sources:\n  s:\n    format: csv\n    location: data/\n    mode: merge\n    keys: [id]\n    schema:\n      id: {{ type: int, required: true }}\n      customer: string\n      amount: int\n\
+             models:\n  - {{ path: sql/by_id.sql, mode: merge, keys: [id]{cluster} }}\n"
+        )
+    };
+    p.write("pipelines/p.yaml", pipeline(""));
+    p.write(
+        "sql/by_id.sql",
+        "select id, customer, amount from raw_p_s\n",
+    );
+    let customers = ["k", "c", "x", "a", "m", "c", "z", "b", "k", "a"];
+    let mut csv = String::from("id,customer,amount\n");
+    for (i, c) in customers.iter().enumerate() {
+        csv.push_str(&format!("{i},{c},{}\n", i * 10));
+    }
+    p.write("data/a.csv", &csv);
+    p.ok(&["run"]);
+    let before = p.query("select id, customer, amount from by_id order by id");
+    let unsorted = file_columns(&p, "by_id", "customer");
+    assert_eq!(unsorted.len(), 1);
+    assert_ne!(unsorted[0], {
+        let mut s = unsorted[0].clone();
+        s.sort();
+        s
+    });
+
+    // Declared afterwards: the model's definition changed, but a merge of the same rows writes
+    // nothing; --full-refresh rewrites the table in the declared order, with the same rows.
+    p.write("pipelines/p.yaml", pipeline(", cluster_by: [customer]"));
+    p.ok(&["run"]);
+    let out = p.ok(&["run", "--full-refresh"]);
+    assert!(out.contains("by_id") && out.contains("10 written"), "{out}");
+    assert_eq!(
+        p.query("select id, customer, amount from by_id order by id"),
+        before
+    );
+    let log = std::fs::read_dir(p.path().join("warehouse/by_id/_delta_log"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(log.contains("\"kbcrm.clusterBy\":\"customer\""), "{log}");
+    let live: Vec<Vec<String>> = file_columns(&p, "by_id", "customer")
+        .into_iter()
+        .filter(|f| f.len() == 10 && f.windows(2).all(|w| w[0] <= w[1]))
+        .collect();
+    assert!(!live.is_empty(), "no data file is sorted by customer");
+    // The order is part of the table now: another full refresh commits nothing.
+    let out = p.ok(&["run", "--full-refresh"]);
+    assert!(out.contains("unchanged"), "{out}");
+
+    // A merge writes its files in the declared order too.
+    csv.push_str("20,d,2\n21,a,3\n");
+    p.write("data/a.csv", csv.replace("\n3,a,30\n", "\n3,y,1\n"));
+    p.ok(&["run"]);
+    let files = file_columns(&p, "by_id", "customer");
+    assert!(
+        files
+            .iter()
+            .any(|f| f.len() == 12 && f.windows(2).all(|w| w[0] <= w[1])),
+        "the merged file is sorted: {files:?}"
+    );
+    assert_eq!(p.scalar("select count(*) from by_id"), 12);
+}
