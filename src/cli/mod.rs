@@ -176,7 +176,8 @@ pub enum Command {
     Run {
         /// Pipelines to run.
         pipelines: Vec<String>,
-        /// Source files read at once; default the number of cores.
+        /// Source files read at once; default the number of cores plus one (the Parquet
+        /// encoder runs beside them).
         #[arg(long)]
         parallel: Option<usize>,
         /// Reload every source file and rebuild every model, ignoring cursors and loaded files.

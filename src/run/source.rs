@@ -236,7 +236,11 @@ impl Runner<'_> {
             }
             _ => None,
         };
-        let parallel = self.options.parallel.unwrap_or_else(default_parallelism);
+        // One file more than cores: the Parquet encoder below takes a share of the cores.
+        let parallel = self
+            .options
+            .parallel
+            .unwrap_or_else(|| default_parallelism() + 1);
         let mut stream = match source.format {
             SourceFormat::Csv | SourceFormat::Json => {
                 sources::read_text_files(source, store, files, schema.clone(), parallel)
@@ -252,17 +256,30 @@ impl Runner<'_> {
             }
         };
         let url = self.wh.table_url(&source.table);
+        // The Parquet files are encoded in a task of their own, while the next files are read
+        // and parsed: a load keeps every core busy instead of parsing and encoding in turn.
         let mut writer = TableWriter::new(&url, table_schema.clone())?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(parallel.max(1) * 2);
+        let encoder = tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                writer.write(&batch).await?;
+            }
+            writer.finish().await
+        });
         let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
-        while let Some(out) = stream.next().await {
+        'files: while let Some(out) = stream.next().await {
             let out = out?;
             rows_read += out.rows_read;
             bytes_read += out.bytes_read;
             rejected += out.rejects.len() as u64;
-            for b in &out.batches {
-                match &mut cursor {
-                    Some(c) => writer.write(&c.apply(b)?).await?,
-                    None => writer.write(b).await?,
+            for b in out.batches {
+                let b = match &mut cursor {
+                    Some(c) => c.apply(&b)?,
+                    None => b,
+                };
+                if tx.send(b).await.is_err() {
+                    // The encoder stopped on an error, returned below.
+                    break 'files;
                 }
             }
             bar.inc(out.rows_read, out.bytes_read);
@@ -270,7 +287,10 @@ impl Runner<'_> {
                 .rejects
                 .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
         }
-        let (adds, rows) = writer.finish().await?;
+        drop(tx);
+        let (adds, rows) = encoder
+            .await
+            .map_err(|e| Error::Internal(format!("the Parquet encoder failed: {e}")))??;
         self.settle_read(
             source,
             state,

@@ -81,6 +81,8 @@ pub(super) fn parse(
     let mut rows = RowBuilder::new(&source.columns, schema);
     // Reused between rows; emptied before each reuse so its lifetime can change.
     let mut spare: Vec<Cell<'static>> = Vec::with_capacity(source.columns.len());
+    // Where each field of the current record starts in its bytes.
+    let mut starts: Vec<usize> = Vec::with_capacity(width);
     // A rejected row's raw text runs to the start of the next record.
     let mut open_reject: Option<(usize, usize)> = None; // (reject index, byte start)
     // Line numbers counted from the bytes (the reader's own count is off for CRLF files).
@@ -161,9 +163,23 @@ pub(super) fn parse(
         }
         let mut cells: Vec<Cell<'_>> = recycle(std::mem::take(&mut spare));
         let mut failed = None;
+        // The record's fields are checked as UTF-8 in one pass; a field is then taken from that
+        // text when it starts and ends on character boundaries (else checked on its own).
+        // (`as_slice` holds the fields one after the other.)
+        let whole = std::str::from_utf8(record.as_slice()).ok();
+        starts.clear();
+        let mut at = 0;
+        for f in &record {
+            starts.push(at);
+            at += f.len();
+        }
         for (col, &pos) in source.columns.iter().zip(&positions) {
             let raw = record.get(pos).unwrap_or_default();
-            let Ok(text) = std::str::from_utf8(raw) else {
+            let from_whole = whole.and_then(|w| {
+                let start = *starts.get(pos)?;
+                w.get(start..start + raw.len())
+            });
+            let Some(text) = from_whole.or_else(|| std::str::from_utf8(raw).ok()) else {
                 failed = Some((
                     col.name.clone(),
                     format!("invalid UTF-8 in column '{}'", col.name),
