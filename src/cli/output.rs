@@ -119,11 +119,14 @@ pub fn run_summary(reports: &[RunReport]) -> Result<()> {
             out.push_str(&format!("  {i}\n"));
         }
         for t in &r.tests {
-            let status = if t.failures == 0 {
+            let mut status = if t.failures == 0 {
                 "pass".to_string()
             } else {
                 format!("{} failing", t.failures)
             };
+            if t.reused {
+                status.push_str(" (tables unchanged since it last ran)");
+            }
             out.push_str(&format!("  test     {:<60} {status}\n", t.name));
         }
     }
@@ -185,6 +188,7 @@ pub fn run_json(reports: &[RunReport]) -> Result<()> {
                     "test": t.name,
                     "failures": t.failures,
                     "passed": t.failures == 0,
+                    "reused": t.reused,
                 })).collect::<Vec<_>>(),
             })
         })

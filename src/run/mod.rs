@@ -77,6 +77,9 @@ pub struct TestReport {
     pub failures: u64,
     /// Its severity.
     pub severity: Severity,
+    /// Not run again: the same query over the same table versions as a run before, whose
+    /// result this is.
+    pub reused: bool,
 }
 
 /// What a pipeline run did.
@@ -343,7 +346,7 @@ impl<'a> Runner<'a> {
                 }
             }
         }
-        let tests = self.check_tests(pipeline, ctx).await?;
+        let tests = self.check_tests(pipeline, ctx, state).await?;
         self.stage_bookkeeping(ctx, state, &pipeline.name, &tests)
             .await?;
         Ok(tests)
@@ -479,19 +482,46 @@ impl<'a> Runner<'a> {
         state.tables.push(report);
     }
 
+    /// Run the pipeline's data tests. A test whose query and tables (at the versions this run
+    /// leaves them) are those of a run before is not run again: its result is that run's.
     async fn check_tests(
         &self,
         pipeline: &Pipeline,
         ctx: &SessionContext,
+        state: &mut RunState,
     ) -> Result<Vec<TestReport>> {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
         for t in &pipeline.tests {
-            let df = ctx.sql(&t.query).await.map_err(|e| Error::DataQuality {
-                pipeline: pipeline.name.clone(),
-                message: format!("data test {} cannot run: {e}", t.name),
-            })?;
-            let failures = df.count().await? as u64;
+            let reads: Vec<String> = crate::plan::dag::parse_model_sql(
+                std::path::Path::new(&t.name),
+                &std::sync::Arc::new(t.query.clone()),
+            )
+            .map(|refs| refs.into_iter().map(|r| r.name).collect())
+            .unwrap_or_default();
+            let scope = format!("test {}", t.name);
+            let key = (pipeline.name.clone(), scope.clone(), "inputs".to_string());
+            let result_key = (pipeline.name.clone(), scope, "failures".to_string());
+            let print = model::fingerprint(&t.query, &reads, state);
+            let known = (!reads.is_empty() && !self.options.full_refresh)
+                .then(|| state.state_before.get(&key))
+                .flatten()
+                .filter(|p| **p == print)
+                .and_then(|_| state.state_before.get(&result_key))
+                .and_then(|n| n.parse::<u64>().ok());
+            let reused = known.is_some();
+            let failures = match known {
+                Some(n) => n,
+                None => {
+                    let df = ctx.sql(&t.query).await.map_err(|e| Error::DataQuality {
+                        pipeline: pipeline.name.clone(),
+                        message: format!("data test {} cannot run: {e}", t.name),
+                    })?;
+                    df.count().await? as u64
+                }
+            };
+            state.state_after.insert(key, print);
+            state.state_after.insert(result_key, failures.to_string());
             if failures > 0 {
                 match t.severity {
                     Severity::Error => failed.push(format!("{} ({failures} failing)", t.name)),
@@ -504,6 +534,7 @@ impl<'a> Runner<'a> {
                 name: t.name.clone(),
                 failures,
                 severity: t.severity,
+                reused,
             });
         }
         if !failed.is_empty() {

@@ -26,7 +26,7 @@ use crate::warehouse::state::{StateKey, stage_batch};
 use crate::warehouse::write::{NewData, stage, write_frame};
 
 /// What a step was built from: a hash of its definition and the version of each input.
-fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
+pub(super) fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
     let hash = hex::encode(Sha256::digest(definition.as_bytes()));
     let versions: BTreeMap<&str, Option<u64>> = inputs
         .iter()

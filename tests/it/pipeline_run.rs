@@ -549,3 +549,47 @@ fn cluster_by_writes_sorted_files_and_a_full_refresh_applies_a_new_order() {
     );
     assert_eq!(p.scalar("select count(*) from by_id"), 12);
 }
+
+#[test]
+fn data_tests_over_unchanged_tables_keep_their_last_result() {
+    let p = Project::empty();
+    let pipeline = |tests: &str| {
+        format!(
+            "sources:\n  c:\n    format: csv\n    location: data/\n    schema:\n      id: {{ type: int, required: true }}\n      name: string\n\
+             tests:\n  - unique: {{ table: raw_p_c, columns: [id] }}\n{tests}"
+        )
+    };
+    let warn = "  - sql: { name: no bens, query: \"select * from raw_p_c where name = 'ben'\", severity: warn }\n";
+    p.write("pipelines/p.yaml", pipeline(warn));
+    p.write("data/a.csv", "id,name\n1,anna\n2,ben\n");
+    let first = p.ok(&["run"]);
+    assert!(!first.contains("unchanged since"), "{first}");
+    assert!(first.contains("1 failing"), "{first}");
+
+    // Nothing new: the same queries over the same versions are not run again.
+    let files = p.warehouse_files();
+    let again = p.ok(&["run"]);
+    assert!(
+        again.contains("pass (tables unchanged since it last ran)")
+            && again.contains("1 failing (tables unchanged since it last ran)"),
+        "{again}"
+    );
+    assert_eq!(p.warehouse_files(), files, "nothing may be committed");
+
+    // A test added over the same tables runs; so do all after the table changes.
+    let added = format!("{warn}  - not_null: {{ table: raw_p_c, columns: [name] }}\n");
+    p.write("pipelines/p.yaml", pipeline(&added));
+    let out = p.ok(&["run"]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("not_null(raw_p_c: name)"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(!line.contains("unchanged since"), "{line}");
+    p.write("data/b.csv", "id,name\n3,ben\n");
+    let out = p.ok(&["run"]);
+    assert!(!out.contains("unchanged since"), "{out}");
+    assert!(out.contains("2 failing"), "{out}");
+    // ... and a full refresh runs every test.
+    let out = p.ok(&["run", "--full-refresh"]);
+    assert!(!out.contains("unchanged since"), "{out}");
+}
