@@ -926,6 +926,23 @@ mod tests {
     use super::*;
     use arrow::util::pretty::pretty_format_batches;
 
+    /// A rollup model of `sql` reading `depends_on`.
+    fn rollup_model(name: &str, sql: &str, depends_on: &[&str]) -> Model {
+        Model {
+            pipeline: "p".into(),
+            name: name.into(),
+            file: format!("sql/{name}.sql").into(),
+            sql: Arc::new(sql.to_string()),
+            mode: crate::config::pipeline::WriteMode::Overwrite,
+            keys: vec![],
+            depends_on: depends_on.iter().map(|t| t.to_string()).collect(),
+            incremental: None,
+            scd2: None,
+            rollup: true,
+            cluster_by: vec![],
+        }
+    }
+
     /// A fact and two dimensions in memory, and the rollup `daily` over fact and dates.
     async fn sessions() -> (SessionContext, SessionContext) {
         let setup = [
@@ -959,19 +976,7 @@ mod tests {
             .collect()
             .await
             .unwrap();
-        let model = Model {
-            pipeline: "p".into(),
-            name: "daily".into(),
-            file: "sql/daily.sql".into(),
-            sql: Arc::new(rollup_sql.to_string()),
-            mode: crate::config::pipeline::WriteMode::Overwrite,
-            keys: vec![],
-            depends_on: vec!["fact".into(), "dim_date".into()],
-            incremental: None,
-            scd2: None,
-            rollup: true,
-            cluster_by: vec![],
-        };
+        let model = rollup_model("daily", rollup_sql, &["fact", "dim_date"]);
         let def = definition(&routed, &model).await.unwrap();
         Rollups { defs: vec![def] }
             .attach(&routed, |_| true)
@@ -1095,19 +1100,7 @@ mod tests {
                 "no sum, count, min or max",
             ),
         ] {
-            let model = Model {
-                pipeline: "p".into(),
-                name: "r".into(),
-                file: "sql/r.sql".into(),
-                sql: Arc::new(sql.to_string()),
-                mode: crate::config::pipeline::WriteMode::Overwrite,
-                keys: vec![],
-                depends_on: vec![],
-                incremental: None,
-                scd2: None,
-                rollup: true,
-                cluster_by: vec![],
-            };
+            let model = rollup_model("r", sql, &[]);
             let err = definition(&routed, &model).await.unwrap_err().to_string();
             assert!(err.contains(why), "{sql}: want '{why}' in {err}");
         }
@@ -1115,19 +1108,7 @@ mod tests {
 
     #[test]
     fn a_rollup_built_from_other_versions_or_sql_is_stale() {
-        let model = Model {
-            pipeline: "p".into(),
-            name: "r".into(),
-            file: "sql/r.sql".into(),
-            sql: Arc::new("select 1".to_string()),
-            mode: crate::config::pipeline::WriteMode::Overwrite,
-            keys: vec![],
-            depends_on: vec!["fact".into()],
-            incremental: None,
-            scd2: None,
-            rollup: true,
-            cluster_by: vec![],
-        };
+        let model = rollup_model("r", "select 1", &["fact"]);
         let hash = hex::encode(Sha256::digest(b"select 1"));
         let built = |def: &str, v: u64| {
             serde_json::json!({"definition": def, "inputs": {"fact": v}}).to_string()
