@@ -176,8 +176,7 @@ pub enum Command {
     Run {
         /// Pipelines to run.
         pipelines: Vec<String>,
-        /// Source files read at once; default the number of cores plus one (the Parquet
-        /// encoder runs beside them).
+        /// Source files read at once; default the number of cores.
         #[arg(long)]
         parallel: Option<usize>,
         /// Reload every source file and rebuild every model, ignoring cursors and loaded files.

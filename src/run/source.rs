@@ -236,14 +236,30 @@ impl Runner<'_> {
             }
             _ => None,
         };
-        // One file more than cores: the Parquet encoder below takes a share of the cores.
-        let parallel = self
-            .options
-            .parallel
-            .unwrap_or_else(|| default_parallelism() + 1);
+        let parallel = self.options.parallel.unwrap_or_else(default_parallelism);
+        let encoder_count = if files.len() > 1 { 2 } else { 1 };
+        // Keeps the reading task of a text source until the load ends.
+        let mut _reader_task = None;
         let mut stream = match source.format {
             SourceFormat::Csv | SourceFormat::Json => {
-                sources::read_text_files(source, store, files, schema.clone(), parallel)
+                // Read and parsed in a task of its own, so files keep being parsed while this
+                // one hands batches to the encoders.
+                let mut files =
+                    sources::read_text_files(source, store, files, schema.clone(), parallel);
+                let (tx, rx) = tokio::sync::mpsc::channel(parallel.max(1));
+                let reader = tokio::spawn(async move {
+                    while let Some(out) = files.next().await {
+                        if tx.send(out).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                _reader_task = Some(AbortOnDrop(reader));
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|out| (out, rx)) },
+                )
+                .boxed()
             }
             SourceFormat::Parquet | SourceFormat::Delta => {
                 sources::read_columnar(source, store, files, schema.clone())
@@ -258,16 +274,25 @@ impl Runner<'_> {
         let url = self.wh.table_url(&source.table);
         // The Parquet files are encoded in a task of their own, while the next files are read
         // and parsed: a load keeps every core busy instead of parsing and encoding in turn.
-        let mut writer = TableWriter::new(&url, table_schema.clone())?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(parallel.max(1) * 2);
-        let encoder = tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                writer.write(&batch).await?;
-            }
-            writer.finish().await
-        });
+        // Two encoders (files alternate between them) when there is more than one file.
+        let mut senders = Vec::new();
+        let mut encoders = Vec::new();
+        for _ in 0..encoder_count {
+            let mut writer = TableWriter::new(&url, table_schema.clone())?;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(parallel.max(1) * 2);
+            senders.push(tx);
+            encoders.push(tokio::spawn(async move {
+                while let Some(batch) = rx.recv().await {
+                    writer.write(&batch).await?;
+                }
+                writer.finish().await
+            }));
+        }
         let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
+        let mut file_no = 0usize;
         'files: while let Some(out) = stream.next().await {
+            let tx = &senders[file_no % senders.len()];
+            file_no += 1;
             let out = out?;
             rows_read += out.rows_read;
             bytes_read += out.bytes_read;
@@ -287,10 +312,15 @@ impl Runner<'_> {
                 .rejects
                 .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
         }
-        drop(tx);
-        let (adds, rows) = encoder
-            .await
-            .map_err(|e| Error::Internal(format!("the Parquet encoder failed: {e}")))??;
+        drop(senders);
+        let (mut adds, mut rows) = (Vec::new(), 0u64);
+        for encoder in encoders {
+            let (a, r) = encoder
+                .await
+                .map_err(|e| Error::Internal(format!("the Parquet encoder failed: {e}")))??;
+            adds.extend(a);
+            rows += r;
+        }
         self.settle_read(
             source,
             state,
@@ -322,5 +352,14 @@ impl Runner<'_> {
         bar.finish();
         self.record(ctx, state, staged, "source", rows_read, rejected, started)
             .await
+    }
+}
+
+/// A task stopped when the load that started it ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -138,13 +138,14 @@ fn display_name(source: &Source, path: &StorePath) -> String {
 }
 
 /// Read every file of a text source, `parallel` files at a time, in file order.
-pub fn read_text_files<'a>(
-    source: &'a Source,
+pub fn read_text_files(
+    source: &Source,
     store: Arc<dyn ObjectStore>,
     files: Vec<SourceFile>,
     schema: SchemaRef,
     parallel: usize,
-) -> BoxStream<'a, Result<FileOutput>> {
+) -> BoxStream<'static, Result<FileOutput>> {
+    let source = source.clone();
     stream::iter(files)
         .map(move |file| {
             let store = store.clone();
