@@ -547,6 +547,18 @@ impl<'a> Runner<'a> {
     }
 }
 
+/// `e` naming `pipeline` when it is a data-quality failure (the warehouse's checks, e.g. a
+/// merge's unique keys, do not know which pipeline wrote).
+pub(super) fn in_pipeline(e: Error, pipeline: &str) -> Error {
+    match e {
+        Error::DataQuality { message, .. } => Error::DataQuality {
+            pipeline: pipeline.to_string(),
+            message,
+        },
+        other => other,
+    }
+}
+
 /// Cores available, at least 1.
 pub fn default_parallelism() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

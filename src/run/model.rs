@@ -202,13 +202,7 @@ impl Runner<'_> {
             }
             _ => stage(&self.wh, ctx, new, mode, &model.keys).await,
         }
-        .map_err(|e| match e {
-            Error::DataQuality { message, .. } => Error::DataQuality {
-                pipeline: model.pipeline.clone(),
-                message,
-            },
-            other => other,
-        })?;
+        .map_err(|e| super::in_pipeline(e, &model.pipeline))?;
         bar.inc(rows, 0);
         bar.finish();
         self.record(ctx, state, staged, "model", rows, 0, started)

@@ -348,7 +348,9 @@ impl Runner<'_> {
             rows,
             cluster_by: Vec::new(),
         };
-        let staged = stage(&self.wh, ctx, new, mode, &source.keys).await?;
+        let staged = stage(&self.wh, ctx, new, mode, &source.keys)
+            .await
+            .map_err(|e| super::in_pipeline(e, &source.pipeline))?;
         bar.finish();
         self.record(ctx, state, staged, "source", rows_read, rejected, started)
             .await

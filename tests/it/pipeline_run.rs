@@ -177,7 +177,7 @@ fn merge_updates_changed_rows_and_inserts_new_ones() {
     let out = p.kbcrm(&["run"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("needs unique keys (id)"),
+        stderr(&out).contains("needs unique keys (id)") && stderr(&out).contains("in pipeline 'p'"),
         "{}",
         stderr(&out)
     );
