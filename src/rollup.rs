@@ -83,6 +83,8 @@ pub struct Rollup {
     measures: HashMap<(Kind, Option<ColRef>), String>,
     /// Rows, to prefer the smallest rollup that answers.
     rows: usize,
+    /// The types of the rollup table's columns (as the session reads them).
+    types: HashMap<String, DataType>,
     /// Why it must not be used now (built from other versions, or from other SQL).
     stale: Option<String>,
 }
@@ -354,6 +356,7 @@ impl Rollup {
             groups,
             measures,
             rows: 0,
+            types: HashMap::new(),
             stale: None,
         })
     }
@@ -500,7 +503,18 @@ impl Rollup {
             .transform(|e| match &e {
                 Expr::Column(c) => match tree.col_ref(c) {
                     Some((i, r)) if mine.contains(&i) => match self.groups.get(&r) {
-                        Some(col) => Ok(Transformed::yes(self.rollup_col(col))),
+                        Some(col) => {
+                            // The kept column as the query's column was typed.
+                            let kept = self.rollup_col(col);
+                            let want = tree.leaves[i]
+                                .schema
+                                .field_from_column(c)
+                                .map(|f| f.data_type().clone());
+                            Ok(Transformed::yes(match (want, self.types.get(col)) {
+                                (Ok(want), Some(have)) if &want != have => cast(kept, want),
+                                _ => kept,
+                            }))
+                        }
                         None => Err(DataFusionError::Plan(format!(
                             "the query uses {}.{} (to group, join, filter or count distinct \
                              values), which the rollup does not keep",
@@ -821,7 +835,14 @@ impl Rollups {
                 continue;
             }
             let provider = ctx.table_provider(def.name.as_str()).await?;
-            rollups.push((def.clone(), provider_as_source(provider)));
+            let mut def = def.clone();
+            def.types = provider
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().clone()))
+                .collect();
+            rollups.push((def, provider_as_source(provider)));
         }
         if rollups.is_empty() {
             return Ok(());
@@ -969,8 +990,12 @@ mod tests {
                 ctx.sql(sql).await.unwrap().collect().await.unwrap();
             }
         }
+        // The table keeps `month` as Int32 where the query sees Int64: kept columns are cast
+        // back to the query's types.
+        let table_sql = rollup_sql.replacen("d.month,", "cast(d.month as int) as month,", 1);
+        assert_ne!(table_sql, rollup_sql);
         routed
-            .sql(&format!("create table daily as {rollup_sql}"))
+            .sql(&format!("create table daily as {table_sql}"))
             .await
             .unwrap()
             .collect()
