@@ -57,20 +57,12 @@ pub async fn query(project: &Project, sql: &str) -> Result<Vec<RecordBatch>> {
     }
 }
 
-/// The statement an `EXPLAIN` (without ANALYZE) explains, as SQL.
-pub fn explained(sql: &str) -> Option<String> {
-    use datafusion::sql::sqlparser::ast::Statement;
+/// The statement `sql` explains, when it is one `EXPLAIN` (without ANALYZE).
+fn explained(sql: &str) -> Option<String> {
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
-    let statements = Parser::parse_sql(&GenericDialect {}, sql).ok()?;
-    match statements.as_slice() {
-        [
-            Statement::Explain {
-                statement,
-                analyze: false,
-                ..
-            },
-        ] => Some(statement.to_string()),
+    match Parser::parse_sql(&GenericDialect {}, sql).ok()?.as_slice() {
+        [stmt] => crate::rollup::explained(stmt),
         _ => None,
     }
 }

@@ -901,6 +901,19 @@ fn without_routing(state: &datafusion::execution::SessionState) -> Analyzer {
     analyzer
 }
 
+/// The statement an `EXPLAIN` (without ANALYZE) explains, as SQL; `None` for any other
+/// statement.
+pub fn explained(stmt: &datafusion::sql::sqlparser::ast::Statement) -> Option<String> {
+    match stmt {
+        datafusion::sql::sqlparser::ast::Statement::Explain {
+            statement,
+            analyze: false,
+            ..
+        } => Some(statement.to_string()),
+        _ => None,
+    }
+}
+
 /// For an `EXPLAIN` of `inner_sql` in `ctx`: the `rollup_routing` row saying, per aggregate,
 /// which rollup answered it or why none did. `None` when the session has no rollups.
 pub async fn explain_row(ctx: &SessionContext, inner_sql: &str) -> Result<Option<String>> {

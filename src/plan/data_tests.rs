@@ -5,6 +5,18 @@ use crate::config::pipeline::TestSpec;
 use super::DataTest;
 
 pub(super) fn data_test(t: &TestSpec) -> DataTest {
+    let mut test = query_of(t);
+    // The tables its query reads (none when it does not parse: it then fails when it runs).
+    test.reads = super::dag::parse_model_sql(
+        std::path::Path::new(&test.name),
+        &std::sync::Arc::new(test.query.clone()),
+    )
+    .map(|refs| refs.into_iter().map(|r| r.name).collect())
+    .unwrap_or_default();
+    test
+}
+
+fn query_of(t: &TestSpec) -> DataTest {
     let quote_list = |cols: &[String]| cols.join(", ");
     match t {
         TestSpec::Unique(c) => DataTest {
@@ -16,6 +28,7 @@ pub(super) fn data_test(t: &TestSpec) -> DataTest {
                 t = c.table
             ),
             severity: c.severity,
+            reads: Vec::new(),
         },
         TestSpec::NotNull(c) => DataTest {
             name: format!("not_null({}: {})", c.table, quote_list(&c.columns)),
@@ -30,6 +43,7 @@ pub(super) fn data_test(t: &TestSpec) -> DataTest {
                     .join(" or ")
             ),
             severity: c.severity,
+            reads: Vec::new(),
         },
         TestSpec::AcceptedValues(a) => DataTest {
             name: format!("accepted_values({}.{})", a.table, a.column),
@@ -46,6 +60,7 @@ pub(super) fn data_test(t: &TestSpec) -> DataTest {
                     .join(", ")
             ),
             severity: a.severity,
+            reads: Vec::new(),
         },
         TestSpec::Relationships(r) => {
             let (to_table, to_col) = r.to.split_once('.').unwrap_or((r.to.as_str(), ""));
@@ -61,6 +76,7 @@ pub(super) fn data_test(t: &TestSpec) -> DataTest {
                     tc = to_col
                 ),
                 severity: r.severity,
+                reads: Vec::new(),
             }
         }
         TestSpec::Sql(s) => DataTest {
@@ -68,6 +84,7 @@ pub(super) fn data_test(t: &TestSpec) -> DataTest {
             table: String::new(),
             query: s.query.clone(),
             severity: s.severity,
+            reads: Vec::new(),
         },
     }
 }

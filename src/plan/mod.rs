@@ -397,6 +397,8 @@ pub struct DataTest {
     pub query: String,
     /// What failure means.
     pub severity: Severity,
+    /// The tables its query reads.
+    pub reads: Vec<String>,
 }
 
 /// What builds a table: a source load or a model.

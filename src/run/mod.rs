@@ -493,17 +493,11 @@ impl<'a> Runner<'a> {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
         for t in &pipeline.tests {
-            let reads: Vec<String> = crate::plan::dag::parse_model_sql(
-                std::path::Path::new(&t.name),
-                &std::sync::Arc::new(t.query.clone()),
-            )
-            .map(|refs| refs.into_iter().map(|r| r.name).collect())
-            .unwrap_or_default();
             let scope = format!("test {}", t.name);
             let key = (pipeline.name.clone(), scope.clone(), "inputs".to_string());
             let result_key = (pipeline.name.clone(), scope, "failures".to_string());
-            let print = model::fingerprint(&t.query, &reads, state);
-            let known = (!reads.is_empty() && !self.options.full_refresh)
+            let print = model::fingerprint(&t.query, &t.reads, state);
+            let known = (!t.reads.is_empty() && !self.options.full_refresh)
                 .then(|| state.state_before.get(&key))
                 .flatten()
                 .filter(|p| **p == print)

@@ -254,7 +254,7 @@ impl Runner<'_> {
                         }
                     }
                 });
-                _reader_task = Some(AbortOnDrop(reader));
+                _reader_task = Some(tokio_util::task::AbortOnDropHandle::new(reader));
                 futures::stream::unfold(
                     rx,
                     |mut rx| async move { rx.recv().await.map(|out| (out, rx)) },
@@ -354,14 +354,5 @@ impl Runner<'_> {
         bar.finish();
         self.record(ctx, state, staged, "source", rows_read, rejected, started)
             .await
-    }
-}
-
-/// A task stopped when the load that started it ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

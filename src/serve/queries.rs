@@ -329,12 +329,7 @@ async fn explain_with_routing<C: ClientInfo + ?Sized>(
     stmt: &Statement,
     client: &C,
 ) -> PgWireResult<Option<Response>> {
-    let Statement::Explain {
-        statement,
-        analyze: false,
-        ..
-    } = stmt
-    else {
+    let Some(inner) = crate::rollup::explained(stmt) else {
         return Ok(None);
     };
     if role.cluster_for(stmt).is_some() {
@@ -342,7 +337,7 @@ async fn explain_with_routing<C: ClientInfo + ?Sized>(
     }
     let fail = |e: String| pg_error("ERROR", "XX000", e);
     let ctx = &role.ctx;
-    let Some(row) = crate::rollup::explain_row(ctx, &statement.to_string())
+    let Some(row) = crate::rollup::explain_row(ctx, &inner)
         .await
         .map_err(|e| fail(e.to_string()))?
     else {
