@@ -10,18 +10,30 @@ use datafusion::catalog::{
 };
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::memory_pool::{
+    FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+    TrackConsumersPool,
+};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
-use crate::plan::EngineSettings;
+use crate::plan::{EngineSettings, MemoryPoolKind};
 use crate::udf::{self, RunParams};
 
 /// Build a session with the project's engine settings and kbcrm's functions. Tables are
 /// registered by the caller (see [`crate::warehouse::Warehouse::register_all`]).
 pub fn session(settings: &EngineSettings, params: &RunParams) -> Result<SessionContext> {
     session_with_runtime(settings, params, runtime(settings)?)
+}
+
+/// A session for `kbcrm run`: like [`session`], but its memory pool is `fair` unless the
+/// project says otherwise. A model's plan often holds several large sorts at once (a
+/// `cluster_by` sort above sort-merge joins); with a greedy pool one of them takes the memory
+/// the others need to merge their spills (fact_sales at scale 10 failed so under 4 GiB).
+pub fn run_session(settings: &EngineSettings, params: &RunParams) -> Result<SessionContext> {
+    let pool = settings.memory_pool.unwrap_or(MemoryPoolKind::Fair);
+    session_with_runtime(settings, params, runtime_with_pool(settings, pool)?)
 }
 
 /// A session on a runtime (memory pool, spill folder) shared with other sessions, as the
@@ -47,6 +59,15 @@ pub fn configure(config: SessionConfig, settings: &EngineSettings) -> Result<Ses
     // row counts of scans but not of joins, and in a star join (fact, then dimension after
     // dimension) hashes the joined fact rows instead of the next small dimension.
     config.options_mut().optimizer.use_statistics_registry = true;
+    // A partial aggregate that merges fewer than ~3 input rows into a group is skipped (its
+    // rows go to the final aggregate as they are). DataFusion's 0.8 kept such partials, which
+    // then held every group until their input ended and emitted them as slices of large arrays
+    // that repartitioning accounts at the whole array's size: at scale 10, grouping 46 M order
+    // lines by order filled a 4 GiB limit and spilled (15.5 s; 5.5 s skipped).
+    config
+        .options_mut()
+        .execution
+        .skip_partial_aggregation_probe_ratio_threshold = 0.3;
     if let Some(n) = settings.target_partitions {
         config = config.with_target_partitions(n.max(1));
     }
@@ -113,16 +134,91 @@ where
     }
 }
 
-/// The memory pool and spill folder of the engine settings.
+/// A memory pool of `limit` bytes of the given kind; when it is full, the error names the five
+/// operators holding the most, and each refusal is logged at debug level (`-v -v`), so a
+/// query that spilled says which operators held the memory.
+pub fn memory_pool(kind: MemoryPoolKind, limit: usize) -> Arc<dyn MemoryPool> {
+    let top = NonZeroUsize::new(5).expect("non-zero");
+    match kind {
+        MemoryPoolKind::Greedy => Arc::new(RefusalLog(TrackConsumersPool::new(
+            GreedyMemoryPool::new(limit),
+            top,
+        ))),
+        MemoryPoolKind::Fair => Arc::new(RefusalLog(TrackConsumersPool::new(
+            FairSpillPool::new(limit),
+            top,
+        ))),
+    }
+}
+
+/// A memory pool that logs the requests it refuses (an operator that can spill spills then).
+#[derive(Debug)]
+struct RefusalLog<P>(P);
+
+impl<P: std::fmt::Display> std::fmt::Display for RefusalLog<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<P: MemoryPool + std::fmt::Display> MemoryPool for RefusalLog<P> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.0.register(consumer)
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.0.unregister(consumer)
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.0.grow(reservation, additional)
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.0.shrink(reservation, shrink)
+    }
+
+    fn try_grow(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+    ) -> datafusion::common::Result<()> {
+        let result = self.0.try_grow(reservation, additional);
+        if let Err(e) = &result {
+            tracing::debug!(
+                operator = reservation.consumer().name(),
+                held = reservation.size(),
+                additional,
+                "memory limit reached: {e}"
+            );
+        }
+        result
+    }
+
+    fn reserved(&self) -> usize {
+        self.0.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.0.memory_limit()
+    }
+}
+
+/// The memory pool and spill folder of the engine settings, for queries: the pool is `greedy`
+/// unless the project says otherwise.
 pub fn runtime(settings: &EngineSettings) -> Result<Arc<RuntimeEnv>> {
+    runtime_with_pool(settings, settings.query_memory_pool())
+}
+
+fn runtime_with_pool(settings: &EngineSettings, pool: MemoryPoolKind) -> Result<Arc<RuntimeEnv>> {
     let mut runtime = RuntimeEnvBuilder::new()
         .with_object_store_registry(Arc::new(crate::sources::stores::StoreRegistry::default()));
     if let Some(limit) = settings.memory_limit {
-        let pool = TrackConsumersPool::new(
-            FairSpillPool::new(limit),
-            NonZeroUsize::new(5).expect("non-zero"),
-        );
-        runtime = runtime.with_memory_pool(Arc::new(pool));
+        runtime = runtime.with_memory_pool(memory_pool(pool, limit));
     }
     if let Some(dir) = &settings.spill_dir {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -386,6 +386,7 @@ impl Cli {
             memory_limit: self.memory_limit.clone(),
             engine: self.engine.clone(),
             rollups: None,
+            memory_pool: None,
         })
     }
 

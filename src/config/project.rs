@@ -119,6 +119,28 @@ pub struct ExtractSpec {
     pub schedule: Option<Spanned<String>>,
 }
 
+/// How the operators of a query share the engine's memory limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryPoolKind {
+    /// First come, first served; an operator spills when the pool is full.
+    Greedy,
+    /// Each operator that can spill gets an equal share of the pool.
+    Fair,
+}
+
+impl std::str::FromStr for MemoryPoolKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "greedy" => Ok(MemoryPoolKind::Greedy),
+            "fair" => Ok(MemoryPoolKind::Fair),
+            other => Err(format!("'{other}' is neither greedy nor fair")),
+        }
+    }
+}
+
 /// A file format of an extract.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, schemars::JsonSchema,
@@ -274,6 +296,12 @@ pub struct EngineSpec {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub memory_limit: Option<Spanned<String>>,
+    /// How operators share `memory_limit`: `greedy` (an operator takes what is free and spills
+    /// only when the pool is full) or `fair` (each spilling operator gets an equal share, so
+    /// concurrent sorts never starve one another, at the cost of spilling early when one of
+    /// them needs most of it). Default: greedy for queries and the server, fair for runs.
+    #[serde(default)]
+    pub memory_pool: Option<MemoryPoolKind>,
     /// Folder for spill files; default the system temporary folder.
     #[serde(default)]
     pub spill_dir: Option<String>,

@@ -16,6 +16,7 @@ use crate::config::types::ColumnType;
 use crate::config::{ProjectSpec, parse_yaml};
 use crate::error::{Error, Position, Problem, Result};
 use crate::identity::{Identity, RecordSource};
+use crate::plan::MemoryPoolKind;
 
 use super::data_tests::data_test;
 use super::*;
@@ -259,10 +260,18 @@ impl Loader {
                 true
             }
         };
+        let memory_pool = match o.memory_pool.as_deref() {
+            Some(kind) => kind
+                .parse::<MemoryPoolKind>()
+                .map_err(|msg| self.problems.push(Problem::new("KBCRM_MEMORY_POOL", msg)))
+                .ok(),
+            None => e.memory_pool,
+        };
         EngineSettings {
             rollups,
             cluster,
             memory_limit,
+            memory_pool,
             spill_dir: e.spill_dir.as_ref().map(|d| self.root.join(d)),
             target_partitions: e.target_partitions,
             batch_size: e.batch_size,

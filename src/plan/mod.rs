@@ -18,6 +18,7 @@ use std::sync::Arc;
 use url::Url;
 
 use crate::config::pipeline::{ModelIncrementalSpec, Severity, SourceFormat, WriteMode};
+pub use crate::config::project::MemoryPoolKind;
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
@@ -49,10 +50,13 @@ pub struct Overrides {
     pub engine: Option<String>,
     /// Whether queries are answered from rollups (`on`/`off`).
     pub rollups: Option<String>,
+    /// How operators share the memory limit (`greedy`/`fair`).
+    pub memory_pool: Option<String>,
 }
 
 impl Overrides {
-    /// Read `KBCRM_WAREHOUSE`, `KBCRM_MEMORY_LIMIT` and `KBCRM_ENGINE`.
+    /// Read `KBCRM_WAREHOUSE`, `KBCRM_MEMORY_LIMIT`, `KBCRM_MEMORY_POOL`, `KBCRM_ENGINE` and
+    /// `KBCRM_ROLLUPS`.
     pub fn from_env() -> Self {
         Overrides {
             engine: std::env::var("KBCRM_ENGINE").ok().filter(|s| !s.is_empty()),
@@ -63,6 +67,9 @@ impl Overrides {
                 .ok()
                 .filter(|s| !s.is_empty()),
             rollups: std::env::var("KBCRM_ROLLUPS")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            memory_pool: std::env::var("KBCRM_MEMORY_POOL")
                 .ok()
                 .filter(|s| !s.is_empty()),
         }
@@ -81,6 +88,9 @@ impl Overrides {
         }
         if other.rollups.is_some() {
             self.rollups = other.rollups;
+        }
+        if other.memory_pool.is_some() {
+            self.memory_pool = other.memory_pool;
         }
         self
     }
@@ -102,6 +112,8 @@ pub struct EngineSettings {
     pub cluster: Option<Cluster>,
     /// Memory pool limit in bytes.
     pub memory_limit: Option<usize>,
+    /// How operators share the limit; `None`: greedy for queries, fair for runs.
+    pub memory_pool: Option<MemoryPoolKind>,
     /// Spill folder.
     pub spill_dir: Option<PathBuf>,
     /// Plan parallelism.
@@ -112,6 +124,13 @@ pub struct EngineSettings {
     pub datafusion: Vec<(String, String)>,
     /// Whether `kbcrm query` and `kbcrm serve` answer aggregates from rollups.
     pub rollups: bool,
+}
+
+impl EngineSettings {
+    /// The memory pool of queries (`kbcrm query`, the server, extracts): greedy by default.
+    pub fn query_memory_pool(&self) -> MemoryPoolKind {
+        self.memory_pool.unwrap_or(MemoryPoolKind::Greedy)
+    }
 }
 
 /// A validated project.

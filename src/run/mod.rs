@@ -260,7 +260,7 @@ impl<'a> Runner<'a> {
             ),
             vars: pipeline.vars.clone(),
         };
-        let ctx = engine::session(&self.project.engine, &params)?;
+        let ctx = engine::run_session(&self.project.engine, &params)?;
         let committed = self.wh.register_all(&ctx).await?;
         let cluster = self.cluster_session(&params).await?;
         let mut state = RunState {

@@ -17,7 +17,7 @@ use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
 
 use crate::engine;
 use crate::error::{Error, Result};
-use crate::plan::Project;
+use crate::plan::{MemoryPoolKind, Project};
 use crate::roles;
 use crate::warehouse::Warehouse;
 
@@ -53,16 +53,18 @@ impl RoleSession {
     /// The role's session for one statement: the same tables and settings, with a memory pool
     /// of its own of `memory_limit` bytes (so the engine limit applies per query, and one
     /// heavy query cannot starve the others). Without a limit, the shared session.
-    pub fn for_statement(&self, memory_limit: Option<usize>) -> Result<Arc<DfSessionService>> {
+    pub fn for_statement(
+        &self,
+        memory_limit: Option<usize>,
+        memory_pool: MemoryPoolKind,
+    ) -> Result<Arc<DfSessionService>> {
         let Some(limit) = memory_limit else {
             return Ok(self.service.clone());
         };
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
             &self.ctx.runtime_env(),
         )
-        .with_memory_pool(Arc::new(
-            datafusion::execution::memory_pool::FairSpillPool::new(limit),
-        ))
+        .with_memory_pool(crate::engine::memory_pool(memory_pool, limit))
         .build_arc()?;
         let state = datafusion::execution::session_state::SessionStateBuilder::new_from_existing(
             self.ctx.state(),

@@ -90,7 +90,10 @@ fn statement_service(
         return Ok(service.clone());
     }
     let service = role
-        .for_statement(shared.project().engine.memory_limit)
+        .for_statement(
+            shared.project().engine.memory_limit,
+            shared.project().engine.query_memory_pool(),
+        )
         .map_err(|e| pg_error("ERROR", "XX000", e.to_string()))?;
     *own = Some((role.clone(), service.clone()));
     Ok(service)

@@ -379,6 +379,70 @@ fn a_join_bigger_than_the_memory_limit_is_built_with_sort_merge_joins() {
     assert_eq!(p.scalar("select count(*) from joined where k <> k2"), 0);
 }
 
+/// The spills EXPLAIN ANALYZE reports for the aggregates of `sql`, and its result.
+fn aggregate_spills(p: &Project, sql: &str, env: &[(&str, &str)]) -> (u64, Vec<Vec<String>>) {
+    let plan = p.ok_with_env(&["query", &format!("explain analyze {sql}")], env);
+    let spills = plan
+        .lines()
+        .filter(|l| l.contains("AggregateExec"))
+        .filter_map(|l| l.split("spill_count=").nth(1))
+        .map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .expect("a spill count")
+        })
+        .sum();
+    (spills, p.query_with_env(sql, env))
+}
+
+/// `engine.memory_pool`: with `greedy` (the default) the one aggregate that needs memory may
+/// take most of the limit; with `fair` every operator that can spill gets an equal share, so
+/// the same grouping spills to disk. Both give the same answer; a bad value names its line.
+#[test]
+fn the_memory_pool_decides_whether_one_large_aggregate_spills() {
+    let p = Project::empty();
+    p.write(
+        "kbcrm.yaml",
+        "name: test\nengine:\n  memory_limit: 64MiB\n  target_partitions: 2\n",
+    );
+    // 400,000 groups in no order (7919 is prime to 400,000, so every remainder occurs once):
+    // under 32 MiB for one aggregate, more than a fair share of 64 MiB.
+    let sql = "select count(*) as groups, sum(n) as total from (select (x * 7919) % 400000 \
+               as g, count(*) as n from generate_series(1, 400000) t(x) group by g)";
+    let want = vec![vec!["400000".to_string(), "400000".to_string()]];
+    let (greedy, rows) = aggregate_spills(&p, sql, &[]);
+    assert_eq!((greedy, &rows), (0, &want), "greedy: no spill");
+    let (fair, rows) = aggregate_spills(&p, sql, &[("KBCRM_MEMORY_POOL", "fair")]);
+    assert!(fair > 0, "fair: an equal share is too small, so it spills");
+    assert_eq!(rows, want);
+
+    p.write(
+        "kbcrm.yaml",
+        "name: test\nengine:\n  memory_limit: 64MiB\n  memory_pool: fair\n  target_partitions: 2\n",
+    );
+    assert!(
+        aggregate_spills(&p, sql, &[]).0 > 0,
+        "fair, set in kbcrm.yaml"
+    );
+    p.fails_cleanly(
+        &["query", "select 1"],
+        &[("KBCRM_MEMORY_POOL", "lots")],
+        &["KBCRM_MEMORY_POOL", "'lots' is neither greedy nor fair"],
+        &[],
+    );
+    p.write(
+        "kbcrm.yaml",
+        "name: test\nengine:\n  memory_limit: 64MiB\n  memory_pool: roomy\n",
+    );
+    p.fails_cleanly(
+        &["query", "select 1"],
+        &[],
+        &["kbcrm.yaml", "roomy", "greedy", "fair"],
+        &[],
+    );
+}
+
 /// A model whose window function needs all its rows in memory at once, beyond the limit, fails
 /// with a resources error that says which setting to raise, and commits nothing.
 #[test]
