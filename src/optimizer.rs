@@ -11,6 +11,9 @@
 
 use std::sync::Arc;
 
+mod eager;
+pub use eager::EagerAggregate;
+
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{Column, Result};
 use datafusion::functions_aggregate::expr_fn::sum;
@@ -154,6 +157,7 @@ impl OptimizerRule for CountBesideDistinct {
 /// Add kbcrm's rules to a session.
 pub fn register(ctx: &datafusion::prelude::SessionContext) {
     ctx.add_optimizer_rule(Arc::new(CountBesideDistinct));
+    ctx.add_optimizer_rule(Arc::new(EagerAggregate));
 }
 
 #[cfg(test)]
