@@ -166,7 +166,8 @@ mod tests {
     use datafusion::arrow::util::pretty::pretty_format_batches;
     use datafusion::prelude::SessionContext;
 
-    async fn run(ctx: &SessionContext, sql: &str) -> (String, String) {
+    /// The optimized plan of `sql` and its rows, printed.
+    pub(super) async fn run(ctx: &SessionContext, sql: &str) -> (String, String) {
         let df = ctx.sql(sql).await.expect("plans");
         let plan = format!(
             "{}",

@@ -305,23 +305,8 @@ impl OptimizerRule for EagerAggregate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::util::pretty::pretty_format_batches;
+    use crate::optimizer::tests::run;
     use datafusion::prelude::SessionContext;
-
-    async fn run(ctx: &SessionContext, sql: &str) -> (String, String) {
-        let df = ctx.sql(sql).await.expect("plans");
-        let plan = format!(
-            "{}",
-            df.clone()
-                .into_optimized_plan()
-                .expect("optimises")
-                .display_indent()
-        );
-        let rows = pretty_format_batches(&df.collect().await.expect("runs"))
-            .expect("prints")
-            .to_string();
-        (plan, rows)
-    }
 
     async fn session(rule: bool) -> SessionContext {
         let ctx = SessionContext::new();
