@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::common::tree_node::Transformed;
-use datafusion::common::{Column, DFSchema, Result};
+use datafusion::common::{Column, Result};
 use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
 use datafusion::logical_expr::expr::{AggregateFunction, AggregateFunctionParams};
 use datafusion::logical_expr::{
@@ -100,10 +100,6 @@ fn column_of(e: &Expr) -> Option<&Column> {
     }
 }
 
-fn in_schema(schema: &DFSchema, c: &Column) -> bool {
-    schema.has_column(c)
-}
-
 /// The join under the aggregate, looking through a projection of plain columns.
 fn join_below(input: &LogicalPlan) -> Option<&Join> {
     match input {
@@ -163,9 +159,9 @@ impl EagerAggregate {
         }
         // S: the side holding every aggregated column.
         let (left, right) = (join.left.schema(), join.right.schema());
-        let s_is_left = if arg_columns.iter().all(|c| in_schema(left, c)) {
+        let s_is_left = if arg_columns.iter().all(|c| left.has_column(c)) {
             true
-        } else if arg_columns.iter().all(|c| in_schema(right, c)) {
+        } else if arg_columns.iter().all(|c| right.has_column(c)) {
             false
         } else {
             return Ok(None);
@@ -188,8 +184,8 @@ impl EagerAggregate {
             let Some(c) = column_of(g) else {
                 return Ok(None);
             };
-            let on_d = in_schema(d_schema, c);
-            let s_key = in_schema(s_schema, c) && s_keys.contains(c);
+            let on_d = d_schema.has_column(c);
+            let s_key = s_schema.has_column(c) && s_keys.contains(c);
             if !(on_d || s_key) {
                 return Ok(None);
             }
@@ -235,7 +231,8 @@ impl EagerAggregate {
 
         // The final aggregate: partials combined, cast to the query's types, under the
         // query's names.
-        let mut final_exprs = Vec::with_capacity(aggregates.len());
+        let new_join = Arc::new(new_join);
+        let mut combined_exprs = Vec::with_capacity(aggregates.len());
         for (i, (p, original)) in aggregates.iter().zip(&agg.aggr_expr).enumerate() {
             let partial_col = Expr::Column(Column::new_unqualified(format!("{PARTIAL}{i}")));
             let combined = match p.kind {
@@ -244,18 +241,13 @@ impl EagerAggregate {
                 Kind::Max => max(partial_col),
             };
             let want = original.get_type(agg.input.schema())?;
-            final_exprs.push((combined, want, original.schema_name().to_string()));
-        }
-        let new_join = Arc::new(new_join);
-        let mut combined_exprs = Vec::with_capacity(final_exprs.len());
-        for (combined, want, name) in final_exprs {
             let have = combined.get_type(new_join.schema())?;
             let e = if have == want {
                 combined
             } else {
                 cast(combined, want)
             };
-            combined_exprs.push(e.alias(name));
+            combined_exprs.push(e.alias(original.schema_name().to_string()));
         }
         let rewritten = Aggregate::try_new(new_join, agg.group_expr.clone(), combined_exprs)?;
         // The same output columns (names, qualifiers, types) as the query's aggregate.
