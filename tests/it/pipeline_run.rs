@@ -404,10 +404,10 @@ fn the_memory_pool_decides_whether_one_large_aggregate_spills() {
     let p = Project::empty();
     p.write(
         "kbcrm.yaml",
-        "name: test\nengine:\n  memory_limit: 64MiB\n  target_partitions: 2\n",
+        "name: test\nengine:\n  memory_limit: 32MiB\n  target_partitions: 2\n",
     );
     // 400,000 groups in no order (7919 is prime to 400,000, so every remainder occurs once):
-    // under 32 MiB for one aggregate, more than a fair share of 64 MiB.
+    // within 32 MiB for one aggregate, more than an operator's fair share of it.
     let sql = "select count(*) as groups, sum(n) as total from (select (x * 7919) % 400000 \
                as g, count(*) as n from generate_series(1, 400000) t(x) group by g)";
     let want = vec![vec!["400000".to_string(), "400000".to_string()]];
@@ -419,7 +419,7 @@ fn the_memory_pool_decides_whether_one_large_aggregate_spills() {
 
     p.write(
         "kbcrm.yaml",
-        "name: test\nengine:\n  memory_limit: 64MiB\n  memory_pool: fair\n  target_partitions: 2\n",
+        "name: test\nengine:\n  memory_limit: 32MiB\n  memory_pool: fair\n  target_partitions: 2\n",
     );
     assert!(
         aggregate_spills(&p, sql, &[]).0 > 0,
