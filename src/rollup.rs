@@ -974,6 +974,7 @@ mod tests {
             scd2: None,
             rollup: true,
             cluster_by: vec![],
+            files_by: None,
         }
     }
 

@@ -109,6 +109,24 @@ async fn check_model(
             format!("model '{}': {why} ({})", m.name, crate::rollup::SHAPE),
         ));
     }
+    if let Some(expr) = &m.files_by {
+        let valid = datafusion::common::DFSchema::try_from(schema.as_ref().clone()).and_then(|s| {
+            ctx.parse_sql_expr(expr, &s).and_then(|e| {
+                use datafusion::logical_expr::ExprSchemable;
+                e.get_type(&s)
+            })
+        });
+        if let Err(e) = valid {
+            problems.push(Problem::new(
+                &m.file,
+                format!(
+                    "model '{}': files_by '{expr}' is not an expression over the columns of its \
+                     result: {e}",
+                    m.name
+                ),
+            ));
+        }
+    }
     let mut missing = |what: &str, col: &str| {
         if schema.field_with_name(col).is_err() {
             problems.push(Problem::new(

@@ -7,7 +7,7 @@ use clap::ValueEnum;
 
 use crate::error::{Error, Result};
 use crate::plan::Project;
-use crate::run::RunReport;
+use crate::run::{Checked, RunReport};
 use crate::warehouse::Warehouse;
 
 /// Query result formats.
@@ -124,8 +124,10 @@ pub fn run_summary(reports: &[RunReport]) -> Result<()> {
             } else {
                 format!("{} failing", t.failures)
             };
-            if t.reused {
-                status.push_str(" (tables unchanged since it last ran)");
+            match t.checked {
+                Checked::All => {}
+                Checked::AddedRows => status.push_str(" (rows added by this run)"),
+                Checked::Reused => status.push_str(" (tables unchanged since it last ran)"),
             }
             out.push_str(&format!("  test     {:<60} {status}\n", t.name));
         }
@@ -188,7 +190,12 @@ pub fn run_json(reports: &[RunReport]) -> Result<()> {
                     "test": t.name,
                     "failures": t.failures,
                     "passed": t.failures == 0,
-                    "reused": t.reused,
+                    "reused": t.checked == Checked::Reused,
+                    "checked": match t.checked {
+                        Checked::All => "all rows",
+                        Checked::AddedRows => "added rows",
+                        Checked::Reused => "reused",
+                    },
                 })).collect::<Vec<_>>(),
             })
         })

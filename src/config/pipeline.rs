@@ -363,6 +363,12 @@ pub struct ModelSpec {
     /// table written before its order was declared.
     #[serde(default)]
     pub cluster_by: Vec<String>,
+    /// An SQL expression over the model's columns; each data file holds the rows of one of its
+    /// values (e.g. `date_trunc('year', invoice_date)`: a file per year). A merge then rewrites
+    /// only the files of the values its changed rows have, and a query filtering on the
+    /// underlying column skips the other files. Within a file, rows follow `cluster_by`.
+    #[serde(default)]
+    pub files_by: Option<String>,
 }
 
 /// What refreshes an incremental model: its driving tables' new rows, optionally widened to

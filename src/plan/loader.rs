@@ -1040,6 +1040,7 @@ impl Loader {
                     scd2: None,
                     rollup: false,
                     cluster_by: Vec::new(),
+                    files_by: None,
                 },
                 ModelEntry::Full(m) => m.clone(),
             };
@@ -1124,6 +1125,7 @@ impl Loader {
                                 }),
                                 rollup: spec.rollup,
                                 cluster_by: spec.cluster_by.clone(),
+                                files_by: spec.files_by.clone(),
                             },
                             refs,
                         ))

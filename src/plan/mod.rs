@@ -6,6 +6,7 @@
 pub mod access;
 pub mod dag;
 mod data_tests;
+pub use data_tests::ADDED_ROWS;
 pub mod extracts;
 mod graph;
 mod loader;
@@ -403,6 +404,8 @@ pub struct Model {
     pub rollup: bool,
     /// Columns its data files are sorted by.
     pub cluster_by: Vec<String>,
+    /// The expression whose values divide its rows among data files.
+    pub files_by: Option<String>,
 }
 
 /// A data test with its table resolved.
@@ -414,6 +417,10 @@ pub struct DataTest {
     pub table: String,
     /// A query returning the offending rows.
     pub query: String,
+    /// The same check over only the rows a run added to `table`, read from
+    /// [`ADDED_ROWS`]: enough when the tables passed the test before and have only
+    /// gained rows since (`None`: the test always reads its tables whole).
+    pub added_rows: Option<String>,
     /// What failure means.
     pub severity: Severity,
     /// The tables its query reads.

@@ -25,7 +25,8 @@ use crate::plan::{Pipeline, Project, Step};
 use crate::sources;
 use crate::warehouse::history::{RunKind, RunRecord, RunStatus, TableRecord};
 use crate::warehouse::state::{self, StateKey};
-use crate::warehouse::{Staged, Warehouse, commit_run, files_provider};
+use crate::warehouse::{Staged, Warehouse, commit_run, file_url, files_provider};
+use deltalake::kernel::Action;
 
 pub use progress::Progress;
 pub use quarantine::{QUARANTINE_TABLE, quarantine_schema};
@@ -77,9 +78,21 @@ pub struct TestReport {
     pub failures: u64,
     /// Its severity.
     pub severity: Severity,
-    /// Not run again: the same query over the same table versions as a run before, whose
-    /// result this is.
-    pub reused: bool,
+    /// How much it read.
+    pub checked: Checked,
+}
+
+/// How much of its tables a data test read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// The tables whole.
+    All,
+    /// Only the rows this run added: the tables passed the test at the versions the run started
+    /// from and the run only added rows to them.
+    AddedRows,
+    /// Nothing: the same query over the same table versions as a run before, whose result this
+    /// is.
+    Reused,
 }
 
 /// What a pipeline run did.
@@ -483,7 +496,9 @@ impl<'a> Runner<'a> {
     }
 
     /// Run the pipeline's data tests. A test whose query and tables (at the versions this run
-    /// leaves them) are those of a run before is not run again: its result is that run's.
+    /// leaves them) are those of a run before is not run again: its result is that run's. A test
+    /// that passed on the versions this run started from, whose tables the run only added rows
+    /// to, checks only the added rows.
     async fn check_tests(
         &self,
         pipeline: &Pipeline,
@@ -497,22 +512,37 @@ impl<'a> Runner<'a> {
             let key = (pipeline.name.clone(), scope.clone(), "inputs".to_string());
             let result_key = (pipeline.name.clone(), scope, "failures".to_string());
             let print = model::fingerprint(&t.query, &t.reads, state);
-            let known = (!t.reads.is_empty() && !self.options.full_refresh)
+            let before = (!t.reads.is_empty() && !self.options.full_refresh)
                 .then(|| state.state_before.get(&key))
-                .flatten()
-                .filter(|p| **p == print)
-                .and_then(|_| state.state_before.get(&result_key))
+                .flatten();
+            let failures_before = state
+                .state_before
+                .get(&result_key)
                 .and_then(|n| n.parse::<u64>().ok());
-            let reused = known.is_some();
-            let failures = match known {
-                Some(n) => n,
-                None => {
-                    let df = ctx.sql(&t.query).await.map_err(|e| Error::DataQuality {
-                        pipeline: pipeline.name.clone(),
-                        message: format!("data test {} cannot run: {e}", t.name),
-                    })?;
-                    df.count().await? as u64
+            let added = match (before, &t.added_rows) {
+                (Some(b), Some(q)) if *b != print && failures_before == Some(0) => {
+                    added_rows(b, t, state).map(|files| (q, files))
                 }
+                _ => None,
+            };
+            let (failures, checked) = if before == Some(&print) && failures_before.is_some() {
+                (failures_before.unwrap_or_default(), Checked::Reused)
+            } else if let Some((query, files)) = added {
+                let failures = match files {
+                    None => 0,
+                    Some((files, schema)) => {
+                        ctx.register_table(
+                            crate::plan::ADDED_ROWS,
+                            files_provider(&files, schema).await?,
+                        )?;
+                        let n = count_rows(ctx, query, pipeline, t).await;
+                        ctx.deregister_table(crate::plan::ADDED_ROWS)?;
+                        n?
+                    }
+                };
+                (failures, Checked::AddedRows)
+            } else {
+                (count_rows(ctx, &t.query, pipeline, t).await?, Checked::All)
             };
             state.state_after.insert(key, print);
             state.state_after.insert(result_key, failures.to_string());
@@ -528,7 +558,7 @@ impl<'a> Runner<'a> {
                 name: t.name.clone(),
                 failures,
                 severity: t.severity,
-                reused,
+                checked,
             });
         }
         if !failed.is_empty() {
@@ -539,6 +569,60 @@ impl<'a> Runner<'a> {
         }
         Ok(reports)
     }
+}
+
+/// The rows of a data test's query.
+async fn count_rows(
+    ctx: &SessionContext,
+    query: &str,
+    pipeline: &Pipeline,
+    t: &crate::plan::DataTest,
+) -> Result<u64> {
+    let df = ctx.sql(query).await.map_err(|e| Error::DataQuality {
+        pipeline: pipeline.name.clone(),
+        message: format!("data test {} cannot run: {e}", t.name),
+    })?;
+    Ok(df.count().await? as u64)
+}
+
+/// Whether a data test may check only the rows this run added: its last check (`before`, its
+/// fingerprint) was of the same query over the table versions this run started from, and the run
+/// only added files to the tables it reads. Then `Some` of the files added to the test's table,
+/// with their schema (`None`: it gained none).
+fn added_rows(
+    before: &str,
+    t: &crate::plan::DataTest,
+    state: &RunState,
+) -> Option<Option<(Vec<url::Url>, arrow::datatypes::SchemaRef)>> {
+    let before: serde_json::Value = serde_json::from_str(before).ok()?;
+    if before.get("definition")?.as_str()? != model::definition_hash(&t.query) {
+        return None;
+    }
+    let mut added: Option<(Vec<url::Url>, arrow::datatypes::SchemaRef)> = None;
+    for table in &t.reads {
+        let committed = state.committed.get(table).copied().flatten()?;
+        if before.get("inputs")?.get(table)?.as_u64() != Some(committed) {
+            return None;
+        }
+        for s in state
+            .staged
+            .iter()
+            .filter(|s| &s.table == table && s.changes())
+        {
+            let add_only = s.actions.iter().all(|a| matches!(a, Action::Add(_)));
+            if s.read_version != Some(committed) || !add_only {
+                return None;
+            }
+            if table == &t.table {
+                let (files, _) = added.get_or_insert_with(|| (Vec::new(), s.schema.clone()));
+                files.extend(s.actions.iter().filter_map(|a| match a {
+                    Action::Add(add) => Some(file_url(&s.url, &add.path)),
+                    _ => None,
+                }));
+            }
+        }
+    }
+    Some(added)
 }
 
 /// `e` naming `pipeline` when it is a data-quality failure (the warehouse's checks, e.g. a

@@ -27,12 +27,17 @@ use crate::warehouse::write::{NewData, stage, write_frame};
 
 /// What a step was built from: a hash of its definition and the version of each input.
 pub(super) fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
-    let hash = hex::encode(Sha256::digest(definition.as_bytes()));
+    let hash = definition_hash(definition);
     let versions: BTreeMap<&str, Option<u64>> = inputs
         .iter()
         .map(|t| (t.as_str(), state.version_after(t)))
         .collect();
     serde_json::json!({ "definition": hash, "inputs": versions }).to_string()
+}
+
+/// The hash of a definition a fingerprint records.
+pub(super) fn definition_hash(definition: &str) -> String {
+    hex::encode(Sha256::digest(definition.as_bytes()))
 }
 
 /// What a model's result depends on besides its inputs: its SQL and the run parameters it reads.
@@ -53,6 +58,9 @@ pub(crate) fn model_definition(model: &Model, params: &crate::udf::RunParams) ->
     let mut d = definition(&model.sql, params);
     if !model.cluster_by.is_empty() {
         d.push_str(&format!("\n-- cluster by {}", model.cluster_by.join(", ")));
+    }
+    if let Some(files_by) = &model.files_by {
+        d.push_str(&format!("\n-- files by {files_by}"));
     }
     d
 }
@@ -169,6 +177,7 @@ impl Runner<'_> {
                 &model.sql,
                 &model.name,
                 &model.cluster_by,
+                model.files_by.as_deref(),
             )
             .await;
         if let Err(e) = &result
@@ -182,7 +191,13 @@ impl Runner<'_> {
                  only this process has); it runs in this process"
             );
             result = self
-                .write_sql(ctx, &model.sql, &model.name, &model.cluster_by)
+                .write_sql(
+                    ctx,
+                    &model.sql,
+                    &model.name,
+                    &model.cluster_by,
+                    model.files_by.as_deref(),
+                )
                 .await;
         }
         let result = result.map_err(|e| model_err(&e));
@@ -219,9 +234,10 @@ impl Runner<'_> {
         sql: &str,
         table: &str,
         cluster_by: &[String],
+        files_by: Option<&str>,
     ) -> Result<NewData> {
         crate::engine::spill_joins_on_retry(ctx, table, || async {
-            write_frame(&self.wh, table, ctx.sql(sql).await?, cluster_by).await
+            write_frame(&self.wh, table, ctx.sql(sql).await?, cluster_by, files_by).await
         })
         .await
     }
@@ -485,7 +501,7 @@ impl Runner<'_> {
             None => None,
         };
         let written = self
-            .write_sql(ctx, &golden_sql, &identity.golden_table, &[])
+            .write_sql(ctx, &golden_sql, &identity.golden_table, &[], None)
             .await
             .map_err(|e| {
                 Error::Internal(format!(

@@ -347,6 +347,7 @@ impl Runner<'_> {
             adds,
             rows,
             cluster_by: Vec::new(),
+            files_by: None,
         };
         let staged = stage(&self.wh, ctx, new, mode, &source.keys)
             .await

@@ -33,6 +33,7 @@ use crate::sources::stores::store_for;
 
 pub use commit::{RUN_ID_KEY, commit_run};
 pub use schema::{conform_batch, delta_compatible, delta_compatible_batch};
+pub(crate) use write::file_url;
 pub use write::{Staged, WriteMetrics};
 
 /// Folder of kbcrm's own bookkeeping inside the warehouse.

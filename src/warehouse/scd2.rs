@@ -72,7 +72,7 @@ pub async fn stage_scd2(
     };
     // Only this part is tried again with sort-merge joins: what follows deletes `new`'s files.
     let result = crate::engine::spill_joins_on_retry(ctx, &table, || async {
-        write_frame(wh, &table, ctx.sql(&sql).await?, &[]).await
+        write_frame(wh, &table, ctx.sql(&sql).await?, &[], None).await
     })
     .await;
     ctx.deregister_table(&new_name)?;
@@ -129,7 +129,8 @@ fn keys_eq(keys: &[String], a: &str, b: &str) -> String {
         .join(" and ")
 }
 
-fn same(cols: &[String], a: &str, b: &str) -> String {
+/// A condition: the columns of the rows aliased `a` equal those of `b` (NULL equal to NULL).
+pub(super) fn same(cols: &[String], a: &str, b: &str) -> String {
     if cols.is_empty() {
         return "true".to_string();
     }

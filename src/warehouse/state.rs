@@ -245,6 +245,7 @@ pub async fn stage_batch(
         adds,
         rows,
         cluster_by: Vec::new(),
+        files_by: None,
     };
     stage(wh, ctx, new, mode, keys).await
 }

@@ -4,9 +4,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray, UInt32Array};
+use arrow::compute::SortColumn;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
@@ -17,6 +19,7 @@ use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use url::Url;
 
+use super::scd2::same;
 use super::schema::{conform_batch, same_columns};
 use super::{Warehouse, files_provider};
 use crate::config::pipeline::WriteMode;
@@ -67,30 +70,96 @@ impl Staged {
 
 /// Streams batches into new Parquet data files of a table, without committing them.
 pub struct TableWriter {
-    writer: RecordBatchWriter,
+    url: Url,
     schema: SchemaRef,
     rows: u64,
+    /// The file being written, or with `split`, one per value of that column.
+    writers: Vec<(ScalarValue, RecordBatchWriter)>,
+    /// The column of the incoming batches whose values divide the rows among files (not
+    /// written).
+    split: Option<usize>,
 }
 
 impl TableWriter {
     /// A writer of files with `schema` (already Delta-compatible) into the table at `url`.
     pub fn new(url: &Url, schema: SchemaRef) -> Result<Self> {
-        let writer = RecordBatchWriter::try_new(url.as_str(), schema.clone(), None, None)?;
         Ok(TableWriter {
-            writer,
+            url: url.clone(),
             schema,
             rows: 0,
+            writers: Vec::new(),
+            split: None,
         })
+    }
+
+    /// Write the rows of each value of this column of the incoming batches into files of their
+    /// own, each in the order the rows come; the column itself is not written.
+    fn split_by(&mut self, column: usize) {
+        self.split = Some(column);
     }
 
     /// Write one batch (cast to the table schema when its types differ).
     pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let Some(split) = self.split else {
+            return self.write_rows(ScalarValue::Null, batch).await;
+        };
+        let values = batch.column(split);
+        let rest: Vec<usize> = (0..batch.num_columns()).filter(|c| *c != split).collect();
+        let batch = batch.project(&rest)?;
+        // Row numbers grouped by value, each group in the batch's order.
+        let positions: ArrayRef =
+            Arc::new(UInt32Array::from_iter_values(0..batch.num_rows() as u32));
+        let by_value = arrow::compute::lexsort_to_indices(
+            &[
+                SortColumn {
+                    values: values.clone(),
+                    options: None,
+                },
+                SortColumn {
+                    values: positions,
+                    options: None,
+                },
+            ],
+            None,
+        )?;
+        let sorted = arrow::compute::take(values, &by_value, None)?;
+        for range in arrow::compute::partition(std::slice::from_ref(&sorted))?.ranges() {
+            let value = ScalarValue::try_from_array(&sorted, range.start)?;
+            let part = if range.len() == batch.num_rows() {
+                batch.clone()
+            } else {
+                let rows = by_value.slice(range.start, range.len());
+                arrow::compute::take_record_batch(&batch, &rows)?
+            };
+            self.write_rows(value, &part).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_rows(&mut self, value: ScalarValue, batch: &RecordBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
         let batch = conform_batch(batch, &self.schema)?;
         self.rows += batch.num_rows() as u64;
-        self.writer.write(batch).await?;
+        let i = match self.writers.iter().position(|(v, _)| *v == value) {
+            Some(i) => i,
+            None if self.writers.len() >= MAX_FILES_BY_VALUES => {
+                return Err(Error::Warehouse(format!(
+                    "`files_by` divides the rows written to {} among more than \
+                     {MAX_FILES_BY_VALUES} values, each with files of its own; it is meant for a \
+                     few values (years, regions): use a coarser expression",
+                    self.url
+                )));
+            }
+            None => {
+                let writer =
+                    RecordBatchWriter::try_new(self.url.as_str(), self.schema.clone(), None, None)?;
+                self.writers.push((value, writer));
+                self.writers.len() - 1
+            }
+        };
+        self.writers[i].1.write(batch).await?;
         Ok(())
     }
 
@@ -103,40 +172,85 @@ impl TableWriter {
     }
 
     /// Close the files; their `Add` actions and the number of rows written.
-    pub async fn finish(mut self) -> Result<(Vec<Add>, u64)> {
-        let adds = self.writer.flush().await?;
+    pub async fn finish(self) -> Result<(Vec<Add>, u64)> {
+        let mut adds = Vec::new();
+        for (_, mut writer) in self.writers {
+            adds.extend(writer.flush().await?);
+        }
         Ok((adds, self.rows))
     }
 }
 
-/// Run `df` and write its rows into new, uncommitted files of `table`, sorted by `cluster_by`.
-pub async fn write_frame(
-    wh: &Warehouse,
-    table: &str,
+/// The most `files_by` values one write may have (each has files of its own, open at once).
+const MAX_FILES_BY_VALUES: usize = 256;
+
+/// The column carrying each row's `files_by` value while it is written.
+const FILES_BY_COLUMN: &str = "__kbcrm_files_by";
+
+/// Run `df` and write its rows in the table's order into new files of the table at `url`:
+/// sorted by `cluster_by`, and with `files_by`, one run of files per value of that expression.
+async fn write_ordered(
+    url: &Url,
+    schema: SchemaRef,
     df: datafusion::dataframe::DataFrame,
     cluster_by: &[String],
-) -> Result<NewData> {
-    let schema = super::delta_compatible(df.schema().as_arrow());
+    files_by: Option<&str>,
+) -> Result<(Vec<Add>, u64)> {
+    use datafusion::prelude::ident;
+    // Sorted by `cluster_by` only: the writer sends each row to its value's file, where the
+    // order is kept. The value is computed after the sort, so that the rows the sort holds
+    // (and spills) are no wider.
     let df = if cluster_by.is_empty() {
         df
     } else {
         df.sort(
             cluster_by
                 .iter()
-                .map(|c| datafusion::prelude::ident(c).sort(true, false))
+                .map(|c| ident(c).sort(true, false))
                 .collect(),
         )?
     };
+    let df = match files_by {
+        Some(expr) => {
+            let value = df.parse_sql_expr(expr)?;
+            df.with_column(FILES_BY_COLUMN, value)?
+        }
+        None => df,
+    };
     let stream = df.execute_stream().await?;
-    let mut writer = TableWriter::new(&wh.table_url(table), schema.clone())?;
+    let mut writer = TableWriter::new(url, schema)?;
+    if files_by.is_some() {
+        writer.split_by(stream.schema().index_of(FILES_BY_COLUMN)?);
+    }
     writer.write_stream(stream).await?;
-    let (adds, rows) = writer.finish().await?;
+    writer.finish().await
+}
+
+/// Run `df` and write its rows into new, uncommitted files of `table`, sorted by `cluster_by`,
+/// a run of files per value of `files_by`.
+pub async fn write_frame(
+    wh: &Warehouse,
+    table: &str,
+    df: datafusion::dataframe::DataFrame,
+    cluster_by: &[String],
+    files_by: Option<&str>,
+) -> Result<NewData> {
+    let schema = super::delta_compatible(df.schema().as_arrow());
+    let (adds, rows) = write_ordered(
+        &wh.table_url(table),
+        schema.clone(),
+        df,
+        cluster_by,
+        files_by,
+    )
+    .await?;
     Ok(NewData {
         table: table.to_string(),
         schema,
         adds,
         rows,
         cluster_by: cluster_by.to_vec(),
+        files_by: files_by.map(str::to_string),
     })
 }
 
@@ -153,29 +267,36 @@ pub struct NewData {
     /// Columns the files are sorted by (recorded in the table's metadata; merges keep the
     /// files they write in this order).
     pub cluster_by: Vec<String>,
+    /// The expression whose values divide the rows among files (recorded and kept likewise).
+    pub files_by: Option<String>,
 }
 
 /// The table property recording the columns its data files are sorted by.
 pub const CLUSTER_BY_PROPERTY: &str = "kbcrm.clusterBy";
+/// The table property recording the expression dividing its rows among files.
+pub const FILES_BY_PROPERTY: &str = "kbcrm.filesBy";
 
-/// The table configuration recording `cluster_by`.
-fn clustering(cluster_by: &[String]) -> Vec<(String, String)> {
-    if cluster_by.is_empty() {
-        Vec::new()
-    } else {
-        vec![(CLUSTER_BY_PROPERTY.to_string(), cluster_by.join(","))]
+/// The table configuration recording how new data is laid out.
+fn clustering(new: &NewData) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if !new.cluster_by.is_empty() {
+        out.push((CLUSTER_BY_PROPERTY.to_string(), new.cluster_by.join(",")));
     }
+    if let Some(files_by) = &new.files_by {
+        out.push((FILES_BY_PROPERTY.to_string(), files_by.clone()));
+    }
+    out
 }
 
-/// The columns a table's data files are sorted by, as its metadata records them.
-fn table_clustering(table: &DeltaTable) -> Result<Vec<String>> {
-    Ok(table
-        .snapshot()?
-        .metadata()
-        .configuration()
+/// Whether a table's files are laid out as `new`'s, as its metadata records them.
+fn same_layout(table: &DeltaTable, new: &NewData) -> Result<bool> {
+    let snapshot = table.snapshot()?;
+    let config = snapshot.metadata().configuration();
+    let cluster_by: Vec<String> = config
         .get(CLUSTER_BY_PROPERTY)
         .map(|v| v.split(',').map(str::to_string).collect())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok(cluster_by == new.cluster_by && config.get(FILES_BY_PROPERTY) == new.files_by.as_ref())
 }
 
 /// Work out what writing `new` with `mode` does to the table's current version, writing any
@@ -262,11 +383,7 @@ fn add_rows(add: &Add) -> u64 {
 
 fn create(url: Url, new: NewData, mode: WriteMode) -> Result<Staged> {
     let struct_type: StructType = new.schema.as_ref().try_into_kernel()?;
-    let metadata = new_metadata(
-        &struct_type,
-        Vec::<String>::new(),
-        clustering(&new.cluster_by),
-    )?;
+    let metadata = new_metadata(&struct_type, Vec::<String>::new(), clustering(&new))?;
     let protocol = serde_json::from_value(serde_json::json!({
         "minReaderVersion": 1,
         "minWriterVersion": 2
@@ -328,7 +445,7 @@ async fn overwrite(
     let old = current_files(&url, current)?;
     let new_files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
     // The same rows in another order are a change when the table's declared order changed.
-    let same_order = table_clustering(current)? == new.cluster_by;
+    let same_order = same_layout(current, &new)?;
     let unchanged = same_schema && same_order && {
         let target = files_provider(
             &old.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>(),
@@ -363,11 +480,7 @@ async fn overwrite(
     let mut actions = Vec::new();
     if !same_schema || !same_order {
         let struct_type: StructType = new.schema.as_ref().try_into_kernel()?;
-        let metadata = new_metadata(
-            &struct_type,
-            Vec::<String>::new(),
-            clustering(&new.cluster_by),
-        )?;
+        let metadata = new_metadata(&struct_type, Vec::<String>::new(), clustering(&new))?;
         actions.push(Action::Metadata(metadata));
     }
     actions.extend(old.into_iter().map(|(_, r)| Action::Remove(r)));
@@ -480,6 +593,23 @@ async fn merge(
         .with_file_column(FILE_COLUMN)
         .await?;
     ctx.register_table(&target_name, target)?;
+    // New rows whose keys the table does not hold yet are added as they were written: only the
+    // target's key columns are read to find out.
+    let any_known = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
+        known_keys(ctx, keys, &new_name, &target_name)
+    })
+    .await;
+    if !matches!(any_known, Ok(true)) {
+        ctx.deregister_table(&new_name)?;
+        ctx.deregister_table(&target_name)?;
+        if let Err(e) = any_known {
+            delete_files(wh, &url, &new.adds).await?;
+            return Err(e);
+        }
+        let mut staged = append(url, current, new)?;
+        staged.mode = WriteMode::Merge;
+        return Ok(staged);
+    }
     // Tried again with sort-merge joins when a hash join does not fit; `new`'s files are deleted
     // only after.
     let result = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
@@ -521,6 +651,19 @@ async fn merge(
     })
 }
 
+/// Whether any key of the new rows is already in the target table.
+async fn known_keys(
+    ctx: &SessionContext,
+    keys: &[String],
+    new_name: &str,
+    target_name: &str,
+) -> Result<bool> {
+    let on = same(keys, "n", "t");
+    let sql = format!("select 1 from {target_name} t join {new_name} n on {on} limit 1");
+    let batches = ctx.sql(&sql).await?.collect().await?;
+    Ok(batches.iter().any(|b| b.num_rows() > 0))
+}
+
 /// Run the merge: returns the files to remove (as URLs), the files written, and the number of
 /// new or changed rows.
 async fn merge_sql(
@@ -538,22 +681,14 @@ async fn merge_sql(
         .map(|f| quote_ident(f.name()))
         .collect::<Vec<_>>()
         .join(", ");
-    let on = keys
-        .iter()
-        .map(|k| format!("(c.{k} is not distinct from t.{k})", k = quote_ident(k)))
-        .collect::<Vec<_>>()
-        .join(" and ");
+    let on = same(keys, "c", "t");
     // Only target rows whose keys come again can be equal to new rows.
     let key_list = keys
         .iter()
         .map(|k| quote_ident(k))
         .collect::<Vec<_>>()
         .join(", ");
-    let on_kt = keys
-        .iter()
-        .map(|k| format!("(k.{k} is not distinct from t.{k})", k = quote_ident(k)))
-        .collect::<Vec<_>>()
-        .join(" and ");
+    let on_kt = same(keys, "k", "t");
     let t_cols = new
         .schema
         .fields()
@@ -597,18 +732,17 @@ async fn merge_sql(
              and not exists (select 1 from __kbcrm_changed c where {on})"
         )
     };
-    // The files a merge writes keep the order the table declares.
-    let output_sql = if new.cluster_by.is_empty() {
-        output_sql
-    } else {
-        let order: Vec<String> = new.cluster_by.iter().map(|c| quote_ident(c)).collect();
-        format!("select * from ({output_sql}) order by {}", order.join(", "))
-    };
+    // The files a merge writes keep the layout the table declares.
     let result = async {
-        let stream = ctx.sql(&output_sql).await?.execute_stream().await?;
-        let mut writer = TableWriter::new(url, new.schema.clone())?;
-        writer.write_stream(stream).await?;
-        writer.finish().await
+        let df = ctx.sql(&output_sql).await?;
+        write_ordered(
+            url,
+            new.schema.clone(),
+            df,
+            &new.cluster_by,
+            new.files_by.as_deref(),
+        )
+        .await
     }
     .await;
     ctx.deregister_table("__kbcrm_changed")?;

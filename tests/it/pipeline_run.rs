@@ -546,6 +546,120 @@ fn file_columns(p: &Project, table: &str, column: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// `files_by` gives each value of its expression files of their own (sorted by `cluster_by`
+/// within), and a merge rewrites only the files of the values its changed rows have.
+#[test]
+fn files_by_keeps_a_value_per_file_and_merges_rewrite_only_its_files() {
+    let p = Project::empty();
+    let pipeline = |files_by: &str| {
+        format!(
+            "sources:\n  s:\n    format: csv\n    location: data/\n    mode: merge\n    keys: [id]\n    incremental: {{ files: new }}\n    schema:\n      id: {{ type: int, required: true }}\n      day: date\n      customer: string\n      amount: int\n\
+             models:\n  - {{ path: sql/by_year.sql, mode: merge, keys: [id], cluster_by: [customer], files_by: \"{files_by}\", incremental: raw_p_s }}\n"
+        )
+    };
+    p.write("pipelines/p.yaml", pipeline("date_trunc('year', day)"));
+    p.write(
+        "sql/by_year.sql",
+        "select id, day, customer, amount from raw_p_s\n",
+    );
+    let mut csv = String::from("id,day,customer,amount\n");
+    let customers = ["k", "c", "x", "a", "m", "c", "z", "b", "k"];
+    for (i, c) in customers.iter().enumerate() {
+        csv.push_str(&format!(
+            "{i},{}-0{}-1{i},{c},{}\n",
+            2022 + i % 3,
+            1 + i % 9,
+            i * 10
+        ));
+    }
+    p.write("data/a.csv", &csv);
+    p.ok(&["run"]);
+    let year_of = |day: &String| day[..4].to_string();
+    let first = file_columns(&p, "by_year", "day");
+    let mut years: Vec<String> = first.iter().map(|f| year_of(&f[0])).collect();
+    years.sort();
+    assert_eq!(years, ["2022", "2023", "2024"], "{first:?}");
+    for f in &first {
+        assert!(f.iter().all(|d| year_of(d) == year_of(&f[0])), "{first:?}");
+    }
+    for f in file_columns(&p, "by_year", "customer") {
+        assert!(f.windows(2).all(|w| w[0] <= w[1]), "not sorted: {f:?}");
+    }
+    let log = std::fs::read_dir(p.path().join("warehouse/by_year/_delta_log"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        log.contains("\"kbcrm.filesBy\":\"date_trunc('year', day)\""),
+        "{log}"
+    );
+
+    // Each file as its (day, amount) pairs: the rewritten 2023 file differs in an amount.
+    let rows_of = |p: &Project| -> Vec<Vec<(String, String)>> {
+        file_columns(p, "by_year", "day")
+            .into_iter()
+            .zip(file_columns(p, "by_year", "amount"))
+            .map(|(d, a)| d.into_iter().zip(a).collect())
+            .collect()
+    };
+    let before = rows_of(&p);
+    // Row 4 (2023) changes and row 9 (2025) is new: the 2023 file is written again with all
+    // its rows, 2025 gets a file, and the 2022 and 2024 files stay as they are.
+    p.write(
+        "data/b.csv",
+        "id,day,customer,amount\n4,2023-05-14,m,41\n9,2025-01-02,d,90\n",
+    );
+    p.ok(&["run"]);
+    let after = rows_of(&p);
+    let mut added: Vec<(String, usize)> = after
+        .iter()
+        .filter(|f| !before.contains(f))
+        .map(|f| (year_of(&f[0].0), f.len()))
+        .collect();
+    added.sort();
+    assert_eq!(
+        added,
+        [("2023".to_string(), 3), ("2025".to_string(), 1)],
+        "{after:?}"
+    );
+    assert_eq!(
+        p.query("select id, amount from by_year where id in (4, 9) order by id"),
+        [["4", "41"], ["9", "90"]]
+    );
+    assert_eq!(p.scalar("select count(*) from by_year"), 10);
+
+    // A value per row is refused: every value keeps a file open.
+    p.write("pipelines/p.yaml", pipeline("id"));
+    let many: String = (100..400)
+        .map(|i| format!("{i},2024-01-01,e,1\n"))
+        .collect();
+    p.write("data/c.csv", format!("id,day,customer,amount\n{many}"));
+    let before = p.warehouse_files();
+    let out = p.kbcrm(&["run", "--full-refresh"]);
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("among more than 256 values"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        p.warehouse_files(),
+        before,
+        "nothing may be committed or left"
+    );
+    std::fs::remove_file(p.path().join("data/c.csv")).unwrap();
+
+    // An expression over columns the model does not have is refused before anything runs.
+    p.write("pipelines/p.yaml", pipeline("date_trunc('year', dayz)"));
+    let out = p.kbcrm(&["validate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("model 'by_year': files_by 'date_trunc('year', dayz)'"),
+        "{err}"
+    );
+}
+
 #[test]
 fn cluster_by_writes_sorted_files_and_a_full_refresh_applies_a_new_order() {
     let p = Project::empty();
@@ -612,6 +726,79 @@ fn cluster_by_writes_sorted_files_and_a_full_refresh_applies_a_new_order() {
         "the merged file is sorted: {files:?}"
     );
     assert_eq!(p.scalar("select count(*) from by_id"), 12);
+}
+
+/// A test whose tables passed it and have only gained rows since checks the added rows alone,
+/// and still finds a key an added row repeats or a parent an added row lacks; a table that lost
+/// rows (a model rewritten) is checked whole.
+#[test]
+fn data_tests_check_only_the_added_rows_of_tables_that_only_grew() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/c/\n    mode: merge\n    keys: [id]\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n      name: string\n\
+         \x20 o:\n    format: csv\n    location: data/o/\n    mode: append\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n      customer: int\n\
+         models:\n  - sql/named.sql\n\
+         tests:\n  - unique: { table: raw_p_o, columns: [id] }\n\
+         \x20 - relationships: { table: raw_p_o, column: customer, to: named.id }\n",
+    );
+    p.write(
+        "sql/named.sql",
+        "select id, name from raw_p_c where name is not null\n",
+    );
+    p.write("data/c/1.csv", "id,name\n1,anna\n2,ben\n3,cleo\n");
+    p.write("data/o/1.csv", "id,customer\n10,1\n11,2\n");
+    let test_line = |out: &str, name: &str| {
+        out.lines()
+            .find(|l| l.contains("test") && l.contains(name))
+            .unwrap_or_else(|| panic!("no line for {name}: {out}"))
+            .to_string()
+    };
+    let first = p.ok(&["run"]);
+    for name in ["unique(raw_p_o: id)", "relationships(raw_p_o.customer"] {
+        let line = test_line(&first, name);
+        assert!(line.ends_with("pass"), "{line}");
+    }
+
+    // Orders gained a row and the customers did not change: both tests read the new row only.
+    p.write("data/o/2.csv", "id,customer\n12,3\n");
+    let out = p.ok(&["run"]);
+    for name in ["unique(raw_p_o: id)", "relationships(raw_p_o.customer"] {
+        let line = test_line(&out, name);
+        assert!(line.ends_with("pass (rows added by this run)"), "{line}");
+    }
+
+    // An added row repeating an old key, or naming a customer who does not exist, fails the run
+    // as a check of the whole table would.
+    for (file, bad, test) in [
+        ("data/o/3.csv", "id,customer\n10,2\n", "unique(raw_p_o: id)"),
+        (
+            "data/o/3.csv",
+            "id,customer\n13,99\n",
+            "relationships(raw_p_o.customer -> named.id)",
+        ),
+    ] {
+        p.write(file, bad);
+        p.fails_cleanly_with(3, &["run"], &[], &[test, "(1 failing)"], &[]);
+        std::fs::remove_file(p.path().join(file)).unwrap();
+    }
+
+    // Anna loses her name, so `named` is rewritten without her: order 10, an old row, now
+    // names a missing customer, which only a check of the whole table sees.
+    p.write("data/c/2.csv", "id,name\n1,\n");
+    let out = p.kbcrm(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("relationships(raw_p_o.customer -> named.id)") && err.contains("(1 failing)"),
+        "{err}"
+    );
+    // With her name back the run passes, the relationship checked whole (its table changed).
+    p.write("data/c/2.csv", "id,name\n1,anna b\n");
+    let out = p.ok(&["run"]);
+    let line = test_line(&out, "relationships(raw_p_o.customer");
+    assert!(line.ends_with("pass"), "{line}");
+    assert_eq!(p.scalar("select count(*) from raw_p_o"), 3);
 }
 
 #[test]

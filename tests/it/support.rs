@@ -192,10 +192,22 @@ impl Project {
         want: &[&str],
         never: &[&str],
     ) {
+        self.fails_cleanly_with(2, args, env, want, never);
+    }
+
+    /// As [`Project::fails_cleanly`], with exit code `code`.
+    pub fn fails_cleanly_with(
+        &self,
+        code: i32,
+        args: &[&str],
+        env: &[(&str, &str)],
+        want: &[&str],
+        never: &[&str],
+    ) {
         let before = self.warehouse_files();
         let out = run_with_env(self.path(), args, env);
         let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(out.status.code(), Some(code), "{err}");
         for w in want {
             assert!(err.contains(w), "'{w}' not in: {err}");
         }
