@@ -166,7 +166,7 @@ impl<'a> Runner<'a> {
         options: RunOptions,
         progress: Progress,
     ) -> Result<Self> {
-        let wh = Warehouse::open(&project.warehouse)?;
+        let wh = Warehouse::open(&project.warehouse)?.with_table_cache();
         // Held until the runner is dropped: recovery and every commit happen under it.
         let lock = lock::RunLock::acquire(&wh).await?;
         for run in wh.recover().await? {

@@ -114,7 +114,8 @@ pub async fn commit_run(
 async fn apply(wh: &Warehouse, manifest: &Manifest) -> Result<HashMap<String, u64>> {
     let mut versions = HashMap::new();
     for (i, t) in manifest.tables.iter().enumerate() {
-        let v = commit_table(wh.table_url(&t.table), t, &manifest.run_id).await?;
+        let read = t.read_version.and_then(|v| wh.cached_at(&t.table, v));
+        let v = commit_table(wh.table_url(&t.table), t, &manifest.run_id, read).await?;
         versions.insert(t.table.clone(), v);
         crash_point(i + 1);
     }
@@ -133,8 +134,18 @@ fn crash_point(committed: usize) {
     }
 }
 
-async fn commit_table(url: Url, t: &ManifestTable, run_id: &str) -> Result<u64> {
-    let mut table = DeltaTableBuilder::from_url(url.clone())?.build()?;
+/// Commit one table of a manifest; `read` is the table at its read version when the caller
+/// has it loaded already.
+async fn commit_table(
+    url: Url,
+    t: &ManifestTable,
+    run_id: &str,
+    read: Option<deltalake::DeltaTable>,
+) -> Result<u64> {
+    let mut table = match read {
+        Some(table) => table,
+        None => DeltaTableBuilder::from_url(url.clone())?.build()?,
+    };
     let latest = table.log_store().get_latest_version(0).await.ok();
     // Already committed by this run (recovery after a crash between commit and cleanup)?
     if let Some(latest) = latest {
@@ -169,7 +180,9 @@ async fn commit_table(url: Url, t: &ManifestTable, run_id: &str) -> Result<u64> 
             predicate: None,
         },
     };
-    if let Some(v) = t.read_version {
+    if let Some(v) = t.read_version
+        && table.version() != Some(v)
+    {
         table.load_version(v).await?;
     }
     let snapshot = match t.read_version {

@@ -13,7 +13,7 @@ pub mod state;
 pub mod write;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::empty::EmptyTable;
@@ -46,6 +46,9 @@ pub struct Warehouse {
     store: Arc<dyn ObjectStore>,
     /// The store path of the warehouse root.
     root: StorePath,
+    /// Tables loaded through this handle, kept when it was opened for a run
+    /// ([`Warehouse::with_table_cache`]).
+    tables: Option<Arc<Mutex<HashMap<String, DeltaTable>>>>,
 }
 
 /// What `kbcrm tables` shows about one table.
@@ -85,7 +88,33 @@ impl Warehouse {
             url: url.clone(),
             store,
             root,
+            tables: None,
         })
+    }
+
+    /// This handle keeps every table it loads and later brings it up to date by reading only
+    /// the commits made since (a Delta log only grows), instead of reading each log again. For
+    /// a run, which holds the run lock: its pipelines load and commit the same tables many
+    /// times, and no other kbcrm process commits meanwhile.
+    pub fn with_table_cache(mut self) -> Self {
+        self.tables = Some(Arc::default());
+        self
+    }
+
+    fn cached(&self, name: &str) -> Option<DeltaTable> {
+        let tables = self.tables.as_ref()?;
+        tables.lock().ok()?.get(name).cloned()
+    }
+
+    fn keep(&self, name: &str, table: &DeltaTable) {
+        if let Some(mut tables) = self.tables.as_ref().and_then(|t| t.lock().ok()) {
+            tables.insert(name.to_string(), table.clone());
+        }
+    }
+
+    /// The kept table, when it was loaded at exactly `version` (commits start from it).
+    pub(crate) fn cached_at(&self, name: &str, version: u64) -> Option<DeltaTable> {
+        self.cached(name).filter(|t| t.version() == Some(version))
     }
 
     /// The warehouse URL.
@@ -143,6 +172,17 @@ impl Warehouse {
 
     /// Load a table's latest version; `None` when it does not exist yet.
     pub async fn load(&self, name: &str) -> Result<Option<DeltaTable>> {
+        if let Some(mut table) = self.cached(name) {
+            match table.update_incremental(None).await {
+                Ok(()) => {
+                    self.keep(name, &table);
+                    return Ok(Some(table));
+                }
+                Err(e) => {
+                    tracing::debug!(table = name, error = %e, "reading the table's log again");
+                }
+            }
+        }
         let log = self.path(&format!("{name}/_delta_log"));
         if self.store.list(Some(&log)).try_next().await?.is_none() {
             return Ok(None);
@@ -150,7 +190,10 @@ impl Warehouse {
         let url = self.table_url(name);
         let mut table = deltalake::DeltaTableBuilder::from_url(url)?.build()?;
         match table.load().await {
-            Ok(()) => Ok(Some(table)),
+            Ok(()) => {
+                self.keep(name, &table);
+                Ok(Some(table))
+            }
             Err(deltalake::DeltaTableError::NotATable(_)) => Ok(None),
             Err(deltalake::DeltaTableError::InvalidTableLocation(_)) => Ok(None),
             Err(e) => Err(e.into()),
@@ -235,6 +278,13 @@ impl Warehouse {
     /// URLs of a table's data files at a version (the latest when `None`).
     pub async fn files_at(&self, name: &str, version: Option<u64>) -> Result<Vec<Url>> {
         let url = self.table_url(name);
+        let kept = match version {
+            Some(v) => self.cached_at(name, v),
+            None => self.load(name).await?,
+        };
+        if let Some(table) = kept {
+            return active_files(&table, &url).map_err(|e| with_table(e, name));
+        }
         let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())?.build()?;
         match version {
             Some(v) => table.load_version(v).await?,
