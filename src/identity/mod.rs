@@ -129,32 +129,32 @@ pub struct Resolution {
     pub regrouped: Option<HashSet<String>>,
 }
 
-/// Which ids gained or lost records, given each record's id before (when it had one) and now.
+/// Which ids gained or lost records, given each record's id now and before (when it had one),
+/// and how many records the map held before.
 fn regrouped_ids<'a>(
-    existing: &ExistingMap,
-    ids: &[String],
-    before: impl Iterator<Item = Option<&'a (String, String, i64)>>,
+    records_before: usize,
+    ids: &[&'a str],
+    before: impl Iterator<Item = Option<&'a str>>,
 ) -> Option<HashSet<String>> {
-    let mut changed = HashSet::new();
+    let mut changed: HashSet<&str> = HashSet::new();
     let mut kept = 0;
-    for (now, old) in ids.iter().zip(before) {
+    for (&now, old) in ids.iter().zip(before) {
         match old {
-            Some((old, _, _)) => {
+            Some(old) => {
                 kept += 1;
                 if old != now {
-                    changed.insert(old.clone());
-                    changed.insert(now.clone());
+                    changed.insert(old);
+                    changed.insert(now);
                 }
             }
             None => {
-                changed.insert(now.clone());
+                changed.insert(now);
             }
         }
     }
-    let records_before: usize = existing.iter().map(|m| m.len()).sum();
-    let ids_now: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let all_kept = kept == records_before && changed.iter().all(|id| ids_now.contains(id.as_str()));
-    all_kept.then_some(changed)
+    let ids_now: HashSet<&str> = ids.iter().copied().collect();
+    let all_kept = kept == records_before && changed.iter().all(|id| ids_now.contains(id));
+    all_kept.then(|| changed.into_iter().map(str::to_string).collect())
 }
 
 /// Schema of the map table.
@@ -172,25 +172,57 @@ pub fn map_schema(id_column: &str) -> SchemaRef {
     ]))
 }
 
+/// A span of [`Records::text`].
+type Span = (usize, usize);
+
+/// One record: its source (by index), its id and where its match fields are.
 struct Rec {
     source: usize,
-    id: String,
-    /// Normalised match fields, in the order of `match_fields()`.
-    keys: Vec<Option<String>>,
+    id: Span,
+    /// Index of its first field in [`Records::keys`].
+    keys: usize,
 }
 
-impl Rec {
+/// Every record's id and normalised match fields, as spans of one text: hundreds of thousands
+/// of records cost a few allocations instead of several each.
+#[derive(Default)]
+struct Records {
+    text: String,
+    recs: Vec<Rec>,
+    /// Normalised match fields, one per `match_fields()` for each record, in that order.
+    keys: Vec<Option<Span>>,
+}
+
+impl Records {
+    fn push_text(&mut self, s: &str) -> Span {
+        let start = self.text.len();
+        self.text.push_str(s);
+        (start, self.text.len())
+    }
+
+    fn str(&self, (start, end): Span) -> &str {
+        &self.text[start..end]
+    }
+
+    fn id(&self, r: &Rec) -> &str {
+        self.str(r.id)
+    }
+
+    fn field(&self, r: &Rec, f: usize) -> Option<&str> {
+        self.keys[r.keys + f].map(|s| self.str(s))
+    }
+
     /// The record's key under a rule over these fields (by index), when it has them all.
-    fn rule_key(&self, fields: &[usize]) -> Option<Cow<'_, str>> {
+    fn rule_key(&self, r: &Rec, fields: &[usize]) -> Option<Cow<'_, str>> {
         match fields {
-            [one] => self.keys[*one].as_deref().map(Cow::Borrowed),
+            [one] => self.field(r, *one).map(Cow::Borrowed),
             many => {
                 let mut key = String::new();
                 for (n, f) in many.iter().enumerate() {
                     if n > 0 {
                         key.push('\u{1f}');
                     }
-                    key.push_str(self.keys[*f].as_deref()?);
+                    key.push_str(self.field(r, *f)?);
                 }
                 Some(Cow::Owned(key))
             }
@@ -198,8 +230,57 @@ impl Rec {
     }
 }
 
-/// The existing map: per record source (by index), record id -> (id, rule, matched_at).
-type ExistingMap = Vec<FastMap<String, (String, String, i64)>>;
+/// The existing map's rows, as read.
+struct Existing {
+    batches: Vec<RecordBatch>,
+    /// Largest number among the ids made by this resolution.
+    largest: u64,
+}
+
+/// One row of the existing map: (batch, row).
+type MapRow = (usize, usize);
+
+impl Existing {
+    fn text(&self, (b, i): MapRow, column: usize) -> &str {
+        self.batches[b].column(column).as_string::<i32>().value(i)
+    }
+
+    fn id(&self, row: MapRow) -> &str {
+        self.text(row, 2)
+    }
+
+    fn rule(&self, row: MapRow) -> &str {
+        self.text(row, 3)
+    }
+
+    fn matched_at(&self, (b, i): MapRow) -> i64 {
+        self.batches[b]
+            .column(4)
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+            .value(i)
+    }
+
+    /// Per record source (by index): record id -> its row. Records of a source no longer
+    /// declared keep no id.
+    fn index(&self, sources: &[RecordSource]) -> Vec<FastMap<&str, MapRow>> {
+        let mut out: Vec<FastMap<&str, MapRow>> = vec![FastMap::default(); sources.len()];
+        let source_index: HashMap<&str, usize> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        for (b, batch) in self.batches.iter().enumerate() {
+            let s = batch.column(0).as_string::<i32>();
+            let sid = batch.column(1).as_string::<i32>();
+            for i in 0..batch.num_rows() {
+                if let Some(&si) = source_index.get(s.value(i)) {
+                    out[si].insert(sid.value(i), (b, i));
+                }
+            }
+        }
+        out
+    }
+}
 
 /// DataFusion's hash map (hashbrown with a fast hasher), for the large maps of matching.
 type FastMap<K, V> = datafusion::common::HashMap<K, V>;
@@ -233,13 +314,13 @@ impl Identity {
         out
     }
 
-    async fn load_records(&self, ctx: &SessionContext) -> Result<Vec<Rec>> {
+    async fn load_records(&self, ctx: &SessionContext) -> Result<Records> {
         let fields = self.match_fields();
         let hows: Vec<Normalizer> = fields
             .iter()
             .map(|f| self.normalize.get(f).copied().unwrap_or(Normalizer::Text))
             .collect();
-        let mut out = Vec::new();
+        let mut out = Records::default();
         for (si, s) in self.sources.iter().enumerate() {
             let cols: Vec<String> = fields
                 .iter()
@@ -266,20 +347,19 @@ impl Identity {
                     if ids.is_null(row) {
                         continue;
                     }
-                    let keys = values
-                        .iter()
-                        .zip(&hows)
-                        .map(|(col, how)| {
-                            col.is_valid(row)
-                                .then(|| {
-                                    normalize::normalize(*how, col.value(row), &self.default_cc)
-                                })
-                                .flatten()
-                        })
-                        .collect();
-                    out.push(Rec {
+                    let id = out.push_text(ids.value(row));
+                    let keys = out.keys.len();
+                    for (col, how) in values.iter().zip(&hows) {
+                        let key = col
+                            .is_valid(row)
+                            .then(|| normalize::normalize(*how, col.value(row), &self.default_cc))
+                            .flatten()
+                            .map(|k| out.push_text(&k));
+                        out.keys.push(key);
+                    }
+                    out.recs.push(Rec {
                         source: si,
-                        id: ids.value(row).to_string(),
+                        id,
                         keys,
                     });
                 }
@@ -288,51 +368,31 @@ impl Identity {
         Ok(out)
     }
 
-    /// Existing map rows, per record source, and the largest number among the existing ids.
-    async fn existing(&self, ctx: &SessionContext) -> Result<(ExistingMap, u64)> {
-        let mut out: ExistingMap = vec![FastMap::default(); self.sources.len()];
-        let mut largest = 0;
+    /// The existing map's rows (none before the first run).
+    async fn existing(&self, ctx: &SessionContext) -> Result<Existing> {
+        let mut out = Existing {
+            batches: Vec::new(),
+            largest: 0,
+        };
         if !ctx.table_exist(self.map_table.as_str())? {
-            return Ok((out, largest));
+            return Ok(out);
         }
         let sql = format!(
             "select source, source_id, {}, rule, matched_at from {}",
             quote_ident(&self.id_column),
             quote_ident(&self.map_table)
         );
-        let source_index: HashMap<&str, usize> = self
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
         for batch in ctx.sql(&sql).await?.collect().await? {
             let batch = delta_compatible_batch(&batch)?;
-            let s = batch.column(0).as_string::<i32>();
-            let sid = batch.column(1).as_string::<i32>();
             let id = batch.column(2).as_string::<i32>();
-            let rule = batch.column(3).as_string::<i32>();
-            let at = batch
-                .column(4)
-                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
             for i in 0..batch.num_rows() {
                 if let Some(n) = self.id_number(id.value(i)) {
-                    largest = largest.max(n);
-                }
-                // Records of a source no longer declared keep no id.
-                if let Some(&si) = source_index.get(s.value(i)) {
-                    out[si].insert(
-                        sid.value(i).to_string(),
-                        (
-                            id.value(i).to_string(),
-                            rule.value(i).to_string(),
-                            at.value(i),
-                        ),
-                    );
+                    out.largest = out.largest.max(n);
                 }
             }
+            out.batches.push(batch);
         }
-        Ok((out, largest))
+        Ok(out)
     }
 
     /// The number in an id made by this resolution (`C00000042` -> 42).
@@ -344,15 +404,18 @@ impl Identity {
     /// Match every record and build the map table's content.
     pub async fn resolve(&self, ctx: &SessionContext, now_micros: i64) -> Result<Resolution> {
         let started = std::time::Instant::now();
-        let mut recs = self.load_records(ctx).await?;
+        let mut records = self.load_records(ctx).await?;
         tracing::debug!(
-            records = recs.len(),
+            records = records.recs.len(),
             seconds = started.elapsed().as_secs_f64(),
             "identity: records loaded"
         );
         // Deterministic order: by source priority, then id.
-        recs.sort_by(|a, b| (a.source, &a.id).cmp(&(b.source, &b.id)));
-        recs.dedup_by(|a, b| a.source == b.source && a.id == b.id);
+        let mut recs = std::mem::take(&mut records.recs);
+        recs.sort_by(|a, b| (a.source, records.id(a)).cmp(&(b.source, records.id(b))));
+        recs.dedup_by(|a, b| a.source == b.source && records.id(a) == records.id(b));
+        records.recs = recs;
+        let recs = &records.recs;
         let mut uf = UnionFind((0..recs.len()).collect());
         let mut rule_of: Vec<Option<usize>> = vec![None; recs.len()];
         let mut oversized = 0;
@@ -370,7 +433,7 @@ impl Identity {
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    let key = r.rule_key(&on)?;
+                    let key = records.rule_key(r, &on)?;
                     let g = *group_of_key.entry(key).or_insert_with(|| {
                         groups.push((i, 0));
                         groups.len() - 1
@@ -394,9 +457,10 @@ impl Identity {
             seconds = started.elapsed().as_secs_f64(),
             "identity: records matched"
         );
-        let out = self
-            .assign_ids(ctx, &recs, &mut uf, &rule_of, oversized, now_micros)
-            .await;
+        let existing = self.existing(ctx).await?;
+        let out = self.assign_ids(
+            &records, &existing, &mut uf, &rule_of, oversized, now_micros,
+        );
         tracing::debug!(
             seconds = started.elapsed().as_secs_f64(),
             "identity: ids assigned"
@@ -404,17 +468,21 @@ impl Identity {
         out
     }
 
-    async fn assign_ids(
+    fn assign_ids(
         &self,
-        ctx: &SessionContext,
-        recs: &[Rec],
+        records: &Records,
+        existing: &Existing,
         uf: &mut UnionFind,
         rule_of: &[Option<usize>],
         oversized: usize,
         now: i64,
     ) -> Result<Resolution> {
-        let (existing, largest) = self.existing(ctx).await?;
-        let known = |i: usize| existing[recs[i].source].get(recs[i].id.as_str());
+        let recs = &records.recs;
+        let index = existing.index(&self.sources);
+        let known: Vec<Option<MapRow>> = recs
+            .iter()
+            .map(|r| index[r.source].get(records.id(r)).copied())
+            .collect();
         // A set's root is its smallest member, so clusters come in order of first record.
         let mut cluster_of: Vec<usize> = vec![usize::MAX; recs.len()];
         let mut clusters: Vec<Vec<usize>> = Vec::new();
@@ -426,8 +494,6 @@ impl Identity {
             }
             clusters[cluster_of[root]].push(i);
         }
-        let mut next = largest + 1;
-        let mut ids: Vec<String> = vec![String::new(); recs.len()];
         let mut stats = IdentityStats {
             entity: self.entity.clone(),
             records: recs.len(),
@@ -435,31 +501,49 @@ impl Identity {
             oversized_groups: oversized,
             ..Default::default()
         };
+        // Each cluster keeps the smallest id its records had, or gets a new one; new ids are
+        // written into one text first, so that every record's id can be a slice.
+        let mut new_ids = String::new();
+        let mut chosen: Vec<Result<&str, Span>> = Vec::with_capacity(clusters.len());
+        let mut next = existing.largest + 1;
         // Clusters are keyed by their smallest member, so this order is deterministic.
         for members in &clusters {
-            let mut old: Vec<&String> = members
+            let mut old: Vec<&str> = members
                 .iter()
-                .filter_map(|&m| known(m))
-                .map(|(id, _, _)| id)
+                .filter_map(|&m| known[m])
+                .map(|row| existing.id(row))
                 .collect();
-            old.sort();
+            old.sort_unstable();
             old.dedup();
-            let id = match old.first() {
-                Some(id) => {
+            chosen.push(match old.first() {
+                Some(&id) => {
                     stats.merged_ids += old.len() - 1;
-                    (*id).clone()
+                    Ok(id)
                 }
                 None => {
                     stats.new_ids += 1;
+                    let start = new_ids.len();
+                    new_ids.push_str(&format!("{}{:08}", self.id_prefix, next));
                     next += 1;
-                    format!("{}{:08}", self.id_prefix, next - 1)
+                    Err((start, new_ids.len()))
                 }
+            });
+        }
+        let mut ids: Vec<&str> = vec![""; recs.len()];
+        for (members, id) in clusters.iter().zip(&chosen) {
+            let id = match *id {
+                Ok(id) => id,
+                Err((start, end)) => &new_ids[start..end],
             };
             for &m in members {
-                ids[m] = id.clone();
+                ids[m] = id;
             }
         }
-        let regrouped = regrouped_ids(&existing, &ids, (0..recs.len()).map(known));
+        let regrouped = regrouped_ids(
+            index.iter().map(FastMap::len).sum(),
+            &ids,
+            known.iter().map(|k| k.map(|row| existing.id(row))),
+        );
         let mut by_rule = vec![0usize; self.rules.len() + 1];
         let (mut src, mut sid, mut rule, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, r) in recs.iter().enumerate() {
@@ -473,13 +557,14 @@ impl Identity {
                     "unmatched"
                 }
             };
-            let source = &self.sources[r.source].name;
-            let matched_at = match known(i) {
-                Some((old_id, old_rule, t)) if *old_id == ids[i] && old_rule == rule_name => *t,
+            let matched_at = match known[i] {
+                Some(row) if existing.id(row) == ids[i] && existing.rule(row) == rule_name => {
+                    existing.matched_at(row)
+                }
                 _ => now,
             };
-            src.push(source.as_str());
-            sid.push(r.id.as_str());
+            src.push(self.sources[r.source].name.as_str());
+            sid.push(records.id(r));
             rule.push(rule_name);
             at.push(matched_at);
         }
