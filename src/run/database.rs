@@ -496,6 +496,7 @@ impl Runner<'_> {
             table: source.table.clone(),
             schema,
             adds,
+            source_files: Vec::new(),
             rows,
             cluster_by: Vec::new(),
             files_by: None,

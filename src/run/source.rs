@@ -275,23 +275,41 @@ impl Runner<'_> {
         // The Parquet files are encoded in a task of their own, while the next files are read
         // and parsed: a load keeps every core busy instead of parsing and encoding in turn.
         // Two encoders (files alternate between them) when there is more than one file.
+        // A keyed source's files are written apart, each source file into files of its own, so
+        // that a key several of them repeat keeps the last file's row.
+        let keyed = !source.keys.is_empty() && source.mode == WriteMode::Merge;
         let mut senders = Vec::new();
         let mut encoders = Vec::new();
         for _ in 0..encoder_count {
-            let mut writer = TableWriter::new(&url, table_schema.clone())?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(parallel.max(1) * 2);
+            let (url, schema) = (url.clone(), table_schema.clone());
+            let (tx, mut rx) =
+                tokio::sync::mpsc::channel::<(usize, RecordBatch)>(parallel.max(1) * 2);
             senders.push(tx);
             encoders.push(tokio::spawn(async move {
-                while let Some(batch) = rx.recv().await {
-                    writer.write(&batch).await?;
+                let mut written = Vec::new();
+                let mut current: Option<(usize, TableWriter)> = None;
+                while let Some((file, batch)) = rx.recv().await {
+                    if current.as_ref().is_none_or(|(f, _)| *f != file) {
+                        if let Some((f, writer)) = current.take() {
+                            written.push((f, writer.finish().await?));
+                        }
+                        current = Some((file, TableWriter::new(&url, schema.clone())?));
+                    }
+                    if let Some((_, writer)) = current.as_mut() {
+                        writer.write(&batch).await?;
+                    }
                 }
-                writer.finish().await
+                if let Some((f, writer)) = current {
+                    written.push((f, writer.finish().await?));
+                }
+                Ok::<_, Error>(written)
             }));
         }
         let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
         let mut file_no = 0usize;
         'files: while let Some(out) = stream.next().await {
             let tx = &senders[file_no % senders.len()];
+            let file = if keyed { file_no } else { 0 };
             file_no += 1;
             let out = out?;
             rows_read += out.rows_read;
@@ -302,7 +320,7 @@ impl Runner<'_> {
                     Some(c) => c.apply(&b)?,
                     None => b,
                 };
-                if tx.send(b).await.is_err() {
+                if tx.send((file, b)).await.is_err() {
                     // The encoder stopped on an error, returned below.
                     break 'files;
                 }
@@ -313,13 +331,19 @@ impl Runner<'_> {
                 .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
         }
         drop(senders);
-        let (mut adds, mut rows) = (Vec::new(), 0u64);
+        let (mut adds, mut source_files, mut rows) = (Vec::new(), Vec::new(), 0u64);
         for encoder in encoders {
-            let (a, r) = encoder
+            let written = encoder
                 .await
                 .map_err(|e| Error::Internal(format!("the Parquet encoder failed: {e}")))??;
-            adds.extend(a);
-            rows += r;
+            for (file, (a, r)) in written {
+                source_files.extend(std::iter::repeat_n(file, a.len()));
+                adds.extend(a);
+                rows += r;
+            }
+        }
+        if !keyed {
+            source_files.clear();
         }
         self.settle_read(
             source,
@@ -345,6 +369,7 @@ impl Runner<'_> {
             table: source.table.clone(),
             schema: table_schema,
             adds,
+            source_files,
             rows,
             cluster_by: Vec::new(),
             files_by: None,

@@ -243,6 +243,7 @@ pub async fn stage_batch(
         table: table.to_string(),
         schema,
         adds,
+        source_files: Vec::new(),
         rows,
         cluster_by: Vec::new(),
         files_by: None,

@@ -248,6 +248,7 @@ pub async fn write_frame(
         table: table.to_string(),
         schema,
         adds,
+        source_files: Vec::new(),
         rows,
         cluster_by: cluster_by.to_vec(),
         files_by: files_by.map(str::to_string),
@@ -262,6 +263,9 @@ pub struct NewData {
     pub schema: SchemaRef,
     /// The files.
     pub adds: Vec<Add>,
+    /// For each file, the position (in name order) of the source file its rows came from, when
+    /// the rows of several source files of a keyed source may repeat keys; empty otherwise.
+    pub source_files: Vec<usize>,
     /// Rows in them.
     pub rows: u64,
     /// Columns the files are sorted by (recorded in the table's metadata; merges keep the
@@ -310,10 +314,14 @@ pub async fn stage(
 ) -> Result<Staged> {
     let url = wh.table_url(&new.table);
     let current = wh.load(&new.table).await?;
+    // A merge needs unique keys; so does the full refresh of a keyed source, which loads all
+    // its files again.
+    let new = if mode == WriteMode::Merge || !new.source_files.is_empty() {
+        latest_per_key(wh, ctx, new, keys).await?
+    } else {
+        new
+    };
     let Some(current) = current else {
-        if mode == WriteMode::Merge {
-            check_unique_keys(wh, ctx, &new, keys).await?;
-        }
         return create(url, new, mode);
     };
     let current_schema: SchemaRef = Arc::new(
@@ -339,10 +347,7 @@ pub async fn stage(
     match mode {
         WriteMode::Append => append(url, &current, new),
         WriteMode::Overwrite => overwrite(wh, ctx, url, &current, new, same).await,
-        WriteMode::Merge => {
-            check_unique_keys(wh, ctx, &new, keys).await?;
-            merge(wh, ctx, url, &current, new, keys).await
-        }
+        WriteMode::Merge => merge(wh, ctx, url, &current, new, keys).await,
         WriteMode::Scd2 => Err(Error::Internal(
             "type-2 writes go through warehouse::scd2::stage_scd2".into(),
         )),
@@ -521,6 +526,89 @@ async fn same_rows(
     Ok(diff? == 0)
 }
 
+/// Up to three keys the files of `new` repeat (with their counts); `by_file` counts repeats
+/// within one source file only (`new.source_files` tells the files apart).
+async fn repeated_keys(
+    ctx: &SessionContext,
+    url: &Url,
+    new: &NewData,
+    keys: &[String],
+    by_file: bool,
+) -> Result<Vec<RecordBatch>> {
+    let name = format!("__kbcrm_keys_{}", new.table);
+    ctx.register_table(&name, ranked_view(ctx, url, new, by_file).await?)?;
+    let cols = keys
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let group = if by_file {
+        format!("{cols}, {}", quote_ident(SOURCE_FILE_COLUMN))
+    } else {
+        cols.clone()
+    };
+    let sql = format!(
+        "select {cols}, count(*) as n from {name} group by {group} having count(*) > 1 limit 3"
+    );
+    let batches = match ctx.sql(&sql).await {
+        Ok(df) => df.collect().await,
+        Err(e) => Err(e),
+    };
+    ctx.deregister_table(&name)?;
+    Ok(batches?)
+}
+
+/// The rows of `new`'s files; `ranked` adds the column of each row's source file position.
+async fn ranked_view(
+    ctx: &SessionContext,
+    url: &Url,
+    new: &NewData,
+    ranked: bool,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    let files = |adds: &mut dyn Iterator<Item = &Add>| -> Vec<Url> {
+        adds.map(|a| file_url(url, &a.path)).collect()
+    };
+    if !ranked {
+        return files_provider(&files(&mut new.adds.iter()), new.schema.clone()).await;
+    }
+    let mut ranks: Vec<usize> = new.source_files.clone();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let mut union: Option<datafusion::dataframe::DataFrame> = None;
+    for rank in ranks {
+        let mut of_rank = new
+            .adds
+            .iter()
+            .zip(&new.source_files)
+            .filter(|(_, r)| **r == rank)
+            .map(|(a, _)| a);
+        let provider = files_provider(&files(&mut of_rank), new.schema.clone()).await?;
+        let df = ctx
+            .read_table(provider)?
+            .with_column(SOURCE_FILE_COLUMN, datafusion::prelude::lit(rank as u64))?;
+        union = Some(match union {
+            Some(u) => u.union(df)?,
+            None => df,
+        });
+    }
+    let union = union.ok_or_else(|| Error::Internal("no files to rank".into()))?;
+    Ok(union.into_view())
+}
+
+fn repeats_error(new: &NewData, keys: &[String], batches: &[RecordBatch], what: &str) -> Error {
+    let sample = arrow::util::pretty::pretty_format_batches(batches)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Error::DataQuality {
+        pipeline: String::new(),
+        message: format!(
+            "`mode: merge` into '{}' needs unique keys ({}), but {what} repeats some:\n{sample}",
+            new.table,
+            keys.join(", ")
+        ),
+    }
+}
+
 pub(crate) async fn check_unique_keys(
     wh: &Warehouse,
     ctx: &SessionContext,
@@ -528,41 +616,116 @@ pub(crate) async fn check_unique_keys(
     keys: &[String],
 ) -> Result<()> {
     let url = wh.table_url(&new.table);
-    let files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
-    let provider = files_provider(&files, new.schema.clone()).await?;
-    let name = format!("__kbcrm_keys_{}", new.table);
-    ctx.register_table(&name, provider)?;
-    let cols = keys
+    let batches = repeated_keys(ctx, &url, new, keys, false).await?;
+    if batches.iter().any(|b| b.num_rows() > 0) {
+        delete_files(wh, &url, &new.adds).await?;
+        return Err(repeats_error(new, keys, &batches, "the new data"));
+    }
+    Ok(())
+}
+
+/// The rows of `new` with unique keys. A key that several source files repeat keeps the row of
+/// the last file in name order, as if each file had been loaded by a run of its own; a key
+/// repeated within one file is an error (which of its rows holds is not known).
+async fn latest_per_key(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    new: NewData,
+    keys: &[String],
+) -> Result<NewData> {
+    let url = wh.table_url(&new.table);
+    let several_files = new
+        .source_files
+        .first()
+        .is_some_and(|first| new.source_files.iter().any(|r| r != first));
+    let mut batches = repeated_keys(ctx, &url, &new, keys, false).await;
+    if several_files && matches!(&batches, Ok(b) if b.iter().any(|b| b.num_rows() > 0)) {
+        batches = repeated_keys(ctx, &url, &new, keys, true).await;
+        if matches!(&batches, Ok(b) if b.iter().all(|b| b.num_rows() == 0)) {
+            let kept = keep_latest(ctx, &url, &new, keys).await;
+            delete_files(wh, &url, &new.adds).await?;
+            return kept;
+        }
+    }
+    let batches = match batches {
+        Ok(b) => b,
+        Err(e) => {
+            delete_files(wh, &url, &new.adds).await?;
+            return Err(e);
+        }
+    };
+    if batches.iter().any(|b| b.num_rows() > 0) {
+        delete_files(wh, &url, &new.adds).await?;
+        let what = if several_files {
+            "one file"
+        } else {
+            "the new data"
+        };
+        return Err(repeats_error(&new, keys, &batches, what));
+    }
+    Ok(new)
+}
+
+/// Write the row of the last source file for each key of `new` into new files.
+async fn keep_latest(
+    ctx: &SessionContext,
+    url: &Url,
+    new: &NewData,
+    keys: &[String],
+) -> Result<NewData> {
+    let name = format!("__kbcrm_latest_{}", new.table);
+    ctx.register_table(&name, ranked_view(ctx, url, new, true).await?)?;
+    let cols = new
+        .schema
+        .fields()
+        .iter()
+        .map(|f| quote_ident(f.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let partition = keys
         .iter()
         .map(|k| quote_ident(k))
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "select {cols}, count(*) as n from {name} group by {cols} having count(*) > 1 limit 3"
+        "select {cols} from (select *, row_number() over (partition by {partition} \
+         order by {} desc) as __kbcrm_row from {name}) where __kbcrm_row = 1",
+        quote_ident(SOURCE_FILE_COLUMN)
     );
-    let batches = match ctx.sql(&sql).await {
-        Ok(df) => df.collect().await,
-        Err(e) => Err(e),
+    let written = match ctx.sql(&sql).await {
+        Ok(df) => {
+            write_ordered(
+                url,
+                new.schema.clone(),
+                df,
+                &new.cluster_by,
+                new.files_by.as_deref(),
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
     };
     ctx.deregister_table(&name)?;
-    let batches = batches?;
-    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    if rows > 0 {
-        delete_files(wh, &url, &new.adds).await?;
-        let sample = arrow::util::pretty::pretty_format_batches(&batches)
-            .map(|t| t.to_string())
-            .unwrap_or_default();
-        return Err(Error::DataQuality {
-            pipeline: String::new(),
-            message: format!(
-                "`mode: merge` into '{}' needs unique keys ({}), but the new data repeats some:\n{sample}",
-                new.table,
-                keys.join(", ")
-            ),
-        });
-    }
-    Ok(())
+    let (adds, rows) = written?;
+    tracing::info!(
+        table = %new.table,
+        rows_in = new.rows,
+        rows_kept = rows,
+        "keys repeated by several source files keep the last file's row"
+    );
+    Ok(NewData {
+        table: new.table.clone(),
+        schema: new.schema.clone(),
+        source_files: Vec::new(),
+        adds,
+        rows,
+        cluster_by: new.cluster_by.clone(),
+        files_by: new.files_by.clone(),
+    })
 }
+
+/// The column of a row's source file position while repeated keys are resolved.
+const SOURCE_FILE_COLUMN: &str = "__kbcrm_source_file";
 
 /// Quote an identifier for generated SQL.
 pub(crate) fn quote_ident(s: &str) -> String {

@@ -172,14 +172,29 @@ fn merge_updates_changed_rows_and_inserts_new_ones() {
         .map(|r| r.into_iter().map(String::from).collect::<Vec<_>>())
         .collect::<Vec<_>>()
     );
-    // A key twice in the new data is refused with the offending key.
-    p.write("data/b.csv", "id,name\n4,dorothea\n");
-    let out = p.kbcrm(&["run"]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("needs unique keys (id)") && stderr(&out).contains("in pipeline 'p'"),
-        "{}",
-        stderr(&out)
+    // A key that two files repeat keeps the row of the file last in name order, as if each
+    // file had been loaded by a run of its own.
+    p.write("data/b.csv", "id,name\n4,dorothea\n5,emil\n");
+    p.ok(&["run"]);
+    assert_eq!(
+        p.query("select id, name from raw_p_c where id >= 4 order by id"),
+        vec![vec!["4", "dorothea"], vec!["5", "emil"]]
+            .into_iter()
+            .map(|r| r.into_iter().map(String::from).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    );
+    // A key twice in one file is refused with the offending key: which row holds is unknown.
+    p.write("data/c.csv", "id,name\n6,fritz\n6,frida\n");
+    p.fails_cleanly_with(
+        3,
+        &["run"],
+        &[],
+        &[
+            "needs unique keys (id), but one file repeats some",
+            "in pipeline 'p'",
+            "| 6 ",
+        ],
+        &[],
     );
 }
 
