@@ -124,18 +124,27 @@ pub struct Resolution {
     pub map: RecordBatch,
     /// What it found.
     pub stats: IdentityStats,
-    /// The ids whose set of records changed (a new record, or one that moved to another id), or
-    /// `None` when an id or a record disappeared, so the golden records are rebuilt whole.
-    pub regrouped: Option<HashSet<String>>,
+    /// The ids whose set of records changed, or `None` when a record disappeared, so the golden
+    /// records are rebuilt whole.
+    pub regrouped: Option<Regrouped>,
 }
 
-/// Which ids gained or lost records, given each record's id now and before (when it had one),
-/// and how many records the map held before.
+/// The ids a resolution regrouped.
+#[derive(Debug, Default, PartialEq)]
+pub struct Regrouped {
+    /// Ids that gained or lost records (a new record, or one that moved to another id).
+    pub changed: HashSet<String>,
+    /// Ids left without records (merged into another id): their golden records go.
+    pub gone: HashSet<String>,
+}
+
+/// Which ids gained or lost records, and which have none left, given each record's id now and
+/// before (when it had one), and how many records the map held before.
 fn regrouped_ids<'a>(
     records_before: usize,
     ids: &[&'a str],
     before: impl Iterator<Item = Option<&'a str>>,
-) -> Option<HashSet<String>> {
+) -> Option<Regrouped> {
     let mut changed: HashSet<&str> = HashSet::new();
     let mut kept = 0;
     for (&now, old) in ids.iter().zip(before) {
@@ -152,9 +161,18 @@ fn regrouped_ids<'a>(
             }
         }
     }
+    if kept != records_before {
+        return None;
+    }
     let ids_now: HashSet<&str> = ids.iter().copied().collect();
-    let all_kept = kept == records_before && changed.iter().all(|id| ids_now.contains(id));
-    all_kept.then(|| changed.into_iter().map(str::to_string).collect())
+    let mut out = Regrouped::default();
+    for id in changed {
+        match ids_now.contains(id) {
+            true => out.changed.insert(id.to_string()),
+            false => out.gone.insert(id.to_string()),
+        };
+    }
+    Some(out)
 }
 
 /// Schema of the map table.
@@ -693,5 +711,21 @@ mod tests {
         uf.union(3, 4);
         assert_eq!(uf.find(4), 0);
         assert_ne!(uf.find(1), uf.find(4));
+    }
+
+    #[test]
+    fn regrouping_names_changed_and_vanished_ids() {
+        let set = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        // Records 0-3 were C1, C1, C2, C3; C2's record joins C1, a new record starts C4.
+        let now = ["C1", "C1", "C1", "C3", "C4"];
+        let before = [Some("C1"), Some("C1"), Some("C2"), Some("C3"), None];
+        let r = regrouped_ids(4, &now, before.into_iter()).expect("no record lost");
+        assert_eq!(r.changed, set(&["C1", "C4"]));
+        assert_eq!(r.gone, set(&["C2"]));
+        // Nothing moved: nothing to rebuild.
+        let same = regrouped_ids(2, &["C1", "C2"], [Some("C1"), Some("C2")].into_iter());
+        assert_eq!(same, Some(Regrouped::default()));
+        // A record the map held is gone: everything is rebuilt.
+        assert_eq!(regrouped_ids(3, &["C1"], [Some("C1")].into_iter()), None);
     }
 }

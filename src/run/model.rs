@@ -18,12 +18,12 @@ use super::{RunState, Runner};
 use crate::config::pipeline::ModelIncrementalSpec;
 use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
-use crate::identity::Identity;
+use crate::identity::{Identity, Regrouped};
 use crate::plan::Model;
 use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
-use crate::warehouse::write::{NewData, stage, write_frame};
+use crate::warehouse::write::{NewData, stage, stage_merge_removing, write_frame};
 
 /// What a step was built from: a hash of its definition and the version of each input.
 pub(super) fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
@@ -451,7 +451,7 @@ impl Runner<'_> {
         // that is known (the table exists, no id or record disappeared, and the record tables'
         // previous versions can be compared with the current ones).
         let only = match resolution.regrouped {
-            Some(mut ids)
+            Some(mut regrouped)
                 if !self.options.full_refresh
                     && state.version_after(&identity.golden_table).is_some() =>
             {
@@ -460,8 +460,8 @@ impl Runner<'_> {
                     .await
                 {
                     Ok(edited) => {
-                        ids.extend(edited);
-                        Some(ids)
+                        regrouped.changed.extend(edited);
+                        Some(regrouped)
                     }
                     Err(e) => {
                         info!(reason = %e, "rebuilding every golden record");
@@ -472,10 +472,11 @@ impl Runner<'_> {
             _ => None,
         };
         let full_map = match &only {
-            Some(ids) => {
+            Some(Regrouped { changed: ids, gone }) => {
                 info!(
                     ids = ids.len(),
-                    "rebuilding the golden records of changed ids"
+                    gone = gone.len(),
+                    "rebuilding the golden records of changed ids, removing those of merged ids"
                 );
                 let full = ctx.table_provider(identity.map_table.as_str()).await?;
                 let schema = Arc::new(Schema::new(vec![Field::new(
@@ -516,9 +517,16 @@ impl Runner<'_> {
         let new = written?;
         let rows = new.rows;
         let staged = match only {
-            Some(_) => {
+            Some(Regrouped { gone, .. }) => {
                 let keys = [identity.id_column.clone()];
-                stage(&self.wh, ctx, new, WriteMode::Merge, &keys).await?
+                let schema = Arc::new(Schema::new(vec![Field::new(
+                    identity.id_column.as_str(),
+                    DataType::Utf8,
+                    false,
+                )]));
+                let gone = StringArray::from_iter_values(gone.iter());
+                let gone = RecordBatch::try_new(schema, vec![Arc::new(gone)])?;
+                stage_merge_removing(&self.wh, ctx, new, &keys, gone).await?
             }
             None => stage(&self.wh, ctx, new, WriteMode::Overwrite, &[]).await?,
         };

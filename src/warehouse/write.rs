@@ -9,6 +9,7 @@ use arrow::compute::SortColumn;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::common::ScalarValue;
+use datafusion::datasource::MemTable;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
@@ -312,6 +313,17 @@ pub async fn stage(
     mode: WriteMode,
     keys: &[String],
 ) -> Result<Staged> {
+    stage_with(wh, ctx, new, mode, keys, None).await
+}
+
+async fn stage_with(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    new: NewData,
+    mode: WriteMode,
+    keys: &[String],
+    gone: Option<RecordBatch>,
+) -> Result<Staged> {
     let url = wh.table_url(&new.table);
     let current = wh.load(&new.table).await?;
     // A merge needs unique keys; so does the full refresh of a keyed source, which loads all
@@ -347,11 +359,24 @@ pub async fn stage(
     match mode {
         WriteMode::Append => append(url, &current, new),
         WriteMode::Overwrite => overwrite(wh, ctx, url, &current, new, same).await,
-        WriteMode::Merge => merge(wh, ctx, url, &current, new, keys).await,
+        WriteMode::Merge => merge(wh, ctx, url, &current, new, keys, gone).await,
         WriteMode::Scd2 => Err(Error::Internal(
             "type-2 writes go through warehouse::scd2::stage_scd2".into(),
         )),
     }
+}
+
+/// A merge of `new` (by `keys`) that also removes the rows whose keys are in `gone` (a batch of
+/// the key columns). Nothing is committed.
+pub async fn stage_merge_removing(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    new: NewData,
+    keys: &[String],
+    gone: RecordBatch,
+) -> Result<Staged> {
+    let gone = (gone.num_rows() > 0).then_some(gone);
+    stage_with(wh, ctx, new, WriteMode::Merge, keys, gone).await
 }
 
 fn describe(schema: &SchemaRef) -> String {
@@ -741,6 +766,7 @@ async fn merge(
     current: &DeltaTable,
     new: NewData,
     keys: &[String],
+    gone: Option<RecordBatch>,
 ) -> Result<Staged> {
     let old = current_files(&url, current)?;
     let new_files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
@@ -758,10 +784,15 @@ async fn merge(
     ctx.register_table(&target_name, target)?;
     // New rows whose keys the table does not hold yet are added as they were written: only the
     // target's key columns are read to find out.
-    let any_known = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
-        known_keys(ctx, keys, &new_name, &target_name)
-    })
-    .await;
+    let any_known = match gone {
+        Some(_) => Ok(true),
+        None => {
+            crate::engine::spill_joins_on_retry(ctx, &new.table, || {
+                known_keys(ctx, keys, &new_name, &target_name)
+            })
+            .await
+        }
+    };
     if !matches!(any_known, Ok(true)) {
         ctx.deregister_table(&new_name)?;
         ctx.deregister_table(&target_name)?;
@@ -775,10 +806,20 @@ async fn merge(
     }
     // Tried again with sort-merge joins when a hash join does not fit; `new`'s files are deleted
     // only after.
+    let gone_name = format!("__kbcrm_gone_{}", new.table);
+    if let Some(gone) = gone {
+        let table = MemTable::try_new(gone.schema(), vec![vec![gone]])?;
+        ctx.register_table(&gone_name, Arc::new(table))?;
+    }
+    let removing = ctx.table_exist(gone_name.as_str())?;
     let result = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
-        merge_sql(ctx, &url, &new, keys, &new_name, &target_name)
+        let gone = removing.then_some(gone_name.as_str());
+        merge_sql(ctx, &url, &new, keys, &new_name, &target_name, gone)
     })
     .await;
+    if removing {
+        ctx.deregister_table(&gone_name)?;
+    }
     ctx.deregister_table(&new_name)?;
     ctx.deregister_table(&target_name)?;
     delete_files(wh, &url, &new.adds).await?;
@@ -836,6 +877,7 @@ async fn merge_sql(
     keys: &[String],
     new_name: &str,
     target_name: &str,
+    gone_name: Option<&str>,
 ) -> Result<(HashSet<String>, Vec<Add>, u64)> {
     let cols = new
         .schema
@@ -865,12 +907,22 @@ async fn merge_sql(
     );
     let changed_df = ctx.sql(&changed).await?.cache().await?;
     let changed_rows = changed_df.clone().count().await? as u64;
-    if changed_rows == 0 {
+    if changed_rows == 0 && gone_name.is_none() {
         return Ok((HashSet::new(), Vec::new(), 0));
     }
     ctx.register_table("__kbcrm_changed", changed_df.clone().into_view())?;
+    // Rows of removed keys go, with the files that hold them.
+    let (touched_gone, keep_gone) = match gone_name {
+        Some(g) => (
+            format!(
+                " union select distinct t.{FILE_COLUMN} from {target_name} t join {g} c on {on}"
+            ),
+            format!(" and not exists (select 1 from {g} c where {on})"),
+        ),
+        None => (String::new(), String::new()),
+    };
     let touched_sql = format!(
-        "select distinct t.{FILE_COLUMN} from {target_name} t join __kbcrm_changed c on {on}"
+        "select distinct t.{FILE_COLUMN} from {target_name} t join __kbcrm_changed c on {on}{touched_gone}"
     );
     let touched_batches = ctx.sql(&touched_sql).await?.collect().await;
     let touched = match touched_batches {
@@ -892,7 +944,7 @@ async fn merge_sql(
         format!(
             "select * from __kbcrm_changed union all \
              select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
-             and not exists (select 1 from __kbcrm_changed c where {on})"
+             and not exists (select 1 from __kbcrm_changed c where {on}){keep_gone}"
         )
     };
     // The files a merge writes keep the layout the table declares.

@@ -289,6 +289,62 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     }
 }
 
+#[test]
+fn merged_customers_lose_their_golden_record_without_a_rebuild() {
+    let p = Project::empty();
+    let schema =
+        "{ id: { type: string, required: true }, email: string, phone: string, name: string }";
+    p.write(
+        "pipelines/p.yaml",
+        format!(
+            "sources:\n  a:\n    format: csv\n    location: data/a/\n    mode: merge\n    keys: [id]\n    schema: {schema}\n  b:\n    format: csv\n    location: data/b/\n    mode: merge\n    keys: [id]\n    schema: {schema}\n\
+             identity:\n  customer:\n    id_prefix: C\n    default_country_code: \"49\"\n    records:\n      a: {{ table: raw_p_a, id: id, fields: {{ email: email, phone: phone, name: name }} }}\n      b: {{ table: raw_p_b, id: id, fields: {{ email: email, phone: phone, name: name }} }}\n    rules:\n      - {{ name: email, on: [email] }}\n      - {{ name: phone, on: [phone] }}\n    normalize: {{ email: email, phone: phone }}\n    survivorship: {{ name: {{ prefer: [a, b] }} }}\n"
+        ),
+    );
+    p.write(
+        "data/a/a.csv",
+        "id,email,phone,name\nA1,anna@example.com,,Anna\nA2,ben@example.com,030 111222,Ben\n",
+    );
+    p.write(
+        "data/b/b1.csv",
+        "id,email,phone,name\nB1,carl@example.com,,Carl\n",
+    );
+    p.ok(&["run"]);
+    let golden = "select customer_id, name, record_count from int_customer_golden order by 1";
+    assert_eq!(p.query(golden).len(), 3);
+    // A new record shares Anna's e-mail and Ben's phone: their two customers become one.
+    p.write(
+        "data/b/b2.csv",
+        "id,email,phone,name\nB2,Anna@Example.com,+49 30 111222,Anna B\n",
+    );
+    let out = p.ok(&["run"]);
+    assert!(out.contains("(0 new, 1 merged)"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(" int_customer_golden "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(" 1 read "),
+        "only the merged customer's golden record is built: {line}"
+    );
+    let rows = |r: &[[&str; 3]]| -> Vec<Vec<String>> {
+        r.iter()
+            .map(|r| r.iter().map(|s| s.to_string()).collect())
+            .collect()
+    };
+    assert_eq!(
+        p.query(golden),
+        rows(&[["C00000001", "Anna", "3"], ["C00000003", "Carl", "1"]])
+    );
+    // Building every golden record again changes nothing.
+    let out = p.ok(&["run", "--full-refresh"]);
+    let line = out
+        .lines()
+        .find(|l| l.contains(" int_customer_golden "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.ends_with("(unchanged)"), "{line}");
+}
+
 /// Sorted rows of a query, to compare two warehouses.
 fn sorted_rows(p: &Project, sql: &str) -> Vec<Vec<String>> {
     let mut rows = p.query(sql);
