@@ -975,6 +975,7 @@ mod tests {
             rollup: true,
             cluster_by: vec![],
             files_by: None,
+            slices: None,
         }
     }
 

@@ -520,3 +520,54 @@ impl Accumulator for FitAccumulator {
         Ok(())
     }
 }
+
+/// `hash(value) % slices` as UInt64: which of `slices` slices a row with `value` belongs to
+/// (equal values, of the same type, in the same slice). Used to build a model a slice of its
+/// join key at a time; not registered as an SQL function.
+pub(crate) fn slice_of(value: datafusion::prelude::Expr, slices: u64) -> datafusion::prelude::Expr {
+    let udf = ScalarUDF::from(SliceOf {
+        slices: slices.max(1),
+        signature: Signature::any(1, Volatility::Immutable),
+    });
+    udf.call(vec![value])
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SliceOf {
+    slices: u64,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for SliceOf {
+    fn name(&self) -> &str {
+        "kbcrm_slice_of"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::UInt64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let [value] = args.args.as_slice() else {
+            return exec_err!("kbcrm_slice_of takes one value");
+        };
+        let array = value.to_array(args.number_rows)?;
+        // Text hashes alike whichever of Arrow's string types holds it.
+        let array = match array.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 => {
+                arrow::compute::cast(&array, &DataType::Utf8View)?
+            }
+            _ => array,
+        };
+        let state = datafusion::common::hash_utils::RandomState::with_seed(0);
+        let slices = self.slices;
+        datafusion::common::hash_utils::with_hashes([&array], &state, |hashes| {
+            let out: arrow::array::UInt64Array = hashes.iter().map(|h| Some(h % slices)).collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        })
+    }
+}

@@ -369,6 +369,24 @@ pub struct ModelSpec {
     /// underlying column skips the other files. Within a file, rows follow `cluster_by`.
     #[serde(default)]
     pub files_by: Option<String>,
+    /// Build the model a slice of its join key at a time when its inputs are large:
+    /// `{ by: order_id, rows: 10000000 }` splits every input table with column `order_id`
+    /// into slices by a hash of it, at most `rows` rows of the largest such table per slice,
+    /// and runs the SQL once per slice, so that a join on that key holds a slice at a time.
+    /// Only for SQL whose rows each depend on one key value (joins on the key, no aggregate
+    /// across keys); applies when the model is built whole, not to incremental refreshes.
+    #[serde(default)]
+    pub slices: Option<SlicesSpec>,
+}
+
+/// `slices:` of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlicesSpec {
+    /// The column the slices divide (a join key of the model's large tables).
+    pub by: String,
+    /// The most rows of the largest sliced table in one slice.
+    pub rows: u64,
 }
 
 /// What refreshes an incremental model: its driving tables' new rows, optionally widened to

@@ -1041,6 +1041,7 @@ impl Loader {
                     rollup: false,
                     cluster_by: Vec::new(),
                     files_by: None,
+                    slices: None,
                 },
                 ModelEntry::Full(m) => m.clone(),
             };
@@ -1101,6 +1102,12 @@ impl Loader {
                 }
                 match dag::parse_model_sql(&rel, &sql) {
                     Ok(refs) => {
+                        if spec.slices.as_ref().is_some_and(|s| s.rows == 0) {
+                            self.problems.push(here(format!(
+                                "model '{name}': `slices: rows:` must be at least 1 (the most \
+                                 rows of the largest sliced table in one slice)"
+                            )));
+                        }
                         let drivers = spec.incremental.iter().flat_map(|i| &i.tables);
                         for t in drivers.filter(|t| !refs.iter().any(|r| &r.name == *t)) {
                             self.problems.push(here(format!(
@@ -1126,6 +1133,7 @@ impl Loader {
                                 rollup: spec.rollup,
                                 cluster_by: spec.cluster_by.clone(),
                                 files_by: spec.files_by.clone(),
+                                slices: spec.slices.clone(),
                             },
                             refs,
                         ))

@@ -406,6 +406,8 @@ pub struct Model {
     pub cluster_by: Vec<String>,
     /// The expression whose values divide its rows among data files.
     pub files_by: Option<String>,
+    /// Built a slice of a key at a time when its inputs are large.
+    pub slices: Option<crate::config::pipeline::SlicesSpec>,
 }
 
 /// A data test with its table resolved.

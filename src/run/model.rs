@@ -9,21 +9,21 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::catalog::TableProvider;
 use datafusion::common::JoinType;
 use datafusion::datasource::MemTable;
-use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident};
+use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident, lit};
 use sha2::{Digest, Sha256};
 use tracing::{info, instrument};
 use url::Url;
 
 use super::{RunState, Runner};
-use crate::config::pipeline::ModelIncrementalSpec;
 use crate::config::pipeline::WriteMode;
+use crate::config::pipeline::{ModelIncrementalSpec, SlicesSpec};
 use crate::error::{Error, Result};
 use crate::identity::{Identity, Regrouped};
 use crate::plan::Model;
 use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
-use crate::warehouse::write::{NewData, stage, stage_merge_removing, write_frame};
+use crate::warehouse::write::{NewData, delete_files, stage, stage_merge_removing, write_frame};
 
 /// What a step was built from: a hash of its definition and the version of each input.
 pub(super) fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
@@ -105,6 +105,24 @@ fn key_type(
     }
 }
 
+/// How many slices a model with `slices:` is built in: enough that no slice holds more than
+/// `rows` rows of its largest input table with the sliced column.
+async fn slice_count(ctx: &SessionContext, model: &Model, spec: &SlicesSpec) -> Result<u64> {
+    let mut largest = 0u64;
+    for table in &model.depends_on {
+        let provider = ctx.table_provider(table.as_str()).await?;
+        if provider.schema().column_with_name(&spec.by).is_some() {
+            let rows = ctx.read_table(provider)?.count().await? as u64;
+            largest = largest.max(rows);
+        }
+    }
+    let slices = largest.div_ceil(spec.rows.max(1)).max(1);
+    if slices > 1 {
+        info!(largest, slices, by = %spec.by, "the model is built in slices");
+    }
+    Ok(slices)
+}
+
 fn inputs_key(pipeline: &str, name: &str) -> StateKey {
     (pipeline.to_string(), name.to_string(), "inputs".to_string())
 }
@@ -171,15 +189,24 @@ impl Runner<'_> {
             }
             _ => None,
         };
-        let mut result = self
-            .write_sql(
-                cluster.as_ref().unwrap_or(ctx),
-                &model.sql,
-                &model.name,
-                &model.cluster_by,
-                model.files_by.as_deref(),
-            )
-            .await;
+        // Built whole here: a slice of its key at a time when its inputs are large.
+        let slices = match (&model.slices, narrowed.is_empty(), &cluster) {
+            (Some(spec), true, None) => slice_count(ctx, model, spec).await?,
+            _ => 1,
+        };
+        let mut result = match &model.slices {
+            Some(spec) if slices > 1 => self.write_sliced(ctx, model, &spec.by, slices).await,
+            _ => {
+                self.write_sql(
+                    cluster.as_ref().unwrap_or(ctx),
+                    &model.sql,
+                    &model.name,
+                    &model.cluster_by,
+                    model.files_by.as_deref(),
+                )
+                .await
+            }
+        };
         if let Err(e) = &result
             && cluster.is_some()
             && not_distributable(e)
@@ -240,6 +267,72 @@ impl Runner<'_> {
             write_frame(&self.wh, table, ctx.sql(sql).await?, cluster_by, files_by).await
         })
         .await
+    }
+
+    /// Run the model's SQL once per slice of `by`, each time with every input table that has
+    /// that column narrowed to the slice's rows, into one set of new files.
+    async fn write_sliced(
+        &self,
+        ctx: &SessionContext,
+        model: &Model,
+        by: &str,
+        slices: u64,
+    ) -> Result<NewData> {
+        let mut sliced = Vec::new();
+        for table in &model.depends_on {
+            let full = ctx.table_provider(table.as_str()).await?;
+            if full.schema().column_with_name(by).is_some() {
+                sliced.push((table.as_str(), full));
+            }
+        }
+        let mut out: Option<NewData> = None;
+        let built = async {
+            for slice in 0..slices {
+                for (table, full) in &sliced {
+                    let rows = ctx
+                        .read_table(full.clone())?
+                        .filter(crate::udf::slice_of(ident(by), slices).eq(lit(slice)))?
+                        .into_view();
+                    ctx.deregister_table(*table)?;
+                    ctx.register_table(*table, rows)?;
+                }
+                info!(slice = slice + 1, slices, by, "building a slice");
+                let part = self
+                    .write_sql(
+                        ctx,
+                        &model.sql,
+                        &model.name,
+                        &model.cluster_by,
+                        model.files_by.as_deref(),
+                    )
+                    .await?;
+                match &mut out {
+                    Some(all) => {
+                        all.adds.extend(part.adds);
+                        all.rows += part.rows;
+                    }
+                    None => out = Some(part),
+                }
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        for (table, full) in sliced {
+            ctx.deregister_table(table)?;
+            ctx.register_table(table, full)?;
+        }
+        match (built, out) {
+            (Ok(()), Some(all)) => Ok(all),
+            (built, written) => {
+                if let Some(written) = written {
+                    let url = self.wh.table_url(&model.name);
+                    delete_files(&self.wh, &url, &written.adds).await?;
+                }
+                Err(built
+                    .err()
+                    .unwrap_or_else(|| Error::Internal("no slice was built".into())))
+            }
+        }
     }
 
     /// Register, in place of each driving table, only the rows it gained since the model was

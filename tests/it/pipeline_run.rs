@@ -561,6 +561,62 @@ fn file_columns(p: &Project, table: &str, column: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// A model with `slices:` runs once per slice of its key when its inputs are large, and gives
+/// the rows the same SQL gives in one go.
+#[test]
+fn a_model_built_in_slices_gives_the_rows_of_one_build() {
+    let p = Project::empty();
+    let pipeline = |rows: u64| {
+        format!(
+            "sources:\n  lines:\n    format: csv\n    location: data/lines.csv\n    schema: {{ order_id: {{ type: string, required: true }}, line_no: int, qty: int }}\n  \
+             orders:\n    format: csv\n    location: data/orders.csv\n    schema: {{ order_id: {{ type: string, required: true }}, customer: string }}\n\
+             models:\n  - {{ path: sql/sliced.sql, slices: {{ by: order_id, rows: {rows} }} }}\n  - sql/whole.sql\n"
+        )
+    };
+    p.write("pipelines/p.yaml", pipeline(3));
+    let sql = "select l.order_id, l.line_no, o.customer, l.qty \
+               from raw_p_lines l join raw_p_orders o on l.order_id = o.order_id";
+    p.write("sql/sliced.sql", sql);
+    p.write("sql/whole.sql", sql);
+    let mut lines = String::from("order_id,line_no,qty\n");
+    let mut orders = String::from("order_id,customer\n");
+    for o in 0..8 {
+        orders.push_str(&format!("O{o},C{}\n", o % 3));
+        for l in 0..=(o % 4) {
+            lines.push_str(&format!("O{o},{l},{}\n", o * 10 + l));
+        }
+    }
+    // A line of an order that does not exist joins nothing in either build.
+    lines.push_str("O99,1,5\n");
+    p.write("data/lines.csv", &lines);
+    p.write("data/orders.csv", &orders);
+    p.ok(&["run"]);
+    assert_eq!(p.scalar("select count(*) from sliced"), 20);
+    for (a, b) in [("sliced", "whole"), ("whole", "sliced")] {
+        let diff = p.scalar(&format!(
+            "select count(*) from (select * from {a} except all select * from {b})"
+        ));
+        assert_eq!(diff, 0, "{a} has rows {b} has not");
+    }
+    // 21 lines, at most 3 per slice: seven slices, each written on its own.
+    let files = |table: &str| {
+        p.warehouse_files()
+            .iter()
+            .filter(|(f, _)| f.starts_with(&format!("{table}/")) && f.ends_with(".parquet"))
+            .count()
+    };
+    assert_eq!(files("whole"), 1);
+    assert!(files("sliced") > 2, "{:?}", p.warehouse_files());
+    p.write("pipelines/p.yaml", pipeline(0));
+    let out = p.kbcrm(&["validate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`slices: rows:` must be at least 1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// `files_by` gives each value of its expression files of their own (sorted by `cluster_by`
 /// within), and a merge rewrites only the files of the values its changed rows have.
 #[test]
