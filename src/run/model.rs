@@ -197,14 +197,8 @@ impl Runner<'_> {
         let mut result = match &model.slices {
             Some(spec) if slices > 1 => self.write_sliced(ctx, model, &spec.by, slices).await,
             _ => {
-                self.write_sql(
-                    cluster.as_ref().unwrap_or(ctx),
-                    &model.sql,
-                    &model.name,
-                    &model.cluster_by,
-                    model.files_by.as_deref(),
-                )
-                .await
+                self.write_model(cluster.as_ref().unwrap_or(ctx), model)
+                    .await
             }
         };
         if let Err(e) = &result
@@ -217,15 +211,7 @@ impl Runner<'_> {
                 "the cluster cannot be sent this model's plan (a table function or a table \
                  only this process has); it runs in this process"
             );
-            result = self
-                .write_sql(
-                    ctx,
-                    &model.sql,
-                    &model.name,
-                    &model.cluster_by,
-                    model.files_by.as_deref(),
-                )
-                .await;
+            result = self.write_model(ctx, model).await;
         }
         let result = result.map_err(|e| model_err(&e));
         for (table, provider) in narrowed {
@@ -269,6 +255,18 @@ impl Runner<'_> {
         .await
     }
 
+    /// Run the model's SQL into new, uncommitted files of its table, in its layout.
+    async fn write_model(&self, ctx: &SessionContext, model: &Model) -> Result<NewData> {
+        self.write_sql(
+            ctx,
+            &model.sql,
+            &model.name,
+            &model.cluster_by,
+            model.files_by.as_deref(),
+        )
+        .await
+    }
+
     /// Run the model's SQL once per slice of `by`, each time with every input table that has
     /// that column narrowed to the slice's rows, into one set of new files.
     async fn write_sliced(
@@ -297,15 +295,7 @@ impl Runner<'_> {
                     ctx.register_table(*table, rows)?;
                 }
                 info!(slice = slice + 1, slices, by, "building a slice");
-                let part = self
-                    .write_sql(
-                        ctx,
-                        &model.sql,
-                        &model.name,
-                        &model.cluster_by,
-                        model.files_by.as_deref(),
-                    )
-                    .await?;
+                let part = self.write_model(ctx, model).await?;
                 match &mut out {
                     Some(all) => {
                         all.adds.extend(part.adds);

@@ -227,6 +227,25 @@ async fn write_ordered(
     writer.finish().await
 }
 
+/// Run `sql` and write its rows into new files of the table at `url`, laid out as `new`'s
+/// (sorted by its `cluster_by`, a run of files per value of its `files_by`).
+async fn write_like(
+    ctx: &SessionContext,
+    url: &Url,
+    new: &NewData,
+    sql: &str,
+) -> Result<(Vec<Add>, u64)> {
+    let df = ctx.sql(sql).await?;
+    write_ordered(
+        url,
+        new.schema.clone(),
+        df,
+        &new.cluster_by,
+        new.files_by.as_deref(),
+    )
+    .await
+}
+
 /// Run `df` and write its rows into new, uncommitted files of `table`, sorted by `cluster_by`,
 /// a run of files per value of `files_by`.
 pub async fn write_frame(
@@ -717,19 +736,7 @@ async fn keep_latest(
          order by {} desc) as __kbcrm_row from {name}) where __kbcrm_row = 1",
         quote_ident(SOURCE_FILE_COLUMN)
     );
-    let written = match ctx.sql(&sql).await {
-        Ok(df) => {
-            write_ordered(
-                url,
-                new.schema.clone(),
-                df,
-                &new.cluster_by,
-                new.files_by.as_deref(),
-            )
-            .await
-        }
-        Err(e) => Err(e.into()),
-    };
+    let written = write_like(ctx, url, new, &sql).await;
     ctx.deregister_table(&name)?;
     let (adds, rows) = written?;
     tracing::info!(
@@ -948,18 +955,7 @@ async fn merge_sql(
         )
     };
     // The files a merge writes keep the layout the table declares.
-    let result = async {
-        let df = ctx.sql(&output_sql).await?;
-        write_ordered(
-            url,
-            new.schema.clone(),
-            df,
-            &new.cluster_by,
-            new.files_by.as_deref(),
-        )
-        .await
-    }
-    .await;
+    let result = write_like(ctx, url, new, &output_sql).await;
     ctx.deregister_table("__kbcrm_changed")?;
     let (adds, _) = result?;
     Ok((touched_urls, adds, changed_rows))
