@@ -323,7 +323,7 @@ pub enum ModelEntry {
     /// `- sql/staging/stg_orders.sql` or `- sql/staging/*.sql`
     Path(String),
     /// `- { path: sql/facts/fact_sales.sql, mode: merge, keys: [order_id, line_no] }`
-    Full(ModelSpec),
+    Full(Box<ModelSpec>),
 }
 
 /// A model with options.
@@ -574,7 +574,7 @@ impl<'de> Deserialize<'de> for ModelEntry {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 ModelSpec::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(ModelEntry::Full)
+                    .map(|m| ModelEntry::Full(Box::new(m)))
             }
         }
         d.deserialize_any(V)

@@ -1043,7 +1043,7 @@ impl Loader {
                     files_by: None,
                     slices: None,
                 },
-                ModelEntry::Full(m) => m.clone(),
+                ModelEntry::Full(m) => m.as_ref().clone(),
             };
             let here = |msg: String| {
                 Problem::new(&r.file, msg).at(yaml_pos(&entry.referenced, &r.text), &r.text)
