@@ -9,7 +9,8 @@
 use datafusion::prelude::SessionContext;
 
 use super::write::{
-    NewData, check_unique_keys, delete_files, file_url, quote_ident, stage, write_frame,
+    NewData, check_unique_keys, column_list, delete_files, file_url, quote_ident, stage,
+    write_frame,
 };
 use super::{Staged, Warehouse, files_provider};
 use crate::config::pipeline::WriteMode;
@@ -140,19 +141,12 @@ pub(super) fn same(cols: &[String], a: &str, b: &str) -> String {
         .join(" and ")
 }
 
-fn order_by(keys: &[String]) -> String {
-    keys.iter()
-        .map(|k| quote_ident(k))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// First load: every row is a current version valid since 1900.
 fn initial_sql(new: &str, cols: &[String], keys: &[String], opts: &Scd2) -> String {
     let sk = match &opts.surrogate_key {
         Some(sk) => format!(
             "cast(row_number() over (order by {}) as bigint) as {}, ",
-            order_by(keys),
+            column_list(keys),
             quote_ident(sk)
         ),
         None => String::new(),
@@ -193,7 +187,7 @@ fn changes_sql(
                 format!("__sk as {q}, "),
                 format!(
                     "cast({max_sk} + row_number() over (order by {}) as bigint) as {q}, ",
-                    order_by(keys)
+                    column_list(keys)
                 ),
             )
         }

@@ -581,11 +581,7 @@ async fn repeated_keys(
 ) -> Result<Vec<RecordBatch>> {
     let name = format!("__kbcrm_keys_{}", new.table);
     ctx.register_table(&name, ranked_view(ctx, url, new, by_file).await?)?;
-    let cols = keys
-        .iter()
-        .map(|k| quote_ident(k))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = column_list(keys);
     let group = if by_file {
         format!("{cols}, {}", quote_ident(SOURCE_FILE_COLUMN))
     } else {
@@ -719,18 +715,8 @@ async fn keep_latest(
 ) -> Result<NewData> {
     let name = format!("__kbcrm_latest_{}", new.table);
     ctx.register_table(&name, ranked_view(ctx, url, new, true).await?)?;
-    let cols = new
-        .schema
-        .fields()
-        .iter()
-        .map(|f| quote_ident(f.name()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let partition = keys
-        .iter()
-        .map(|k| quote_ident(k))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
+    let partition = column_list(keys);
     let sql = format!(
         "select {cols} from (select *, row_number() over (partition by {partition} \
          order by {} desc) as __kbcrm_row from {name}) where __kbcrm_row = 1",
@@ -762,6 +748,15 @@ const SOURCE_FILE_COLUMN: &str = "__kbcrm_source_file";
 /// Quote an identifier for generated SQL.
 pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quoted identifiers separated by commas, for generated SQL.
+pub(crate) fn column_list<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> String {
+    names
+        .into_iter()
+        .map(|n| quote_ident(n.as_ref()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 const FILE_COLUMN: &str = "__kbcrm_file";
@@ -886,20 +881,10 @@ async fn merge_sql(
     target_name: &str,
     gone_name: Option<&str>,
 ) -> Result<(HashSet<String>, Vec<Add>, u64)> {
-    let cols = new
-        .schema
-        .fields()
-        .iter()
-        .map(|f| quote_ident(f.name()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
     let on = same(keys, "c", "t");
     // Only target rows whose keys come again can be equal to new rows.
-    let key_list = keys
-        .iter()
-        .map(|k| quote_ident(k))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let key_list = column_list(keys);
     let on_kt = same(keys, "k", "t");
     let t_cols = new
         .schema
