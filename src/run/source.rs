@@ -337,13 +337,12 @@ impl Runner<'_> {
                 .await
                 .map_err(|e| Error::Internal(format!("the Parquet encoder failed: {e}")))??;
             for (file, (a, r)) in written {
-                source_files.extend(std::iter::repeat_n(file, a.len()));
+                if keyed {
+                    source_files.extend(std::iter::repeat_n(file, a.len()));
+                }
                 adds.extend(a);
                 rows += r;
             }
-        }
-        if !keyed {
-            source_files.clear();
         }
         self.settle_read(
             source,

@@ -9,8 +9,7 @@
 use datafusion::prelude::SessionContext;
 
 use super::write::{
-    NewData, check_unique_keys, column_list, delete_files, file_url, quote_ident, stage,
-    write_frame,
+    NewData, column_list, delete_files, file_url, latest_per_key, quote_ident, stage, write_frame,
 };
 use super::{Staged, Warehouse, files_provider};
 use crate::config::pipeline::WriteMode;
@@ -39,7 +38,7 @@ pub async fn stage_scd2(
     opts: &Scd2,
     run_micros: i64,
 ) -> Result<Staged> {
-    check_unique_keys(wh, ctx, &new, keys).await?;
+    let new = latest_per_key(wh, ctx, new, keys).await?;
     let table = new.table.clone();
     let url = wh.table_url(&table);
     let new_name = format!("__kbcrm_scd_new_{table}");

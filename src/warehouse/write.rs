@@ -605,24 +605,23 @@ async fn ranked_view(
     new: &NewData,
     ranked: bool,
 ) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
-    let files = |adds: &mut dyn Iterator<Item = &Add>| -> Vec<Url> {
-        adds.map(|a| file_url(url, &a.path)).collect()
-    };
     if !ranked {
-        return files_provider(&files(&mut new.adds.iter()), new.schema.clone()).await;
+        let files: Vec<Url> = new.adds.iter().map(|a| file_url(url, &a.path)).collect();
+        return files_provider(&files, new.schema.clone()).await;
     }
     let mut ranks: Vec<usize> = new.source_files.clone();
     ranks.sort_unstable();
     ranks.dedup();
     let mut union: Option<datafusion::dataframe::DataFrame> = None;
     for rank in ranks {
-        let mut of_rank = new
+        let files: Vec<Url> = new
             .adds
             .iter()
             .zip(&new.source_files)
             .filter(|(_, r)| **r == rank)
-            .map(|(a, _)| a);
-        let provider = files_provider(&files(&mut of_rank), new.schema.clone()).await?;
+            .map(|(a, _)| file_url(url, &a.path))
+            .collect();
+        let provider = files_provider(&files, new.schema.clone()).await?;
         let df = ctx
             .read_table(provider)?
             .with_column(SOURCE_FILE_COLUMN, datafusion::prelude::lit(rank as u64))?;
@@ -649,25 +648,10 @@ fn repeats_error(new: &NewData, keys: &[String], batches: &[RecordBatch], what: 
     }
 }
 
-pub(crate) async fn check_unique_keys(
-    wh: &Warehouse,
-    ctx: &SessionContext,
-    new: &NewData,
-    keys: &[String],
-) -> Result<()> {
-    let url = wh.table_url(&new.table);
-    let batches = repeated_keys(ctx, &url, new, keys, false).await?;
-    if batches.iter().any(|b| b.num_rows() > 0) {
-        delete_files(wh, &url, &new.adds).await?;
-        return Err(repeats_error(new, keys, &batches, "the new data"));
-    }
-    Ok(())
-}
-
 /// The rows of `new` with unique keys. A key that several source files repeat keeps the row of
 /// the last file in name order, as if each file had been loaded by a run of its own; a key
 /// repeated within one file is an error (which of its rows holds is not known).
-async fn latest_per_key(
+pub(crate) async fn latest_per_key(
     wh: &Warehouse,
     ctx: &SessionContext,
     new: NewData,
