@@ -7,9 +7,9 @@ use std::time::Instant;
 use datafusion::arrow::array::{AsArray, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::catalog::TableProvider;
-use datafusion::common::JoinType;
+use datafusion::common::{Column, JoinType};
 use datafusion::datasource::MemTable;
-use datafusion::prelude::{DataFrame, SessionContext, cast, col, ident, lit};
+use datafusion::prelude::{DataFrame, Expr, SessionContext, cast, col, ident, lit};
 use sha2::{Digest, Sha256};
 use tracing::{info, instrument};
 use url::Url;
@@ -23,7 +23,9 @@ use crate::plan::Model;
 use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
-use crate::warehouse::write::{NewData, delete_files, stage, stage_merge_removing, write_frame};
+use crate::warehouse::write::{
+    NewData, delete_files, new_rows, stage, stage_merge_removing, write_frame,
+};
 
 /// What a step was built from: a hash of its definition and the version of each input.
 pub(super) fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
@@ -70,6 +72,14 @@ type Driver<'a> = (&'a String, Arc<dyn TableProvider>, Arc<dyn TableProvider>);
 
 /// The column of the key set an incremental model with a key rebuilds.
 const KEYS_COLUMN: &str = "__kbcrm_key";
+
+/// What an incremental model's inputs were narrowed to: the full providers of the driving
+/// tables, to register again after the build, and the keys rebuilt (with `incremental: { key }`).
+#[derive(Default)]
+struct Narrowed {
+    restore: Vec<(String, Arc<dyn TableProvider>)>,
+    keys: Option<DataFrame>,
+}
 
 /// What to do when a model needs more memory than the engine may use.
 fn out_of_memory_help(limit: Option<usize>) -> String {
@@ -174,11 +184,14 @@ impl Runner<'_> {
                 .then(|| out_of_memory_help(memory_limit)),
         };
         // An incremental model reads only what its driving tables gained.
-        let narrowed = match &model.incremental {
+        let Narrowed {
+            restore: narrowed,
+            keys: rebuilt,
+        } = match &model.incremental {
             Some(inc) if !self.options.full_refresh => {
                 self.narrow_inputs(ctx, state, model, inc, &key).await?
             }
-            _ => Vec::new(),
+            _ => Narrowed::default(),
         };
         // On the project's cluster, unless inputs were narrowed to what changed (those are
         // views of this process's tables).
@@ -224,10 +237,23 @@ impl Runner<'_> {
             (true, WriteMode::Merge) => WriteMode::Overwrite,
             (_, m) => m,
         };
-        let staged = match (mode, &model.scd2) {
-            (WriteMode::Scd2, Some(opts)) => {
+        // Rebuilt keys: rows of them the SQL no longer gives go, so that each key's rows are
+        // what a whole build would hold.
+        let vanished = match (
+            &rebuilt,
+            model.incremental.as_ref().and_then(|i| i.key.as_ref()),
+        ) {
+            (Some(keys), Some(key)) if mode == WriteMode::Merge => {
+                self.vanished_rows(ctx, model, key, keys.clone(), &new)
+                    .await?
+            }
+            _ => None,
+        };
+        let staged = match (mode, &model.scd2, vanished) {
+            (WriteMode::Scd2, Some(opts), _) => {
                 stage_scd2(&self.wh, ctx, new, &model.keys, opts, state.run_micros).await
             }
+            (_, _, Some(gone)) => stage_merge_removing(&self.wh, ctx, new, &model.keys, gone).await,
             _ => stage(&self.wh, ctx, new, mode, &model.keys).await,
         }
         .map_err(|e| super::in_pipeline(e, &model.pipeline))?;
@@ -336,17 +362,17 @@ impl Runner<'_> {
         model: &Model,
         inc: &ModelIncrementalSpec,
         key: &StateKey,
-    ) -> Result<Vec<(String, Arc<dyn TableProvider>)>> {
+    ) -> Result<Narrowed> {
         if state.version_after(&model.name).is_none() {
-            return Ok(Vec::new());
+            return Ok(Narrowed::default());
         }
         let Some(print) = state.state_before.get(key) else {
-            return Ok(Vec::new());
+            return Ok(Narrowed::default());
         };
         let mut added = Vec::new();
         for table in &inc.tables {
             let Some(before) = recorded_version(print, table) else {
-                return Ok(Vec::new());
+                return Ok(Narrowed::default());
             };
             let full = ctx.table_provider(table.as_str()).await?;
             let files = self.added_files(state, table, before).await?;
@@ -381,7 +407,64 @@ impl Runner<'_> {
             ctx.register_table(table.as_str(), narrowed)?;
             restore.push((table.clone(), full));
         }
-        Ok(restore)
+        Ok(Narrowed { restore, keys })
+    }
+
+    /// The keys (the model's `keys:` columns) of rows its table holds for the rebuilt values of
+    /// `key` that the new rows no longer hold: an order whose line of some category was
+    /// cancelled, say. None when the table has no `key` column or no such row.
+    async fn vanished_rows(
+        &self,
+        ctx: &SessionContext,
+        model: &Model,
+        key: &str,
+        rebuilt: DataFrame,
+        new: &NewData,
+    ) -> Result<Option<RecordBatch>> {
+        let table = ctx.table_provider(model.name.as_str()).await?;
+        let Ok(field) = table.schema().field_with_name(key).cloned() else {
+            return Ok(None);
+        };
+        let rebuilt = rebuilt.select(vec![
+            cast(col(KEYS_COLUMN), field.data_type().clone()).alias(KEYS_COLUMN),
+        ])?;
+        let columns = |qualifier: &str| -> Vec<Expr> {
+            model
+                .keys
+                .iter()
+                .map(|k| Expr::Column(Column::new(Some(qualifier), k)))
+                .collect()
+        };
+        let before = ctx
+            .read_table(table)?
+            .join_on(
+                rebuilt,
+                JoinType::LeftSemi,
+                [ident(key).eq(col(KEYS_COLUMN))],
+            )?
+            .alias("before")?
+            .select(columns("before"))?;
+        let now = ctx
+            .read_table(new_rows(&self.wh, new).await?)?
+            .alias("now")?
+            .select(columns("now"))?;
+        let on: Vec<Expr> = columns("before")
+            .into_iter()
+            .zip(columns("now"))
+            .map(|(b, n)| b.eq(n))
+            .collect();
+        let gone = before.join_on(now, JoinType::LeftAnti, on)?;
+        let schema = Arc::new(gone.schema().as_arrow().clone());
+        let batches = gone.collect().await?;
+        let gone = datafusion::arrow::compute::concat_batches(&schema, &batches)?;
+        if gone.num_rows() > 0 {
+            info!(
+                model = %model.name,
+                rows = gone.num_rows(),
+                "removing rows of rebuilt keys that the model no longer gives"
+            );
+        }
+        Ok((gone.num_rows() > 0).then_some(gone))
     }
 
     /// Files of `table` now that were not among its files at version `before`.

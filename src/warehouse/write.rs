@@ -398,6 +398,16 @@ pub async fn stage_merge_removing(
     stage_with(wh, ctx, new, WriteMode::Merge, keys, gone).await
 }
 
+/// The rows of `new`'s files (written, not committed) as a table.
+pub async fn new_rows(
+    wh: &Warehouse,
+    new: &NewData,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    let url = wh.table_url(&new.table);
+    let files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
+    files_provider(&files, new.schema.clone()).await
+}
+
 fn describe(schema: &SchemaRef) -> String {
     schema
         .fields()

@@ -87,6 +87,7 @@ const CUBES: &[&str] = &[
     "cube_churn_rollup",
     "cube_loyalty_rollup",
     "int_sales_order_category",
+    "int_sales_order",
     "cube_sales_rollup",
 ];
 

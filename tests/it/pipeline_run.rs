@@ -617,6 +617,60 @@ fn a_model_built_in_slices_gives_the_rows_of_one_build() {
     );
 }
 
+/// A model refreshed by key (`incremental: { key }`) holds, for each rebuilt key, exactly the rows
+/// its SQL gives now: a row the SQL stops giving (an order's only line of a category cancelled)
+/// goes, as a whole build would leave it out; other keys' rows are not read or touched.
+#[test]
+fn a_model_refreshed_by_key_drops_rows_its_sql_no_longer_gives() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  lines:\n    format: csv\n    location: data/\n    mode: merge\n    keys: [line_id]\n    incremental: { files: new }\n    \
+         schema: { line_id: { type: int, required: true }, order_id: string, category: string, status: string, amount: int }\n\
+         models:\n  - { path: sql/order_category.sql, mode: merge, keys: [order_id, category], incremental: { key: order_id, tables: [raw_p_lines] } }\n  \
+         - sql/whole.sql\n",
+    );
+    let sql = "select order_id, category, sum(amount) as amount, count(*) as lines \
+               from raw_p_lines where status = 'completed' group by order_id, category";
+    p.write("sql/order_category.sql", sql);
+    p.write("sql/whole.sql", sql);
+    p.write(
+        "data/1.csv",
+        "line_id,order_id,category,status,amount\n1,O1,a,completed,10\n2,O1,b,completed,20\n3,O1,a,completed,5\n4,O2,a,completed,7\n5,O2,c,completed,1\n",
+    );
+    p.ok(&["run"]);
+    assert_eq!(p.scalar("select count(*) from order_category"), 4);
+    // Day 2: O1's only line of category b is cancelled, O2 gains nothing, O3 is new.
+    p.write(
+        "data/2.csv",
+        "line_id,order_id,category,status,amount\n2,O1,b,cancelled,20\n6,O3,b,completed,3\n",
+    );
+    let log = p.kbcrm(&["run", "-v"]);
+    assert!(log.status.success(), "{}", stderr(&log));
+    assert!(
+        stderr(&log).contains("removing rows of rebuilt keys that the model no longer gives"),
+        "{}",
+        stderr(&log)
+    );
+    let rows =
+        p.query("select order_id, category, amount, lines from order_category order by 1, 2");
+    assert_eq!(
+        rows,
+        [
+            ["O1", "a", "15", "2"],
+            ["O2", "a", "7", "1"],
+            ["O2", "c", "1", "1"],
+            ["O3", "b", "3", "1"],
+        ]
+    );
+    for (a, b) in [("order_category", "whole"), ("whole", "order_category")] {
+        let diff = p.scalar(&format!(
+            "select count(*) from (select * from {a} except all select * from {b})"
+        ));
+        assert_eq!(diff, 0, "{a} has rows {b} has not");
+    }
+}
+
 /// `files_by` gives each value of its expression files of their own (sorted by `cluster_by`
 /// within), and a merge rewrites only the files of the values its changed rows have.
 #[test]
