@@ -4,7 +4,8 @@
 -- int_sales_order, those with category the (order, category) rows of int_sales_order_category;
 -- customers are the distinct customer ids of each group. (Twelve plain GROUP BYs, not GROUPING
 -- SETS, which feed every row twelve times into one aggregation keyed by the five dimensions and
--- the customer id: 139 s at scale 10, against 68 s here plus 20 s to build int_sales_order.)
+-- the customer id: at scale 10 under a 2 GiB limit 104 s, against 71 s here plus 20 s to build
+-- int_sales_order; at scale 1, 8.2 s against 4.6 + 1.8 s.)
 with orders as (
     select * from int_sales_order
 ),
