@@ -45,10 +45,10 @@ pub fn return_freed_memory_at_once() {
 }
 
 /// The purge delay mimalloc uses now, in milliseconds.
-pub fn purge_delay_ms() -> i64 {
+pub fn purge_delay_ms() -> std::ffi::c_long {
     // SAFETY: reading an option has no preconditions; the option table is initialised with the
     // allocator.
-    i64::from(unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) })
+    unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
 }
 
 #[cfg(test)]
