@@ -49,6 +49,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Command {
+    /// Whether the command builds tables (runs pipelines): a long load whose resident memory
+    /// should follow `engine.memory_limit`, rather than a query or the server, which answer
+    /// faster when freed memory is kept for reuse.
+    pub fn builds_tables(&self) -> bool {
+        matches!(
+            self,
+            Command::Run { .. } | Command::Cubes { .. } | Command::Schedule { .. }
+        )
+    }
+}
+
 /// What `kbcrm run` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RunOutput {
