@@ -9,9 +9,10 @@
 use datafusion::prelude::SessionContext;
 
 use super::write::{
-    NewData, column_list, delete_files, file_url, latest_per_key, quote_ident, stage, write_frame,
+    NewData, column_list, delete_files, latest_per_key, new_rows_at, quote_ident, stage,
+    write_frame,
 };
-use super::{Staged, Warehouse, files_provider};
+use super::{Staged, Warehouse};
 use crate::config::pipeline::WriteMode;
 use crate::error::Result;
 use crate::plan::Scd2;
@@ -43,8 +44,7 @@ pub async fn stage_scd2(
     let url = wh.table_url(&table);
     let new_name = format!("__kbcrm_scd_new_{table}");
     let cur_name = format!("__kbcrm_scd_cur_{table}");
-    let files: Vec<_> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
-    ctx.register_table(&new_name, files_provider(&files, new.schema.clone()).await?)?;
+    ctx.register_table(&new_name, new_rows_at(&url, &new).await?)?;
     let current = wh.load(&table).await?;
     if let Some(t) = &current {
         t.update_datafusion_session(&ctx.state())?;

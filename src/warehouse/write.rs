@@ -403,8 +403,15 @@ pub async fn new_rows(
     wh: &Warehouse,
     new: &NewData,
 ) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
-    let url = wh.table_url(&new.table);
-    let files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
+    new_rows_at(&wh.table_url(&new.table), new).await
+}
+
+/// [`new_rows`] for the table at `url`.
+pub(crate) async fn new_rows_at(
+    url: &Url,
+    new: &NewData,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    let files: Vec<Url> = new.adds.iter().map(|a| file_url(url, &a.path)).collect();
     files_provider(&files, new.schema.clone()).await
 }
 
@@ -616,8 +623,7 @@ async fn ranked_view(
     ranked: bool,
 ) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
     if !ranked {
-        let files: Vec<Url> = new.adds.iter().map(|a| file_url(url, &a.path)).collect();
-        return files_provider(&files, new.schema.clone()).await;
+        return new_rows_at(url, new).await;
     }
     let mut ranks: Vec<usize> = new.source_files.clone();
     ranks.sort_unstable();
@@ -765,13 +771,9 @@ async fn merge(
     gone: Option<RecordBatch>,
 ) -> Result<Staged> {
     let old = current_files(&url, current)?;
-    let new_files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
     let new_name = format!("__kbcrm_new_{}", new.table);
     let target_name = format!("__kbcrm_target_{}", new.table);
-    ctx.register_table(
-        &new_name,
-        files_provider(&new_files, new.schema.clone()).await?,
-    )?;
+    ctx.register_table(&new_name, new_rows_at(&url, &new).await?)?;
     current.update_datafusion_session(&ctx.state())?;
     let target = current
         .table_provider()
