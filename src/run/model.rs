@@ -24,7 +24,7 @@ use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
 use crate::warehouse::write::{
-    NewData, delete_files, new_rows, stage, stage_merge_removing, write_frame,
+    NewData, delete_files, merge_sorted_files, new_rows, stage, stage_merge_removing, write_frame,
 };
 
 /// What a step was built from: a hash of its definition and the version of each input.
@@ -338,7 +338,8 @@ impl Runner<'_> {
             ctx.register_table(table, full)?;
         }
         match (built, out) {
-            (Ok(()), Some(all)) => Ok(all),
+            // Each slice's files are sorted on their own; the table's order is one run.
+            (Ok(()), Some(all)) => merge_sorted_files(&self.wh, ctx, all).await,
             (built, written) => {
                 if let Some(written) = written {
                     let url = self.wh.table_url(&model.name);

@@ -434,12 +434,31 @@ fn urls(files: &[Url]) -> Result<Vec<ListingTableUrl>> {
         .collect::<datafusion::error::Result<Vec<_>>>()?)
 }
 
+/// One Parquet file whose rows are sorted by `order` (ascending, nulls last), declared so:
+/// plans over it use that order instead of sorting again.
+pub(crate) fn sorted_file(
+    file: &Url,
+    schema: arrow::datatypes::SchemaRef,
+    order: &[String],
+) -> Result<Arc<dyn TableProvider>> {
+    use datafusion::prelude::ident;
+    let sort = order.iter().map(|c| ident(c).sort(true, false)).collect();
+    let options = parquet_options().with_file_sort_order(vec![sort]);
+    let config = ListingTableConfig::new_with_multi_paths(urls(std::slice::from_ref(file))?)
+        .with_listing_options(options)
+        .with_schema(schema);
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+fn parquet_options() -> ListingOptions {
+    ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet")
+}
+
 fn listing_table(
     urls: Vec<ListingTableUrl>,
     schema: arrow::datatypes::SchemaRef,
 ) -> Result<ListingTable> {
-    let options =
-        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let options = parquet_options();
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);

@@ -275,6 +275,55 @@ pub async fn write_frame(
     })
 }
 
+/// Merge `new`'s files, each sorted by `new.cluster_by` on its own (a model built in slices
+/// writes a sorted run per slice), into new files holding one run in that order, and remove
+/// the files merged. The merge streams (a sort-preserving merge of the files, no sort), so it
+/// holds a few batches per file whatever the table's size. With one file or no `cluster_by`
+/// there is nothing to merge.
+pub async fn merge_sorted_files(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    new: NewData,
+) -> Result<NewData> {
+    if new.cluster_by.is_empty() || new.adds.len() < 2 {
+        return Ok(new);
+    }
+    let url = wh.table_url(&new.table);
+    let mut runs: Option<datafusion::dataframe::DataFrame> = None;
+    for add in &new.adds {
+        let file = super::sorted_file(
+            &file_url(&url, &add.path),
+            new.schema.clone(),
+            &new.cluster_by,
+        )?;
+        let run = ctx.read_table(file)?;
+        runs = Some(match runs {
+            Some(all) => all.union(run)?,
+            None => run,
+        });
+    }
+    let Some(runs) = runs else {
+        return Ok(new);
+    };
+    let written = write_ordered(
+        &url,
+        new.schema.clone(),
+        runs,
+        &new.cluster_by,
+        new.files_by.as_deref(),
+    )
+    .await;
+    let (adds, rows) = match written {
+        Ok(done) => done,
+        Err(e) => {
+            delete_files(wh, &url, &new.adds).await?;
+            return Err(e);
+        }
+    };
+    delete_files(wh, &url, &new.adds).await?;
+    Ok(NewData { adds, rows, ..new })
+}
+
 /// New data for a table, already in uncommitted files.
 pub struct NewData {
     /// Table name.

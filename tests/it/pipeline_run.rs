@@ -570,7 +570,8 @@ fn a_model_built_in_slices_gives_the_rows_of_one_build() {
         format!(
             "sources:\n  lines:\n    format: csv\n    location: data/lines.csv\n    schema: {{ order_id: {{ type: string, required: true }}, line_no: int, qty: int }}\n  \
              orders:\n    format: csv\n    location: data/orders.csv\n    schema: {{ order_id: {{ type: string, required: true }}, customer: string }}\n\
-             models:\n  - {{ path: sql/sliced.sql, slices: {{ by: order_id, rows: {rows} }} }}\n  - sql/whole.sql\n"
+             models:\n  - {{ path: sql/sliced.sql, slices: {{ by: order_id, rows: {rows} }} }}\n  - sql/whole.sql\n  \
+             - {{ path: sql/clustered.sql, cluster_by: [customer, qty], slices: {{ by: order_id, rows: {rows} }} }}\n"
         )
     };
     p.write("pipelines/p.yaml", pipeline(3));
@@ -578,6 +579,7 @@ fn a_model_built_in_slices_gives_the_rows_of_one_build() {
                from raw_p_lines l join raw_p_orders o on l.order_id = o.order_id";
     p.write("sql/sliced.sql", sql);
     p.write("sql/whole.sql", sql);
+    p.write("sql/clustered.sql", sql);
     let mut lines = String::from("order_id,line_no,qty\n");
     let mut orders = String::from("order_id,customer\n");
     for o in 0..8 {
@@ -607,6 +609,24 @@ fn a_model_built_in_slices_gives_the_rows_of_one_build() {
     };
     assert_eq!(files("whole"), 1);
     assert!(files("sliced") > 2, "{:?}", p.warehouse_files());
+    // With `cluster_by`, the slices' sorted files are merged into one run in that order: one
+    // customer's rows are together, as in a whole build.
+    assert_eq!(files("clustered"), 1, "{:?}", p.warehouse_files());
+    let diff =
+        p.scalar("select count(*) from (select * from clustered except all select * from whole)");
+    assert_eq!((p.scalar("select count(*) from clustered"), diff), (20, 0));
+    let written: Vec<(String, i64)> = file_columns(&p, "clustered", "customer")[0]
+        .iter()
+        .cloned()
+        .zip(
+            file_columns(&p, "clustered", "qty")[0]
+                .iter()
+                .map(|q| q.parse().unwrap()),
+        )
+        .collect();
+    let mut sorted = written.clone();
+    sorted.sort();
+    assert_eq!(written, sorted);
     p.write("pipelines/p.yaml", pipeline(0));
     let out = p.kbcrm(&["validate"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
