@@ -6,6 +6,7 @@
 //! completed by the next command that opens the warehouse ([`Warehouse::recover`]).
 
 mod commit;
+mod digest;
 pub mod history;
 pub mod scd2;
 mod schema;
