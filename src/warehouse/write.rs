@@ -285,33 +285,35 @@ pub async fn merge_sorted_files(
     ctx: &SessionContext,
     new: NewData,
 ) -> Result<NewData> {
-    if new.cluster_by.is_empty() || new.adds.len() < 2 {
+    let [first, second, rest @ ..] = new.adds.as_slice() else {
+        return Ok(new);
+    };
+    if new.cluster_by.is_empty() {
         return Ok(new);
     }
     let url = wh.table_url(&new.table);
-    let mut runs: Option<datafusion::dataframe::DataFrame> = None;
-    for add in &new.adds {
+    let run = |add: &Add| -> Result<datafusion::dataframe::DataFrame> {
         let file = super::sorted_file(
             &file_url(&url, &add.path),
             new.schema.clone(),
             &new.cluster_by,
         )?;
-        let run = ctx.read_table(file)?;
-        runs = Some(match runs {
-            Some(all) => all.union(run)?,
-            None => run,
-        });
-    }
-    let Some(runs) = runs else {
-        return Ok(new);
+        Ok(ctx.read_table(file)?)
     };
-    let written = write_ordered(
-        &url,
-        new.schema.clone(),
-        runs,
-        &new.cluster_by,
-        new.files_by.as_deref(),
-    )
+    let written = async {
+        let mut runs = run(first)?.union(run(second)?)?;
+        for add in rest {
+            runs = runs.union(run(add)?)?;
+        }
+        write_ordered(
+            &url,
+            new.schema.clone(),
+            runs,
+            &new.cluster_by,
+            new.files_by.as_deref(),
+        )
+        .await
+    }
     .await;
     let (adds, rows) = match written {
         Ok(done) => done,
