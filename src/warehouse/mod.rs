@@ -445,10 +445,11 @@ pub(crate) fn sorted_file(
     use datafusion::prelude::ident;
     let sort = order.iter().map(|c| ident(c).sort(true, false)).collect();
     let options = parquet_options().with_file_sort_order(vec![sort]);
-    let config = ListingTableConfig::new_with_multi_paths(urls(std::slice::from_ref(file))?)
-        .with_listing_options(options)
-        .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
+    Ok(Arc::new(listing_table_with(
+        urls(std::slice::from_ref(file))?,
+        schema,
+        options,
+    )?))
 }
 
 fn parquet_options() -> ListingOptions {
@@ -459,7 +460,14 @@ fn listing_table(
     urls: Vec<ListingTableUrl>,
     schema: arrow::datatypes::SchemaRef,
 ) -> Result<ListingTable> {
-    let options = parquet_options();
+    listing_table_with(urls, schema, parquet_options())
+}
+
+fn listing_table_with(
+    urls: Vec<ListingTableUrl>,
+    schema: arrow::datatypes::SchemaRef,
+    options: ListingOptions,
+) -> Result<ListingTable> {
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);

@@ -624,15 +624,9 @@ async fn same_rows(
     if ctx.read_table(a.clone())?.count().await? != ctx.read_table(b.clone())?.count().await? {
         return Ok(false);
     }
-    let flat = a
-        .schema()
-        .fields()
-        .iter()
-        .all(|f| super::digest::digestible(f.data_type()));
-    if flat {
-        return Ok(
-            super::digest::rows_digest(ctx, a).await? == super::digest::rows_digest(ctx, b).await?
-        );
+    // Both are read with the same schema: either both have a digest or neither.
+    if let Some(digest) = super::digest::rows_digest(ctx, a.clone()).await? {
+        return Ok(Some(digest) == super::digest::rows_digest(ctx, b).await?);
     }
     let (na, nb) = ("__kbcrm_compare_a", "__kbcrm_compare_b");
     ctx.register_table(na, a)?;
