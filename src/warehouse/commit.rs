@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use deltalake::DeltaTableBuilder;
 use deltalake::kernel::Action;
-use deltalake::kernel::transaction::{CommitBuilder, TableReference};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -189,7 +189,15 @@ async fn commit_table(
         Some(_) => Some(table.snapshot()?),
         None => None,
     };
-    let commit = CommitBuilder::default()
+    // Every 100th version (Delta's `checkpointInterval`) also writes a checkpoint: opening a
+    // table then reads it and the commits after it instead of every commit since the first, so a
+    // warehouse loaded daily for years opens as fast as a new one. The commit files stay (no
+    // expired-log cleanup): older versions remain readable for time travel and for the
+    // incremental models that compare with the version they last read.
+    let properties = CommitProperties::default()
+        .with_create_checkpoint(true)
+        .with_cleanup_expired_logs(Some(false));
+    let commit = CommitBuilder::from(properties)
         .with_actions(t.actions.clone())
         .with_app_metadata(t.app_metadata.clone())
         .with_max_retries(0)
@@ -253,5 +261,62 @@ impl Warehouse {
             done.push(manifest.run_id);
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+    use crate::config::pipeline::WriteMode;
+    use crate::warehouse::state::stage_batch;
+
+    #[test]
+    fn the_hundredth_version_writes_a_checkpoint_and_keeps_every_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let root = Url::from_directory_path(dir.path()).expect("url");
+            let wh = Warehouse::open(&root).expect("warehouse");
+            let ctx = SessionContext::new();
+            let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+            for n in 0..105_i64 {
+                let batch =
+                    RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))])
+                        .expect("batch");
+                let staged = stage_batch(&wh, &ctx, "t", batch, WriteMode::Append, &[])
+                    .await
+                    .expect("stage");
+                commit_run(&wh, &format!("run-{n}"), "p", &[staged])
+                    .await
+                    .expect("commit");
+            }
+            let log = dir.path().join("t/_delta_log");
+            let names: Vec<String> = std::fs::read_dir(&log)
+                .expect("log")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            let commits = names.iter().filter(|n| n.ends_with(".json")).count();
+            let checkpoints: Vec<&String> = names
+                .iter()
+                .filter(|n| n.ends_with(".checkpoint.parquet"))
+                .collect();
+            assert_eq!(commits, 105, "{names:?}");
+            assert_eq!(
+                checkpoints,
+                vec!["00000000000000000099.checkpoint.parquet"],
+                "{names:?}"
+            );
+            assert!(names.iter().any(|n| n == "_last_checkpoint"), "{names:?}");
+            // Read through the checkpoint now, and an older version from the commits.
+            let fresh = Warehouse::open(&root).expect("warehouse");
+            assert_eq!(fresh.files_at("t", None).await.expect("now").len(), 105);
+            assert_eq!(fresh.files_at("t", Some(49)).await.expect("then").len(), 50);
+        });
     }
 }
