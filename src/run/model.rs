@@ -232,6 +232,7 @@ impl Runner<'_> {
             ctx.register_table(table.as_str(), provider)?;
         }
         let new = result?;
+        tracing::debug!(table = %model.name, step = "model SQL written", seconds = started.elapsed().as_secs_f64());
         let rows = new.rows;
         let mode = match (self.options.full_refresh, model.mode) {
             (true, WriteMode::Merge) => WriteMode::Overwrite,
@@ -249,6 +250,7 @@ impl Runner<'_> {
             }
             _ => None,
         };
+        tracing::debug!(table = %model.name, step = "vanished rows looked up", seconds = started.elapsed().as_secs_f64());
         let staged = match (mode, &model.scd2, vanished) {
             (WriteMode::Scd2, Some(opts), _) => {
                 stage_scd2(&self.wh, ctx, new, &model.keys, opts, state.run_micros).await

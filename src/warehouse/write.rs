@@ -398,11 +398,13 @@ async fn stage_with(
     let current = wh.load(&new.table).await?;
     // A merge needs unique keys; so does the full refresh of a keyed source, which loads all
     // its files again.
+    let started = std::time::Instant::now();
     let new = if mode == WriteMode::Merge || !new.source_files.is_empty() {
         latest_per_key(wh, ctx, new, keys).await?
     } else {
         new
     };
+    step_done(&new.table, "keys checked unique", started);
     let Some(current) = current else {
         return create(url, new, mode);
     };
@@ -838,6 +840,7 @@ async fn merge(
     ctx.register_table(&target_name, target)?;
     // New rows whose keys the table does not hold yet are added as they were written: only the
     // target's key columns are read to find out.
+    let started = std::time::Instant::now();
     let any_known = match gone {
         Some(_) => Ok(true),
         None => {
@@ -847,6 +850,7 @@ async fn merge(
             .await
         }
     };
+    step_done(&new.table, "merge: keys looked up", started);
     if !matches!(any_known, Ok(true)) {
         ctx.deregister_table(&new_name)?;
         ctx.deregister_table(&target_name)?;
@@ -949,8 +953,11 @@ async fn merge_sql(
         "select {cols} from {new_name} except \
          select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
     );
+    let started = std::time::Instant::now();
     let changed_df = ctx.sql(&changed).await?.cache().await?;
     let changed_rows = changed_df.clone().count().await? as u64;
+    step_done(&new.table, "merge: changed rows found", started);
+    let started = std::time::Instant::now();
     if changed_rows == 0 && gone_name.is_none() {
         return Ok((HashSet::new(), Vec::new(), 0));
     }
@@ -976,6 +983,8 @@ async fn merge_sql(
             return Err(e.into());
         }
     };
+    step_done(&new.table, "merge: touched files found", started);
+    let started = std::time::Instant::now();
     let touched_urls: HashSet<String> = touched.iter().map(|p| normalize_file(url, p)).collect();
     let list = touched
         .iter()
@@ -993,9 +1002,15 @@ async fn merge_sql(
     };
     // The files a merge writes keep the layout the table declares.
     let result = write_like(ctx, url, new, &output_sql).await;
+    step_done(&new.table, "merge: files rewritten", started);
     ctx.deregister_table("__kbcrm_changed")?;
     let (adds, _) = result?;
     Ok((touched_urls, adds, changed_rows))
+}
+
+/// A debug event: how long a step of writing `table` took.
+fn step_done(table: &str, step: &str, started: std::time::Instant) {
+    tracing::debug!(table, step, seconds = started.elapsed().as_secs_f64());
 }
 
 fn collect_strings(batches: &[RecordBatch]) -> Result<Vec<String>> {
