@@ -21,6 +21,10 @@ fn main() -> ExitCode {
     if cli.command.builds_tables() {
         kbcrm_alloc::return_freed_memory_soon();
     }
+    // No transparent huge pages: Linux zeroes a whole 2 MiB page on its first touch (47% of a
+    // 1% batch's CPU time); without them the batch runs 28% faster in a third less memory, a full
+    // load 13% faster, queries as fast (MIMALLOC_ALLOW_THP overrides).
+    kbcrm_alloc::no_transparent_huge_pages();
     kbcrm::cli::init_tracing(&cli);
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = miette::set_hook(Box::new(move |_| {
