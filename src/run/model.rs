@@ -24,7 +24,8 @@ use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
 use crate::warehouse::write::{
-    NewData, delete_files, merge_sorted_files, new_rows, stage, stage_merge_removing, write_frame,
+    NewData, delete_files, merge_sorted_files, new_rows, stage, stage_merge_removing, step_done,
+    write_frame,
 };
 
 /// What a step was built from: a hash of its definition and the version of each input.
@@ -232,7 +233,8 @@ impl Runner<'_> {
             ctx.register_table(table.as_str(), provider)?;
         }
         let new = result?;
-        tracing::debug!(table = %model.name, step = "model SQL written", seconds = started.elapsed().as_secs_f64());
+        step_done(&model.name, "model SQL written", started);
+        let looked_up = Instant::now();
         let rows = new.rows;
         let mode = match (self.options.full_refresh, model.mode) {
             (true, WriteMode::Merge) => WriteMode::Overwrite,
@@ -250,7 +252,7 @@ impl Runner<'_> {
             }
             _ => None,
         };
-        tracing::debug!(table = %model.name, step = "vanished rows looked up", seconds = started.elapsed().as_secs_f64());
+        step_done(&model.name, "vanished rows looked up", looked_up);
         let staged = match (mode, &model.scd2, vanished) {
             (WriteMode::Scd2, Some(opts), _) => {
                 stage_scd2(&self.wh, ctx, new, &model.keys, opts, state.run_micros).await

@@ -398,13 +398,14 @@ async fn stage_with(
     let current = wh.load(&new.table).await?;
     // A merge needs unique keys; so does the full refresh of a keyed source, which loads all
     // its files again.
-    let started = std::time::Instant::now();
     let new = if mode == WriteMode::Merge || !new.source_files.is_empty() {
-        latest_per_key(wh, ctx, new, keys).await?
+        let started = std::time::Instant::now();
+        let new = latest_per_key(wh, ctx, new, keys).await?;
+        step_done(&new.table, "keys checked unique", started);
+        new
     } else {
         new
     };
-    step_done(&new.table, "keys checked unique", started);
     let Some(current) = current else {
         return create(url, new, mode);
     };
@@ -1009,7 +1010,7 @@ async fn merge_sql(
 }
 
 /// A debug event: how long a step of writing `table` took.
-fn step_done(table: &str, step: &str, started: std::time::Instant) {
+pub(crate) fn step_done(table: &str, step: &str, started: std::time::Instant) {
     tracing::debug!(table, step, seconds = started.elapsed().as_secs_f64());
 }
 

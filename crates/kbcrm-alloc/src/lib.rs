@@ -124,6 +124,7 @@ mod tests {
             }
         }
     }
+
     #[test]
     fn no_transparent_huge_pages_turns_them_off_for_mimalloc_and_the_process() {
         if std::env::var_os(ALLOW_THP_ENV).is_some() {
