@@ -243,6 +243,30 @@ pub fn today_params() -> RunParams {
     }
 }
 
+/// A session like `root` (see [`with_empty_catalog`]) holding the tables of its default schema:
+/// a step of a run works in one while other steps run, registering and replacing tables (its
+/// inputs narrowed to what changed, a merge's temporary tables) without the others seeing them.
+/// Both share the runtime, so the memory limit holds for all of them together.
+pub async fn fork_session(root: &SessionContext) -> Result<SessionContext> {
+    let fork = with_empty_catalog(root);
+    let (catalog, schema) = {
+        let state = root.state();
+        let options = state.config().options();
+        (
+            options.catalog.default_catalog.clone(),
+            options.catalog.default_schema.clone(),
+        )
+    };
+    if let Some(schema) = root.catalog(&catalog).and_then(|c| c.schema(&schema)) {
+        for name in schema.table_names() {
+            if let Some(table) = schema.table(&name).await? {
+                fork.register_table(datafusion::common::TableReference::bare(name), table)?;
+            }
+        }
+    }
+    Ok(fork)
+}
+
 /// A session like `root` (its planner, settings, functions and runtime: on a Ballista cluster,
 /// the same scheduler) with a catalog of its own, still empty. The server holds one such
 /// session per role on the cluster, each with only the role's tables.

@@ -191,6 +191,10 @@ pub enum Command {
         /// Source files read at once; default the number of cores.
         #[arg(long)]
         parallel: Option<usize>,
+        /// Steps of a pipeline run at once (sources loaded, models built); default
+        /// `engine.threads` in kbcrm.yaml, else the number of cores.
+        #[arg(long)]
+        threads: Option<usize>,
         /// Reload every source file and rebuild every model, ignoring cursors and loaded files.
         #[arg(long)]
         full_refresh: bool,
@@ -432,6 +436,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Run {
             pipelines,
             parallel,
+            threads,
             full_refresh,
             as_of,
             from,
@@ -445,6 +450,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::validate::check_models(&project).await?;
             let options = RunOptions {
                 parallel: *parallel,
+                threads: *threads,
                 full_refresh: *full_refresh,
                 as_of: *as_of,
                 trigger: None,

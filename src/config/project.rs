@@ -308,6 +308,11 @@ pub struct EngineSpec {
     /// Parallelism of query plans; default the number of cores.
     #[serde(default)]
     pub target_partitions: Option<usize>,
+    /// Steps of a pipeline run at once: sources loaded and models built side by side, each as
+    /// soon as the tables it reads are built; default the number of cores. They share
+    /// `memory_limit`; a step that runs out of memory beside others runs again alone.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// Rows per record batch; default 8192.
     #[serde(default)]
     pub batch_size: Option<usize>,

@@ -274,6 +274,7 @@ impl Loader {
             memory_pool,
             spill_dir: e.spill_dir.as_ref().map(|d| self.root.join(d)),
             target_partitions: e.target_partitions,
+            threads: e.threads,
             batch_size: e.batch_size,
             datafusion: spec
                 .datafusion

@@ -119,6 +119,8 @@ pub struct EngineSettings {
     pub spill_dir: Option<PathBuf>,
     /// Plan parallelism.
     pub target_partitions: Option<usize>,
+    /// Steps of a pipeline run at once.
+    pub threads: Option<usize>,
     /// Batch size.
     pub batch_size: Option<usize>,
     /// DataFusion settings passed through.

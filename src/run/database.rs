@@ -274,7 +274,7 @@ fn with_deleted_at(
     crate::warehouse::conform_batch(&batch, schema)
 }
 
-impl Runner<'_> {
+impl Runner {
     pub(super) async fn load_database_source(
         &self,
         source: &Source,

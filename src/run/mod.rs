@@ -10,8 +10,10 @@ pub(crate) use model::model_definition;
 mod progress;
 mod quarantine;
 mod source;
+mod steps;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
@@ -27,6 +29,7 @@ use crate::warehouse::history::{RunKind, RunRecord, RunStatus, TableRecord};
 use crate::warehouse::state::{self, StateKey};
 use crate::warehouse::{Staged, Warehouse, commit_run, file_url, files_provider};
 use deltalake::kernel::Action;
+use steps::Work;
 
 pub use progress::Progress;
 pub use quarantine::{QUARANTINE_TABLE, quarantine_schema};
@@ -36,6 +39,9 @@ pub use quarantine::{QUARANTINE_TABLE, quarantine_schema};
 pub struct RunOptions {
     /// Files read at once per source; default the number of cores.
     pub parallel: Option<usize>,
+    /// Steps of a pipeline run at once (sources loaded, models and identities built, each as
+    /// soon as what it reads is built); default `engine.threads`, else the number of cores.
+    pub threads: Option<usize>,
     /// Ignore cursors, loaded files and up-to-date models: reload and rebuild everything.
     pub full_refresh: bool,
     /// The date the run is as of (`kbcrm_as_of()` in SQL); default today.
@@ -113,12 +119,13 @@ pub struct RunReport {
 }
 
 /// Runs pipelines of one project against one warehouse.
-pub struct Runner<'a> {
-    project: &'a Project,
+#[derive(Clone)]
+pub struct Runner {
+    project: Arc<Project>,
     wh: Warehouse,
     options: RunOptions,
     progress: Progress,
-    _lock: Option<lock::RunLock>,
+    _lock: Option<Arc<lock::RunLock>>,
 }
 
 /// Work in progress of one pipeline run.
@@ -159,13 +166,9 @@ impl RunState {
     }
 }
 
-impl<'a> Runner<'a> {
+impl Runner {
     /// A runner; completes any interrupted commit first.
-    pub async fn new(
-        project: &'a Project,
-        options: RunOptions,
-        progress: Progress,
-    ) -> Result<Self> {
+    pub async fn new(project: &Project, options: RunOptions, progress: Progress) -> Result<Self> {
         let wh = Warehouse::open(&project.warehouse)?.with_table_cache();
         // Held until the runner is dropped: recovery and every commit happen under it.
         let lock = lock::RunLock::acquire(&wh).await?;
@@ -173,11 +176,11 @@ impl<'a> Runner<'a> {
             info!(run_id = %run, "completed the commit of an interrupted run");
         }
         Ok(Runner {
-            project,
+            project: Arc::new(project.clone()),
             wh,
             options,
             progress,
-            _lock: lock,
+            _lock: lock.map(Arc::new),
         })
     }
 
@@ -210,12 +213,12 @@ impl<'a> Runner<'a> {
     pub async fn run_pipeline(&self, pipeline: &Pipeline) -> Result<RunReport> {
         let run_id = uuid::Uuid::now_v7().to_string();
         let started_at = chrono::Utc::now();
-        crate::lineage::emit(self.project, &pipeline.name, &run_id, "START", None).await;
+        crate::lineage::emit(&self.project, &pipeline.name, &run_id, "START", None).await;
         let result = self.run_pipeline_as(pipeline, run_id.clone()).await;
         let error = result.as_ref().err().map(|e| e.to_string());
         let event = if error.is_some() { "FAIL" } else { "COMPLETE" };
         crate::lineage::emit(
-            self.project,
+            &self.project,
             &pipeline.name,
             &run_id,
             event,
@@ -328,9 +331,8 @@ impl<'a> Runner<'a> {
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<Vec<TestReport>> {
-        for s in &pipeline.sources {
-            self.load_source(s, ctx, state).await?;
-        }
+        let sources = pipeline.sources.iter().cloned().map(Work::Source).collect();
+        self.run_steps(sources, ctx, state).await?;
         if !state.rejects.is_empty() {
             let started = Instant::now();
             let rejects = std::mem::take(&mut state.rejects);
@@ -350,15 +352,15 @@ impl<'a> Runner<'a> {
                 .await?;
             }
         }
-        for step in &pipeline.steps {
-            match *step {
-                Step::Model(i) => self.build_model(&pipeline.models[i], ctx, state).await?,
-                Step::Identity(i) => {
-                    self.resolve_identity(&pipeline.identities[i], ctx, state)
-                        .await?
-                }
-            }
-        }
+        let steps = pipeline
+            .steps
+            .iter()
+            .map(|step| match *step {
+                Step::Model(i) => Work::Model(pipeline.models[i].clone()),
+                Step::Identity(i) => Work::Identity(pipeline.identities[i].clone()),
+            })
+            .collect();
+        self.run_steps(steps, ctx, state).await?;
         let tests = self.check_tests(pipeline, ctx, state).await?;
         self.stage_bookkeeping(ctx, state, &pipeline.name, &tests)
             .await?;
@@ -404,7 +406,12 @@ impl<'a> Runner<'a> {
 
     /// Delete the data files of writes that will not be committed.
     async fn abort(&self, state: &RunState) {
-        for s in &state.staged {
+        self.discard(&state.staged).await;
+    }
+
+    /// Delete the data files of `staged`.
+    async fn discard(&self, staged: &[Staged]) {
+        for s in staged {
             let adds: Vec<_> = s
                 .actions
                 .iter()

@@ -144,7 +144,7 @@ fn recorded_version(fingerprint: &str, table: &str) -> Option<u64> {
     v.get("inputs")?.get(table)?.as_u64()
 }
 
-impl Runner<'_> {
+impl Runner {
     /// Whether `outputs` exist and were built from exactly this definition and these inputs.
     fn up_to_date(&self, state: &RunState, key: &StateKey, print: &str, outputs: &[&str]) -> bool {
         !self.options.full_refresh
@@ -513,11 +513,8 @@ impl Runner<'_> {
             .distinct()?
             .cache()
             .await?;
-        info!(
-            key,
-            keys = keys.clone().count().await?,
-            "rebuilding the rows of these keys"
-        );
+        let count = keys.clone().count().await?;
+        info!(key, keys = count, "rebuilding the rows of these keys");
         Ok(keys)
     }
     /// The ids of records whose golden fields differ from the versions of their tables the last

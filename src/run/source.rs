@@ -119,7 +119,7 @@ fn max_of(col: &ArrayRef) -> Result<ArrayRef> {
     Ok(col.slice(best.unwrap_or(0), 1))
 }
 
-impl Runner<'_> {
+impl Runner {
     /// After a source is read: above its reject limit the staged files go and the run fails
     /// (nothing committed); otherwise the new watermark is kept for the commit.
     pub(super) async fn settle_read(

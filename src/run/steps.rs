@@ -1,0 +1,312 @@
+//! Running a pipeline's steps side by side: each as soon as the tables it reads are built, at
+//! most `threads` at once, each in a session and a copy of the run's state of its own. What a
+//! step staged is taken into the run when it ends; its report keeps the pipeline's step order.
+
+use std::collections::HashMap;
+
+use datafusion::prelude::SessionContext;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::{RunState, Runner, default_parallelism};
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::plan::{Model, Source};
+use crate::warehouse::Staged;
+
+/// One step of a pipeline run.
+#[derive(Clone)]
+pub(super) enum Work {
+    Source(Source),
+    Model(Model),
+    Identity(Identity),
+}
+
+impl Work {
+    /// Tables the step writes.
+    fn writes(&self) -> Vec<&str> {
+        match self {
+            Work::Source(s) => vec![s.table.as_str()],
+            Work::Model(m) => vec![m.name.as_str()],
+            Work::Identity(i) => vec![i.map_table.as_str(), i.golden_table.as_str()],
+        }
+    }
+
+    /// Tables the step reads that a step of the same run may write.
+    fn reads(&self) -> Vec<&str> {
+        match self {
+            // Sources read files; their bookkeeping is read as committed.
+            Work::Source(_) => Vec::new(),
+            Work::Model(m) => m.depends_on.iter().map(String::as_str).collect(),
+            Work::Identity(i) => i.sources.iter().map(|s| s.table.as_str()).collect(),
+        }
+    }
+}
+
+/// For each step, the earlier steps that write a table it reads.
+fn dependencies(work: &[Work]) -> Vec<Vec<usize>> {
+    let mut writer: HashMap<&str, usize> = HashMap::new();
+    let mut deps = Vec::with_capacity(work.len());
+    for (i, w) in work.iter().enumerate() {
+        let mut d: Vec<usize> = w
+            .reads()
+            .into_iter()
+            .filter_map(|t| writer.get(t).copied())
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        deps.push(d);
+        for t in w.writes() {
+            writer.insert(t, i);
+        }
+    }
+    deps
+}
+
+/// Register `table` of `from` in `to`, in place of what `to` had under that name.
+async fn share_table(from: &SessionContext, to: &SessionContext, table: &str) -> Result<()> {
+    let provider = from.table_provider(table).await?;
+    to.deregister_table(table)?;
+    to.register_table(table, provider)?;
+    Ok(())
+}
+
+impl RunState {
+    /// A copy for one step that runs beside others: what the run has staged so far, and none
+    /// of what the run has reported, rejected or recorded.
+    fn fork(&self) -> RunState {
+        RunState {
+            run_id: self.run_id.clone(),
+            run_micros: self.run_micros,
+            staged: self.staged.clone(),
+            tables: Vec::new(),
+            rejects: Vec::new(),
+            identities: Vec::new(),
+            committed: self.committed.clone(),
+            state_before: self.state_before.clone(),
+            state_after: HashMap::new(),
+            loaded_files: Vec::new(),
+            params: self.params.clone(),
+            cluster: self.cluster.clone(),
+        }
+    }
+
+    /// Take in the reports and records of a fork (its staged writes are taken as it ends).
+    fn join(&mut self, fork: RunState) {
+        self.tables.extend(fork.tables);
+        self.rejects.extend(fork.rejects);
+        self.identities.extend(fork.identities);
+        self.state_after.extend(fork.state_after);
+        self.loaded_files.extend(fork.loaded_files);
+    }
+}
+
+/// What a step returns from its task: its index, how many writes its state held when it
+/// started, its state and session, and how it went.
+type Done = (usize, usize, RunState, SessionContext, Result<()>);
+
+impl Runner {
+    /// Steps run at once.
+    pub(super) fn threads(&self, state: &RunState) -> usize {
+        // A cluster session is shared by every step; its steps run one at a time.
+        if state.cluster.is_some() {
+            return 1;
+        }
+        self.options
+            .threads
+            .or(self.project.engine.threads)
+            .unwrap_or_else(default_parallelism)
+            .max(1)
+    }
+
+    async fn run_work(
+        &self,
+        work: &Work,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> Result<()> {
+        match work {
+            Work::Source(s) => self.load_source(s, ctx, state).await,
+            Work::Model(m) => self.build_model(m, ctx, state).await,
+            Work::Identity(i) => self.resolve_identity(i, ctx, state).await,
+        }
+    }
+
+    /// Run `work`, each step after the earlier steps that write what it reads. On an error no
+    /// further step starts; those running finish (their writes are staged, for the caller to
+    /// discard) and the first error is returned. A step that runs out of memory beside others
+    /// is run again alone.
+    pub(super) async fn run_steps(
+        &self,
+        work: Vec<Work>,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> Result<()> {
+        let threads = self.threads(state);
+        if threads <= 1 || work.len() <= 1 {
+            for w in &work {
+                self.run_work(w, ctx, state).await?;
+            }
+            return Ok(());
+        }
+        let deps = dependencies(&work);
+        let n = work.len();
+        let mut started = vec![false; n];
+        let mut done = vec![false; n];
+        // Steps to run again once nothing else runs.
+        let mut alone: Vec<usize> = Vec::new();
+        // What each finished step reported, joined in step order at the end.
+        let mut finished: Vec<Option<RunState>> = (0..n).map(|_| None).collect();
+        // The step each staged write of this call came from, to put them in step order.
+        let first_staged = state.staged.len();
+        let mut origin: Vec<usize> = Vec::new();
+        let mut error: Option<Error> = None;
+        let mut running: JoinSet<Done> = JoinSet::new();
+        // Steps running, and whether each ran beside another at some time.
+        let mut in_flight: Vec<usize> = Vec::new();
+        let mut overlapped = vec![false; n];
+        loop {
+            if error.is_none() {
+                let exclusive = alone.first().copied().filter(|_| running.is_empty());
+                for i in 0..n {
+                    let ready = match exclusive {
+                        Some(e) => i == e,
+                        None => {
+                            alone.is_empty()
+                                && running.len() < threads
+                                && !started[i]
+                                && deps[i].iter().all(|d| done[*d])
+                        }
+                    };
+                    if !ready {
+                        continue;
+                    }
+                    if exclusive.is_some() {
+                        alone.remove(0);
+                    }
+                    let fork_ctx = match crate::engine::fork_session(ctx).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            error = Some(e);
+                            break;
+                        }
+                    };
+                    started[i] = true;
+                    if !in_flight.is_empty() {
+                        overlapped[i] = true;
+                        for j in &in_flight {
+                            overlapped[*j] = true;
+                        }
+                    }
+                    in_flight.push(i);
+                    let fork = state.fork();
+                    let at = fork.staged.len();
+                    let (runner, step) = (self.clone(), work[i].clone());
+                    running.spawn(
+                        async move {
+                            let mut fork = fork;
+                            let result = runner.run_work(&step, &fork_ctx, &mut fork).await;
+                            (i, at, fork, fork_ctx, result)
+                        }
+                        .in_current_span(),
+                    );
+                    if exclusive.is_some() {
+                        break;
+                    }
+                }
+            }
+            let Some(joined) = running.join_next().await else {
+                break;
+            };
+            let (i, at, mut fork, fork_ctx, result) = match joined {
+                Ok(d) => d,
+                Err(e) => {
+                    error.get_or_insert(Error::Internal(format!("a step of the run failed: {e}")));
+                    continue;
+                }
+            };
+            in_flight.retain(|j| *j != i);
+            match result {
+                Err(e) if e.is_out_of_memory() && overlapped[i] && error.is_none() => {
+                    tracing::info!(
+                        step = i,
+                        "a step ran out of memory beside other steps; it runs again alone"
+                    );
+                    let fork_staged: Vec<Staged> = fork.staged.drain(at..).collect();
+                    self.discard(&fork_staged).await;
+                    overlapped[i] = false;
+                    alone.push(i);
+                    continue;
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+                Ok(()) => {}
+            }
+            // Later steps read what this one staged, in the run's session.
+            for s in fork.staged.drain(at..) {
+                if s.changes()
+                    && let Err(e) = share_table(&fork_ctx, ctx, &s.table).await
+                {
+                    error.get_or_insert(e);
+                }
+                origin.push(i);
+                state.staged.push(s);
+            }
+            done[i] = true;
+            finished[i] = Some(fork);
+        }
+        // Reports, records and writes in the pipeline's step order, however the steps ended.
+        let mut staged: Vec<(usize, Staged)> = origin
+            .into_iter()
+            .zip(state.staged.drain(first_staged..))
+            .collect();
+        staged.sort_by_key(|(i, _)| *i);
+        state.staged.extend(staged.into_iter().map(|(_, s)| s));
+        for fork in finished.into_iter().flatten() {
+            state.join(fork);
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str, reads: &[&str]) -> Work {
+        Work::Model(Model {
+            pipeline: "p".to_string(),
+            name: name.to_string(),
+            file: format!("{name}.sql").into(),
+            sql: std::sync::Arc::new(String::new()),
+            mode: crate::config::pipeline::WriteMode::Overwrite,
+            keys: Vec::new(),
+            depends_on: reads.iter().map(|s| s.to_string()).collect(),
+            incremental: None,
+            scd2: None,
+            rollup: false,
+            cluster_by: Vec::new(),
+            files_by: None,
+            slices: None,
+        })
+    }
+
+    #[test]
+    fn a_step_waits_for_the_earlier_steps_that_write_what_it_reads() {
+        let work = vec![
+            model("stg_a", &["raw_a"]),
+            model("stg_b", &["raw_b"]),
+            model("dim", &["stg_a", "stg_b", "raw_c"]),
+            model("fact", &["stg_b", "dim"]),
+            model("other", &["elsewhere"]),
+        ];
+        assert_eq!(
+            dependencies(&work),
+            vec![vec![], vec![], vec![0, 1], vec![1, 2], vec![]]
+        );
+    }
+}
