@@ -331,7 +331,11 @@ impl Runner {
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<Vec<TestReport>> {
-        let sources = pipeline.sources.iter().cloned().map(Work::Source).collect();
+        let sources = pipeline
+            .sources
+            .iter()
+            .map(|s| Work::Source(Box::new(s.clone())))
+            .collect();
         self.run_steps(sources, ctx, state).await?;
         if !state.rejects.is_empty() {
             let started = Instant::now();
@@ -356,8 +360,8 @@ impl Runner {
             .steps
             .iter()
             .map(|step| match *step {
-                Step::Model(i) => Work::Model(pipeline.models[i].clone()),
-                Step::Identity(i) => Work::Identity(pipeline.identities[i].clone()),
+                Step::Model(i) => Work::Model(Box::new(pipeline.models[i].clone())),
+                Step::Identity(i) => Work::Identity(Box::new(pipeline.identities[i].clone())),
             })
             .collect();
         self.run_steps(steps, ctx, state).await?;

@@ -17,9 +17,9 @@ use crate::warehouse::Staged;
 /// One step of a pipeline run.
 #[derive(Clone)]
 pub(super) enum Work {
-    Source(Source),
-    Model(Model),
-    Identity(Identity),
+    Source(Box<Source>),
+    Model(Box<Model>),
+    Identity(Box<Identity>),
 }
 
 impl Work {
@@ -278,7 +278,7 @@ mod tests {
     use super::*;
 
     fn model(name: &str, reads: &[&str]) -> Work {
-        Work::Model(Model {
+        Work::Model(Box::new(Model {
             pipeline: "p".to_string(),
             name: name.to_string(),
             file: format!("{name}.sql").into(),
@@ -292,7 +292,7 @@ mod tests {
             cluster_by: Vec::new(),
             files_by: None,
             slices: None,
-        })
+        }))
     }
 
     #[test]
