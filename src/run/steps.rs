@@ -229,7 +229,7 @@ impl Runner {
             match result {
                 Err(e) if e.is_out_of_memory() && overlapped[i] && error.is_none() => {
                     tracing::info!(
-                        step = i,
+                        step = work[i].writes().join(", "),
                         "a step ran out of memory beside other steps; it runs again alone"
                     );
                     let fork_staged: Vec<Staged> = fork.staged.drain(at..).collect();
