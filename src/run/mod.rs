@@ -530,24 +530,41 @@ impl Runner {
                 .state_before
                 .get(&result_key)
                 .and_then(|n| n.parse::<u64>().ok());
-            let added = match (before, &t.added_rows) {
-                (Some(b), Some(q)) if *b != print && failures_before == Some(0) => {
-                    added_rows(b, t, state).map(|files| (q, files))
+            // A custom SQL test that filters the rows of one table, each on its own, checks
+            // added rows like the built-in per-row tests.
+            let table = match &t.added_rows {
+                Some(_) => Some(t.table.as_str()),
+                None => row_local_table(ctx, t).await,
+            };
+            let added = match (before, table) {
+                (Some(b), Some(table)) if *b != print && failures_before == Some(0) => {
+                    added_rows(b, t, table, state).map(|files| (table, files))
                 }
                 _ => None,
             };
             let (failures, checked) = if before == Some(&print) && failures_before.is_some() {
                 (failures_before.unwrap_or_default(), Checked::Reused)
-            } else if let Some((query, files)) = added {
-                let failures = match files {
-                    None => 0,
-                    Some((files, schema)) => {
+            } else if let Some((table, files)) = added {
+                let failures = match (files, &t.added_rows) {
+                    (None, _) => 0,
+                    (Some((files, schema)), Some(query)) => {
                         ctx.register_table(
                             crate::plan::ADDED_ROWS,
                             files_provider(&files, schema).await?,
                         )?;
                         let n = count_rows(ctx, query, pipeline, t).await;
                         ctx.deregister_table(crate::plan::ADDED_ROWS)?;
+                        n?
+                    }
+                    // The test's own query, over only the added rows of its one table.
+                    (Some((files, schema)), None) => {
+                        let added = files_provider(&files, schema).await?;
+                        let whole = ctx.table_provider(table).await?;
+                        ctx.deregister_table(table)?;
+                        ctx.register_table(table, added)?;
+                        let n = count_rows(ctx, &t.query, pipeline, t).await;
+                        ctx.deregister_table(table)?;
+                        ctx.register_table(table, whole)?;
                         n?
                     }
                 };
@@ -596,13 +613,78 @@ async fn count_rows(
     Ok(df.count().await? as u64)
 }
 
+/// The one table a custom SQL test reads when its query keeps or drops each row of that table
+/// on its own: scans, filters, projections, sorts, limits and `distinct` over one scan, no
+/// subqueries, and only functions whose result depends on their arguments alone (not
+/// `now()` or `kbcrm_as_of()`). Such a query returns no rows for a table that passed it
+/// before and only gained rows exactly when it returns none for the added rows.
+async fn row_local_table<'t>(
+    ctx: &SessionContext,
+    t: &'t crate::plan::DataTest,
+) -> Option<&'t str> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, LogicalPlan, SkipType, Volatility};
+    let [table] = t.reads.as_slice() else {
+        return None;
+    };
+    if t.added_rows.is_some() {
+        return None;
+    }
+    let plan = ctx.state().create_logical_plan(&t.query).await.ok()?;
+    let per_row_expr = |e: &Expr| {
+        !e.exists(|e| {
+            Ok(match e {
+                Expr::ScalarSubquery(_)
+                | Expr::InSubquery(_)
+                | Expr::Exists(_)
+                | Expr::OuterReferenceColumn(..)
+                | Expr::Placeholder(_)
+                | Expr::AggregateFunction(_)
+                | Expr::WindowFunction(_) => true,
+                Expr::ScalarFunction(f) => f.func.signature().volatility != Volatility::Immutable,
+                _ => false,
+            })
+        })
+        .unwrap_or(true)
+    };
+    let mut scans = 0;
+    let mut local = true;
+    let _ = plan.apply(|node| {
+        local &= match node {
+            LogicalPlan::TableScan(s) => {
+                scans += 1;
+                s.table_name.table() == table.as_str() && s.filters.is_empty()
+            }
+            // An offset keeps the first failures from counting, and which rows are first
+            // depends on the whole table.
+            LogicalPlan::Limit(l) => {
+                matches!(l.get_skip_type(), Ok(SkipType::Literal(0)))
+                    && node.expressions().iter().all(per_row_expr)
+            }
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Distinct(_)
+            | LogicalPlan::SubqueryAlias(_) => node.expressions().iter().all(per_row_expr),
+            _ => false,
+        };
+        Ok(if local {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    });
+    (local && scans == 1).then_some(table.as_str())
+}
+
 /// Whether a data test may check only the rows this run added: its last check (`before`, its
 /// fingerprint) was of the same query over the table versions this run started from, and the run
-/// only added files to the tables it reads. Then `Some` of the files added to the test's table,
-/// with their schema (`None`: it gained none).
+/// only added files to the tables it reads. Then `Some` of the files added to `table` (the one
+/// it checks), with their schema (`None`: it gained none).
 fn added_rows(
     before: &str,
     t: &crate::plan::DataTest,
+    table_checked: &str,
     state: &RunState,
 ) -> Option<Option<(Vec<url::Url>, arrow::datatypes::SchemaRef)>> {
     let before: serde_json::Value = serde_json::from_str(before).ok()?;
@@ -624,7 +706,7 @@ fn added_rows(
             if s.read_version != Some(committed) || !add_only {
                 return None;
             }
-            if table == &t.table {
+            if table == table_checked {
                 let (files, _) = added.get_or_insert_with(|| (Vec::new(), s.schema.clone()));
                 files.extend(s.actions.iter().filter_map(|a| match a {
                     Action::Add(add) => Some(file_url(&s.url, &add.path)),
@@ -651,4 +733,63 @@ pub(super) fn in_pipeline(e: Error, pipeline: &str) -> Error {
 /// Cores available, at least 1.
 pub fn default_parallelism() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn checked_table(sql: &str) -> Option<String> {
+        let ctx = SessionContext::new();
+        crate::udf::register(&ctx, &crate::udf::RunParams::default());
+        for ddl in [
+            "create table sales (id int, net double, gross double, day date)",
+            "create table customers (id int, name varchar)",
+        ] {
+            ctx.sql(ddl)
+                .await
+                .expect("create")
+                .collect()
+                .await
+                .expect("created");
+        }
+        let t = crate::plan::DataTest {
+            name: "t".into(),
+            table: "sales".into(),
+            query: sql.into(),
+            added_rows: None,
+            severity: Severity::Error,
+            reads: vec!["sales".into()],
+        };
+        row_local_table(&ctx, &t).await.map(str::to_string)
+    }
+
+    #[tokio::test]
+    async fn only_queries_that_judge_each_row_alone_are_narrowed_to_added_rows() {
+        let row_local = [
+            "select * from sales where net > gross",
+            "select id, abs(net) as a from sales s where coalesce(net, 0) < 0 order by id limit 5",
+            "select distinct id from sales where day > date '2030-01-01'",
+        ];
+        for sql in row_local {
+            assert_eq!(checked_table(sql).await.as_deref(), Some("sales"), "{sql}");
+        }
+        let whole = [
+            // Rows judged together, or against another table, or against the run's date.
+            "select id from sales group by id having count(*) > 1",
+            "select * from sales where net > (select avg(net) from sales)",
+            "select * from sales where id not in (select id from sales where net < 0)",
+            "select s.* from sales s join customers c on s.id = c.id",
+            "select * from sales where day > kbcrm_as_of()",
+            "select * from sales where day > now()",
+            "select * from sales where random() < 0.5",
+            "select id, row_number() over (order by id) as n from sales",
+            "select * from sales order by id limit 5 offset 2",
+            "select * from sales union all select * from sales",
+            "not sql",
+        ];
+        for sql in whole {
+            assert_eq!(checked_table(sql).await, None, "{sql}");
+        }
+    }
 }

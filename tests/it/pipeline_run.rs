@@ -946,6 +946,50 @@ fn data_tests_check_only_the_added_rows_of_tables_that_only_grew() {
     assert_eq!(p.scalar("select count(*) from raw_p_o"), 3);
 }
 
+/// A custom SQL test that judges each row of one table alone checks only the rows a run added,
+/// and still fails on a bad added row; one that compares rows with each other reads the table
+/// whole.
+#[test]
+fn custom_sql_tests_that_judge_rows_one_by_one_check_only_the_added_rows() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  o:\n    format: csv\n    location: data/\n    mode: append\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n      net: double\n      gross: double\n\
+         tests:\n  - sql: { name: net within gross, query: \"select * from raw_p_o where net > gross\" }\n\
+         \x20 - sql: { name: one row per id, query: \"select id from raw_p_o group by id having count(*) > 1\" }\n",
+    );
+    p.write("data/1.csv", "id,net,gross\n1,5,6\n2,7,7\n");
+    let line = |out: &str, name: &str| {
+        out.lines()
+            .find(|l| l.contains("test") && l.contains(name))
+            .unwrap_or_else(|| panic!("no line for {name}: {out}"))
+            .to_string()
+    };
+    let first = p.ok(&["run"]);
+    assert!(
+        line(&first, "net within gross").ends_with("pass"),
+        "{first}"
+    );
+
+    p.write("data/2.csv", "id,net,gross\n3,1,2\n");
+    let out = p.ok(&["run"]);
+    let narrowed = line(&out, "net within gross");
+    assert!(
+        narrowed.ends_with("pass (rows added by this run)"),
+        "{narrowed}"
+    );
+    let whole = line(&out, "one row per id");
+    assert!(whole.ends_with("pass"), "{whole}");
+
+    // A bad added row fails the narrowed test; a repeated old id fails the whole-table one.
+    p.write("data/3.csv", "id,net,gross\n4,9,8\n");
+    p.fails_cleanly_with(3, &["run"], &[], &["net within gross", "(1 failing)"], &[]);
+    p.write("data/3.csv", "id,net,gross\n1,1,1\n");
+    p.fails_cleanly_with(3, &["run"], &[], &["one row per id", "(1 failing)"], &[]);
+    std::fs::remove_file(p.path().join("data/3.csv")).unwrap();
+    assert_eq!(p.scalar("select count(*) from raw_p_o"), 3);
+}
+
 #[test]
 fn data_tests_over_unchanged_tables_keep_their_last_result() {
     let p = Project::empty();
