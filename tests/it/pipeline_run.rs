@@ -873,6 +873,14 @@ fn cluster_by_writes_sorted_files_and_a_full_refresh_applies_a_new_order() {
     assert_eq!(p.scalar("select count(*) from by_id"), 12);
 }
 
+/// The summary line of the data test named `name`.
+fn test_line(out: &str, name: &str) -> String {
+    out.lines()
+        .find(|l| l.contains("test") && l.contains(name))
+        .unwrap_or_else(|| panic!("no line for {name}: {out}"))
+        .to_string()
+}
+
 /// A test whose tables passed it and have only gained rows since checks the added rows alone,
 /// and still finds a key an added row repeats or a parent an added row lacks; a table that lost
 /// rows (a model rewritten) is checked whole.
@@ -893,12 +901,6 @@ fn data_tests_check_only_the_added_rows_of_tables_that_only_grew() {
     );
     p.write("data/c/1.csv", "id,name\n1,anna\n2,ben\n3,cleo\n");
     p.write("data/o/1.csv", "id,customer\n10,1\n11,2\n");
-    let test_line = |out: &str, name: &str| {
-        out.lines()
-            .find(|l| l.contains("test") && l.contains(name))
-            .unwrap_or_else(|| panic!("no line for {name}: {out}"))
-            .to_string()
-    };
     let first = p.ok(&["run"]);
     for name in ["unique(raw_p_o: id)", "relationships(raw_p_o.customer"] {
         let line = test_line(&first, name);
@@ -959,26 +961,20 @@ fn custom_sql_tests_that_judge_rows_one_by_one_check_only_the_added_rows() {
          \x20 - sql: { name: one row per id, query: \"select id from raw_p_o group by id having count(*) > 1\" }\n",
     );
     p.write("data/1.csv", "id,net,gross\n1,5,6\n2,7,7\n");
-    let line = |out: &str, name: &str| {
-        out.lines()
-            .find(|l| l.contains("test") && l.contains(name))
-            .unwrap_or_else(|| panic!("no line for {name}: {out}"))
-            .to_string()
-    };
     let first = p.ok(&["run"]);
     assert!(
-        line(&first, "net within gross").ends_with("pass"),
+        test_line(&first, "net within gross").ends_with("pass"),
         "{first}"
     );
 
     p.write("data/2.csv", "id,net,gross\n3,1,2\n");
     let out = p.ok(&["run"]);
-    let narrowed = line(&out, "net within gross");
+    let narrowed = test_line(&out, "net within gross");
     assert!(
         narrowed.ends_with("pass (rows added by this run)"),
         "{narrowed}"
     );
-    let whole = line(&out, "one row per id");
+    let whole = test_line(&out, "one row per id");
     assert!(whole.ends_with("pass"), "{whole}");
 
     // A bad added row fails the narrowed test; a repeated old id fails the whole-table one.
