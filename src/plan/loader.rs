@@ -1325,9 +1325,12 @@ fn model_options_problem(spec: &ModelSpec) -> Option<String> {
         m if m != WriteMode::Scd2 && spec.scd2.is_some() => {
             Some(format!("{what}: `scd2:` options need `mode: scd2`"))
         }
-        m if m != WriteMode::Merge && spec.incremental.is_some() => Some(format!(
-            "{what}: `incremental:` needs `mode: merge` (new rows are merged by key)"
-        )),
+        m if m != WriteMode::Merge && m != WriteMode::Scd2 && spec.incremental.is_some() => {
+            Some(format!(
+                "{what}: `incremental:` needs `mode: merge` or `mode: scd2` (new rows are merged \
+                 by key)"
+            ))
+        }
         m if spec.rollup && m != WriteMode::Overwrite => Some(format!(
             "{what}: a rollup is rebuilt whole (`mode: overwrite`, the default), so that it \
              always sums every row of its tables"

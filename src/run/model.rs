@@ -10,6 +10,7 @@ use datafusion::catalog::TableProvider;
 use datafusion::common::{Column, JoinType};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{DataFrame, Expr, SessionContext, cast, col, ident, lit};
+use deltalake::kernel::Action;
 use sha2::{Digest, Sha256};
 use tracing::{info, instrument};
 use url::Url;
@@ -24,8 +25,8 @@ use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
 use crate::warehouse::write::{
-    NewData, delete_files, merge_sorted_files, new_rows, stage, stage_merge_removing, step_done,
-    write_frame,
+    NewData, delete_files, file_url, merge_sorted_files, new_rows, stage, stage_merge_removing,
+    step_done, unchanged_since, write_frame,
 };
 
 /// What a step was built from: a hash of its definition and the version of each input.
@@ -472,11 +473,14 @@ impl Runner {
         Ok((gone.num_rows() > 0).then_some(gone))
     }
 
-    /// Files of `table` now that were not among its files at version `before`.
+    /// Files of `table` now that were not among its files at version `before`, less those a
+    /// merge wrote with the rows it kept unchanged from version `before` (their rows are not
+    /// new to a model that read that version).
     async fn added_files(&self, state: &RunState, table: &str, before: u64) -> Result<Vec<Url>> {
-        let now: Vec<Url> = match state.staged(table) {
-            Some(s) if s.changes() => s.files.clone(),
-            _ => self.wh.files_at(table, None).await?,
+        let staged = state.staged(table).filter(|s| s.changes());
+        let now: Vec<Url> = match staged {
+            Some(s) => s.files.clone(),
+            None => self.wh.files_at(table, None).await?,
         };
         let then: HashSet<Url> = self
             .wh
@@ -484,7 +488,20 @@ impl Runner {
             .await?
             .into_iter()
             .collect();
-        Ok(now.into_iter().filter(|u| !then.contains(u)).collect())
+        let mut unchanged = self.wh.files_unchanged_since(table).await?;
+        if let Some(s) = staged {
+            for a in &s.actions {
+                if let Action::Add(add) = a
+                    && let Some(v) = unchanged_since(add)
+                {
+                    unchanged.insert(file_url(&s.url, &add.path), v);
+                }
+            }
+        }
+        Ok(now
+            .into_iter()
+            .filter(|u| !then.contains(u) && unchanged.get(u) != Some(&before))
+            .collect())
     }
 
     /// The distinct values of `key` among the added rows of every driving table, in memory,

@@ -294,6 +294,25 @@ impl Warehouse {
         active_files(&table, &url).map_err(|e| with_table(e, name))
     }
 
+    /// The current data files of a table that a merge tagged as holding rows unchanged since
+    /// an earlier version, with that version.
+    pub async fn files_unchanged_since(&self, name: &str) -> Result<HashMap<Url, u64>> {
+        let url = self.table_url(name);
+        let Some(table) = self.load(name).await? else {
+            return Ok(HashMap::new());
+        };
+        let mut out = HashMap::new();
+        for f in table.snapshot()?.log_data().iter() {
+            // The tags are only reachable through the whole action.
+            #[allow(deprecated)]
+            let add = f.add_action();
+            if let Some(v) = write::unchanged_since(&add) {
+                out.insert(url.join(&f.path()).unwrap_or_else(|_| url.clone()), v);
+            }
+        }
+        Ok(out)
+    }
+
     /// Register one committed table version in `ctx`.
     pub async fn register(
         &self,

@@ -990,7 +990,8 @@ async fn merge(
     let removing = ctx.table_exist(gone_name.as_str())?;
     let result = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
         let gone = removing.then_some(gone_name.as_str());
-        merge_sql(ctx, &url, &new, keys, &new_name, &target_name, gone)
+        let names = (new_name.as_str(), target_name.as_str(), gone);
+        merge_sql(wh, ctx, &url, &new, keys, names, current.version())
     })
     .await;
     if removing {
@@ -1047,13 +1048,13 @@ async fn known_keys(
 /// Run the merge: returns the files to remove (as URLs), the files written, and the number of
 /// new or changed rows.
 async fn merge_sql(
+    wh: &Warehouse,
     ctx: &SessionContext,
     url: &Url,
     new: &NewData,
     keys: &[String],
-    new_name: &str,
-    target_name: &str,
-    gone_name: Option<&str>,
+    (new_name, target_name, gone_name): (&str, &str, Option<&str>),
+    read_version: Option<u64>,
 ) -> Result<(HashSet<String>, Vec<Add>, u64)> {
     let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
     let on = same(keys, "c", "t");
@@ -1109,21 +1110,58 @@ async fn merge_sql(
         .map(|p| format!("'{}'", p.replace('\'', "''")))
         .collect::<Vec<_>>()
         .join(", ");
-    let output_sql = if touched.is_empty() {
-        "select * from __kbcrm_changed".to_string()
-    } else {
-        format!(
-            "select * from __kbcrm_changed union all \
-             select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
-             and not exists (select 1 from __kbcrm_changed c where {on}){keep_gone}"
-        )
-    };
-    // The files a merge writes keep the layout the table declares.
-    let result = write_like(ctx, url, new, &output_sql).await;
+    // The new and changed rows, and the rows kept from the touched files, go to files of their
+    // own, each laid out as the table declares: the kept rows' files are tagged with the
+    // version they are unchanged since, so that a model reading only what changed skips them.
+    let kept_sql = format!(
+        "select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
+         and not exists (select 1 from __kbcrm_changed c where {on}){keep_gone}"
+    );
+    let result = async {
+        let (mut adds, _) = write_like(ctx, url, new, "select * from __kbcrm_changed").await?;
+        if !touched.is_empty() {
+            let (kept, _) = match write_like(ctx, url, new, &kept_sql).await {
+                Ok(kept) => kept,
+                Err(e) => {
+                    delete_files(wh, url, &adds).await?;
+                    return Err(e);
+                }
+            };
+            adds.extend(
+                kept.into_iter()
+                    .map(|add| tag_unchanged_since(add, read_version)),
+            );
+        }
+        Ok(adds)
+    }
+    .await;
     step_done(&new.table, "merge: files rewritten", started);
     ctx.deregister_table("__kbcrm_changed")?;
-    let (adds, _) = result?;
-    Ok((touched_urls, adds, changed_rows))
+    Ok((touched_urls, result?, changed_rows))
+}
+
+/// The tag of a data file whose rows a merge kept as they were: the table version they are
+/// unchanged since (the version the merge read).
+pub(crate) const UNCHANGED_SINCE_TAG: &str = "kbcrm.rowsUnchangedSince";
+
+/// `add`, tagged as holding rows unchanged since table version `version`.
+fn tag_unchanged_since(mut add: Add, version: Option<u64>) -> Add {
+    if let Some(v) = version {
+        add.tags
+            .get_or_insert_with(Default::default)
+            .insert(UNCHANGED_SINCE_TAG.to_string(), Some(v.to_string()));
+    }
+    add
+}
+
+/// The version a data file's rows are unchanged since, when a merge tagged it so.
+pub(crate) fn unchanged_since(add: &Add) -> Option<u64> {
+    add.tags
+        .as_ref()?
+        .get(UNCHANGED_SINCE_TAG)?
+        .as_deref()?
+        .parse()
+        .ok()
 }
 
 /// A debug event: how long a step of writing `table` took.

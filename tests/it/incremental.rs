@@ -90,6 +90,109 @@ fn scd2_versions_tracked_changes_and_updates_others_in_place() {
     assert_eq!(before, p.ok(&["tables"]));
 }
 
+/// An scd2 model refreshed from a merged table (`incremental:`) reads only the rows the merge
+/// added or changed, not the unchanged rows of the files it rewrote, and ends with the versions
+/// a whole comparison gives.
+#[test]
+fn an_incremental_scd2_model_reads_only_the_rows_a_merge_changed() {
+    let p = Project::empty();
+    let pipeline = "sources:\n  people:\n    format: csv\n    location: data/\n    mode: merge\n    keys: [id]\n    \
+             incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n      city: string\n      \
+             phone: string\n      changed_on: date\n\
+             models:\n  - path: sql/dim_person.sql\n    mode: scd2\n    keys: [id]\n    \
+             scd2: { tracked: [city], valid_from: changed_on, surrogate_key: person_key }\n    \
+             incremental: raw_p_people\n";
+    p.write("pipelines/p.yaml", pipeline);
+    p.write(
+        "sql/dim_person.sql",
+        "select id, city, phone, changed_on from raw_p_people\n",
+    );
+    p.write(
+        "data/people_1.csv",
+        "id,city,phone,changed_on\n1,Berlin,111,2024-01-01\n2,Köln,222,2024-01-01\n3,Ulm,333,2024-01-01\n5,Bonn,555,2024-01-01\n",
+    );
+    p.ok(&["run"]);
+    // 1 moves (tracked), 2 changes phone (in place), 3 comes again unchanged, 4 is new; 5 is not
+    // in the file. The merge rewrites people_1's rows: 3 and 5 go to a file of rows kept as they
+    // were, which the model skips.
+    p.write(
+        "data/people_2.csv",
+        "id,city,phone,changed_on\n1,Hamburg,111,2024-06-01\n2,Köln,999,2024-06-01\n3,Ulm,333,2024-01-01\n4,Jena,444,2024-06-01\n",
+    );
+    let out = p.ok(&["run"]);
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("model") && l.contains("dim_person"))
+        .unwrap_or_else(|| panic!("no line for dim_person: {out}"));
+    assert!(
+        line.split_whitespace().nth(2) == Some("3"),
+        "the model should read the 3 rows added or changed: {line}"
+    );
+    let log: String = std::fs::read_dir(p.path().join("warehouse/raw_p_people/_delta_log"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect();
+    assert!(log.contains("\"kbcrm.rowsUnchangedSince\":\"0\""), "{log}");
+    let q = "select person_key, id, city, phone, cast(valid_from as date), cast(valid_to as date), is_current from dim_person order by person_key";
+    assert_eq!(
+        p.query(q),
+        rows(&[
+            &[
+                "1",
+                "1",
+                "Berlin",
+                "111",
+                "1900-01-01",
+                "2024-06-01",
+                "false"
+            ],
+            &["2", "2", "Köln", "999", "1900-01-01", "2199-12-31", "true"],
+            &["3", "3", "Ulm", "333", "1900-01-01", "2199-12-31", "true"],
+            &["4", "5", "Bonn", "555", "1900-01-01", "2199-12-31", "true"],
+            &[
+                "5",
+                "1",
+                "Hamburg",
+                "111",
+                "2024-06-01",
+                "2199-12-31",
+                "true"
+            ],
+            &["6", "4", "Jena", "444", "1900-01-01", "2199-12-31", "true"],
+        ])
+    );
+    // A third file changes 5, whose row sat in the kept file: it is read, and nothing else.
+    p.write(
+        "data/people_3.csv",
+        "id,city,phone,changed_on\n5,Bonn,556,2024-07-01\n",
+    );
+    let out = p.ok(&["run"]);
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("model") && l.contains("dim_person"))
+        .unwrap_or_else(|| panic!("no line for dim_person: {out}"));
+    assert_eq!(line.split_whitespace().nth(2), Some("1"), "{line}");
+    assert_eq!(
+        p.query("select phone from dim_person where id = 5 and is_current"),
+        [["556"]]
+    );
+    assert_eq!(p.scalar("select count(*) from dim_person"), 6);
+
+    // Other modes cannot be refreshed from what changed.
+    p.write(
+        "pipelines/p.yaml",
+        pipeline.split("    mode: scd2").next().unwrap().to_string()
+            + "    incremental: raw_p_people\n",
+    );
+    let out = p.kbcrm(&["validate"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = crate::support::stderr(&out);
+    assert!(
+        err.contains("`incremental:` needs `mode: merge` or `mode: scd2`"),
+        "{err}"
+    );
+}
+
 #[test]
 fn cursor_loads_rows_above_the_watermark_and_full_refresh_reloads() {
     let p = Project::empty();
