@@ -777,6 +777,14 @@ fn files_by_keeps_a_value_per_file_and_merges_rewrite_only_its_files() {
         [["4", "41"], ["9", "90"]]
     );
     assert_eq!(p.scalar("select count(*) from by_year"), 10);
+    // A row whose value changes moves to its new value's files (once: its 2022 copy goes).
+    p.write("data/c.csv", "id,day,customer,amount\n0,2024-02-02,k,1\n");
+    p.ok(&["run"]);
+    assert_eq!(p.scalar("select count(*) from by_year"), 10);
+    assert_eq!(
+        p.query("select cast(day as varchar) from by_year where id = 0"),
+        [["2024-02-02"]]
+    );
 
     // A value per row is refused: every value keeps a file open.
     p.write("pipelines/p.yaml", pipeline("id"));
