@@ -222,6 +222,23 @@ impl Records {
         &self.text[start..end]
     }
 
+    /// Append the records of `part` (loaded on their own) after these.
+    fn append(&mut self, part: Records) {
+        let shift = self.text.len();
+        let keys = self.keys.len();
+        self.text.push_str(&part.text);
+        self.keys.extend(
+            part.keys
+                .into_iter()
+                .map(|k| k.map(|(a, b)| (a + shift, b + shift))),
+        );
+        self.recs.extend(part.recs.into_iter().map(|r| Rec {
+            source: r.source,
+            id: (r.id.0 + shift, r.id.1 + shift),
+            keys: r.keys + keys,
+        }));
+    }
+
     fn id(&self, r: &Rec) -> &str {
         self.str(r.id)
     }
@@ -303,6 +320,65 @@ impl Existing {
 /// DataFusion's hash map (hashbrown with a fast hasher), for the large maps of matching.
 type FastMap<K, V> = datafusion::common::HashMap<K, V>;
 
+/// The records' groups under one rule: each record's group (none without a key), and each
+/// group's first record and size.
+struct Grouping {
+    group_of: Vec<Option<usize>>,
+    groups: Vec<(usize, usize)>,
+}
+
+/// The groups of the records that agree on the fields `on` (by index).
+fn group_by_key(records: &Records, on: &[usize]) -> Grouping {
+    let mut group_of_key: FastMap<Cow<'_, str>, usize> = FastMap::default();
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let group_of = records
+        .recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let key = records.rule_key(r, on)?;
+            let g = *group_of_key.entry(key).or_insert_with(|| {
+                groups.push((i, 0));
+                groups.len() - 1
+            });
+            groups[g].1 += 1;
+            Some(g)
+        })
+        .collect();
+    Grouping { group_of, groups }
+}
+
+/// `f` of each of `0..n`, on up to `threads` threads, in order.
+fn run_split<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = threads.clamp(1, n.max(1));
+    if threads == 1 {
+        return (0..n).map(&f).collect();
+    }
+    let f = &f;
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..n)
+                        .step_by(threads)
+                        .map(|i| (i, f(i)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            let done = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            for (i, v) in done {
+                out[i] = Some(v);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|v| v.expect("every part was run"))
+        .collect()
+}
+
 struct UnionFind(Vec<usize>);
 
 impl UnionFind {
@@ -332,14 +408,15 @@ impl Identity {
         out
     }
 
-    async fn load_records(&self, ctx: &SessionContext) -> Result<Records> {
+    /// Every record's id and normalised match fields: the sources' queries run side by side,
+    /// and each source's values are normalised on a thread of its own (up to `threads`).
+    async fn load_records(&self, ctx: &SessionContext, threads: usize) -> Result<Records> {
         let fields = self.match_fields();
         let hows: Vec<Normalizer> = fields
             .iter()
             .map(|f| self.normalize.get(f).copied().unwrap_or(Normalizer::Text))
             .collect();
-        let mut out = Records::default();
-        for (si, s) in self.sources.iter().enumerate() {
+        let queries = self.sources.iter().map(|s| {
             let cols: Vec<String> = fields
                 .iter()
                 .enumerate()
@@ -354,33 +431,52 @@ impl Identity {
                 cols.join(", "),
                 quote_ident(&s.table)
             );
-            let batches = ctx.sql(&sql).await?.collect().await?;
-            for batch in batches {
-                let batch = delta_compatible_batch(&batch)?;
-                let ids = batch.column(0).as_string::<i32>();
-                let values: Vec<&StringArray> = (1..batch.num_columns())
-                    .map(|i| batch.column(i).as_string::<i32>())
-                    .collect();
-                for row in 0..batch.num_rows() {
-                    if ids.is_null(row) {
-                        continue;
-                    }
-                    let id = out.push_text(ids.value(row));
-                    let keys = out.keys.len();
-                    for (col, how) in values.iter().zip(&hows) {
-                        let key = col
-                            .is_valid(row)
-                            .then(|| normalize::normalize(*how, col.value(row), &self.default_cc))
-                            .flatten()
-                            .map(|k| out.push_text(&k));
-                        out.keys.push(key);
-                    }
-                    out.recs.push(Rec {
-                        source: si,
-                        id,
-                        keys,
-                    });
+            async move { Ok::<_, Error>(ctx.sql(&sql).await?.collect().await?) }
+        });
+        let per_source = futures::future::try_join_all(queries).await?;
+        let parts: Vec<Result<Records>> = run_split(per_source.len(), threads, |si| {
+            self.source_records(si, &per_source[si], &hows)
+        });
+        let mut out = Records::default();
+        for part in parts {
+            out.append(part?);
+        }
+        Ok(out)
+    }
+
+    /// The records of source `si` in its query's batches, their match fields normalised.
+    fn source_records(
+        &self,
+        si: usize,
+        batches: &[RecordBatch],
+        hows: &[Normalizer],
+    ) -> Result<Records> {
+        let mut out = Records::default();
+        for batch in batches {
+            let batch = delta_compatible_batch(batch)?;
+            let ids = batch.column(0).as_string::<i32>();
+            let values: Vec<&StringArray> = (1..batch.num_columns())
+                .map(|i| batch.column(i).as_string::<i32>())
+                .collect();
+            for row in 0..batch.num_rows() {
+                if ids.is_null(row) {
+                    continue;
                 }
+                let id = out.push_text(ids.value(row));
+                let keys = out.keys.len();
+                for (col, how) in values.iter().zip(hows) {
+                    let key = col
+                        .is_valid(row)
+                        .then(|| normalize::normalize(*how, col.value(row), &self.default_cc))
+                        .flatten()
+                        .map(|k| out.push_text(&k));
+                    out.keys.push(key);
+                }
+                out.recs.push(Rec {
+                    source: si,
+                    id,
+                    keys,
+                });
             }
         }
         Ok(out)
@@ -422,7 +518,10 @@ impl Identity {
     /// Match every record and build the map table's content.
     pub async fn resolve(&self, ctx: &SessionContext, now_micros: i64) -> Result<Resolution> {
         let started = std::time::Instant::now();
-        let mut records = self.load_records(ctx).await?;
+        let threads = ctx.state().config().target_partitions().max(1);
+        // The existing map is read while the records load.
+        let (mut records, existing) =
+            futures::future::try_join(self.load_records(ctx, threads), self.existing(ctx)).await?;
         tracing::debug!(
             records = records.recs.len(),
             seconds = started.elapsed().as_secs_f64(),
@@ -438,28 +537,21 @@ impl Identity {
         let mut rule_of: Vec<Option<usize>> = vec![None; recs.len()];
         let mut oversized = 0;
         let fields = self.match_fields();
-        for (ri, (_, on)) in self.rules.iter().enumerate() {
-            let on: Vec<usize> = on
-                .iter()
-                .filter_map(|f| fields.iter().position(|g| g == f))
-                .collect();
-            // Each key's group: its first record and its size; then join every group of a
-            // usable size to its first record.
-            let mut group_of_key: FastMap<Cow<'_, str>, usize> = FastMap::default();
-            let mut groups: Vec<(usize, usize)> = Vec::new();
-            let group_of: Vec<Option<usize>> = recs
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let key = records.rule_key(r, &on)?;
-                    let g = *group_of_key.entry(key).or_insert_with(|| {
-                        groups.push((i, 0));
-                        groups.len() - 1
-                    });
-                    groups[g].1 += 1;
-                    Some(g)
-                })
-                .collect();
+        let rule_fields: Vec<Vec<usize>> = self
+            .rules
+            .iter()
+            .map(|(_, on)| {
+                on.iter()
+                    .filter_map(|f| fields.iter().position(|g| g == f))
+                    .collect()
+            })
+            .collect();
+        // Each rule's groups are found on their own, side by side; records are then joined
+        // rule by rule, in priority order.
+        let groupings = run_split(rule_fields.len(), threads, |ri| {
+            group_by_key(&records, &rule_fields[ri])
+        });
+        for (ri, Grouping { group_of, groups }) in groupings.iter().enumerate() {
             oversized += groups.iter().filter(|(_, n)| *n > self.max_group).count();
             for (m, g) in group_of.iter().enumerate() {
                 let Some(&(first, n)) = g.map(|g| &groups[g]) else {
@@ -475,7 +567,6 @@ impl Identity {
             seconds = started.elapsed().as_secs_f64(),
             "identity: records matched"
         );
-        let existing = self.existing(ctx).await?;
         let out = self.assign_ids(
             &records, &existing, &mut uf, &rule_of, oversized, now_micros,
         );
@@ -703,6 +794,110 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two record sources whose e-mails, phones and names overlap at random, some keys shared
+    /// by more records than `max_group`.
+    fn overlapping_sources(ctx: &SessionContext) -> Identity {
+        use datafusion::datasource::MemTable;
+        let mut state = 7u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("email", DataType::Utf8, true),
+            Field::new("phone", DataType::Utf8, true),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("postcode", DataType::Utf8, true),
+        ]));
+        for (table, rows) in [("a", 900), ("b", 700)] {
+            let mut cols: [Vec<Option<String>>; 5] = Default::default();
+            for i in 0..rows {
+                cols[0].push((next(50) > 0).then(|| format!("{table}{i}")));
+                cols[1].push((next(4) > 0).then(|| format!(" P{}@Mail.example ", next(400))));
+                cols[2].push((next(3) > 0).then(|| format!("0{}", 30_000 + next(300))));
+                cols[3].push(Some(format!("Name {}", next(60))));
+                cols[4].push((next(2) > 0).then(|| format!("{}", 10_000 + next(5))));
+            }
+            let arrays: Vec<ArrayRef> = cols
+                .into_iter()
+                .map(|c| Arc::new(StringArray::from(c)) as ArrayRef)
+                .collect();
+            let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap();
+            let t = MemTable::try_new(schema.clone(), vec![vec![batch]]).unwrap();
+            ctx.register_table(table, Arc::new(t)).unwrap();
+        }
+        let fields: Vec<(String, String)> = ["email", "phone", "name", "postcode"]
+            .iter()
+            .map(|f| (f.to_string(), f.to_string()))
+            .collect();
+        let source = |name: &str| RecordSource {
+            name: name.to_string(),
+            table: name.to_string(),
+            id: "id".to_string(),
+            updated_at: None,
+            fields: fields.clone(),
+        };
+        Identity {
+            pipeline: "p".to_string(),
+            entity: "customer".to_string(),
+            map_table: "map".to_string(),
+            golden_table: "golden".to_string(),
+            id_column: "customer_id".to_string(),
+            id_prefix: "C".to_string(),
+            sources: vec![source("a"), source("b")],
+            rules: vec![
+                ("email".to_string(), vec!["email".to_string()]),
+                ("phone".to_string(), vec!["phone".to_string()]),
+                (
+                    "name_postcode".to_string(),
+                    vec!["name".to_string(), "postcode".to_string()],
+                ),
+            ],
+            normalize: HashMap::from([
+                ("email".to_string(), Normalizer::Email),
+                ("phone".to_string(), Normalizer::Phone),
+                ("name".to_string(), Normalizer::Name),
+            ]),
+            default_cc: "49".to_string(),
+            survivorship: Vec::new(),
+            max_group: 6,
+        }
+    }
+
+    /// Records loaded and grouped on several threads give the map and figures of one thread.
+    #[tokio::test]
+    async fn matching_side_by_side_gives_the_map_of_one_thread() {
+        let mut maps = Vec::new();
+        for threads in [1, 2, 3] {
+            let config = datafusion::prelude::SessionConfig::new().with_target_partitions(threads);
+            let ctx = SessionContext::new_with_config(config);
+            let identity = overlapping_sources(&ctx);
+            let r = identity.resolve(&ctx, 0).await.unwrap();
+            maps.push((r.map, r.stats.to_string()));
+        }
+        let (one, stats) = &maps[0];
+        assert!(stats.contains("oversized match keys ignored"), "{stats}");
+        assert!(one.num_rows() > 1500, "{stats}");
+        let ids = one.column(2).as_string::<i32>();
+        let distinct: HashSet<&str> = ids.iter().flatten().collect();
+        assert!(distinct.len() < one.num_rows() / 2, "{stats}");
+        for (map, s) in &maps[1..] {
+            assert_eq!(map, one);
+            assert_eq!(s, stats);
+        }
+    }
+
+    #[test]
+    fn run_split_keeps_the_order_of_the_parts() {
+        for threads in 1..5 {
+            assert_eq!(run_split(7, threads, |i| i * i), [0, 1, 4, 9, 16, 25, 36]);
+        }
+        assert!(run_split(0, 2, |i| i).is_empty());
+    }
 
     #[test]
     fn union_find_joins_transitively() {
