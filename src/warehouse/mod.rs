@@ -307,7 +307,7 @@ impl Warehouse {
             #[allow(deprecated)]
             let add = f.add_action();
             if let Some(v) = write::unchanged_since(&add) {
-                out.insert(url.join(&f.path()).unwrap_or_else(|_| url.clone()), v);
+                out.insert(write::file_url(&url, &f.path()), v);
             }
         }
         Ok(out)

@@ -1113,13 +1113,13 @@ async fn merge_sql(
     // The new and changed rows, and the rows kept from the touched files, go to files of their
     // own, each laid out as the table declares: the kept rows' files are tagged with the
     // version they are unchanged since, so that a model reading only what changed skips them.
-    let kept_sql = format!(
-        "select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
-         and not exists (select 1 from __kbcrm_changed c where {on}){keep_gone}"
-    );
     let result = async {
         let (mut adds, _) = write_like(ctx, url, new, "select * from __kbcrm_changed").await?;
         if !touched.is_empty() {
+            let kept_sql = format!(
+                "select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
+                 and not exists (select 1 from __kbcrm_changed c where {on}){keep_gone}"
+            );
             let (kept, _) = match write_like(ctx, url, new, &kept_sql).await {
                 Ok(kept) => kept,
                 Err(e) => {
@@ -1142,7 +1142,7 @@ async fn merge_sql(
 
 /// The tag of a data file whose rows a merge kept as they were: the table version they are
 /// unchanged since (the version the merge read).
-pub(crate) const UNCHANGED_SINCE_TAG: &str = "kbcrm.rowsUnchangedSince";
+const UNCHANGED_SINCE_TAG: &str = "kbcrm.rowsUnchangedSince";
 
 /// `add`, tagged as holding rows unchanged since table version `version`.
 fn tag_unchanged_since(mut add: Add, version: Option<u64>) -> Add {

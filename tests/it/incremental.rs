@@ -90,6 +90,15 @@ fn scd2_versions_tracked_changes_and_updates_others_in_place() {
     assert_eq!(before, p.ok(&["tables"]));
 }
 
+/// The rows a model read, from its line of a run's summary.
+fn rows_read(out: &str, model: &str) -> String {
+    out.lines()
+        .find(|l| l.trim_start().starts_with("model") && l.contains(model))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_else(|| panic!("no line for {model}: {out}"))
+        .to_string()
+}
+
 /// An scd2 model refreshed from a merged table (`incremental:`) reads only the rows the merge
 /// added or changed, not the unchanged rows of the files it rewrote, and ends with the versions
 /// a whole comparison gives.
@@ -119,14 +128,10 @@ fn an_incremental_scd2_model_reads_only_the_rows_a_merge_changed() {
         "data/people_2.csv",
         "id,city,phone,changed_on\n1,Hamburg,111,2024-06-01\n2,Köln,999,2024-06-01\n3,Ulm,333,2024-01-01\n4,Jena,444,2024-06-01\n",
     );
-    let out = p.ok(&["run"]);
-    let line = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("model") && l.contains("dim_person"))
-        .unwrap_or_else(|| panic!("no line for dim_person: {out}"));
-    assert!(
-        line.split_whitespace().nth(2) == Some("3"),
-        "the model should read the 3 rows added or changed: {line}"
+    assert_eq!(
+        rows_read(&p.ok(&["run"]), "dim_person"),
+        "3",
+        "the model should read the 3 rows added or changed"
     );
     let log: String = std::fs::read_dir(p.path().join("warehouse/raw_p_people/_delta_log"))
         .unwrap()
@@ -166,12 +171,7 @@ fn an_incremental_scd2_model_reads_only_the_rows_a_merge_changed() {
         "data/people_3.csv",
         "id,city,phone,changed_on\n5,Bonn,556,2024-07-01\n",
     );
-    let out = p.ok(&["run"]);
-    let line = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("model") && l.contains("dim_person"))
-        .unwrap_or_else(|| panic!("no line for dim_person: {out}"));
-    assert_eq!(line.split_whitespace().nth(2), Some("1"), "{line}");
+    assert_eq!(rows_read(&p.ok(&["run"]), "dim_person"), "1");
     assert_eq!(
         p.query("select phone from dim_person where id = 5 and is_current"),
         [["556"]]
