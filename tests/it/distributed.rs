@@ -35,13 +35,22 @@ fn olap_queries(customer_id: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Whether two fields agree: numbers with a decimal point to a relative 1e-6 (sums of doubles
-/// differ in the last bits with the order they are added in, and the model fits with them),
-/// anything else exactly.
+/// Whether two fields agree: numbers with a decimal point to a relative 1e-6 or one unit in
+/// the last place printed, whichever is larger (sums of doubles differ in the last bits with
+/// the order they are added in, and a model's `round(x, 6)` can then land on either side of a
+/// half), anything else exactly.
 fn close(a: &str, b: &str) -> bool {
+    let places = |s: &str| s.split_once('.').map_or(0, |(_, f)| f.len()) as i32;
     match (a.parse::<f64>(), b.parse::<f64>()) {
         (Ok(x), Ok(y)) if a.contains('.') || b.contains('.') => {
-            (x - y).abs() <= 1e-6 * x.abs().max(y.abs()) + 1e-9
+            // Values rounded to two or more decimals may differ by one unit in the last place
+            // ("0.70775" is 0.707750 with its zero dropped); "35.0" against "35.1" is a real
+            // difference.
+            let last_place = match places(a).max(places(b)) {
+                p if p >= 2 => 10f64.powi(-p) * 1.000_001,
+                _ => 0.0,
+            };
+            (x - y).abs() <= (1e-6 * x.abs().max(y.abs())).max(last_place) + 1e-12
         }
         _ => a == b,
     }
@@ -71,6 +80,18 @@ fn assert_same(got: Vec<Vec<String>>, want: Vec<Vec<String>>, what: &str) {
             "{what}: {g:?} differs from {w:?}"
         );
     }
+}
+
+#[test]
+fn fields_agree_to_the_last_place_printed() {
+    assert!(close("0.707752", "0.707753"));
+    assert!(close("0.70775", "0.707751"));
+    assert!(!close("0.707752", "0.707754"));
+    assert!(close("16068.88", "16068.89"));
+    assert!(!close("35.0", "35.1"));
+    assert!(close("1234567.0", "1234567.5"));
+    assert!(!close("35", "36"));
+    assert!(!close("West", "East"));
 }
 
 /// The cube tables a `kbcrm run cubes` builds.
