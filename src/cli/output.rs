@@ -128,6 +128,7 @@ pub fn run_summary(reports: &[RunReport]) -> Result<()> {
                 Checked::All => {}
                 Checked::AddedRows => status.push_str(" (rows added by this run)"),
                 Checked::Reused => status.push_str(" (tables unchanged since it last ran)"),
+                Checked::KeptByMerge => status.push_str(" (kept unique by the merge on its keys)"),
             }
             out.push_str(&format!("  test     {:<60} {status}\n", t.name));
         }
@@ -195,6 +196,7 @@ pub fn run_json(reports: &[RunReport]) -> Result<()> {
                         Checked::All => "all rows",
                         Checked::AddedRows => "added rows",
                         Checked::Reused => "reused",
+                        Checked::KeptByMerge => "kept by merge",
                     },
                 })).collect::<Vec<_>>(),
             })

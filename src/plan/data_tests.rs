@@ -52,6 +52,8 @@ fn query_of(t: &TestSpec) -> DataTest {
             )),
             severity: c.severity,
             reads: Vec::new(),
+            referenced: None,
+            unique_columns: c.columns.clone(),
         },
         TestSpec::NotNull(c) => per_row(
             format!("not_null({}: {})", c.table, quote_list(&c.columns)),
@@ -87,7 +89,7 @@ fn query_of(t: &TestSpec) -> DataTest {
         ),
         TestSpec::Relationships(r) => {
             let (to_table, to_col) = r.to.split_once('.').unwrap_or((r.to.as_str(), ""));
-            per_row(
+            let mut test = per_row(
                 format!("relationships({}.{} -> {})", r.table, r.column, r.to),
                 &r.table,
                 r.severity,
@@ -100,7 +102,9 @@ fn query_of(t: &TestSpec) -> DataTest {
                         tc = to_col
                     )
                 },
-            )
+            );
+            test.referenced = Some((to_table.to_string(), to_col.to_string()));
+            test
         }
         TestSpec::Sql(s) => DataTest {
             name: format!("sql({})", s.name),
@@ -109,6 +113,8 @@ fn query_of(t: &TestSpec) -> DataTest {
             added_rows: None,
             severity: s.severity,
             reads: Vec::new(),
+            referenced: None,
+            unique_columns: Vec::new(),
         },
     }
 }
@@ -128,5 +134,7 @@ fn per_row(
         added_rows: Some(query(ADDED_ROWS)),
         severity,
         reads: Vec::new(),
+        referenced: None,
+        unique_columns: Vec::new(),
     }
 }

@@ -429,6 +429,12 @@ pub struct DataTest {
     pub severity: Severity,
     /// The tables its query reads.
     pub reads: Vec<String>,
+    /// For a relationships test, the table and column its rows refer to. A run may rewrite
+    /// that table and the test still check only added rows, so long as every value of the
+    /// column is still there.
+    pub referenced: Option<(String, String)>,
+    /// For a unique test, its columns (empty for other tests).
+    pub unique_columns: Vec<String>,
 }
 
 /// What builds a table: a source load or a model.

@@ -19,7 +19,7 @@ use std::time::Instant;
 use datafusion::prelude::SessionContext;
 use tracing::{info, instrument};
 
-use crate::config::pipeline::Severity;
+use crate::config::pipeline::{Severity, WriteMode};
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::identity::IdentityStats;
@@ -99,6 +99,10 @@ pub enum Checked {
     /// Nothing: the same query over the same table versions as a run before, whose result this
     /// is.
     Reused,
+    /// Nothing: a unique test on a table that was unique at the version the run started from,
+    /// which the run changed only by merges on keys among the test's columns (a merge replaces
+    /// the rows of the keys it writes, and writes each key once).
+    KeptByMerge,
 }
 
 /// What a pipeline run did.
@@ -519,6 +523,7 @@ impl Runner {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
         for t in &pipeline.tests {
+            let started = Instant::now();
             let scope = format!("test {}", t.name);
             let key = (pipeline.name.clone(), scope.clone(), "inputs".to_string());
             let result_key = (pipeline.name.clone(), scope, "failures".to_string());
@@ -540,13 +545,31 @@ impl Runner {
                         None => row_local_table(ctx, t).await,
                     };
                     table.and_then(|table| {
-                        added_rows(b, t, table, state).map(|files| (table, files))
+                        added_rows(b, t, table, state).map(|narrowed| (table, narrowed))
                     })
                 }
                 _ => None,
             };
+            // A relationships test whose referenced table was rewritten narrows only when none
+            // of the values its rows may refer to went away.
+            let added = match added {
+                Some((table, narrowed)) => match (narrowed.referenced_removed, &t.referenced) {
+                    (None, _) => Some((table, narrowed.added)),
+                    (Some(removed), Some((to_table, to_column))) => {
+                        values_kept(ctx, to_table, to_column, removed)
+                            .await
+                            .then_some((table, narrowed.added))
+                    }
+                    (Some(_), None) => None,
+                },
+                None => None,
+            };
+            let kept_by_merge = failures_before == Some(0)
+                && before.is_some_and(|b| kept_unique_by_merges(b, t, pipeline, state));
             let (failures, checked) = if before == Some(&print) && failures_before.is_some() {
                 (failures_before.unwrap_or_default(), Checked::Reused)
+            } else if kept_by_merge {
+                (0, Checked::KeptByMerge)
             } else if let Some((table, files)) = added {
                 let failures = match (files, &t.added_rows) {
                     (None, _) => 0,
@@ -585,6 +608,13 @@ impl Runner {
                     }
                 }
             }
+            tracing::debug!(
+                test = %t.name,
+                failures,
+                checked = ?checked,
+                seconds = started.elapsed().as_secs_f64(),
+                "data test checked"
+            );
             reports.push(TestReport {
                 name: t.name.clone(),
                 failures,
@@ -677,21 +707,41 @@ async fn row_local_table<'t>(
     (local && scans == 1).then_some(table.as_str())
 }
 
+/// Files with their schema.
+type Files = (Vec<url::Url>, arrow::datatypes::SchemaRef);
+
+/// What a data test may check instead of its tables whole.
+struct Narrowed {
+    /// The files this run added to the table it checks, with their schema (`None`: it gained
+    /// none).
+    added: Option<Files>,
+    /// The files this run removed from the table a relationships test refers to (empty when it
+    /// only gained rows): the added rows are enough only if every value of the referenced column
+    /// in them is still in that table.
+    referenced_removed: Option<Files>,
+}
+
 /// Whether a data test may check only the rows this run added: its last check (`before`, its
 /// fingerprint) was of the same query over the table versions this run started from, and the run
-/// only added files to the tables it reads. Then `Some` of the files added to `table` (the one
-/// it checks), with their schema (`None`: it gained none).
+/// only added files to the tables it reads (the table a relationships test refers to may also
+/// have been rewritten: see [`Narrowed::referenced_removed`]).
 fn added_rows(
     before: &str,
     t: &crate::plan::DataTest,
     table_checked: &str,
     state: &RunState,
-) -> Option<Option<(Vec<url::Url>, arrow::datatypes::SchemaRef)>> {
+) -> Option<Narrowed> {
     let before: serde_json::Value = serde_json::from_str(before).ok()?;
     if before.get("definition")?.as_str()? != model::definition_hash(&t.query) {
         return None;
     }
-    let mut added: Option<(Vec<url::Url>, arrow::datatypes::SchemaRef)> = None;
+    let referenced = t
+        .referenced
+        .as_ref()
+        .map(|(table, _)| table.as_str())
+        .filter(|r| *r != table_checked);
+    let mut added: Option<Files> = None;
+    let mut referenced_removed: Option<Files> = None;
     for table in &t.reads {
         let committed = state.committed.get(table).copied().flatten()?;
         if before.get("inputs")?.get(table)?.as_u64() != Some(committed) {
@@ -703,8 +753,19 @@ fn added_rows(
             .filter(|s| &s.table == table && s.changes())
         {
             let add_only = s.actions.iter().all(|a| matches!(a, Action::Add(_)));
-            if s.read_version != Some(committed) || !add_only {
+            if s.read_version != Some(committed) {
                 return None;
+            }
+            if !add_only {
+                if Some(table.as_str()) != referenced {
+                    return None;
+                }
+                let (files, _) =
+                    referenced_removed.get_or_insert_with(|| (Vec::new(), s.schema.clone()));
+                files.extend(s.actions.iter().filter_map(|a| match a {
+                    Action::Remove(r) => Some(file_url(&s.url, &r.path)),
+                    _ => None,
+                }));
             }
             if table == table_checked {
                 let (files, _) = added.get_or_insert_with(|| (Vec::new(), s.schema.clone()));
@@ -715,7 +776,92 @@ fn added_rows(
             }
         }
     }
-    Some(added)
+    Some(Narrowed {
+        added,
+        referenced_removed,
+    })
+}
+
+/// Whether a unique test (that passed when it last ran, `before` its fingerprint) holds by
+/// construction: it last ran on the version of its table this run started from, and the run
+/// changed the table only by merges of this pipeline on keys that are among the test's columns.
+fn kept_unique_by_merges(
+    before: &str,
+    t: &crate::plan::DataTest,
+    pipeline: &Pipeline,
+    state: &RunState,
+) -> bool {
+    if t.unique_columns.is_empty() || t.reads.as_slice() != [t.table.as_str()] {
+        return false;
+    }
+    let Ok(before) = serde_json::from_str::<serde_json::Value>(before) else {
+        return false;
+    };
+    let Some(committed) = state.committed.get(&t.table).copied().flatten() else {
+        return false;
+    };
+    if before.get("definition").and_then(|d| d.as_str())
+        != Some(model::definition_hash(&t.query).as_str())
+        || before
+            .get("inputs")
+            .and_then(|i| i.get(&t.table))
+            .and_then(|v| v.as_u64())
+            != Some(committed)
+    {
+        return false;
+    }
+    let merge_keys = pipeline
+        .sources
+        .iter()
+        .filter(|s| s.table == t.table)
+        .map(|s| (s.mode, &s.keys))
+        .chain(
+            pipeline
+                .models
+                .iter()
+                .filter(|m| m.name == t.table)
+                .map(|m| (m.mode, &m.keys)),
+        )
+        .next();
+    let Some((WriteMode::Merge, keys)) = merge_keys else {
+        return false;
+    };
+    if keys.is_empty() || !keys.iter().all(|k| t.unique_columns.contains(k)) {
+        return false;
+    }
+    let mut writes = state
+        .staged
+        .iter()
+        .filter(|s| s.table == t.table && s.changes())
+        .peekable();
+    writes.peek().is_some()
+        && writes.all(|s| s.mode == WriteMode::Merge && s.read_version == Some(committed))
+}
+
+/// Whether every non-null value of `column` in `removed` (files a run took out of `table`) is
+/// still in `table` as the run leaves it. `false` when that cannot be told: the test then reads
+/// its tables whole, and reports what is wrong with them.
+async fn values_kept(ctx: &SessionContext, table: &str, column: &str, removed: Files) -> bool {
+    const REMOVED: &str = "__kbcrm_removed";
+    let (files, schema) = removed;
+    // Named as the test's own query names them.
+    let query = format!(
+        "select {column} from {REMOVED} where {column} is not null \
+         except select {column} from {table}"
+    );
+    let gone = async {
+        ctx.register_table(REMOVED, files_provider(&files, schema).await?)?;
+        Ok::<_, Error>(ctx.sql(&query).await?.limit(0, Some(1))?.count().await?)
+    }
+    .await;
+    let _ = ctx.deregister_table(REMOVED);
+    match gone {
+        Ok(n) => n == 0,
+        Err(e) => {
+            tracing::debug!(table, column, error = %e, "cannot tell whether referenced values are kept");
+            false
+        }
+    }
 }
 
 /// `e` naming `pipeline` when it is a data-quality failure (the warehouse's checks, e.g. a
@@ -760,6 +906,8 @@ mod tests {
             added_rows: None,
             severity: Severity::Error,
             reads: vec!["sales".into()],
+            referenced: None,
+            unique_columns: Vec::new(),
         };
         row_local_table(&ctx, &t).await.map(str::to_string)
     }

@@ -956,12 +956,79 @@ fn data_tests_check_only_the_added_rows_of_tables_that_only_grew() {
         err.contains("relationships(raw_p_o.customer -> named.id)") && err.contains("(1 failing)"),
         "{err}"
     );
-    // With her name back the run passes, the relationship checked whole (its table changed).
+    // With her name back, and a new order, the run passes. `named` was rewritten again, but
+    // every customer it had is still there: the old orders cannot have lost their customer, and
+    // the relationship reads the added order alone.
     p.write("data/c/2.csv", "id,name\n1,anna b\n");
+    p.write("data/o/4.csv", "id,customer\n14,1\n");
     let out = p.ok(&["run"]);
     let line = test_line(&out, "relationships(raw_p_o.customer");
-    assert!(line.ends_with("pass"), "{line}");
-    assert_eq!(p.scalar("select count(*) from raw_p_o"), 3);
+    assert!(line.ends_with("pass (rows added by this run)"), "{line}");
+    assert_eq!(p.scalar("select count(*) from raw_p_o"), 4);
+
+    // Cleo loses her name while an order of Ben's arrives: `named` lost a value, so the
+    // relationship reads every order and finds her old one (12), which the added row alone
+    // would not show.
+    p.write("data/c/3.csv", "id,name\n3,\n");
+    p.write("data/o/5.csv", "id,customer\n15,2\n");
+    let out = p.kbcrm(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("relationships(raw_p_o.customer -> named.id)") && err.contains("(1 failing)"),
+        "{err}"
+    );
+}
+
+/// A unique test on a table that the run changed only by merges on keys among its columns holds
+/// by the merge (which writes each key once and replaces the rows of the keys it writes); other
+/// unique tests read the table.
+#[test]
+fn unique_tests_on_the_keys_of_a_merge_hold_by_the_merge() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/\n    mode: merge\n    keys: [id]\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n      name: string\n\
+         tests:\n  - unique: { table: raw_p_c, columns: [id] }\n\
+         \x20 - unique: { table: raw_p_c, columns: [name, id] }\n\
+         \x20 - unique: { table: raw_p_c, columns: [name] }\n",
+    );
+    p.write("data/1.csv", "id,name\n1,anna\n2,ben\n");
+    let first = p.ok(&["run"]);
+    for name in ["raw_p_c: id)", "raw_p_c: name, id)", "raw_p_c: name)"] {
+        assert!(test_line(&first, name).ends_with("pass"), "{first}");
+    }
+
+    // A changed and a new row: the merge keeps `id` unique; `name` alone is read.
+    p.write("data/2.csv", "id,name\n1,anna b\n3,cleo\n");
+    let out = p.ok(&["run"]);
+    for name in ["raw_p_c: id)", "raw_p_c: name, id)"] {
+        let line = test_line(&out, name);
+        assert!(
+            line.ends_with("pass (kept unique by the merge on its keys)"),
+            "{line}"
+        );
+    }
+    assert!(test_line(&out, "raw_p_c: name)").ends_with("pass"), "{out}");
+    assert_eq!(
+        p.query("select id, name from raw_p_c order by id"),
+        [["1", "anna b"], ["2", "ben"], ["3", "cleo"]]
+    );
+
+    // A name repeated by the merge is still found by the test that reads the table.
+    p.write("data/3.csv", "id,name\n4,ben\n");
+    p.fails_cleanly_with(
+        3,
+        &["run"],
+        &[],
+        &["unique(raw_p_c: name)", "(1 failing)"],
+        &[],
+    );
+    std::fs::remove_file(p.path().join("data/3.csv")).unwrap();
+
+    // A full refresh reads every table whole.
+    let out = p.ok(&["run", "--full-refresh"]);
+    assert!(test_line(&out, "raw_p_c: id)").ends_with("pass"), "{out}");
 }
 
 /// A custom SQL test that judges each row of one table alone checks only the rows a run added,
