@@ -957,10 +957,32 @@ async fn merge(
         .await?;
     ctx.register_table(&target_name, target)?;
     // New rows whose keys the table does not hold yet are added as they were written: only the
-    // target's key columns are read to find out.
+    // target's key columns are read to find out. In a table of several files, the files holding
+    // those keys are found too, and the merge then reads only them: a batch that changes rows
+    // of a few files (this year's open invoices) does not read the others again.
     let started = std::time::Instant::now();
     let any_known = match gone {
         Some(_) => Ok(true),
+        None if old.len() > 1 => {
+            let files = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
+                files_with_keys(ctx, keys, &new_name, &target_name)
+            })
+            .await;
+            match files {
+                Ok(files) if !files.is_empty() && files.len() < old.len() => {
+                    ctx.deregister_table(&target_name)?;
+                    let only = current
+                        .table_provider()
+                        .with_file_column(FILE_COLUMN)
+                        .with_file_paths(files)
+                        .await?;
+                    ctx.register_table(&target_name, only)?;
+                    Ok(true)
+                }
+                Ok(files) => Ok(!files.is_empty()),
+                Err(e) => Err(e),
+            }
+        }
         None => {
             crate::engine::spill_joins_on_retry(ctx, &new.table, || {
                 known_keys(ctx, keys, &new_name, &target_name)
@@ -1043,6 +1065,22 @@ async fn known_keys(
     let sql = format!("select 1 from {target_name} t join {new_name} n on {on} limit 1");
     let batches = ctx.sql(&sql).await?.collect().await?;
     Ok(batches.iter().any(|b| b.num_rows() > 0))
+}
+
+/// The data files (as the scan names them) of the target rows whose keys the new rows have.
+async fn files_with_keys(
+    ctx: &SessionContext,
+    keys: &[String],
+    new_name: &str,
+    target_name: &str,
+) -> Result<Vec<String>> {
+    let on = same(keys, "n", "t");
+    let key_list = column_list(keys);
+    let sql = format!(
+        "select distinct t.{FILE_COLUMN} from {target_name} t \
+         join (select distinct {key_list} from {new_name}) n on {on}"
+    );
+    collect_strings(&ctx.sql(&sql).await?.collect().await?)
 }
 
 /// Run the merge: returns the files to remove (as URLs), the files written, and the number of
