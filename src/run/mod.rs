@@ -715,7 +715,7 @@ struct Narrowed {
     /// The files this run added to the table it checks, with their schema (`None`: it gained
     /// none).
     added: Option<Files>,
-    /// The files this run removed from the table a relationships test refers to (empty when it
+    /// The files this run removed from the table a relationships test refers to (`None` when it
     /// only gained rows): the added rows are enough only if every value of the referenced column
     /// in them is still in that table.
     referenced_removed: Option<Files>,
