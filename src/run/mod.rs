@@ -564,11 +564,11 @@ impl Runner {
                 },
                 None => None,
             };
-            let kept_by_merge = failures_before == Some(0)
-                && before.is_some_and(|b| kept_unique_by_merges(b, t, pipeline, state));
             let (failures, checked) = if before == Some(&print) && failures_before.is_some() {
                 (failures_before.unwrap_or_default(), Checked::Reused)
-            } else if kept_by_merge {
+            } else if failures_before == Some(0)
+                && before.is_some_and(|b| kept_unique_by_merges(b, t, pipeline, state))
+            {
                 (0, Checked::KeptByMerge)
             } else if let Some((table, files)) = added {
                 let failures = match (files, &t.added_rows) {
@@ -731,8 +731,7 @@ fn added_rows(
     table_checked: &str,
     state: &RunState,
 ) -> Option<Narrowed> {
-    let before: serde_json::Value = serde_json::from_str(before).ok()?;
-    if before.get("definition")?.as_str()? != model::definition_hash(&t.query) {
+    if !last_ran_on_start_versions(before, t, state) {
         return None;
     }
     let referenced = t
@@ -744,9 +743,6 @@ fn added_rows(
     let mut referenced_removed: Option<Files> = None;
     for table in &t.reads {
         let committed = state.committed.get(table).copied().flatten()?;
-        if before.get("inputs")?.get(table)?.as_u64() != Some(committed) {
-            return None;
-        }
         for s in state
             .staged
             .iter()
@@ -782,6 +778,25 @@ fn added_rows(
     })
 }
 
+/// Whether a data test's last check (`before`, its fingerprint) ran the same query over the
+/// versions of its tables this run started from.
+fn last_ran_on_start_versions(before: &str, t: &crate::plan::DataTest, state: &RunState) -> bool {
+    let Ok(before) = serde_json::from_str::<serde_json::Value>(before) else {
+        return false;
+    };
+    before.get("definition").and_then(|d| d.as_str())
+        == Some(model::definition_hash(&t.query).as_str())
+        && t.reads.iter().all(|table| {
+            let committed = state.committed.get(table).copied().flatten();
+            committed.is_some()
+                && before
+                    .get("inputs")
+                    .and_then(|i| i.get(table))
+                    .and_then(|v| v.as_u64())
+                    == committed
+        })
+}
+
 /// Whether a unique test (that passed when it last ran, `before` its fingerprint) holds by
 /// construction: it last ran on the version of its table this run started from, and the run
 /// changed the table only by merges of this pipeline on keys that are among the test's columns.
@@ -791,25 +806,15 @@ fn kept_unique_by_merges(
     pipeline: &Pipeline,
     state: &RunState,
 ) -> bool {
-    if t.unique_columns.is_empty() || t.reads.as_slice() != [t.table.as_str()] {
-        return false;
-    }
-    let Ok(before) = serde_json::from_str::<serde_json::Value>(before) else {
-        return false;
-    };
-    let Some(committed) = state.committed.get(&t.table).copied().flatten() else {
-        return false;
-    };
-    if before.get("definition").and_then(|d| d.as_str())
-        != Some(model::definition_hash(&t.query).as_str())
-        || before
-            .get("inputs")
-            .and_then(|i| i.get(&t.table))
-            .and_then(|v| v.as_u64())
-            != Some(committed)
+    if t.unique_columns.is_empty()
+        || t.reads.as_slice() != [t.table.as_str()]
+        || !last_ran_on_start_versions(before, t, state)
     {
         return false;
     }
+    let Some(committed) = state.committed.get(&t.table).copied().flatten() else {
+        return false;
+    };
     let merge_keys = pipeline
         .sources
         .iter()
