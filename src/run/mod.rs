@@ -27,7 +27,7 @@ use crate::plan::{Pipeline, Project, Step};
 use crate::sources;
 use crate::warehouse::history::{RunKind, RunRecord, RunStatus, TableRecord};
 use crate::warehouse::state::{self, StateKey};
-use crate::warehouse::{Staged, Warehouse, commit_run, file_url, files_provider};
+use crate::warehouse::{DataFile, Staged, Warehouse, commit_run, file_url, table_files_provider};
 use deltalake::kernel::Action;
 use steps::Work;
 
@@ -173,7 +173,11 @@ impl RunState {
 impl Runner {
     /// A runner; completes any interrupted commit first.
     pub async fn new(project: &Project, options: RunOptions, progress: Progress) -> Result<Self> {
-        let wh = Warehouse::open(&project.warehouse)?.with_table_cache();
+        let mut wh = Warehouse::open(&project.warehouse)?.with_table_cache();
+        // A Ballista cluster reads data files as plain Parquet: no deletion vectors.
+        if project.engine.cluster.is_some() {
+            wh = wh.copy_on_write();
+        }
         // Held until the runner is dropped: recovery and every commit happen under it.
         let lock = lock::RunLock::acquire(&wh).await?;
         for run in wh.recover().await? {
@@ -420,15 +424,7 @@ impl Runner {
     /// Delete the data files of `staged`.
     async fn discard(&self, staged: &[Staged]) {
         for s in staged {
-            let adds: Vec<_> = s
-                .actions
-                .iter()
-                .filter_map(|a| match a {
-                    deltalake::kernel::Action::Add(add) => Some(add.clone()),
-                    _ => None,
-                })
-                .collect();
-            if let Err(e) = crate::warehouse::write::delete_files(&self.wh, &s.url, &adds).await {
+            if let Err(e) = s.discard(&self.wh).await {
                 tracing::warn!(table = %s.table, error = %e, "could not remove uncommitted files");
             }
         }
@@ -465,7 +461,7 @@ impl Runner {
         started: Instant,
     ) -> Result<()> {
         if staged.changes() {
-            let provider = files_provider(&staged.files, staged.schema.clone()).await?;
+            let provider = table_files_provider(&staged.files, staged.schema.clone()).await?;
             ctx.deregister_table(&staged.table)?;
             ctx.register_table(&staged.table, provider)?;
             if let Some(cluster) = &state.cluster {
@@ -576,7 +572,7 @@ impl Runner {
                     (Some((files, schema)), Some(query)) => {
                         ctx.register_table(
                             crate::plan::ADDED_ROWS,
-                            files_provider(&files, schema).await?,
+                            table_files_provider(&files, schema).await?,
                         )?;
                         let n = count_rows(ctx, query, pipeline, t).await;
                         ctx.deregister_table(crate::plan::ADDED_ROWS)?;
@@ -584,7 +580,7 @@ impl Runner {
                     }
                     // The test's own query, over only the added rows of its one table.
                     (Some((files, schema)), None) => {
-                        let added = files_provider(&files, schema).await?;
+                        let added = table_files_provider(&files, schema).await?;
                         let whole = ctx.table_provider(table).await?;
                         ctx.deregister_table(table)?;
                         ctx.register_table(table, added)?;
@@ -708,7 +704,7 @@ async fn row_local_table<'t>(
 }
 
 /// Files with their schema.
-type Files = (Vec<url::Url>, arrow::datatypes::SchemaRef);
+type Files = (Vec<DataFile>, arrow::datatypes::SchemaRef);
 
 /// What a data test may check instead of its tables whole.
 struct Narrowed {
@@ -717,7 +713,8 @@ struct Narrowed {
     added: Option<Files>,
     /// The files this run removed from the table a relationships test refers to (`None` when it
     /// only gained rows): the added rows are enough only if every value of the referenced column
-    /// in them is still in that table.
+    /// in them is still in that table. A file the run marked rows of is here whole: its rows
+    /// still in the table are kept, and rows marked before are checked again.
     referenced_removed: Option<Files>,
 }
 
@@ -759,16 +756,18 @@ fn added_rows(
                 let (files, _) =
                     referenced_removed.get_or_insert_with(|| (Vec::new(), s.schema.clone()));
                 files.extend(s.actions.iter().filter_map(|a| match a {
-                    Action::Remove(r) => Some(file_url(&s.url, &r.path)),
+                    Action::Remove(r) => Some(DataFile::whole(file_url(&s.url, &r.path))),
                     _ => None,
                 }));
             }
             if table == table_checked {
                 let (files, _) = added.get_or_insert_with(|| (Vec::new(), s.schema.clone()));
-                files.extend(s.actions.iter().filter_map(|a| match a {
-                    Action::Add(add) => Some(file_url(&s.url, &add.path)),
-                    _ => None,
-                }));
+                // A file added again with a deletion vector brings no new row.
+                for path in s.new_file_paths() {
+                    let url = file_url(&s.url, path);
+                    let file = s.files.iter().find(|f| f.url == url).cloned();
+                    files.push(file.unwrap_or_else(|| DataFile::whole(url)));
+                }
             }
         }
     }
@@ -855,7 +854,7 @@ async fn values_kept(ctx: &SessionContext, table: &str, column: &str, removed: F
          except select {column} from {table}"
     );
     let gone = async {
-        ctx.register_table(REMOVED, files_provider(&files, schema).await?)?;
+        ctx.register_table(REMOVED, table_files_provider(&files, schema).await?)?;
         Ok::<_, Error>(ctx.sql(&query).await?.limit(0, Some(1))?.count().await?)
     }
     .await;

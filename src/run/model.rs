@@ -21,13 +21,13 @@ use crate::config::pipeline::{ModelIncrementalSpec, SlicesSpec};
 use crate::error::{Error, Result};
 use crate::identity::{Identity, Regrouped};
 use crate::plan::Model;
-use crate::warehouse::files_provider;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
 use crate::warehouse::write::{
     NewData, delete_files, file_url, merge_sorted_files, new_rows, stage, stage_merge_removing,
     step_done, unchanged_since, write_frame,
 };
+use crate::warehouse::{DataFile, table_files_provider};
 
 /// What a step was built from: a hash of its definition and the version of each input.
 pub(super) fn fingerprint(definition: &str, inputs: &[String], state: &RunState) -> String {
@@ -388,7 +388,7 @@ impl Runner {
                 since_version = before,
                 "reading only the rows added to a driving table"
             );
-            let new_rows = files_provider(&files, full.schema()).await?;
+            let new_rows = table_files_provider(&files, full.schema()).await?;
             added.push((table, full, new_rows));
         }
         let mut restore = Vec::new();
@@ -475,10 +475,16 @@ impl Runner {
 
     /// Files of `table` now that were not among its files at version `before`, less those a
     /// merge wrote with the rows it kept unchanged from version `before` (their rows are not
-    /// new to a model that read that version).
-    async fn added_files(&self, state: &RunState, table: &str, before: u64) -> Result<Vec<Url>> {
+    /// new to a model that read that version). A file that merely lost rows to a deletion
+    /// vector since is not among them.
+    async fn added_files(
+        &self,
+        state: &RunState,
+        table: &str,
+        before: u64,
+    ) -> Result<Vec<DataFile>> {
         let staged = state.staged(table).filter(|s| s.changes());
-        let now: Vec<Url> = match staged {
+        let now: Vec<DataFile> = match staged {
             Some(s) => s.files.clone(),
             None => self.wh.files_at(table, None).await?,
         };
@@ -487,6 +493,7 @@ impl Runner {
             .files_at(table, Some(before))
             .await?
             .into_iter()
+            .map(|f| f.url)
             .collect();
         let mut unchanged = self.wh.files_unchanged_since(table).await?;
         if let Some(s) = staged {
@@ -500,7 +507,7 @@ impl Runner {
         }
         Ok(now
             .into_iter()
-            .filter(|u| !then.contains(u) && unchanged.get(u) != Some(&before))
+            .filter(|f| !then.contains(&f.url) && unchanged.get(&f.url) != Some(&before))
             .collect())
     }
 
@@ -555,7 +562,7 @@ impl Runner {
                 .ok_or_else(|| Error::Internal(format!("no version of '{}' recorded", s.table)))?;
             let now = ctx.table_provider(s.table.as_str()).await?;
             let old_files = self.wh.files_at(&s.table, Some(before)).await?;
-            let old = files_provider(&old_files, now.schema()).await?;
+            let old = table_files_provider(&old_files, now.schema()).await?;
             let mut cols: Vec<&str> = vec![s.id.as_str()];
             cols.extend(s.fields.iter().map(|(_, c)| c.as_str()));
             cols.extend(s.updated_at.as_deref());

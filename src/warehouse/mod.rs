@@ -6,6 +6,7 @@
 //! completed by the next command that opens the warehouse ([`Warehouse::recover`]).
 
 mod commit;
+pub mod deletion;
 mod digest;
 pub mod history;
 pub mod scd2;
@@ -33,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::sources::stores::store_for;
 
 pub use commit::{RUN_ID_KEY, commit_run};
+pub use deletion::DataFile;
 pub use schema::{conform_batch, delta_compatible, delta_compatible_batch};
 pub(crate) use write::file_url;
 pub use write::{Staged, WriteMetrics};
@@ -50,6 +52,9 @@ pub struct Warehouse {
     /// Tables loaded through this handle, kept when it was opened for a run
     /// ([`Warehouse::with_table_cache`]).
     tables: Option<Arc<Mutex<HashMap<String, DeltaTable>>>>,
+    /// Whether merges may mark replaced rows deleted (deletion vectors) instead of rewriting
+    /// their files ([`Warehouse::copy_on_write`]).
+    deletion_vectors: bool,
 }
 
 /// What `kbcrm tables` shows about one table.
@@ -90,6 +95,7 @@ impl Warehouse {
             store,
             root,
             tables: None,
+            deletion_vectors: true,
         })
     }
 
@@ -100,6 +106,19 @@ impl Warehouse {
     pub fn with_table_cache(mut self) -> Self {
         self.tables = Some(Arc::default());
         self
+    }
+
+    /// Writes through this handle rewrite the files that hold replaced rows, and the tables it
+    /// creates do not allow deletion vectors: for a project whose SQL runs on a Ballista
+    /// cluster, which reads data files as plain Parquet.
+    pub fn copy_on_write(mut self) -> Self {
+        self.deletion_vectors = false;
+        self
+    }
+
+    /// Whether writes through this handle may use deletion vectors.
+    pub(crate) fn allows_deletion_vectors(&self) -> bool {
+        self.deletion_vectors
     }
 
     fn cached(&self, name: &str) -> Option<DeltaTable> {
@@ -257,41 +276,49 @@ impl Warehouse {
             let Some(version) = table.version() else {
                 continue;
             };
-            let files =
-                active_files(&table, &self.table_url(&name)).map_err(|e| with_table(e, &name))?;
+            let files = deletion::table_files(&table, &self.table_url(&name))
+                .await
+                .map_err(|e| with_table(e, &name))?;
             let schema = table.table_provider().await?.schema();
             if let Some(ctx) = checked {
                 table.update_datafusion_session(&ctx.state())?;
                 ctx.deregister_table(name.as_str())?;
-                let provider = files_provider(&files, schema.clone()).await?;
+                let provider = table_files_provider(&files, schema.clone()).await?;
                 ctx.register_table(name.as_str(), provider)?;
             }
             if let Some(ctx) = plain {
                 table.update_datafusion_session(&ctx.state())?;
                 ctx.deregister_table(name.as_str())?;
-                ctx.register_table(name.as_str(), listing(&files, schema)?)?;
+                let provider = listing(&files, schema).map_err(|e| with_table(e, &name))?;
+                ctx.register_table(name.as_str(), provider)?;
             }
             versions.insert(name, version);
         }
         Ok(versions)
     }
 
-    /// URLs of a table's data files at a version (the latest when `None`).
-    pub async fn files_at(&self, name: &str, version: Option<u64>) -> Result<Vec<Url>> {
+    /// A table's data files at a version (the latest when `None`), with the rows deletion
+    /// vectors removed from them as of that version.
+    pub async fn files_at(&self, name: &str, version: Option<u64>) -> Result<Vec<DataFile>> {
         let url = self.table_url(name);
         let kept = match version {
             Some(v) => self.cached_at(name, v),
             None => self.load(name).await?,
         };
-        if let Some(table) = kept {
-            return active_files(&table, &url).map_err(|e| with_table(e, name));
-        }
-        let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())?.build()?;
-        match version {
-            Some(v) => table.load_version(v).await?,
-            None => table.load().await?,
-        }
-        active_files(&table, &url).map_err(|e| with_table(e, name))
+        let table = match kept {
+            Some(table) => table,
+            None => {
+                let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())?.build()?;
+                match version {
+                    Some(v) => table.load_version(v).await?,
+                    None => table.load().await?,
+                }
+                table
+            }
+        };
+        deletion::table_files(&table, &url)
+            .await
+            .map_err(|e| with_table(e, name))
     }
 
     /// The current data files of a table that a merge tagged as holding rows unchanged since
@@ -335,7 +362,8 @@ impl Warehouse {
         let snapshot = table.snapshot()?;
         let (mut rows, mut bytes, mut files) = (0u64, 0u64, 0usize);
         for f in snapshot.log_data().iter() {
-            rows += f.num_records().unwrap_or(0) as u64;
+            let deleted = f.deletion_vector_descriptor().map_or(0, |d| d.cardinality);
+            rows += (f.num_records().unwrap_or(0) as u64).saturating_sub(deleted.max(0) as u64);
             bytes += f.size() as u64;
             files += 1;
         }
@@ -387,29 +415,6 @@ impl Warehouse {
     }
 }
 
-/// URLs of the data files of a loaded table version (`url` is the table's folder).
-///
-/// kbcrm's writes never mark rows deleted in place (deletion vectors): a merge rewrites files.
-/// A table another Delta writer changed that way is refused here, because its files read as
-/// plain Parquet would bring the deleted rows back (the Delta provider of `kbcrm query` and the
-/// runs applies them).
-fn active_files(table: &DeltaTable, url: &Url) -> Result<Vec<Url>> {
-    let mut files = Vec::new();
-    for f in table.snapshot()?.log_data().iter() {
-        if f.deletion_vector_descriptor().is_some() {
-            return Err(Error::Warehouse(format!(
-                "file '{}' has rows deleted by a deletion vector: the server, extracts and a \
-                 Ballista cluster read a table's files as plain Parquet and would return those \
-                 rows; rewrite the table without them (e.g. Delta's REORG TABLE ... APPLY (PURGE) in \
-                 the tool that wrote it), or rebuild it with `kbcrm run --full-refresh`",
-                f.path()
-            )));
-        }
-        files.push(url.join(&f.path()).unwrap_or_else(|_| url.clone()));
-    }
-    Ok(files)
-}
-
 /// `e` with the table it is about.
 fn with_table(e: Error, table: &str) -> Error {
     match e {
@@ -418,7 +423,8 @@ fn with_table(e: Error, table: &str) -> Error {
     }
 }
 
-/// A provider reading exactly the given Parquet files (a staged, not yet committed table state).
+/// A provider reading exactly the given Parquet files, all of their rows (files a write has
+/// just made).
 ///
 /// Every scan first checks that each file is still there: a listing over a file's URL that
 /// finds nothing would otherwise read a removed file as zero rows.
@@ -426,31 +432,60 @@ pub(crate) async fn files_provider(
     files: &[Url],
     schema: arrow::datatypes::SchemaRef,
 ) -> Result<Arc<dyn TableProvider>> {
+    let files: Vec<DataFile> = files.iter().cloned().map(DataFile::whole).collect();
+    table_files_provider(&files, schema).await
+}
+
+/// A provider reading a table state: exactly the given Parquet files, less the rows their
+/// deletion vectors remove (a committed version, or a staged one not yet committed).
+pub(crate) async fn table_files_provider(
+    files: &[DataFile],
+    schema: arrow::datatypes::SchemaRef,
+) -> Result<Arc<dyn TableProvider>> {
     if files.is_empty() {
         return Ok(Arc::new(EmptyTable::new(schema)));
     }
     let urls = urls(files)?;
+    let deleted = urls
+        .iter()
+        .zip(files)
+        .filter_map(|(u, f)| Some((u.prefix().clone(), f.deleted.clone()?)))
+        .collect();
     Ok(Arc::new(ExactFiles {
         inner: listing_table(urls.clone(), schema)?,
         files: urls,
+        deleted,
     }))
 }
 
 /// A plain listing table over exactly these Parquet files (one a Ballista cluster can read).
+///
+/// Refused for a file with rows deleted by a deletion vector: the listing reads a file as
+/// plain Parquet and would bring those rows back.
 pub(crate) fn listing(
-    files: &[Url],
+    files: &[DataFile],
     schema: arrow::datatypes::SchemaRef,
 ) -> Result<Arc<dyn TableProvider>> {
+    if let Some(f) = files.iter().find(|f| f.deleted.is_some()) {
+        return Err(Error::Warehouse(format!(
+            "file '{}' has rows deleted by a deletion vector: a Ballista cluster reads a table's \
+             files as plain Parquet and would return those rows. Rebuild the table with \
+             `kbcrm run --full-refresh` (a project with `engine.cluster` writes no deletion \
+             vectors), or rewrite it without them in the tool that wrote it (e.g. Delta's \
+             REORG TABLE ... APPLY (PURGE))",
+            f.url
+        )));
+    }
     if files.is_empty() {
         return Ok(Arc::new(EmptyTable::new(schema)));
     }
     Ok(Arc::new(listing_table(urls(files)?, schema)?))
 }
 
-fn urls(files: &[Url]) -> Result<Vec<ListingTableUrl>> {
+fn urls(files: &[DataFile]) -> Result<Vec<ListingTableUrl>> {
     Ok(files
         .iter()
-        .map(|u| ListingTableUrl::parse(u.as_str()))
+        .map(|f| ListingTableUrl::parse(f.url.as_str()))
         .collect::<datafusion::error::Result<Vec<_>>>()?)
 }
 
@@ -465,7 +500,7 @@ pub(crate) fn sorted_file(
     let sort = order.iter().map(|c| ident(c).sort(true, false)).collect();
     let options = parquet_options().with_file_sort_order(vec![sort]);
     Ok(Arc::new(listing_table_with(
-        urls(std::slice::from_ref(file))?,
+        urls(&[DataFile::whole(file.clone())])?,
         schema,
         options,
     )?))
@@ -493,14 +528,80 @@ fn listing_table_with(
     Ok(ListingTable::try_new(config)?)
 }
 
-/// [`ListingTable`] over named files that fails a scan when one of them is missing.
+/// [`ListingTable`] over named files that fails a scan when one of them is missing, and skips
+/// the rows deletion vectors removed from them.
 #[derive(Debug)]
 struct ExactFiles {
     files: Vec<ListingTableUrl>,
     inner: ListingTable,
+    /// The files with removed rows, by store path.
+    deleted: HashMap<StorePath, Arc<deletion::Deleted>>,
 }
 
 impl ExactFiles {
+    /// `plan` (the listing's scan) with each file's removed rows skipped, and its row counts
+    /// marked inexact (they count the removed rows).
+    fn skip_deleted(
+        &self,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        use datafusion::datasource::physical_plan::parquet::ParquetRowSelection;
+        use datafusion::datasource::physical_plan::{
+            FileGroup, FileScanConfig, FileScanConfigBuilder,
+        };
+        use datafusion::datasource::source::DataSourceExec;
+        let mut found = false;
+        let plan = plan.transform_up(|node| {
+            let any: &dyn std::any::Any = node.as_ref();
+            let Some(exec) = any.downcast_ref::<DataSourceExec>() else {
+                return Ok(Transformed::no(node));
+            };
+            let source: &dyn std::any::Any = exec.data_source().as_ref();
+            let Some(config) = source.downcast_ref::<FileScanConfig>() else {
+                return Ok(Transformed::no(node));
+            };
+            found = true;
+            let statistics = config.statistics().to_inexact();
+            let groups = config
+                .file_groups
+                .iter()
+                .map(|group| {
+                    let files = group
+                        .iter()
+                        .map(|f| {
+                            let mut f = f.clone();
+                            if let Some(d) = self.deleted.get(&f.object_meta.location) {
+                                f = f.with_extension(ParquetRowSelection::new(d.selection()));
+                                f.statistics = f
+                                    .statistics
+                                    .map(|s| Arc::new(s.as_ref().clone().to_inexact()));
+                            }
+                            f
+                        })
+                        .collect();
+                    let mut out = FileGroup::new(files);
+                    if let Some(s) = group.file_statistics(None) {
+                        out = out.with_statistics(Arc::new(s.clone().to_inexact()));
+                    }
+                    out
+                })
+                .collect();
+            let config = FileScanConfigBuilder::from(config.clone())
+                .with_file_groups(groups)
+                .with_statistics(statistics)
+                .build();
+            Ok(Transformed::yes(DataSourceExec::from_data_source(config)
+                as Arc<dyn datafusion::physical_plan::ExecutionPlan>))
+        })?;
+        if !found {
+            return Err(datafusion::error::DataFusionError::Internal(
+                "a scan of files with deleted rows is not a Parquet file scan".into(),
+            ));
+        }
+        Ok(plan.data)
+    }
+
     async fn check(&self, state: &dyn Session) -> datafusion::error::Result<()> {
         for chunk in self.files.chunks(32) {
             let mut heads = Vec::with_capacity(chunk.len());
@@ -562,7 +663,13 @@ impl TableProvider for ExactFiles {
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
         self.check(state).await?;
-        self.inner.scan(state, projection, filters, limit).await
+        if self.deleted.is_empty() {
+            return self.inner.scan(state, projection, filters, limit).await;
+        }
+        // The limit is applied above the scan: a listing stops taking files once their
+        // row counts (removed rows included) reach it.
+        let plan = self.inner.scan(state, projection, filters, None).await?;
+        self.skip_deleted(plan)
     }
 
     async fn scan_with_args<'a>(
@@ -571,7 +678,14 @@ impl TableProvider for ExactFiles {
         args: datafusion::catalog::ScanArgs<'a>,
     ) -> datafusion::error::Result<datafusion::catalog::ScanResult> {
         self.check(state).await?;
-        self.inner.scan_with_args(state, args).await
+        if self.deleted.is_empty() {
+            return self.inner.scan_with_args(state, args).await;
+        }
+        let args = args.with_limit(None);
+        let result = self.inner.scan_with_args(state, args).await?;
+        Ok(datafusion::catalog::ScanResult::new(
+            self.skip_deleted(result.into_inner())?,
+        ))
     }
 }
 
@@ -597,37 +711,92 @@ mod tests {
         schema
     }
 
+    /// The values of column `n` a query over `table` in `ctx` returns, in order.
+    async fn values(ctx: &SessionContext, sql: &str) -> Vec<i64> {
+        let batches = ctx
+            .sql(sql)
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("run");
+        batches
+            .iter()
+            .flat_map(|b| {
+                let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64)
+                    .expect("cast");
+                col.as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("ints")
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_table_with_deletion_vectors_is_refused_not_read_with_its_deleted_rows() {
+    fn rows_a_deletion_vector_removes_are_not_read_and_a_cluster_listing_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let table = dir.path().join("t");
         std::fs::create_dir_all(table.join("_delta_log")).expect("log folder");
-        write_file(&table.join("a.parquet"), &[1, 2, 3]);
-        // The log another Delta writer leaves after deleting row 2 in place: a deletion
-        // vector (inline, one row) on the file's add action.
-        let log = [
-            r#"{"protocol":{"minReaderVersion":3,"minWriterVersion":7,"readerFeatures":["deletionVectors"],"writerFeatures":["deletionVectors"]}}"#,
-            r#"{"metaData":{"id":"00000000-0000-0000-0000-000000000001","format":{"provider":"parquet","options":{}},"schemaString":"{\"type\":\"struct\",\"fields\":[{\"name\":\"n\",\"type\":\"long\",\"nullable\":false,\"metadata\":{}}]}","partitionColumns":[],"configuration":{"delta.enableDeletionVectors":"true"},"createdTime":1700000000000}}"#,
-            r#"{"add":{"path":"a.parquet","partitionValues":{},"size":500,"modificationTime":1700000000000,"dataChange":true,"deletionVector":{"storageType":"i","pathOrInlineDv":"wi5b=000010000siXQKl0rr91000f55c8Xg0@@D72lkbi5=-{L","sizeInBytes":40,"cardinality":1}}}"#,
-        ];
-        std::fs::write(
-            table.join("_delta_log/00000000000000000000.json"),
-            log.join("\n") + "\n",
-        )
-        .expect("log");
+        let numbers: Vec<i64> = (0..10).collect();
+        write_file(&table.join("a.parquet"), &numbers);
+        let size = std::fs::metadata(table.join("a.parquet"))
+            .expect("size")
+            .len();
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         runtime.block_on(async {
             let root = Url::from_directory_path(dir.path()).expect("url");
             let wh = Warehouse::open(&root).expect("warehouse");
-            let err = wh.files_at("t", None).await.expect_err("refused");
+            let table_url = wh.table_url("t");
+            // Rows 1, 2 and 7 deleted, as a Delta writer's merge leaves them: a deletion
+            // vector file beside the data, named by the add action.
+            let deleted = deletion::Deleted::new(vec![7, 1, 2], 10).expect("deleted");
+            let (_, descriptors) =
+                deletion::write_deletion_vectors(wh.store(), &table_url, &[&deleted])
+                    .await
+                    .expect("written");
+            let dv = serde_json::to_string(&descriptors[0]).expect("json");
+            let log = [
+                r#"{"protocol":{"minReaderVersion":3,"minWriterVersion":7,"readerFeatures":["deletionVectors"],"writerFeatures":["deletionVectors"]}}"#.to_string(),
+                r#"{"metaData":{"id":"00000000-0000-0000-0000-000000000001","format":{"provider":"parquet","options":{}},"schemaString":"{\"type\":\"struct\",\"fields\":[{\"name\":\"n\",\"type\":\"long\",\"nullable\":false,\"metadata\":{}}]}","partitionColumns":[],"configuration":{"delta.enableDeletionVectors":"true"},"createdTime":1700000000000}}"#.to_string(),
+                format!(
+                    r#"{{"add":{{"path":"a.parquet","partitionValues":{{}},"size":{size},"modificationTime":1700000000000,"dataChange":true,"stats":"{{\"numRecords\":10}}","deletionVector":{dv}}}}}"#
+                ),
+            ];
+            std::fs::write(
+                table.join("_delta_log/00000000000000000000.json"),
+                log.join("\n") + "\n",
+            )
+            .expect("log");
+
+            let files = wh.files_at("t", None).await.expect("files");
+            assert_eq!(files.len(), 1);
+            let d = files[0].deleted.as_ref().expect("deleted rows");
+            assert_eq!((d.rows(), d.file_rows()), (&[1, 2, 7][..], 10));
+
+            let kept = vec![0, 3, 4, 5, 6, 8, 9];
+            // The snapshots the server and extracts read, and the Delta provider of queries.
+            let ctx = SessionContext::new();
+            wh.register_snapshots(&ctx).await.expect("snapshots");
+            assert_eq!(values(&ctx, "select n from t order by n").await, kept);
+            // Counted by reading, not from the file's row count.
+            assert_eq!(values(&ctx, "select count(*) from t").await, vec![7]);
+            assert_eq!(values(&ctx, "select n from t order by n limit 2").await, vec![0, 3]);
+            assert_eq!(values(&ctx, "select n from t where n > 5 order by n").await, vec![6, 8, 9]);
+            let delta = SessionContext::new();
+            wh.register_all(&delta).await.expect("delta provider");
+            assert_eq!(values(&delta, "select n from t order by n").await, kept);
+            let info = wh.info("t").await.expect("info").expect("table");
+            assert_eq!(info.rows, 7);
+
+            let cluster = SessionContext::new();
+            let err = wh.register_for_cluster(&cluster).await.expect_err("refused");
             let text = err.to_string();
             assert!(
                 text.contains("table 't'") && text.contains("deletion vector"),
                 "{text}"
             );
-            let ctx = SessionContext::new();
-            let err = wh.register_snapshots(&ctx).await.expect_err("refused");
-            assert!(err.to_string().contains("deletion vector"), "{err}");
         });
     }
 

@@ -1,7 +1,7 @@
 //! Staging a table write: new data files are written, the Delta actions that would publish them
 //! are computed, and nothing is committed. [`super::commit_run`] publishes a run's staged writes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, UInt32Array};
@@ -14,15 +14,16 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::{Action, Add, Remove, StructType, new_metadata};
+use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, StructType, new_metadata};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use url::Url;
 
+use super::deletion::{DataFile, Deleted, KeySet};
 use super::scd2::same;
 use super::schema::{conform_batch, same_columns};
-use super::{Warehouse, files_provider};
+use super::{Warehouse, files_provider, table_files_provider};
 use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
 
@@ -59,13 +60,64 @@ pub struct Staged {
     /// The table's schema after the write.
     pub schema: SchemaRef,
     /// Data files of the table after the write (for reading it before the commit).
-    pub files: Vec<Url>,
+    pub files: Vec<DataFile>,
 }
 
 impl Staged {
     /// Whether committing would change the table.
     pub fn changes(&self) -> bool {
         !self.actions.is_empty()
+    }
+
+    /// The paths of the files `Add` actions bring in that the table did not have: a file
+    /// added again with a new deletion vector is already there.
+    pub fn new_file_paths(&self) -> Vec<&str> {
+        let removed = self.removed_paths();
+        self.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Add(add) if !removed.contains(add.path.as_str()) => Some(add.path.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The paths of the files `Remove` actions take out (some may come back with a deletion
+    /// vector).
+    pub fn removed_paths(&self) -> HashSet<&str> {
+        self.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Remove(r) => Some(r.path.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Delete what this write wrote and nothing else: its new data files and the deletion
+    /// vector files of the files it marks rows of.
+    pub async fn discard(&self, wh: &Warehouse) -> Result<()> {
+        let removed = self.removed_paths();
+        for a in &self.actions {
+            let Action::Add(add) = a else { continue };
+            let path = if removed.contains(add.path.as_str()) {
+                match add
+                    .deletion_vector
+                    .as_ref()
+                    .and_then(|dv| super::deletion::vector_file(&self.url, dv))
+                {
+                    Some(p) => p,
+                    None => continue,
+                }
+            } else {
+                super::deletion::store_path(&file_url(&self.url, &add.path))?
+            };
+            match wh.store().delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -407,7 +459,7 @@ async fn stage_with(
         new
     };
     let Some(current) = current else {
-        return create(url, new, mode);
+        return create(url, new, mode, wh.allows_deletion_vectors());
     };
     let current_schema: SchemaRef = Arc::new(
         current
@@ -430,7 +482,7 @@ async fn stage_with(
         )));
     }
     match mode {
-        WriteMode::Append => append(url, &current, new),
+        WriteMode::Append => append(url, &current, new).await,
         WriteMode::Overwrite => overwrite(wh, ctx, url, &current, new, same).await,
         WriteMode::Merge => merge(wh, ctx, url, &current, new, keys, gone).await,
         WriteMode::Scd2 => Err(Error::Internal(
@@ -501,17 +553,34 @@ fn add_rows(add: &Add) -> u64 {
         .unwrap_or(0)
 }
 
-fn create(url: Url, new: NewData, mode: WriteMode) -> Result<Staged> {
+/// The table property that lets writers mark rows deleted instead of rewriting files.
+const ENABLE_DELETION_VECTORS: &str = "delta.enableDeletionVectors";
+
+fn create(url: Url, new: NewData, mode: WriteMode, deletion_vectors: bool) -> Result<Staged> {
     let struct_type: StructType = new.schema.as_ref().try_into_kernel()?;
-    let metadata = new_metadata(&struct_type, Vec::<String>::new(), clustering(&new))?;
-    let protocol = serde_json::from_value(serde_json::json!({
-        "minReaderVersion": 1,
-        "minWriterVersion": 2
-    }))
-    .map_err(|e| Error::Internal(format!("protocol action: {e}")))?;
+    let mut configuration = clustering(&new);
+    // Deletion vectors need reader version 3 and writer version 7 with the feature named.
+    let protocol = if deletion_vectors {
+        configuration.push((ENABLE_DELETION_VECTORS.to_string(), "true".to_string()));
+        serde_json::json!({
+            "minReaderVersion": 3,
+            "minWriterVersion": 7,
+            "readerFeatures": ["deletionVectors"],
+            "writerFeatures": ["deletionVectors"]
+        })
+    } else {
+        serde_json::json!({ "minReaderVersion": 1, "minWriterVersion": 2 })
+    };
+    let metadata = new_metadata(&struct_type, Vec::<String>::new(), configuration)?;
+    let protocol = serde_json::from_value(protocol)
+        .map_err(|e| Error::Internal(format!("protocol action: {e}")))?;
     let mut actions = vec![Action::Protocol(protocol), Action::Metadata(metadata)];
     let metrics = add_metrics(&new.adds, new.rows);
-    let files = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
+    let files = new
+        .adds
+        .iter()
+        .map(|a| DataFile::whole(file_url(&url, &a.path)))
+        .collect();
     actions.extend(new.adds.into_iter().map(Action::Add));
     Ok(Staged {
         table: new.table,
@@ -525,22 +594,46 @@ fn create(url: Url, new: NewData, mode: WriteMode) -> Result<Staged> {
     })
 }
 
-/// Data files of the current version.
-fn current_files(url: &Url, table: &DeltaTable) -> Result<Vec<(Url, Remove)>> {
-    Ok(table
-        .snapshot()?
-        .log_data()
-        .iter()
-        .map(|f| (file_url(url, &f.path()), f.remove_action(true)))
-        .collect())
+/// Data files of the current version, each with the action that would remove it.
+async fn current_files(url: &Url, table: &DeltaTable) -> Result<Vec<(DataFile, Remove)>> {
+    let files = super::deletion::table_files(table, url).await?;
+    let log = table.snapshot()?.log_data();
+    let removes: Vec<Remove> = log.iter().map(|f| f.remove_action(true)).collect();
+    Ok(files.into_iter().zip(removes).collect())
 }
 
-fn append(url: Url, current: &DeltaTable, new: NewData) -> Result<Staged> {
-    let mut files: Vec<Url> = current_files(&url, current)?
+/// Whether merges into `table` may mark replaced rows deleted instead of rewriting files.
+fn marks_rows(wh: &Warehouse, table: &DeltaTable) -> Result<bool> {
+    if !wh.allows_deletion_vectors() {
+        return Ok(false);
+    }
+    let snapshot = table.snapshot()?;
+    let enabled = snapshot
+        .metadata()
+        .configuration()
+        .get(ENABLE_DELETION_VECTORS)
+        .is_some_and(|v| v == "true");
+    // The protocol's feature lists are reachable through its serialized form only.
+    let protocol = serde_json::to_value(snapshot.protocol())
+        .map_err(|e| Error::Internal(format!("protocol action: {e}")))?;
+    let supported = protocol
+        .get("writerFeatures")
+        .and_then(|f| f.as_array())
+        .is_some_and(|f| f.iter().any(|x| x == "deletionVectors"));
+    Ok(enabled && supported)
+}
+
+async fn append(url: Url, current: &DeltaTable, new: NewData) -> Result<Staged> {
+    let mut files: Vec<DataFile> = current_files(&url, current)
+        .await?
         .into_iter()
-        .map(|(u, _)| u)
+        .map(|(f, _)| f)
         .collect();
-    files.extend(new.adds.iter().map(|a| file_url(&url, &a.path)));
+    files.extend(
+        new.adds
+            .iter()
+            .map(|a| DataFile::whole(file_url(&url, &a.path))),
+    );
     let metrics = add_metrics(&new.adds, new.rows);
     Ok(Staged {
         table: new.table,
@@ -562,13 +655,13 @@ async fn overwrite(
     new: NewData,
     same_schema: bool,
 ) -> Result<Staged> {
-    let old = current_files(&url, current)?;
+    let old = current_files(&url, current).await?;
     let new_files: Vec<Url> = new.adds.iter().map(|a| file_url(&url, &a.path)).collect();
     // The same rows in another order are a change when the table's declared order changed.
     let same_order = same_layout(current, &new)?;
     let unchanged = same_schema && same_order && {
-        let target = files_provider(
-            &old.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>(),
+        let target = table_files_provider(
+            &old.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(),
             new.schema.clone(),
         )
         .await?;
@@ -592,7 +685,7 @@ async fn overwrite(
                 ..Default::default()
             },
             schema: new.schema,
-            files: old.into_iter().map(|(u, _)| u).collect(),
+            files: old.into_iter().map(|(f, _)| f).collect(),
         });
     }
     let mut metrics = add_metrics(&new.adds, new.rows);
@@ -613,7 +706,7 @@ async fn overwrite(
         mode: WriteMode::Overwrite,
         metrics,
         schema: new.schema,
-        files: new_files,
+        files: new_files.into_iter().map(DataFile::whole).collect(),
     })
 }
 
@@ -946,7 +1039,7 @@ async fn merge(
     keys: &[String],
     gone: Option<RecordBatch>,
 ) -> Result<Staged> {
-    let old = current_files(&url, current)?;
+    let old = current_files(&url, current).await?;
     let new_name = format!("__kbcrm_new_{}", new.table);
     let target_name = format!("__kbcrm_target_{}", new.table);
     ctx.register_table(&new_name, new_rows_at(&url, &new).await?)?;
@@ -998,7 +1091,7 @@ async fn merge(
             delete_files(wh, &url, &new.adds).await?;
             return Err(e);
         }
-        let mut staged = append(url, current, new)?;
+        let mut staged = append(url, current, new).await?;
         staged.mode = WriteMode::Merge;
         return Ok(staged);
     }
@@ -1010,10 +1103,25 @@ async fn merge(
         ctx.register_table(&gone_name, Arc::new(table))?;
     }
     let removing = ctx.table_exist(gone_name.as_str())?;
+    // Files the merge may mark rows of instead of rewriting them.
+    let markable: HashMap<String, &DataFile> = if marks_rows(wh, current)? {
+        old.iter().map(|(f, _)| (f.url.to_string(), f)).collect()
+    } else {
+        HashMap::new()
+    };
     let result = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
         let gone = removing.then_some(gone_name.as_str());
         let names = (new_name.as_str(), target_name.as_str(), gone);
-        merge_sql(wh, ctx, &url, &new, keys, names, current.version())
+        merge_sql(
+            wh,
+            ctx,
+            &url,
+            &new,
+            keys,
+            names,
+            current.version(),
+            &markable,
+        )
     })
     .await;
     if removing {
@@ -1022,26 +1130,41 @@ async fn merge(
     ctx.deregister_table(&new_name)?;
     ctx.deregister_table(&target_name)?;
     delete_files(wh, &url, &new.adds).await?;
-    let (touched, adds, changed_rows) = result?;
-    let removed: Vec<(Url, Remove)> = old
-        .iter()
-        .filter(|(u, _)| touched.contains(u.as_str()))
-        .cloned()
-        .collect();
-    let mut files: Vec<Url> = old
-        .iter()
-        .filter(|(u, _)| !touched.contains(u.as_str()))
-        .map(|(u, _)| u.clone())
-        .collect();
-    files.extend(adds.iter().map(|a| file_url(&url, &a.path)));
-    let mut metrics = add_metrics(&adds, new.rows);
-    metrics.files_removed = removed.len();
-    metrics.rows_written = changed_rows;
-    let mut actions: Vec<Action> = removed
-        .into_iter()
-        .map(|(_, r)| Action::Remove(r))
-        .collect();
-    actions.extend(adds.into_iter().map(Action::Add));
+    let merged = result?;
+    // A file with rows marked deleted is removed and added again with its new deletion vector.
+    let mut marked_adds = marked_file_adds(current, &url, &merged.marked)?;
+    let mut files = Vec::with_capacity(old.len() + merged.adds.len());
+    let mut actions = Vec::new();
+    let mut removed = 0;
+    for (file, remove) in old {
+        let key = file.url.to_string();
+        if merged.rewritten.contains(&key) {
+            actions.push(Action::Remove(remove));
+            removed += 1;
+        } else if let Some((deleted, _)) = merged.marked.get(&key) {
+            let add = marked_adds
+                .remove(&key)
+                .ok_or_else(|| Error::Internal(format!("no add action for {key}")))?;
+            actions.push(Action::Remove(remove));
+            actions.push(Action::Add(add));
+            files.push(DataFile {
+                url: file.url,
+                deleted: Some(deleted.clone()),
+            });
+        } else {
+            files.push(file);
+        }
+    }
+    files.extend(
+        merged
+            .adds
+            .iter()
+            .map(|a| DataFile::whole(file_url(&url, &a.path))),
+    );
+    let mut metrics = add_metrics(&merged.adds, new.rows);
+    metrics.files_removed = removed;
+    metrics.rows_written = merged.changed_rows;
+    actions.extend(merged.adds.into_iter().map(Action::Add));
     Ok(Staged {
         table: new.table,
         url,
@@ -1083,8 +1206,65 @@ async fn files_with_keys(
     collect_strings(&ctx.sql(&sql).await?.collect().await?)
 }
 
-/// Run the merge: returns the files to remove (as URLs), the files written, and the number of
-/// new or changed rows.
+/// What a merge wrote.
+struct Merged {
+    /// The files it rewrote (their URLs): their kept rows are in `adds`.
+    rewritten: HashSet<String>,
+    /// The files it wrote.
+    adds: Vec<Add>,
+    /// The files it marked rows of (their URLs): all their marked rows, and the descriptor of
+    /// the deletion vector that lists them.
+    marked: HashMap<String, (Arc<Deleted>, DeletionVectorDescriptor)>,
+    /// New or changed rows.
+    changed_rows: u64,
+}
+
+/// The `Add` actions that bring back each file of `marked` with its new deletion vector.
+fn marked_file_adds(
+    current: &DeltaTable,
+    url: &Url,
+    marked: &HashMap<String, (Arc<Deleted>, DeletionVectorDescriptor)>,
+) -> Result<HashMap<String, Add>> {
+    let mut out = HashMap::new();
+    if marked.is_empty() {
+        return Ok(out);
+    }
+    for f in current.snapshot()?.log_data().iter() {
+        let key = file_url(url, &f.path()).to_string();
+        let Some((_, dv)) = marked.get(&key) else {
+            continue;
+        };
+        // The tags are only reachable through the whole action.
+        #[allow(deprecated)]
+        let mut add = f.add_action();
+        add.deletion_vector = Some(dv.clone());
+        add.data_change = true;
+        // The file's statistics still count the marked rows: its bounds are no longer tight.
+        if let Some(stats) = &add.stats
+            && let Ok(serde_json::Value::Object(mut map)) =
+                serde_json::from_str::<serde_json::Value>(stats)
+        {
+            map.insert("tightBounds".into(), serde_json::Value::Bool(false));
+            add.stats = Some(serde_json::Value::Object(map).to_string());
+        }
+        out.insert(key, add);
+    }
+    Ok(out)
+}
+
+/// At most this share of a file's rows may be marked deleted; a file that would have more is
+/// rewritten.
+const MAX_MARKED_SHARE: f64 = 0.5;
+
+/// Files of fewer rows are rewritten rather than marked: rewriting them costs little, and a
+/// deletion vector is one more file for every later read to fetch (bookkeeping tables change a
+/// few of their rows on every run).
+const MIN_MARKED_FILE_ROWS: u64 = 1024;
+
+/// Run the merge: the files it rewrites or marks rows of, the files it writes, and the number
+/// of new or changed rows. The files of `markable` (by URL) keep their rows and get a deletion
+/// vector for the replaced ones, unless that would mark more than half of their rows.
+#[allow(clippy::too_many_arguments)]
 async fn merge_sql(
     wh: &Warehouse,
     ctx: &SessionContext,
@@ -1093,7 +1273,8 @@ async fn merge_sql(
     keys: &[String],
     (new_name, target_name, gone_name): (&str, &str, Option<&str>),
     read_version: Option<u64>,
-) -> Result<(HashSet<String>, Vec<Add>, u64)> {
+    markable: &HashMap<String, &DataFile>,
+) -> Result<Merged> {
     let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
     let on = same(keys, "c", "t");
     // Only target rows whose keys come again can be equal to new rows.
@@ -1116,7 +1297,12 @@ async fn merge_sql(
     step_done(&new.table, "merge: changed rows found", started);
     let started = std::time::Instant::now();
     if changed_rows == 0 && gone_name.is_none() {
-        return Ok((HashSet::new(), Vec::new(), 0));
+        return Ok(Merged {
+            rewritten: HashSet::new(),
+            adds: Vec::new(),
+            marked: HashMap::new(),
+            changed_rows: 0,
+        });
     }
     ctx.register_table("__kbcrm_changed", changed_df.clone().into_view())?;
     // Rows of removed keys go, with the files that hold them.
@@ -1142,6 +1328,19 @@ async fn merge_sql(
     };
     step_done(&new.table, "merge: touched files found", started);
     let started = std::time::Instant::now();
+    let marks = match mark_rows(wh, ctx, url, keys, gone_name, &touched, markable).await {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.deregister_table("__kbcrm_changed")?;
+            return Err(e);
+        }
+    };
+    step_done(&new.table, "merge: rows to mark found", started);
+    let started = std::time::Instant::now();
+    let touched: Vec<&String> = touched
+        .iter()
+        .filter(|p| !marks.contains_key(&normalize_file(url, p)))
+        .collect();
     let touched_urls: HashSet<String> = touched.iter().map(|p| normalize_file(url, p)).collect();
     let list = touched
         .iter()
@@ -1170,12 +1369,99 @@ async fn merge_sql(
                     .map(|add| tag_unchanged_since(add, read_version)),
             );
         }
-        Ok(adds)
+        if marks.is_empty() {
+            return Ok((adds, HashMap::new()));
+        }
+        let vectors: Vec<&Deleted> = marks.values().map(Arc::as_ref).collect();
+        match super::deletion::write_deletion_vectors(wh.store(), url, &vectors).await {
+            Ok((_, descriptors)) => {
+                let marked = marks
+                    .into_iter()
+                    .zip(descriptors)
+                    .map(|((u, d), dv)| (u, (d, dv)))
+                    .collect();
+                Ok((adds, marked))
+            }
+            Err(e) => {
+                delete_files(wh, url, &adds).await?;
+                Err(e)
+            }
+        }
     }
     .await;
     step_done(&new.table, "merge: files rewritten", started);
     ctx.deregister_table("__kbcrm_changed")?;
-    Ok((touched_urls, result?, changed_rows))
+    let (adds, marked) = result?;
+    Ok(Merged {
+        rewritten: touched_urls,
+        adds,
+        marked,
+        changed_rows,
+    })
+}
+
+/// All the rows of `file` (its URL `url`) to mark deleted once the rows of the keys in `set`
+/// are, or `None` when that would be more than [`MAX_MARKED_SHARE`] of its rows or the file is
+/// smaller than [`MIN_MARKED_FILE_ROWS`].
+async fn rows_to_mark(
+    wh: &Warehouse,
+    set: &KeySet,
+    url: &str,
+    file: &DataFile,
+) -> Result<(String, Option<Arc<Deleted>>)> {
+    let path = super::deletion::store_path(&file.url)?;
+    let (rows, file_rows) = set.rows_in(wh.store().clone(), path).await?;
+    let deleted = match &file.deleted {
+        Some(d) => d.with(&rows)?,
+        None => Deleted::new(rows, file_rows)?,
+    };
+    let keep = deleted.file_rows() >= MIN_MARKED_FILE_ROWS
+        && deleted.count() as f64 <= MAX_MARKED_SHARE * deleted.file_rows() as f64;
+    Ok((url.to_string(), keep.then(|| Arc::new(deleted))))
+}
+
+/// The files of `touched` (paths as the scan names them) that keep their rows, with all the
+/// rows to mark deleted in each (those already marked included): the rows of the changed and
+/// removed keys. Only files of `markable` qualify (see [`rows_to_mark`]).
+async fn mark_rows(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    url: &Url,
+    keys: &[String],
+    gone_name: Option<&str>,
+    touched: &[String],
+    markable: &HashMap<String, &DataFile>,
+) -> Result<HashMap<String, Arc<Deleted>>> {
+    let candidates: Vec<(String, &DataFile)> = touched
+        .iter()
+        .filter_map(|p| {
+            let u = normalize_file(url, p);
+            markable.get(&u).map(|f| (u, *f))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let key_list = column_list(keys);
+    let mut sql = format!("select distinct {key_list} from __kbcrm_changed");
+    if let Some(g) = gone_name {
+        sql.push_str(&format!(" union select {key_list} from {g}"));
+    }
+    let batches = ctx.sql(&sql).await?.collect().await?;
+    let Some(set) = KeySet::new(keys, &batches)? else {
+        return Ok(HashMap::new());
+    };
+    let mut found = Vec::with_capacity(candidates.len());
+    for chunk in candidates.chunks(4) {
+        let reads = chunk
+            .iter()
+            .map(|(u, file)| rows_to_mark(wh, &set, u, file));
+        found.extend(futures::future::try_join_all(reads).await?);
+    }
+    Ok(found
+        .into_iter()
+        .filter_map(|(u, d)| Some((u, d?)))
+        .collect())
 }
 
 /// The tag of a data file whose rows a merge kept as they were: the table version they are

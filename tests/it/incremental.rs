@@ -308,3 +308,100 @@ fn rejects_command_lists_and_summarises_quarantine() {
         "{summary}"
     );
 }
+
+/// The data files of a table (names), sorted.
+fn data_files(p: &Project, table: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(p.path().join("warehouse").join(table))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".parquet") || n.ends_with(".bin"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A merge that replaces a few rows of a file marks them deleted (a deletion vector) instead of
+/// rewriting the file; queries, the run's own later steps and the table list all leave them
+/// out; a run that fails after such a merge leaves the warehouse as it was.
+#[test]
+fn a_merge_marks_the_rows_it_replaces_and_every_read_leaves_them_out() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  items:\n    format: csv\n    location: data/\n    mode: merge\n    keys: [id]\n    \
+         incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n      price: int\n\
+         models:\n  - sql/item_total.sql\n\
+         tests:\n  - sql: { name: total is positive, query: select * from item_total where total <= 0 }\n",
+    );
+    p.write(
+        "sql/item_total.sql",
+        "select count(*) as items, sum(price) as total from raw_p_items\n",
+    );
+    // Enough rows that marking a few beats rewriting the file.
+    let first: String = (1..=2000).map(|i| format!("{i},{i}\n")).collect();
+    p.write("data/items_1.csv", format!("id,price\n{first}"));
+    p.ok(&["run"]);
+    let before = data_files(&p, "raw_p_items");
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // 3 and 7 change, 2001 is new: two rows of the file are marked, the file stays.
+    p.write("data/items_2.csv", "id,price\n3,300\n7,700\n2001,2001\n");
+    p.ok(&["run"]);
+    let after = data_files(&p, "raw_p_items");
+    assert!(after.contains(&before[0]), "{after:?}");
+    assert_eq!(
+        after.len(),
+        3,
+        "the file, the changed rows' file, one deletion vector: {after:?}"
+    );
+    assert!(
+        after.iter().any(|n| n.starts_with("deletion_vector_")),
+        "{after:?}"
+    );
+    let total: i64 = 2000 * 2001 / 2 - 3 - 7 + 300 + 700 + 2001;
+    let expected = [["2001".to_string(), total.to_string()]];
+    assert_eq!(
+        p.query("select count(*), sum(price) from raw_p_items"),
+        expected
+    );
+    assert_eq!(
+        p.query("select price from raw_p_items where id in (3, 7) order by id"),
+        [["300"], ["700"]]
+    );
+    // Built in the same run, from the merged table as the run held it.
+    assert_eq!(p.query("select items, total from item_total"), expected);
+    let tables = p.ok(&["tables"]);
+    let line = tables
+        .lines()
+        .find(|l| l.contains("raw_p_items"))
+        .unwrap_or_else(|| panic!("{tables}"));
+    assert!(line.split_whitespace().any(|w| w == "2001"), "{line}");
+
+    // The model's test fails after the merge marked row 4: nothing is committed, and neither the
+    // marked file nor anything else is deleted or left behind.
+    p.write("data/items_3.csv", "id,price\n4,-3000000\n");
+    p.fails_cleanly_with(3, &["run"], &[], &["total is positive"], &[]);
+    assert_eq!(
+        p.query("select count(*), sum(price) from raw_p_items"),
+        expected
+    );
+
+    // Once the file is right the batch loads, its row marked beside the two before; a full
+    // refresh rebuilds the table without marks.
+    p.write("data/items_3.csv", "id,price\n4,40\n");
+    p.ok(&["run"]);
+    assert_eq!(
+        p.scalar("select sum(price) from raw_p_items"),
+        total - 4 + 40
+    );
+    assert_eq!(
+        p.query("select id from raw_p_items where id < 8 and price = id order by id"),
+        [["1"], ["2"], ["5"], ["6"]]
+    );
+    p.ok(&["run", "--full-refresh"]);
+    assert_eq!(
+        p.scalar("select sum(price) from raw_p_items"),
+        total - 4 + 40
+    );
+    assert_eq!(p.scalar("select count(*) from raw_p_items"), 2001);
+}
