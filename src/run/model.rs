@@ -542,8 +542,9 @@ impl Runner {
         Ok(keys)
     }
     /// The ids of records whose golden fields differ from the versions of their tables the last
-    /// resolution read (new records included). Fails when that cannot be told (no record of
-    /// those versions, or their files are gone), and the caller rebuilds everything.
+    /// resolution read (new records included): the rows added to each table since, less those
+    /// equal to a row of that version. Fails when that cannot be told (no record of those
+    /// versions, or their files are gone), and the caller rebuilds everything.
     async fn edited_records(
         &self,
         ctx: &SessionContext,
@@ -561,6 +562,9 @@ impl Runner {
             let before = recorded_version(print, &s.table)
                 .ok_or_else(|| Error::Internal(format!("no version of '{}' recorded", s.table)))?;
             let now = ctx.table_provider(s.table.as_str()).await?;
+            // A row not among those added since that version was in it, as it is.
+            let added = self.added_files(state, &s.table, before).await?;
+            let now = table_files_provider(&added, now.schema()).await?;
             let old_files = self.wh.files_at(&s.table, Some(before)).await?;
             let old = table_files_provider(&old_files, now.schema()).await?;
             let mut cols: Vec<&str> = vec![s.id.as_str()];

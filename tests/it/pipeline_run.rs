@@ -202,19 +202,16 @@ fn merge_updates_changed_rows_and_inserts_new_ones() {
 fn failing_model_leaves_every_table_at_its_version() {
     let p = demo_run();
     let before = p.warehouse_files();
-    // Plans fine, fails on the data: a cast that cannot succeed.
-    let sql = std::fs::read_to_string(p.path().join("sql/staging/stg_sales_contacts.sql")).unwrap();
+    // Plans fine, fails on the data: a cast that cannot succeed (in a model rebuilt whole).
     p.write(
-        "sql/staging/stg_sales_contacts.sql",
-        sql.replace(
-            "select * from final",
-            "select *, cast(concat('x', city) as int) as broken from final",
-        ),
+        "sql/staging/stg_sales_campaigns.sql",
+        "select campaign_id, name as campaign_name, channel, sent_on, \
+         cast(concat('x', channel) as int) as broken from raw_sales_campaigns\n",
     );
     let out = p.kbcrm(&["run", "sales"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("model 'stg_sales_contacts'"),
+        stderr(&out).contains("model 'stg_sales_campaigns'"),
         "{}",
         stderr(&out)
     );
