@@ -537,7 +537,7 @@ impl Runner {
             format!("__kbcrm_del_k_{suffix}"),
         );
         table.update_datafusion_session(&ctx.state())?;
-        ctx.register_table(&t_name, table.table_provider().await?)?;
+        ctx.register_table(&t_name, self.wh.provider(&source.table, &table).await?)?;
         ctx.register_table(
             &k_name,
             Arc::new(MemTable::try_new(key_schema, vec![keys])?),

@@ -48,7 +48,7 @@ pub async fn stage_scd2(
     let current = wh.load(&table).await?;
     if let Some(t) = &current {
         t.update_datafusion_session(&ctx.state())?;
-        ctx.register_table(&cur_name, t.table_provider().await?)?;
+        ctx.register_table(&cur_name, wh.provider(&table, t).await?)?;
     }
     let cols: Vec<String> = new
         .schema
