@@ -2,9 +2,9 @@
 //! longer holds, listed beside the file instead of rewriting it.
 //!
 //! A merge that replaces a few rows of a large file marks those rows deleted
-//! ([`write_deletion_vectors`]) and adds their new versions in a file of their own; the file
-//! keeps the rest. Every read of a table version applies the marks ([`table_files`] loads them,
-//! [`super::table_files_provider`] skips the rows).
+//! (`write_deletion_vectors`) and adds their new versions in a file of their own; the file
+//! keeps the rest. Every read of a table version applies the marks (`table_files` loads them,
+//! the warehouse's file scan skips the rows).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
