@@ -43,11 +43,6 @@ impl DataFile {
     pub fn whole(url: Url) -> Self {
         DataFile { url, deleted: None }
     }
-
-    /// Rows of the file that a deletion vector removed.
-    pub fn deleted_rows(&self) -> u64 {
-        self.deleted.as_ref().map_or(0, |d| d.count())
-    }
 }
 
 /// The rows a deletion vector removes from one data file.
@@ -211,19 +206,23 @@ impl KeySet {
         }))
     }
 
-    /// Positions of the rows of the Parquet file at `path` whose keys are in the set, counting
-    /// every row the file holds (those a deletion vector already removed included), and the
-    /// file's row count.
+    /// Positions of the rows of the Parquet file at `path` (of `size` bytes, asked of the store
+    /// when the log does not say) whose keys are in the set, counting every row the file holds
+    /// (those a deletion vector already removed included), and the file's row count.
     pub(crate) async fn rows_in(
         &self,
         store: Arc<dyn ObjectStore>,
         path: StorePath,
+        size: Option<u64>,
     ) -> Result<(Vec<u64>, u64)> {
         use datafusion::datasource::physical_plan::parquet::{
             DefaultParquetFileReaderFactory, ParquetFileReaderFactory,
         };
         use object_store::ObjectStoreExt;
-        let size = store.head(&path).await?.size;
+        let size = match size {
+            Some(size) => size,
+            None => store.head(&path).await?.size,
+        };
         let file = datafusion::datasource::listing::PartitionedFile::new(path.to_string(), size);
         let metrics = datafusion::physical_plan::metrics::ExecutionPlanMetricsSet::new();
         let reader: Box<dyn parquet::arrow::async_reader::AsyncFileReader> =
@@ -261,12 +260,12 @@ impl KeySet {
 }
 
 /// Write deletion vectors into one new file of the table at `table_url` (its `_delta_log`'s
-/// folder): returns the file's store path and each vector's descriptor, in order.
+/// folder): returns each vector's descriptor, in order.
 pub(crate) async fn write_deletion_vectors(
     store: &Arc<dyn ObjectStore>,
     table_url: &Url,
     vectors: &[&Deleted],
-) -> Result<(StorePath, Vec<DeletionVectorDescriptor>)> {
+) -> Result<Vec<DeletionVectorDescriptor>> {
     let mut bytes = Vec::new();
     let mut written = Vec::with_capacity(vectors.len());
     {
@@ -296,7 +295,7 @@ pub(crate) async fn write_deletion_vectors(
             cardinality: w.cardinality,
         })
         .collect();
-    Ok((path, descriptors))
+    Ok(descriptors)
 }
 
 /// The store path of a file of the warehouse.
@@ -308,22 +307,13 @@ fn kernel_error(e: buoyant_kernel::Error) -> Error {
     Error::Warehouse(format!("writing a deletion vector: {e}"))
 }
 
-/// The store path of the deletion vector file a descriptor names (kbcrm writes them next to
-/// the table's data files), or `None` for an inline or absolute one.
+/// The store path of the deletion vector file a descriptor of the table at `table_url` names,
+/// or `None` for an inline one.
 pub(crate) fn vector_file(table_url: &Url, dv: &DeletionVectorDescriptor) -> Option<StorePath> {
-    if dv.storage_type != StorageType::UuidRelativePath {
-        return None;
-    }
-    let encoded = dv.path_or_inline_dv.as_bytes();
-    let (prefix, id) = encoded.split_at(encoded.len().checked_sub(20)?);
-    let uuid = uuid::Uuid::from_slice(&z85::decode(id).ok()?).ok()?;
-    let prefix = std::str::from_utf8(prefix).ok()?;
-    let name = if prefix.is_empty() {
-        format!("deletion_vector_{uuid}.bin")
-    } else {
-        format!("{prefix}/deletion_vector_{uuid}.bin")
-    };
-    StorePath::from_url_path(table_url.join(&name).ok()?.path()).ok()
+    let dv =
+        buoyant_kernel::actions::deletion_vector::DeletionVectorDescriptor::try_from(dv.clone())
+            .ok()?;
+    store_path(&dv.absolute_path(table_url).ok()??).ok()
 }
 
 #[cfg(test)]

@@ -771,7 +771,7 @@ mod tests {
             // Rows 1, 2 and 7 deleted, as a Delta writer's merge leaves them: a deletion
             // vector file beside the data, named by the add action.
             let deleted = deletion::Deleted::new(vec![7, 1, 2], 10).expect("deleted");
-            let (_, descriptors) =
+            let descriptors =
                 deletion::write_deletion_vectors(wh.store(), &table_url, &[&deleted])
                     .await
                     .expect("written");

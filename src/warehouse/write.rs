@@ -112,10 +112,7 @@ impl Staged {
             } else {
                 super::deletion::store_path(&file_url(&self.url, &add.path))?
             };
-            match wh.store().delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_path(wh, &path).await?;
         }
         Ok(())
     }
@@ -1103,9 +1100,14 @@ async fn merge(
         ctx.register_table(&gone_name, Arc::new(table))?;
     }
     let removing = ctx.table_exist(gone_name.as_str())?;
-    // Files the merge may mark rows of instead of rewriting them.
-    let markable: HashMap<String, &DataFile> = if marks_rows(wh, current)? {
-        old.iter().map(|(f, _)| (f.url.to_string(), f)).collect()
+    // Files the merge may mark rows of instead of rewriting them, with their sizes.
+    let markable: HashMap<String, (&DataFile, Option<u64>)> = if marks_rows(wh, current)? {
+        old.iter()
+            .map(|(f, r)| {
+                let size = r.size.and_then(|s| u64::try_from(s).ok());
+                (f.url.to_string(), (f, size))
+            })
+            .collect()
     } else {
         HashMap::new()
     };
@@ -1273,7 +1275,7 @@ async fn merge_sql(
     keys: &[String],
     (new_name, target_name, gone_name): (&str, &str, Option<&str>),
     read_version: Option<u64>,
-    markable: &HashMap<String, &DataFile>,
+    markable: &HashMap<String, (&DataFile, Option<u64>)>,
 ) -> Result<Merged> {
     let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
     let on = same(keys, "c", "t");
@@ -1374,7 +1376,7 @@ async fn merge_sql(
         }
         let vectors: Vec<&Deleted> = marks.values().map(Arc::as_ref).collect();
         match super::deletion::write_deletion_vectors(wh.store(), url, &vectors).await {
-            Ok((_, descriptors)) => {
+            Ok(descriptors) => {
                 let marked = marks
                     .into_iter()
                     .zip(descriptors)
@@ -1407,10 +1409,10 @@ async fn rows_to_mark(
     wh: &Warehouse,
     set: &KeySet,
     url: &str,
-    file: &DataFile,
+    (file, size): (&DataFile, Option<u64>),
 ) -> Result<(String, Option<Arc<Deleted>>)> {
     let path = super::deletion::store_path(&file.url)?;
-    let (rows, file_rows) = set.rows_in(wh.store().clone(), path).await?;
+    let (rows, file_rows) = set.rows_in(wh.store().clone(), path, size).await?;
     let deleted = match &file.deleted {
         Some(d) => d.with(&rows)?,
         None => Deleted::new(rows, file_rows)?,
@@ -1430,9 +1432,9 @@ async fn mark_rows(
     keys: &[String],
     gone_name: Option<&str>,
     touched: &[String],
-    markable: &HashMap<String, &DataFile>,
+    markable: &HashMap<String, (&DataFile, Option<u64>)>,
 ) -> Result<HashMap<String, Arc<Deleted>>> {
-    let candidates: Vec<(String, &DataFile)> = touched
+    let candidates: Vec<(String, (&DataFile, Option<u64>))> = touched
         .iter()
         .filter_map(|p| {
             let u = normalize_file(url, p);
@@ -1455,7 +1457,7 @@ async fn mark_rows(
     for chunk in candidates.chunks(4) {
         let reads = chunk
             .iter()
-            .map(|(u, file)| rows_to_mark(wh, &set, u, file));
+            .map(|(u, file)| rows_to_mark(wh, &set, u, *file));
         found.extend(futures::future::try_join_all(reads).await?);
     }
     Ok(found
@@ -1521,11 +1523,16 @@ pub(crate) async fn delete_files(wh: &Warehouse, url: &Url, adds: &[Add]) -> Res
     for a in adds {
         let u = file_url(url, &a.path);
         if let Ok(p) = object_store::path::Path::from_url_path(u.path()) {
-            match wh.store().delete(&p).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_path(wh, &p).await?;
         }
     }
     Ok(())
+}
+
+/// Delete one file of the warehouse; one already gone is fine.
+async fn delete_path(wh: &Warehouse, path: &object_store::path::Path) -> Result<()> {
+    match wh.store().delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
