@@ -9,7 +9,6 @@
 
 pub mod normalize;
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
@@ -21,7 +20,8 @@ use datafusion::prelude::SessionContext;
 use crate::config::pipeline::{Normalizer, Survivorship};
 use crate::config::types::UTC;
 use crate::error::{Error, Result};
-use crate::warehouse::{delta_compatible_batch, write::quote_ident};
+use crate::warehouse::delta_compatible_batch;
+use crate::warehouse::write::{column_list, quote_ident};
 
 /// One system's records of the entity.
 #[derive(Debug, Clone)]
@@ -120,8 +120,15 @@ impl fmt::Display for IdentityStats {
 
 /// The outcome of a resolution.
 pub struct Resolution {
-    /// The map table's content.
+    /// The map's rows: all of them when `whole`, otherwise those to merge into it (on source
+    /// and source_id).
     pub map: RecordBatch,
+    /// The match-key table's rows, whole or to merge as the map's.
+    pub keys: RecordBatch,
+    /// Whether `map` and `keys` replace the tables rather than merge into them.
+    pub whole: bool,
+    /// Every record's id, to name the ids of given records.
+    pub record_ids: RecordIds,
     /// What it found.
     pub stats: IdentityStats,
     /// The ids whose set of records changed, or `None` when a record disappeared, so the golden
@@ -193,22 +200,52 @@ pub fn map_schema(id_column: &str) -> SchemaRef {
 /// A span of [`Records::text`].
 type Span = (usize, usize);
 
-/// One record: its source (by index), its id and where its match fields are.
+/// One record: its source (by index), its id and where its keys are.
 struct Rec {
     source: usize,
     id: Span,
-    /// Index of its first field in [`Records::keys`].
+    /// Index of its key under the first rule in [`Records::keys`].
     keys: usize,
 }
 
-/// Every record's id and normalised match fields, as spans of one text: hundreds of thousands
-/// of records cost a few allocations instead of several each.
+/// A record's key under one rule: the 128-bit xxh3 hash of its normalised fields. Records
+/// agree on a rule when their keys are equal; two different field values share a hash with odds
+/// of about n²/2¹²⁹ among n values (1 in 10²² for 10⁹ values).
+type Key = u128;
+
+/// A key as the two 64-bit halves the match-key table stores.
+fn split_key(key: Key) -> (i64, i64) {
+    ((key >> 64) as u64 as i64, key as u64 as i64)
+}
+
+/// The key of the two halves [`split_key`] made.
+fn join_key(hi: i64, lo: i64) -> Key {
+    ((hi as u64 as Key) << 64) | lo as u64 as Key
+}
+
+/// The key of normalised field values (joined by a unit separator when a rule has several).
+fn key_of<'a>(mut values: impl Iterator<Item = &'a str>, buf: &mut String) -> Key {
+    buf.clear();
+    if let Some(first) = values.next() {
+        buf.push_str(first);
+    }
+    for v in values {
+        buf.push('\u{1f}');
+        buf.push_str(v);
+    }
+    twox_hash::XxHash3_128::oneshot(buf.as_bytes())
+}
+
+/// Every record's id and its key under each rule, ids as spans of one text: hundreds of
+/// thousands of records cost a few allocations instead of several each.
 #[derive(Default)]
 struct Records {
     text: String,
     recs: Vec<Rec>,
-    /// Normalised match fields, one per `match_fields()` for each record, in that order.
-    keys: Vec<Option<Span>>,
+    /// Keys, one per rule for each record, in rule order (`None`: a field is missing).
+    keys: Vec<Option<Key>>,
+    /// Rows skipped for having no id.
+    without_id: usize,
 }
 
 impl Records {
@@ -222,16 +259,25 @@ impl Records {
         &self.text[start..end]
     }
 
+    /// Add a record of source `si` with these keys.
+    fn push(&mut self, si: usize, id: &str, keys: impl IntoIterator<Item = Option<Key>>) {
+        let id = self.push_text(id);
+        let at = self.keys.len();
+        self.keys.extend(keys);
+        self.recs.push(Rec {
+            source: si,
+            id,
+            keys: at,
+        });
+    }
+
     /// Append the records of `part` (loaded on their own) after these.
     fn append(&mut self, part: Records) {
         let shift = self.text.len();
         let keys = self.keys.len();
         self.text.push_str(&part.text);
-        self.keys.extend(
-            part.keys
-                .into_iter()
-                .map(|k| k.map(|(a, b)| (a + shift, b + shift))),
-        );
+        self.keys.extend(part.keys);
+        self.without_id += part.without_id;
         self.recs.extend(part.recs.into_iter().map(|r| Rec {
             source: r.source,
             id: (r.id.0 + shift, r.id.1 + shift),
@@ -243,29 +289,22 @@ impl Records {
         self.str(r.id)
     }
 
-    fn field(&self, r: &Rec, f: usize) -> Option<&str> {
-        self.keys[r.keys + f].map(|s| self.str(s))
+    /// The record's key under rule `rule`.
+    fn key(&self, r: &Rec, rule: usize) -> Option<Key> {
+        self.keys[r.keys + rule]
     }
 
-    /// The record's key under a rule over these fields (by index), when it has them all.
-    fn rule_key(&self, r: &Rec, fields: &[usize]) -> Option<Cow<'_, str>> {
-        match fields {
-            [one] => self.field(r, *one).map(Cow::Borrowed),
-            many => {
-                let mut key = String::new();
-                for (n, f) in many.iter().enumerate() {
-                    if n > 0 {
-                        key.push('\u{1f}');
-                    }
-                    key.push_str(self.field(r, *f)?);
-                }
-                Some(Cow::Owned(key))
-            }
-        }
+    /// Sort by source priority, then id; a source's id repeated keeps its first record.
+    fn sort_and_dedup(&mut self) {
+        let mut recs = std::mem::take(&mut self.recs);
+        recs.sort_by(|a, b| (a.source, self.id(a)).cmp(&(b.source, self.id(b))));
+        recs.dedup_by(|a, b| a.source == b.source && self.id(a) == self.id(b));
+        self.recs = recs;
     }
 }
 
-/// The existing map's rows, as read.
+/// Rows of an earlier resolution: the map's (source, source_id, id, rule, matched_at), or the
+/// match-key table's (source, source_id, id, rule, then a key per rule).
 struct Existing {
     batches: Vec<RecordBatch>,
     /// Largest number among the ids made by this resolution.
@@ -276,6 +315,33 @@ struct Existing {
 type MapRow = (usize, usize);
 
 impl Existing {
+    /// The rows of `sql` (none when `table` does not exist), noting the largest id number.
+    async fn read(
+        identity: &Identity,
+        ctx: &SessionContext,
+        table: &str,
+        sql: &str,
+    ) -> Result<Self> {
+        let mut out = Existing {
+            batches: Vec::new(),
+            largest: 0,
+        };
+        if !ctx.table_exist(table)? {
+            return Ok(out);
+        }
+        for batch in ctx.sql(sql).await?.collect().await? {
+            let batch = delta_compatible_batch(&batch)?;
+            let id = batch.column(2).as_string::<i32>();
+            for i in 0..batch.num_rows() {
+                if let Some(n) = identity.id_number(id.value(i)) {
+                    out.largest = out.largest.max(n);
+                }
+            }
+            out.batches.push(batch);
+        }
+        Ok(out)
+    }
+
     fn text(&self, (b, i): MapRow, column: usize) -> &str {
         self.batches[b].column(column).as_string::<i32>().value(i)
     }
@@ -293,6 +359,10 @@ impl Existing {
             .column(4)
             .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
             .value(i)
+    }
+
+    fn rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
     }
 
     /// Per record source (by index): record id -> its row. Records of a source no longer
@@ -327,16 +397,16 @@ struct Grouping {
     groups: Vec<(usize, usize)>,
 }
 
-/// The groups of the records that agree on the fields `on` (by index).
-fn group_by_key(records: &Records, on: &[usize]) -> Grouping {
-    let mut group_of_key: FastMap<Cow<'_, str>, usize> = FastMap::default();
+/// The groups of the records that agree on rule `rule`.
+fn group_by_key(records: &Records, rule: usize) -> Grouping {
+    let mut group_of_key: FastMap<Key, usize> = FastMap::default();
     let mut groups: Vec<(usize, usize)> = Vec::new();
     let group_of = records
         .recs
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let key = records.rule_key(r, on)?;
+            let key = records.key(r, rule)?;
             let g = *group_of_key.entry(key).or_insert_with(|| {
                 groups.push((i, 0));
                 groups.len() - 1
@@ -399,6 +469,50 @@ impl UnionFind {
     }
 }
 
+/// A text column of `value` at each of `rows`.
+fn strings<'a>(rows: &[usize], value: impl Fn(usize) -> &'a str) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|&i| value(i)),
+    ))
+}
+
+/// What changed in the record tables since the last resolution, for a resolution that
+/// normalises only those rows and takes every other record's keys from the match-key table.
+pub struct Since {
+    /// Per record source (in declaration order), a table of the rows added to its table since
+    /// the last resolution (new records, and new versions of changed ones).
+    pub added: Vec<String>,
+    /// Per record source, the rows its table held when the last resolution read it.
+    pub rows_then: Vec<u64>,
+    /// Per record source, the rows its table holds now.
+    pub rows_now: Vec<u64>,
+}
+
+/// Every record's source, id and entity id, to find the ids of given records.
+pub struct RecordIds {
+    source: Vec<usize>,
+    record: StringArray,
+    id: StringArray,
+}
+
+impl RecordIds {
+    /// The entity ids of the records whose ids are in `records[source]`, per source index.
+    pub fn ids_of(&self, records: &[HashSet<String>]) -> HashSet<String> {
+        (0..self.source.len())
+            .filter(|&i| {
+                records
+                    .get(self.source[i])
+                    .is_some_and(|r| r.contains(self.record.value(i)))
+            })
+            .map(|i| self.id.value(i).to_string())
+            .collect()
+    }
+}
+
+/// The version of how match keys are made (normalised, joined, hashed) in the match-key table:
+/// a change makes the next run match every record again instead of reading old keys.
+const MATCH_KEYS_FORMAT: u32 = 1;
+
 impl Identity {
     /// Fields used by match rules.
     fn match_fields(&self) -> Vec<String> {
@@ -408,15 +522,75 @@ impl Identity {
         out
     }
 
-    /// Every record's id and normalised match fields: the sources' queries run side by side,
-    /// and each source's values are normalised on a thread of its own (up to `threads`).
-    async fn load_records(&self, ctx: &SessionContext, threads: usize) -> Result<Records> {
+    /// Each rule's fields, as positions in [`Identity::match_fields`].
+    fn rule_fields(&self) -> Vec<Vec<usize>> {
+        let fields = self.match_fields();
+        self.rules
+            .iter()
+            .map(|(_, on)| {
+                on.iter()
+                    .filter_map(|f| fields.iter().position(|g| g == f))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// kbcrm's table of every record's id and match keys, written with the map: the next
+    /// resolution reads the keys of unchanged records from it instead of normalising them again.
+    pub fn keys_table(&self) -> String {
+        format!("kbcrm_keys_{}", self.map_table)
+    }
+
+    /// Everything the map and the golden records depend on besides the record tables.
+    pub fn definition(&self) -> String {
+        let mut normalize: Vec<String> = self
+            .normalize
+            .iter()
+            .map(|(f, n)| format!("{f}: {n:?}"))
+            .collect();
+        normalize.sort();
+        format!(
+            "{:?}\nnormalize {normalize:?} country code {} max group {} match keys v{MATCH_KEYS_FORMAT}\n{}",
+            self.rules,
+            self.default_cc,
+            self.max_group,
+            self.golden_sql()
+        )
+    }
+
+    /// Schema of the match-key table: the map's record and id columns, then one key per rule
+    /// (its high and low 64 bits, both null when the record lacks a field of the rule).
+    fn keys_schema(&self) -> SchemaRef {
+        let mut fields = vec![
+            Field::new("source", DataType::Utf8, false),
+            Field::new("source_id", DataType::Utf8, false),
+            Field::new(self.id_column.as_str(), DataType::Utf8, false),
+            Field::new("rule", DataType::Utf8, false),
+        ];
+        for r in 0..self.rules.len() {
+            for half in ["hi", "lo"] {
+                fields.push(Field::new(format!("key_{r}_{half}"), DataType::Int64, true));
+            }
+        }
+        Arc::new(Schema::new(fields))
+    }
+
+    /// The records of each source read from `tables` (one per source, in order), their match
+    /// fields normalised into keys: the queries run side by side, and each source's values are
+    /// normalised on a thread of its own (up to `threads`).
+    async fn load_records(
+        &self,
+        ctx: &SessionContext,
+        threads: usize,
+        tables: &[&str],
+    ) -> Result<Records> {
         let fields = self.match_fields();
         let hows: Vec<Normalizer> = fields
             .iter()
             .map(|f| self.normalize.get(f).copied().unwrap_or(Normalizer::Text))
             .collect();
-        let queries = self.sources.iter().map(|s| {
+        let rule_fields = self.rule_fields();
+        let queries = self.sources.iter().zip(tables).map(|(s, table)| {
             let cols: Vec<String> = fields
                 .iter()
                 .enumerate()
@@ -429,13 +603,13 @@ impl Identity {
                 "select cast({} as varchar) as id, {} from {}",
                 quote_ident(&s.id),
                 cols.join(", "),
-                quote_ident(&s.table)
+                quote_ident(table)
             );
             async move { Ok::<_, Error>(ctx.sql(&sql).await?.collect().await?) }
         });
         let per_source = futures::future::try_join_all(queries).await?;
         let parts: Vec<Result<Records>> = run_split(per_source.len(), threads, |si| {
-            self.source_records(si, &per_source[si], &hows)
+            self.source_records(si, &per_source[si], &hows, &rule_fields)
         });
         let mut out = Records::default();
         for part in parts {
@@ -444,14 +618,17 @@ impl Identity {
         Ok(out)
     }
 
-    /// The records of source `si` in its query's batches, their match fields normalised.
+    /// The records of source `si` in its query's batches, with their key under each rule.
     fn source_records(
         &self,
         si: usize,
         batches: &[RecordBatch],
         hows: &[Normalizer],
+        rule_fields: &[Vec<usize>],
     ) -> Result<Records> {
         let mut out = Records::default();
+        let mut normalised: Vec<Option<String>> = vec![None; hows.len()];
+        let mut buf = String::new();
         for batch in batches {
             let batch = delta_compatible_batch(batch)?;
             let ids = batch.column(0).as_string::<i32>();
@@ -460,51 +637,27 @@ impl Identity {
                 .collect();
             for row in 0..batch.num_rows() {
                 if ids.is_null(row) {
+                    out.without_id += 1;
                     continue;
                 }
-                let id = out.push_text(ids.value(row));
-                let keys = out.keys.len();
-                for (col, how) in values.iter().zip(hows) {
-                    let key = col
+                for ((col, how), slot) in values.iter().zip(hows).zip(normalised.iter_mut()) {
+                    *slot = col
                         .is_valid(row)
                         .then(|| normalize::normalize(*how, col.value(row), &self.default_cc))
-                        .flatten()
-                        .map(|k| out.push_text(&k));
-                    out.keys.push(key);
+                        .flatten();
                 }
-                out.recs.push(Rec {
-                    source: si,
-                    id,
-                    keys,
+                let keys = rule_fields.iter().map(|on| {
+                    on.iter().all(|f| normalised[*f].is_some()).then(|| {
+                        key_of(
+                            on.iter()
+                                .map(|f| normalised[*f].as_deref().unwrap_or_default()),
+                            &mut buf,
+                        )
+                    })
                 });
+                let keys: Vec<Option<Key>> = keys.collect();
+                out.push(si, ids.value(row), keys);
             }
-        }
-        Ok(out)
-    }
-
-    /// The existing map's rows (none before the first run).
-    async fn existing(&self, ctx: &SessionContext) -> Result<Existing> {
-        let mut out = Existing {
-            batches: Vec::new(),
-            largest: 0,
-        };
-        if !ctx.table_exist(self.map_table.as_str())? {
-            return Ok(out);
-        }
-        let sql = format!(
-            "select source, source_id, {}, rule, matched_at from {}",
-            quote_ident(&self.id_column),
-            quote_ident(&self.map_table)
-        );
-        for batch in ctx.sql(&sql).await?.collect().await? {
-            let batch = delta_compatible_batch(&batch)?;
-            let id = batch.column(2).as_string::<i32>();
-            for i in 0..batch.num_rows() {
-                if let Some(n) = self.id_number(id.value(i)) {
-                    out.largest = out.largest.max(n);
-                }
-            }
-            out.batches.push(batch);
         }
         Ok(out)
     }
@@ -515,42 +668,210 @@ impl Identity {
             .and_then(|n| n.parse::<u64>().ok())
     }
 
-    /// Match every record and build the map table's content.
-    pub async fn resolve(&self, ctx: &SessionContext, now_micros: i64) -> Result<Resolution> {
+    /// Match the records and assign their ids. With `since`, only the rows added since the last
+    /// resolution are read and normalised, and every other record's keys come from the
+    /// match-key table; when that table cannot stand for the record tables (a record was
+    /// removed, an id repeats), every record is read.
+    pub async fn resolve(
+        &self,
+        ctx: &SessionContext,
+        now_micros: i64,
+        since: Option<&Since>,
+    ) -> Result<Resolution> {
         let started = std::time::Instant::now();
         let threads = ctx.state().config().target_partitions().max(1);
+        if let Some(since) = since {
+            match self.resolve_since(ctx, now_micros, since, threads).await? {
+                Ok(resolution) => return Ok(resolution),
+                Err(reason) => {
+                    tracing::info!(entity = %self.entity, %reason, "matching every record again")
+                }
+            }
+        }
+        let tables: Vec<&str> = self.sources.iter().map(|s| s.table.as_str()).collect();
+        let map_sql = format!(
+            "select source, source_id, {}, rule, matched_at from {}",
+            quote_ident(&self.id_column),
+            quote_ident(&self.map_table)
+        );
         // The existing map is read while the records load.
-        let (mut records, existing) =
-            futures::future::try_join(self.load_records(ctx, threads), self.existing(ctx)).await?;
+        let (mut records, existing) = futures::future::try_join(
+            self.load_records(ctx, threads, &tables),
+            Existing::read(self, ctx, &self.map_table, &map_sql),
+        )
+        .await?;
         tracing::debug!(
             records = records.recs.len(),
             seconds = started.elapsed().as_secs_f64(),
             "identity: records loaded"
         );
         // Deterministic order: by source priority, then id.
-        let mut recs = std::mem::take(&mut records.recs);
-        recs.sort_by(|a, b| (a.source, records.id(a)).cmp(&(b.source, records.id(b))));
-        recs.dedup_by(|a, b| a.source == b.source && records.id(a) == records.id(b));
-        records.recs = recs;
+        records.sort_and_dedup();
+        let index = existing.index(&self.sources);
+        let known: Vec<Option<MapRow>> = records
+            .recs
+            .iter()
+            .map(|r| index[r.source].get(records.id(r)).copied())
+            .collect();
+        let records_before = index.iter().map(FastMap::len).sum();
+        drop(index);
+        self.assign(
+            records,
+            &existing,
+            known,
+            records_before,
+            None,
+            now_micros,
+            threads,
+        )
+    }
+
+    /// The resolution of [`Identity::resolve`] with `since`, or why it cannot be made so.
+    async fn resolve_since(
+        &self,
+        ctx: &SessionContext,
+        now_micros: i64,
+        since: &Since,
+        threads: usize,
+    ) -> Result<std::result::Result<Resolution, String>> {
+        let started = std::time::Instant::now();
+        let keys_table = self.keys_table();
+        if !ctx.table_exist(keys_table.as_str())? {
+            return Ok(Err(format!("no match-key table '{keys_table}' yet")));
+        }
+        let keys_sql = format!(
+            "select {} from {}",
+            column_list(self.keys_schema().fields().iter().map(|f| f.name())),
+            quote_ident(&keys_table)
+        );
+        let tables: Vec<&str> = since.added.iter().map(String::as_str).collect();
+        let (mut added, existing) = futures::future::try_join(
+            self.load_records(ctx, threads, &tables),
+            Existing::read(self, ctx, &keys_table, &keys_sql),
+        )
+        .await?;
+        if added.without_id > 0 {
+            return Ok(Err(format!("{} added rows have no id", added.without_id)));
+        }
+        let loaded = added.recs.len();
+        added.sort_and_dedup();
+        if added.recs.len() != loaded {
+            return Ok(Err("an id repeats among the added rows".into()));
+        }
+        let source_index: HashMap<&str, usize> = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let added_at: FastMap<(usize, &str), usize> = added
+            .recs
+            .iter()
+            .enumerate()
+            .map(|(j, r)| ((r.source, added.id(r)), j))
+            .collect();
+        // Unchanged records with the keys and ids the table holds; changed ones are replaced by
+        // their new rows, which keep their old row (for their id).
+        let mut records = Records::default();
+        let mut known: Vec<Option<MapRow>> = Vec::with_capacity(existing.rows() + loaded);
+        let mut old_of_added: Vec<Option<MapRow>> = vec![None; loaded];
+        let mut held = vec![0usize; self.sources.len()];
+        for (b, batch) in existing.batches.iter().enumerate() {
+            let source = batch.column(0).as_string::<i32>();
+            let record = batch.column(1).as_string::<i32>();
+            let halves = |r: usize, half: usize| {
+                batch
+                    .column(4 + 2 * r + half)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+            };
+            let keys: Vec<_> = (0..self.rules.len())
+                .map(|r| (halves(r, 0), halves(r, 1)))
+                .collect();
+            for i in 0..batch.num_rows() {
+                let Some(&si) = source_index.get(source.value(i)) else {
+                    return Ok(Err(format!(
+                        "the match-key table holds records of source '{}', which is not declared",
+                        source.value(i)
+                    )));
+                };
+                held[si] += 1;
+                if let Some(&j) = added_at.get(&(si, record.value(i))) {
+                    old_of_added[j] = Some((b, i));
+                    continue;
+                }
+                let row_keys = keys.iter().map(|(hi, lo)| {
+                    (hi.is_valid(i) && lo.is_valid(i)).then(|| join_key(hi.value(i), lo.value(i)))
+                });
+                records.push(si, record.value(i), row_keys);
+                known.push(Some((b, i)));
+            }
+        }
+        drop(added_at);
+        // The record tables must hold exactly the records the table holds plus the new ones: a
+        // record that went would otherwise keep its id.
+        for (si, s) in self.sources.iter().enumerate() {
+            let new = added
+                .recs
+                .iter()
+                .zip(&old_of_added)
+                .filter(|(r, old)| r.source == si && old.is_none())
+                .count();
+            if since.rows_then[si] != held[si] as u64
+                || since.rows_now[si] != (held[si] + new) as u64
+            {
+                return Ok(Err(format!(
+                    "table '{}' held {} rows and holds {} now, but the map had {} of its records \
+                     and {new} are new (a record was removed, or rows repeat an id or have none)",
+                    s.table, since.rows_then[si], since.rows_now[si], held[si]
+                )));
+            }
+        }
+        tracing::debug!(
+            records = records.recs.len() + loaded,
+            added = loaded,
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: keys of unchanged records read, added records loaded"
+        );
+        let first_added = records.recs.len();
+        let records_before = existing.rows();
+        records.append(added);
+        known.extend(old_of_added);
+        self.assign(
+            records,
+            &existing,
+            known,
+            records_before,
+            Some(first_added),
+            now_micros,
+            threads,
+        )
+        .map(Ok)
+    }
+
+    /// Join the records rule by rule and give each cluster its id: the smallest its records had
+    /// (`known`: each record's row of `existing`), or a new one. With `first_added`, `existing`
+    /// is the match-key table and the map and key rows returned are only those that change
+    /// (records from `first_added` on are the added ones); otherwise `existing` is the map and
+    /// both tables are returned whole.
+    #[allow(clippy::too_many_arguments)]
+    fn assign(
+        &self,
+        records: Records,
+        existing: &Existing,
+        known: Vec<Option<MapRow>>,
+        records_before: usize,
+        first_added: Option<usize>,
+        now: i64,
+        threads: usize,
+    ) -> Result<Resolution> {
+        let started = std::time::Instant::now();
         let recs = &records.recs;
         let mut uf = UnionFind((0..recs.len()).collect());
         let mut rule_of: Vec<Option<usize>> = vec![None; recs.len()];
         let mut oversized = 0;
-        let fields = self.match_fields();
-        let rule_fields: Vec<Vec<usize>> = self
-            .rules
-            .iter()
-            .map(|(_, on)| {
-                on.iter()
-                    .filter_map(|f| fields.iter().position(|g| g == f))
-                    .collect()
-            })
-            .collect();
         // Each rule's groups are found on their own, side by side; records are then joined
         // rule by rule, in priority order.
-        let groupings = run_split(rule_fields.len(), threads, |ri| {
-            group_by_key(&records, &rule_fields[ri])
-        });
+        let groupings = run_split(self.rules.len(), threads, |ri| group_by_key(&records, ri));
         for (ri, Grouping { group_of, groups }) in groupings.iter().enumerate() {
             oversized += groups.iter().filter(|(_, n)| *n > self.max_group).count();
             for (m, g) in group_of.iter().enumerate() {
@@ -563,35 +884,11 @@ impl Identity {
                 }
             }
         }
+        drop(groupings);
         tracing::debug!(
             seconds = started.elapsed().as_secs_f64(),
             "identity: records matched"
         );
-        let out = self.assign_ids(
-            &records, &existing, &mut uf, &rule_of, oversized, now_micros,
-        );
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            "identity: ids assigned"
-        );
-        out
-    }
-
-    fn assign_ids(
-        &self,
-        records: &Records,
-        existing: &Existing,
-        uf: &mut UnionFind,
-        rule_of: &[Option<usize>],
-        oversized: usize,
-        now: i64,
-    ) -> Result<Resolution> {
-        let recs = &records.recs;
-        let index = existing.index(&self.sources);
-        let known: Vec<Option<MapRow>> = recs
-            .iter()
-            .map(|r| index[r.source].get(records.id(r)).copied())
-            .collect();
         // A set's root is its smallest member, so clusters come in order of first record.
         let mut cluster_of: Vec<usize> = vec![usize::MAX; recs.len()];
         let mut clusters: Vec<Vec<usize>> = Vec::new();
@@ -611,11 +908,12 @@ impl Identity {
             ..Default::default()
         };
         // Each cluster keeps the smallest id its records had, or gets a new one; new ids are
-        // written into one text first, so that every record's id can be a slice.
+        // written into one text first, so that every record's id can be a slice. A cluster
+        // without an old id holds only new records; the added ones come sorted by source and
+        // id, so new ids are numbered as a whole resolution numbers them.
         let mut new_ids = String::new();
-        let mut chosen: Vec<Result<&str, Span>> = Vec::with_capacity(clusters.len());
+        let mut chosen: Vec<std::result::Result<&str, Span>> = Vec::with_capacity(clusters.len());
         let mut next = existing.largest + 1;
-        // Clusters are keyed by their smallest member, so this order is deterministic.
         for members in &clusters {
             let mut old: Vec<&str> = members
                 .iter()
@@ -649,14 +947,15 @@ impl Identity {
             }
         }
         let regrouped = regrouped_ids(
-            index.iter().map(FastMap::len).sum(),
+            records_before,
             &ids,
             known.iter().map(|k| k.map(|row| existing.id(row))),
         );
         let mut by_rule = vec![0usize; self.rules.len() + 1];
-        let (mut src, mut sid, mut rule, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (i, r) in recs.iter().enumerate() {
-            let rule_name = match rule_of[i] {
+        let rule_names: Vec<&str> = recs
+            .iter()
+            .enumerate()
+            .map(|(i, _)| match rule_of[i] {
                 Some(ri) => {
                     by_rule[ri] += 1;
                     self.rules[ri].0.as_str()
@@ -665,18 +964,8 @@ impl Identity {
                     by_rule[self.rules.len()] += 1;
                     "unmatched"
                 }
-            };
-            let matched_at = match known[i] {
-                Some(row) if existing.id(row) == ids[i] && existing.rule(row) == rule_name => {
-                    existing.matched_at(row)
-                }
-                _ => now,
-            };
-            src.push(self.sources[r.source].name.as_str());
-            sid.push(records.id(r));
-            rule.push(rule_name);
-            at.push(matched_at);
-        }
+            })
+            .collect();
         stats.by_rule = self
             .rules
             .iter()
@@ -684,19 +973,81 @@ impl Identity {
             .chain(std::iter::once("unmatched".to_string()))
             .zip(by_rule)
             .collect();
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(src)),
-            Arc::new(StringArray::from(sid)),
-            Arc::new(StringArray::from(ids)),
-            Arc::new(StringArray::from(rule)),
-            Arc::new(TimestampMicrosecondArray::from(at).with_timezone(UTC)),
+        // The rows to write: every record, or those whose id or rule changed and, for the key
+        // table, the added ones too.
+        let moved = |i: usize| match known[i] {
+            Some(row) => existing.id(row) != ids[i] || existing.rule(row) != rule_names[i],
+            None => true,
+        };
+        let (map_rows, key_rows): (Vec<usize>, Vec<usize>) = match first_added {
+            None => ((0..recs.len()).collect(), (0..recs.len()).collect()),
+            Some(first) => (
+                (0..recs.len()).filter(|&i| moved(i)).collect(),
+                (0..recs.len())
+                    .filter(|&i| i >= first || moved(i))
+                    .collect(),
+            ),
+        };
+        let source_names = |rows: &[usize]| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter()
+                    .map(|&i| self.sources[recs[i].source].name.as_str()),
+            ))
+        };
+        let matched_at =
+            TimestampMicrosecondArray::from_iter_values(map_rows.iter().map(|&i| {
+                match (first_added, known[i]) {
+                    (None, Some(row)) if !moved(i) => existing.matched_at(row),
+                    _ => now,
+                }
+            }))
+            .with_timezone(UTC);
+        let map = RecordBatch::try_new(
+            map_schema(&self.id_column),
+            vec![
+                source_names(&map_rows),
+                strings(&map_rows, |i| records.id(&recs[i])),
+                strings(&map_rows, |i| ids[i]),
+                strings(&map_rows, |i| rule_names[i]),
+                Arc::new(matched_at),
+            ],
+        )
+        .map_err(|e| Error::Internal(format!("identity map: {e}")))?;
+        let mut key_columns = vec![
+            source_names(&key_rows),
+            strings(&key_rows, |i| records.id(&recs[i])),
+            strings(&key_rows, |i| ids[i]),
+            strings(&key_rows, |i| rule_names[i]),
         ];
-        let map = RecordBatch::try_new(map_schema(&self.id_column), columns)
-            .map_err(|e| Error::Internal(format!("identity map: {e}")))?;
+        for ri in 0..self.rules.len() {
+            let halves: Vec<Option<(i64, i64)>> = key_rows
+                .iter()
+                .map(|&i| records.key(&recs[i], ri).map(split_key))
+                .collect();
+            for half in [|(hi, _): (i64, i64)| hi, |(_, lo): (i64, i64)| lo] {
+                key_columns.push(Arc::new(arrow::array::Int64Array::from_iter(
+                    halves.iter().map(|h| h.map(half)),
+                )));
+            }
+        }
+        let keys = RecordBatch::try_new(self.keys_schema(), key_columns)
+            .map_err(|e| Error::Internal(format!("identity match keys: {e}")))?;
+        let record_ids = RecordIds {
+            source: recs.iter().map(|r| r.source).collect(),
+            record: StringArray::from_iter_values(recs.iter().map(|r| records.id(r))),
+            id: StringArray::from_iter_values(ids.iter()),
+        };
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: ids assigned"
+        );
         Ok(Resolution {
             map,
+            keys,
+            whole: first_added.is_none(),
             stats,
             regrouped,
+            record_ids,
         })
     }
 
@@ -795,41 +1146,69 @@ impl Identity {
 mod tests {
     use super::*;
 
-    /// Two record sources whose e-mails, phones and names overlap at random, some keys shared
-    /// by more records than `max_group`.
-    fn overlapping_sources(ctx: &SessionContext) -> Identity {
+    /// A record: id, e-mail, phone, name, postcode.
+    type Row = [Option<String>; 5];
+
+    /// A pseudo-random number below `n`.
+    fn next(state: &mut u64, n: u64) -> u64 {
+        *state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*state >> 33) % n
+    }
+
+    /// A record of `table` whose e-mail, phone and name overlap with others' at random; one in
+    /// fifty has no id when `ids_missing`.
+    fn random_row(state: &mut u64, id: String, ids_missing: bool) -> Row {
+        [
+            (!ids_missing || next(state, 50) > 0).then_some(id),
+            (next(state, 4) > 0).then(|| format!(" P{}@Mail.example ", next(state, 400))),
+            (next(state, 3) > 0).then(|| format!("0{}", 30_000 + next(state, 300))),
+            Some(format!("Name {}", next(state, 60))),
+            (next(state, 2) > 0).then(|| format!("{}", 10_000 + next(state, 5))),
+        ]
+    }
+
+    /// Register `rows` as table `name`.
+    fn register(ctx: &SessionContext, name: &str, rows: &[Row]) {
         use datafusion::datasource::MemTable;
-        let mut state = 7u64;
-        let mut next = |n: u64| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 33) % n
-        };
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("id", DataType::Utf8, true),
-            Field::new("email", DataType::Utf8, true),
-            Field::new("phone", DataType::Utf8, true),
-            Field::new("name", DataType::Utf8, true),
-            Field::new("postcode", DataType::Utf8, true),
-        ]));
-        for (table, rows) in [("a", 900), ("b", 700)] {
-            let mut cols: [Vec<Option<String>>; 5] = Default::default();
-            for i in 0..rows {
-                cols[0].push((next(50) > 0).then(|| format!("{table}{i}")));
-                cols[1].push((next(4) > 0).then(|| format!(" P{}@Mail.example ", next(400))));
-                cols[2].push((next(3) > 0).then(|| format!("0{}", 30_000 + next(300))));
-                cols[3].push(Some(format!("Name {}", next(60))));
-                cols[4].push((next(2) > 0).then(|| format!("{}", 10_000 + next(5))));
-            }
-            let arrays: Vec<ArrayRef> = cols
-                .into_iter()
-                .map(|c| Arc::new(StringArray::from(c)) as ArrayRef)
-                .collect();
-            let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap();
-            let t = MemTable::try_new(schema.clone(), vec![vec![batch]]).unwrap();
-            ctx.register_table(table, Arc::new(t)).unwrap();
-        }
+        let schema = Arc::new(Schema::new(
+            ["id", "email", "phone", "name", "postcode"]
+                .map(|c| Field::new(c, DataType::Utf8, true))
+                .to_vec(),
+        ));
+        let arrays: Vec<ArrayRef> = (0..5)
+            .map(|c| {
+                Arc::new(StringArray::from_iter(rows.iter().map(|r| r[c].clone()))) as ArrayRef
+            })
+            .collect();
+        let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap();
+        let t = MemTable::try_new(schema, vec![vec![batch]]).unwrap();
+        ctx.deregister_table(name).unwrap();
+        ctx.register_table(name, Arc::new(t)).unwrap();
+    }
+
+    /// Register a batch as table `name`.
+    fn register_batch(ctx: &SessionContext, name: &str, batch: &RecordBatch) {
+        use datafusion::datasource::MemTable;
+        let t = MemTable::try_new(batch.schema(), vec![vec![batch.clone()]]).unwrap();
+        ctx.deregister_table(name).unwrap();
+        ctx.register_table(name, Arc::new(t)).unwrap();
+    }
+
+    /// The rows of sources `a` (900) and `b` (700), made with `seed`.
+    fn sample(seed: u64, ids_missing: bool) -> [Vec<Row>; 2] {
+        let mut state = seed;
+        [("a", 900), ("b", 700)].map(|(table, n)| {
+            (0..n)
+                .map(|i| random_row(&mut state, format!("{table}{i}"), ids_missing))
+                .collect()
+        })
+    }
+
+    /// The identity over tables `a` and `b`, matched by e-mail, phone, then name and postcode,
+    /// with groups of more than six records ignored.
+    fn identity_over_a_and_b() -> Identity {
         let fields: Vec<(String, String)> = ["email", "phone", "name", "postcode"]
             .iter()
             .map(|f| (f.to_string(), f.to_string()))
@@ -868,6 +1247,127 @@ mod tests {
         }
     }
 
+    /// Two record sources whose e-mails, phones and names overlap at random, some keys shared
+    /// by more records than `max_group`, some records without an id.
+    fn overlapping_sources(ctx: &SessionContext) -> Identity {
+        let [a, b] = sample(7, true);
+        register(ctx, "a", &a);
+        register(ctx, "b", &b);
+        identity_over_a_and_b()
+    }
+
+    /// A batch's rows as text, each row's first `columns` columns (the key columns first),
+    /// keyed by the first two.
+    fn rows_by_record(
+        batch: &RecordBatch,
+        columns: usize,
+    ) -> HashMap<(String, String), Vec<String>> {
+        use arrow::util::display::{ArrayFormatter, FormatOptions};
+        let options = FormatOptions::default().with_null("∅");
+        let formatters: Vec<ArrayFormatter> = (0..columns)
+            .map(|c| ArrayFormatter::try_new(batch.column(c).as_ref(), &options).unwrap())
+            .collect();
+        (0..batch.num_rows())
+            .map(|i| {
+                let row: Vec<String> = formatters.iter().map(|f| f.value(i).to_string()).collect();
+                ((row[0].clone(), row[1].clone()), row)
+            })
+            .collect()
+    }
+
+    /// Matching only the rows added since the last resolution, every other record's keys read
+    /// from the match-key table, gives the ids, rules, keys and figures of matching every
+    /// record again; a record gone makes it match every record.
+    #[tokio::test]
+    async fn matching_the_added_rows_gives_what_matching_every_record_gives() {
+        let identity = identity_over_a_and_b();
+        let day1 = sample(11, false);
+        let ctx = SessionContext::new();
+        register(&ctx, "a", &day1[0]);
+        register(&ctx, "b", &day1[1]);
+        let first = identity.resolve(&ctx, 1, None).await.unwrap();
+        assert!(first.whole);
+        // Day 2: one record of `a` in nine gets another e-mail and phone, and 80 new records
+        // join each source (new customers, and links that merge and split clusters).
+        let mut state = 99u64;
+        let mut day2 = day1.clone();
+        let mut added: [Vec<Row>; 2] = Default::default();
+        for (i, row) in day2[0].iter_mut().enumerate() {
+            if i % 9 == 0 {
+                let changed = random_row(&mut state, row[0].clone().unwrap_or_default(), false);
+                row[1] = changed[1].clone();
+                row[2] = changed[2].clone();
+                added[0].push(row.clone());
+            }
+        }
+        for (s, table) in ["a", "b"].iter().enumerate() {
+            for i in 0..80 {
+                let row = random_row(&mut state, format!("{table}new{i}"), false);
+                day2[s].push(row.clone());
+                added[s].push(row);
+            }
+        }
+        let ctx = SessionContext::new();
+        register(&ctx, "a", &day2[0]);
+        register(&ctx, "b", &day2[1]);
+        register(&ctx, "added_a", &added[0]);
+        register(&ctx, "added_b", &added[1]);
+        register_batch(&ctx, "map", &first.map);
+        register_batch(&ctx, &identity.keys_table(), &first.keys);
+        let whole = identity.resolve(&ctx, 2, None).await.unwrap();
+        let since = Since {
+            added: vec!["added_a".into(), "added_b".into()],
+            rows_then: day1.iter().map(|r| r.len() as u64).collect(),
+            rows_now: day2.iter().map(|r| r.len() as u64).collect(),
+        };
+        let part = identity.resolve(&ctx, 2, Some(&since)).await.unwrap();
+        assert!(whole.whole && !part.whole);
+        let stats = whole.stats.to_string();
+        assert_eq!(part.stats.to_string(), stats);
+        assert!(
+            whole.stats.new_ids > 0 && whole.stats.merged_ids > 0,
+            "{stats}"
+        );
+        assert!(stats.contains("oversized match keys ignored"), "{stats}");
+        assert_eq!(part.regrouped, whole.regrouped);
+        // The day-1 tables with the rows the resolution gives merged in are the whole
+        // resolution's tables; the map rows it gives are those whose id or rule changed.
+        for (day1_rows, changes, all, columns) in [
+            (&first.map, &part.map, &whole.map, 4),
+            (
+                &first.keys,
+                &part.keys,
+                &whole.keys,
+                first.keys.num_columns(),
+            ),
+        ] {
+            let mut merged = rows_by_record(day1_rows, columns);
+            merged.extend(rows_by_record(changes, columns));
+            assert_eq!(merged, rows_by_record(all, columns));
+        }
+        let before = rows_by_record(&first.map, 4);
+        let moved: HashSet<(String, String)> = rows_by_record(&whole.map, 4)
+            .into_iter()
+            .filter(|(record, row)| before.get(record) != Some(row))
+            .map(|(record, _)| record)
+            .collect();
+        assert!(!moved.is_empty());
+        assert_eq!(
+            rows_by_record(&part.map, 4)
+                .into_keys()
+                .collect::<HashSet<_>>(),
+            moved
+        );
+        // A record removed from `b`: the tables no longer add up, every record is matched.
+        let gone = Since {
+            rows_now: vec![since.rows_now[0], since.rows_now[1] - 1],
+            ..since
+        };
+        let again = identity.resolve(&ctx, 2, Some(&gone)).await.unwrap();
+        assert!(again.whole);
+        assert_eq!(again.stats.to_string(), stats);
+    }
+
     /// Records loaded and grouped on several threads give the map and figures of one thread.
     #[tokio::test]
     async fn matching_side_by_side_gives_the_map_of_one_thread() {
@@ -876,7 +1376,7 @@ mod tests {
             let config = datafusion::prelude::SessionConfig::new().with_target_partitions(threads);
             let ctx = SessionContext::new_with_config(config);
             let identity = overlapping_sources(&ctx);
-            let r = identity.resolve(&ctx, 0).await.unwrap();
+            let r = identity.resolve(&ctx, 0, None).await.unwrap();
             maps.push((r.map, r.stats.to_string()));
         }
         let (one, stats) = &maps[0];
@@ -897,6 +1397,22 @@ mod tests {
             assert_eq!(run_split(7, threads, |i| i * i), [0, 1, 4, 9, 16, 25, 36]);
         }
         assert!(run_split(0, 2, |i| i).is_empty());
+    }
+
+    #[test]
+    fn a_key_survives_its_two_stored_halves() {
+        for key in [
+            0,
+            1,
+            Key::MAX,
+            1 << 63,
+            1 << 64,
+            (1 << 127) | 5,
+            key_of(["x"].into_iter(), &mut String::new()),
+        ] {
+            let (hi, lo) = split_key(key);
+            assert_eq!(join_key(hi, lo), key);
+        }
     }
 
     #[test]

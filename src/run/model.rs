@@ -19,13 +19,13 @@ use super::{RunState, Runner};
 use crate::config::pipeline::WriteMode;
 use crate::config::pipeline::{ModelIncrementalSpec, SlicesSpec};
 use crate::error::{Error, Result};
-use crate::identity::{Identity, Regrouped};
+use crate::identity::{Identity, RecordIds, Regrouped, Resolution, Since};
 use crate::plan::Model;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch};
 use crate::warehouse::write::{
-    NewData, delete_files, file_url, merge_sorted_files, new_rows, stage, stage_merge_removing,
-    step_done, unchanged_since, write_frame,
+    NewData, add_record_count, delete_files, file_url, merge_sorted_files, new_rows, stage,
+    stage_merge_removing, step_done, unchanged_since, write_frame,
 };
 use crate::warehouse::{DataFile, table_files_provider};
 
@@ -551,7 +551,7 @@ impl Runner {
         state: &RunState,
         identity: &Identity,
         key: &StateKey,
-        map: &RecordBatch,
+        record_ids: &RecordIds,
     ) -> Result<HashSet<String>> {
         let print = state
             .state_before
@@ -586,20 +586,122 @@ impl Runner {
             }
             edited.push(ids);
         }
-        let source = map.column(0).as_string::<i32>();
-        let record = map.column(1).as_string::<i32>();
-        let id = map.column(2).as_string::<i32>();
-        let mut out = HashSet::new();
-        for i in 0..map.num_rows() {
-            let si = identity
-                .sources
-                .iter()
-                .position(|s| s.name == source.value(i));
-            if si.is_some_and(|si| edited[si].contains(record.value(i))) {
-                out.insert(id.value(i).to_string());
+        Ok(record_ids.ids_of(&edited))
+    }
+
+    /// Rows of a table from the log's record counts, less the rows deletion vectors remove:
+    /// at a committed version, or (`None`) as this run leaves it. `None` when a file's count is
+    /// not recorded.
+    async fn live_rows(
+        &self,
+        state: &RunState,
+        table: &str,
+        version: Option<u64>,
+    ) -> Result<Option<u64>> {
+        let staged = match version {
+            Some(_) => None,
+            None => state.staged(table).filter(|s| s.changes()),
+        };
+        let (files, counts) = match staged {
+            Some(s) => {
+                let mut counts = match s.read_version {
+                    Some(v) => self.wh.record_counts(table, Some(v)).await?,
+                    None => Default::default(),
+                };
+                for a in &s.actions {
+                    if let Action::Add(add) = a
+                        && let Some(n) = add_record_count(add)
+                    {
+                        counts.insert(file_url(&s.url, &add.path), n);
+                    }
+                }
+                (s.files.clone(), counts)
             }
+            None => {
+                let version = version.or(state.committed.get(table).copied().flatten());
+                let Some(version) = version else {
+                    return Ok(None);
+                };
+                (
+                    self.wh.files_at(table, Some(version)).await?,
+                    self.wh.record_counts(table, Some(version)).await?,
+                )
+            }
+        };
+        let mut rows = 0u64;
+        for f in &files {
+            let Some(n) = counts.get(&f.url) else {
+                return Ok(None);
+            };
+            rows += n.saturating_sub(f.deleted.as_ref().map_or(0, |d| d.count()));
         }
-        Ok(out)
+        Ok(Some(rows))
+    }
+
+    /// What the record tables of `identity` gained since its last resolution, each added-rows
+    /// table registered in `ctx` (for the caller to deregister), when the match-key table that
+    /// resolution wrote is still the table's current version and the definition is the same.
+    async fn match_since(
+        &self,
+        ctx: &SessionContext,
+        state: &RunState,
+        identity: &Identity,
+        key: &StateKey,
+        keys_state: &StateKey,
+    ) -> Result<Option<Since>> {
+        if self.options.full_refresh {
+            return Ok(None);
+        }
+        let (Some(print), Some(written)) = (
+            state.state_before.get(key),
+            state.state_before.get(keys_state),
+        ) else {
+            return Ok(None);
+        };
+        let same_definition = serde_json::from_str::<serde_json::Value>(print)
+            .ok()
+            .and_then(|p| p.get("definition")?.as_str().map(str::to_string))
+            == Some(definition_hash(&identity.definition()));
+        let written: serde_json::Value = serde_json::from_str(written).unwrap_or_default();
+        let current = |table: &str, field: &str| {
+            written.get(field).and_then(|v| v.as_u64()).is_some()
+                && written.get(field).and_then(|v| v.as_u64()) == state.version_after(table)
+        };
+        if !same_definition
+            || !current(&identity.map_table, "map")
+            || !current(&identity.keys_table(), "keys")
+        {
+            return Ok(None);
+        }
+        let mut since = Since {
+            added: Vec::new(),
+            rows_then: Vec::new(),
+            rows_now: Vec::new(),
+        };
+        let mut providers = Vec::new();
+        for s in &identity.sources {
+            let Some(before) = recorded_version(print, &s.table) else {
+                return Ok(None);
+            };
+            let (Some(then), Some(now)) = (
+                self.live_rows(state, &s.table, Some(before)).await?,
+                self.live_rows(state, &s.table, None).await?,
+            ) else {
+                return Ok(None);
+            };
+            let files = self.added_files(state, &s.table, before).await?;
+            let full = ctx.table_provider(s.table.as_str()).await?;
+            providers.push(table_files_provider(&files, full.schema()).await?);
+            since.rows_then.push(then);
+            since.rows_now.push(now);
+        }
+        for (i, provider) in providers.into_iter().enumerate() {
+            let name = format!("__kbcrm_added_{}_{i}", identity.entity);
+            ctx.deregister_table(name.as_str())?;
+            ctx.register_table(name.as_str(), provider)?;
+            since.added.push(name);
+        }
+        Ok(Some(since))
     }
 
     #[instrument(skip_all, fields(entity = %identity.entity))]
@@ -610,49 +712,89 @@ impl Runner {
         state: &mut RunState,
     ) -> Result<()> {
         let started = Instant::now();
-        let key = inputs_key(&identity.pipeline, &format!("identity:{}", identity.entity));
+        let step = format!("identity:{}", identity.entity);
+        let key = inputs_key(&identity.pipeline, &step);
+        let keys_state: StateKey = (
+            identity.pipeline.clone(),
+            step.clone(),
+            "match keys".to_string(),
+        );
+        let keys_table = identity.keys_table();
         let inputs: Vec<String> = identity.sources.iter().map(|s| s.table.clone()).collect();
         let golden_sql = identity.golden_sql();
-        let definition = format!("{:?}{golden_sql}", identity.rules);
-        let print = fingerprint(&definition, &inputs, state);
+        let print = fingerprint(&identity.definition(), &inputs, state);
         if self.up_to_date(
             state,
             &key,
             &print,
-            &[&identity.map_table, &identity.golden_table],
+            &[&identity.map_table, &identity.golden_table, &keys_table],
         ) {
-            self.skip(state, &identity.map_table, "identity", "up to date");
-            self.skip(state, &identity.golden_table, "identity", "up to date");
+            for table in [&identity.map_table, &identity.golden_table, &keys_table] {
+                self.skip(state, table, "identity", "up to date");
+            }
             return Ok(());
         }
         let bar = self.progress.step(&format!("match {}", identity.entity));
-        let resolution = identity.resolve(ctx, state.run_micros).await?;
-        let (map, stats) = (resolution.map, resolution.stats);
-        info!(%stats, "identity resolved");
-        let map_now = map.clone();
-        let rows = map.num_rows() as u64;
-        let staged = stage_batch(
-            &self.wh,
-            ctx,
-            &identity.map_table,
-            map,
-            WriteMode::Overwrite,
-            &[],
-        )
-        .await?;
-        self.record(ctx, state, staged, "identity", rows, 0, started)
+        let since = self
+            .match_since(ctx, state, identity, &key, &keys_state)
             .await?;
+        let resolution = identity
+            .resolve(ctx, state.run_micros, since.as_ref())
+            .await;
+        for name in since.iter().flat_map(|s| &s.added) {
+            ctx.deregister_table(name.as_str())?;
+        }
+        let Resolution {
+            map,
+            keys,
+            whole,
+            stats,
+            regrouped,
+            record_ids,
+        } = resolution?;
+        info!(%stats, "identity resolved");
+        // A whole resolution replaces both tables; one from the added rows merges the records
+        // whose id or rule changed (and, into the key table, the added ones).
+        let (mode, on) = match whole {
+            true => (WriteMode::Overwrite, Vec::new()),
+            false => (
+                WriteMode::Merge,
+                vec!["source".to_string(), "source_id".to_string()],
+            ),
+        };
+        for (table, rows) in [(&identity.map_table, map), (&keys_table, keys)] {
+            if !whole && rows.num_rows() == 0 {
+                self.skip(state, table, "identity", "unchanged");
+                continue;
+            }
+            let staged = stage_batch(&self.wh, ctx, table, rows, mode, &on).await?;
+            self.record(
+                ctx,
+                state,
+                staged,
+                "identity",
+                stats.records as u64,
+                0,
+                started,
+            )
+            .await?;
+        }
+        let written = serde_json::json!({
+            "map": state.version_after(&identity.map_table),
+            "keys": state.version_after(&keys_table),
+        });
+        state.state_after.insert(keys_state, written.to_string());
         let started = Instant::now();
         // Golden records change only for ids whose records changed: rebuild just those when
         // that is known (the table exists, no id or record disappeared, and the record tables'
         // previous versions can be compared with the current ones).
-        let only = match resolution.regrouped {
+        let only = match regrouped {
             Some(mut regrouped)
                 if !self.options.full_refresh
                     && state.version_after(&identity.golden_table).is_some() =>
             {
                 match self
-                    .edited_records(ctx, state, identity, &key, &map_now)
+                    .edited_records(ctx, state, identity, &key, &record_ids)
                     .await
                 {
                     Ok(edited) => {

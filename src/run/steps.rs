@@ -24,11 +24,11 @@ pub(super) enum Work {
 
 impl Work {
     /// Tables the step writes.
-    fn writes(&self) -> Vec<&str> {
+    fn writes(&self) -> Vec<String> {
         match self {
-            Work::Source(s) => vec![s.table.as_str()],
-            Work::Model(m) => vec![m.name.as_str()],
-            Work::Identity(i) => vec![i.map_table.as_str(), i.golden_table.as_str()],
+            Work::Source(s) => vec![s.table.clone()],
+            Work::Model(m) => vec![m.name.clone()],
+            Work::Identity(i) => vec![i.map_table.clone(), i.golden_table.clone(), i.keys_table()],
         }
     }
 
@@ -45,7 +45,7 @@ impl Work {
 
 /// For each step, the earlier steps that write a table it reads.
 fn dependencies(work: &[Work]) -> Vec<Vec<usize>> {
-    let mut writer: HashMap<&str, usize> = HashMap::new();
+    let mut writer: HashMap<String, usize> = HashMap::new();
     let mut deps = Vec::with_capacity(work.len());
     for (i, w) in work.iter().enumerate() {
         let mut d: Vec<usize> = w

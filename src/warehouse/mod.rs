@@ -300,25 +300,50 @@ impl Warehouse {
     /// A table's data files at a version (the latest when `None`), with the rows deletion
     /// vectors removed from them as of that version.
     pub async fn files_at(&self, name: &str, version: Option<u64>) -> Result<Vec<DataFile>> {
-        let url = self.table_url(name);
+        let table = self.table_at(name, version).await?;
+        deletion::table_files(&table, &self.table_url(name))
+            .await
+            .map_err(|e| with_table(e, name))
+    }
+
+    /// A table at a version (the latest when `None`).
+    async fn table_at(&self, name: &str, version: Option<u64>) -> Result<DeltaTable> {
         let kept = match version {
             Some(v) => self.cached_at(name, v),
             None => self.load(name).await?,
         };
-        let table = match kept {
+        Ok(match kept {
             Some(table) => table,
             None => {
-                let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())?.build()?;
+                let url = self.table_url(name);
+                let mut table = deltalake::DeltaTableBuilder::from_url(url)?.build()?;
                 match version {
                     Some(v) => table.load_version(v).await?,
                     None => table.load().await?,
                 }
                 table
             }
-        };
-        deletion::table_files(&table, &url)
-            .await
-            .map_err(|e| with_table(e, name))
+        })
+    }
+
+    /// The row count the log records for each data file of a table at a version (the latest
+    /// when `None`), before deletion vectors; files without one are left out.
+    pub async fn record_counts(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<HashMap<Url, u64>> {
+        let table = self.table_at(name, version).await?;
+        let url = self.table_url(name);
+        Ok(table
+            .snapshot()?
+            .log_data()
+            .iter()
+            .filter_map(|f| {
+                let rows = f.num_records()?;
+                Some((write::file_url(&url, &f.path()), rows as u64))
+            })
+            .collect())
     }
 
     /// The current data files of a table that a merge tagged as holding rows unchanged since

@@ -543,11 +543,15 @@ fn add_metrics(adds: &[Add], rows_in: u64) -> WriteMetrics {
 
 /// Rows in a data file, from its statistics.
 fn add_rows(add: &Add) -> u64 {
+    add_record_count(add).unwrap_or(0)
+}
+
+/// Rows in a data file, when its statistics tell.
+pub(crate) fn add_record_count(add: &Add) -> Option<u64> {
     add.stats
         .as_deref()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
         .and_then(|v| v.get("numRecords").and_then(|n| n.as_u64()))
-        .unwrap_or(0)
 }
 
 /// The table property that lets writers mark rows deleted instead of rewriting files.

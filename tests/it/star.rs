@@ -181,6 +181,24 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
         golden_read * 5 < p.scalar("select count(*) from int_customer_golden"),
         "only the changed customers' golden records are rebuilt: {golden_line}"
     );
+    // The match normalised only the added records (the others' keys come from the match-key
+    // table), and the map took only the records whose id or rule changed.
+    let written = |table: &str| -> (i64, i64) {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!(" {table} ")))
+            .unwrap_or_else(|| panic!("no line for {table}:\n{out}"));
+        let n = |i: usize| line.split_whitespace().nth(i).unwrap().parse().unwrap();
+        (n(2), n(4))
+    };
+    let (records, map_written) = written("map_customer_identity");
+    assert_eq!(
+        records,
+        p.scalar("select count(*) from map_customer_identity")
+    );
+    assert!(map_written > 0 && map_written * 10 < records, "{out}");
+    let (_, keys_written) = written("kbcrm_keys_map_customer_identity");
+    assert!(keys_written * 5 < records, "{out}");
     // Only the day-2 files were read.
     let files: Vec<_> = truth_csv_in(p.path(), "files_0002.csv");
     let day2_orders: i64 = files
