@@ -500,6 +500,7 @@ impl Runner {
             rows,
             cluster_by: Vec::new(),
             files_by: None,
+            keys_unique: false,
         };
         let staged = stage(&self.wh, ctx, new, mode, &source.keys)
             .await

@@ -19,7 +19,9 @@ use crate::plan::{Incremental, Source};
 use crate::sources::{self, convert::declared_schema, stores::store_for};
 use crate::warehouse::delta_compatible;
 use crate::warehouse::state::loaded_files;
-use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
+use crate::warehouse::write::{
+    KEYS_IN_MEMORY_ROWS, NewData, TableWriter, delete_files, latest_rows, stage,
+};
 
 /// Keeps rows whose cursor column is above the last watermark, and finds the new watermark.
 pub(super) struct CursorFilter {
@@ -307,6 +309,11 @@ impl Runner {
         }
         let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
         let mut file_no = 0usize;
+        // A keyed source's rows are held while they are few: keys that several files repeat
+        // are then resolved in memory and the kept rows written once, instead of every file
+        // being written, read back and written again. Past the limit they go to the encoders.
+        let mut held: Option<Vec<(usize, RecordBatch)>> = keyed.then(Vec::new);
+        let mut held_rows = 0u64;
         'files: while let Some(out) = stream.next().await {
             let tx = &senders[file_no % senders.len()];
             let file = if keyed { file_no } else { 0 };
@@ -320,6 +327,19 @@ impl Runner {
                     Some(c) => c.apply(&b)?,
                     None => b,
                 };
+                if let Some(h) = held.as_mut() {
+                    held_rows += b.num_rows() as u64;
+                    h.push((file, b));
+                    if held_rows <= KEYS_IN_MEMORY_ROWS {
+                        continue;
+                    }
+                    for (f, b) in held.take().unwrap_or_default() {
+                        if senders[f % senders.len()].send((f, b)).await.is_err() {
+                            break 'files;
+                        }
+                    }
+                    continue;
+                }
                 if tx.send((file, b)).await.is_err() {
                     // The encoder stopped on an error, returned below.
                     break 'files;
@@ -353,6 +373,14 @@ impl Runner {
             cursor.as_ref(),
         )
         .await?;
+        let mut keys_unique = false;
+        if let Some(held) = held {
+            let written = write_held(&url, &table_schema, held, &source.keys).await?;
+            adds.extend(written.adds);
+            source_files.extend(written.source_files);
+            rows += written.rows;
+            keys_unique = written.keys_unique;
+        }
         info!(
             rows_read,
             rejected,
@@ -372,6 +400,7 @@ impl Runner {
             rows,
             cluster_by: Vec::new(),
             files_by: None,
+            keys_unique,
         };
         let staged = stage(&self.wh, ctx, new, mode, &source.keys)
             .await
@@ -380,4 +409,61 @@ impl Runner {
         self.record(ctx, state, staged, "source", rows_read, rejected, started)
             .await
     }
+}
+
+/// What [`write_held`] wrote.
+struct Held {
+    adds: Vec<deltalake::kernel::Add>,
+    source_files: Vec<usize>,
+    rows: u64,
+    keys_unique: bool,
+}
+
+/// Write the rows a keyed source held in memory (each batch with the position of its source
+/// file): the last file's row of each key, in files marked as repeating no key; or, when a file
+/// repeats a key within itself, each file's rows into files of their own, for the merge to
+/// name the repeated keys.
+async fn write_held(
+    url: &url::Url,
+    schema: &arrow::datatypes::SchemaRef,
+    held: Vec<(usize, RecordBatch)>,
+    keys: &[String],
+) -> Result<Held> {
+    let (batches, keys_unique) = match latest_rows(&held, keys)? {
+        Some(None) => (held.into_iter().map(|(_, b)| b).collect(), true),
+        Some(Some(kept)) => (kept, true),
+        None => {
+            let mut out = Held {
+                adds: Vec::new(),
+                source_files: Vec::new(),
+                rows: 0,
+                keys_unique: false,
+            };
+            let mut files: Vec<usize> = held.iter().map(|(f, _)| *f).collect();
+            files.dedup();
+            for file in files {
+                let mut writer = TableWriter::new(url, schema.clone())?;
+                for (_, b) in held.iter().filter(|(f, _)| *f == file) {
+                    writer.write(b).await?;
+                }
+                let (adds, rows) = writer.finish().await?;
+                out.source_files
+                    .extend(std::iter::repeat_n(file, adds.len()));
+                out.adds.extend(adds);
+                out.rows += rows;
+            }
+            return Ok(out);
+        }
+    };
+    let mut writer = TableWriter::new(url, schema.clone())?;
+    for b in &batches {
+        writer.write(b).await?;
+    }
+    let (adds, rows) = writer.finish().await?;
+    Ok(Held {
+        adds,
+        source_files: Vec::new(),
+        rows,
+        keys_unique,
+    })
 }

@@ -247,6 +247,7 @@ pub async fn stage_batch(
         rows,
         cluster_by: Vec::new(),
         files_by: None,
+        keys_unique: false,
     };
     stage(wh, ctx, new, mode, keys).await
 }

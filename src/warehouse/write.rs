@@ -321,6 +321,7 @@ pub async fn write_frame(
         rows,
         cluster_by: cluster_by.to_vec(),
         files_by: files_by.map(str::to_string),
+        keys_unique: false,
     })
 }
 
@@ -393,6 +394,9 @@ pub struct NewData {
     pub cluster_by: Vec<String>,
     /// The expression whose values divide the rows among files (recorded and kept likewise).
     pub files_by: Option<String>,
+    /// Whether the rows are known to repeat no key (a keyed source's rows resolved in memory
+    /// before they were written): a merge then does not check them again.
+    pub keys_unique: bool,
 }
 
 /// The table property recording the columns its data files are sorted by.
@@ -447,7 +451,7 @@ async fn stage_with(
     let current = wh.load(&new.table).await?;
     // A merge needs unique keys; so does the full refresh of a keyed source, which loads all
     // its files again.
-    let new = if mode == WriteMode::Merge || !new.source_files.is_empty() {
+    let new = if (mode == WriteMode::Merge || !new.source_files.is_empty()) && !new.keys_unique {
         let started = std::time::Instant::now();
         let new = latest_per_key(wh, ctx, new, keys).await?;
         step_done(&new.table, "keys checked unique", started);
@@ -878,7 +882,7 @@ pub(crate) async fn latest_per_key(
 /// Up to this many new rows of a keyed table from several source files have their repeated
 /// keys resolved in memory, in one pass over the rows, rather than by three queries (each of
 /// which reads them again).
-const KEYS_IN_MEMORY_ROWS: u64 = 500_000;
+pub(crate) const KEYS_IN_MEMORY_ROWS: u64 = 500_000;
 
 /// The rows of `new` with repeated keys resolved in memory, as [`latest_per_key`] resolves
 /// them: `Some(None)` when no key repeats, `Some(Some(kept))` with the last source file's row
@@ -890,22 +894,6 @@ async fn latest_in_memory(
     new: &NewData,
     keys: &[String],
 ) -> Result<Option<Option<Vec<RecordBatch>>>> {
-    use arrow::row::{RowConverter, SortField};
-    use std::collections::hash_map::{Entry, HashMap};
-    let Ok(key_columns) = keys
-        .iter()
-        .map(|k| new.schema.index_of(k))
-        .collect::<std::result::Result<Vec<_>, _>>()
-    else {
-        return Ok(None);
-    };
-    let fields = key_columns
-        .iter()
-        .map(|&i| SortField::new(new.schema.field(i).data_type().clone()))
-        .collect();
-    let Ok(converter) = RowConverter::new(fields) else {
-        return Ok(None);
-    };
     // Each file's rows in source file order (a file's rank, or 0 for all when there is one).
     let rank = |i: usize| new.source_files.get(i).copied().unwrap_or(0);
     let mut order: Vec<usize> = (0..new.adds.len()).collect();
@@ -918,6 +906,37 @@ async fn latest_in_memory(
             batches.push((rank(i), batch));
         }
     }
+    latest_rows(&batches, keys)
+}
+
+/// The last row of each key of `keys` among `batches`, each with the position of the source
+/// file it came from (in order of that position): `Some(None)` when no key repeats,
+/// `Some(Some(kept))` with the kept rows when only different files repeat keys, and `None`
+/// when a file repeats a key within itself (or the key columns cannot be compared in memory).
+pub(crate) fn latest_rows(
+    batches: &[(usize, RecordBatch)],
+    keys: &[String],
+) -> Result<Option<Option<Vec<RecordBatch>>>> {
+    use arrow::row::{RowConverter, SortField};
+    use std::collections::hash_map::{Entry, HashMap};
+    let Some((_, first)) = batches.first() else {
+        return Ok(Some(None));
+    };
+    let schema = first.schema();
+    let Ok(key_columns) = keys
+        .iter()
+        .map(|k| schema.index_of(k))
+        .collect::<std::result::Result<Vec<_>, _>>()
+    else {
+        return Ok(None);
+    };
+    let fields = key_columns
+        .iter()
+        .map(|&i| SortField::new(schema.field(i).data_type().clone()))
+        .collect();
+    let Ok(converter) = RowConverter::new(fields) else {
+        return Ok(None);
+    };
     // Each key's latest row: (batch, row); a later file's row replaces an earlier one's.
     let mut latest: HashMap<Box<[u8]>, (usize, u32)> = HashMap::new();
     let mut replaced = 0usize;
@@ -1009,6 +1028,7 @@ async fn keep_latest(
         rows,
         cluster_by: new.cluster_by.clone(),
         files_by: new.files_by.clone(),
+        keys_unique: true,
     })
 }
 
