@@ -1075,6 +1075,8 @@ async fn merge(
     // those keys are found too, and the merge then reads only them: a batch that changes rows
     // of a few files (this year's open invoices) does not read the others again.
     let started = std::time::Instant::now();
+    // The files holding any key of the new rows, when they were looked up.
+    let mut with_keys: Option<Vec<String>> = None;
     let any_known = match gone {
         Some(_) => Ok(true),
         None if old.len() > 1 => {
@@ -1088,12 +1090,17 @@ async fn merge(
                     let only = current
                         .table_provider()
                         .with_file_column(FILE_COLUMN)
-                        .with_file_paths(files)
+                        .with_file_paths(files.clone())
                         .await?;
                     ctx.register_table(&target_name, only)?;
+                    with_keys = Some(files);
                     Ok(true)
                 }
-                Ok(files) => Ok(!files.is_empty()),
+                Ok(files) => {
+                    let any = !files.is_empty();
+                    with_keys = Some(files);
+                    Ok(any)
+                }
                 Err(e) => Err(e),
             }
         }
@@ -1147,6 +1154,7 @@ async fn merge(
             names,
             current.version(),
             &markable,
+            with_keys.as_deref(),
         )
     })
     .await;
@@ -1300,6 +1308,7 @@ async fn merge_sql(
     (new_name, target_name, gone_name): (&str, &str, Option<&str>),
     read_version: Option<u64>,
     markable: &HashMap<String, (&DataFile, Option<u64>)>,
+    with_keys: Option<&[String]>,
 ) -> Result<Merged> {
     let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
     let on = same(keys, "c", "t");
@@ -1344,12 +1353,21 @@ async fn merge_sql(
     let touched_sql = format!(
         "select distinct t.{FILE_COLUMN} from {target_name} t join __kbcrm_changed c on {on}{touched_gone}"
     );
-    let touched_batches = ctx.sql(&touched_sql).await?.collect().await;
-    let touched = match touched_batches {
-        Ok(b) => collect_strings(&b)?,
+    // When every new row is a change (keys are unique among them), the changed keys are the
+    // new rows' keys, whose files were looked up already.
+    let touched = match with_keys {
+        Some(files) if gone_name.is_none() && changed_rows == new.rows => Ok(files.to_vec()),
+        _ => match ctx.sql(&touched_sql).await {
+            Ok(df) => df.collect().await.map_err(Error::from),
+            Err(e) => Err(e.into()),
+        }
+        .and_then(|b| collect_strings(&b)),
+    };
+    let touched = match touched {
+        Ok(t) => t,
         Err(e) => {
             ctx.deregister_table("__kbcrm_changed")?;
-            return Err(e.into());
+            return Err(e);
         }
     };
     step_done(&new.table, "merge: touched files found", started);
