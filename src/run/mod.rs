@@ -814,6 +814,9 @@ fn kept_unique_by_merges(
     let Some(committed) = state.committed.get(&t.table).copied().flatten() else {
         return false;
     };
+    // An identity's map and key table are merged on the record when only some records moved
+    // (and replaced whole otherwise, which the writes below then show).
+    let record = vec!["source".to_string(), "source_id".to_string()];
     let merge_keys = pipeline
         .sources
         .iter()
@@ -825,6 +828,13 @@ fn kept_unique_by_merges(
                 .iter()
                 .filter(|m| m.name == t.table)
                 .map(|m| (m.mode, &m.keys)),
+        )
+        .chain(
+            pipeline
+                .identities
+                .iter()
+                .filter(|i| i.map_table == t.table || i.keys_table() == t.table)
+                .map(|_| (WriteMode::Merge, &record)),
         )
         .next();
     let Some((WriteMode::Merge, keys)) = merge_keys else {

@@ -199,6 +199,15 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     assert!(map_written > 0 && map_written * 10 < records, "{out}");
     let (_, keys_written) = written("kbcrm_keys_map_customer_identity");
     assert!(keys_written * 5 < records, "{out}");
+    // Merged on the record, the map stays unique on it without being read again.
+    let unique = out
+        .lines()
+        .find(|l| l.contains("unique(map_customer_identity: source, source_id)"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        unique.ends_with("pass (kept unique by the merge on its keys)"),
+        "{unique}"
+    );
     // Only the day-2 files were read.
     let files: Vec<_> = truth_csv_in(p.path(), "files_0002.csv");
     let day2_orders: i64 = files
