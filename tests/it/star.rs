@@ -151,6 +151,13 @@ fn fact_sales_reconciles_with_the_source_files() {
     );
 }
 
+/// The first line of a run's output that contains `needle`.
+fn line_with<'a>(out: &'a str, needle: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{out}"))
+}
+
 #[test]
 fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     let p = Project::demo_with_own_data(0.01, 11);
@@ -167,10 +174,7 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let out = p.ok(&["run"]);
-    let golden_line = out
-        .lines()
-        .find(|l| l.contains(" int_customer_golden "))
-        .unwrap_or_else(|| panic!("{out}"));
+    let golden_line = line_with(&out, " int_customer_golden ");
     let golden_read: i64 = golden_line
         .split_whitespace()
         .nth(2)
@@ -184,10 +188,7 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     // The match normalised only the added records (the others' keys come from the match-key
     // table), and the map took only the records whose id or rule changed.
     let written = |table: &str| -> (i64, i64) {
-        let line = out
-            .lines()
-            .find(|l| l.contains(&format!(" {table} ")))
-            .unwrap_or_else(|| panic!("no line for {table}:\n{out}"));
+        let line = line_with(&out, &format!(" {table} "));
         let n = |i: usize| line.split_whitespace().nth(i).unwrap().parse().unwrap();
         (n(2), n(4))
     };
@@ -200,10 +201,7 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     let (_, keys_written) = written("kbcrm_keys_map_customer_identity");
     assert!(keys_written * 5 < records, "{out}");
     // Merged on the record, the map stays unique on it without being read again.
-    let unique = out
-        .lines()
-        .find(|l| l.contains("unique(map_customer_identity: source, source_id)"))
-        .unwrap_or_else(|| panic!("{out}"));
+    let unique = line_with(&out, "unique(map_customer_identity: source, source_id)");
     assert!(
         unique.ends_with("pass (kept unique by the merge on its keys)"),
         "{unique}"
@@ -215,10 +213,7 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
         .filter(|f| f["file"].starts_with("sales/orders/"))
         .map(|f| f["rows"].parse::<i64>().unwrap())
         .sum();
-    let line = out
-        .lines()
-        .find(|l| l.contains(" raw_sales_orders "))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = line_with(&out, " raw_sales_orders ");
     assert!(
         line.contains(&format!(" {day2_orders} read")),
         "expected {day2_orders} rows read: {line}\n{out}"
@@ -270,10 +265,7 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
         ("fact_interaction", "sql/facts/fact_interaction.sql"),
         ("fact_payment", "sql/facts/fact_payment.sql"),
     ] {
-        let line = out
-            .lines()
-            .find(|l| l.contains(&format!(" {fact} ")))
-            .unwrap_or_else(|| panic!("{out}"));
+        let line = line_with(&out, &format!(" {fact} "));
         let read: i64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
         let total = p.scalar(&format!("select count(*) from {fact}"));
         assert!(
@@ -308,10 +300,7 @@ fn day_two_batch_reads_only_new_files_and_versions_only_changed_customers() {
     // everything again finds nothing to change in the map or the golden records.
     let out = p.ok(&["run", "star", "--full-refresh"]);
     for table in ["map_customer_identity", "int_customer_golden"] {
-        let line = out
-            .lines()
-            .find(|l| l.contains(&format!(" {table} ")))
-            .unwrap_or_else(|| panic!("{out}"));
+        let line = line_with(&out, &format!(" {table} "));
         assert!(line.ends_with("(unchanged)"), "{line}");
     }
 }
@@ -346,10 +335,7 @@ fn merged_customers_lose_their_golden_record_without_a_rebuild() {
     );
     let out = p.ok(&["run"]);
     assert!(out.contains("(0 new, 1 merged)"), "{out}");
-    let line = out
-        .lines()
-        .find(|l| l.contains(" int_customer_golden "))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = line_with(&out, " int_customer_golden ");
     assert!(
         line.contains(" 1 read "),
         "only the merged customer's golden record is built: {line}"
@@ -365,10 +351,7 @@ fn merged_customers_lose_their_golden_record_without_a_rebuild() {
     );
     // Building every golden record again changes nothing.
     let out = p.ok(&["run", "--full-refresh"]);
-    let line = out
-        .lines()
-        .find(|l| l.contains(" int_customer_golden "))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = line_with(&out, " int_customer_golden ");
     assert!(line.ends_with("(unchanged)"), "{line}");
 }
 
