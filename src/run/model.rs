@@ -602,34 +602,29 @@ impl Runner {
             Some(_) => None,
             None => state.staged(table).filter(|s| s.changes()),
         };
-        let (files, counts) = match staged {
-            Some(s) => {
-                let mut counts = match s.read_version {
-                    Some(v) => self.wh.record_counts(table, Some(v)).await?,
-                    None => Default::default(),
-                };
-                for a in &s.actions {
-                    if let Action::Add(add) = a
-                        && let Some(n) = add_record_count(add)
-                    {
-                        counts.insert(file_url(&s.url, &add.path), n);
-                    }
-                }
-                (s.files.clone(), counts)
-            }
-            None => {
-                let version = version.or(state.committed.get(table).copied().flatten());
-                let Some(version) = version else {
-                    return Ok(None);
-                };
-                (
-                    self.wh.files_at(table, Some(version)).await?,
-                    self.wh.record_counts(table, Some(version)).await?,
-                )
-            }
+        // A committed version's count is in its log; a staged write's files are counted from
+        // the log it read and the files it adds.
+        let Some(s) = staged else {
+            let version = version.or(state.committed.get(table).copied().flatten());
+            return match version {
+                Some(v) => self.wh.live_rows(table, Some(v)).await,
+                None => Ok(None),
+            };
         };
+        let mut counts = match s.read_version {
+            Some(v) => self.wh.record_counts(table, Some(v)).await?,
+            None => Default::default(),
+        };
+        for a in &s.actions {
+            if let Action::Add(add) = a
+                && let Some(n) = add_record_count(add)
+            {
+                counts.insert(file_url(&s.url, &add.path), n);
+            }
+        }
+        let files = &s.files;
         let mut rows = 0u64;
-        for f in &files {
+        for f in files {
             let Some(n) = counts.get(&f.url) else {
                 return Ok(None);
             };

@@ -429,24 +429,26 @@ async fn write_held(
     held: Vec<(usize, RecordBatch)>,
     keys: &[String],
 ) -> Result<Held> {
-    let (batches, keys_unique) = match latest_rows(&held, keys)? {
-        Some(None) => (held.into_iter().map(|(_, b)| b).collect(), true),
-        Some(Some(kept)) => (kept, true),
+    let mut out = Held {
+        adds: Vec::new(),
+        source_files: Vec::new(),
+        rows: 0,
+        keys_unique: true,
+    };
+    let kept = match latest_rows(&held, keys)? {
+        Some(None) => None,
+        Some(Some(kept)) => Some(kept),
         None => {
-            let mut out = Held {
-                adds: Vec::new(),
-                source_files: Vec::new(),
-                rows: 0,
-                keys_unique: false,
-            };
+            out.keys_unique = false;
             let mut files: Vec<usize> = held.iter().map(|(f, _)| *f).collect();
             files.dedup();
             for file in files {
-                let mut writer = TableWriter::new(url, schema.clone())?;
-                for (_, b) in held.iter().filter(|(f, _)| *f == file) {
-                    writer.write(b).await?;
-                }
-                let (adds, rows) = writer.finish().await?;
+                let batches: Vec<&RecordBatch> = held
+                    .iter()
+                    .filter(|(f, _)| *f == file)
+                    .map(|(_, b)| b)
+                    .collect();
+                let (adds, rows) = write_batches(url, schema, batches).await?;
                 out.source_files
                     .extend(std::iter::repeat_n(file, adds.len()));
                 out.adds.extend(adds);
@@ -455,15 +457,23 @@ async fn write_held(
             return Ok(out);
         }
     };
+    let batches: Vec<&RecordBatch> = match &kept {
+        Some(kept) => kept.iter().collect(),
+        None => held.iter().map(|(_, b)| b).collect(),
+    };
+    (out.adds, out.rows) = write_batches(url, schema, batches).await?;
+    Ok(out)
+}
+
+/// Write `batches` into new files of the table at `url`: their `Add` actions and rows.
+async fn write_batches(
+    url: &url::Url,
+    schema: &arrow::datatypes::SchemaRef,
+    batches: Vec<&RecordBatch>,
+) -> Result<(Vec<deltalake::kernel::Add>, u64)> {
     let mut writer = TableWriter::new(url, schema.clone())?;
-    for b in &batches {
+    for b in batches {
         writer.write(b).await?;
     }
-    let (adds, rows) = writer.finish().await?;
-    Ok(Held {
-        adds,
-        source_files: Vec::new(),
-        rows,
-        keys_unique,
-    })
+    writer.finish().await
 }

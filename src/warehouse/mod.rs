@@ -326,6 +326,22 @@ impl Warehouse {
         })
     }
 
+    /// The rows of a table version (the latest when `None`) as its log counts them: each
+    /// file's record count less the rows its deletion vector removes. `None` when a file's count
+    /// is not recorded.
+    pub async fn live_rows(&self, name: &str, version: Option<u64>) -> Result<Option<u64>> {
+        let table = self.table_at(name, version).await?;
+        let mut rows = 0u64;
+        for f in table.snapshot()?.log_data().iter() {
+            let Some(n) = f.num_records() else {
+                return Ok(None);
+            };
+            let deleted = f.deletion_vector_descriptor().map_or(0, |d| d.cardinality);
+            rows += (n as u64).saturating_sub(deleted.max(0) as u64);
+        }
+        Ok(Some(rows))
+    }
+
     /// The row count the log records for each data file of a table at a version (the latest
     /// when `None`), before deletion vectors; files without one are left out.
     pub async fn record_counts(
