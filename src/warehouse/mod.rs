@@ -9,6 +9,7 @@ mod commit;
 pub mod deletion;
 mod digest;
 pub mod history;
+mod lookup;
 pub mod scd2;
 mod schema;
 pub mod state;
