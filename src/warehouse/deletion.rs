@@ -6,7 +6,7 @@
 //! keeps the rest. Every read of a table version applies the marks (`table_files` loads them,
 //! the warehouse's file scan skips the rows).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch};
@@ -81,11 +81,6 @@ impl Deleted {
     /// Rows the file holds, the removed ones included.
     pub fn file_rows(&self) -> u64 {
         self.file_rows
-    }
-
-    /// Whether the row at `position` is removed.
-    pub fn contains(&self, position: u64) -> bool {
-        self.rows.binary_search(&position).is_ok()
     }
 
     /// These rows and `more` (positions in the same file).
@@ -180,14 +175,12 @@ fn normalized(url: &str) -> String {
     Url::parse(url).map_or_else(|_| url.to_string(), |u| u.to_string())
 }
 
-/// The distinct values of some key columns, to find rows holding them. Each key has an index:
-/// the position, among all the rows put in, of the first row that holds it.
+/// The distinct values of some key columns, to find rows holding them.
 pub(crate) struct KeySet {
     names: Vec<String>,
     types: Vec<DataType>,
     converter: RowConverter,
-    keys: HashMap<Box<[u8]>, usize>,
-    rows: usize,
+    keys: HashSet<Box<[u8]>>,
 }
 
 impl KeySet {
@@ -199,41 +192,18 @@ impl KeySet {
         let types: Vec<DataType> = (0..names.len())
             .map(|i| first.column(i).data_type().clone())
             .collect();
-        let mut set = KeySet::empty(names, types)?;
-        for b in batches {
-            set.insert(&b.columns()[..names.len()])?;
-        }
-        Ok(Some(set))
-    }
-
-    /// A set of no keys, of columns `names` with types `types`.
-    pub(crate) fn empty(names: &[String], types: Vec<DataType>) -> Result<Self> {
         let converter = RowConverter::new(types.iter().cloned().map(SortField::new).collect())?;
-        Ok(KeySet {
+        let mut keys = HashSet::new();
+        for b in batches {
+            let rows = converter.convert_columns(&b.columns()[..names.len()])?;
+            keys.extend(rows.iter().map(|r| Box::<[u8]>::from(r.as_ref())));
+        }
+        Ok(Some(KeySet {
             names: names.to_vec(),
             types,
             converter,
-            keys: HashMap::new(),
-            rows: 0,
-        })
-    }
-
-    /// Put in the rows of these key columns (cast to the set's types); the index of each row's
-    /// key.
-    pub(crate) fn insert(&mut self, columns: &[ArrayRef]) -> Result<Vec<usize>> {
-        let columns = columns
-            .iter()
-            .zip(&self.types)
-            .map(|(c, ty)| Ok(arrow::compute::cast(c, ty)?))
-            .collect::<Result<Vec<ArrayRef>>>()?;
-        let rows = self.converter.convert_columns(&columns)?;
-        let mut out = Vec::with_capacity(rows.num_rows());
-        for (i, row) in rows.iter().enumerate() {
-            let next = self.rows + i;
-            out.push(*self.keys.entry(Box::from(row.as_ref())).or_insert(next));
-        }
-        self.rows += rows.num_rows();
-        Ok(out)
+            keys,
+        }))
     }
 
     /// Positions of the rows of the Parquet file at `path` (of `size` bytes, asked of the store
@@ -245,18 +215,19 @@ impl KeySet {
         path: StorePath,
         size: Option<u64>,
     ) -> Result<(Vec<u64>, u64)> {
-        let (found, rows) = self.matches_in(store, path, size).await?;
-        Ok((found.into_iter().map(|(p, _)| p).collect(), rows))
-    }
-
-    /// [`KeySet::rows_in`], each position with the index of its key.
-    pub(crate) async fn matches_in(
-        &self,
-        store: Arc<dyn ObjectStore>,
-        path: StorePath,
-        size: Option<u64>,
-    ) -> Result<(Vec<(u64, usize)>, u64)> {
-        let builder = open_parquet(store, path, size).await?;
+        use datafusion::datasource::physical_plan::parquet::{
+            DefaultParquetFileReaderFactory, ParquetFileReaderFactory,
+        };
+        use object_store::ObjectStoreExt;
+        let size = match size {
+            Some(size) => size,
+            None => store.head(&path).await?.size,
+        };
+        let file = datafusion::datasource::listing::PartitionedFile::new(path.to_string(), size);
+        let metrics = datafusion::physical_plan::metrics::ExecutionPlanMetricsSet::new();
+        let reader: Box<dyn parquet::arrow::async_reader::AsyncFileReader> =
+            DefaultParquetFileReaderFactory::new(store).create_reader(0, file, None, &metrics)?;
+        let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
         let mask = ProjectionMask::columns(
             builder.parquet_schema(),
             self.names.iter().map(String::as_str),
@@ -278,37 +249,14 @@ impl KeySet {
                 .collect::<Result<Vec<ArrayRef>>>()?;
             let rows = self.converter.convert_columns(&columns)?;
             for (i, row) in rows.iter().enumerate() {
-                if let Some(&k) = self.keys.get(row.as_ref()) {
-                    out.push((position + i as u64, k));
+                if self.keys.contains(row.as_ref()) {
+                    out.push(position + i as u64);
                 }
             }
             position += batch.num_rows() as u64;
         }
         Ok((out, position))
     }
-}
-
-/// A reader of the Parquet file at `path` of the store (of `size` bytes, asked of the store
-/// when not known).
-pub(crate) async fn open_parquet(
-    store: Arc<dyn ObjectStore>,
-    path: StorePath,
-    size: Option<u64>,
-) -> Result<ParquetRecordBatchStreamBuilder<Box<dyn parquet::arrow::async_reader::AsyncFileReader>>>
-{
-    use datafusion::datasource::physical_plan::parquet::{
-        DefaultParquetFileReaderFactory, ParquetFileReaderFactory,
-    };
-    use object_store::ObjectStoreExt;
-    let size = match size {
-        Some(size) => size,
-        None => store.head(&path).await?.size,
-    };
-    let file = datafusion::datasource::listing::PartitionedFile::new(path.to_string(), size);
-    let metrics = datafusion::physical_plan::metrics::ExecutionPlanMetricsSet::new();
-    let reader: Box<dyn parquet::arrow::async_reader::AsyncFileReader> =
-        DefaultParquetFileReaderFactory::new(store).create_reader(0, file, None, &metrics)?;
-    Ok(ParquetRecordBatchStreamBuilder::new(reader).await?)
 }
 
 /// Write deletion vectors into one new file of the table at `table_url` (its `_delta_log`'s

@@ -9,7 +9,6 @@ mod commit;
 pub mod deletion;
 mod digest;
 pub mod history;
-mod lookup;
 pub mod scd2;
 mod schema;
 pub mod state;

@@ -21,7 +21,6 @@ use object_store::ObjectStoreExt;
 use url::Url;
 
 use super::deletion::{DataFile, Deleted, KeySet};
-use super::lookup::{ByPosition, MERGE_BY_POSITION_ROWS};
 use super::scd2::same;
 use super::schema::{conform_batch, same_columns};
 use super::{Warehouse, files_provider, table_files_provider};
@@ -240,7 +239,7 @@ const FILES_BY_COLUMN: &str = "__kbcrm_files_by";
 
 /// Run `df` and write its rows in the table's order into new files of the table at `url`:
 /// sorted by `cluster_by`, and with `files_by`, one run of files per value of that expression.
-pub(crate) async fn write_ordered(
+async fn write_ordered(
     url: &Url,
     schema: SchemaRef,
     df: datafusion::dataframe::DataFrame,
@@ -1062,41 +1061,6 @@ async fn merge(
     gone: Option<RecordBatch>,
 ) -> Result<Staged> {
     let old = current_files(&url, current).await?;
-    if new.rows <= MERGE_BY_POSITION_ROWS && super::lookup::comparable(&new.schema) {
-        let marks = marks_rows(wh, current)?;
-        let merged = super::lookup::merge_by_position(
-            wh,
-            ctx,
-            &url,
-            &new,
-            keys,
-            gone.as_ref(),
-            &old,
-            marks,
-            current.version(),
-        )
-        .await;
-        match merged {
-            Ok(ByPosition::Merged(merged)) => {
-                if !merged.reused_new_files {
-                    delete_files(wh, &url, &new.adds).await?;
-                }
-                return merged_staged(current, url, new, old, merged);
-            }
-            Ok(ByPosition::NoneKnown) => {
-                let mut staged = append(url, current, new).await?;
-                staged.mode = WriteMode::Merge;
-                return Ok(staged);
-            }
-            Ok(ByPosition::TooBig) => {
-                tracing::debug!(table = new.table, "merge: too big to hold; by SQL joins");
-            }
-            Err(e) => {
-                delete_files(wh, &url, &new.adds).await?;
-                return Err(e);
-            }
-        }
-    }
     let new_name = format!("__kbcrm_new_{}", new.table);
     let target_name = format!("__kbcrm_target_{}", new.table);
     ctx.register_table(&new_name, new_rows_at(&url, &new).await?)?;
@@ -1200,17 +1164,7 @@ async fn merge(
     ctx.deregister_table(&new_name)?;
     ctx.deregister_table(&target_name)?;
     delete_files(wh, &url, &new.adds).await?;
-    merged_staged(current, url, new, old, result?)
-}
-
-/// The staged write of a merge into `current` (files `old`) of `new`'s rows.
-fn merged_staged(
-    current: &DeltaTable,
-    url: Url,
-    new: NewData,
-    old: Vec<(DataFile, Remove)>,
-    merged: Merged,
-) -> Result<Staged> {
+    let merged = result?;
     // A file with rows marked deleted is removed and added again with its new deletion vector.
     let mut marked_adds = marked_file_adds(current, &url, &merged.marked)?;
     let mut files = Vec::with_capacity(old.len() + merged.adds.len());
@@ -1287,18 +1241,16 @@ async fn files_with_keys(
 }
 
 /// What a merge wrote.
-pub(crate) struct Merged {
+struct Merged {
     /// The files it rewrote (their URLs): their kept rows are in `adds`.
-    pub(crate) rewritten: HashSet<String>,
+    rewritten: HashSet<String>,
     /// The files it wrote.
-    pub(crate) adds: Vec<Add>,
-    /// Whether `adds` holds the new rows' own files (every new row was a change).
-    pub(crate) reused_new_files: bool,
+    adds: Vec<Add>,
     /// The files it marked rows of (their URLs): all their marked rows, and the descriptor of
     /// the deletion vector that lists them.
-    pub(crate) marked: HashMap<String, (Arc<Deleted>, DeletionVectorDescriptor)>,
+    marked: HashMap<String, (Arc<Deleted>, DeletionVectorDescriptor)>,
     /// New or changed rows.
-    pub(crate) changed_rows: u64,
+    changed_rows: u64,
 }
 
 /// The `Add` actions that bring back each file of `marked` with its new deletion vector.
@@ -1336,12 +1288,12 @@ fn marked_file_adds(
 
 /// At most this share of a file's rows may be marked deleted; a file that would have more is
 /// rewritten.
-pub(crate) const MAX_MARKED_SHARE: f64 = 0.5;
+const MAX_MARKED_SHARE: f64 = 0.5;
 
 /// Files of fewer rows are rewritten rather than marked: rewriting them costs little, and a
 /// deletion vector is one more file for every later read to fetch (bookkeeping tables change a
 /// few of their rows on every run).
-pub(crate) const MIN_MARKED_FILE_ROWS: u64 = 1024;
+const MIN_MARKED_FILE_ROWS: u64 = 1024;
 
 /// Run the merge: the files it rewrites or marks rows of, the files it writes, and the number
 /// of new or changed rows. The files of `markable` (by URL) keep their rows and get a deletion
@@ -1383,7 +1335,6 @@ async fn merge_sql(
         return Ok(Merged {
             rewritten: HashSet::new(),
             adds: Vec::new(),
-            reused_new_files: false,
             marked: HashMap::new(),
             changed_rows: 0,
         });
@@ -1488,7 +1439,6 @@ async fn merge_sql(
     Ok(Merged {
         rewritten: touched_urls,
         adds,
-        reused_new_files: false,
         marked,
         changed_rows,
     })
@@ -1563,7 +1513,7 @@ async fn mark_rows(
 const UNCHANGED_SINCE_TAG: &str = "kbcrm.rowsUnchangedSince";
 
 /// `add`, tagged as holding rows unchanged since table version `version`.
-pub(crate) fn tag_unchanged_since(mut add: Add, version: Option<u64>) -> Add {
+fn tag_unchanged_since(mut add: Add, version: Option<u64>) -> Add {
     if let Some(v) = version {
         add.tags
             .get_or_insert_with(Default::default)
