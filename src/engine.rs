@@ -27,13 +27,15 @@ pub fn session(settings: &EngineSettings, params: &RunParams) -> Result<SessionC
     session_with_runtime(settings, params, runtime(settings)?)
 }
 
-/// A session for `kbcrm run`: like [`session`], but its memory pool is `fair` unless the
-/// project says otherwise. A model's plan often holds several large sorts at once (a
-/// `cluster_by` sort above sort-merge joins); with a greedy pool one of them takes the memory
-/// the others need to merge their spills (fact_sales at scale 10 failed so under 4 GiB).
-pub fn run_session(settings: &EngineSettings, params: &RunParams) -> Result<SessionContext> {
-    let pool = settings.memory_pool.unwrap_or(MemoryPoolKind::Fair);
-    session_with_runtime(settings, params, runtime_with_pool(settings, pool)?)
+/// The runtime of `kbcrm run`'s sessions, shared by the pipelines of a run: its memory pool is
+/// `fair` unless the project says otherwise. A model's plan often holds several large sorts at
+/// once (a `cluster_by` sort above sort-merge joins); with a greedy pool one of them takes the
+/// memory the others need to merge their spills (fact_sales at scale 10 failed so under 4 GiB).
+pub fn run_runtime(settings: &EngineSettings) -> Result<Arc<RuntimeEnv>> {
+    runtime_with_pool(
+        settings,
+        settings.memory_pool.unwrap_or(MemoryPoolKind::Fair),
+    )
 }
 
 /// A session on a runtime (memory pool, spill folder) shared with other sessions, as the
@@ -288,4 +290,53 @@ pub fn with_empty_catalog(root: &SessionContext) -> SessionContext {
             .with_catalog_list(Arc::new(catalogs))
             .build(),
     )
+}
+
+/// Tracing target whose `trace` level prints every plan a run executes through [`collect`]
+/// or [`stream`], with the metrics of each operator once it has run
+/// (`RUST_LOG=kbcrm=debug,kbcrm::plan=trace`): where a step's time went.
+pub const PLAN_TARGET: &str = "kbcrm::plan";
+
+fn plans_traced() -> bool {
+    tracing::enabled!(target: PLAN_TARGET, tracing::Level::TRACE)
+}
+
+/// Print `plan`, run, with its metrics at [`PLAN_TARGET`]'s trace level.
+pub fn trace_plan(plan: &dyn datafusion::physical_plan::ExecutionPlan, what: &str) {
+    let shown = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan)
+        .indent(true)
+        .to_string();
+    tracing::trace!(target: PLAN_TARGET, what, "plan run:\n{shown}");
+}
+
+/// `df.collect()`, its plan traced (see [`PLAN_TARGET`]) as `what`.
+pub async fn collect(
+    df: datafusion::dataframe::DataFrame,
+    what: &str,
+) -> Result<Vec<arrow::record_batch::RecordBatch>> {
+    if !plans_traced() {
+        return Ok(df.collect().await?);
+    }
+    let task = Arc::new(df.task_ctx());
+    let plan = df.create_physical_plan().await?;
+    let batches = datafusion::physical_plan::collect(plan.clone(), task).await?;
+    trace_plan(plan.as_ref(), what);
+    Ok(batches)
+}
+
+/// `df.execute_stream()`, and the plan to pass to [`trace_plan`] once the stream has ended
+/// when plans are traced.
+pub async fn stream(
+    df: datafusion::dataframe::DataFrame,
+) -> Result<(
+    datafusion::execution::SendableRecordBatchStream,
+    Option<Arc<dyn datafusion::physical_plan::ExecutionPlan>>,
+)> {
+    if !plans_traced() {
+        return Ok((df.execute_stream().await?, None));
+    }
+    let task = Arc::new(df.task_ctx());
+    let plan = df.create_physical_plan().await?;
+    let stream = datafusion::physical_plan::execute_stream(plan.clone(), task)?;
+    Ok((stream, Some(plan)))
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
-use tracing::{info, instrument};
+use tracing::{Instrument, info, instrument};
 
 use crate::config::pipeline::{Severity, WriteMode};
 use crate::engine;
@@ -129,6 +129,9 @@ pub struct Runner {
     wh: Warehouse,
     options: RunOptions,
     progress: Progress,
+    /// Memory pool and spill folder of every pipeline's session: pipelines running side by
+    /// side share the memory limit.
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
     _lock: Option<Arc<lock::RunLock>>,
 }
 
@@ -170,6 +173,56 @@ impl RunState {
     }
 }
 
+/// Resolves to whether a pipeline run beside others committed.
+type Committed = futures::future::Shared<futures::future::BoxFuture<'static, bool>>;
+
+/// When a pipeline run beside others may build and commit (the default: at once).
+#[derive(Default)]
+struct Turn {
+    /// A place among the pipelines building at once, held while building.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Read while building; written to build again alone.
+    alone: Option<Arc<tokio::sync::RwLock<()>>>,
+    /// Whether the pipeline before this one in the order committed.
+    previous: Option<Committed>,
+}
+
+impl Turn {
+    /// Wait for a place to build beside the others; hold what is returned while building.
+    async fn building(&self) -> impl Sized {
+        let slot = match &self.slots {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        let shared = match &self.alone {
+            Some(a) => Some(a.clone().read_owned().await),
+            None => None,
+        };
+        (slot, shared)
+    }
+
+    /// Whether other pipelines may build at the same time.
+    fn beside_others(&self) -> bool {
+        self.alone.is_some()
+    }
+
+    /// Wait until no other pipeline builds; none starts building while this is held.
+    async fn alone(&self) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
+        match &self.alone {
+            Some(a) => Some(a.clone().write_owned().await),
+            None => None,
+        }
+    }
+
+    /// Wait for the pipeline before this one; whether it committed.
+    async fn previous_committed(&self) -> bool {
+        match &self.previous {
+            Some(p) => p.clone().await,
+            None => true,
+        }
+    }
+}
+
 impl Runner {
     /// A runner; completes any interrupted commit first.
     pub async fn new(project: &Project, options: RunOptions, progress: Progress) -> Result<Self> {
@@ -188,6 +241,7 @@ impl Runner {
             wh,
             options,
             progress,
+            runtime: engine::run_runtime(&project.engine)?,
             _lock: lock.map(Arc::new),
         })
     }
@@ -208,10 +262,87 @@ impl Runner {
                 )));
             }
         }
-        let mut reports = Vec::new();
-        for p in &self.project.pipelines {
-            if names.is_empty() || names.contains(&p.name) {
+        let chosen: Vec<&Pipeline> = self
+            .project
+            .pipelines
+            .iter()
+            .filter(|p| names.is_empty() || names.contains(&p.name))
+            .collect();
+        // A cluster session runs one step at a time; so do its pipelines.
+        let width = match self.project.engine.cluster {
+            Some(_) => 1,
+            None => self.steps_at_once(),
+        };
+        if width <= 1 || chosen.len() <= 1 {
+            let mut reports = Vec::new();
+            for p in chosen {
                 reports.push(self.run_pipeline(p).await?);
+            }
+            return Ok(reports);
+        }
+        self.run_beside(&chosen, width).await
+    }
+
+    /// Run `chosen` (in dependency order) side by side, as many building at once as `width`:
+    /// each starts once the pipelines it reads from have committed, and commits in its turn,
+    /// after the pipeline before it in the order. What is committed is what running them one
+    /// after another commits: when one fails, those after it commit nothing (their files are
+    /// removed, and the run history does not list them, as they would not have run).
+    async fn run_beside(&self, chosen: &[&Pipeline], width: usize) -> Result<Vec<RunReport>> {
+        use futures::FutureExt;
+        let n = chosen.len();
+        let mut senders = Vec::with_capacity(n);
+        let mut committed: Vec<Committed> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+            senders.push(tx);
+            committed.push(rx.map(|r| r.unwrap_or(false)).boxed().shared());
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(width));
+        let alone = Arc::new(tokio::sync::RwLock::new(()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (p, tx)) in chosen.iter().zip(senders).enumerate() {
+            let after: Vec<Committed> = p
+                .depends_on
+                .iter()
+                .filter_map(|d| chosen.iter().position(|c| &c.name == d))
+                .map(|j| committed[j].clone())
+                .collect();
+            let turn = Turn {
+                slots: Some(slots.clone()),
+                alone: Some(alone.clone()),
+                previous: i.checked_sub(1).map(|j| committed[j].clone()),
+            };
+            let (runner, pipeline) = (self.clone(), (*p).clone());
+            tasks.spawn(
+                async move {
+                    let upstream_committed = futures::future::join_all(after)
+                        .await
+                        .into_iter()
+                        .all(|ok| ok);
+                    let result = match upstream_committed {
+                        true => runner.run_in_turn(&pipeline, turn).await,
+                        false => None,
+                    };
+                    let _ = tx.send(matches!(result, Some(Ok(_))));
+                    (i, result)
+                }
+                .in_current_span(),
+            );
+        }
+        let mut results: Vec<Option<Result<RunReport>>> = (0..n).map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, result)) => results[i] = result,
+                Err(e) => return Err(Error::Internal(format!("a pipeline run failed: {e}"))),
+            }
+        }
+        let mut reports = Vec::with_capacity(n);
+        for result in results {
+            match result {
+                Some(report) => reports.push(report?),
+                // Only after a failure, which was returned above.
+                None => break,
             }
         }
         Ok(reports)
@@ -219,10 +350,21 @@ impl Runner {
 
     /// Run one pipeline and commit it; the run history records how it went either way.
     pub async fn run_pipeline(&self, pipeline: &Pipeline) -> Result<RunReport> {
+        self.run_in_turn(pipeline, Turn::default())
+            .await
+            .unwrap_or_else(|| Err(Error::Internal("a run alone was not committed".into())))
+    }
+
+    /// [`Runner::run_pipeline`] beside others: `None` when a pipeline before it failed, and it
+    /// committed and recorded nothing.
+    async fn run_in_turn(&self, pipeline: &Pipeline, turn: Turn) -> Option<Result<RunReport>> {
         let run_id = uuid::Uuid::now_v7().to_string();
         let started_at = chrono::Utc::now();
         crate::lineage::emit(&self.project, &pipeline.name, &run_id, "START", None).await;
-        let result = self.run_pipeline_as(pipeline, run_id.clone()).await;
+        let Some(result) = self.run_pipeline_as(pipeline, run_id.clone(), turn).await else {
+            crate::lineage::emit(&self.project, &pipeline.name, &run_id, "ABORT", None).await;
+            return None;
+        };
         let error = result.as_ref().err().map(|e| e.to_string());
         let event = if error.is_some() { "FAIL" } else { "COMPLETE" };
         crate::lineage::emit(
@@ -270,12 +412,74 @@ impl Runner {
             }
         }
         self.wh.record_run(&record).await;
-        result
+        Some(result)
     }
 
-    #[instrument(skip(self, pipeline, run_id), fields(pipeline = %pipeline.name))]
-    async fn run_pipeline_as(&self, pipeline: &Pipeline, run_id: String) -> Result<RunReport> {
+    #[instrument(skip(self, pipeline, run_id, turn), fields(pipeline = %pipeline.name))]
+    async fn run_pipeline_as(
+        &self,
+        pipeline: &Pipeline,
+        run_id: String,
+        turn: Turn,
+    ) -> Option<Result<RunReport>> {
         let started = Instant::now();
+        let mut built = {
+            let _building = turn.building().await;
+            self.build(pipeline, &run_id).await
+        };
+        if turn.beside_others() && matches!(&built, Err(e) if e.is_out_of_memory()) {
+            info!("the pipeline ran out of memory beside other pipelines; it runs again alone");
+            let _alone = turn.alone().await;
+            built = self.build(pipeline, &run_id).await;
+        }
+        // Commits, the shared bookkeeping tables' included, follow the pipelines' order.
+        let go = turn.previous_committed().await;
+        let (ctx, mut state, tests) = match (built, go) {
+            (Ok(b), true) => b,
+            (Ok((_, state, _)), false) => {
+                self.abort(&state).await;
+                return None;
+            }
+            (Err(_), false) => return None,
+            (Err(e), true) => return Some(Err(e)),
+        };
+        let staged = self
+            .stage_bookkeeping(pipeline, &ctx, &mut state, &tests)
+            .await;
+        let versions = match staged {
+            Ok(()) => commit_run(&self.wh, &state.run_id, &pipeline.name, &state.staged).await,
+            Err(e) => Err(e),
+        };
+        let versions = match versions {
+            Ok(v) => v,
+            // The manifest holds the run's files: they stay for the next run to commit.
+            Err(e @ Error::Unfinished { .. }) => return Some(Err(e)),
+            Err(e) => {
+                self.abort(&state).await;
+                return Some(Err(e));
+            }
+        };
+        for t in &mut state.tables {
+            t.version = versions.get(&t.table).copied().or(t.version);
+        }
+        info!(run_id = %state.run_id, seconds = started.elapsed().as_secs_f64(), "run committed");
+        Some(Ok(RunReport {
+            run_id: state.run_id,
+            pipeline: pipeline.name.clone(),
+            tables: state.tables,
+            tests,
+            identities: state.identities,
+            seconds: started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    /// Load the pipeline's sources, build its models and identities and check its data tests,
+    /// staging every write; on an error, what was staged is removed.
+    async fn build(
+        &self,
+        pipeline: &Pipeline,
+        run_id: &str,
+    ) -> Result<(SessionContext, RunState, Vec<TestReport>)> {
         let params = crate::udf::RunParams {
             as_of_days: engine::epoch_days(
                 self.options
@@ -284,11 +488,12 @@ impl Runner {
             ),
             vars: pipeline.vars.clone(),
         };
-        let ctx = engine::run_session(&self.project.engine, &params)?;
+        let ctx =
+            engine::session_with_runtime(&self.project.engine, &params, self.runtime.clone())?;
         let committed = self.wh.register_all(&ctx).await?;
         let cluster = self.cluster_session(&params).await?;
         let mut state = RunState {
-            run_id,
+            run_id: run_id.to_string(),
             run_micros: chrono::Utc::now().timestamp_micros(),
             staged: Vec::new(),
             tables: Vec::new(),
@@ -302,38 +507,16 @@ impl Runner {
             cluster,
         };
         info!(run_id = %state.run_id, "run started");
-        let tests = match self.build(pipeline, &ctx, &mut state).await {
-            Ok(tests) => tests,
+        match self.build_steps(pipeline, &ctx, &mut state).await {
+            Ok(tests) => Ok((ctx, state, tests)),
             Err(e) => {
                 self.abort(&state).await;
-                return Err(e);
+                Err(e)
             }
-        };
-        let versions =
-            match commit_run(&self.wh, &state.run_id, &pipeline.name, &state.staged).await {
-                Ok(v) => v,
-                // The manifest holds the run's files: they stay for the next run to commit.
-                Err(e @ Error::Unfinished { .. }) => return Err(e),
-                Err(e) => {
-                    self.abort(&state).await;
-                    return Err(e);
-                }
-            };
-        for t in &mut state.tables {
-            t.version = versions.get(&t.table).copied().or(t.version);
         }
-        info!(run_id = %state.run_id, seconds = started.elapsed().as_secs_f64(), "run committed");
-        Ok(RunReport {
-            run_id: state.run_id,
-            pipeline: pipeline.name.clone(),
-            tables: state.tables,
-            tests,
-            identities: state.identities,
-            seconds: started.elapsed().as_secs_f64(),
-        })
     }
 
-    async fn build(
+    async fn build_steps(
         &self,
         pipeline: &Pipeline,
         ctx: &SessionContext,
@@ -373,21 +556,33 @@ impl Runner {
             })
             .collect();
         self.run_steps(steps, ctx, state).await?;
-        let tests = self.check_tests(pipeline, ctx, state).await?;
-        self.stage_bookkeeping(ctx, state, &pipeline.name, &tests)
-            .await?;
-        Ok(tests)
+        self.check_tests(pipeline, ctx, state).await
     }
 
     /// Stage kbcrm_state, kbcrm_loaded_files and, when the run changes any table, the data-test
-    /// results (a run that changes nothing commits nothing).
+    /// results (a run that changes nothing commits nothing). In the pipeline's turn, against
+    /// their latest versions: pipelines beside each other build apart, and stage these and
+    /// commit one after another.
     async fn stage_bookkeeping(
         &self,
+        pipeline: &Pipeline,
         ctx: &SessionContext,
         state: &mut RunState,
-        pipeline: &str,
         tests: &[TestReport],
     ) -> Result<()> {
+        let pipeline = pipeline.name.as_str();
+        // The rows quarantined are appended to the table as it is now: a pipeline that ran
+        // beside this one may have committed rows of its own since they were staged.
+        for s in state.staged.iter_mut() {
+            if s.table != QUARANTINE_TABLE || !s.changes() {
+                continue;
+            }
+            let latest = self.wh.load(&s.table).await?.and_then(|t| t.version());
+            if latest != s.read_version && latest.is_some() {
+                s.actions.retain(|a| matches!(a, Action::Add(_)));
+                s.read_version = latest;
+            }
+        }
         let started = Instant::now();
         if state.staged.iter().any(Staged::changes) && !tests.is_empty() {
             let s =

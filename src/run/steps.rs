@@ -112,6 +112,12 @@ impl Runner {
         if state.cluster.is_some() {
             return 1;
         }
+        self.steps_at_once()
+    }
+
+    /// `--threads`, else `engine.threads`, else the number of cores: steps of a pipeline run
+    /// at once, and pipelines building at once.
+    pub(super) fn steps_at_once(&self) -> usize {
         self.options
             .threads
             .or(self.project.engine.threads)

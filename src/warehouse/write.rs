@@ -267,12 +267,15 @@ async fn write_ordered(
         }
         None => df,
     };
-    let stream = df.execute_stream().await?;
+    let (stream, plan) = crate::engine::stream(df).await?;
     let mut writer = TableWriter::new(url, schema)?;
     if files_by.is_some() {
         writer.split_by(stream.schema().index_of(FILES_BY_COLUMN)?);
     }
     writer.write_stream(stream).await?;
+    if let Some(plan) = plan {
+        crate::engine::trace_plan(plan.as_ref(), url.as_str());
+    }
     writer.finish().await
 }
 
@@ -1220,7 +1223,7 @@ async fn known_keys(
 ) -> Result<bool> {
     let on = same(keys, "n", "t");
     let sql = format!("select 1 from {target_name} t join {new_name} n on {on} limit 1");
-    let batches = ctx.sql(&sql).await?.collect().await?;
+    let batches = crate::engine::collect(ctx.sql(&sql).await?, "known keys").await?;
     Ok(batches.iter().any(|b| b.num_rows() > 0))
 }
 
@@ -1237,7 +1240,7 @@ async fn files_with_keys(
         "select distinct t.{FILE_COLUMN} from {target_name} t \
          join (select distinct {key_list} from {new_name}) n on {on}"
     );
-    collect_strings(&ctx.sql(&sql).await?.collect().await?)
+    collect_strings(&crate::engine::collect(ctx.sql(&sql).await?, "files with keys").await?)
 }
 
 /// What a merge wrote.
@@ -1358,7 +1361,7 @@ async fn merge_sql(
     let touched = match with_keys {
         Some(files) if gone_name.is_none() && changed_rows == new.rows => Ok(files.to_vec()),
         _ => match ctx.sql(&touched_sql).await {
-            Ok(df) => df.collect().await.map_err(Error::from),
+            Ok(df) => crate::engine::collect(df, "touched files").await,
             Err(e) => Err(e.into()),
         }
         .and_then(|b| collect_strings(&b)),
@@ -1491,7 +1494,7 @@ async fn mark_rows(
     if let Some(g) = gone_name {
         sql.push_str(&format!(" union select {key_list} from {g}"));
     }
-    let batches = ctx.sql(&sql).await?.collect().await?;
+    let batches = crate::engine::collect(ctx.sql(&sql).await?, "keys to mark").await?;
     let Some(set) = KeySet::new(keys, &batches)? else {
         return Ok(HashMap::new());
     };

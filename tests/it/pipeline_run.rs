@@ -223,6 +223,42 @@ fn failing_model_leaves_every_table_at_its_version() {
 }
 
 #[test]
+fn a_failing_pipeline_stops_the_pipelines_after_it_that_build_beside_it() {
+    let p = demo_run();
+    let runs_before = p.scalar("select count(*) from kbcrm_runs");
+    // erp (first in the order) fails on its data; sales, which reads nothing of erp's,
+    // builds beside it and has a change to commit.
+    p.write(
+        "sql/staging/stg_erp_employees.sql",
+        "select employee_id, full_name, role, region, email, hire_date, \
+         cast(concat('x', role) as int) as broken from raw_erp_employees\n",
+    );
+    p.write(
+        "sql/staging/stg_sales_channels.sql",
+        "select channel_id, name as channel_name, channel_type, upper(channel_type) as code from raw_sales_channels\n",
+    );
+    let before = p.warehouse_files();
+    let out = p.kbcrm(&["run", "--threads", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model 'stg_erp_employees'"),
+        "{}",
+        stderr(&out)
+    );
+    // As one after another: nothing after the failed pipeline is committed or left behind,
+    // and the run history holds the failed run alone.
+    assert_eq!(
+        before,
+        p.warehouse_files(),
+        "a run stopped by another's failure left files or commits behind"
+    );
+    let added = p.query(&format!(
+        "select name, status from kbcrm_runs order by started_at offset {runs_before}"
+    ));
+    assert_eq!(added, vec![vec!["erp".to_string(), "failed".to_string()]]);
+}
+
+#[test]
 fn failing_data_test_exits_3_and_commits_nothing() {
     let p = demo_run();
     let pipeline = std::fs::read_to_string(p.path().join("pipelines/sales.yaml")).unwrap();
@@ -1104,6 +1140,8 @@ fn steps_run_side_by_side_build_what_one_at_a_time_builds() {
     let one = Project::demo();
     let many = Project::demo();
     let out_one = one.ok(&["run", "--threads", "1"]);
+    // Four at once: pipelines that read nothing of each other's (erp, sales, service) build side
+    // by side as well, and commit in their order.
     let out_many = many.ok(&["run", "--threads", "4"]);
     // The summaries list the same tables, in the pipelines' step order, with the same rows
     // read and written (run ids and seconds aside).
