@@ -705,90 +705,37 @@ impl Runner {
     /// leaves them) are those of a run before is not run again: its result is that run's. A test
     /// that passed on the versions this run started from, whose tables the run only added rows
     /// to, checks only the added rows.
+    /// Check the pipeline's data tests, side by side (each in a session of its own, as many at
+    /// once as steps), and report them in the pipeline's order.
     async fn check_tests(
         &self,
         pipeline: &Pipeline,
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<Vec<TestReport>> {
+        let checked: Vec<Result<TestChecked>> = {
+            let (state, places) = (&*state, &tokio::sync::Semaphore::new(self.steps_at_once()));
+            let mut checks = Vec::with_capacity(pipeline.tests.len());
+            for t in &pipeline.tests {
+                checks.push(async move {
+                    let _place = places.acquire().await;
+                    let ctx = engine::fork_session(ctx).await?;
+                    self.check_test(pipeline, &ctx, state, t).await
+                });
+            }
+            futures::future::join_all(checks).await
+        };
         let mut reports = Vec::new();
         let mut failed = Vec::new();
-        for t in &pipeline.tests {
-            let started = Instant::now();
-            let scope = format!("test {}", t.name);
-            let key = (pipeline.name.clone(), scope.clone(), "inputs".to_string());
-            let result_key = (pipeline.name.clone(), scope, "failures".to_string());
-            let print = model::fingerprint(&t.query, &t.reads, state);
-            let before = (!t.reads.is_empty() && !self.options.full_refresh)
-                .then(|| state.state_before.get(&key))
-                .flatten();
-            let failures_before = state
-                .state_before
-                .get(&result_key)
-                .and_then(|n| n.parse::<u64>().ok());
-            // A custom SQL test that filters the rows of one table, each on its own, checks
-            // added rows like the built-in per-row tests (its query is planned to tell only
-            // when it passed before on other table versions).
-            let added = match before {
-                Some(b) if *b != print && failures_before == Some(0) => {
-                    let table = match &t.added_rows {
-                        Some(_) => Some(t.table.as_str()),
-                        None => row_local_table(ctx, t).await,
-                    };
-                    table.and_then(|table| {
-                        added_rows(b, t, table, state).map(|narrowed| (table, narrowed))
-                    })
-                }
-                _ => None,
-            };
-            // A relationships test whose referenced table was rewritten narrows only when none
-            // of the values its rows may refer to went away.
-            let added = match added {
-                Some((table, narrowed)) => match (narrowed.referenced_removed, &t.referenced) {
-                    (None, _) => Some((table, narrowed.added)),
-                    (Some(removed), Some((to_table, to_column))) => {
-                        values_kept(ctx, to_table, to_column, removed)
-                            .await
-                            .then_some((table, narrowed.added))
-                    }
-                    (Some(_), None) => None,
-                },
-                None => None,
-            };
-            let (failures, checked) = if before == Some(&print) && failures_before.is_some() {
-                (failures_before.unwrap_or_default(), Checked::Reused)
-            } else if failures_before == Some(0)
-                && before.is_some_and(|b| kept_unique_by_merges(b, t, pipeline, state))
-            {
-                (0, Checked::KeptByMerge)
-            } else if let Some((table, files)) = added {
-                let failures = match (files, &t.added_rows) {
-                    (None, _) => 0,
-                    (Some((files, schema)), Some(query)) => {
-                        ctx.register_table(
-                            crate::plan::ADDED_ROWS,
-                            table_files_provider(&files, schema).await?,
-                        )?;
-                        let n = count_rows(ctx, query, pipeline, t).await;
-                        ctx.deregister_table(crate::plan::ADDED_ROWS)?;
-                        n?
-                    }
-                    // The test's own query, over only the added rows of its one table.
-                    (Some((files, schema)), None) => {
-                        let added = table_files_provider(&files, schema).await?;
-                        let whole = ctx.table_provider(table).await?;
-                        ctx.deregister_table(table)?;
-                        ctx.register_table(table, added)?;
-                        let n = count_rows(ctx, &t.query, pipeline, t).await;
-                        ctx.deregister_table(table)?;
-                        ctx.register_table(table, whole)?;
-                        n?
-                    }
-                };
-                (failures, Checked::AddedRows)
-            } else {
-                (count_rows(ctx, &t.query, pipeline, t).await?, Checked::All)
-            };
+        for (t, checked) in pipeline.tests.iter().zip(checked) {
+            let TestChecked {
+                key,
+                print,
+                result_key,
+                failures,
+                checked,
+                started,
+            } = checked?;
             state.state_after.insert(key, print);
             state.state_after.insert(result_key, failures.to_string());
             if failures > 0 {
@@ -821,6 +768,110 @@ impl Runner {
         }
         Ok(reports)
     }
+
+    /// Check one data test in `ctx`, a session of its own: on the rows added since it last
+    /// passed where it can, else on every row.
+    async fn check_test(
+        &self,
+        pipeline: &Pipeline,
+        ctx: &SessionContext,
+        state: &RunState,
+        t: &crate::plan::DataTest,
+    ) -> Result<TestChecked> {
+        let started = Instant::now();
+        let scope = format!("test {}", t.name);
+        let key = (pipeline.name.clone(), scope.clone(), "inputs".to_string());
+        let result_key = (pipeline.name.clone(), scope, "failures".to_string());
+        let print = model::fingerprint(&t.query, &t.reads, state);
+        let before = (!t.reads.is_empty() && !self.options.full_refresh)
+            .then(|| state.state_before.get(&key))
+            .flatten();
+        let failures_before = state
+            .state_before
+            .get(&result_key)
+            .and_then(|n| n.parse::<u64>().ok());
+        // A custom SQL test that filters the rows of one table, each on its own, checks
+        // added rows like the built-in per-row tests (its query is planned to tell only
+        // when it passed before on other table versions).
+        let added = match before {
+            Some(b) if *b != print && failures_before == Some(0) => {
+                let table = match &t.added_rows {
+                    Some(_) => Some(t.table.as_str()),
+                    None => row_local_table(ctx, t).await,
+                };
+                table.and_then(|table| {
+                    added_rows(b, t, table, state).map(|narrowed| (table, narrowed))
+                })
+            }
+            _ => None,
+        };
+        // A relationships test whose referenced table was rewritten narrows only when none
+        // of the values its rows may refer to went away.
+        let added = match added {
+            Some((table, narrowed)) => match (narrowed.referenced_removed, &t.referenced) {
+                (None, _) => Some((table, narrowed.added)),
+                (Some(removed), Some((to_table, to_column))) => {
+                    values_kept(ctx, to_table, to_column, removed)
+                        .await
+                        .then_some((table, narrowed.added))
+                }
+                (Some(_), None) => None,
+            },
+            None => None,
+        };
+        let (failures, checked) = if before == Some(&print) && failures_before.is_some() {
+            (failures_before.unwrap_or_default(), Checked::Reused)
+        } else if failures_before == Some(0)
+            && before.is_some_and(|b| kept_unique_by_merges(b, t, pipeline, state))
+        {
+            (0, Checked::KeptByMerge)
+        } else if let Some((table, files)) = added {
+            let failures = match (files, &t.added_rows) {
+                (None, _) => 0,
+                (Some((files, schema)), Some(query)) => {
+                    ctx.register_table(
+                        crate::plan::ADDED_ROWS,
+                        table_files_provider(&files, schema).await?,
+                    )?;
+                    let n = count_rows(ctx, query, pipeline, t).await;
+                    ctx.deregister_table(crate::plan::ADDED_ROWS)?;
+                    n?
+                }
+                // The test's own query, over only the added rows of its one table.
+                (Some((files, schema)), None) => {
+                    let added = table_files_provider(&files, schema).await?;
+                    let whole = ctx.table_provider(table).await?;
+                    ctx.deregister_table(table)?;
+                    ctx.register_table(table, added)?;
+                    let n = count_rows(ctx, &t.query, pipeline, t).await;
+                    ctx.deregister_table(table)?;
+                    ctx.register_table(table, whole)?;
+                    n?
+                }
+            };
+            (failures, Checked::AddedRows)
+        } else {
+            (count_rows(ctx, &t.query, pipeline, t).await?, Checked::All)
+        };
+        Ok(TestChecked {
+            key,
+            print,
+            result_key,
+            failures,
+            checked,
+            started,
+        })
+    }
+}
+
+/// What checking one data test found, and the state entries that record it.
+struct TestChecked {
+    key: StateKey,
+    print: String,
+    result_key: StateKey,
+    failures: u64,
+    checked: Checked,
+    started: Instant,
 }
 
 /// The rows of a data test's query.

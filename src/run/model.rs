@@ -12,7 +12,7 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::{DataFrame, Expr, SessionContext, cast, col, ident, lit};
 use deltalake::kernel::Action;
 use sha2::{Digest, Sha256};
-use tracing::{info, instrument};
+use tracing::{Instrument, info, instrument};
 use url::Url;
 
 use super::{RunState, Runner};
@@ -757,22 +757,73 @@ impl Runner {
                 vec!["source".to_string(), "source_id".to_string()],
             ),
         };
-        for (table, rows) in [(&identity.map_table, map), (&keys_table, keys)] {
-            if !whole && rows.num_rows() == 0 {
-                self.skip(state, table, "identity", "unchanged");
-                continue;
+        // The key table is staged on a task of its own (only the next run reads it) while
+        // the map is staged and the records edited since the last run are found here.
+        let edited_wanted = regrouped.is_some()
+            && !self.options.full_refresh
+            && state.version_after(&identity.golden_table).is_some();
+        let stage_keys = match !whole && keys.num_rows() == 0 {
+            true => None,
+            false => {
+                let (wh, keys_ctx) = (self.wh.clone(), crate::engine::fork_session(ctx).await?);
+                let (table, on) = (keys_table.clone(), on.clone());
+                Some(tokio::spawn(
+                    async move { stage_batch(&wh, &keys_ctx, &table, keys, mode, &on).await }
+                        .in_current_span(),
+                ))
             }
-            let staged = stage_batch(&self.wh, ctx, table, rows, mode, &on).await?;
-            self.record(
-                ctx,
-                state,
-                staged,
-                "identity",
-                stats.records as u64,
-                0,
-                started,
-            )
-            .await?;
+        };
+        let stage_map = async {
+            match !whole && map.num_rows() == 0 {
+                true => Ok(None),
+                false => stage_batch(&self.wh, ctx, &identity.map_table, map, mode, &on)
+                    .await
+                    .map(Some),
+            }
+        };
+        let edited = async {
+            match edited_wanted {
+                true => Some(
+                    self.edited_records(ctx, state, identity, &key, &record_ids)
+                        .await,
+                ),
+                false => None,
+            }
+        };
+        let (map_staged, edited) = futures::join!(stage_map, edited);
+        let keys_staged = match stage_keys {
+            Some(task) => task
+                .await
+                .map_err(|e| Error::Internal(format!("staging the match keys failed: {e}")))
+                .and_then(|staged| staged.map(Some)),
+            None => Ok(None),
+        };
+        // Whatever was staged is recorded (and so removed if the run fails) before an error
+        // is returned.
+        let mut failed = None;
+        for (table, staged) in [
+            (&identity.map_table, map_staged),
+            (&keys_table, keys_staged),
+        ] {
+            match staged {
+                Ok(Some(staged)) => {
+                    self.record(
+                        ctx,
+                        state,
+                        staged,
+                        "identity",
+                        stats.records as u64,
+                        0,
+                        started,
+                    )
+                    .await?
+                }
+                Ok(None) => self.skip(state, table, "identity", "unchanged"),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let written = serde_json::json!({
             "map": state.version_after(&identity.map_table),
@@ -783,25 +834,17 @@ impl Runner {
         // Golden records change only for ids whose records changed: rebuild just those when
         // that is known (the table exists, no id or record disappeared, and the record tables'
         // previous versions can be compared with the current ones).
-        let only = match regrouped {
-            Some(mut regrouped)
-                if !self.options.full_refresh
-                    && state.version_after(&identity.golden_table).is_some() =>
-            {
-                match self
-                    .edited_records(ctx, state, identity, &key, &record_ids)
-                    .await
-                {
-                    Ok(edited) => {
-                        regrouped.changed.extend(edited);
-                        Some(regrouped)
-                    }
-                    Err(e) => {
-                        info!(reason = %e, "rebuilding every golden record");
-                        None
-                    }
+        let only = match (regrouped, edited) {
+            (Some(mut regrouped), Some(edited)) => match edited {
+                Ok(edited) => {
+                    regrouped.changed.extend(edited);
+                    Some(regrouped)
                 }
-            }
+                Err(e) => {
+                    info!(reason = %e, "rebuilding every golden record");
+                    None
+                }
+            },
             _ => None,
         };
         let full_map = match &only {
