@@ -22,6 +22,9 @@ const EPOCH_START: &str = "1900-01-01T00:00:00Z";
 /// timestamp comparison in SQL works.
 const OPEN_END: &str = "2199-12-31T23:59:59Z";
 
+/// Up to this many new rows, the versions of their keys are read once and held in memory.
+const MAX_HELD_ROWS: u64 = 500_000;
+
 fn ts(lit: &str) -> String {
     format!("arrow_cast('{lit}', 'Timestamp(Microsecond, Some(\"UTC\"))')")
 }
@@ -44,6 +47,7 @@ pub async fn stage_scd2(
     let url = wh.table_url(&table);
     let new_name = format!("__kbcrm_scd_new_{table}");
     let cur_name = format!("__kbcrm_scd_cur_{table}");
+    let held_name = format!("__kbcrm_scd_touched_{table}");
     ctx.register_table(&new_name, new_rows_at(&url, &new).await?)?;
     let current = wh.load(&table).await?;
     if let Some(t) = &current {
@@ -67,7 +71,23 @@ pub async fn stage_scd2(
                 Some(sk) => max_key(ctx, &cur_name, sk).await?,
                 None => 0,
             };
-            changes_sql(&new_name, &cur_name, &cols, keys, opts, &run_ts, max_sk)
+            // The versions the new rows can touch are those of their keys: read from the
+            // table once, they are what the joins below read (the current versions are
+            // otherwise scanned once per join). A batch too large to hold is joined with the
+            // whole table instead.
+            let touched = match new.rows <= MAX_HELD_ROWS {
+                true => {
+                    let sql = format!(
+                        "select c.* from {cur_name} c left semi join {new_name} n on {} where c.is_current",
+                        keys_eq(keys, "c", "n")
+                    );
+                    let held = ctx.sql(&sql).await?.cache().await?;
+                    ctx.register_table(&held_name, held.into_view())?;
+                    held_name.as_str()
+                }
+                false => cur_name.as_str(),
+            };
+            changes_sql(&new_name, touched, &cols, keys, opts, &run_ts, max_sk)
         }
     };
     // Only this part is tried again with sort-merge joins: what follows deletes `new`'s files.
@@ -78,6 +98,7 @@ pub async fn stage_scd2(
     ctx.deregister_table(&new_name)?;
     if current.is_some() {
         ctx.deregister_table(&cur_name)?;
+        ctx.deregister_table(&held_name)?;
     }
     delete_files(wh, &url, &new.adds).await?;
     let versions = result?;
