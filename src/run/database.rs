@@ -501,6 +501,7 @@ impl Runner {
             cluster_by: Vec::new(),
             files_by: None,
             keys_unique: false,
+            all_changes: false,
         };
         let staged = stage(&self.wh, ctx, new, mode, &source.keys)
             .await

@@ -114,6 +114,12 @@ pub async fn stage_scd2(
     } else {
         WriteMode::Overwrite
     };
+    // Each version written differs from the table's version of its keys, if any: a closed
+    // version in its end, one updated in place in an untracked column, a new one in its key.
+    let versions = NewData {
+        all_changes: true,
+        ..versions
+    };
     let mut staged = stage(wh, ctx, versions, mode, &version_keys).await?;
     staged.mode = WriteMode::Scd2;
     Ok(staged)

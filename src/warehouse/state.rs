@@ -248,6 +248,7 @@ pub async fn stage_batch(
         cluster_by: Vec::new(),
         files_by: None,
         keys_unique: false,
+        all_changes: false,
     };
     stage(wh, ctx, new, mode, keys).await
 }

@@ -325,6 +325,7 @@ pub async fn write_frame(
         cluster_by: cluster_by.to_vec(),
         files_by: files_by.map(str::to_string),
         keys_unique: false,
+        all_changes: false,
     })
 }
 
@@ -400,6 +401,9 @@ pub struct NewData {
     /// Whether the rows are known to repeat no key (a keyed source's rows resolved in memory
     /// before they were written): a merge then does not check them again.
     pub keys_unique: bool,
+    /// Whether every row is known to differ from the table's row of its keys, if any (the
+    /// versions an SCD2 load writes): a merge then does not compare them with the table.
+    pub all_changes: bool,
 }
 
 /// The table property recording the columns its data files are sorted by.
@@ -1032,6 +1036,7 @@ async fn keep_latest(
         cluster_by: new.cluster_by.clone(),
         files_by: new.files_by.clone(),
         keys_unique: true,
+        all_changes: false,
     })
 }
 
@@ -1325,10 +1330,13 @@ async fn merge_sql(
         .map(|f| format!("t.{}", quote_ident(f.name())))
         .collect::<Vec<_>>()
         .join(", ");
-    let changed = format!(
-        "select {cols} from {new_name} except \
-         select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
-    );
+    let changed = match new.all_changes {
+        true => format!("select {cols} from {new_name}"),
+        false => format!(
+            "select {cols} from {new_name} except \
+             select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
+        ),
+    };
     let started = std::time::Instant::now();
     let changed_df = ctx.sql(&changed).await?.cache().await?;
     let changed_rows = changed_df.clone().count().await? as u64;
