@@ -728,16 +728,10 @@ impl Runner {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
         for (t, checked) in pipeline.tests.iter().zip(checked) {
-            let TestChecked {
-                key,
-                print,
-                result_key,
-                failures,
-                checked,
-                started,
-            } = checked?;
-            state.state_after.insert(key, print);
-            state.state_after.insert(result_key, failures.to_string());
+            let c = checked?;
+            let (failures, checked) = (c.failures, c.checked);
+            state.state_after.insert(c.key, c.print);
+            state.state_after.insert(c.result_key, failures.to_string());
             if failures > 0 {
                 match t.severity {
                     Severity::Error => failed.push(format!("{} ({failures} failing)", t.name)),
@@ -750,7 +744,7 @@ impl Runner {
                 test = %t.name,
                 failures,
                 checked = ?checked,
-                seconds = started.elapsed().as_secs_f64(),
+                seconds = c.seconds,
                 "data test checked"
             );
             reports.push(TestReport {
@@ -853,13 +847,14 @@ impl Runner {
         } else {
             (count_rows(ctx, &t.query, pipeline, t).await?, Checked::All)
         };
+        let seconds = started.elapsed().as_secs_f64();
         Ok(TestChecked {
             key,
             print,
             result_key,
             failures,
             checked,
-            started,
+            seconds,
         })
     }
 }
@@ -871,7 +866,7 @@ struct TestChecked {
     result_key: StateKey,
     failures: u64,
     checked: Checked,
-    started: Instant,
+    seconds: f64,
 }
 
 /// The rows of a data test's query.
