@@ -798,26 +798,22 @@ impl Runner {
                 .and_then(|staged| staged.map(Some)),
             None => Ok(None),
         };
-        // Whatever was staged is recorded (and so removed if the run fails) before an error
-        // is returned.
+        // What was staged is recorded (and so removed if the run fails), or removed now once
+        // one of them failed.
         let mut failed = None;
         for (table, staged) in [
             (&identity.map_table, map_staged),
             (&keys_table, keys_staged),
         ] {
             match staged {
-                Ok(Some(staged)) => {
-                    self.record(
-                        ctx,
-                        state,
-                        staged,
-                        "identity",
-                        stats.records as u64,
-                        0,
-                        started,
-                    )
-                    .await?
+                Ok(Some(staged)) if failed.is_none() => {
+                    let rows = stats.records as u64;
+                    let recorded = self
+                        .record(ctx, state, staged, "identity", rows, 0, started)
+                        .await;
+                    failed = recorded.err();
                 }
+                Ok(Some(staged)) => self.discard(std::slice::from_ref(&staged)).await,
                 Ok(None) => self.skip(state, table, "identity", "unchanged"),
                 Err(e) => failed = failed.or(Some(e)),
             }

@@ -64,37 +64,45 @@ pub async fn stage_scd2(
         .unwrap_or_default()
         .format("%Y-%m-%dT%H:%M:%S%.6fZ")
         .to_string();
-    let sql = match &current {
-        None => initial_sql(&new_name, &cols, keys, opts),
-        Some(_) => {
-            let max_sk = match &opts.surrogate_key {
-                Some(sk) => max_key(ctx, &cur_name, sk).await?,
-                None => 0,
-            };
-            // The versions the new rows can touch are those of their keys: read from the
-            // table once, they are what the joins below read (the current versions are
-            // otherwise scanned once per join). A batch too large to hold is joined with the
-            // whole table instead.
-            let touched = match new.rows <= MAX_HELD_ROWS {
-                true => {
-                    let sql = format!(
-                        "select c.* from {cur_name} c left semi join {new_name} n on {} where c.is_current",
-                        keys_eq(keys, "c", "n")
-                    );
-                    let held = ctx.sql(&sql).await?.cache().await?;
-                    ctx.register_table(&held_name, held.into_view())?;
-                    held_name.as_str()
-                }
-                false => cur_name.as_str(),
-            };
-            changes_sql(&new_name, touched, &cols, keys, opts, &run_ts, max_sk)
+    let sql = async {
+        if current.is_none() {
+            return Ok(initial_sql(&new_name, &cols, keys, opts));
         }
-    };
-    // Only this part is tried again with sort-merge joins: what follows deletes `new`'s files.
-    let result = crate::engine::spill_joins_on_retry(ctx, &table, || async {
-        write_frame(wh, &table, ctx.sql(&sql).await?, &[], None).await
-    })
+        let max_sk = match &opts.surrogate_key {
+            Some(sk) => max_key(ctx, &cur_name, sk).await?,
+            None => 0,
+        };
+        // The versions the new rows can touch are those of their keys: read from the table
+        // once, they are what the joins below read (the current versions are otherwise
+        // scanned once per join). A batch too large to hold is joined with the whole table.
+        let touched = match new.rows <= MAX_HELD_ROWS {
+            true => {
+                let sql = format!(
+                    "select c.* from {cur_name} c left semi join {new_name} n on {} where c.is_current",
+                    keys_eq(keys, "c", "n")
+                );
+                let held = ctx.sql(&sql).await?.cache().await?;
+                ctx.register_table(&held_name, held.into_view())?;
+                held_name.as_str()
+            }
+            false => cur_name.as_str(),
+        };
+        Ok::<_, crate::error::Error>(changes_sql(
+            &new_name, touched, &cols, keys, opts, &run_ts, max_sk,
+        ))
+    }
     .await;
+    // Only the write is tried again with sort-merge joins; whatever happened, the tables
+    // registered here go and `new`'s files are deleted.
+    let result = match sql {
+        Ok(sql) => {
+            crate::engine::spill_joins_on_retry(ctx, &table, || async {
+                write_frame(wh, &table, ctx.sql(&sql).await?, &[], None).await
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
     ctx.deregister_table(&new_name)?;
     if current.is_some() {
         ctx.deregister_table(&cur_name)?;
