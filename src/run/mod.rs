@@ -444,7 +444,7 @@ impl Runner {
             (Err(e), true) => return Some(Err(e)),
         };
         let staged = self
-            .stage_bookkeeping(pipeline, &ctx, &mut state, &tests)
+            .stage_bookkeeping(&ctx, &mut state, &pipeline.name, &tests)
             .await;
         let versions = match staged {
             Ok(()) => commit_run(&self.wh, &state.run_id, &pipeline.name, &state.staged).await,
@@ -565,12 +565,11 @@ impl Runner {
     /// commit one after another.
     async fn stage_bookkeeping(
         &self,
-        pipeline: &Pipeline,
         ctx: &SessionContext,
         state: &mut RunState,
+        pipeline: &str,
         tests: &[TestReport],
     ) -> Result<()> {
-        let pipeline = pipeline.name.as_str();
         // The rows quarantined are appended to the table as it is now: a pipeline that ran
         // beside this one may have committed rows of its own since they were staged.
         for s in state.staged.iter_mut() {
@@ -701,11 +700,7 @@ impl Runner {
         state.tables.push(report);
     }
 
-    /// Run the pipeline's data tests. A test whose query and tables (at the versions this run
-    /// leaves them) are those of a run before is not run again: its result is that run's. A test
-    /// that passed on the versions this run started from, whose tables the run only added rows
-    /// to, checks only the added rows.
-    /// Check the pipeline's data tests, side by side (each in a session of its own, as many at
+    /// Run the pipeline's data tests side by side (each in a session of its own, as many at
     /// once as steps), and report them in the pipeline's order.
     async fn check_tests(
         &self,
@@ -763,8 +758,10 @@ impl Runner {
         Ok(reports)
     }
 
-    /// Check one data test in `ctx`, a session of its own: on the rows added since it last
-    /// passed where it can, else on every row.
+    /// Check one data test in `ctx`, a session of its own. A test whose query and tables (at
+    /// the versions this run leaves them) are those of a run before is not run again: its
+    /// result is that run's. A test that passed on the versions this run started from, whose
+    /// tables the run only added rows to, checks only the added rows.
     async fn check_test(
         &self,
         pipeline: &Pipeline,

@@ -1330,16 +1330,23 @@ async fn merge_sql(
         .map(|f| format!("t.{}", quote_ident(f.name())))
         .collect::<Vec<_>>()
         .join(", ");
-    let changed = match new.all_changes {
-        true => format!("select {cols} from {new_name}"),
-        false => format!(
-            "select {cols} from {new_name} except \
-             select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
-        ),
-    };
     let started = std::time::Instant::now();
-    let changed_df = ctx.sql(&changed).await?.cache().await?;
-    let changed_rows = changed_df.clone().count().await? as u64;
+    // Rows known to be changes are the new rows as written; others are compared with the table.
+    let (changed_df, changed_rows) = match new.all_changes {
+        true => (
+            ctx.sql(&format!("select {cols} from {new_name}")).await?,
+            new.rows,
+        ),
+        false => {
+            let changed = format!(
+                "select {cols} from {new_name} except \
+                 select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
+            );
+            let df = ctx.sql(&changed).await?.cache().await?;
+            let rows = df.clone().count().await? as u64;
+            (df, rows)
+        }
+    };
     step_done(&new.table, "merge: changed rows found", started);
     let started = std::time::Instant::now();
     if changed_rows == 0 && gone_name.is_none() {
