@@ -191,8 +191,8 @@ pub enum Command {
         /// Source files read at once; default the number of cores.
         #[arg(long)]
         parallel: Option<usize>,
-        /// Steps of a pipeline run at once (sources loaded, models built); default
-        /// `engine.threads` in kbcrm.yaml, else the number of cores.
+        /// Steps run at once (sources loaded, models built), across the pipelines building
+        /// side by side; default `engine.threads` in kbcrm.yaml, else the number of cores.
         #[arg(long)]
         threads: Option<usize>,
         /// Reload every source file and rebuild every model, ignoring cursors and loaded files.

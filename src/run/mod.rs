@@ -3,6 +3,7 @@
 //! changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
 
 pub mod backfill;
+mod board;
 mod database;
 mod lock;
 mod model;
@@ -156,20 +157,30 @@ struct RunState {
     /// A session on the project's Ballista cluster, when it has one: the models' SQL runs
     /// there, over the same table versions (committed, then this run's staged ones).
     cluster: Option<SessionContext>,
+    /// The run's place on the board of pipelines building side by side, when it has one.
+    board: Option<board::BoardView>,
+    /// Writes of pipelines before this one that it read before they committed: this run reads
+    /// them as if committed, and does not commit them.
+    upstream: Vec<Staged>,
 }
 
 impl RunState {
     /// The version a table will have once this run commits.
     fn version_after(&self, table: &str) -> Option<u64> {
-        match self.staged.iter().rev().find(|s| s.table == table) {
+        match self.staged(table) {
             Some(s) if s.changes() => Some(s.read_version.map_or(0, |v| v + 1)),
             Some(s) => s.read_version,
             None => self.committed.get(table).copied().flatten(),
         }
     }
 
+    /// The staged write of `table` this run reads: its own, or an upstream pipeline's.
     fn staged(&self, table: &str) -> Option<&Staged> {
-        self.staged.iter().rev().find(|s| s.table == table)
+        self.staged
+            .iter()
+            .rev()
+            .find(|s| s.table == table)
+            .or_else(|| self.upstream.iter().find(|s| s.table == table))
     }
 }
 
@@ -179,26 +190,24 @@ type Committed = futures::future::Shared<futures::future::BoxFuture<'static, boo
 /// When a pipeline run beside others may build and commit (the default: at once).
 #[derive(Default)]
 struct Turn {
-    /// A place among the pipelines building at once, held while building.
-    slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Read while building; written to build again alone.
     alone: Option<Arc<tokio::sync::RwLock<()>>>,
     /// Whether the pipeline before this one in the order committed.
     previous: Option<Committed>,
+    /// The pipeline's place on the board of the run's staged tables.
+    board: Option<board::BoardView>,
+    /// Whether each pipeline it reads from committed.
+    upstream: Vec<Committed>,
 }
 
 impl Turn {
-    /// Wait for a place to build beside the others; hold what is returned while building.
+    /// Wait until the pipeline may build beside the others; hold what is returned while
+    /// building.
     async fn building(&self) -> impl Sized {
-        let slot = match &self.slots {
-            Some(s) => s.clone().acquire_owned().await.ok(),
-            None => None,
-        };
-        let shared = match &self.alone {
+        match &self.alone {
             Some(a) => Some(a.clone().read_owned().await),
             None => None,
-        };
-        (slot, shared)
+        }
     }
 
     /// Whether other pipelines may build at the same time.
@@ -220,6 +229,22 @@ impl Turn {
             Some(p) => p.clone().await,
             None => true,
         }
+    }
+
+    /// Wait for the pipelines this one reads from; whether they all committed.
+    async fn upstream_committed(&self) -> bool {
+        futures::future::join_all(self.upstream.iter().cloned())
+            .await
+            .into_iter()
+            .all(|ok| ok)
+    }
+
+    /// Whether the pipeline reads tables of others before they commit, and one of those
+    /// failed or builds again alone: it then builds again once they committed.
+    fn upstream_withdrawn(&self) -> bool {
+        self.board
+            .as_ref()
+            .is_some_and(|v| !v.upstream.is_empty() && v.board.is_closed())
     }
 }
 
@@ -283,11 +308,14 @@ impl Runner {
         self.run_beside(&chosen, width).await
     }
 
-    /// Run `chosen` (in dependency order) side by side, as many building at once as `width`:
-    /// each starts once the pipelines it reads from have committed, and commits in its turn,
-    /// after the pipeline before it in the order. What is committed is what running them one
-    /// after another commits: when one fails, those after it commit nothing (their files are
-    /// removed, and the run history does not list them, as they would not have run).
+    /// Run `chosen` (in dependency order) side by side, with as many steps building at once
+    /// across them as `width`, and each commits in its turn, after the pipeline before it in
+    /// the order. A pipeline that reads others' tables builds beside them too, each of its
+    /// steps once the tables it reads are staged (see [`board`]); unless it reads a table that
+    /// several pipelines write, or kbcrm's own: it then starts once those have committed.
+    /// What is committed is what running them one after another commits: when one fails, those
+    /// after it commit nothing (their files are removed, and the run history does not list them,
+    /// as they would not have run).
     async fn run_beside(&self, chosen: &[&Pipeline], width: usize) -> Result<Vec<RunReport>> {
         use futures::FutureExt;
         let n = chosen.len();
@@ -298,29 +326,33 @@ impl Runner {
             senders.push(tx);
             committed.push(rx.map(|r| r.unwrap_or(false)).boxed().shared());
         }
-        let slots = Arc::new(tokio::sync::Semaphore::new(width));
         let alone = Arc::new(tokio::sync::RwLock::new(()));
+        let board = Arc::new(board::Board::new(chosen));
+        let places = Arc::new(tokio::sync::Semaphore::new(width));
         let mut tasks = tokio::task::JoinSet::new();
         for (i, (p, tx)) in chosen.iter().zip(senders).enumerate() {
-            let after: Vec<Committed> = p
+            let upstream: Vec<usize> = p
                 .depends_on
                 .iter()
                 .filter_map(|d| chosen.iter().position(|c| &c.name == d))
-                .map(|j| committed[j].clone())
                 .collect();
+            let early = !upstream.is_empty() && board.serves(p);
             let turn = Turn {
-                slots: Some(slots.clone()),
                 alone: Some(alone.clone()),
                 previous: i.checked_sub(1).map(|j| committed[j].clone()),
+                board: Some(board::BoardView {
+                    board: board.clone(),
+                    me: i,
+                    upstream: if early { upstream.clone() } else { Vec::new() },
+                    places: places.clone(),
+                }),
+                upstream: upstream.iter().map(|j| committed[*j].clone()).collect(),
             };
             let (runner, pipeline) = (self.clone(), (*p).clone());
             tasks.spawn(
                 async move {
-                    let upstream_committed = futures::future::join_all(after)
-                        .await
-                        .into_iter()
-                        .all(|ok| ok);
-                    let result = match upstream_committed {
+                    let go = early || turn.upstream_committed().await;
+                    let result = match go {
                         true => runner.run_in_turn(&pipeline, turn).await,
                         false => None,
                     };
@@ -425,15 +457,53 @@ impl Runner {
         let started = Instant::now();
         let mut built = {
             let _building = turn.building().await;
-            self.build(pipeline, &run_id).await
+            self.build(pipeline, &run_id, turn.board.clone()).await
         };
         if turn.beside_others() && matches!(&built, Err(e) if e.is_out_of_memory()) {
             info!("the pipeline ran out of memory beside other pipelines; it runs again alone");
+            // Pipelines reading its tables before it commits stop, and build again after it.
+            if let Some(view) = &turn.board {
+                view.board.close();
+            }
             let _alone = turn.alone().await;
-            built = self.build(pipeline, &run_id).await;
+            built = self.build(pipeline, &run_id, None).await;
+        }
+        if let Some(view) = &turn.board {
+            view.board.finish(view.me, built.is_ok());
+        }
+        if turn.upstream_withdrawn() {
+            if let Ok((_, state, _)) = &built {
+                self.abort(state).await;
+            }
+            if !turn.upstream_committed().await {
+                return None;
+            }
+            info!("building again on the committed tables of the pipelines it reads from");
+            built = self.build_again(pipeline, &run_id, &turn).await;
         }
         // Commits, the shared bookkeeping tables' included, follow the pipelines' order.
         let go = turn.previous_committed().await;
+        // What it read of others' staged writes must be what they committed.
+        if go
+            && let Ok((_, state, _)) = &built
+            && !state.upstream.is_empty()
+        {
+            match self.committed_as_read(state).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        "a pipeline this one read from committed other than what it had \
+                         staged; building again on what it committed"
+                    );
+                    self.abort(state).await;
+                    built = self.build_again(pipeline, &run_id, &turn).await;
+                }
+                Err(e) => {
+                    self.abort(state).await;
+                    built = Err(e);
+                }
+            }
+        }
         let (ctx, mut state, tests) = match (built, go) {
             (Ok(b), true) => b,
             (Ok((_, state, _)), false) => {
@@ -473,12 +543,36 @@ impl Runner {
         }))
     }
 
+    /// Build once more, on the committed tables of the pipelines it reads from.
+    async fn build_again(
+        &self,
+        pipeline: &Pipeline,
+        run_id: &str,
+        turn: &Turn,
+    ) -> Result<(SessionContext, RunState, Vec<TestReport>)> {
+        let _building = turn.building().await;
+        self.build(pipeline, run_id, None).await
+    }
+
+    /// Whether each write of another pipeline that `state` read is now committed as the
+    /// version it was staged to be.
+    async fn committed_as_read(&self, state: &RunState) -> Result<bool> {
+        for s in state.upstream.iter().filter(|s| s.changes()) {
+            let now = self.wh.load(&s.table).await?.and_then(|t| t.version());
+            if now != Some(s.read_version.map_or(0, |v| v + 1)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Load the pipeline's sources, build its models and identities and check its data tests,
     /// staging every write; on an error, what was staged is removed.
     async fn build(
         &self,
         pipeline: &Pipeline,
         run_id: &str,
+        board: Option<board::BoardView>,
     ) -> Result<(SessionContext, RunState, Vec<TestReport>)> {
         let params = crate::udf::RunParams {
             as_of_days: engine::epoch_days(
@@ -505,6 +599,8 @@ impl Runner {
             loaded_files: Vec::new(),
             params,
             cluster,
+            board,
+            upstream: Vec::new(),
         };
         info!(run_id = %state.run_id, "run started");
         match self.build_steps(pipeline, &ctx, &mut state).await {
@@ -522,12 +618,48 @@ impl Runner {
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<Vec<TestReport>> {
-        let sources = pipeline
+        let sources: Vec<Work> = pipeline
             .sources
             .iter()
             .map(|s| Work::Source(Box::new(s.clone())))
             .collect();
-        self.run_steps(sources, ctx, state).await?;
+        let steps: Vec<Work> = pipeline
+            .steps
+            .iter()
+            .map(|step| match *step {
+                Step::Model(i) => Work::Model(Box::new(pipeline.models[i].clone())),
+                Step::Identity(i) => Work::Identity(Box::new(pipeline.identities[i].clone())),
+            })
+            .collect();
+        // Models start as soon as the sources they read are loaded, unless one reads this
+        // run's rejects: those are staged once every source is loaded.
+        let reads_rejects = steps.iter().any(|w| w.reads().contains(&QUARANTINE_TABLE));
+        let steps = if reads_rejects {
+            self.run_steps(sources, ctx, state).await?;
+            steps
+        } else {
+            self.run_steps(sources.into_iter().chain(steps).collect(), ctx, state)
+                .await?;
+            Vec::new()
+        };
+        self.stage_rejects(pipeline, ctx, state).await?;
+        self.run_steps(steps, ctx, state).await?;
+        // Tests read the tables of the pipelines before this one as they will commit them.
+        if let Some(view) = &state.board {
+            let tables = view.board.tables_of(&view.upstream);
+            let staged = view.board.wait(&tables).await?;
+            self.adopt(ctx, state, staged).await?;
+        }
+        self.check_tests(pipeline, ctx, state).await
+    }
+
+    /// Stage the rows the run's sources rejected into the quarantine table.
+    async fn stage_rejects(
+        &self,
+        pipeline: &Pipeline,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> Result<()> {
         if !state.rejects.is_empty() {
             let started = Instant::now();
             let rejects = std::mem::take(&mut state.rejects);
@@ -547,16 +679,7 @@ impl Runner {
                 .await?;
             }
         }
-        let steps = pipeline
-            .steps
-            .iter()
-            .map(|step| match *step {
-                Step::Model(i) => Work::Model(Box::new(pipeline.models[i].clone())),
-                Step::Identity(i) => Work::Identity(Box::new(pipeline.identities[i].clone())),
-            })
-            .collect();
-        self.run_steps(steps, ctx, state).await?;
-        self.check_tests(pipeline, ctx, state).await
+        Ok(())
     }
 
     /// Stage kbcrm_state, kbcrm_loaded_files and, when the run changes any table, the data-test
@@ -981,6 +1104,7 @@ fn added_rows(
         for s in state
             .staged
             .iter()
+            .chain(&state.upstream)
             .filter(|s| &s.table == table && s.changes())
         {
             let add_only = s.actions.iter().all(|a| matches!(a, Action::Add(_)));

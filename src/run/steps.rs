@@ -8,6 +8,7 @@ use datafusion::prelude::SessionContext;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::board::Lookup;
 use super::{RunState, Runner, default_parallelism};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
@@ -33,7 +34,7 @@ impl Work {
     }
 
     /// Tables the step reads that a step of the same run may write.
-    fn reads(&self) -> Vec<&str> {
+    pub(super) fn reads(&self) -> Vec<&str> {
         match self {
             // Sources read files; their bookkeeping is read as committed.
             Work::Source(_) => Vec::new(),
@@ -88,6 +89,8 @@ impl RunState {
             loaded_files: Vec::new(),
             params: self.params.clone(),
             cluster: self.cluster.clone(),
+            board: self.board.clone(),
+            upstream: self.upstream.clone(),
         }
     }
 
@@ -106,6 +109,25 @@ impl RunState {
 type Done = (usize, usize, RunState, SessionContext, Result<()>);
 
 impl Runner {
+    /// The steps' indices, first those that write a table another pipeline waits for and the
+    /// steps these wait for, then the others, each in step order.
+    fn urgent_first(&self, state: &RunState, work: &[Work], deps: &[Vec<usize>]) -> Vec<usize> {
+        let mut urgent = vec![false; work.len()];
+        if let Some(view) = &state.board {
+            for (i, w) in work.iter().enumerate().rev() {
+                urgent[i] |= view.board.wanted(&w.writes());
+                if urgent[i] {
+                    for d in &deps[i] {
+                        urgent[*d] = true;
+                    }
+                }
+            }
+        }
+        let (mut first, rest): (Vec<usize>, Vec<usize>) = (0..work.len()).partition(|i| urgent[*i]);
+        first.extend(rest);
+        first
+    }
+
     /// Steps run at once.
     pub(super) fn threads(&self, state: &RunState) -> usize {
         // A cluster session is shared by every step; its steps run one at a time.
@@ -131,6 +153,11 @@ impl Runner {
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<()> {
+        // A place among the steps of the pipelines building side by side.
+        let _place = match &state.board {
+            Some(view) => view.places.clone().acquire_owned().await.ok(),
+            None => None,
+        };
         match work {
             Work::Source(s) => self.load_source(s, ctx, state).await,
             Work::Model(m) => self.build_model(m, ctx, state).await,
@@ -151,7 +178,9 @@ impl Runner {
         let threads = self.threads(state);
         if threads <= 1 || work.len() <= 1 {
             for w in &work {
+                self.wait_for_upstream(ctx, state, &w.reads()).await?;
                 self.run_work(w, ctx, state).await?;
+                self.post(state, &w.writes());
             }
             return Ok(());
         }
@@ -171,10 +200,14 @@ impl Runner {
         // Steps running, and whether each ran beside another at some time.
         let mut in_flight: Vec<usize> = Vec::new();
         let mut overlapped = vec![false; n];
+        // Posts of the pipelines this one reads from before they commit.
+        let mut posted = state.board.as_ref().map(|v| v.board.subscribe());
         loop {
+            // Whether a step waits only for tables an upstream pipeline has not staged yet.
+            let mut waiting = false;
             if error.is_none() {
                 let exclusive = alone.first().copied().filter(|_| running.is_empty());
-                for i in 0..n {
+                for i in self.urgent_first(state, &work, &deps) {
                     let ready = match exclusive {
                         Some(e) => i == e,
                         None => {
@@ -186,6 +219,27 @@ impl Runner {
                     };
                     if !ready {
                         continue;
+                    }
+                    let upstream = match &state.board {
+                        Some(view) => {
+                            let tables = view.upstream_tables(work[i].reads());
+                            match view.board.look_up(&tables) {
+                                Ok(Lookup::Ready(staged)) => staged,
+                                Ok(Lookup::Pending) => {
+                                    waiting = true;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    error = Some(e);
+                                    break;
+                                }
+                            }
+                        }
+                        None => Vec::new(),
+                    };
+                    if let Err(e) = self.adopt(ctx, state, upstream).await {
+                        error = Some(e);
+                        break;
                     }
                     if exclusive.is_some() {
                         alone.remove(0);
@@ -221,7 +275,23 @@ impl Runner {
                     }
                 }
             }
-            let Some(joined) = running.join_next().await else {
+            let joined = match (&mut posted, waiting && error.is_none()) {
+                // Wake at a post, or when a running step ends.
+                (Some(posted), true) => {
+                    if running.is_empty() {
+                        if posted.changed().await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    tokio::select! {
+                        joined = running.join_next() => joined,
+                        _ = posted.changed() => continue,
+                    }
+                }
+                _ => running.join_next().await,
+            };
+            let Some(joined) = joined else {
                 break;
             };
             let (i, at, mut fork, fork_ctx, result) = match joined {
@@ -249,6 +319,7 @@ impl Runner {
                 }
                 Ok(()) => {}
             }
+            let succeeded = error.is_none();
             // Later steps read what this one staged, in the run's session.
             for s in fork.staged.drain(at..) {
                 if s.changes()
@@ -258,6 +329,9 @@ impl Runner {
                 }
                 origin.push(i);
                 state.staged.push(s);
+            }
+            if succeeded {
+                self.post(state, &work[i].writes());
             }
             done[i] = true;
             finished[i] = Some(fork);

@@ -1158,6 +1158,39 @@ fn steps_run_side_by_side_build_what_one_at_a_time_builds() {
     };
     assert!(tables(&out_one).len() > 30, "{out_one}");
     assert_eq!(tables(&out_one), tables(&out_many));
+    // star reads the tables of erp, sales and service: it started building before they
+    // committed, from their staged tables, and committed after them.
+    let times = |p: &Project| {
+        p.query(
+            "select name, cast(started_at as bigint), cast(ended_at as bigint) from kbcrm_runs \
+             where name in ('erp', 'sales', 'service', 'star') order by name",
+        )
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].clone(),
+                (r[1].parse::<i64>().unwrap(), r[2].parse::<i64>().unwrap()),
+            )
+        })
+        .collect::<std::collections::HashMap<_, _>>()
+    };
+    let (one_runs, many_runs) = (times(&one), times(&many));
+    let upstream = ["erp", "sales", "service"];
+    assert!(
+        upstream
+            .iter()
+            .all(|p| one_runs["star"].0 >= one_runs[*p].1),
+        "{one_runs:?}"
+    );
+    assert!(
+        upstream
+            .iter()
+            .any(|p| many_runs["star"].0 < many_runs[*p].1)
+            && upstream
+                .iter()
+                .all(|p| many_runs["star"].1 >= many_runs[*p].1),
+        "{many_runs:?}"
+    );
     for sql in [
         "select count(*), sum(net_amount), count(distinct customer_key) from fact_sales",
         "select source, count(*), count(distinct customer_id) from map_customer_identity group by 1 order by 1",
