@@ -837,6 +837,11 @@ impl Runner {
             for t in &pipeline.tests {
                 checks.push(async move {
                     let _place = places.acquire().await;
+                    // A place among the steps of the pipelines building side by side.
+                    let _step = match &state.board {
+                        Some(view) => view.places.clone().acquire_owned().await.ok(),
+                        None => None,
+                    };
                     let ctx = engine::fork_session(ctx).await?;
                     self.check_test(pipeline, &ctx, state, t).await
                 });
