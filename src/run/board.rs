@@ -168,8 +168,12 @@ impl Board {
     }
 
     /// The staged writes of `tables`, or `Pending` when one is not posted yet; an error once
-    /// the board is closed.
+    /// the board is closed, unless `tables` is empty (a pipeline that reads nothing of the
+    /// others' staged tables builds on whatever happens to them).
     pub fn look_up(&self, tables: &[String]) -> Result<Lookup> {
+        if tables.is_empty() {
+            return Ok(Lookup::Ready(Vec::new()));
+        }
         if self.is_closed() {
             return Err(closed());
         }
@@ -252,13 +256,6 @@ impl BoardView {
             })
             .map(str::to_string)
             .collect()
-    }
-}
-
-impl super::RunState {
-    /// This run's own staged write of `table`.
-    fn own_staged(&self, table: &str) -> Option<&Staged> {
-        self.staged.iter().rev().find(|s| s.table == table)
     }
 }
 
@@ -396,6 +393,8 @@ mod tests {
         assert!(b.is_closed());
         assert!(waiting.await.unwrap().is_err());
         assert!(b.look_up(&names(&["stg_a"])).is_err());
+        // A step that reads none of the others' tables is not stopped.
+        assert!(matches!(b.look_up(&[]), Ok(Lookup::Ready(s)) if s.is_empty()));
     }
 
     #[test]

@@ -176,11 +176,13 @@ impl RunState {
 
     /// The staged write of `table` this run reads: its own, or an upstream pipeline's.
     fn staged(&self, table: &str) -> Option<&Staged> {
-        self.staged
-            .iter()
-            .rev()
-            .find(|s| s.table == table)
+        self.own_staged(table)
             .or_else(|| self.upstream.iter().find(|s| s.table == table))
+    }
+
+    /// This run's own staged write of `table`.
+    fn own_staged(&self, table: &str) -> Option<&Staged> {
+        self.staged.iter().rev().find(|s| s.table == table)
     }
 }
 
