@@ -20,6 +20,10 @@ use kbcrm::run::{Progress, RunOptions, Runner};
 mod support;
 use support::project_dir;
 
+/// The `kbcrm` binary's allocator, so that the timings are those of `kbcrm run`.
+#[global_allocator]
+static GLOBAL: kbcrm_alloc::MiMalloc = kbcrm_alloc::MiMalloc;
+
 /// The pipelines that load the sources into the star schema; the cubes come after them.
 const STAR: [&str; 4] = ["erp", "sales", "service", "star"];
 
@@ -54,6 +58,9 @@ fn line(phase: &str, secs: f64, rows: u64) {
 }
 
 fn main() {
+    // As `kbcrm run` sets them, before any other thread starts.
+    kbcrm_alloc::return_freed_memory_soon();
+    kbcrm_alloc::no_transparent_huge_pages();
     // `cargo bench` passes --bench; nothing else is accepted.
     let scale: f64 = std::env::var("KBCRM_BENCH_SCALE")
         .ok()
