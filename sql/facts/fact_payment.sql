@@ -1,3 +1,4 @@
+-- ERP payments with the invoice they settle and the customer version valid on the payment date.
 with payments as (
     select * from stg_erp_payments
 ),
@@ -14,25 +15,32 @@ customers as (
     select customer_key, customer_id, valid_from, valid_to from dim_customer
 ),
 
+-- Each payment with its invoice first: in an incremental run the few new payments are hashed
+-- and the invoices stream past them.
+settled as (
+    select p.*, v.due_date
+    from payments p
+    left join invoices v on p.invoice_id = v.invoice_id
+),
+
 final as (
     select
-        p.payment_id,
-        p.invoice_id,
+        s.payment_id,
+        s.invoice_id,
         c.customer_key,
         i.customer_id,
-        p.paid_date,
-        cast(to_char(p.paid_date, '%Y%m%d') as int) as date_key,
-        p.amount,
-        p.method,
-        v.due_date,
-        cast(p.paid_date - v.due_date as int) as days_after_due
-    from payments p
-    join identity i on p.erp_customer_id = i.source_id
+        s.paid_date,
+        cast(to_char(s.paid_date, '%Y%m%d') as int) as date_key,
+        s.amount,
+        s.method,
+        s.due_date,
+        cast(s.paid_date - s.due_date as int) as days_after_due
+    from settled s
+    join identity i on s.erp_customer_id = i.source_id
     join customers c
       on c.customer_id = i.customer_id
-     and cast(p.paid_date as timestamp) >= c.valid_from
-     and cast(p.paid_date as timestamp) < c.valid_to
-    left join invoices v on p.invoice_id = v.invoice_id
+     and cast(s.paid_date as timestamp) >= c.valid_from
+     and cast(s.paid_date as timestamp) < c.valid_to
 )
 
 select * from final

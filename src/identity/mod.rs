@@ -121,9 +121,9 @@ impl fmt::Display for IdentityStats {
 /// The outcome of a resolution.
 pub struct Resolution {
     /// The map's rows: all of them when `whole`, otherwise those to merge into it (on source
-    /// and source_id).
+    /// and source_id), each new or different from the map's row of its record.
     pub map: RecordBatch,
-    /// The match-key table's rows, whole or to merge as the map's.
+    /// The match-key table's rows, whole or to merge as the map's (each new or different too).
     pub keys: RecordBatch,
     /// Whether `map` and `keys` replace the tables rather than merge into them.
     pub whole: bool,
@@ -221,6 +221,27 @@ fn split_key(key: Key) -> (i64, i64) {
 /// The key of the two halves [`split_key`] made.
 fn join_key(hi: i64, lo: i64) -> Key {
     ((hi as u64 as Key) << 64) | lo as u64 as Key
+}
+
+/// The two halves of rule `rule`'s keys in a batch of the match-key table.
+fn key_halves(
+    batch: &RecordBatch,
+    rule: usize,
+) -> (&arrow::array::Int64Array, &arrow::array::Int64Array) {
+    let half = |h: usize| {
+        batch
+            .column(4 + 2 * rule + h)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+    };
+    (half(0), half(1))
+}
+
+/// Row `i`'s key from [`key_halves`], when it has one.
+fn key_at(
+    (hi, lo): (&arrow::array::Int64Array, &arrow::array::Int64Array),
+    i: usize,
+) -> Option<Key> {
+    (hi.is_valid(i) && lo.is_valid(i)).then(|| join_key(hi.value(i), lo.value(i)))
 }
 
 /// The key of normalised field values (joined by a unit separator when a rule has several).
@@ -363,6 +384,11 @@ impl Existing {
 
     fn rows(&self) -> usize {
         self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    /// A row's key of rule `rule`, when `self` is the match-key table.
+    fn key(&self, (b, i): MapRow, rule: usize) -> Option<Key> {
+        key_at(key_halves(&self.batches[b], rule), i)
     }
 
     /// Per record source (by index): record id -> its row. Records of a source no longer
@@ -779,13 +805,8 @@ impl Identity {
         for (b, batch) in existing.batches.iter().enumerate() {
             let source = batch.column(0).as_string::<i32>();
             let record = batch.column(1).as_string::<i32>();
-            let halves = |r: usize, half: usize| {
-                batch
-                    .column(4 + 2 * r + half)
-                    .as_primitive::<arrow::datatypes::Int64Type>()
-            };
             let keys: Vec<_> = (0..self.rules.len())
-                .map(|r| (halves(r, 0), halves(r, 1)))
+                .map(|r| key_halves(batch, r))
                 .collect();
             for i in 0..batch.num_rows() {
                 let Some(&si) = source_index.get(source.value(i)) else {
@@ -799,9 +820,7 @@ impl Identity {
                     old_of_added[j] = Some((b, i));
                     continue;
                 }
-                let row_keys = keys.iter().map(|(hi, lo)| {
-                    (hi.is_valid(i) && lo.is_valid(i)).then(|| join_key(hi.value(i), lo.value(i)))
-                });
+                let row_keys = keys.iter().map(|halves| key_at(*halves, i));
                 records.push(si, record.value(i), row_keys);
                 known.push(Some((b, i)));
             }
@@ -974,9 +993,16 @@ impl Identity {
             .zip(by_rule)
             .collect();
         // The rows to write: every record, or those whose id or rule changed and, for the key
-        // table, the added ones too.
+        // table, the added ones whose keys changed too (an edited record whose match fields
+        // stayed keeps its row).
         let moved = |i: usize| match known[i] {
             Some(row) => existing.id(row) != ids[i] || existing.rule(row) != rule_names[i],
+            None => true,
+        };
+        let rekeyed = |i: usize| match known[i] {
+            Some(row) => {
+                (0..self.rules.len()).any(|ri| existing.key(row, ri) != records.key(&recs[i], ri))
+            }
             None => true,
         };
         let (map_rows, key_rows): (Vec<usize>, Vec<usize>) = match first_added {
@@ -984,7 +1010,7 @@ impl Identity {
             Some(first) => (
                 (0..recs.len()).filter(|&i| moved(i)).collect(),
                 (0..recs.len())
-                    .filter(|&i| i >= first || moved(i))
+                    .filter(|&i| moved(i) || (i >= first && rekeyed(i)))
                     .collect(),
             ),
         };

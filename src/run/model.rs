@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::identity::{Identity, RecordIds, Regrouped, Resolution, Since};
 use crate::plan::Model;
 use crate::warehouse::scd2::stage_scd2;
-use crate::warehouse::state::{StateKey, stage_batch};
+use crate::warehouse::state::{StateKey, stage_batch_as};
 use crate::warehouse::write::{
     NewData, add_record_count, delete_files, file_url, merge_sorted_files, new_rows, stage,
     stage_merge_removing, step_done, unchanged_since, write_frame,
@@ -534,12 +534,30 @@ impl Runner {
         }
         let keys = all
             .ok_or_else(|| Error::Internal("an incremental model without tables".into()))?
-            .distinct()?
-            .cache()
-            .await?;
-        let count = keys.clone().count().await?;
-        info!(key, keys = count, "rebuilding the rows of these keys");
-        Ok(keys)
+            .distinct()?;
+        // In one batch of buffers holding just the keys (string views are compacted: they
+        // point into the pages they were read from), the size DataFusion reckons is theirs, so
+        // up to some tens of thousands of keys are hashed once and each driving table streams
+        // past them, rather than both sides being repartitioned by key.
+        let schema = Arc::new(keys.schema().as_arrow().clone());
+        let batches = keys.collect().await?;
+        let batch = datafusion::arrow::compute::concat_batches(&schema, &batches)?;
+        let columns = batch
+            .columns()
+            .iter()
+            .map(|c| match c.as_string_view_opt() {
+                Some(views) => Arc::new(views.gc()) as datafusion::arrow::array::ArrayRef,
+                None => c.clone(),
+            })
+            .collect();
+        let batch = RecordBatch::try_new(schema.clone(), columns)?;
+        info!(
+            key,
+            keys = batch.num_rows(),
+            "rebuilding the rows of these keys"
+        );
+        let table = MemTable::try_new(schema, vec![vec![batch]])?;
+        Ok(ctx.read_table(Arc::new(table))?)
     }
     /// The ids of records whose golden fields differ from the versions of their tables the last
     /// resolution read (new records included): the rows added to each table since, less those
@@ -762,21 +780,24 @@ impl Runner {
         let edited_wanted = regrouped.is_some()
             && !self.options.full_refresh
             && state.version_after(&identity.golden_table).is_some();
-        let stage_keys = match !whole && keys.num_rows() == 0 {
-            true => None,
-            false => {
-                let (wh, keys_ctx) = (self.wh.clone(), crate::engine::fork_session(ctx).await?);
-                let (table, on) = (keys_table.clone(), on.clone());
-                Some(tokio::spawn(
-                    async move { stage_batch(&wh, &keys_ctx, &table, keys, mode, &on).await }
+        let stage_keys =
+            match !whole && keys.num_rows() == 0 {
+                true => None,
+                false => {
+                    let (wh, keys_ctx) = (self.wh.clone(), crate::engine::fork_session(ctx).await?);
+                    let (table, on) = (keys_table.clone(), on.clone());
+                    Some(tokio::spawn(
+                        async move {
+                            stage_batch_as(&wh, &keys_ctx, &table, keys, mode, &on, !whole).await
+                        }
                         .in_current_span(),
-                ))
-            }
-        };
+                    ))
+                }
+            };
         let stage_map = async {
             match !whole && map.num_rows() == 0 {
                 true => Ok(None),
-                false => stage_batch(&self.wh, ctx, &identity.map_table, map, mode, &on)
+                false => stage_batch_as(&self.wh, ctx, &identity.map_table, map, mode, &on, !whole)
                     .await
                     .map(Some),
             }

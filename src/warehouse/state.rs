@@ -235,6 +235,21 @@ pub async fn stage_batch(
     mode: WriteMode,
     keys: &[String],
 ) -> Result<Staged> {
+    stage_batch_as(wh, ctx, table, batch, mode, keys, false).await
+}
+
+/// [`stage_batch`] of rows known to repeat no key and each to be new or to differ from the
+/// table's row of its keys (`changes`): a merge then neither checks the keys nor compares the
+/// rows with the table.
+pub async fn stage_batch_as(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    table: &str,
+    batch: RecordBatch,
+    mode: WriteMode,
+    keys: &[String],
+    changes: bool,
+) -> Result<Staged> {
     let schema = batch.schema();
     let mut writer = TableWriter::new(&wh.table_url(table), schema.clone())?;
     writer.write(&batch).await?;
@@ -247,8 +262,8 @@ pub async fn stage_batch(
         rows,
         cluster_by: Vec::new(),
         files_by: None,
-        keys_unique: false,
-        all_changes: false,
+        keys_unique: changes,
+        all_changes: changes,
     };
     stage(wh, ctx, new, mode, keys).await
 }
