@@ -1,6 +1,6 @@
 //! Running pipelines: the only sequencer. A pipeline run loads its sources, builds its models
-//! and identity resolutions in DAG order, checks its data tests and then commits every table it
-//! changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
+//! and identity resolutions in DAG order, checks each data test once the tables it reads are
+//! built, and then commits every table it changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
 
 pub mod backfill;
 mod board;
@@ -152,6 +152,8 @@ struct RunState {
     state_after: HashMap<StateKey, String>,
     /// (pipeline, source, file, size) loaded in this run.
     loaded_files: Vec<(String, String, String, u64)>,
+    /// The data tests checked, by their index in the pipeline.
+    tests: Vec<(usize, TestChecked)>,
     /// The as-of date and variables the SQL sees.
     params: crate::udf::RunParams,
     /// A session on the project's Ballista cluster, when it has one: the models' SQL runs
@@ -519,7 +521,11 @@ impl Runner {
             .stage_bookkeeping(&ctx, &mut state, &pipeline.name, &tests)
             .await;
         let versions = match staged {
-            Ok(()) => commit_run(&self.wh, &state.run_id, &pipeline.name, &state.staged).await,
+            Ok(()) => {
+                let (wh, run_id) = (self.wh.clone(), state.run_id.clone());
+                let (name, staged) = (pipeline.name.clone(), state.staged.clone());
+                commit_aside(async move { commit_run(&wh, &run_id, &name, &staged).await }).await
+            }
             Err(e) => Err(e),
         };
         let versions = match versions {
@@ -599,6 +605,7 @@ impl Runner {
             state_before: state::read_state(&ctx).await?,
             state_after: HashMap::new(),
             loaded_files: Vec::new(),
+            tests: Vec::new(),
             params,
             cluster,
             board,
@@ -625,6 +632,10 @@ impl Runner {
             .iter()
             .map(|s| Work::Source(Box::new(s.clone())))
             .collect();
+        let shared = Arc::new(pipeline.clone());
+        // Each data test runs as soon as the tables it reads are built, as a step that writes
+        // nothing: the tables a test reads are those the run will commit (its own writes and
+        // the staged writes of the pipelines before it that it reads).
         let steps: Vec<Work> = pipeline
             .steps
             .iter()
@@ -632,9 +643,10 @@ impl Runner {
                 Step::Model(i) => Work::Model(Box::new(pipeline.models[i].clone())),
                 Step::Identity(i) => Work::Identity(Box::new(pipeline.identities[i].clone())),
             })
+            .chain((0..pipeline.tests.len()).map(|t| Work::Test(shared.clone(), t)))
             .collect();
-        // Models start as soon as the sources they read are loaded, unless one reads this
-        // run's rejects: those are staged once every source is loaded.
+        // Models and tests start as soon as the sources they read are loaded, unless one reads
+        // this run's rejects: those are staged once every source is loaded.
         let reads_rejects = steps.iter().any(|w| w.reads().contains(&QUARANTINE_TABLE));
         let steps = if reads_rejects {
             self.run_steps(sources, ctx, state).await?;
@@ -646,13 +658,7 @@ impl Runner {
         };
         self.stage_rejects(pipeline, ctx, state).await?;
         self.run_steps(steps, ctx, state).await?;
-        // Tests read the tables of the pipelines before this one as they will commit them.
-        if let Some(view) = &state.board {
-            let tables = view.board.tables_of(&view.upstream);
-            let staged = view.board.wait(&tables).await?;
-            self.adopt(ctx, state, staged).await?;
-        }
-        self.check_tests(pipeline, ctx, state).await
+        self.test_reports(pipeline, state)
     }
 
     /// Stage the rows the run's sources rejected into the quarantine table.
@@ -825,35 +831,19 @@ impl Runner {
         state.tables.push(report);
     }
 
-    /// Run the pipeline's data tests side by side (each in a session of its own, as many at
-    /// once as steps), and report them in the pipeline's order.
-    async fn check_tests(
-        &self,
-        pipeline: &Pipeline,
-        ctx: &SessionContext,
-        state: &mut RunState,
-    ) -> Result<Vec<TestReport>> {
-        let checked: Vec<Result<TestChecked>> = {
-            let (state, places) = (&*state, &tokio::sync::Semaphore::new(self.steps_at_once()));
-            let mut checks = Vec::with_capacity(pipeline.tests.len());
-            for t in &pipeline.tests {
-                checks.push(async move {
-                    let _place = places.acquire().await;
-                    // A place among the steps of the pipelines building side by side.
-                    let _step = match &state.board {
-                        Some(view) => view.places.clone().acquire_owned().await.ok(),
-                        None => None,
-                    };
-                    let ctx = engine::fork_session(ctx).await?;
-                    self.check_test(pipeline, &ctx, state, t).await
-                });
-            }
-            futures::future::join_all(checks).await
-        };
+    /// The reports of the pipeline's data tests, in the pipeline's order, with their results
+    /// recorded for the next run; an error when a test of severity `error` failed.
+    fn test_reports(&self, pipeline: &Pipeline, state: &mut RunState) -> Result<Vec<TestReport>> {
+        let mut checked: Vec<Option<TestChecked>> =
+            (0..pipeline.tests.len()).map(|_| None).collect();
+        for (i, c) in std::mem::take(&mut state.tests) {
+            checked[i] = Some(c);
+        }
         let mut reports = Vec::new();
         let mut failed = Vec::new();
         for (t, checked) in pipeline.tests.iter().zip(checked) {
-            let c = checked?;
+            let c = checked
+                .ok_or_else(|| Error::Internal(format!("data test {} did not run", t.name)))?;
             let (failures, checked) = (c.failures, c.checked);
             state.state_after.insert(c.key, c.print);
             state.state_after.insert(c.result_key, failures.to_string());
@@ -1244,6 +1234,33 @@ async fn values_kept(ctx: &SessionContext, table: &str, column: &str, removed: F
             tracing::debug!(table, column, error = %e, "cannot tell whether referenced values are kept");
             false
         }
+    }
+}
+
+/// Run a pipeline's commit on a runtime of its own, one worker that does nothing else. A commit
+/// is a few small reads and writes of the tables' logs; on the run's runtime each would wait
+/// behind the query tasks of the pipelines still building beside it (both workers busy), and a
+/// commit that takes 0.03 s alone took 0.3 s. The pipelines after it commit in turn, so the
+/// last one's commit waited for all of those.
+async fn commit_aside<T: Send + 'static>(
+    commit: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    static COMMITS: std::sync::OnceLock<std::io::Result<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    let runtime = COMMITS.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kbcrm-commit")
+            .enable_all()
+            .build()
+    });
+    match runtime {
+        Ok(rt) => rt
+            .spawn(commit.in_current_span())
+            .await
+            .map_err(|e| Error::Internal(format!("the commit stopped: {e}")))?,
+        // Without a thread of its own the commit runs where it is.
+        Err(_) => commit.await,
     }
 }
 

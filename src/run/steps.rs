@@ -3,6 +3,7 @@
 //! step staged is taken into the run when it ends; its report keeps the pipeline's step order.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use datafusion::prelude::SessionContext;
 use tokio::task::JoinSet;
@@ -12,7 +13,7 @@ use super::board::Lookup;
 use super::{RunState, Runner, default_parallelism};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
-use crate::plan::{Model, Source};
+use crate::plan::{Model, Pipeline, Source};
 use crate::warehouse::Staged;
 
 /// One step of a pipeline run.
@@ -21,6 +22,9 @@ pub(super) enum Work {
     Source(Box<Source>),
     Model(Box<Model>),
     Identity(Box<Identity>),
+    /// The pipeline's data test of this index: it checks the tables it reads as soon as they
+    /// are built, beside the steps still running.
+    Test(Arc<Pipeline>, usize),
 }
 
 impl Work {
@@ -30,6 +34,7 @@ impl Work {
             Work::Source(s) => vec![s.table.clone()],
             Work::Model(m) => vec![m.name.clone()],
             Work::Identity(i) => vec![i.map_table.clone(), i.golden_table.clone(), i.keys_table()],
+            Work::Test(..) => Vec::new(),
         }
     }
 
@@ -40,6 +45,7 @@ impl Work {
             Work::Source(_) => Vec::new(),
             Work::Model(m) => m.depends_on.iter().map(String::as_str).collect(),
             Work::Identity(i) => i.sources.iter().map(|s| s.table.as_str()).collect(),
+            Work::Test(p, t) => p.tests[*t].reads.iter().map(String::as_str).collect(),
         }
     }
 }
@@ -87,6 +93,7 @@ impl RunState {
             state_before: self.state_before.clone(),
             state_after: HashMap::new(),
             loaded_files: Vec::new(),
+            tests: Vec::new(),
             params: self.params.clone(),
             cluster: self.cluster.clone(),
             board: self.board.clone(),
@@ -101,6 +108,7 @@ impl RunState {
         self.identities.extend(fork.identities);
         self.state_after.extend(fork.state_after);
         self.loaded_files.extend(fork.loaded_files);
+        self.tests.extend(fork.tests);
     }
 }
 
@@ -162,6 +170,13 @@ impl Runner {
             Work::Source(s) => self.load_source(s, ctx, state).await,
             Work::Model(m) => self.build_model(m, ctx, state).await,
             Work::Identity(i) => self.resolve_identity(i, ctx, state).await,
+            Work::Test(p, t) => {
+                // In a session of its own: a check may put a table's added rows in its place.
+                let ctx = crate::engine::fork_session(ctx).await?;
+                let checked = self.check_test(p, &ctx, state, &p.tests[*t]).await?;
+                state.tests.push((*t, checked));
+                Ok(())
+            }
         }
     }
 
