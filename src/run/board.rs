@@ -122,15 +122,6 @@ impl Board {
         self.lock().get(table).map(|(w, _)| *w)
     }
 
-    /// The tables on the board that any of `pipelines` writes.
-    pub fn tables_of(&self, pipelines: &[usize]) -> Vec<String> {
-        self.lock()
-            .iter()
-            .filter(|(_, (w, _))| pipelines.contains(w))
-            .map(|(t, _)| t.clone())
-            .collect()
-    }
-
     /// Post what `pipeline` made of `table` (`None`: it does not change).
     pub fn post(&self, pipeline: usize, table: &str, staged: Option<Staged>) {
         {
@@ -370,7 +361,6 @@ mod tests {
             }
             _ => panic!("both tables are posted"),
         }
-        assert_eq!(b.tables_of(&[1]), names(&["stg_b"]));
     }
 
     #[tokio::test]
