@@ -127,6 +127,9 @@ pub fn run_summary(reports: &[RunReport]) -> Result<()> {
             match t.checked {
                 Checked::All => {}
                 Checked::AddedRows => status.push_str(" (rows added by this run)"),
+                Checked::AddedAndFailing => {
+                    status.push_str(" (rows added by this run, and the values failing before)")
+                }
                 Checked::Reused => status.push_str(" (tables unchanged since it last ran)"),
                 Checked::KeptByMerge => status.push_str(" (kept unique by the merge on its keys)"),
             }
@@ -195,6 +198,7 @@ pub fn run_json(reports: &[RunReport]) -> Result<()> {
                     "checked": match t.checked {
                         Checked::All => "all rows",
                         Checked::AddedRows => "added rows",
+                        Checked::AddedAndFailing => "added rows and failing values",
                         Checked::Reused => "reused",
                         Checked::KeptByMerge => "kept by merge",
                     },

@@ -103,7 +103,11 @@ fn query_of(t: &TestSpec) -> DataTest {
                     )
                 },
             );
-            test.referenced = Some((to_table.to_string(), to_col.to_string()));
+            test.referenced = Some(super::Reference {
+                column: r.column.clone(),
+                to_table: to_table.to_string(),
+                to_column: to_col.to_string(),
+            });
             test
         }
         TestSpec::Sql(s) => DataTest {

@@ -429,12 +429,23 @@ pub struct DataTest {
     pub severity: Severity,
     /// The tables its query reads.
     pub reads: Vec<String>,
-    /// For a relationships test, the table and column its rows refer to. A run may rewrite
-    /// that table and the test still check only added rows, so long as every value of the
-    /// column is still there.
-    pub referenced: Option<(String, String)>,
+    /// For a relationships test, its column and the table and column its rows refer to. A run
+    /// may rewrite that table and the test still check only added rows, so long as every value
+    /// of the column is still there.
+    pub referenced: Option<Reference>,
     /// For a unique test, its columns (empty for other tests).
     pub unique_columns: Vec<String>,
+}
+
+/// What a relationships test's column refers to.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// The column of the test's table holding the references.
+    pub column: String,
+    /// The table referred to.
+    pub to_table: String,
+    /// Its column the references name.
+    pub to_column: String,
 }
 
 /// What builds a table: a source load or a model.

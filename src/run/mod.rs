@@ -97,6 +97,9 @@ pub enum Checked {
     /// Only the rows this run added: the tables passed the test at the versions the run started
     /// from and the run only added rows to them.
     AddedRows,
+    /// The rows this run added and the values found missing at the versions the run started
+    /// from: a relationships test that failed there, on tables the run only added rows to.
+    AddedAndFailing,
     /// Nothing: the same query over the same table versions as a run before, whose result this
     /// is.
     Reused,
@@ -847,6 +850,9 @@ impl Runner {
             let (failures, checked) = (c.failures, c.checked);
             state.state_after.insert(c.key, c.print);
             state.state_after.insert(c.result_key, failures.to_string());
+            if let Some((key, values)) = c.failing {
+                state.state_after.insert(key, values);
+            }
             if failures > 0 {
                 match t.severity {
                     Severity::Error => failed.push(format!("{} ({failures} failing)", t.name)),
@@ -881,7 +887,8 @@ impl Runner {
     /// Check one data test in `ctx`, a session of its own. A test whose query and tables (at
     /// the versions this run leaves them) are those of a run before is not run again: its
     /// result is that run's. A test that passed on the versions this run started from, whose
-    /// tables the run only added rows to, checks only the added rows.
+    /// tables the run only added rows to, checks only the added rows; a relationships test
+    /// that failed there checks the added rows and the values that failed.
     async fn check_test(
         &self,
         pipeline: &Pipeline,
@@ -892,7 +899,8 @@ impl Runner {
         let started = Instant::now();
         let scope = format!("test {}", t.name);
         let key = (pipeline.name.clone(), scope.clone(), "inputs".to_string());
-        let result_key = (pipeline.name.clone(), scope, "failures".to_string());
+        let result_key = (pipeline.name.clone(), scope.clone(), "failures".to_string());
+        let failing_key = (pipeline.name.clone(), scope, FAILING_VALUES.to_string());
         let print = model::fingerprint(&t.query, &t.reads, state);
         let before = (!t.reads.is_empty() && !self.options.full_refresh)
             .then(|| state.state_before.get(&key))
@@ -901,11 +909,24 @@ impl Runner {
             .state_before
             .get(&result_key)
             .and_then(|n| n.parse::<u64>().ok());
+        // The values a relationships test found missing when it last ran, all of them.
+        let failing_before = match (&t.referenced, &t.added_rows, failures_before, before) {
+            (Some(r), Some(query), Some(n), Some(_)) if n > 0 => {
+                match state.state_before.get(&failing_key) {
+                    Some(kept) => failing_values(ctx, &t.table, &r.column, kept)
+                        .await
+                        .filter(|v| v.num_rows() as u64 == n)
+                        .map(|values| (values, r, query)),
+                    None => None,
+                }
+            }
+            _ => None,
+        };
         // A custom SQL test that filters the rows of one table, each on its own, checks
         // added rows like the built-in per-row tests (its query is planned to tell only
         // when it passed before on other table versions).
         let added = match before {
-            Some(b) if *b != print && failures_before == Some(0) => {
+            Some(b) if *b != print && (failures_before == Some(0) || failing_before.is_some()) => {
                 let table = match &t.added_rows {
                     Some(_) => Some(t.table.as_str()),
                     None => row_local_table(ctx, t).await,
@@ -921,55 +942,81 @@ impl Runner {
         let added = match added {
             Some((table, narrowed)) => match (narrowed.referenced_removed, &t.referenced) {
                 (None, _) => Some((table, narrowed.added)),
-                (Some(removed), Some((to_table, to_column))) => {
-                    values_kept(ctx, to_table, to_column, removed)
-                        .await
-                        .then_some((table, narrowed.added))
-                }
+                (Some(removed), Some(r)) => values_kept(ctx, &r.to_table, &r.to_column, removed)
+                    .await
+                    .then_some((table, narrowed.added)),
                 (Some(_), None) => None,
             },
             None => None,
         };
-        let (failures, checked) = if before == Some(&print) && failures_before.is_some() {
-            (failures_before.unwrap_or_default(), Checked::Reused)
+        let (failures, failing, checked) = if before == Some(&print) && failures_before.is_some()
+        {
+            (failures_before.unwrap_or_default(), None, Checked::Reused)
         } else if failures_before == Some(0)
             && before.is_some_and(|b| kept_unique_by_merges(b, t, pipeline, state))
         {
-            (0, Checked::KeptByMerge)
+            (0, None, Checked::KeptByMerge)
         } else if let Some((table, files)) = added {
-            let failures = match (files, &t.added_rows) {
-                (None, _) => 0,
-                (Some((files, schema)), Some(query)) => {
+            let checked = match failing_before {
+                Some(_) => Checked::AddedAndFailing,
+                None => Checked::AddedRows,
+            };
+            let (failures, failing) = match (files, &t.added_rows, failing_before) {
+                // The values that failed, and those of the added rows: the old rows' other
+                // values are still in the table they refer to.
+                (files, _, Some((failing, r, query))) => {
+                    let values = ctx.read_batch(failing)?;
+                    let rows = match files {
+                        Some((files, schema)) => ctx
+                            .read_table(table_files_provider(&files, schema).await?)?
+                            .select_columns(&[r.column.as_str()])?
+                            .union(values)?,
+                        None => values,
+                    };
+                    ctx.register_table(crate::plan::ADDED_ROWS, rows.into_view())?;
+                    let n = failing_rows(ctx, query, pipeline, t).await;
+                    ctx.deregister_table(crate::plan::ADDED_ROWS)?;
+                    n?
+                }
+                (None, _, None) => (0, None),
+                (Some((files, schema)), Some(query), None) => {
                     ctx.register_table(
                         crate::plan::ADDED_ROWS,
                         table_files_provider(&files, schema).await?,
                     )?;
-                    let n = count_rows(ctx, query, pipeline, t).await;
+                    let n = failing_rows(ctx, query, pipeline, t).await;
                     ctx.deregister_table(crate::plan::ADDED_ROWS)?;
                     n?
                 }
                 // The test's own query, over only the added rows of its one table.
-                (Some((files, schema)), None) => {
+                (Some((files, schema)), None, None) => {
                     let added = table_files_provider(&files, schema).await?;
                     let whole = ctx.table_provider(table).await?;
                     ctx.deregister_table(table)?;
                     ctx.register_table(table, added)?;
-                    let n = count_rows(ctx, &t.query, pipeline, t).await;
+                    let n = failing_rows(ctx, &t.query, pipeline, t).await;
                     ctx.deregister_table(table)?;
                     ctx.register_table(table, whole)?;
                     n?
                 }
             };
-            (failures, Checked::AddedRows)
+            (failures, failing, checked)
         } else {
-            (count_rows(ctx, &t.query, pipeline, t).await?, Checked::All)
+            let (failures, failing) = failing_rows(ctx, &t.query, pipeline, t).await?;
+            (failures, failing, Checked::All)
         };
+        // Kept for the next run; emptied when there are none, or too many to keep.
+        let failing = t.referenced.as_ref().and_then(|_| match checked {
+            Checked::Reused | Checked::KeptByMerge => None,
+            _ => Some((failing_key, failing.unwrap_or_default())),
+        });
         let seconds = started.elapsed().as_secs_f64();
         Ok(TestChecked {
             key,
             print,
             result_key,
             failures,
+            failing,
             checked,
             seconds,
         })
@@ -982,22 +1029,81 @@ struct TestChecked {
     print: String,
     result_key: StateKey,
     failures: u64,
+    /// For a relationships test that was checked, its failing values' state entry (empty when
+    /// none failed or too many did to keep).
+    failing: Option<(StateKey, String)>,
     checked: Checked,
     seconds: f64,
 }
 
-/// The rows of a data test's query.
-async fn count_rows(
+/// Up to this many failing values of a relationships test are kept for the next run, which then
+/// checks them and its added rows instead of the tables whole.
+const MAX_FAILING_KEPT: u64 = 10_000;
+/// The state entry keeping them.
+const FAILING_VALUES: &str = "failing values";
+
+/// The rows of a data test's query; for a relationships test also its failing values (the
+/// query's first column) as kept in the state, JSON lines, unless there are none or more than
+/// [`MAX_FAILING_KEPT`].
+async fn failing_rows(
     ctx: &SessionContext,
     query: &str,
     pipeline: &Pipeline,
     t: &crate::plan::DataTest,
-) -> Result<u64> {
+) -> Result<(u64, Option<String>)> {
+    use futures::TryStreamExt;
     let df = ctx.sql(query).await.map_err(|e| Error::DataQuality {
         pipeline: pipeline.name.clone(),
         message: format!("data test {} cannot run: {e}", t.name),
     })?;
-    Ok(df.count().await? as u64)
+    if t.referenced.is_none() {
+        return Ok((df.count().await? as u64, None));
+    }
+    let value = df.schema().columns().into_iter().next();
+    let df = match value {
+        Some(c) => df.select(vec![datafusion::prelude::Expr::Column(c)])?,
+        None => return Ok((df.count().await? as u64, None)),
+    };
+    let mut rows = df.execute_stream().await?;
+    let (mut failures, mut kept) = (0u64, Vec::new());
+    while let Some(batch) = rows.try_next().await? {
+        failures += batch.num_rows() as u64;
+        match failures <= MAX_FAILING_KEPT {
+            true => kept.push(batch),
+            false => kept.clear(),
+        }
+    }
+    if kept.is_empty() {
+        return Ok((failures, None));
+    }
+    let mut json = arrow::json::LineDelimitedWriter::new(Vec::new());
+    json.write_batches(&kept.iter().collect::<Vec<_>>())?;
+    json.finish()?;
+    Ok((failures, String::from_utf8(json.into_inner()).ok()))
+}
+
+/// The failing values a relationships test kept (see [`failing_rows`]), typed as `column` of
+/// `table` now; `None` when they cannot be read so: the test then reads its tables whole.
+async fn failing_values(
+    ctx: &SessionContext,
+    table: &str,
+    column: &str,
+    kept: &str,
+) -> Option<arrow::record_batch::RecordBatch> {
+    let provider = ctx.table_provider(table).await.ok()?;
+    let field = provider.schema().field_with_name(column).ok()?.clone();
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![field.with_nullable(true)]));
+    let read = arrow::json::ReaderBuilder::new(schema.clone())
+        .build(std::io::Cursor::new(kept.as_bytes()))
+        .and_then(|batches| batches.collect::<std::result::Result<Vec<_>, _>>())
+        .and_then(|batches| arrow::compute::concat_batches(&schema, &batches));
+    match read {
+        Ok(values) => Some(values),
+        Err(e) => {
+            tracing::debug!(table, column, error = %e, "cannot read the failing values kept");
+            None
+        }
+    }
 }
 
 /// The one table a custom SQL test reads when its query keeps or drops each row of that table
@@ -1092,7 +1198,7 @@ fn added_rows(
     let referenced = t
         .referenced
         .as_ref()
-        .map(|(table, _)| table.as_str())
+        .map(|r| r.to_table.as_str())
         .filter(|r| *r != table_checked);
     let mut added: Option<Files> = None;
     let mut referenced_removed: Option<Files> = None;

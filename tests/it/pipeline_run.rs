@@ -1002,6 +1002,71 @@ fn data_tests_check_only_the_added_rows_of_tables_that_only_grew() {
     p.fails_cleanly_with(3, &["run"], &[], &lost_customer, &[]);
 }
 
+/// A relationships test that found references missing keeps the values it found; a run that
+/// only adds rows checks those values and the added rows' ones, and counts what a check of the
+/// whole tables counts. Too many missing values to keep, and the next run reads the tables.
+#[test]
+fn a_failing_relationships_test_checks_the_values_that_failed_and_the_added_rows() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/c/\n    mode: append\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n\
+         \x20 o:\n    format: csv\n    location: data/o/\n    mode: append\n    incremental: { files: new }\n    schema:\n      id: { type: int, required: true }\n      customer: int\n\
+         tests:\n  - relationships: { table: raw_p_o, column: customer, to: raw_p_c.id, severity: warn }\n",
+    );
+    let name = "relationships(raw_p_o.customer -> raw_p_c.id)";
+    // The customers the orders name that are not there, counted apart from the test.
+    let missing = || {
+        p.scalar(
+            "select count(distinct customer) from raw_p_o o \
+             where customer is not null and customer not in (select id from raw_p_c)",
+        )
+    };
+    p.write("data/c/1.csv", "id\n1\n2\n");
+    p.write("data/o/1.csv", "id,customer\n10,1\n11,7\n12,8\n13,8\n14,\n");
+    let out = p.ok(&["run"]);
+    assert!(test_line(&out, name).ends_with("2 failing"), "{out}");
+    assert_eq!(missing(), 2);
+
+    let narrowed = "(rows added by this run, and the values failing before)";
+    // Customer 7 arrives, an order names customer 9, another names 8 again: 8 and 9 fail.
+    p.write("data/c/2.csv", "id\n7\n");
+    p.write("data/o/2.csv", "id,customer\n15,9\n16,8\n17,2\n");
+    let out = p.ok(&["run"]);
+    let line = test_line(&out, name);
+    assert!(line.ends_with(&format!("2 failing {narrowed}")), "{line}");
+    assert_eq!(missing(), 2);
+
+    // Only orders arrive, one naming a customer that fails already, one a new missing one.
+    p.write("data/o/3.csv", "id,customer\n18,8\n19,20\n");
+    let out = p.ok(&["run"]);
+    let line = test_line(&out, name);
+    assert!(line.ends_with(&format!("3 failing {narrowed}")), "{line}");
+    assert_eq!(missing(), 3);
+
+    // Only customers arrive: the values that failed are checked again, and all are there.
+    p.write("data/c/3.csv", "id\n8\n9\n20\n");
+    let out = p.ok(&["run"]);
+    let line = test_line(&out, name);
+    assert!(line.ends_with(&format!("pass {narrowed}")), "{line}");
+    assert_eq!(missing(), 0);
+
+    // More missing customers than a run keeps: the run after reads the tables whole.
+    let many: String = (1000..12_000).map(|i| format!("{i},{i}\n")).collect();
+    p.write("data/o/4.csv", format!("id,customer\n{many}"));
+    let out = p.ok(&["run"]);
+    let line = test_line(&out, name);
+    assert!(
+        line.ends_with("11000 failing (rows added by this run)"),
+        "{line}"
+    );
+    p.write("data/c/4.csv", "id\n1000\n");
+    p.write("data/o/5.csv", "id,customer\n30,31\n");
+    let out = p.ok(&["run"]);
+    assert!(test_line(&out, name).ends_with("11000 failing"), "{out}");
+    assert_eq!(missing(), 11_000);
+}
+
 /// A unique test on a table that the run changed only by merges on keys among its columns holds
 /// by the merge (which writes each key once and replaces the rows of the keys it writes); other
 /// unique tests read the table.
