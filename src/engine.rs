@@ -269,6 +269,33 @@ pub async fn fork_session(root: &SessionContext) -> Result<SessionContext> {
     Ok(fork)
 }
 
+/// Plan `ctx`'s queries to run on one partition each until the guard returned is dropped: for a
+/// step whose inputs are a run's few added rows, while other steps of the run use the other
+/// cores.
+pub fn one_partition(ctx: &SessionContext) -> OnePartition<'_> {
+    let before = ctx.state().config().target_partitions();
+    set_target_partitions(ctx, 1);
+    OnePartition { ctx, before }
+}
+
+/// Puts back a session's partitions when dropped (see [`one_partition`]).
+pub struct OnePartition<'a> {
+    ctx: &'a SessionContext,
+    before: usize,
+}
+
+impl Drop for OnePartition<'_> {
+    fn drop(&mut self) {
+        set_target_partitions(self.ctx, self.before);
+    }
+}
+
+fn set_target_partitions(ctx: &SessionContext, n: usize) {
+    let state = ctx.state_ref();
+    let mut state = state.write();
+    state.config_mut().options_mut().execution.target_partitions = n;
+}
+
 /// A session like `root` (its planner, settings, functions and runtime: on a Ballista cluster,
 /// the same scheduler) with a catalog of its own, still empty. The server holds one such
 /// session per role on the cluster, each with only the role's tables.

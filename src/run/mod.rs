@@ -949,8 +949,7 @@ impl Runner {
             },
             None => None,
         };
-        let (failures, failing, checked) = if before == Some(&print) && failures_before.is_some()
-        {
+        let (failures, failing, checked) = if before == Some(&print) && failures_before.is_some() {
             (failures_before.unwrap_or_default(), None, Checked::Reused)
         } else if failures_before == Some(0)
             && before.is_some_and(|b| kept_unique_by_merges(b, t, pipeline, state))
@@ -1092,7 +1091,9 @@ async fn failing_values(
 ) -> Option<arrow::record_batch::RecordBatch> {
     let provider = ctx.table_provider(table).await.ok()?;
     let field = provider.schema().field_with_name(column).ok()?.clone();
-    let schema = Arc::new(arrow::datatypes::Schema::new(vec![field.with_nullable(true)]));
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        field.with_nullable(true),
+    ]));
     let read = arrow::json::ReaderBuilder::new(schema.clone())
         .build(std::io::Cursor::new(kept.as_bytes()))
         .and_then(|batches| batches.collect::<std::result::Result<Vec<_>, _>>())

@@ -195,6 +195,10 @@ impl Runner {
             }
             _ => Narrowed::default(),
         };
+        // A model reading only what changed runs on one partition, beside the run's other
+        // steps (its session is its own): repartitioning a few rows cost more than it gave.
+        let _one_partition = (!narrowed.is_empty() && self.threads(state) > 1)
+            .then(|| crate::engine::one_partition(ctx));
         // On the project's cluster, unless inputs were narrowed to what changed (those are
         // views of this process's tables).
         let cluster = match &state.cluster {
