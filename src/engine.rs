@@ -367,3 +367,18 @@ pub async fn stream(
     let stream = datafusion::physical_plan::execute_stream(plan.clone(), task)?;
     Ok((stream, Some(plan)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_partition_lasts_as_long_as_its_guard() {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(4));
+        {
+            let _one = one_partition(&ctx);
+            assert_eq!(ctx.state().config().target_partitions(), 1);
+        }
+        assert_eq!(ctx.state().config().target_partitions(), 4);
+    }
+}
