@@ -270,16 +270,6 @@ struct Records {
 }
 
 impl Records {
-    /// Room for `records` records of `rules` keys each, their ids `text` bytes in all.
-    fn with_capacity(records: usize, rules: usize, text: usize) -> Self {
-        Records {
-            text: String::with_capacity(text),
-            recs: Vec::with_capacity(records),
-            keys: Vec::with_capacity(records * rules),
-            without_id: 0,
-        }
-    }
-
     fn push_text(&mut self, s: &str) -> Span {
         let start = self.text.len();
         self.text.push_str(s);
@@ -435,11 +425,8 @@ struct Grouping {
 
 /// The groups of the records that agree on rule `rule`.
 fn group_by_key(records: &Records, rule: usize) -> Grouping {
-    // Sized for a group per record (most records match no other) so that neither grows.
-    let n = records.recs.len();
-    let mut group_of_key: FastMap<Key, usize> =
-        FastMap::with_capacity_and_hasher(n, Default::default());
-    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(n);
+    let mut group_of_key: FastMap<Key, usize> = FastMap::default();
+    let mut groups: Vec<(usize, usize)> = Vec::new();
     let group_of = records
         .recs
         .iter()
@@ -811,16 +798,7 @@ impl Identity {
             .collect();
         // Unchanged records with the keys and ids the table holds; changed ones are replaced by
         // their new rows, which keep their old row (for their id).
-        let ids_text: usize = existing
-            .batches
-            .iter()
-            .map(|b| b.column(1).as_string::<i32>().value_data().len())
-            .sum();
-        let mut records = Records::with_capacity(
-            existing.rows() + loaded,
-            self.rules.len(),
-            ids_text + added.text.len(),
-        );
+        let mut records = Records::default();
         let mut known: Vec<Option<MapRow>> = Vec::with_capacity(existing.rows() + loaded);
         let mut old_of_added: Vec<Option<MapRow>> = vec![None; loaded];
         let mut held = vec![0usize; self.sources.len()];
@@ -931,40 +909,20 @@ impl Identity {
             "identity: records matched"
         );
         // A set's root is its smallest member, so clusters come in order of first record.
-        // Each record's cluster, numbered in order of first record, and the clusters' members
-        // in record order, one run per cluster (`members[starts[c]..starts[c + 1]]`).
-        let n = recs.len();
-        let mut cluster_of_root: Vec<usize> = vec![usize::MAX; n];
-        let mut cluster: Vec<usize> = Vec::with_capacity(n);
-        let mut clusters = 0;
-        for i in 0..n {
+        let mut cluster_of: Vec<usize> = vec![usize::MAX; recs.len()];
+        let mut clusters: Vec<Vec<usize>> = Vec::new();
+        for i in 0..recs.len() {
             let root = uf.find(i);
-            if cluster_of_root[root] == usize::MAX {
-                cluster_of_root[root] = clusters;
-                clusters += 1;
+            if cluster_of[root] == usize::MAX {
+                cluster_of[root] = clusters.len();
+                clusters.push(Vec::new());
             }
-            cluster.push(cluster_of_root[root]);
+            clusters[cluster_of[root]].push(i);
         }
-        drop(cluster_of_root);
-        let mut starts = vec![0usize; clusters + 1];
-        for &c in &cluster {
-            starts[c + 1] += 1;
-        }
-        for c in 0..clusters {
-            starts[c + 1] += starts[c];
-        }
-        let mut members = vec![0usize; n];
-        let mut at = starts.clone();
-        for (i, &c) in cluster.iter().enumerate() {
-            members[at[c]] = i;
-            at[c] += 1;
-        }
-        drop(at);
-        let members_of = |c: usize| &members[starts[c]..starts[c + 1]];
         let mut stats = IdentityStats {
             entity: self.entity.clone(),
-            records: n,
-            entities: clusters,
+            records: recs.len(),
+            entities: clusters.len(),
             oversized_groups: oversized,
             ..Default::default()
         };
@@ -973,17 +931,14 @@ impl Identity {
         // without an old id holds only new records; the added ones come sorted by source and
         // id, so new ids are numbered as a whole resolution numbers them.
         let mut new_ids = String::new();
-        let mut chosen: Vec<std::result::Result<&str, Span>> = Vec::with_capacity(clusters);
+        let mut chosen: Vec<std::result::Result<&str, Span>> = Vec::with_capacity(clusters.len());
         let mut next = existing.largest + 1;
-        let mut old: Vec<&str> = Vec::new();
-        for c in 0..clusters {
-            old.clear();
-            old.extend(
-                members_of(c)
-                    .iter()
-                    .filter_map(|&m| known[m])
-                    .map(|row| existing.id(row)),
-            );
+        for members in &clusters {
+            let mut old: Vec<&str> = members
+                .iter()
+                .filter_map(|&m| known[m])
+                .map(|row| existing.id(row))
+                .collect();
             old.sort_unstable();
             old.dedup();
             chosen.push(match old.first() {
@@ -1000,14 +955,16 @@ impl Identity {
                 }
             });
         }
-        let ids: Vec<&str> = cluster
-            .iter()
-            .map(|&c| match chosen[c] {
+        let mut ids: Vec<&str> = vec![""; recs.len()];
+        for (members, id) in clusters.iter().zip(&chosen) {
+            let id = match *id {
                 Ok(id) => id,
                 Err((start, end)) => &new_ids[start..end],
-            })
-            .collect();
-        drop((cluster, members, starts));
+            };
+            for &m in members {
+                ids[m] = id;
+            }
+        }
         let regrouped = regrouped_ids(
             records_before,
             &ids,
