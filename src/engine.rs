@@ -273,8 +273,7 @@ pub async fn fork_session(root: &SessionContext) -> Result<SessionContext> {
 /// step whose inputs are a run's few added rows, while other steps of the run use the other
 /// cores.
 pub fn one_partition(ctx: &SessionContext) -> OnePartition<'_> {
-    let before = ctx.state().config().target_partitions();
-    set_target_partitions(ctx, 1);
+    let before = set_target_partitions(ctx, 1);
     OnePartition { ctx, before }
 }
 
@@ -290,10 +289,13 @@ impl Drop for OnePartition<'_> {
     }
 }
 
-fn set_target_partitions(ctx: &SessionContext, n: usize) {
+/// Set the partitions `ctx` plans queries for, returning those it had (without copying the
+/// session's state to read them).
+fn set_target_partitions(ctx: &SessionContext, n: usize) -> usize {
     let state = ctx.state_ref();
     let mut state = state.write();
-    state.config_mut().options_mut().execution.target_partitions = n;
+    let options = state.config_mut().options_mut();
+    std::mem::replace(&mut options.execution.target_partitions, n)
 }
 
 /// A session like `root` (its planner, settings, functions and runtime: on a Ballista cluster,

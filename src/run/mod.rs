@@ -911,12 +911,12 @@ impl Runner {
             .and_then(|n| n.parse::<u64>().ok());
         // The values a relationships test found missing when it last ran, all of them.
         let failing_before = match (&t.referenced, &t.added_rows, failures_before, before) {
-            (Some(r), Some(query), Some(n), Some(_)) if n > 0 => {
+            (Some(r), Some(_), Some(n), Some(_)) if n > 0 => {
                 match state.state_before.get(&failing_key) {
                     Some(kept) => failing_values(ctx, &t.table, &r.column, kept)
                         .await
                         .filter(|v| v.num_rows() as u64 == n)
-                        .map(|values| (values, r, query)),
+                        .map(|values| (values, r)),
                     None => None,
                 }
             }
@@ -961,34 +961,36 @@ impl Runner {
                 None => Checked::AddedRows,
             };
             let (failures, failing) = match (files, &t.added_rows, failing_before) {
-                // The values that failed, and those of the added rows: the old rows' other
-                // values are still in the table they refer to.
-                (files, _, Some((failing, r, query))) => {
-                    let values = ctx.read_batch(failing)?;
-                    let rows = match files {
-                        Some((files, schema)) => ctx
-                            .read_table(table_files_provider(&files, schema).await?)?
-                            .select_columns(&[r.column.as_str()])?
-                            .union(values)?,
-                        None => values,
+                (files, Some(query), failing) => {
+                    let added = match files {
+                        Some((files, schema)) => {
+                            Some(ctx.read_table(table_files_provider(&files, schema).await?)?)
+                        }
+                        None => None,
                     };
-                    ctx.register_table(crate::plan::ADDED_ROWS, rows.into_view())?;
-                    let n = failing_rows(ctx, query, pipeline, t).await;
-                    ctx.deregister_table(crate::plan::ADDED_ROWS)?;
-                    n?
-                }
-                (None, _, None) => (0, None),
-                (Some((files, schema)), Some(query), None) => {
-                    ctx.register_table(
-                        crate::plan::ADDED_ROWS,
-                        table_files_provider(&files, schema).await?,
-                    )?;
-                    let n = failing_rows(ctx, query, pipeline, t).await;
-                    ctx.deregister_table(crate::plan::ADDED_ROWS)?;
-                    n?
+                    // The values that failed join those of the added rows: the old rows'
+                    // other values are still in the table they refer to.
+                    let rows = match (added, failing) {
+                        (Some(added), Some((values, r))) => Some(
+                            added
+                                .select_columns(&[r.column.as_str()])?
+                                .union(ctx.read_batch(values)?)?,
+                        ),
+                        (None, Some((values, _))) => Some(ctx.read_batch(values)?),
+                        (added, None) => added,
+                    };
+                    match rows {
+                        Some(rows) => {
+                            ctx.register_table(crate::plan::ADDED_ROWS, rows.into_view())?;
+                            let n = failing_rows(ctx, query, pipeline, t).await;
+                            ctx.deregister_table(crate::plan::ADDED_ROWS)?;
+                            n?
+                        }
+                        None => (0, None),
+                    }
                 }
                 // The test's own query, over only the added rows of its one table.
-                (Some((files, schema)), None, None) => {
+                (Some((files, schema)), None, _) => {
                     let added = table_files_provider(&files, schema).await?;
                     let whole = ctx.table_provider(table).await?;
                     ctx.deregister_table(table)?;
@@ -998,6 +1000,7 @@ impl Runner {
                     ctx.register_table(table, whole)?;
                     n?
                 }
+                (None, None, _) => (0, None),
             };
             (failures, failing, checked)
         } else {
