@@ -956,6 +956,9 @@ impl Runner {
         {
             (0, None, Checked::KeptByMerge)
         } else if let Some((table, files)) = added {
+            // A few added rows: on one partition, beside the run's other steps.
+            let _one_partition =
+                (self.threads(state) > 1).then(|| crate::engine::one_partition(ctx));
             let checked = match failing_before {
                 Some(_) => Checked::AddedAndFailing,
                 None => Checked::AddedRows,

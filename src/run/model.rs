@@ -755,6 +755,10 @@ impl Runner {
         let since = self
             .match_since(ctx, state, identity, &key, &keys_state)
             .await?;
+        // Matching only the records added since the last resolution runs on one partition,
+        // beside the run's other steps, as a narrowed model does.
+        let one_partition =
+            (since.is_some() && self.threads(state) > 1).then(|| crate::engine::one_partition(ctx));
         let resolution = identity
             .resolve(ctx, state.run_micros, since.as_ref())
             .await;
@@ -868,6 +872,11 @@ impl Runner {
             },
             _ => None,
         };
+        // Rebuilding only the golden records of changed ids is on one partition too; all of
+        // them, on the session's.
+        drop(one_partition);
+        let _one_partition =
+            (only.is_some() && self.threads(state) > 1).then(|| crate::engine::one_partition(ctx));
         let full_map = match &only {
             Some(Regrouped { changed: ids, gone }) => {
                 info!(

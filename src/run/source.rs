@@ -178,6 +178,8 @@ impl Runner {
             SourceFormat::Delta => Vec::new(),
             _ => sources::list_files(source, &store).await?,
         };
+        // Whether this load reads only what came after the loads before it.
+        let mut only_added = false;
         if source.incremental == Some(Incremental::NewFiles) {
             let done = loaded_files(ctx, &source.pipeline, &source.name).await?;
             // Local files are remembered relative to the project, so a moved or copied project
@@ -203,6 +205,7 @@ impl Runner {
                 )
             }));
             if !full {
+                only_added = !done.is_empty();
                 files = fresh;
                 if files.is_empty() {
                     self.skip(state, &source.table, "source", "no new files");
@@ -230,6 +233,7 @@ impl Runner {
                 } else {
                     state.state_before.get(&cursor_key)
                 };
+                only_added = wm.is_some();
                 Some(CursorFilter::new(
                     idx,
                     table_schema.field(idx).data_type(),
@@ -238,6 +242,10 @@ impl Runner {
             }
             _ => None,
         };
+        // Rows added since the last load are few: their merge plans on one partition, beside
+        // the run's other steps.
+        let _one_partition =
+            (only_added && self.threads(state) > 1).then(|| crate::engine::one_partition(ctx));
         let parallel = self.options.parallel.unwrap_or_else(default_parallelism);
         let encoder_count = if files.len() > 1 { 2 } else { 1 };
         // Keeps the reading task of a text source until the load ends.
