@@ -595,7 +595,13 @@ impl Runner {
         };
         let ctx =
             engine::session_with_runtime(&self.project.engine, &params, self.runtime.clone())?;
+        let started = Instant::now();
         let committed = self.wh.register_all(&ctx).await?;
+        tracing::debug!(
+            tables = committed.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "tables registered"
+        );
         let cluster = self.cluster_session(&params).await?;
         let mut state = RunState {
             run_id: run_id.to_string(),

@@ -114,7 +114,11 @@ pub async fn commit_run(
 async fn apply(wh: &Warehouse, manifest: &Manifest) -> Result<HashMap<String, u64>> {
     let mut versions = HashMap::new();
     for (i, t) in manifest.tables.iter().enumerate() {
-        let read = t.read_version.and_then(|v| wh.cached_at(&t.table, v));
+        let read = match t.read_version {
+            Some(v) => wh.cached_at(&t.table, v).await,
+            None => None,
+        };
+        wh.committing(&t.table).await;
         let v = commit_table(wh.table_url(&t.table), t, &manifest.run_id, read).await?;
         versions.insert(t.table.clone(), v);
         crash_point(i + 1);
@@ -317,6 +321,51 @@ mod tests {
             let fresh = Warehouse::open(&root).expect("warehouse");
             assert_eq!(fresh.files_at("t", None).await.expect("now").len(), 105);
             assert_eq!(fresh.files_at("t", Some(49)).await.expect("then").len(), 50);
+        });
+    }
+
+    #[test]
+    fn a_run_handle_reads_a_log_again_only_after_committing_to_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let root = Url::from_directory_path(dir.path()).expect("url");
+            let wh = Warehouse::open(&root)
+                .expect("warehouse")
+                .with_table_cache();
+            let other = Warehouse::open(&root).expect("warehouse");
+            let ctx = SessionContext::new();
+            let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+            let commit = |through: Warehouse, n: i64| {
+                let (ctx, schema) = (ctx.clone(), schema.clone());
+                async move {
+                    let batch =
+                        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![n]))])
+                            .expect("batch");
+                    let staged = stage_batch(&through, &ctx, "t", batch, WriteMode::Append, &[])
+                        .await
+                        .expect("stage");
+                    commit_run(&through, &format!("run-{n}"), "p", &[staged])
+                        .await
+                        .expect("commit");
+                }
+            };
+            let version = |wh: Warehouse| async move {
+                wh.load("t").await.expect("load").and_then(|t| t.version())
+            };
+            assert_eq!(version(wh.clone()).await, None);
+            commit(wh.clone(), 0).await;
+            assert_eq!(version(wh.clone()).await, Some(0));
+            // Pipelines starting together all get the table, read once.
+            let (a, b) = futures::join!(version(wh.clone()), version(wh.clone()));
+            assert_eq!((a, b), (Some(0), Some(0)));
+            commit(wh.clone(), 1).await;
+            assert_eq!(version(wh.clone()).await, Some(1));
+            // A commit by another handle is not seen: the run lock keeps other processes out,
+            // so the kept table is taken as the latest.
+            commit(other.clone(), 2).await;
+            assert_eq!(version(other.clone()).await, Some(2));
+            assert_eq!(version(wh.clone()).await, Some(1));
         });
     }
 }

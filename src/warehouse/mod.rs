@@ -51,10 +51,23 @@ pub struct Warehouse {
     root: StorePath,
     /// Tables loaded through this handle, kept when it was opened for a run
     /// ([`Warehouse::with_table_cache`]).
-    tables: Option<Arc<Mutex<HashMap<String, DeltaTable>>>>,
+    tables: Option<Arc<Mutex<HashMap<String, Slot>>>>,
     /// Whether merges may mark replaced rows deleted (deletion vectors) instead of rewriting
     /// their files ([`Warehouse::copy_on_write`]).
     deletion_vectors: bool,
+}
+
+/// Where a handle opened for a run keeps one table: pipelines starting together wait for the
+/// one that loads it instead of each reading its log.
+type Slot = Arc<tokio::sync::Mutex<Option<Kept>>>;
+
+/// A table kept by a handle opened for a run.
+#[derive(Debug)]
+struct Kept {
+    table: DeltaTable,
+    /// No commit through this handle since the table was loaded or brought up to date: it is
+    /// the latest version, for no other process commits while the run lock is held.
+    latest: bool,
 }
 
 /// What `kbcrm tables` shows about one table.
@@ -100,9 +113,10 @@ impl Warehouse {
     }
 
     /// This handle keeps every table it loads and later brings it up to date by reading only
-    /// the commits made since (a Delta log only grows), instead of reading each log again. For
-    /// a run, which holds the run lock: its pipelines load and commit the same tables many
-    /// times, and no other kbcrm process commits meanwhile.
+    /// the commits made since (a Delta log only grows), instead of reading each log again; a
+    /// table not committed through the handle since is taken as it is. For a run, which holds
+    /// the run lock: its pipelines load and commit the same tables many times, and no other
+    /// kbcrm process commits meanwhile.
     pub fn with_table_cache(mut self) -> Self {
         self.tables = Some(Arc::default());
         self
@@ -121,20 +135,32 @@ impl Warehouse {
         self.deletion_vectors
     }
 
-    fn cached(&self, name: &str) -> Option<DeltaTable> {
-        let tables = self.tables.as_ref()?;
-        tables.lock().ok()?.get(name).cloned()
+    /// The place of table `name` in the handle's keeping, made when `create`; `None` when
+    /// the handle keeps no tables.
+    fn slot(&self, name: &str, create: bool) -> Option<Slot> {
+        let mut tables = self.tables.as_ref()?.lock().ok()?;
+        match create {
+            true => Some(tables.entry(name.to_string()).or_default().clone()),
+            false => tables.get(name).cloned(),
+        }
     }
 
-    fn keep(&self, name: &str, table: &DeltaTable) {
-        if let Some(mut tables) = self.tables.as_ref().and_then(|t| t.lock().ok()) {
-            tables.insert(name.to_string(), table.clone());
+    /// A commit to `name` is under way: the kept table is brought up to date when next loaded.
+    pub(crate) async fn committing(&self, name: &str) {
+        if let Some(slot) = self.slot(name, false)
+            && let Some(kept) = slot.lock().await.as_mut()
+        {
+            kept.latest = false;
         }
     }
 
     /// The kept table, when it was loaded at exactly `version` (commits start from it).
-    pub(crate) fn cached_at(&self, name: &str, version: u64) -> Option<DeltaTable> {
-        self.cached(name).filter(|t| t.version() == Some(version))
+    pub(crate) async fn cached_at(&self, name: &str, version: u64) -> Option<DeltaTable> {
+        let slot = self.slot(name, false)?;
+        let kept = slot.lock().await;
+        kept.as_ref()
+            .map(|k| k.table.clone())
+            .filter(|t| t.version() == Some(version))
     }
 
     /// The warehouse URL.
@@ -192,17 +218,34 @@ impl Warehouse {
 
     /// Load a table's latest version; `None` when it does not exist yet.
     pub async fn load(&self, name: &str) -> Result<Option<DeltaTable>> {
-        if let Some(mut table) = self.cached(name) {
-            match table.update_incremental(None).await {
+        let Some(slot) = self.slot(name, true) else {
+            return self.read_log(name).await;
+        };
+        let mut kept = slot.lock().await;
+        if let Some(k) = kept.as_mut() {
+            if k.latest {
+                return Ok(Some(k.table.clone()));
+            }
+            match k.table.update_incremental(None).await {
                 Ok(()) => {
-                    self.keep(name, &table);
-                    return Ok(Some(table));
+                    k.latest = true;
+                    return Ok(Some(k.table.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(table = name, error = %e, "reading the table's log again");
                 }
             }
         }
+        let table = self.read_log(name).await?;
+        *kept = table.as_ref().map(|t| Kept {
+            table: t.clone(),
+            latest: true,
+        });
+        Ok(table)
+    }
+
+    /// A table's latest version read from its log; `None` when it does not exist yet.
+    async fn read_log(&self, name: &str) -> Result<Option<DeltaTable>> {
         let log = self.path(&format!("{name}/_delta_log"));
         if self.store.list(Some(&log)).try_next().await?.is_none() {
             return Ok(None);
@@ -210,10 +253,7 @@ impl Warehouse {
         let url = self.table_url(name);
         let mut table = deltalake::DeltaTableBuilder::from_url(url)?.build()?;
         match table.load().await {
-            Ok(()) => {
-                self.keep(name, &table);
-                Ok(Some(table))
-            }
+            Ok(()) => Ok(Some(table)),
             Err(deltalake::DeltaTableError::NotATable(_)) => Ok(None),
             Err(deltalake::DeltaTableError::InvalidTableLocation(_)) => Ok(None),
             Err(e) => Err(e.into()),
@@ -309,7 +349,7 @@ impl Warehouse {
     /// A table at a version (the latest when `None`).
     async fn table_at(&self, name: &str, version: Option<u64>) -> Result<DeltaTable> {
         let kept = match version {
-            Some(v) => self.cached_at(name, v),
+            Some(v) => self.cached_at(name, v).await,
             None => self.load(name).await?,
         };
         Ok(match kept {
