@@ -280,6 +280,26 @@ mod tests {
     use crate::config::pipeline::WriteMode;
     use crate::warehouse::state::stage_batch;
 
+    /// Commit one row, `n`, to table `t` through `wh`, as run `run-N`.
+    async fn append_row(wh: &Warehouse, n: i64) {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![n]))]).expect("batch");
+        let staged = stage_batch(
+            wh,
+            &SessionContext::new(),
+            "t",
+            batch,
+            WriteMode::Append,
+            &[],
+        )
+        .await
+        .expect("stage");
+        commit_run(wh, &format!("run-{n}"), "p", &[staged])
+            .await
+            .expect("commit");
+    }
+
     #[test]
     fn the_hundredth_version_writes_a_checkpoint_and_keeps_every_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -287,18 +307,8 @@ mod tests {
         runtime.block_on(async {
             let root = Url::from_directory_path(dir.path()).expect("url");
             let wh = Warehouse::open(&root).expect("warehouse");
-            let ctx = SessionContext::new();
-            let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
             for n in 0..105_i64 {
-                let batch =
-                    RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))])
-                        .expect("batch");
-                let staged = stage_batch(&wh, &ctx, "t", batch, WriteMode::Append, &[])
-                    .await
-                    .expect("stage");
-                commit_run(&wh, &format!("run-{n}"), "p", &[staged])
-                    .await
-                    .expect("commit");
+                append_row(&wh, n).await;
             }
             let log = dir.path().join("t/_delta_log");
             let names: Vec<String> = std::fs::read_dir(&log)
@@ -334,36 +344,20 @@ mod tests {
                 .expect("warehouse")
                 .with_table_cache();
             let other = Warehouse::open(&root).expect("warehouse");
-            let ctx = SessionContext::new();
-            let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-            let commit = |through: Warehouse, n: i64| {
-                let (ctx, schema) = (ctx.clone(), schema.clone());
-                async move {
-                    let batch =
-                        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![n]))])
-                            .expect("batch");
-                    let staged = stage_batch(&through, &ctx, "t", batch, WriteMode::Append, &[])
-                        .await
-                        .expect("stage");
-                    commit_run(&through, &format!("run-{n}"), "p", &[staged])
-                        .await
-                        .expect("commit");
-                }
-            };
             let version = |wh: Warehouse| async move {
                 wh.load("t").await.expect("load").and_then(|t| t.version())
             };
             assert_eq!(version(wh.clone()).await, None);
-            commit(wh.clone(), 0).await;
+            append_row(&wh, 0).await;
             assert_eq!(version(wh.clone()).await, Some(0));
             // Pipelines starting together all get the table, read once.
             let (a, b) = futures::join!(version(wh.clone()), version(wh.clone()));
             assert_eq!((a, b), (Some(0), Some(0)));
-            commit(wh.clone(), 1).await;
+            append_row(&wh, 1).await;
             assert_eq!(version(wh.clone()).await, Some(1));
             // A commit by another handle is not seen: the run lock keeps other processes out,
             // so the kept table is taken as the latest.
-            commit(other.clone(), 2).await;
+            append_row(&other, 2).await;
             assert_eq!(version(other.clone()).await, Some(2));
             assert_eq!(version(wh.clone()).await, Some(1));
         });
