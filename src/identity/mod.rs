@@ -1093,6 +1093,16 @@ impl Identity {
     /// The SQL of the golden-record table: every record joined to its id, one row per id, each
     /// field chosen by its survivorship rule.
     pub fn golden_sql(&self) -> String {
+        format!(
+            "with records as (\n{}\n)\n\n{}",
+            self.records_sql(),
+            self.golden_select("records")
+        )
+    }
+
+    /// The SQL of every record joined to its id, each with its golden fields (null where its
+    /// source has none), its source, rank, record id and update time.
+    pub fn records_sql(&self) -> String {
         let fields = self.golden_fields();
         let id = quote_ident(&self.id_column);
         let records: Vec<String> = self
@@ -1122,6 +1132,14 @@ impl Identity {
                 )
             })
             .collect();
+        records.join("\n    union all\n")
+    }
+
+    /// The SQL of the golden records from `records` (as [`Identity::records_sql`] gives them):
+    /// one row per id, each field picked by its survivorship rule.
+    pub fn golden_select(&self, records: &str) -> String {
+        let fields = self.golden_fields();
+        let id = quote_ident(&self.id_column);
         let picks: Vec<String> = fields
             .iter()
             .map(|f| {
@@ -1146,9 +1164,8 @@ impl Identity {
             })
             .collect();
         format!(
-            "with records as (\n{}\n)\n\nselect\n    {id},\n{},\n    count(*) as record_count,\n    \
-             array_to_string(array_sort(array_distinct(array_agg(_source))), ',') as sources\nfrom records\ngroup by {id}",
-            records.join("\n    union all\n"),
+            "select\n    {id},\n{},\n    count(*) as record_count,\n    \
+             array_to_string(array_sort(array_distinct(array_agg(_source))), ',') as sources\nfrom {records}\ngroup by {id}",
             picks.join(",\n")
         )
     }

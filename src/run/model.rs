@@ -909,16 +909,52 @@ impl Runner {
             }
             None => None,
         };
-        let written = self
-            .write_sql(ctx, &golden_sql, &identity.golden_table, &[], None)
-            .await
-            .map_err(|e| {
-                Error::Internal(format!(
-                    "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
-                    identity.entity
-                ))
-            });
+        // The records of changed ids are few: gathered first, in one partition, the golden
+        // fields are then picked in one aggregation instead of a partial and a final one.
+        const RECORDS: &str = "__kbcrm_golden_records";
+        let written = async {
+            match full_map {
+                Some(_) => {
+                    let records = ctx
+                        .sql(&identity.records_sql())
+                        .await?
+                        .create_physical_plan()
+                        .await?;
+                    let schema = records.schema();
+                    let rows = datafusion::physical_plan::collect(records, ctx.task_ctx()).await?;
+                    ctx.deregister_table(RECORDS)?;
+                    ctx.register_table(RECORDS, Arc::new(MemTable::try_new(schema, vec![rows])?))?;
+                    // Typed as the whole query types the golden fields (the table's columns;
+                    // its union types a date beside a timestamp as the first).
+                    let typed = ctx.sql(&golden_sql).await?.schema().clone();
+                    let picked = ctx.sql(&identity.golden_select(RECORDS)).await?.select(
+                        typed
+                            .fields()
+                            .iter()
+                            .map(|f| match f.data_type() {
+                                // A field only some sources have is left as it comes.
+                                DataType::Null => ident(f.name()),
+                                t => cast(ident(f.name()), t.clone()).alias(f.name()),
+                            })
+                            .collect::<Vec<_>>(),
+                    )?;
+                    write_frame(&self.wh, &identity.golden_table, picked, &[], None).await
+                }
+                None => {
+                    self.write_sql(ctx, &golden_sql, &identity.golden_table, &[], None)
+                        .await
+                }
+            }
+        }
+        .await
+        .map_err(|e| {
+            Error::Internal(format!(
+                "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
+                identity.entity
+            ))
+        });
         if let Some(full) = full_map {
+            ctx.deregister_table(RECORDS)?;
             ctx.deregister_table(identity.map_table.as_str())?;
             ctx.register_table(identity.map_table.as_str(), full)?;
         }
