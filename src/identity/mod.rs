@@ -127,7 +127,8 @@ pub struct Resolution {
     pub keys: RecordBatch,
     /// Whether `map` and `keys` replace the tables rather than merge into them.
     pub whole: bool,
-    /// Every record's id, to name the ids of given records.
+    /// The id of every record matched (with `whole`, every record), to name the ids of
+    /// given records.
     pub record_ids: RecordIds,
     /// What it found.
     pub stats: IdentityStats,
@@ -382,10 +383,6 @@ impl Existing {
             .value(i)
     }
 
-    fn rows(&self) -> usize {
-        self.batches.iter().map(RecordBatch::num_rows).sum()
-    }
-
     /// A row's key of rule `rule`, when `self` is the match-key table.
     fn key(&self, (b, i): MapRow, rule: usize) -> Option<Key> {
         key_at(key_halves(&self.batches[b], rule), i)
@@ -415,6 +412,9 @@ impl Existing {
 
 /// DataFusion's hash map (hashbrown with a fast hasher), for the large maps of matching.
 type FastMap<K, V> = datafusion::common::HashMap<K, V>;
+
+/// DataFusion's hash set, as [`FastMap`].
+type FastSet<T> = datafusion::common::HashSet<T>;
 
 /// The records' groups under one rule: each record's group (none without a key), and each
 /// group's first record and size.
@@ -512,6 +512,29 @@ pub struct Since {
     pub rows_then: Vec<u64>,
     /// Per record source, the rows its table holds now.
     pub rows_now: Vec<u64>,
+    /// The last resolution's figures, recorded with its tables ([`IdentityStats::last`]).
+    pub last: Option<LastFigures>,
+}
+
+/// The figures of a resolution the match-key table does not give without grouping all of
+/// it, recorded with the tables: the next resolution of added rows changes them by what it
+/// changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LastFigures {
+    /// Distinct ids.
+    pub entities: usize,
+    /// Match keys joining more records than `max_group`.
+    pub oversized_groups: usize,
+}
+
+impl IdentityStats {
+    /// The figures to record for the next resolution.
+    pub fn last(&self) -> LastFigures {
+        LastFigures {
+            entities: self.entities,
+            oversized_groups: self.oversized_groups,
+        }
+    }
 }
 
 /// Every record's source, id and entity id, to find the ids of given records.
@@ -522,16 +545,21 @@ pub struct RecordIds {
 }
 
 impl RecordIds {
-    /// The entity ids of the records whose ids are in `records[source]`, per source index.
-    pub fn ids_of(&self, records: &[HashSet<String>]) -> HashSet<String> {
-        (0..self.source.len())
+    /// The entity ids of the records whose ids are in `records[source]`, per source index;
+    /// `None` when one of them is not among these records (a resolution of added rows holds
+    /// only the records they reach).
+    pub fn ids_of(&self, records: &[HashSet<String>]) -> Option<HashSet<String>> {
+        let mut found = 0;
+        let ids = (0..self.source.len())
             .filter(|&i| {
                 records
                     .get(self.source[i])
                     .is_some_and(|r| r.contains(self.record.value(i)))
             })
+            .inspect(|_| found += 1)
             .map(|i| self.id.value(i).to_string())
-            .collect()
+            .collect();
+        (found == records.iter().map(HashSet::len).sum::<usize>()).then_some(ids)
     }
 }
 
@@ -753,6 +781,13 @@ impl Identity {
     }
 
     /// The resolution of [`Identity::resolve`] with `since`, or why it cannot be made so.
+    ///
+    /// Only the records an added row can affect are matched again: those sharing a key, old or
+    /// new, with an added record, and every record of their ids. A key outside those records
+    /// keeps its group, so the clusters of every other record stand. Each key's group size is
+    /// counted over the whole match-key table (a group may grow past `max_group`, or shrink
+    /// under it), and the figures of the whole resolution are the last resolution's, changed by
+    /// what changed among these records.
     async fn resolve_since(
         &self,
         ctx: &SessionContext,
@@ -765,6 +800,9 @@ impl Identity {
         if !ctx.table_exist(keys_table.as_str())? {
             return Ok(Err(format!("no match-key table '{keys_table}' yet")));
         }
+        let Some(last) = since.last else {
+            return Ok(Err("no figures of the last resolution recorded".into()));
+        };
         let keys_sql = format!(
             "select {} from {}",
             column_list(self.keys_schema().fields().iter().map(|f| f.name())),
@@ -784,11 +822,25 @@ impl Identity {
         if added.recs.len() != loaded {
             return Ok(Err("an id repeats among the added rows".into()));
         }
+        tracing::debug!(
+            added = loaded,
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: match-key table read, added records loaded"
+        );
+        let rules = self.rules.len();
         let source_index: HashMap<&str, usize> = self
             .sources
             .iter()
             .enumerate()
             .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let rule_index: HashMap<&str, usize> = self
+            .rules
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .chain(std::iter::once("unmatched"))
+            .enumerate()
+            .map(|(i, name)| (name, i))
             .collect();
         let added_at: FastMap<(usize, &str), usize> = added
             .recs
@@ -796,18 +848,15 @@ impl Identity {
             .enumerate()
             .map(|(j, r)| ((r.source, added.id(r)), j))
             .collect();
-        // Unchanged records with the keys and ids the table holds; changed ones are replaced by
-        // their new rows, which keep their old row (for their id).
-        let mut records = Records::default();
-        let mut known: Vec<Option<MapRow>> = Vec::with_capacity(existing.rows() + loaded);
-        let mut old_of_added: Vec<Option<MapRow>> = vec![None; loaded];
+        // Every row: its source counted, its rule counted, and the rows of added records (new
+        // versions of changed ones) found.
         let mut held = vec![0usize; self.sources.len()];
+        let mut rules_then = vec![0usize; rules + 1];
+        let mut old_of_added: Vec<Option<MapRow>> = vec![None; loaded];
         for (b, batch) in existing.batches.iter().enumerate() {
             let source = batch.column(0).as_string::<i32>();
             let record = batch.column(1).as_string::<i32>();
-            let keys: Vec<_> = (0..self.rules.len())
-                .map(|r| key_halves(batch, r))
-                .collect();
+            let rule = batch.column(3).as_string::<i32>();
             for i in 0..batch.num_rows() {
                 let Some(&si) = source_index.get(source.value(i)) else {
                     return Ok(Err(format!(
@@ -815,14 +864,17 @@ impl Identity {
                         source.value(i)
                     )));
                 };
+                let Some(&ri) = rule_index.get(rule.value(i)) else {
+                    return Ok(Err(format!(
+                        "the match-key table holds rule '{}', which is not declared",
+                        rule.value(i)
+                    )));
+                };
                 held[si] += 1;
+                rules_then[ri] += 1;
                 if let Some(&j) = added_at.get(&(si, record.value(i))) {
                     old_of_added[j] = Some((b, i));
-                    continue;
                 }
-                let row_keys = keys.iter().map(|halves| key_at(*halves, i));
-                records.push(si, record.value(i), row_keys);
-                known.push(Some((b, i)));
             }
         }
         drop(added_at);
@@ -845,33 +897,157 @@ impl Identity {
                 )));
             }
         }
+        // The keys whose groups change: the added records' keys and their old rows' keys.
+        let mut touched: Vec<FastSet<Key>> = vec![FastSet::default(); rules];
+        for (j, r) in added.recs.iter().enumerate() {
+            for (ri, keys) in touched.iter_mut().enumerate() {
+                keys.extend(added.key(r, ri));
+                keys.extend(old_of_added[j].and_then(|row| existing.key(row, ri)));
+            }
+        }
+        // The ids of every record in those groups, and of the added records' old rows; then
+        // every record of those ids, in the table's order.
+        let mut ids: FastSet<&str> = old_of_added
+            .iter()
+            .flatten()
+            .map(|&row| existing.id(row))
+            .collect();
+        for (b, batch) in existing.batches.iter().enumerate() {
+            let halves: Vec<_> = (0..rules).map(|ri| key_halves(batch, ri)).collect();
+            for i in 0..batch.num_rows() {
+                let in_group = halves
+                    .iter()
+                    .zip(&touched)
+                    .any(|(h, keys)| key_at(*h, i).is_some_and(|k| keys.contains(&k)));
+                if in_group {
+                    ids.insert(existing.id((b, i)));
+                }
+            }
+        }
+        drop(touched);
+        let mut rows: Vec<MapRow> = Vec::new();
+        for (b, batch) in existing.batches.iter().enumerate() {
+            let id = batch.column(2).as_string::<i32>();
+            rows.extend(
+                (0..batch.num_rows())
+                    .filter(|&i| ids.contains(id.value(i)))
+                    .map(|i| (b, i)),
+            );
+        }
+        // The size of each of these records' groups, old and new, over the whole table.
+        let mut sizes: Vec<FastMap<Key, (usize, usize)>> = vec![FastMap::default(); rules];
+        for (ri, keys) in sizes.iter_mut().enumerate() {
+            for &row in &rows {
+                keys.extend(existing.key(row, ri).map(|k| (k, (0, 0))));
+            }
+            for r in &added.recs {
+                keys.extend(added.key(r, ri).map(|k| (k, (0, 0))));
+            }
+        }
+        for batch in &existing.batches {
+            for (ri, keys) in sizes.iter_mut().enumerate() {
+                let h = key_halves(batch, ri);
+                for i in 0..batch.num_rows() {
+                    if let Some(size) = key_at(h, i).and_then(|k| keys.get_mut(&k)) {
+                        size.0 += 1;
+                    }
+                }
+            }
+        }
+        for (ri, keys) in sizes.iter_mut().enumerate() {
+            for size in keys.values_mut() {
+                size.1 = size.0;
+            }
+            for (j, r) in added.recs.iter().enumerate() {
+                if let Some(k) = old_of_added[j].and_then(|row| existing.key(row, ri)) {
+                    keys.get_mut(&k).expect("an old row's key is counted").1 -= 1;
+                }
+                if let Some(k) = added.key(r, ri) {
+                    keys.get_mut(&k).expect("an added key is counted").1 += 1;
+                }
+            }
+        }
+        // Groups past `max_group` before and after: only these keys' groups changed size.
+        let oversized = |then: bool| {
+            sizes
+                .iter()
+                .flat_map(|keys| keys.values())
+                .filter(|&&(before, after)| (if then { before } else { after }) > self.max_group)
+                .count()
+        };
+        let Some(oversized_now) =
+            (last.oversized_groups + oversized(false)).checked_sub(oversized(true))
+        else {
+            return Ok(Err(
+                "the recorded figures do not fit the match-key table".into()
+            ));
+        };
+        // The records to match: those rows, less the old rows of added records, which are
+        // replaced by their new rows (which keep their old row, for their id).
+        let replaced: FastSet<MapRow> = old_of_added.iter().flatten().copied().collect();
+        let mut records = Records::default();
+        let mut known: Vec<Option<MapRow>> = Vec::with_capacity(rows.len() + loaded);
+        for &row in &rows {
+            if replaced.contains(&row) {
+                continue;
+            }
+            let (b, i) = row;
+            let si = source_index[existing.batches[b].column(0).as_string::<i32>().value(i)];
+            let record = existing.batches[b].column(1).as_string::<i32>().value(i);
+            records.push(si, record, (0..rules).map(|ri| existing.key(row, ri)));
+            known.push(Some(row));
+        }
         tracing::debug!(
             records = records.recs.len() + loaded,
             added = loaded,
+            ids = ids.len(),
             seconds = started.elapsed().as_secs_f64(),
-            "identity: keys of unchanged records read, added records loaded"
+            "identity: records the added rows reach found"
         );
         let first_added = records.recs.len();
-        let records_before = existing.rows();
         records.append(added);
         known.extend(old_of_added);
-        self.assign(
+        let sizes: Vec<FastMap<Key, usize>> = sizes
+            .into_iter()
+            .map(|keys| keys.into_iter().map(|(k, (_, now))| (k, now)).collect())
+            .collect();
+        let mut resolution = self.assign(
             records,
             &existing,
             known,
-            records_before,
-            Some(first_added),
+            rows.len(),
+            Some((first_added, &sizes)),
             now_micros,
             threads,
-        )
-        .map(Ok)
+        )?;
+        // The whole table's figures: the last resolution's, less these records' then, plus
+        // theirs now.
+        let stats = &mut resolution.stats;
+        let records_then: usize = held.iter().sum();
+        stats.records += records_then - rows.len();
+        let Some(entities_left) = last.entities.checked_sub(ids.len()) else {
+            return Ok(Err(
+                "the recorded figures do not fit the match-key table".into()
+            ));
+        };
+        stats.entities += entities_left;
+        stats.oversized_groups = oversized_now;
+        for &row in &rows {
+            rules_then[rule_index[existing.rule(row)]] -= 1;
+        }
+        for ((_, n), then) in stats.by_rule.iter_mut().zip(rules_then) {
+            *n += then;
+        }
+        Ok(Ok(resolution))
     }
 
     /// Join the records rule by rule and give each cluster its id: the smallest its records had
-    /// (`known`: each record's row of `existing`), or a new one. With `first_added`, `existing`
-    /// is the match-key table and the map and key rows returned are only those that change
-    /// (records from `first_added` on are the added ones); otherwise `existing` is the map and
-    /// both tables are returned whole.
+    /// (`known`: each record's row of `existing`), or a new one. With `narrowed`, `existing`
+    /// is the match-key table, the records are those an added row can affect (from the first
+    /// index given on, the added ones), each key's group has the size given (over every
+    /// record), and the map and key rows returned are only those that change; the figures are
+    /// then those of these records. Otherwise `existing` is the map and both tables are
+    /// returned whole.
     #[allow(clippy::too_many_arguments)]
     fn assign(
         &self,
@@ -879,18 +1055,31 @@ impl Identity {
         existing: &Existing,
         known: Vec<Option<MapRow>>,
         records_before: usize,
-        first_added: Option<usize>,
+        narrowed: Option<(usize, &[FastMap<Key, usize>])>,
         now: i64,
         threads: usize,
     ) -> Result<Resolution> {
         let started = std::time::Instant::now();
+        let first_added = narrowed.map(|(first, _)| first);
         let recs = &records.recs;
         let mut uf = UnionFind((0..recs.len()).collect());
         let mut rule_of: Vec<Option<usize>> = vec![None; recs.len()];
         let mut oversized = 0;
         // Each rule's groups are found on their own, side by side; records are then joined
         // rule by rule, in priority order.
-        let groupings = run_split(self.rules.len(), threads, |ri| group_by_key(&records, ri));
+        let mut groupings = run_split(self.rules.len(), threads, |ri| group_by_key(&records, ri));
+        if let Some((_, sizes)) = narrowed {
+            for (ri, grouping) in groupings.iter_mut().enumerate() {
+                for (first, n) in &mut grouping.groups {
+                    *n = records
+                        .key(&recs[*first], ri)
+                        .and_then(|key| sizes[ri].get(&key).copied())
+                        .ok_or_else(|| {
+                            Error::Internal("identity: a match key's group was not counted".into())
+                        })?;
+                }
+            }
+        }
         for (ri, Grouping { group_of, groups }) in groupings.iter().enumerate() {
             oversized += groups.iter().filter(|(_, n)| *n > self.max_group).count();
             for (m, g) in group_of.iter().enumerate() {
@@ -922,7 +1111,6 @@ impl Identity {
         let mut stats = IdentityStats {
             entity: self.entity.clone(),
             records: recs.len(),
-            entities: clusters.len(),
             oversized_groups: oversized,
             ..Default::default()
         };
@@ -955,6 +1143,10 @@ impl Identity {
                 }
             });
         }
+        // Distinct ids: the pieces of a cluster that split keep its id, and are one entity.
+        let kept: FastSet<&str> = chosen.iter().filter_map(|c| c.ok()).collect();
+        stats.entities = kept.len() + stats.new_ids;
+        drop(kept);
         let mut ids: Vec<&str> = vec![""; recs.len()];
         for (members, id) in clusters.iter().zip(&chosen) {
             let id = match *id {
@@ -1318,38 +1510,19 @@ mod tests {
             .collect()
     }
 
-    /// Matching only the rows added since the last resolution, every other record's keys read
-    /// from the match-key table, gives the ids, rules, keys and figures of matching every
-    /// record again; a record gone makes it match every record.
-    #[tokio::test]
-    async fn matching_the_added_rows_gives_what_matching_every_record_gives() {
-        let identity = identity_over_a_and_b();
-        let day1 = sample(11, false);
+    /// The day-1 resolution of `day1`; then, the context holding `day2` (`day1` with the rows
+    /// of `added`), the whole resolution and the one of the added rows (and its `Since`).
+    async fn resolved_on_day_two(
+        identity: &Identity,
+        day1: &[Vec<Row>; 2],
+        day2: &[Vec<Row>; 2],
+        added: &[Vec<Row>; 2],
+    ) -> (Resolution, Resolution, Resolution, SessionContext, Since) {
         let ctx = SessionContext::new();
         register(&ctx, "a", &day1[0]);
         register(&ctx, "b", &day1[1]);
         let first = identity.resolve(&ctx, 1, None).await.unwrap();
         assert!(first.whole);
-        // Day 2: one record of `a` in nine gets another e-mail and phone, and 80 new records
-        // join each source (new customers, and links that merge and split clusters).
-        let mut state = 99u64;
-        let mut day2 = day1.clone();
-        let mut added: [Vec<Row>; 2] = Default::default();
-        for (i, row) in day2[0].iter_mut().enumerate() {
-            if i % 9 == 0 {
-                let changed = random_row(&mut state, row[0].clone().unwrap_or_default(), false);
-                row[1] = changed[1].clone();
-                row[2] = changed[2].clone();
-                added[0].push(row.clone());
-            }
-        }
-        for (s, table) in ["a", "b"].iter().enumerate() {
-            for i in 0..80 {
-                let row = random_row(&mut state, format!("{table}new{i}"), false);
-                day2[s].push(row.clone());
-                added[s].push(row);
-            }
-        }
         let ctx = SessionContext::new();
         register(&ctx, "a", &day2[0]);
         register(&ctx, "b", &day2[1]);
@@ -1362,19 +1535,20 @@ mod tests {
             added: vec!["added_a".into(), "added_b".into()],
             rows_then: day1.iter().map(|r| r.len() as u64).collect(),
             rows_now: day2.iter().map(|r| r.len() as u64).collect(),
+            last: Some(first.stats.last()),
         };
         let part = identity.resolve(&ctx, 2, Some(&since)).await.unwrap();
         assert!(whole.whole && !part.whole);
-        let stats = whole.stats.to_string();
-        assert_eq!(part.stats.to_string(), stats);
-        assert!(
-            whole.stats.new_ids > 0 && whole.stats.merged_ids > 0,
-            "{stats}"
-        );
-        assert!(stats.contains("oversized match keys ignored"), "{stats}");
+        (first, whole, part, ctx, since)
+    }
+
+    /// `part`, a resolution of the added rows after `first`, gives what `whole` gives: the same
+    /// figures and regrouped ids; `first`'s tables with its rows merged in are `whole`'s; its
+    /// map rows are those whose id or rule changed.
+    fn assert_gives_the_whole(first: &Resolution, part: &Resolution, whole: &Resolution) {
+        assert_eq!(part.stats.to_string(), whole.stats.to_string());
+        assert_eq!(part.stats.last(), whole.stats.last());
         assert_eq!(part.regrouped, whole.regrouped);
-        // The day-1 tables with the rows the resolution gives merged in are the whole
-        // resolution's tables; the map rows it gives are those whose id or rule changed.
         for (day1_rows, changes, all, columns) in [
             (&first.map, &part.map, &whole.map, 4),
             (
@@ -1401,6 +1575,54 @@ mod tests {
                 .collect::<HashSet<_>>(),
             moved
         );
+    }
+
+    /// Matching only the rows added since the last resolution, every other record's keys read
+    /// from the match-key table, gives the ids, rules, keys and figures of matching every
+    /// record again; a record gone makes it match every record.
+    #[tokio::test]
+    async fn matching_the_added_rows_gives_what_matching_every_record_gives() {
+        let identity = identity_over_a_and_b();
+        let day1 = sample(11, false);
+        // Day 2: one record of `a` in nine gets another e-mail and phone, and 80 new records
+        // join each source (new customers, and links that merge and split clusters).
+        let mut state = 99u64;
+        let mut day2 = day1.clone();
+        let mut added: [Vec<Row>; 2] = Default::default();
+        for (i, row) in day2[0].iter_mut().enumerate() {
+            if i % 9 == 0 {
+                let changed = random_row(&mut state, row[0].clone().unwrap_or_default(), false);
+                row[1] = changed[1].clone();
+                row[2] = changed[2].clone();
+                added[0].push(row.clone());
+            }
+        }
+        for (s, table) in ["a", "b"].iter().enumerate() {
+            for i in 0..80 {
+                let row = random_row(&mut state, format!("{table}new{i}"), false);
+                day2[s].push(row.clone());
+                added[s].push(row);
+            }
+        }
+        let (first, whole, part, ctx, since) =
+            resolved_on_day_two(&identity, &day1, &day2, &added).await;
+        let stats = whole.stats.to_string();
+        assert!(
+            whole.stats.new_ids > 0 && whole.stats.merged_ids > 0,
+            "{stats}"
+        );
+        assert!(stats.contains("oversized match keys ignored"), "{stats}");
+        assert_gives_the_whole(&first, &part, &whole);
+        // Without the last resolution's figures, every record is matched.
+        let unrecorded = Since {
+            last: None,
+            added: since.added.clone(),
+            rows_then: since.rows_then.clone(),
+            rows_now: since.rows_now.clone(),
+        };
+        let again = identity.resolve(&ctx, 2, Some(&unrecorded)).await.unwrap();
+        assert!(again.whole);
+        assert_eq!(again.stats.to_string(), stats);
         // A record removed from `b`: the tables no longer add up, every record is matched.
         let gone = Since {
             rows_now: vec![since.rows_now[0], since.rows_now[1] - 1],
@@ -1409,6 +1631,76 @@ mod tests {
         let again = identity.resolve(&ctx, 2, Some(&gone)).await.unwrap();
         assert!(again.whole);
         assert_eq!(again.stats.to_string(), stats);
+    }
+
+    /// Among many records, a few added rows reach few of them: only those are matched again,
+    /// and what they give is still what matching every record gives, where a group grows past
+    /// `max_group` and where one shrinks under it.
+    #[tokio::test]
+    async fn matching_the_added_rows_matches_only_the_records_they_reach() {
+        let identity = identity_over_a_and_b();
+        let row = |id: String, email: String, phone: Option<&str>| -> Row {
+            [Some(id), Some(email), phone.map(str::to_string), None, None]
+        };
+        // Day 1: 1,500 pairs, a{i} and b{i} sharing e-mail e{i}; a0-a39 share a phone (a group
+        // past `max_group`, ignored), and a100-a106 another (seven, one too many).
+        let phone = |i: usize| match i {
+            0..40 => Some("030 5550111"),
+            100..107 => Some("030 5550333"),
+            _ => None,
+        };
+        let day1: [Vec<Row>; 2] = [
+            (0..1500)
+                .map(|i| row(format!("a{i}"), format!("e{i}@mail.example"), phone(i)))
+                .collect(),
+            (0..1500)
+                .map(|i| row(format!("b{i}"), format!("e{i}@mail.example"), None))
+                .collect(),
+        ];
+        // Day 2: a5 takes a7's e-mail (b5 is left alone, a5 joins a7's id); a100 loses its
+        // phone, so a101-a106 match by it; b1500 shares e9; a1500 joins the 40 of one phone;
+        // a1501 and b1501 are a new pair.
+        let mut day2 = day1.clone();
+        day2[0][5][1] = Some("e7@mail.example".into());
+        day2[0][100][2] = None;
+        let new = [
+            vec![
+                row("a1500".into(), "n0@mail.example".into(), Some("030 5550111")),
+                row("a1501".into(), "n1@mail.example".into(), None),
+            ],
+            vec![
+                row("b1500".into(), "e9@mail.example".into(), None),
+                row("b1501".into(), "n1@mail.example".into(), None),
+            ],
+        ];
+        let mut added = [vec![day2[0][5].clone(), day2[0][100].clone()], Vec::new()];
+        for s in 0..2 {
+            day2[s].extend(new[s].iter().cloned());
+            added[s].extend(new[s].iter().cloned());
+        }
+        let (first, whole, part, _, _) = resolved_on_day_two(&identity, &day1, &day2, &added).await;
+        assert_gives_the_whole(&first, &part, &whole);
+        let stats = whole.stats.to_string();
+        // a7's id and five of a101-a106's go; a1500, and a1501 with b1501, get new ids. b5
+        // keeps its id, which a5, a7 and b7 now have too: one customer.
+        let expected = "identity customer: 3004 records -> 1496 customers (2 new, 6 merged)";
+        assert!(stats.starts_with(expected), "{stats}");
+        assert!(
+            stats.ends_with("; 1 oversized match keys ignored"),
+            "{stats}"
+        );
+        // The records reached: those of the ids of a0-a39 (phone 030 5550111, a5, a7 and a9
+        // among them) and of a100-a106 (phone 030 5550333), two records each, and the four new.
+        let reached = part.record_ids.source.len();
+        assert_eq!(reached, 2 * (40 + 7) + 4, "{stats}");
+        assert_eq!(whole.record_ids.source.len(), 3004);
+        let a = |ids: &[&str]| ids.iter().map(|i| i.to_string()).collect::<HashSet<_>>();
+        assert!(
+            part.record_ids
+                .ids_of(&[a(&["a5", "a100"]), a(&["b1500"])])
+                .is_some()
+        );
+        assert_eq!(part.record_ids.ids_of(&[a(&["a600"]), HashSet::new()]), None);
     }
 
     /// Records loaded and grouped on several threads give the map and figures of one thread.

@@ -608,7 +608,9 @@ impl Runner {
             }
             edited.push(ids);
         }
-        Ok(record_ids.ids_of(&edited))
+        record_ids.ids_of(&edited).ok_or_else(|| {
+            Error::Internal("an edited record is not among the records matched again".into())
+        })
     }
 
     /// Rows of a table from the log's record counts, less the rows deletion vectors remove:
@@ -694,6 +696,9 @@ impl Runner {
             added: Vec::new(),
             rows_then: Vec::new(),
             rows_now: Vec::new(),
+            last: written
+                .get("figures")
+                .and_then(|f| serde_json::from_value(f.clone()).ok()),
         };
         let mut providers = Vec::new();
         for s in &identity.sources {
@@ -853,6 +858,7 @@ impl Runner {
         let written = serde_json::json!({
             "map": state.version_after(&identity.map_table),
             "keys": state.version_after(&keys_table),
+            "figures": stats.last(),
         });
         state.state_after.insert(keys_state, written.to_string());
         let started = Instant::now();
