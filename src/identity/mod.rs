@@ -545,6 +545,25 @@ pub struct RecordIds {
 }
 
 impl RecordIds {
+    /// The map's (source, source_id, id) rows of the records whose id is one of `ids`. Every
+    /// record of an id a resolution gives or changes is among its records, so these are the
+    /// map's rows of those ids.
+    pub fn map_rows(&self, identity: &Identity, ids: &HashSet<String>) -> Result<RecordBatch> {
+        let rows: Vec<usize> = (0..self.source.len())
+            .filter(|&i| ids.contains(self.id.value(i)))
+            .collect();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("source", DataType::Utf8, false),
+            Field::new("source_id", DataType::Utf8, false),
+            Field::new(identity.id_column.as_str(), DataType::Utf8, false),
+        ]));
+        let sources = strings(&rows, |i| identity.sources[self.source[i]].name.as_str());
+        let records = strings(&rows, |i| self.record.value(i));
+        let ids = strings(&rows, |i| self.id.value(i));
+        RecordBatch::try_new(schema, vec![sources, records, ids])
+            .map_err(|e| Error::Internal(format!("identity map rows: {e}")))
+    }
+
     /// The entity ids of the records whose ids are in `records[source]`, per source index;
     /// `None` when one of them is not among these records (a resolution of added rows holds
     /// only the records they reach).
@@ -1665,7 +1684,11 @@ mod tests {
         day2[0][100][2] = None;
         let new = [
             vec![
-                row("a1500".into(), "n0@mail.example".into(), Some("030 5550111")),
+                row(
+                    "a1500".into(),
+                    "n0@mail.example".into(),
+                    Some("030 5550111"),
+                ),
                 row("a1501".into(), "n1@mail.example".into(), None),
             ],
             vec![
@@ -1700,7 +1723,10 @@ mod tests {
                 .ids_of(&[a(&["a5", "a100"]), a(&["b1500"])])
                 .is_some()
         );
-        assert_eq!(part.record_ids.ids_of(&[a(&["a600"]), HashSet::new()]), None);
+        assert_eq!(
+            part.record_ids.ids_of(&[a(&["a600"]), HashSet::new()]),
+            None
+        );
     }
 
     /// Records loaded and grouped on several threads give the map and figures of one thread.

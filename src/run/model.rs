@@ -891,24 +891,11 @@ impl Runner {
                     "rebuilding the golden records of changed ids, removing those of merged ids"
                 );
                 let full = ctx.table_provider(identity.map_table.as_str()).await?;
-                let schema = Arc::new(Schema::new(vec![Field::new(
-                    KEYS_COLUMN,
-                    DataType::Utf8,
-                    false,
-                )]));
-                let ids = StringArray::from_iter_values(ids.iter());
-                let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids)])?;
-                let keys = MemTable::try_new(schema, vec![vec![batch]])?;
-                let narrowed = ctx.read_table(full.clone())?.join_on(
-                    ctx.read_table(Arc::new(keys))?,
-                    JoinType::LeftSemi,
-                    [ident(&identity.id_column).eq(col(KEYS_COLUMN))],
-                )?;
-                // In memory, its row count known: the golden SQL hashes these few rows and
-                // streams the record tables past them, rather than hashing the record tables.
-                let schema = Arc::new(narrowed.schema().as_arrow().clone());
-                let rows = narrowed.collect().await?;
-                let narrowed = MemTable::try_new(schema, vec![rows])?;
+                // The map's rows of those ids, from the resolution (which matched every record
+                // of them), in memory with their count known: the golden SQL hashes these few
+                // rows and streams the record tables past them.
+                let rows = record_ids.map_rows(identity, ids)?;
+                let narrowed = MemTable::try_new(rows.schema(), vec![vec![rows]])?;
                 ctx.deregister_table(identity.map_table.as_str())?;
                 ctx.register_table(identity.map_table.as_str(), Arc::new(narrowed))?;
                 Some(full)
@@ -928,6 +915,11 @@ impl Runner {
                         .await?;
                     let schema = records.schema();
                     let rows = datafusion::physical_plan::collect(records, ctx.task_ctx()).await?;
+                    tracing::debug!(
+                        records = rows.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "golden: records of changed ids gathered"
+                    );
                     ctx.deregister_table(RECORDS)?;
                     ctx.register_table(RECORDS, Arc::new(MemTable::try_new(schema, vec![rows])?))?;
                     // Typed as the whole query types the golden fields (the table's columns;
