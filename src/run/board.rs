@@ -34,6 +34,8 @@ pub(super) struct Board {
     wanted: Mutex<std::collections::HashSet<String>>,
     /// Tables that several of the run's pipelines write.
     shared: std::collections::HashSet<String>,
+    /// Each table's chain: the steps on the longest chain from its writer to the run's end.
+    chains: HashMap<String, usize>,
     /// Bumped at each post and when the board closes.
     changed: watch::Sender<u64>,
     closed: std::sync::atomic::AtomicBool,
@@ -51,6 +53,28 @@ impl Board {
     /// The board of a run of `pipelines` (in their order).
     pub fn new(pipelines: &[&Pipeline]) -> Board {
         let mut writers: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut steps: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+        for p in pipelines {
+            steps.extend(
+                p.sources
+                    .iter()
+                    .map(|s| (Vec::new(), vec![s.table.clone()])),
+            );
+            steps.extend(
+                p.models
+                    .iter()
+                    .map(|m| (m.depends_on.clone(), vec![m.name.clone()])),
+            );
+            steps.extend(p.identities.iter().map(|id| {
+                let reads = id.sources.iter().map(|s| s.table.clone()).collect();
+                let writes = vec![
+                    id.map_table.clone(),
+                    id.golden_table.clone(),
+                    id.keys_table(),
+                ];
+                (reads, writes)
+            }));
+        }
         for (i, p) in pipelines.iter().enumerate() {
             let tables = p
                 .sources
@@ -71,7 +95,10 @@ impl Board {
                 }
             }
         }
-        Board::of(writers)
+        Board {
+            chains: super::places::chain_lengths(&steps),
+            ..Board::of(writers)
+        }
     }
 
     /// The board of tables written by the pipelines (indices) given for each.
@@ -86,6 +113,7 @@ impl Board {
             tables: Mutex::new(tables),
             wanted: Mutex::default(),
             shared: shared.into_keys().collect(),
+            chains: HashMap::new(),
             changed: watch::Sender::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
         }
@@ -189,6 +217,17 @@ impl Board {
         Ok(Lookup::Pending)
     }
 
+    /// The longest chain of steps, over the run's pipelines, from a step writing `tables` to
+    /// the run's end (0 when none is known).
+    pub fn chain(&self, tables: &[String]) -> usize {
+        tables
+            .iter()
+            .filter_map(|t| self.chains.get(t))
+            .max()
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Whether a pipeline waits for any of `tables`.
     pub fn wanted(&self, tables: &[String]) -> bool {
         let wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
@@ -232,7 +271,7 @@ pub(super) struct BoardView {
     /// The pipelines it reads from before they commit.
     pub upstream: Vec<usize>,
     /// Places for the steps of the run's pipelines: each step holds one while it builds.
-    pub places: Arc<tokio::sync::Semaphore>,
+    pub places: Arc<super::places::Places>,
 }
 
 impl BoardView {

@@ -7,6 +7,7 @@ mod board;
 mod database;
 mod lock;
 mod model;
+mod places;
 pub(crate) use model::model_definition;
 mod progress;
 mod quarantine;
@@ -335,7 +336,7 @@ impl Runner {
         }
         let alone = Arc::new(tokio::sync::RwLock::new(()));
         let board = Arc::new(board::Board::new(chosen));
-        let places = Arc::new(tokio::sync::Semaphore::new(width));
+        let places = places::Places::new(width);
         let mut tasks = tokio::task::JoinSet::new();
         for (i, (p, tx)) in chosen.iter().zip(senders).enumerate() {
             let upstream: Vec<usize> = p

@@ -118,8 +118,15 @@ type Done = (usize, usize, RunState, SessionContext, Result<()>);
 
 impl Runner {
     /// The steps' indices, first those that write a table another pipeline waits for and the
-    /// steps these wait for, then the others, each in step order.
-    fn urgent_first(&self, state: &RunState, work: &[Work], deps: &[Vec<usize>]) -> Vec<usize> {
+    /// steps these wait for, then the others; each by the longest chain of steps they start
+    /// (`chains`), then in step order.
+    fn urgent_first(
+        &self,
+        state: &RunState,
+        work: &[Work],
+        deps: &[Vec<usize>],
+        chains: &[usize],
+    ) -> Vec<usize> {
         let mut urgent = vec![false; work.len()];
         if let Some(view) = &state.board {
             for (i, w) in work.iter().enumerate().rev() {
@@ -131,9 +138,33 @@ impl Runner {
                 }
             }
         }
-        let (mut first, rest): (Vec<usize>, Vec<usize>) = (0..work.len()).partition(|i| urgent[*i]);
-        first.extend(rest);
-        first
+        let mut order: Vec<usize> = (0..work.len()).collect();
+        order.sort_by_key(|&i| (!urgent[i], std::cmp::Reverse(chains[i]), i));
+        order
+    }
+
+    /// Each step's chain: the steps on the longest chain from it to the end of the run, over
+    /// the run's pipelines when they build side by side, else over `work`.
+    fn chains(&self, state: &RunState, work: &[Work]) -> Vec<usize> {
+        let writes: Vec<Vec<String>> = work.iter().map(Work::writes).collect();
+        let local = super::places::chain_lengths(
+            &work
+                .iter()
+                .zip(&writes)
+                .map(|(w, writes)| {
+                    let reads = w.reads().into_iter().map(str::to_string).collect();
+                    (reads, writes.clone())
+                })
+                .collect::<Vec<_>>(),
+        );
+        writes
+            .iter()
+            .map(|tables| {
+                let here = tables.iter().filter_map(|t| local.get(t)).max().copied();
+                let run = state.board.as_ref().map(|v| v.board.chain(tables));
+                here.unwrap_or(0).max(run.unwrap_or(0))
+            })
+            .collect()
     }
 
     /// Steps run at once.
@@ -163,7 +194,7 @@ impl Runner {
     ) -> Result<()> {
         // A place among the steps of the pipelines building side by side.
         let _place = match &state.board {
-            Some(view) => view.places.clone().acquire_owned().await.ok(),
+            Some(view) => Some(view.places.take(view.board.chain(&work.writes())).await),
             None => None,
         };
         match work {
@@ -200,6 +231,7 @@ impl Runner {
             return Ok(());
         }
         let deps = dependencies(&work);
+        let chains = self.chains(state, &work);
         let n = work.len();
         let mut started = vec![false; n];
         let mut done = vec![false; n];
@@ -222,7 +254,7 @@ impl Runner {
             let mut waiting = false;
             if error.is_none() {
                 let exclusive = alone.first().copied().filter(|_| running.is_empty());
-                for i in self.urgent_first(state, &work, &deps) {
+                for i in self.urgent_first(state, &work, &deps, &chains) {
                     let ready = match exclusive {
                         Some(e) => i == e,
                         None => {
