@@ -504,6 +504,7 @@ fn strings<'a>(rows: &[usize], value: impl Fn(usize) -> &'a str) -> ArrayRef {
 
 /// What changed in the record tables since the last resolution, for a resolution that
 /// normalises only those rows and takes every other record's keys from the match-key table.
+#[derive(Clone)]
 pub struct Since {
     /// Per record source (in declaration order), a table of the rows added to its table since
     /// the last resolution (new records, and new versions of changed ones).
@@ -1635,9 +1636,7 @@ mod tests {
         // Without the last resolution's figures, every record is matched.
         let unrecorded = Since {
             last: None,
-            added: since.added.clone(),
-            rows_then: since.rows_then.clone(),
-            rows_now: since.rows_now.clone(),
+            ..since.clone()
         };
         let again = identity.resolve(&ctx, 2, Some(&unrecorded)).await.unwrap();
         assert!(again.whole);

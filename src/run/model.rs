@@ -19,7 +19,7 @@ use super::{RunState, Runner};
 use crate::config::pipeline::WriteMode;
 use crate::config::pipeline::{ModelIncrementalSpec, SlicesSpec};
 use crate::error::{Error, Result};
-use crate::identity::{Identity, RecordIds, Regrouped, Resolution, Since};
+use crate::identity::{Identity, LastFigures, RecordIds, Regrouped, Resolution, Since};
 use crate::plan::Model;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch_as};
@@ -698,7 +698,7 @@ impl Runner {
             rows_now: Vec::new(),
             last: written
                 .get("figures")
-                .and_then(|f| serde_json::from_value(f.clone()).ok()),
+                .and_then(|f| <LastFigures as serde::Deserialize>::deserialize(f).ok()),
         };
         let mut providers = Vec::new();
         for s in &identity.sources {

@@ -144,25 +144,32 @@ impl Runner {
     }
 
     /// Each step's chain: the steps on the longest chain from it to the end of the run, over
-    /// the run's pipelines when they build side by side, else over `work`.
+    /// the run's pipelines when they build side by side (the board counted them), else over
+    /// `work`.
     fn chains(&self, state: &RunState, work: &[Work]) -> Vec<usize> {
         let writes: Vec<Vec<String>> = work.iter().map(Work::writes).collect();
-        let local = super::places::chain_lengths(
-            &work
-                .iter()
-                .zip(&writes)
-                .map(|(w, writes)| {
-                    let reads = w.reads().into_iter().map(str::to_string).collect();
-                    (reads, writes.clone())
-                })
-                .collect::<Vec<_>>(),
-        );
+        if let Some(view) = &state.board {
+            return writes.iter().map(|t| view.board.chain(t)).collect();
+        }
+        let steps: Vec<(Vec<String>, Vec<String>)> = work
+            .iter()
+            .zip(&writes)
+            .map(|(w, t)| {
+                (
+                    w.reads().into_iter().map(str::to_string).collect(),
+                    t.clone(),
+                )
+            })
+            .collect();
+        let local = super::places::chain_lengths(&steps);
         writes
             .iter()
-            .map(|tables| {
-                let here = tables.iter().filter_map(|t| local.get(t)).max().copied();
-                let run = state.board.as_ref().map(|v| v.board.chain(tables));
-                here.unwrap_or(0).max(run.unwrap_or(0))
+            .map(|t| {
+                t.iter()
+                    .filter_map(|t| local.get(t))
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
             })
             .collect()
     }
@@ -186,15 +193,17 @@ impl Runner {
             .max(1)
     }
 
+    /// Run one step of chain `chain` (see [`Runner::chains`]).
     async fn run_work(
         &self,
         work: &Work,
+        chain: usize,
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<()> {
         // A place among the steps of the pipelines building side by side.
         let _place = match &state.board {
-            Some(view) => Some(view.places.take(view.board.chain(&work.writes())).await),
+            Some(view) => Some(view.places.take(chain).await),
             None => None,
         };
         match work {
@@ -222,16 +231,16 @@ impl Runner {
         state: &mut RunState,
     ) -> Result<()> {
         let threads = self.threads(state);
+        let chains = self.chains(state, &work);
         if threads <= 1 || work.len() <= 1 {
-            for w in &work {
+            for (w, chain) in work.iter().zip(&chains) {
                 self.wait_for_upstream(ctx, state, &w.reads()).await?;
-                self.run_work(w, ctx, state).await?;
+                self.run_work(w, *chain, ctx, state).await?;
                 self.post(state, &w.writes());
             }
             return Ok(());
         }
         let deps = dependencies(&work);
-        let chains = self.chains(state, &work);
         let n = work.len();
         let mut started = vec![false; n];
         let mut done = vec![false; n];
@@ -308,11 +317,11 @@ impl Runner {
                     in_flight.push(i);
                     let fork = state.fork();
                     let at = fork.staged.len();
-                    let (runner, step) = (self.clone(), work[i].clone());
+                    let (runner, step, chain) = (self.clone(), work[i].clone(), chains[i]);
                     running.spawn(
                         async move {
                             let mut fork = fork;
-                            let result = runner.run_work(&step, &fork_ctx, &mut fork).await;
+                            let result = runner.run_work(&step, chain, &fork_ctx, &mut fork).await;
                             (i, at, fork, fork_ctx, result)
                         }
                         .in_current_span(),
