@@ -52,6 +52,22 @@ pub fn session_with_runtime(
     Ok(ctx)
 }
 
+/// A session like [`session_with_runtime`]'s whose default catalog is named `catalog` (the
+/// server names it after the database clients connect to).
+pub fn session_in_catalog(
+    settings: &EngineSettings,
+    params: &RunParams,
+    runtime: Arc<RuntimeEnv>,
+    catalog: &str,
+) -> Result<SessionContext> {
+    let config = configure(SessionConfig::new(), settings)?
+        .with_default_catalog_and_schema(catalog, "public");
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    udf::register(&ctx, params);
+    crate::optimizer::register(&ctx);
+    Ok(ctx)
+}
+
 /// `config` with kbcrm's defaults and the project's engine and `datafusion:` settings.
 pub fn configure(config: SessionConfig, settings: &EngineSettings) -> Result<SessionConfig> {
     let mut config = config

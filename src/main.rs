@@ -39,6 +39,9 @@ fn main() -> ExitCode {
     }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // `kbcrm serve` moves statements' syntax trees and plans through these threads (their
+        // depth bounded by the server's complexity limit); reserved, not used, until needed.
+        .thread_stack_size(kbcrm::serve::pool::PROTOCOL_STACK_SIZE)
         .build()
     {
         Ok(rt) => rt,

@@ -223,8 +223,8 @@ pub struct ServeSpec {
     /// Most clients connected at once; more are refused with error 53300. Default 64.
     #[serde(default)]
     pub max_connections: Option<usize>,
-    /// Default statement timeout, e.g. "30s" or "5min"; "0" for none. Default 5min.
-    /// Clients may change it per session with `SET statement_timeout`.
+    /// Statement timeout, e.g. "30s" or "5min"; "0" for none. Default 5min. A ceiling: a
+    /// session may lower it with `SET statement_timeout`, not raise or remove it.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub statement_timeout: Option<Spanned<String>>,
@@ -238,6 +238,27 @@ pub struct ServeSpec {
     /// Refuse clients that do not use TLS.
     #[serde(default)]
     pub require_tls: bool,
+    /// Time a client has from connecting to being logged in, e.g. "5s" (the default).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub login_timeout: Option<Spanned<String>>,
+    /// Connections still logging in at once, besides `max_connections`; when more arrive, the
+    /// one waiting longest is closed. Default 32.
+    #[serde(default)]
+    pub max_pending_logins: Option<usize>,
+    /// Largest message a logged-in client may send, e.g. "64MiB" (the default); a larger one is
+    /// refused with error 08P01 before it is read. Before login the limit is 16 KiB.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub max_message_size: Option<Spanned<String>>,
+    /// The name of the one database the server holds, which clients connect to
+    /// (`dbname=kbcrm`); default "kbcrm".
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Statements planned or running at once over all connections; more wait for a turn
+    /// (their statement timeout runs while they wait). Default twice the number of cores.
+    #[serde(default)]
+    pub max_running_statements: Option<usize>,
 }
 
 /// A TLS certificate chain and its private key.
@@ -263,6 +284,11 @@ pub struct RoleSpec {
     /// Per table, a SQL condition rows must meet to be seen, e.g. `region = 'North'`.
     #[serde(default)]
     pub row_filter: IndexMap<String, String>,
+    /// The role's statement timeout, e.g. "30s"; default `serve.statement_timeout`. A ceiling:
+    /// the role's sessions may lower it with `SET statement_timeout`, not raise or remove it.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub statement_timeout: Option<Spanned<String>>,
 }
 
 /// A user of the SQL server.

@@ -45,6 +45,16 @@ pub struct ServeSettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Refuse plaintext clients.
     pub require_tls: bool,
+    /// Time from connecting to being logged in.
+    pub login_timeout: Duration,
+    /// Connections logging in at once, besides the logged-in ones.
+    pub max_pending_logins: usize,
+    /// Largest message a logged-in client may send, in bytes.
+    pub max_message_size: usize,
+    /// Statements planned or running at once.
+    pub max_running_statements: usize,
+    /// The database clients connect to (`dbname=`).
+    pub database: String,
 }
 
 impl Default for ServeSettings {
@@ -56,6 +66,13 @@ impl Default for ServeSettings {
             refresh_interval: Duration::from_secs(2),
             tls: None,
             require_tls: false,
+            login_timeout: Duration::from_secs(5),
+            max_pending_logins: 32,
+            max_message_size: 64 << 20,
+            max_running_statements: 2 * std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            database: "kbcrm".into(),
         }
     }
 }
@@ -70,6 +87,8 @@ pub struct Role {
     pub pii: bool,
     /// Row conditions per table.
     pub row_filter: BTreeMap<String, String>,
+    /// The role's own statement timeout, when it has one (else the server's).
+    pub statement_timeout: Option<Option<Duration>>,
 }
 
 impl Role {
@@ -82,6 +101,7 @@ impl Role {
             matcher: Arc::new(b.build().unwrap_or_else(|_| GlobSet::empty())),
             pii,
             row_filter: BTreeMap::new(),
+            statement_timeout: None,
         }
     }
 
@@ -165,6 +185,56 @@ pub(super) fn build(
             Err(m) => at(format!("serve.refresh_interval: {m}"), Some(&t.referenced)),
         }
     }
+    if let Some(t) = &s.login_timeout {
+        match parse_duration(&t.value) {
+            Ok(Some(d)) => serve.login_timeout = d,
+            Ok(None) => at(
+                "serve.login_timeout must be more than 0".into(),
+                Some(&t.referenced),
+            ),
+            Err(m) => at(format!("serve.login_timeout: {m}"), Some(&t.referenced)),
+        }
+    }
+    if let Some(n) = s.max_pending_logins {
+        if n == 0 {
+            at("serve.max_pending_logins must be at least 1".into(), None);
+        }
+        serve.max_pending_logins = n.max(1);
+    }
+    if let Some(m) = &s.max_message_size {
+        match crate::config::project::parse_byte_size(&m.value) {
+            Ok(n) if ((64 << 10)..=(1 << 30)).contains(&n) => serve.max_message_size = n,
+            Ok(_) => at(
+                "serve.max_message_size must be between 64KiB and 1GiB".into(),
+                Some(&m.referenced),
+            ),
+            Err(msg) => at(
+                format!("serve.max_message_size: {msg}"),
+                Some(&m.referenced),
+            ),
+        }
+    }
+    if let Some(d) = &s.database {
+        if d.is_empty() || d.len() > 63 || d.chars().any(|c| c.is_control() || c == '"') {
+            at(
+                format!(
+                    "serve.database: '{d}' is not a database name (1 to 63 characters, no quotes)"
+                ),
+                None,
+            );
+        } else {
+            serve.database = d.clone();
+        }
+    }
+    if let Some(n) = s.max_running_statements {
+        if n == 0 {
+            at(
+                "serve.max_running_statements must be at least 1".into(),
+                None,
+            );
+        }
+        serve.max_running_statements = n.max(1);
+    }
     serve.tls = s
         .tls
         .as_ref()
@@ -189,6 +259,19 @@ pub(super) fn build(
             }
         }
         let matcher = b.build().unwrap_or_else(|_| GlobSet::empty());
+        let statement_timeout =
+            r.statement_timeout
+                .as_ref()
+                .and_then(|t| match parse_duration(&t.value) {
+                    Ok(d) => Some(d),
+                    Err(m) => {
+                        at(
+                            format!("roles.{name}.statement_timeout: {m}"),
+                            Some(&t.referenced),
+                        );
+                        None
+                    }
+                });
         roles.insert(
             name.clone(),
             Role {
@@ -196,6 +279,7 @@ pub(super) fn build(
                 matcher: Arc::new(matcher),
                 pii: r.pii,
                 row_filter: r.row_filter.clone().into_iter().collect(),
+                statement_timeout,
             },
         );
     }

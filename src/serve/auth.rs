@@ -13,18 +13,17 @@ use pgwire::api::auth::{
     save_startup_parameters_to_metadata,
 };
 use pgwire::api::cancel::CancelHandler;
-use pgwire::api::{
-    ClientInfo, METADATA_USER, PgWireConnectionState, PidSecretKeyGenerator,
-    RandomPidSecretKeyGenerator,
-};
+use pgwire::api::{ClientInfo, METADATA_USER, PgWireConnectionState};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
-use pgwire::messages::startup::{Authentication, SecretKey};
-use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use pgwire::messages::startup::{Authentication, PasswordMessageFamily, SecretKey};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, ProtocolVersion};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::scram::{self, ScramError, Verifier};
+use super::wire::Limits;
 
 /// Metadata key holding the session's statement timeout in milliseconds (the key
 /// datafusion-postgres reads too).
@@ -52,13 +51,12 @@ pub struct ConnSession {
     /// This connection's session with its own memory pool, for the role session it was made
     /// from (a connection runs one statement at a time, so the pool is per statement).
     pub(super) own: Mutex<Option<OwnSession>>,
+    /// The connection's place under `max_connections`, given back when it closes.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// A connection's own session and the role session it copies.
-pub(super) type OwnSession = (
-    Arc<super::catalog::RoleSession>,
-    Arc<datafusion_postgres::DfSessionService>,
-);
+pub(super) type OwnSession = (Arc<super::catalog::RoleSession>, super::queries::Service);
 
 impl ConnSession {
     /// A token for the statement about to run; a cancel request for this connection fires it.
@@ -83,6 +81,42 @@ impl Drop for ConnSession {
 #[derive(Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<i32, Weak<ConnSession>>>,
+}
+
+impl Registry {
+    /// A process id no live connection has, with a random secret key of the length the
+    /// client's protocol version uses; the id is held until the connection's session drops.
+    fn allocate(&self, protocol: ProtocolVersion) -> (i32, SecretKey) {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let mut sessions = self.sessions.lock().expect("registry lock");
+        let pid = loop {
+            let pid = rng.random_range(1..i32::MAX);
+            if !sessions.contains_key(&pid) {
+                break pid;
+            }
+        };
+        sessions.insert(pid, Weak::new());
+        let secret = match protocol {
+            ProtocolVersion::PROTOCOL3_0 => SecretKey::I32(rng.random()),
+            _ => {
+                let mut bytes = vec![0u8; 32];
+                rng.fill(&mut bytes[..]);
+                SecretKey::Bytes(bytes.into())
+            }
+        };
+        (pid, secret)
+    }
+
+    /// Logged-in connections.
+    pub fn len(&self) -> usize {
+        self.sessions.lock().expect("registry lock").len()
+    }
+
+    /// Whether nobody is logged in.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Answers cancel requests: the key must match the connection's secret.
@@ -120,15 +154,64 @@ enum AuthState {
 pub struct Login {
     shared: Arc<Shared>,
     state: tokio::sync::Mutex<AuthState>,
+    limits: Arc<Limits>,
 }
 
 impl Login {
-    pub(super) fn new(shared: Arc<Shared>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, limits: Arc<Limits>) -> Self {
         Login {
             shared,
             state: tokio::sync::Mutex::new(AuthState::Start),
+            limits,
         }
     }
+}
+
+/// The mechanism and data of a SASLInitialResponse, read without trusting its lengths: a
+/// client answering with a plain or md5 password gets an error, not a crash.
+fn sasl_initial(msg: PasswordMessageFamily) -> PgWireResult<(String, Bytes)> {
+    let body = match msg {
+        PasswordMessageFamily::SASLInitialResponse(m) => {
+            return Ok((m.auth_method, m.data.unwrap_or_default()));
+        }
+        PasswordMessageFamily::Raw(body) => body.freeze(),
+        _ => return Err(not_scram()),
+    };
+    let end = body.iter().position(|b| *b == 0).ok_or_else(not_scram)?;
+    let mechanism = std::str::from_utf8(&body[..end])
+        .map_err(|_| not_scram())?
+        .to_string();
+    let rest = &body[end + 1..];
+    if rest.len() < 4 {
+        return Err(not_scram());
+    }
+    let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    let data = if len == -1 {
+        Bytes::new()
+    } else if len >= 0 && rest.len() - 4 == len as usize {
+        body.slice(end + 5..)
+    } else {
+        return Err(not_scram());
+    };
+    Ok((mechanism, data))
+}
+
+/// The data of a SASLResponse.
+fn sasl_continue(msg: PasswordMessageFamily) -> PgWireResult<Bytes> {
+    match msg {
+        PasswordMessageFamily::Raw(body) => Ok(body.freeze()),
+        PasswordMessageFamily::SASLResponse(m) => Ok(m.data),
+        _ => Err(not_scram()),
+    }
+}
+
+fn not_scram() -> PgWireError {
+    pg_error(
+        "FATAL",
+        "08P01",
+        "expected a SCRAM-SHA-256 authentication message; the server accepts no plain or md5 \
+         passwords",
+    )
 }
 
 fn auth_failed(user: &str) -> PgWireError {
@@ -169,6 +252,25 @@ impl StartupHandler for Login {
                 {
                     return Err(pg_error("FATAL", "28000", "no user name given"));
                 }
+                // Like PostgreSQL, a client naming no database asks for its user's.
+                let database = &self.shared.serve.database;
+                let asked = client
+                    .metadata()
+                    .get(pgwire::api::METADATA_DATABASE)
+                    .or_else(|| client.metadata().get(METADATA_USER))
+                    .cloned()
+                    .unwrap_or_default();
+                if &asked != database {
+                    return Err(pg_error(
+                        "FATAL",
+                        "3D000",
+                        format!(
+                            "database \"{}\" does not exist; this server holds one database, \
+                             \"{database}\" (connect with dbname={database})",
+                            asked.chars().take(64).collect::<String>()
+                        ),
+                    ));
+                }
                 client.set_state(PgWireConnectionState::AuthenticationInProgress);
                 client
                     .send(PgWireBackendMessage::Authentication(Authentication::SASL(
@@ -177,6 +279,16 @@ impl StartupHandler for Login {
                     .await?;
             }
             PgWireFrontendMessage::PasswordMessageFamily(msg) => {
+                if !matches!(
+                    client.state(),
+                    PgWireConnectionState::AuthenticationInProgress
+                ) {
+                    return Err(pg_error(
+                        "FATAL",
+                        "08P01",
+                        "a password message before the startup message",
+                    ));
+                }
                 let user = client
                     .metadata()
                     .get(METADATA_USER)
@@ -185,18 +297,17 @@ impl StartupHandler for Login {
                 let mut state = self.state.lock().await;
                 match std::mem::replace(&mut *state, AuthState::Done) {
                     AuthState::Start => {
-                        let first = msg.into_sasl_initial_response()?;
-                        if first.auth_method != "SCRAM-SHA-256" {
+                        let (mechanism, data) = sasl_initial(msg)?;
+                        if mechanism != "SCRAM-SHA-256" {
                             return Err(pg_error(
                                 "FATAL",
                                 "28000",
                                 format!(
                                     "authentication method {} is not offered; use SCRAM-SHA-256",
-                                    first.auth_method
+                                    mechanism.chars().take(64).collect::<String>()
                                 ),
                             ));
                         }
-                        let data = first.data.unwrap_or_default();
                         let verifier = self
                             .shared
                             .user(&user)
@@ -213,8 +324,8 @@ impl StartupHandler for Login {
                         *state = AuthState::Challenged(Box::new(pending), user);
                     }
                     AuthState::Challenged(pending, user) => {
-                        let resp = msg.into_sasl_response()?;
-                        let server_final = match pending.finish(&resp.data) {
+                        let data = sasl_continue(msg)?;
+                        let server_final = match pending.finish(&data) {
                             Ok(f) => f,
                             Err(ScramError::WrongProof) => {
                                 tracing::warn!(%user, "failed login");
@@ -226,29 +337,52 @@ impl StartupHandler for Login {
                         let Some(account) = self.shared.user(&user) else {
                             return Err(auth_failed(&user));
                         };
+                        let Ok(slot) = self.shared.slots.clone().try_acquire_owned() else {
+                            tracing::warn!(%user, "connection limit reached");
+                            return Err(pg_error(
+                                "FATAL",
+                                "53300",
+                                "sorry, too many clients already",
+                            ));
+                        };
                         client
                             .send(PgWireBackendMessage::Authentication(
                                 Authentication::SASLFinal(Bytes::from(server_final)),
                             ))
                             .await?;
-                        self.open_session(client, &user, &account.role);
+                        self.open_session(client, &user, &account.role, slot);
                         finish_authentication(client, &self.shared.parameters).await?;
+                        self.limits
+                            .logged_in
+                            .store(true, std::sync::atomic::Ordering::Release);
                         tracing::info!(%user, role = %account.role, "login");
                     }
                     AuthState::Done => return Err(PgWireError::InvalidSASLState),
                 }
             }
-            _ => {}
+            _ => {
+                return Err(pg_error(
+                    "FATAL",
+                    "08P01",
+                    "unexpected message before login",
+                ));
+            }
         }
         Ok(())
     }
 }
 
 impl Login {
-    fn open_session<C: ClientInfo>(&self, client: &mut C, user: &str, role: &str) {
-        let (pid, secret) = RandomPidSecretKeyGenerator::default().generate(client);
+    fn open_session<C: ClientInfo>(
+        &self,
+        client: &mut C,
+        user: &str,
+        role: &str,
+        slot: OwnedSemaphorePermit,
+    ) {
+        let (pid, secret) = self.shared.registry.allocate(client.protocol_version());
         client.set_pid_and_secret_key(pid, secret.clone());
-        if let Some(t) = self.shared.serve.statement_timeout {
+        if let Some(t) = self.shared.timeout_ceiling(role) {
             client
                 .metadata_mut()
                 .insert(TIMEOUT_KEY.into(), t.as_millis().to_string());
@@ -261,6 +395,7 @@ impl Login {
             current: Mutex::new(None),
             registry: self.shared.registry.clone(),
             own: Mutex::new(None),
+            _slot: slot,
         });
         if let Some(s) = client.session_extensions().get::<ConnSession>() {
             self.shared
@@ -279,30 +414,4 @@ fn malformed(e: &ScramError) -> PgWireError {
         ScramError::WrongProof => "wrong proof",
     };
     pg_error("FATAL", "08P01", format!("malformed SCRAM message: {what}"))
-}
-
-/// The login of a client beyond `max_connections`: refused with 53300, like PostgreSQL.
-pub struct TooMany;
-
-#[async_trait]
-impl StartupHandler for TooMany {
-    async fn on_startup<C>(
-        &self,
-        _client: &mut C,
-        message: PgWireFrontendMessage,
-    ) -> PgWireResult<()>
-    where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        match message {
-            PgWireFrontendMessage::Startup(_) => Err(pg_error(
-                "FATAL",
-                "53300",
-                "sorry, too many clients already",
-            )),
-            _ => Ok(()),
-        }
-    }
 }

@@ -50,30 +50,35 @@ impl RoleSession {
         self.cluster.as_ref().filter(|c| c.takes(stmt))
     }
 
-    /// The role's session for one statement: the same tables and settings, with a memory pool
-    /// of its own of `memory_limit` bytes (so the engine limit applies per query, and one
-    /// heavy query cannot starve the others). Without a limit, the shared session.
-    pub fn for_statement(
+    /// The role's session for one connection of `user`: the same tables and settings, the
+    /// login as `current_user`, and with `memory_limit` a memory pool of its own of that many
+    /// bytes (a connection runs one statement at a time, so the engine limit applies per
+    /// query, and one heavy query cannot starve the others).
+    pub fn for_connection(
         &self,
+        user: &str,
         memory_limit: Option<usize>,
         memory_pool: MemoryPoolKind,
-    ) -> Result<Arc<DfSessionService>> {
-        let Some(limit) = memory_limit else {
-            return Ok(self.service.clone());
-        };
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
-            &self.ctx.runtime_env(),
-        )
-        .with_memory_pool(crate::engine::memory_pool(memory_pool, limit))
-        .build_arc()?;
-        let state = datafusion::execution::session_state::SessionStateBuilder::new_from_existing(
-            self.ctx.state(),
-        )
-        .with_runtime_env(runtime)
-        .build();
-        Ok(Arc::new(DfSessionService::new(Arc::new(
-            SessionContext::new_with_state(state),
-        ))))
+    ) -> Result<(Arc<SessionContext>, Arc<DfSessionService>)> {
+        let mut state =
+            datafusion::execution::session_state::SessionStateBuilder::new_from_existing(
+                self.ctx.state(),
+            );
+        if let Some(limit) = memory_limit {
+            let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+                &self.ctx.runtime_env(),
+            )
+            .with_memory_pool(crate::engine::memory_pool(memory_pool, limit))
+            .build_arc()?;
+            state = state.with_runtime_env(runtime);
+        }
+        let ctx = SessionContext::new_with_state(state.build());
+        // `current_user` reaches the engine as `session_user` (the compatibility rewrites).
+        for name in ["session_user", "current_role", "user"] {
+            ctx.register_udf(constant_text_udf(name, user));
+        }
+        let ctx = Arc::new(ctx);
+        Ok((ctx.clone(), Arc::new(DfSessionService::new(ctx))))
     }
 }
 
@@ -86,6 +91,7 @@ pub async fn build(
     cluster: Option<&SessionContext>,
 ) -> Result<Catalog> {
     let params = engine::today_params();
+    let database = &project.access.serve.database;
     let base = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
     let wh = Warehouse::open(&project.warehouse)?;
     let cluster_base = cluster.map(|root| on_cluster(root, &params));
@@ -105,7 +111,9 @@ pub async fn build(
     };
     let mut roles = HashMap::new();
     for (name, role) in &project.access.roles {
-        let ctx = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
+        // The session's catalog is the database clients connect to: `current_database()`,
+        // `pg_database` and `information_schema` name it.
+        let ctx = engine::session_in_catalog(&project.engine, &params, runtime.clone(), database)?;
         let hidden = roles::register_views(&base, &ctx, &tables, name, role, project).await?;
         // A rollup answers for a role only when the role reads it as it is: unmasked and
         // unfiltered (the tables it stands for must be plain too; the routing checks that).
@@ -116,7 +124,7 @@ pub async fn build(
                     && (role.pii || project.access.pii.get(r).is_none_or(|c| c.is_empty()))
             })
             .await?;
-        setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
+        setup_pg_catalog(&ctx, database, EmptyContextProvider)
             .map_err(|e| Error::Usage(format!("pg_catalog: {e}")))?;
         ctx.register_udf(version_udf());
         ctx.register_udf(to_regtype_udf());
@@ -158,6 +166,22 @@ fn on_cluster(root: &SessionContext, params: &crate::udf::RunParams) -> SessionC
     let ctx = engine::with_empty_catalog(root);
     crate::udf::register(&ctx, params);
     ctx
+}
+
+/// A function of no arguments returning `value`.
+fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
+    let value = value.to_string();
+    create_udf(
+        name,
+        vec![],
+        DataType::Utf8,
+        Volatility::Stable,
+        Arc::new(move |_: &[ColumnarValue]| {
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(
+                value.clone(),
+            ))))
+        }),
+    )
 }
 
 /// `to_regtype(name)`: the type's oid, or NULL for a type the server does not have (psycopg
@@ -253,7 +277,8 @@ fn no_serial_sequence_udf() -> ScalarUDF {
 /// `version()` as PostgreSQL words it: clients such as SQLAlchemy parse the number from it.
 fn version_udf() -> ScalarUDF {
     let text = format!(
-        "PostgreSQL 16.6 (kbcrm {}, Apache DataFusion) on {}-linux, 64-bit",
+        "PostgreSQL {} (kbcrm {}, Apache DataFusion) on {}-linux, 64-bit",
+        super::SERVER_VERSION,
         env!("CARGO_PKG_VERSION"),
         std::env::consts::ARCH
     );

@@ -19,6 +19,8 @@ use datafusion_postgres::DfSessionService;
 
 /// One role's session on the cluster.
 pub struct ClusterSide {
+    /// The cluster session.
+    pub ctx: Arc<SessionContext>,
     /// The PostgreSQL-protocol service over the cluster session.
     pub service: Arc<DfSessionService>,
     /// The role's tables, as the cluster session holds them.
@@ -49,8 +51,10 @@ impl ClusterSide {
             .and_then(|c| c.schema(&schema))
             .map(|s| s.table_names().into_iter().collect())
             .unwrap_or_default();
+        let ctx = Arc::new(ctx);
         ClusterSide {
-            service: Arc::new(DfSessionService::new(Arc::new(ctx))),
+            service: Arc::new(DfSessionService::new(ctx.clone())),
+            ctx,
             tables,
             functions,
             catalog,

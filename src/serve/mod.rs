@@ -10,10 +10,15 @@
 pub mod auth;
 pub mod catalog;
 pub mod cluster;
+pub mod complexity;
+pub mod execute;
 pub mod policy;
+pub mod pool;
 pub mod queries;
 pub mod scram;
+pub mod stop;
 pub mod users;
+pub mod wire;
 
 use std::fs::File;
 use std::io::BufReader;
@@ -23,9 +28,6 @@ use std::sync::{Arc, RwLock};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use pgwire::api::auth::DefaultServerParameterProvider;
-use pgwire::api::{ClientInfo, ErrorHandler, PgWireServerHandlers};
-use pgwire::error::PgWireError;
-use pgwire::tokio::process_socket;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -37,9 +39,14 @@ use crate::plan::access::{ServeSettings, User};
 use crate::plan::{Overrides, Project};
 use crate::warehouse::Warehouse;
 
-use auth::{Cancel, Login, Registry, TooMany};
+use auth::{Login, Registry};
 use catalog::{Catalog, RoleSession};
 use queries::Queries;
+
+/// The PostgreSQL version the server answers as. Clients choose their catalog queries by it,
+/// and pg_dump dumps only servers of its own major version or older: 15 lets pg_dump 15 and
+/// later dump the warehouse's schema.
+pub const SERVER_VERSION: &str = "15.6";
 
 /// What every connection shares.
 pub struct Shared {
@@ -58,8 +65,12 @@ pub struct Shared {
     /// Keys the decoy verifiers of unknown users; random per server start.
     secret: [u8; 32],
     registry: Arc<Registry>,
+    /// One permit per logged-in connection, `max_connections` in all.
+    slots: Arc<Semaphore>,
     parameters: DefaultServerParameterProvider,
     parser: PostgresCompatibilityParser,
+    /// Where statements are parsed, planned and run.
+    pool: Arc<pool::QueryPool>,
 }
 
 impl Shared {
@@ -75,6 +86,16 @@ impl Shared {
     /// The project as last read (users, roles, PII columns).
     pub fn project(&self) -> Arc<Project> {
         self.project.read().expect("project lock").clone()
+    }
+
+    /// The longest a statement of `role` may run: the role's own limit, else the server's.
+    pub fn timeout_ceiling(&self, role: &str) -> Option<std::time::Duration> {
+        self.project()
+            .access
+            .roles
+            .get(role)
+            .and_then(|r| r.statement_timeout)
+            .unwrap_or(self.serve.statement_timeout)
     }
 
     /// A user's account, if declared.
@@ -148,52 +169,11 @@ pub(crate) fn default_setting(name: &str) -> &'static str {
     }
 }
 
-/// Handlers of one logged-in connection.
-struct Connection {
+/// Handlers of one connection.
+pub struct Connection {
     shared: Arc<Shared>,
     login: Arc<Login>,
     queries: Arc<Queries>,
-}
-
-impl PgWireServerHandlers for Connection {
-    fn simple_query_handler(&self) -> Arc<impl pgwire::api::query::SimpleQueryHandler> {
-        self.queries.clone()
-    }
-
-    fn extended_query_handler(&self) -> Arc<impl pgwire::api::query::ExtendedQueryHandler> {
-        self.queries.clone()
-    }
-
-    fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
-        self.login.clone()
-    }
-
-    fn error_handler(&self) -> Arc<impl ErrorHandler> {
-        Arc::new(LogErrors)
-    }
-
-    fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
-        Arc::new(Cancel {
-            registry: self.shared.registry.clone(),
-        })
-    }
-}
-
-/// Handlers of a connection beyond the limit: its login is refused with 53300.
-struct Refused;
-
-impl PgWireServerHandlers for Refused {
-    fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
-        Arc::new(TooMany)
-    }
-}
-
-struct LogErrors;
-
-impl ErrorHandler for LogErrors {
-    fn on_error<C: ClientInfo>(&self, client: &C, error: &mut PgWireError) {
-        tracing::debug!(peer = %client.socket_addr(), "{error}");
-    }
 }
 
 fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor> {
@@ -218,10 +198,12 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor
     ))
     .map_err(|e| fail(key, format!("not a PEM private key: {e}")))?
     .ok_or_else(|| fail(key, "no private key in the file".into()))?;
-    let config = ServerConfig::builder()
+    let mut config = ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key_der)
         .map_err(|e| fail(cert, format!("certificate and key do not fit: {e}")))?;
+    // Clients negotiating TLS directly (PostgreSQL 17's sslnegotiation=direct) must name it.
+    config.alpn_protocols = vec![wire::ALPN.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -290,17 +272,21 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let pool = pool::QueryPool::new(threads, serve.max_running_statements)
+            .map_err(|e| Error::Usage(format!("cannot start the query threads: {e}")))?;
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
         let mut parameters = DefaultServerParameterProvider::default();
-        parameters.server_version = "16.6".into();
+        parameters.server_version = SERVER_VERSION.into();
         parameters.is_superuser = false;
         parameters.default_transaction_read_only = true;
         let modified = std::fs::metadata(project.root.join(crate::plan::PROJECT_FILE))
             .and_then(|m| m.modified())
             .ok();
         let shared = Arc::new(Shared {
-            serve,
             project: RwLock::new(Arc::new(project)),
             overrides,
             project_file_changed: std::sync::Mutex::new(modified),
@@ -310,8 +296,11 @@ impl Server {
             cluster,
             secret,
             registry: Arc::new(Registry::default()),
+            slots: Arc::new(Semaphore::new(serve.max_connections)),
             parameters,
             parser: PostgresCompatibilityParser::new(),
+            pool: Arc::new(pool),
+            serve,
         });
         Ok(Server {
             listener,
@@ -347,37 +336,36 @@ impl Server {
                 }
             }
         });
-        let slots = Arc::new(Semaphore::new(shared.serve.max_connections));
+        let pending = Arc::new(wire::Pending::new(shared.serve.max_pending_logins));
         loop {
-            let (socket, peer) = match listener.accept().await {
+            let (socket, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
+                    // Out of file descriptors, say: give connections time to close.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let tls = tls.clone();
-            let shared = shared.clone();
-            let slots = slots.clone();
-            tokio::spawn(async move {
-                let result = match slots.try_acquire_owned() {
-                    Ok(_permit) => {
-                        let handlers = Connection {
-                            login: Arc::new(Login::new(shared.clone())),
-                            queries: Arc::new(Queries::new(shared.clone())),
-                            shared,
-                        };
-                        process_socket(socket, tls, handlers).await
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, "connection limit reached");
-                        process_socket(socket, tls, Refused).await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, "connection ended: {e}");
-                }
+            let waiting = pending.enter();
+            let deadline = tokio::time::Instant::now() + shared.serve.login_timeout;
+            let limits = Arc::new(wire::Limits {
+                logged_in: std::sync::atomic::AtomicBool::new(false),
+                after_login: shared.serve.max_message_size,
             });
+            let handlers = Connection {
+                login: Arc::new(Login::new(shared.clone(), limits.clone())),
+                queries: Arc::new(Queries::new(shared.clone())),
+                shared: shared.clone(),
+            };
+            tokio::spawn(wire::serve(
+                socket,
+                tls.clone(),
+                handlers,
+                limits,
+                deadline,
+                waiting,
+            ));
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Statements of a logged-in connection: judged by the policy, run in the role's session
-//! through datafusion-postgres, bounded by the statement timeout and cancel requests while
-//! planning and while rows stream.
+//! Statements of a logged-in connection: measured, parsed and judged by the policy, then
+//! queries planned and run on the query pool ([`super::execute`]) in the role's session, and
+//! settings, cursors and transactions answered through datafusion-postgres; bounded by the
+//! statement timeout and cancel requests while they wait for a turn, plan and stream.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -9,12 +10,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::common::DFSchema;
 use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
+use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::Statement;
 use datafusion_postgres::DfSessionService;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use pgwire::api::portal::{Format, Portal, PortalExecutionState};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler, send_execution_response};
-use pgwire::api::results::{FieldInfo, Response, Tag};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::{Entry, PortalStore};
 use pgwire::api::{ClientInfo, ClientPortalStore, DEFAULT_NAME, PgWireConnectionState, Type};
@@ -24,17 +26,22 @@ use pgwire::messages::data::DataRow;
 use pgwire::messages::extendedquery::Execute;
 use pgwire::messages::response::EmptyQueryResponse;
 use pgwire::messages::startup::ParameterStatus;
+use pgwire::types::format::FormatOptions;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::auth::{ConnSession, TIMEOUT_KEY, pg_error};
 use super::catalog::RoleSession;
-use super::policy::{self, Verdict};
+use super::execute;
+use super::policy::Verdict;
 use crate::plan::access::parse_duration;
 
 /// A parsed statement as the extended protocol keeps it (the type datafusion-postgres uses).
 pub type Stmt = (String, Option<(Statement, LogicalPlan)>);
+
+/// Where a statement runs: a session and the PostgreSQL-protocol service over it.
+pub type Service = (Arc<SessionContext>, Arc<DfSessionService>);
 
 /// Query handlers of one connection.
 pub struct Queries {
@@ -76,13 +83,13 @@ fn session<C: ClientInfo + ?Sized>(
     Ok((conn, role))
 }
 
-/// The session a connection's statements run in: the role's tables with a memory pool of the
-/// engine limit of its own, made once per connection and role-session version.
+/// The session a connection's statements run in ([`RoleSession::for_connection`]), made once
+/// per connection and role-session version.
 fn statement_service(
     shared: &Shared,
     conn: &ConnSession,
     role: &Arc<RoleSession>,
-) -> PgWireResult<Arc<DfSessionService>> {
+) -> PgWireResult<Service> {
     let mut own = conn.own.lock().expect("session lock");
     if let Some((made_from, service)) = own.as_ref()
         && Arc::ptr_eq(made_from, role)
@@ -90,7 +97,8 @@ fn statement_service(
         return Ok(service.clone());
     }
     let service = role
-        .for_statement(
+        .for_connection(
+            &conn.user,
             shared.project().engine.memory_limit,
             shared.project().engine.query_memory_pool(),
         )
@@ -99,28 +107,57 @@ fn statement_service(
     Ok(service)
 }
 
-/// The service a statement runs in: the role's session on the cluster when the statement goes
-/// there ([`super::cluster::ClusterSide::takes`]), else the connection's own.
+/// Where a statement runs: the role's session on the cluster when the statement goes there
+/// ([`super::cluster::ClusterSide::takes`]), else the connection's own.
 fn service_for(
     shared: &Shared,
     conn: &ConnSession,
     role: &Arc<RoleSession>,
     stmt: &Statement,
-) -> PgWireResult<Arc<DfSessionService>> {
+) -> PgWireResult<Service> {
     match role.cluster_for(stmt) {
         Some(cluster) => {
             tracing::debug!("on the Ballista cluster: {stmt}");
-            Ok(cluster.service.clone())
+            Ok((cluster.ctx.clone(), cluster.service.clone()))
         }
         None => statement_service(shared, conn, role),
     }
 }
 
-fn parse(shared: &Shared, sql: &str) -> PgWireResult<Vec<Statement>> {
-    shared
-        .parser
-        .parse(sql)
-        .map_err(|e| pg_error("ERROR", "42601", format!("syntax error: {e}")))
+/// `sql`'s statements, measured, parsed and judged on the query pool (walking a syntax tree
+/// recurses once per level, which the pool's threads have the stack for).
+async fn prepare(
+    shared: &Arc<Shared>,
+    role: &Arc<RoleSession>,
+    sql: &str,
+    token: &CancellationToken,
+    deadline: Option<Instant>,
+) -> PgWireResult<Vec<execute::Prepared>> {
+    let (s, r, text) = (shared.clone(), role.clone(), sql.to_string());
+    let job = shared
+        .pool
+        .spawn_now(async move { execute::prepare(&s, &text, &r.hidden) });
+    bounded(job, token, deadline).await?
+}
+
+/// Plan a query on the pool: EXPLAIN with the rollup routing row where rollups answer, else
+/// the statement's own plan.
+async fn plan_query(
+    shared: &Arc<Shared>,
+    role: &Arc<RoleSession>,
+    ctx: Arc<SessionContext>,
+    stmt: Statement,
+    token: &CancellationToken,
+    deadline: Option<Instant>,
+) -> PgWireResult<LogicalPlan> {
+    let role = role.clone();
+    let job = shared.pool.spawn(async move {
+        if let Some(plan) = explain_with_routing(&role, &stmt).await? {
+            return Ok(plan);
+        }
+        execute::plan(&ctx, stmt).await
+    });
+    bounded(job, token, deadline).await?
 }
 
 fn deadline<C: ClientInfo + ?Sized>(client: &C) -> Option<Instant> {
@@ -198,7 +235,7 @@ fn bound_response(r: Response, token: &CancellationToken, deadline: Option<Insta
 }
 
 /// Give engine errors PostgreSQL's SQLSTATEs so clients react as they would to PostgreSQL.
-fn engine_error(e: PgWireError) -> PgWireError {
+pub(super) fn engine_error(e: PgWireError) -> PgWireError {
     let PgWireError::ApiError(inner) = &e else {
         return e;
     };
@@ -220,10 +257,12 @@ fn engine_error(e: PgWireError) -> PgWireError {
     pg_error("ERROR", code, text.to_string())
 }
 
-/// Apply a client setting to this connection only.
+/// Apply a client setting to this connection only. `statement_timeout` may go down from the
+/// role's limit, never up or off.
 async fn apply_setting<C>(
     shared: &Shared,
     client: &mut C,
+    role: &str,
     name: &str,
     value: Option<String>,
     report: Option<&'static str>,
@@ -233,8 +272,9 @@ where
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
     if name == "statement_timeout" {
+        let ceiling = shared.timeout_ceiling(role);
         let timeout = match &value {
-            None => shared.serve.statement_timeout,
+            None => ceiling,
             Some(v) => parse_duration(v).map_err(|m| {
                 pg_error(
                     "ERROR",
@@ -243,6 +283,19 @@ where
                 )
             })?,
         };
+        if let Some(limit) = ceiling
+            && timeout.is_none_or(|t| t > limit)
+        {
+            return Err(pg_error(
+                "ERROR",
+                "42501",
+                format!(
+                    "statement_timeout may be lowered, not raised or switched off: role \
+                     \"{role}\" runs statements for at most {} (kbcrm.yaml)",
+                    humantime::format_duration(limit)
+                ),
+            ));
+        }
         match timeout {
             Some(t) => client
                 .metadata_mut()
@@ -272,6 +325,32 @@ where
     Ok(Response::Execution(Tag::new("SET")))
 }
 
+/// A query's response: its columns, and rows computed on the pool as they are read, ended by
+/// an error when the statement is cancelled or times out.
+#[allow(clippy::too_many_arguments)]
+fn query_response(
+    shared: &Shared,
+    ctx: Arc<SessionContext>,
+    plan: LogicalPlan,
+    stmt: &Statement,
+    names: &[Option<String>],
+    format: &Format,
+    options: Arc<FormatOptions>,
+    token: &CancellationToken,
+    deadline: Option<Instant>,
+) -> PgWireResult<Response> {
+    let fields = Arc::new(execute::fields(&plan, names, format, Some(options))?);
+    let rows = execute::rows(shared.pool.clone(), ctx, plan, fields.clone());
+    let mut response = QueryResponse::new(
+        fields,
+        bounded_rows(Box::pin(rows), token.clone(), deadline),
+    );
+    if matches!(stmt, Statement::Explain { .. }) {
+        response.set_command_tag("EXPLAIN");
+    }
+    Ok(Response::Query(response))
+}
+
 #[async_trait]
 impl SimpleQueryHandler for Queries {
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
@@ -282,31 +361,56 @@ impl SimpleQueryHandler for Queries {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let (conn, role) = session(&self.shared, client)?;
-        let statements = parse(&self.shared, query)?;
+        let token = conn.start_statement();
+        let deadline = deadline(client);
+        let statements = prepare(&self.shared, &role, query, &token, deadline).await?;
         if statements.is_empty() {
             return Ok(vec![Response::EmptyQuery]);
         }
-        let token = conn.start_statement();
-        let deadline = deadline(client);
+        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
         let mut out = Vec::new();
-        for mut stmt in statements {
-            match policy::judge(&stmt, &role.hidden) {
+        for execute::Prepared {
+            stmt,
+            verdict,
+            names,
+        } in statements
+        {
+            match verdict {
                 Verdict::Refuse(code, msg) => return Err(pg_error("ERROR", code, msg)),
                 Verdict::Reply(tag) => out.push(Response::Execution(Tag::new(tag))),
                 Verdict::Set {
                     name,
                     value,
                     report,
-                } => out.push(apply_setting(&self.shared, client, &name, value, report).await?),
+                } => out.push(
+                    apply_setting(&self.shared, client, &conn.role, &name, value, report).await?,
+                ),
+                Verdict::Run if execute::is_query(&stmt) => {
+                    let (ctx, _) = service_for(&self.shared, &conn, &role, &stmt)?;
+                    let plan = plan_query(
+                        &self.shared,
+                        &role,
+                        ctx.clone(),
+                        stmt.clone(),
+                        &token,
+                        deadline,
+                    )
+                    .await?;
+                    out.push(query_response(
+                        &self.shared,
+                        ctx,
+                        plan,
+                        &stmt,
+                        &names,
+                        &Format::UnifiedText,
+                        options.clone(),
+                        &token,
+                        deadline,
+                    )?);
+                }
                 Verdict::Run => {
-                    policy::simplify_catalog_subqueries(&mut stmt);
-                    policy::empty_index_catalog_queries(&mut stmt);
-                    if let Some(r) = explain_with_routing(&role, &stmt, client).await? {
-                        out.push(r);
-                        continue;
-                    }
                     let sql = stmt.to_string();
-                    let service = service_for(&self.shared, &conn, &role, &stmt)?;
+                    let (_, service) = service_for(&self.shared, &conn, &role, &stmt)?;
                     let responses = bounded(
                         <DfSessionService as SimpleQueryHandler>::do_query(&service, client, &sql),
                         &token,
@@ -325,13 +429,13 @@ impl SimpleQueryHandler for Queries {
     }
 }
 
-/// An `EXPLAIN` (without ANALYZE) in a role session with rollups: DataFusion's plan rows and
-/// the `rollup_routing` row saying which rollup answered each aggregate or why none did.
-async fn explain_with_routing<C: ClientInfo + ?Sized>(
+/// The plan of an `EXPLAIN` (without ANALYZE) in a role session with rollups: DataFusion's
+/// plan rows and the `rollup_routing` row saying which rollup answered each aggregate or why
+/// none did. `None` for any other statement.
+async fn explain_with_routing(
     role: &RoleSession,
     stmt: &Statement,
-    client: &C,
-) -> PgWireResult<Option<Response>> {
+) -> PgWireResult<Option<LogicalPlan>> {
     let Some(inner) = crate::rollup::explained(stmt) else {
         return Ok(None);
     };
@@ -356,16 +460,14 @@ async fn explain_with_routing<C: ClientInfo + ?Sized>(
     let df = ctx
         .read_batches(batches)
         .map_err(|e| fail(e.strip_backtrace()))?;
-    let options = Arc::new(pgwire::types::format::FormatOptions::from_client_metadata(
-        client.metadata(),
-    ));
-    let resp = datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe(
-        df,
-        &Format::UnifiedText,
-        Some(options),
-    )
-    .await?;
-    Ok(Some(Response::Query(resp)))
+    Ok(Some(df.into_unoptimized_plan()))
+}
+
+/// The PostgreSQL column names of a prepared statement's text (one statement).
+fn written_names(sql: &str) -> Vec<Option<String>> {
+    execute::column_names_of(sql)
+        .and_then(|mut all| (all.len() == 1).then(|| all.remove(0)))
+        .unwrap_or_default()
 }
 
 fn empty_plan() -> LogicalPlan {
@@ -393,22 +495,29 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let (_, role) = session(&self.shared, client)?;
-        let mut statements = parse(&self.shared, sql)?;
+        let (conn, role) = session(&self.shared, client)?;
+        let token = conn.start_statement();
+        let deadline = deadline(client);
+        let mut statements = prepare(&self.shared, &role, sql, &token, deadline).await?;
         if statements.is_empty() {
             return Ok(None);
         }
-        let mut stmt = statements.remove(0);
-        match policy::judge(&stmt, &role.hidden) {
+        let execute::Prepared { stmt, verdict, .. } = statements.remove(0);
+        match verdict {
             Verdict::Refuse(code, msg) => Err(pg_error("ERROR", code, msg)),
             Verdict::Reply(_) | Verdict::Set { .. } => {
                 Ok(Some((sql.to_string(), Some((stmt, empty_plan())))))
             }
-            Verdict::Run => {
-                policy::simplify_catalog_subqueries(&mut stmt);
-                policy::empty_index_catalog_queries(&mut stmt);
+            Verdict::Run if execute::is_query(&stmt) => {
                 // Planned where it will run: a plan of the role's local tables cannot be sent
                 // to the cluster.
+                let (ctx, _) = service_for(&self.shared, &conn, &role, &stmt)?;
+                let plan =
+                    plan_query(&self.shared, &role, ctx, stmt.clone(), &token, deadline).await?;
+                // The text as the client wrote it: its column names are PostgreSQL's.
+                Ok(Some((sql.to_string(), Some((stmt, plan)))))
+            }
+            Verdict::Run => {
                 let service = match role.cluster_for(&stmt) {
                     Some(cluster) => &cluster.service,
                     None => &role.service,
@@ -434,6 +543,17 @@ impl QueryParser for Parser {
         stmt: &Stmt,
         column_format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
+        if let (sql, Some((s, plan))) = stmt
+            && execute::is_query(s)
+        {
+            let names = written_names(sql);
+            return execute::fields(
+                plan,
+                &names,
+                column_format.unwrap_or(&Format::UnifiedText),
+                None,
+            );
+        }
         match self.shared.any_role() {
             Some(r) => r
                 .service
@@ -542,31 +662,68 @@ impl ExtendedQueryHandler for Queries {
     {
         let (conn, role) = session(&self.shared, client)?;
         if let (_, Some((stmt, _))) = &portal.statement.statement {
-            match policy::judge(stmt, &role.hidden) {
+            match super::policy::judge(stmt, &role.hidden) {
                 Verdict::Refuse(code, msg) => return Err(pg_error("ERROR", code, msg)),
                 Verdict::Reply(tag) => return Ok(Response::Execution(Tag::new(tag))),
                 Verdict::Set {
                     name,
                     value,
                     report,
-                } => return apply_setting(&self.shared, client, &name, value, report).await,
+                } => {
+                    return apply_setting(&self.shared, client, &conn.role, &name, value, report)
+                        .await;
+                }
                 Verdict::Run => {}
             }
         }
         let token = conn.start_statement();
         let deadline = deadline(client);
-        let service = match &portal.statement.statement {
-            (_, Some((stmt, _))) => service_for(&self.shared, &conn, &role, stmt)?,
-            _ => statement_service(&self.shared, &conn, &role)?,
-        };
-        let response = bounded(
-            <DfSessionService as ExtendedQueryHandler>::do_query(
-                &service, client, portal, max_rows,
-            ),
-            &token,
-            deadline,
-        )
-        .await?;
-        Ok(bound_response(response, &token, deadline))
+        match &portal.statement.statement {
+            (_, Some((stmt, plan))) if execute::is_query(stmt) => {
+                let (ctx, _) = service_for(&self.shared, &conn, &role, stmt)?;
+                let wire = self
+                    .parser
+                    .get_parameter_types(&portal.statement.statement)?;
+                let inferred = execute::parameter_types(plan)?;
+                let inferred: Vec<_> = inferred.iter().map(Option::as_ref).collect();
+                let wire: Vec<_> = wire.iter().map(Some).collect();
+                let params = datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters_with_server_types(
+                    portal, &inferred, &wire,
+                )?;
+                let plan = plan.clone();
+                let job = self.shared.pool.spawn(async move {
+                    plan.replace_params_with_values(&params)
+                        .map_err(execute::engine_error)
+                });
+                let plan = bounded(job, &token, deadline).await??;
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                query_response(
+                    &self.shared,
+                    ctx,
+                    plan,
+                    stmt,
+                    &written_names(&portal.statement.statement.0),
+                    &portal.result_column_format,
+                    options,
+                    &token,
+                    deadline,
+                )
+            }
+            statement => {
+                let (_, service) = match statement {
+                    (_, Some((stmt, _))) => service_for(&self.shared, &conn, &role, stmt)?,
+                    _ => statement_service(&self.shared, &conn, &role)?,
+                };
+                let response = bounded(
+                    <DfSessionService as ExtendedQueryHandler>::do_query(
+                        &service, client, portal, max_rows,
+                    ),
+                    &token,
+                    deadline,
+                )
+                .await?;
+                Ok(bound_response(response, &token, deadline))
+            }
+        }
     }
 }

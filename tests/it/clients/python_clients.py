@@ -23,7 +23,7 @@ def check(cond, what):
 
 
 with psycopg.connect(DSN) as conn:
-    check(conn.info.parameter_status("server_version").startswith("16"), "server_version")
+    check(conn.info.parameter_status("server_version").startswith("15"), "server_version")
     with conn.cursor() as cur:
         # Simple protocol.
         cur.execute("select count(*) from sales", prepare=False)
