@@ -12,7 +12,6 @@ use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::SessionContext;
 use datafusion_postgres::DfSessionService;
-use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
 
 use crate::engine;
@@ -109,6 +108,7 @@ pub async fn build(
     } else {
         crate::rollup::Rollups::default()
     };
+    let users = super::pgcompat::Users(Arc::new(project.access.users.keys().cloned().collect()));
     let mut roles = HashMap::new();
     for (name, role) in &project.access.roles {
         // The session's catalog is the database clients connect to: `current_database()`,
@@ -124,8 +124,9 @@ pub async fn build(
                     && (role.pii || project.access.pii.get(r).is_none_or(|c| c.is_empty()))
             })
             .await?;
-        setup_pg_catalog(&ctx, database, EmptyContextProvider)
+        setup_pg_catalog(&ctx, database, users.clone())
             .map_err(|e| Error::Usage(format!("pg_catalog: {e}")))?;
+        super::pgcompat::install(&ctx, database, &users.0)?;
         ctx.register_udf(version_udf());
         ctx.register_udf(to_regtype_udf());
         ctx.register_udf(no_serial_sequence_udf());

@@ -82,6 +82,7 @@ pub fn prepare(
             if verdict == Verdict::Run {
                 policy::simplify_catalog_subqueries(&mut stmt);
                 policy::empty_index_catalog_queries(&mut stmt);
+                super::pgcompat::rewrite(&mut stmt);
                 alias_duplicate_columns(&mut stmt);
             }
             let names = match &written {
@@ -145,11 +146,17 @@ pub fn is_query(stmt: &Statement) -> bool {
             | Statement::Explain { .. }
             | Statement::ShowTables { .. }
             | Statement::ShowColumns { .. }
-    )
+    ) || super::copy::is_copy_out(stmt)
 }
 
-/// The plan of a query in `ctx`, checked to be read-only.
+/// The plan of a query in `ctx` (of the query a `COPY ... TO STDOUT` reads), checked to be
+/// read-only.
 pub async fn plan(ctx: &SessionContext, stmt: Statement) -> PgWireResult<LogicalPlan> {
+    let stmt = if super::copy::is_copy_out(&stmt) {
+        super::copy::query_of(&stmt)?.0
+    } else {
+        stmt
+    };
     let plan = ctx
         .state()
         .statement_to_plan(DfStatement::Statement(Box::new(stmt)))
@@ -294,8 +301,13 @@ pub fn parameter_types(plan: &LogicalPlan) -> PgWireResult<Vec<Option<DataType>>
 /// differently from the engine (`count(*)` is `count`, `1 + 1` is `?column?`); `None` keeps
 /// the engine's name. Empty when the list has a `*` (its columns cannot be matched up).
 pub fn column_names(stmt: &Statement) -> Vec<Option<String>> {
+    use datafusion::sql::sqlparser::ast::CopySource;
     let query = match stmt {
-        Statement::Query(q) => q,
+        Statement::Query(q)
+        | Statement::Copy {
+            source: CopySource::Query(q),
+            ..
+        } => q,
         _ => return Vec::new(),
     };
     let Some(items) = select_list(query) else {

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr, ObjectName, Query, Set, SetExpr, Statement, TableFactor, Value, Visit, Visitor,
+    CopySource, Expr, LockTableMode, ObjectName, Query, Set, SetExpr, Statement, TableFactor,
+    Value, Visit, Visitor,
 };
 
 /// Client settings a session may change; the second item is the name reported back to the
@@ -34,10 +35,25 @@ const SESSION_SETTINGS: &[(&str, Option<&str>)] = &[
     ("jit", None),
     ("geqo", None),
     ("row_security", None),
+    ("synchronize_seqscans", None),
+    ("work_mem", None),
+    ("maintenance_work_mem", None),
+    ("enable_seqscan", None),
+    ("max_parallel_workers_per_gather", None),
+    ("idle_session_timeout", None),
+    ("session_replication_role", None),
+    ("vacuum_cost_delay", None),
 ];
 
 /// Table functions a query may call: none of them reads files.
-const TABLE_FUNCTIONS: &[&str] = &["generate_series", "range", "unnest", "pg_get_keywords"];
+/// (`pg_options_to_table` is rewritten into an empty table before it is planned.)
+const TABLE_FUNCTIONS: &[&str] = &[
+    "generate_series",
+    "range",
+    "unnest",
+    "pg_get_keywords",
+    "pg_options_to_table",
+];
 
 /// What to do with one statement.
 #[derive(Debug, PartialEq)]
@@ -95,12 +111,37 @@ pub fn judge(stmt: &Statement, hidden: &BTreeSet<String>) -> Verdict {
         Statement::ReleaseSavepoint { .. } => Verdict::Reply("RELEASE"),
         Statement::Deallocate { .. } => Verdict::Reply("DEALLOCATE"),
         Statement::Set(set) => judge_set(set),
+        Statement::Copy {
+            source: CopySource::Table { table_name, .. },
+            ..
+        } if super::copy::is_copy_out(stmt) => {
+            let last = table_name
+                .0
+                .last()
+                .map(|p| p.to_string().trim_matches('"').to_string())
+                .unwrap_or_default();
+            if hidden.contains(&last) {
+                Verdict::Refuse("42501", format!("permission denied for table {last}"))
+            } else {
+                check_relations(stmt, hidden)
+            }
+        }
+        Statement::Copy { .. } if super::copy::is_copy_out(stmt) => check_relations(stmt, hidden),
         Statement::Copy { .. } => Verdict::Refuse(
             "42501",
-            "COPY is not allowed: the server is read-only and does not read or write files; \
-             export with `kbcrm query --format csv` instead"
+            "COPY is allowed only out of a query or table TO STDOUT: the server is read-only \
+             and does not read or write files"
                 .into(),
         ),
+        // Nothing is ever written, so a lock that only keeps writers out has nothing to do.
+        Statement::Lock(lock)
+            if lock
+                .lock_mode
+                .as_ref()
+                .is_none_or(|m| matches!(m, LockTableMode::AccessShare)) =>
+        {
+            Verdict::Reply("LOCK TABLE")
+        }
         other => {
             let word = other
                 .to_string()
@@ -481,6 +522,19 @@ mod tests {
             assert_eq!(code(sql), "25006", "{sql}");
         }
         assert_eq!(code("copy fact_sales to '/tmp/x.csv'"), "42501");
+        assert_eq!(code("copy fact_sales from stdin"), "42501");
+        assert_eq!(code("copy fact_payment to stdout"), "42501");
+        assert_eq!(code("copy (select * from fact_payment) to stdout"), "42501");
+        assert_eq!(verdict("copy fact_sales to stdout"), Verdict::Run);
+        assert_eq!(
+            verdict("copy (select 1) to stdout (format binary)"),
+            Verdict::Run
+        );
+        assert_eq!(
+            verdict("lock table fact_sales in access share mode"),
+            Verdict::Reply("LOCK TABLE")
+        );
+        assert_eq!(code("lock table fact_sales in exclusive mode"), "25006");
         assert_eq!(code("select * from read_csv('/etc/passwd')"), "42501");
         assert_eq!(code("select 1 as a into t"), "25006");
         assert_eq!(verdict("select * from generate_series(1, 3)"), Verdict::Run);

@@ -258,7 +258,7 @@ pub(super) fn engine_error(e: PgWireError) -> PgWireError {
 }
 
 /// Apply a client setting to this connection only. `statement_timeout` may go down from the
-/// role's limit, never up or off.
+/// role's limit, never up or off: a larger value keeps the limit, with a warning.
 async fn apply_setting<C>(
     shared: &Shared,
     client: &mut C,
@@ -283,19 +283,26 @@ where
                 )
             })?,
         };
-        if let Some(limit) = ceiling
-            && timeout.is_none_or(|t| t > limit)
-        {
-            return Err(pg_error(
-                "ERROR",
-                "42501",
-                format!(
-                    "statement_timeout may be lowered, not raised or switched off: role \
-                     \"{role}\" runs statements for at most {} (kbcrm.yaml)",
-                    humantime::format_duration(limit)
-                ),
-            ));
-        }
+        // The role's limit is a ceiling: a longer timeout, or none (pg_dump sets 0 before
+        // it starts), keeps the limit, and the client is warned.
+        let timeout = match ceiling {
+            Some(limit) if timeout.is_none_or(|t| t > limit) => {
+                let notice = pgwire::error::ErrorInfo::new(
+                    "WARNING".into(),
+                    "01000".into(),
+                    format!(
+                        "statement_timeout stays at {}: role \"{role}\" may lower it, not \
+                         raise or switch it off (kbcrm.yaml)",
+                        humantime::format_duration(limit)
+                    ),
+                );
+                client
+                    .send(PgWireBackendMessage::NoticeResponse(notice.into()))
+                    .await?;
+                Some(limit)
+            }
+            _ => timeout,
+        };
         match timeout {
             Some(t) => client
                 .metadata_mut()
@@ -339,6 +346,38 @@ fn query_response(
     token: &CancellationToken,
     deadline: Option<Instant>,
 ) -> PgWireResult<Response> {
+    if super::copy::is_copy_out(stmt) {
+        let (_, copy) = super::copy::query_of(stmt)?;
+        // Rows encoded as the copy format needs them: binary fields, or text to escape.
+        let format = match copy {
+            super::copy::CopyFormat::Binary => Format::UnifiedBinary,
+            _ => Format::UnifiedText,
+        };
+        let fields = Arc::new(execute::fields(&plan, names, &format, Some(options))?);
+        let columns = fields.len();
+        let mut writer = super::copy::CopyWriter::new(
+            copy.clone(),
+            fields.iter().map(|f| f.name().to_string()).collect(),
+        );
+        let head = writer.start();
+        let rows = execute::rows(shared.pool.clone(), ctx, plan, fields);
+        let writer = Arc::new(std::sync::Mutex::new(writer));
+        let end = writer.clone();
+        let data = futures::stream::iter(head.map(Ok))
+            .chain(
+                bounded_rows(Box::pin(rows), token.clone(), deadline)
+                    .map(move |row| row.and_then(|r| writer.lock().expect("copy writer").row(&r))),
+            )
+            .chain(
+                futures::stream::once(async move { end.lock().expect("copy writer").finish() })
+                    .filter_map(|last| async move { last.map(Ok) }),
+            );
+        // Made as a text copy and then marked binary: for a binary one, `new` would add a
+        // trailer of its own, apart from the header when there are no rows.
+        let mut response = pgwire::api::results::CopyResponse::new(0, columns, data);
+        response.format = copy.code();
+        return Ok(Response::CopyOut(response));
+    }
     let fields = Arc::new(execute::fields(&plan, names, format, Some(options))?);
     let rows = execute::rows(shared.pool.clone(), ctx, plan, fields.clone());
     let mut response = QueryResponse::new(
@@ -543,6 +582,11 @@ impl QueryParser for Parser {
         stmt: &Stmt,
         column_format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
+        if let (_, Some((s, _))) = stmt
+            && super::copy::is_copy_out(s)
+        {
+            return Ok(vec![]);
+        }
         if let (sql, Some((s, plan))) = stmt
             && execute::is_query(s)
         {
@@ -635,11 +679,14 @@ impl ExtendedQueryHandler for Queries {
                     .await?;
                 status = status.to_error_state();
             }
+            Response::CopyOut(copy) => {
+                pgwire::api::copy::send_copy_out_response(client, copy).await?;
+            }
             _ => {
                 return Err(pg_error(
                     "ERROR",
                     "0A000",
-                    "COPY is not supported by the kbcrm server",
+                    "COPY from a client is not supported by the kbcrm server",
                 ));
             }
         }
