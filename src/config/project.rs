@@ -255,10 +255,6 @@ pub struct ServeSpec {
     /// (`dbname=kbcrm`); default "kbcrm".
     #[serde(default)]
     pub database: Option<String>,
-    /// Statements planned or running at once over all connections; more wait for a turn
-    /// (their statement timeout runs while they wait). Default twice the number of cores.
-    #[serde(default)]
-    pub max_running_statements: Option<usize>,
 }
 
 /// A TLS certificate chain and its private key.

@@ -51,8 +51,6 @@ pub struct ServeSettings {
     pub max_pending_logins: usize,
     /// Largest message a logged-in client may send, in bytes.
     pub max_message_size: usize,
-    /// Statements planned or running at once.
-    pub max_running_statements: usize,
     /// The database clients connect to (`dbname=`).
     pub database: String,
 }
@@ -69,9 +67,6 @@ impl Default for ServeSettings {
             login_timeout: Duration::from_secs(5),
             max_pending_logins: 32,
             max_message_size: 64 << 20,
-            max_running_statements: 2 * std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
             database: "kbcrm".into(),
         }
     }
@@ -225,15 +220,6 @@ pub(super) fn build(
         } else {
             serve.database = d.clone();
         }
-    }
-    if let Some(n) = s.max_running_statements {
-        if n == 0 {
-            at(
-                "serve.max_running_statements must be at least 1".into(),
-                None,
-            );
-        }
-        serve.max_running_statements = n.max(1);
     }
     serve.tls = s
         .tls

@@ -44,7 +44,8 @@ pub struct ConnSession {
     pub user: String,
     /// Role name.
     pub role: String,
-    pid: i32,
+    /// Backend process id (`pg_backend_pid()`, the key of cancel requests).
+    pub pid: i32,
     secret: SecretKey,
     current: Mutex<Option<CancellationToken>>,
     registry: Arc<Registry>,

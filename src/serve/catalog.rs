@@ -50,12 +50,13 @@ impl RoleSession {
     }
 
     /// The role's session for one connection of `user`: the same tables and settings, the
-    /// login as `current_user`, and with `memory_limit` a memory pool of its own of that many
+    /// login as `current_user`, its process id as `pg_backend_pid()`, and with `memory_limit` a memory pool of its own of that many
     /// bytes (a connection runs one statement at a time, so the engine limit applies per
     /// query, and one heavy query cannot starve the others).
     pub fn for_connection(
         &self,
         user: &str,
+        pid: i32,
         memory_limit: Option<usize>,
         memory_pool: MemoryPoolKind,
     ) -> Result<(Arc<SessionContext>, Arc<DfSessionService>)> {
@@ -76,6 +77,15 @@ impl RoleSession {
         for name in ["session_user", "current_role", "user"] {
             ctx.register_udf(constant_text_udf(name, user));
         }
+        ctx.register_udf(create_udf(
+            "pg_backend_pid",
+            vec![],
+            DataType::Int32,
+            Volatility::Stable,
+            Arc::new(move |_: &[ColumnarValue]| {
+                Ok(ColumnarValue::Scalar(ScalarValue::Int32(Some(pid))))
+            }),
+        ));
         let ctx = Arc::new(ctx);
         Ok((ctx.clone(), Arc::new(DfSessionService::new(ctx))))
     }

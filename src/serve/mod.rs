@@ -277,7 +277,7 @@ impl Server {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let pool = pool::QueryPool::new(threads, serve.max_running_statements)
+        let pool = pool::QueryPool::new(threads)
             .map_err(|e| Error::Usage(format!("cannot start the query threads: {e}")))?;
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
@@ -325,6 +325,11 @@ impl Server {
             tls,
             shared,
         } = self;
+        // A panic in a connection's task (a client's malformed message reaching a decoder that
+        // panics) ends that connection with an error; it is logged as one, not printed raw.
+        std::panic::set_hook(Box::new(|info| {
+            tracing::error!("panic in the server (the connection involved is closed): {info}");
+        }));
         let refresher = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(refresher.serve.refresh_interval);

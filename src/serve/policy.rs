@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    CopySource, Expr, LockTableMode, ObjectName, Query, Set, SetExpr, Statement, TableFactor,
-    Value, Visit, Visitor,
+    CopySource, Expr, LockTableMode, ObjectName, Query, Reset, Set, SetExpr, Statement,
+    TableFactor, Value, Visit, Visitor,
 };
 
 /// Client settings a session may change; the second item is the name reported back to the
@@ -111,6 +111,14 @@ pub fn judge(stmt: &Statement, hidden: &BTreeSet<String>) -> Verdict {
         Statement::ReleaseSavepoint { .. } => Verdict::Reply("RELEASE"),
         Statement::Deallocate { .. } => Verdict::Reply("DEALLOCATE"),
         Statement::Set(set) => judge_set(set),
+        Statement::Reset(reset) => match &reset.reset {
+            Reset::ConfigurationParameter(name) => {
+                session_setting(&name.to_string().to_lowercase(), None)
+            }
+            // Every setting back to its default is what a new session has; DISCARD ALL does
+            // the same for pooled connections.
+            Reset::ALL => Verdict::Reply("RESET"),
+        },
         Statement::Copy {
             source: CopySource::Table { table_name, .. },
             ..
@@ -596,6 +604,11 @@ mod tests {
             Verdict::Set { .. }
         ));
         assert_eq!(code("SET datafusion.execution.batch_size = 1"), "42501");
+        assert!(matches!(
+            verdict("RESET statement_timeout"),
+            Verdict::Set { value: None, .. }
+        ));
+        assert_eq!(code("RESET datafusion.execution.batch_size"), "42501");
         assert_eq!(code("SET work_mem_of_doom = 1"), "42704");
     }
 }

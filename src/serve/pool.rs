@@ -6,11 +6,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pgwire::error::{PgWireError, PgWireResult};
-use tokio::sync::Semaphore;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::auth::pg_error;
@@ -24,16 +22,19 @@ pub const STACK_SIZE: usize = 256 << 20;
 /// connection and the pool, and drop them (which recurses too).
 pub const PROTOCOL_STACK_SIZE: usize = 64 << 20;
 
-/// The query runtime and the turns its statements take.
+/// The query runtime. Its threads (one per core) bound the CPU all statements use together;
+/// each connection runs one statement at a time, each statement in a memory pool of its own
+/// ([`super::catalog::RoleSession::for_connection`]). A statement's work yields between
+/// batches ([`super::stop`]), so a short query is answered beside long ones, and a statement
+/// waiting for a slow client to read its rows takes no thread.
 pub struct QueryPool {
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
-    turns: Arc<Semaphore>,
 }
 
 impl QueryPool {
-    /// A pool of `threads` threads running at most `turns` statements at once.
-    pub fn new(threads: usize, turns: usize) -> std::io::Result<QueryPool> {
+    /// A pool of `threads` threads.
+    pub fn new(threads: usize) -> std::io::Result<QueryPool> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .max_blocking_threads(64)
@@ -44,28 +45,11 @@ impl QueryPool {
         Ok(QueryPool {
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
-            turns: Arc::new(Semaphore::new(turns.max(1))),
         })
     }
 
-    /// Run `work` on the pool once a turn is free. Dropping the returned job stops it.
+    /// Run `work` on the pool. Dropping the returned job stops it.
     pub fn spawn<T, F>(&self, work: F) -> Job<T>
-    where
-        T: Send + 'static,
-        F: Future<Output = T> + Send + 'static,
-    {
-        let turns = self.turns.clone();
-        let task = self.handle.spawn(async move {
-            // The semaphore is never closed.
-            let _turn = turns.acquire_owned().await;
-            work.await
-        });
-        Job(AbortOnDropHandle::new(task))
-    }
-
-    /// Run `work` on a pool thread without waiting for a turn (parsing, which the statement
-    /// needs before its turn can be judged).
-    pub fn spawn_now<T, F>(&self, work: F) -> Job<T>
     where
         T: Send + 'static,
         F: Future<Output = T> + Send + 'static,

@@ -99,6 +99,7 @@ fn statement_service(
     let service = role
         .for_connection(
             &conn.user,
+            conn.pid,
             shared.project().engine.memory_limit,
             shared.project().engine.query_memory_pool(),
         )
@@ -136,7 +137,7 @@ async fn prepare(
     let (s, r, text) = (shared.clone(), role.clone(), sql.to_string());
     let job = shared
         .pool
-        .spawn_now(async move { execute::prepare(&s, &text, &r.hidden) });
+        .spawn(async move { execute::prepare(&s, &text, &r.hidden) });
     bounded(job, token, deadline).await?
 }
 
@@ -424,6 +425,21 @@ impl SimpleQueryHandler for Queries {
                 } => out.push(
                     apply_setting(&self.shared, client, &conn.role, &name, value, report).await?,
                 ),
+                Verdict::Run if is_show_all(&stmt) => {
+                    let (ctx, _) = statement_service(&self.shared, &conn, &role)?;
+                    let plan = show_all(&self.shared, &conn, client)?;
+                    out.push(query_response(
+                        &self.shared,
+                        ctx,
+                        plan,
+                        &stmt,
+                        &[],
+                        &Format::UnifiedText,
+                        options.clone(),
+                        &token,
+                        deadline,
+                    )?);
+                }
                 Verdict::Run if execute::is_query(&stmt) => {
                     let (ctx, _) = service_for(&self.shared, &conn, &role, &stmt)?;
                     let plan = plan_query(
@@ -466,6 +482,137 @@ impl SimpleQueryHandler for Queries {
         }
         Ok(out)
     }
+}
+
+fn is_show_all(stmt: &Statement) -> bool {
+    matches!(stmt, Statement::ShowVariable { variable } if variable.len() == 1
+        && variable[0].value.eq_ignore_ascii_case("all"))
+}
+
+/// `SHOW ALL`: the session's settings as PostgreSQL lists them (name, setting, description).
+fn show_all<C: ClientInfo + ?Sized>(
+    shared: &Shared,
+    conn: &ConnSession,
+    client: &C,
+) -> PgWireResult<LogicalPlan> {
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let meta = client.metadata();
+    let get = |key: &str, default: &str| meta.get(key).cloned().unwrap_or(default.to_string());
+    let timeout = meta
+        .get(TIMEOUT_KEY)
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or("0".to_string(), |ms| {
+            humantime::format_duration(Duration::from_millis(ms)).to_string()
+        });
+    let rows: Vec<(&str, String, &str)> = vec![
+        (
+            "application_name",
+            get("application_name", ""),
+            "Sets the application name to be reported in statistics and logs.",
+        ),
+        (
+            "client_encoding",
+            "UTF8".into(),
+            "Sets the client's character set encoding.",
+        ),
+        (
+            "DateStyle",
+            get("datestyle", super::default_setting("datestyle")),
+            "Sets the display format for date and time values.",
+        ),
+        (
+            "default_transaction_read_only",
+            "on".into(),
+            "Sets the default read-only status of new transactions.",
+        ),
+        (
+            "extra_float_digits",
+            get("extra_float_digits", "1"),
+            "Sets the number of digits displayed for floating-point values.",
+        ),
+        (
+            "integer_datetimes",
+            "on".into(),
+            "Shows whether datetimes are integer based.",
+        ),
+        (
+            "IntervalStyle",
+            get("intervalstyle", super::default_setting("intervalstyle")),
+            "Sets the display format for interval values.",
+        ),
+        (
+            "is_superuser",
+            "off".into(),
+            "Shows whether the current user is a superuser.",
+        ),
+        (
+            "max_connections",
+            shared.serve.max_connections.to_string(),
+            "Sets the maximum number of concurrent connections.",
+        ),
+        (
+            "search_path",
+            get("search_path", "\"$user\", public"),
+            "Sets the schema search order for names that are not schema-qualified.",
+        ),
+        (
+            "server_encoding",
+            "UTF8".into(),
+            "Shows the server (database) character set encoding.",
+        ),
+        (
+            "server_version",
+            super::SERVER_VERSION.into(),
+            "Shows the server version.",
+        ),
+        (
+            "session_authorization",
+            conn.user.clone(),
+            "Sets the session user name.",
+        ),
+        (
+            "standard_conforming_strings",
+            "on".into(),
+            "Causes '...' strings to treat backslashes literally.",
+        ),
+        (
+            "statement_timeout",
+            timeout,
+            "Sets the maximum allowed duration of any statement.",
+        ),
+        (
+            "TimeZone",
+            get("timezone", super::default_setting("timezone")),
+            "Sets the time zone for displaying and interpreting time stamps.",
+        ),
+        (
+            "transaction_read_only",
+            "on".into(),
+            "Shows whether the current transaction is read-only.",
+        ),
+    ];
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("setting", DataType::Utf8, false),
+        Field::new("description", DataType::Utf8, false),
+    ]));
+    let batch = datafusion::arrow::record_batch::RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.1.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+        ],
+    )
+    .map_err(|e| pg_error("ERROR", "XX000", e.to_string()))?;
+    let ctx = SessionContext::new();
+    let df = ctx
+        .read_batch(batch)
+        .map_err(|e| execute::engine_error(e))?;
+    Ok(df.into_unoptimized_plan())
 }
 
 /// The plan of an `EXPLAIN` (without ANALYZE) in a role session with rollups: DataFusion's

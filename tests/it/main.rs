@@ -20,6 +20,8 @@ mod recovery;
 mod rollups;
 mod schedule;
 mod serve;
+mod serve_clients;
+mod serve_limits;
 mod sources;
 mod star;
 mod support;

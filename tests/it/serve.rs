@@ -89,7 +89,7 @@ pub(crate) fn add_user_with_env(
 
 /// A project with three tables, three roles and three users, built and ready to serve;
 /// `serve_extra` are more lines of the `serve:` block.
-fn project(serve_extra: &str) -> Project {
+pub(crate) fn project(serve_extra: &str) -> Project {
     let p = Project::empty();
     p.write(
         "kbcrm.yaml",
@@ -113,7 +113,7 @@ fn project(serve_extra: &str) -> Project {
 }
 
 pub(crate) struct Server {
-    child: Child,
+    pub(crate) child: Child,
     pub(crate) port: u16,
 }
 
@@ -124,7 +124,7 @@ impl Drop for Server {
     }
 }
 
-fn serve(p: &Project) -> Server {
+pub(crate) fn serve(p: &Project) -> Server {
     serve_with_env(p, &[])
 }
 
@@ -175,20 +175,20 @@ pub(crate) async fn connect(
 }
 
 /// The error of a call that must fail.
-fn refused<T>(r: Result<T, tokio_postgres::Error>, what: &str) -> tokio_postgres::Error {
+pub(crate) fn refused<T>(r: Result<T, tokio_postgres::Error>, what: &str) -> tokio_postgres::Error {
     match r {
         Ok(_) => panic!("{what}: accepted, expected an error"),
         Err(e) => e,
     }
 }
 
-fn message(e: &tokio_postgres::Error) -> String {
+pub(crate) fn message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| d.message().to_string())
         .unwrap_or_else(|| e.to_string())
 }
 
-fn code(e: &tokio_postgres::Error) -> String {
+pub(crate) fn code(e: &tokio_postgres::Error) -> String {
     e.code()
         .map(|c| c.code().to_string())
         .unwrap_or_else(|| format!("no code: {e}"))
@@ -549,7 +549,13 @@ fn new_table_versions_and_users_are_served_without_a_restart() {
     assert!(logged_in, "a user added by `kbcrm user add` cannot log in");
 }
 
-fn psql(port: u16, user: &str, password: &str, extra: &str, sql: &str) -> std::process::Output {
+pub(crate) fn psql(
+    port: u16,
+    user: &str,
+    password: &str,
+    extra: &str,
+    sql: &str,
+) -> std::process::Output {
     Command::new("psql")
         .args([
             &format!("host=127.0.0.1 port={port} user={user} dbname=kbcrm {extra}"),
@@ -897,7 +903,7 @@ fn the_memory_limit_applies_to_each_query() {
 }
 
 /// Resident memory and open file descriptors of a process, from /proc.
-fn rss_and_fds(pid: u32) -> (u64, usize) {
+pub(crate) fn rss_and_fds(pid: u32) -> (u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kb = status
         .lines()
