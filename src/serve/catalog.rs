@@ -337,7 +337,7 @@ impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
         args: datafusion::logical_expr::ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
         use datafusion::arrow::array::{Array, StringBuilder};
-        use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+        use datafusion::arrow::util::display::FormatOptions;
         let n = args.number_rows;
         if !args.args.len().is_multiple_of(2) {
             return Err(datafusion::error::DataFusionError::Plan(
@@ -346,10 +346,7 @@ impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
         }
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let options = FormatOptions::default();
-        let formatters = arrays
-            .iter()
-            .map(|a| ArrayFormatter::try_new(a.as_ref(), &options))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let formatters = super::pgcompat::text_formatters(&arrays, &options)?;
         let mut out = StringBuilder::new();
         for row in 0..n {
             let mut obj = serde_json::Map::new();

@@ -579,13 +579,10 @@ impl ScalarUDFImpl for Format {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         use datafusion::arrow::array::{Array, StringBuilder};
-        use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+        use datafusion::arrow::util::display::FormatOptions;
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let options = FormatOptions::default();
-        let formatters = arrays
-            .iter()
-            .map(|a| ArrayFormatter::try_new(a.as_ref(), &options))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let formatters = text_formatters(&arrays, &options)?;
         let mut out = StringBuilder::new();
         for row in 0..args.number_rows {
             if arrays[0].is_null(row) {
@@ -640,6 +637,18 @@ impl ScalarUDFImpl for Format {
         }
         Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
+}
+
+/// A formatter of each array's values as text.
+pub(super) fn text_formatters<'a>(
+    arrays: &'a [datafusion::arrow::array::ArrayRef],
+    options: &'a datafusion::arrow::util::display::FormatOptions<'a>,
+) -> Result<Vec<datafusion::arrow::util::display::ArrayFormatter<'a>>> {
+    arrays
+        .iter()
+        .map(|a| datafusion::arrow::util::display::ArrayFormatter::try_new(a.as_ref(), options))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Into::into)
 }
 
 /// `quote_literal(text)`: the text as a string literal, NULL for NULL.
@@ -1266,7 +1275,23 @@ mod tests {
             .remove(0);
         rewrite(&mut stmt);
         let text = stmt.to_string();
-        assert!(text.contains("array_agg(__kbcrm_a.__v)"), "{text}");
+        assert!(
+            text.contains("(SELECT array_agg(b.rolname) FROM pg_roles b WHERE b.oid = r.oid)"),
+            "{text}"
+        );
         assert!(!text.contains("pg_options_to_table"), "{text}");
+        // A subquery with a LIMIT keeps its rows in a derived table.
+        let mut stmt = Parser::parse_sql(
+            &PostgreSqlDialect {},
+            "SELECT ARRAY(SELECT x FROM t ORDER BY x LIMIT 3)",
+        )
+        .unwrap()
+        .remove(0);
+        rewrite(&mut stmt);
+        let text = stmt.to_string();
+        assert!(
+            text.contains("array_agg(__kbcrm_a.__v)") && text.contains("LIMIT 3"),
+            "{text}"
+        );
     }
 }

@@ -269,10 +269,7 @@ impl AsyncRead for Checked {
         let this = self.get_mut();
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let fresh = buf.filled()[before..].to_vec();
-                Poll::Ready(this.scan(&fresh))
-            }
+            Poll::Ready(Ok(())) => Poll::Ready(this.scan(&buf.filled()[before..])),
             other => other,
         }
     }

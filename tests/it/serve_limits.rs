@@ -36,6 +36,30 @@ fn cpu_over(pid: u32, window: Duration) -> f64 {
     cpu_seconds(pid) - before
 }
 
+/// The error a streaming query ends with (`what` names it when it ends without one).
+async fn stream_error<S>(stream: &mut S, what: &str) -> tokio_postgres::Error
+where
+    S: futures::Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>> + Unpin,
+{
+    use futures::StreamExt;
+    loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return e,
+            None => panic!("{what}: the rows ended without an error"),
+        }
+    }
+}
+
+/// The project of [`project`] with `from` replaced by `to` in its kbcrm.yaml.
+fn project_with(from: &str, to: &str) -> crate::support::Project {
+    let p = project("");
+    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
+    assert!(yaml.contains(from), "{from} not in kbcrm.yaml");
+    p.write("kbcrm.yaml", yaml.replace(from, to));
+    p
+}
+
 /// A cross join that would run for hours.
 const HEAVY: &str = "select count(*) from generate_series(1, 100000000) a, \
                      generate_series(1, 100000000) b";
@@ -97,9 +121,9 @@ fn deep_and_wide_statements_are_refused_or_answered_and_never_crash() {
         // The extended protocol (a prepared statement) is measured the same way.
         let e = c.prepare(&chain("+", 50_000)).await.unwrap_err();
         assert_eq!(code(&e), "54001", "{e:?}");
-        let stmt = c.prepare(&chain("+", 1_000)).await.unwrap();
+        let stmt = c.prepare(&chain("+", 500)).await.unwrap();
         let n: i64 = c.query_one(&stmt, &[]).await.unwrap().get(0);
-        assert_eq!(n, 1_000);
+        assert_eq!(n, 500);
     });
 }
 
@@ -157,12 +181,7 @@ fn logins_are_answered_while_heavy_queries_run_and_timeouts_stop_the_work() {
 
 #[test]
 fn each_connection_has_its_own_pid_and_a_cancel_stops_only_its_query() {
-    let p = project("");
-    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
-    p.write(
-        "kbcrm.yaml",
-        yaml.replace("max_connections: 4", "max_connections: 10"),
-    );
+    let p = project_with("max_connections: 4", "max_connections: 10");
     let s = serve(&p);
     let pid = s.child.id();
     rt().block_on(async {
@@ -196,13 +215,7 @@ fn each_connection_has_its_own_pid_and_a_cancel_stops_only_its_query() {
             assert!(s.next().await.unwrap().is_ok());
         }
         clients[3].cancel_token().cancel_query(NoTls).await.unwrap();
-        let err = loop {
-            match streams[3].next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => break e,
-                None => panic!("the cancelled query ended without an error"),
-            }
-        };
+        let err = stream_error(&mut streams[3], "the cancelled query").await;
         assert_eq!(code(&err), "57014", "{err:?}");
         assert!(message(&err).contains("user request"), "{err:?}");
         for (i, s) in streams.iter_mut().enumerate() {
@@ -228,13 +241,7 @@ fn each_connection_has_its_own_pid_and_a_cancel_stops_only_its_query() {
         futures::pin_mut!(stream);
         assert!(stream.next().await.unwrap().is_ok());
         clients[5].cancel_token().cancel_query(NoTls).await.unwrap();
-        let err = loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => break e,
-                None => panic!("not cancelled at the connection limit"),
-            }
-        };
+        let err = stream_error(&mut stream, "a query cancelled at the connection limit").await;
         assert_eq!(code(&err), "57014", "{err:?}");
         // A cancel whose key is wrong cancels nothing, and the connection stays usable.
         assert_eq!(texts(&clients[5], "select 5").await, vec![vec!["5"]]);
@@ -472,14 +479,9 @@ fn sockets_that_never_log_in_neither_lock_out_logins_nor_stay_open() {
 
 #[test]
 fn a_roles_statement_timeout_is_a_ceiling_a_session_cannot_lift() {
-    let p = project("");
-    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
-    p.write(
-        "kbcrm.yaml",
-        yaml.replace(
-            "analyst: { tables: [customers, sales] }",
-            "analyst: { tables: [customers, sales], statement_timeout: 1500ms }",
-        ),
+    let p = project_with(
+        "analyst: { tables: [customers, sales] }",
+        "analyst: { tables: [customers, sales], statement_timeout: 1500ms }",
     );
     let s = serve(&p);
     if have("psql", "--version") || !may_skip("psql") {
@@ -515,13 +517,7 @@ fn a_roles_statement_timeout_is_a_ceiling_a_session_cannot_lift() {
                 .await
                 .unwrap();
             futures::pin_mut!(stream);
-            let err = loop {
-                match stream.next().await {
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => break e,
-                    None => panic!("{lift}: two billion rows within the limit"),
-                }
-            };
+            let err = stream_error(&mut stream, lift).await;
             assert_eq!(code(&err), "57014", "{lift}: {err:?}");
             assert!(started.elapsed() < Duration::from_secs(5), "{lift}");
         }
