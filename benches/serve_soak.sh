@@ -46,12 +46,10 @@ if [ ! -f "$proj/.scale-$scale" ]; then
     && "$kbcrm" generate --scale "$scale" --seed 7 --out sources >/dev/null \
     && "$kbcrm" run --as-of 2025-12-31 -q >/dev/null \
     && printf '%s\n' "$password" | "$kbcrm" user add soak --role analyst --password-stdin >/dev/null)
-  # Enough connections for the clients, the heavy one and the timed logins.
-  sed -i "s/^serve:/serve:\n  max_connections: $((clients + 8))/" "$proj/kbcrm.yaml"
-  grep -q "^serve:" "$proj/kbcrm.yaml" \
-    || printf 'serve:\n  max_connections: %d\n' $((clients + 8)) >>"$proj/kbcrm.yaml"
   touch "$proj/.scale-$scale"
 fi
+# Enough connections for the clients, the heavy one and the timed logins.
+sed -i "s/^  max_connections: .*/  max_connections: $((clients + 8))/" "$proj/kbcrm.yaml"
 
 log="$work/serve.log"
 (cd "$proj" && exec "$kbcrm" serve --listen 127.0.0.1:0 >"$work/serve.out" 2>"$log") &
