@@ -425,6 +425,14 @@ impl SimpleQueryHandler for Queries {
                 } => out.push(
                     apply_setting(&self.shared, client, &conn.role, &name, value, report).await?,
                 ),
+                Verdict::Run if declared_cursor(&stmt).is_some() => {
+                    out.push(
+                        self.declare_cursor(
+                            client, &conn, &role, &stmt, &options, &token, deadline,
+                        )
+                        .await?,
+                    );
+                }
                 Verdict::Run if is_show_all(&stmt) => {
                     let (ctx, _) = statement_service(&self.shared, &conn, &role)?;
                     let plan = show_all(&self.shared, &conn, client)?;
@@ -481,6 +489,82 @@ impl SimpleQueryHandler for Queries {
             }
         }
         Ok(out)
+    }
+}
+
+/// The name and query of `DECLARE name CURSOR FOR query`.
+fn declared_cursor(stmt: &Statement) -> Option<(String, Statement)> {
+    use datafusion::sql::sqlparser::ast::DeclareType;
+    let Statement::Declare { stmts } = stmt else {
+        return None;
+    };
+    let [d] = stmts.as_slice() else {
+        return None;
+    };
+    if d.declare_type != Some(DeclareType::Cursor) {
+        return None;
+    }
+    let name = d.names.first()?.value.clone();
+    let query = d.for_query.as_ref()?;
+    Some((name, Statement::Query(query.clone())))
+}
+
+impl Queries {
+    /// `DECLARE name CURSOR FOR query`: the query planned and its rows computed on the query
+    /// threads as `FETCH` asks for them (datafusion-postgres answers `FETCH` and `CLOSE` from
+    /// the cursor's portal; the rows it pulls come from the pool).
+    #[allow(clippy::too_many_arguments)]
+    async fn declare_cursor<C>(
+        &self,
+        client: &mut C,
+        conn: &ConnSession,
+        role: &Arc<RoleSession>,
+        stmt: &Statement,
+        options: &Arc<FormatOptions>,
+        token: &CancellationToken,
+        deadline: Option<Instant>,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Send + Sync,
+        C::PortalStore: PortalStore,
+    {
+        use pgwire::api::stmt::StoredStatement;
+        use pgwire::api::store::MemPortalStore;
+        let Some((name, query)) = declared_cursor(stmt) else {
+            return Err(pg_error(
+                "ERROR",
+                "42601",
+                "DECLARE CURSOR requires a FOR query",
+            ));
+        };
+        let names = execute::column_names(&query);
+        let (ctx, _) = service_for(&self.shared, conn, role, &query)?;
+        let plan = plan_query(&self.shared, role, ctx.clone(), query, token, deadline).await?;
+        let fields = Arc::new(execute::fields(
+            &plan,
+            &names,
+            &Format::UnifiedText,
+            Some(options.clone()),
+        )?);
+        // Not bounded by this statement's timeout: the rows are computed as later FETCHes ask,
+        // each bounded by its own; closing the cursor stops the work.
+        let rows = execute::rows(self.shared.pool.clone(), ctx, plan, fields.clone());
+        let portal = Portal::new_cursor(
+            name.clone(),
+            Arc::new(StoredStatement::new(
+                name.clone(),
+                (stmt.to_string(), None),
+                vec![],
+            )),
+        );
+        portal.start(QueryResponse::new(fields, rows)).await;
+        let store = client
+            .portal_store()
+            .as_any()
+            .downcast_ref::<MemPortalStore<Stmt>>()
+            .ok_or_else(|| pg_error("ERROR", "XX000", "cursors are not available here"))?;
+        store.put_portal(Arc::new(portal));
+        Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
     }
 }
 

@@ -128,21 +128,29 @@ fn deep_and_wide_statements_are_refused_or_answered_and_never_crash() {
 }
 
 #[test]
-fn logins_are_answered_while_heavy_queries_run_and_timeouts_stop_the_work() {
+fn logins_are_answered_while_heavy_queries_and_cursors_run_and_timeouts_stop_the_work() {
     let p = project("");
     let s = serve(&p);
     let pid = s.child.id();
     let port = s.port;
     rt().block_on(async move {
+        // One heavy query, and the same through a cursor (FETCH pulls its rows).
         let mut heavy = Vec::new();
-        for _ in 0..2 {
+        for cursor in [false, true] {
             heavy.push(tokio::spawn(async move {
                 let c = connect(port, "ann", "ann-pw-2025").await.unwrap();
                 c.batch_execute("set statement_timeout = '3s'")
                     .await
                     .unwrap();
                 let started = Instant::now();
-                let e = c.simple_query(HEAVY).await.unwrap_err();
+                let e = if cursor {
+                    c.batch_execute(&format!("begin; declare heavy cursor for {HEAVY}"))
+                        .await
+                        .unwrap();
+                    c.simple_query("fetch 1 from heavy").await.unwrap_err()
+                } else {
+                    c.simple_query(HEAVY).await.unwrap_err()
+                };
                 (code(&e), started.elapsed())
             }));
         }
