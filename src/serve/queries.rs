@@ -693,9 +693,7 @@ fn show_all<C: ClientInfo + ?Sized>(
     )
     .map_err(|e| pg_error("ERROR", "XX000", e.to_string()))?;
     let ctx = SessionContext::new();
-    let df = ctx
-        .read_batch(batch)
-        .map_err(|e| execute::engine_error(e))?;
+    let df = ctx.read_batch(batch).map_err(execute::engine_error)?;
     Ok(df.into_unoptimized_plan())
 }
 
