@@ -508,7 +508,6 @@ fn a_roles_statement_timeout_is_a_ceiling_a_session_cannot_lift() {
         );
     }
     rt().block_on(async {
-        use futures::StreamExt;
         let c = connect(s.port, "ann", "ann-pw-2025").await.unwrap();
         for lift in [
             "set statement_timeout = 0",
