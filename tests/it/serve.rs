@@ -194,6 +194,16 @@ pub(crate) fn code(e: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| format!("no code: {e}"))
 }
 
+/// Two billion rows, streamed as the client reads them (extended protocol).
+pub(crate) async fn endless_rows(c: &Client) -> tokio_postgres::RowStream {
+    c.query_raw(
+        "select * from generate_series(1, 2000000000) as t(n)",
+        Vec::<String>::new(),
+    )
+    .await
+    .expect("the query starts")
+}
+
 pub(crate) async fn texts(c: &Client, sql: &str) -> Vec<Vec<String>> {
     c.simple_query(sql)
         .await
@@ -439,7 +449,8 @@ fn timeouts_cancel_and_the_connection_limit() {
         assert_eq!(code(&err), "57014", "{err}");
         assert!(message(&err).contains("statement timeout"), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(15));
-        // The connection is still usable, and SET statement_timeout = 0 lifts the limit.
+        // The connection is still usable; SET statement_timeout = 0 keeps the server's limit
+        // (30 s, longer than the rest of this test).
         assert_eq!(texts(&c, "select 7").await, vec![vec!["7"]]);
 
         // Cancel from another connection while rows stream.

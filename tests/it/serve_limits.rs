@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 
-use crate::serve::{code, connect, message, project, psql, rss_and_fds, rt, serve, texts};
+use crate::serve::{
+    code, connect, endless_rows, message, project, psql, rss_and_fds, rt, serve, texts,
+};
 use crate::support::{have, may_skip, stderr};
 
 /// CPU seconds (user + system) the process has used.
@@ -210,13 +212,7 @@ fn each_connection_has_its_own_pid_and_a_cancel_stops_only_its_query() {
         // Every client streams a long query; the fourth is cancelled from outside.
         let mut streams = Vec::new();
         for c in &clients {
-            let stream = c
-                .query_raw(
-                    "select * from generate_series(1, 2000000000) as t(n)",
-                    Vec::<String>::new(),
-                )
-                .await
-                .unwrap();
+            let stream = endless_rows(c).await;
             streams.push(Box::pin(stream));
         }
         for s in streams.iter_mut() {
@@ -239,13 +235,7 @@ fn each_connection_has_its_own_pid_and_a_cancel_stops_only_its_query() {
         }
         drop(streams);
         // At the connection limit (10 are open), a cancel request still gets through.
-        let stream = clients[5]
-            .query_raw(
-                "select * from generate_series(1, 2000000000) as t(n)",
-                Vec::<String>::new(),
-            )
-            .await
-            .unwrap();
+        let stream = endless_rows(&clients[5]).await;
         futures::pin_mut!(stream);
         assert!(stream.next().await.unwrap().is_ok());
         clients[5].cancel_token().cancel_query(NoTls).await.unwrap();
@@ -516,13 +506,7 @@ fn a_roles_statement_timeout_is_a_ceiling_a_session_cannot_lift() {
         ] {
             c.batch_execute(lift).await.unwrap();
             let started = Instant::now();
-            let stream = c
-                .query_raw(
-                    "select * from generate_series(1, 2000000000) as t(n)",
-                    Vec::<String>::new(),
-                )
-                .await
-                .unwrap();
+            let stream = endless_rows(&c).await;
             futures::pin_mut!(stream);
             let err = stream_error(&mut stream, lift).await;
             assert_eq!(code(&err), "57014", "{lift}: {err:?}");
