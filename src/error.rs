@@ -81,8 +81,10 @@ pub enum Error {
     /// committed, the others will be from the manifest. Exit code 1.
     #[error("the commit of run {run_id} did not finish: {message}")]
     #[diagnostic(help(
-        "nothing is lost: the next `kbcrm run` on this warehouse completes the commit from \
-         `_kbcrm/pending/{run_id}.json` first; keep that file, and the run's data files"
+        "the next `kbcrm run` on this warehouse resolves it from \
+         `_kbcrm/pending/{run_id}.json` first: it completes the commit, or, if another run \
+         changed one of its tables meanwhile, rolls back what was not committed and says so; \
+         keep that file, and the run's data files"
     ))]
     Unfinished {
         /// The run.

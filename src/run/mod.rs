@@ -266,9 +266,8 @@ impl Runner {
         }
         // Held until the runner is dropped: recovery and every commit happen under it.
         let lock = lock::RunLock::acquire(&wh).await?;
-        for run in wh.recover().await? {
-            info!(run_id = %run, "completed the commit of an interrupted run");
-        }
+        // Each resolution is logged by `recover`, a rollback as a warning.
+        wh.recover().await?;
         Ok(Runner {
             project: Arc::new(project.clone()),
             wh,

@@ -242,8 +242,11 @@ impl Warehouse {
         Ok(self.store().list(Some(&prefix)).try_next().await?.is_some())
     }
 
-    /// Complete runs that died while committing. Returns the run ids completed.
-    pub async fn recover(&self) -> Result<Vec<String>> {
+    /// Resolve the commits of runs that died (or failed) while committing, each in full:
+    /// completed when every table it has not committed yet is still at the version it read,
+    /// otherwise rolled back (its uncommitted files removed) with a warning naming the run.
+    /// Never leaves a manifest that the next run would stumble on again.
+    pub async fn recover(&self) -> Result<Vec<Resolved>> {
         let prefix = self.path(&format!("{META_DIR}/pending"));
         let metas: Vec<_> = self.store().list(Some(&prefix)).try_collect().await?;
         let mut done = Vec::new();
@@ -258,14 +261,107 @@ impl Warehouse {
                     )));
                 }
             };
-            tracing::warn!(run_id = %manifest.run_id, pipeline = %manifest.pipeline,
-                "completing the commit of an interrupted run");
-            apply(self, &manifest).await?;
+            let resolved = resolve(self, &manifest).await?;
+            match &resolved {
+                Resolved::Completed { run_id } => tracing::warn!(%run_id,
+                    pipeline = %manifest.pipeline, "completed the commit of an interrupted run"),
+                Resolved::RolledBack {
+                    run_id,
+                    changed,
+                    kept,
+                } => tracing::warn!(
+                    %run_id,
+                    pipeline = %manifest.pipeline,
+                    "rolled back the rest of an interrupted run: {} changed since it read \
+                     {}; {}",
+                    changed.join(", "),
+                    if changed.len() == 1 { "it" } else { "them" },
+                    if kept.is_empty() {
+                        "none of its tables had been committed".to_string()
+                    } else {
+                        format!("committed before the interruption, kept: {}", kept.join(", "))
+                    }
+                ),
+            }
             self.store().delete(&meta.location).await?;
-            done.push(manifest.run_id);
+            done.push(resolved);
         }
         Ok(done)
     }
+}
+
+/// How a pending commit was resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolved {
+    /// Every table is committed now.
+    Completed {
+        /// The run.
+        run_id: String,
+    },
+    /// Another run changed tables of it meanwhile: what it had not committed is removed.
+    RolledBack {
+        /// The run.
+        run_id: String,
+        /// Its tables another run changed.
+        changed: Vec<String>,
+        /// Its tables committed before it was interrupted (they keep its rows).
+        kept: Vec<String>,
+    },
+}
+
+/// Where one table of a pending manifest stands.
+#[derive(Debug, PartialEq)]
+enum Standing {
+    /// Its version is the run's own.
+    Committed,
+    /// Still at the version the run read: the run's commit applies.
+    Waiting,
+    /// Another run has committed since the run read it.
+    Changed,
+}
+
+async fn standing(wh: &Warehouse, t: &ManifestTable, run_id: &str) -> Result<Standing> {
+    let table = DeltaTableBuilder::from_url(wh.table_url(&t.table))?.build()?;
+    let latest = table.log_store().get_latest_version(0).await.ok();
+    let next = t.read_version.map_or(0, |v| v + 1);
+    Ok(match latest {
+        // No table yet: the run was creating it.
+        None if t.read_version.is_none() => Standing::Waiting,
+        // The table it read is gone.
+        None => Standing::Changed,
+        Some(l) if Some(l) == t.read_version => Standing::Waiting,
+        Some(l) if l >= next && committed_by(&table, next, run_id).await? => Standing::Committed,
+        Some(_) => Standing::Changed,
+    })
+}
+
+/// Complete a manifest's commit, or roll back what it has not committed when another run has
+/// changed any of its tables since.
+async fn resolve(wh: &Warehouse, manifest: &Manifest) -> Result<Resolved> {
+    let mut changed = Vec::new();
+    let mut kept = Vec::new();
+    for t in &manifest.tables {
+        match standing(wh, t, &manifest.run_id).await? {
+            Standing::Committed => kept.push(t.table.clone()),
+            Standing::Changed => changed.push(t.table.clone()),
+            Standing::Waiting => {}
+        }
+    }
+    let run_id = manifest.run_id.clone();
+    if changed.is_empty() {
+        apply(wh, manifest).await?;
+        return Ok(Resolved::Completed { run_id });
+    }
+    for t in &manifest.tables {
+        if !kept.contains(&t.table) {
+            super::write::discard_actions(wh, &wh.table_url(&t.table), &t.actions).await?;
+        }
+    }
+    Ok(Resolved::RolledBack {
+        run_id,
+        changed,
+        kept,
+    })
 }
 
 #[cfg(test)]
@@ -278,6 +374,7 @@ mod tests {
 
     use super::*;
     use crate::config::pipeline::WriteMode;
+    use crate::warehouse::Staged;
     use crate::warehouse::state::stage_batch;
 
     /// Commit one row, `n`, to table `t` through `wh`, as run `run-N`.
@@ -298,6 +395,144 @@ mod tests {
         commit_run(wh, &format!("run-{n}"), "p", &[staged])
             .await
             .expect("commit");
+    }
+
+    /// Stage one row, `n`, for table `t` without committing it.
+    async fn stage_row(wh: &Warehouse, t: &str, n: i64) -> Staged {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![n]))]).expect("batch");
+        stage_batch(wh, &SessionContext::new(), t, batch, WriteMode::Append, &[])
+            .await
+            .expect("stage")
+    }
+
+    /// The manifest of run `run_id` for `staged`, written as a run does before its first table
+    /// commit (and left, as a run killed then leaves it).
+    async fn leave_manifest(wh: &Warehouse, run_id: &str, staged: &[&Staged]) -> Manifest {
+        let manifest = Manifest {
+            run_id: run_id.into(),
+            pipeline: "p".into(),
+            tables: staged
+                .iter()
+                .map(|s| ManifestTable {
+                    table: s.table.clone(),
+                    url: s.url.to_string(),
+                    read_version: s.read_version,
+                    actions: s.actions.clone(),
+                    app_metadata: HashMap::from([(
+                        RUN_ID_KEY.to_string(),
+                        serde_json::json!(run_id),
+                    )]),
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&manifest).expect("json");
+        wh.store()
+            .put(&manifest_path(wh, run_id), PutPayload::from(bytes))
+            .await
+            .expect("manifest");
+        manifest
+    }
+
+    async fn rows(wh: &Warehouse, t: &str) -> usize {
+        wh.files_at(t, None).await.expect("files").len()
+    }
+
+    #[test]
+    fn a_pending_commit_is_completed_or_rolled_back_never_stuck() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let root = Url::from_directory_path(dir.path()).expect("url");
+            let wh = Warehouse::open(&root).expect("warehouse");
+            append_row(&wh, 0).await;
+            let files = |t: &str| -> usize {
+                std::fs::read_dir(dir.path().join(t))
+                    .map(|d| {
+                        d.flatten()
+                            .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+                            .count()
+                    })
+                    .unwrap_or(0)
+            };
+
+            // Killed before its first table commit, tables untouched since: completed.
+            let a = stage_row(&wh, "t", 1).await;
+            leave_manifest(&wh, "run-a", &[&a]).await;
+            let resolved = Warehouse::open(&root)
+                .expect("open")
+                .recover()
+                .await
+                .expect("recover");
+            assert_eq!(
+                resolved,
+                vec![Resolved::Completed {
+                    run_id: "run-a".into()
+                }]
+            );
+            assert_eq!(rows(&wh, "t").await, 2);
+
+            // Another run committed to its table meanwhile (two runs at once): rolled back, its
+            // file removed, the manifest gone; the next recovery has nothing to do.
+            let b = stage_row(&wh, "t", 2).await;
+            leave_manifest(&wh, "run-b", &[&b]).await;
+            append_row(&wh, 3).await;
+            let before = files("t");
+            let resolved = Warehouse::open(&root)
+                .expect("open")
+                .recover()
+                .await
+                .expect("recover");
+            assert_eq!(
+                resolved,
+                vec![Resolved::RolledBack {
+                    run_id: "run-b".into(),
+                    changed: vec!["t".into()],
+                    kept: vec![],
+                }]
+            );
+            assert_eq!(files("t"), before - 1, "the rolled-back run's file stays");
+            assert_eq!(rows(&wh, "t").await, 3);
+            assert!(!wh.commit_in_progress().await.expect("list"));
+            assert!(
+                Warehouse::open(&root)
+                    .expect("open")
+                    .recover()
+                    .await
+                    .expect("again")
+                    .is_empty()
+            );
+
+            // One table committed before the kill, the other changed since: the rest rolled
+            // back, the committed one kept and named.
+            let c_t = stage_row(&wh, "t", 4).await;
+            let c_u = stage_row(&wh, "u", 4).await;
+            let manifest = leave_manifest(&wh, "run-c", &[&c_t, &c_u]).await;
+            commit_table(wh.table_url("t"), &manifest.tables[0], "run-c", None)
+                .await
+                .expect("first table");
+            let other = stage_row(&wh, "u", 5).await;
+            commit_run(&wh, "run-d", "p", &[other])
+                .await
+                .expect("another run");
+            let resolved = Warehouse::open(&root)
+                .expect("open")
+                .recover()
+                .await
+                .expect("recover");
+            assert_eq!(
+                resolved,
+                vec![Resolved::RolledBack {
+                    run_id: "run-c".into(),
+                    changed: vec!["u".into()],
+                    kept: vec!["t".into()],
+                }]
+            );
+            assert_eq!(rows(&wh, "t").await, 4);
+            assert_eq!(rows(&wh, "u").await, 1);
+            assert_eq!(files("u"), 1, "only the other run's file is left in u");
+        });
     }
 
     #[test]

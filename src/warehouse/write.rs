@@ -97,25 +97,37 @@ impl Staged {
     /// Delete what this write wrote and nothing else: its new data files and the deletion
     /// vector files of the files it marks rows of.
     pub async fn discard(&self, wh: &Warehouse) -> Result<()> {
-        let removed = self.removed_paths();
-        for a in &self.actions {
-            let Action::Add(add) = a else { continue };
-            let path = if removed.contains(add.path.as_str()) {
-                match add
-                    .deletion_vector
-                    .as_ref()
-                    .and_then(|dv| super::deletion::vector_file(&self.url, dv))
-                {
-                    Some(p) => p,
-                    None => continue,
-                }
-            } else {
-                super::deletion::store_path(&file_url(&self.url, &add.path))?
-            };
-            delete_path(wh, &path).await?;
-        }
-        Ok(())
+        discard_actions(wh, &self.url, &self.actions).await
     }
+}
+
+/// Delete what the uncommitted `actions` of the table at `url` wrote and nothing else: the new
+/// data files they add and the deletion vector files of the files they mark rows of.
+pub(crate) async fn discard_actions(wh: &Warehouse, url: &Url, actions: &[Action]) -> Result<()> {
+    let removed: HashSet<&str> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Remove(r) => Some(r.path.as_str()),
+            _ => None,
+        })
+        .collect();
+    for a in actions {
+        let Action::Add(add) = a else { continue };
+        let path = if removed.contains(add.path.as_str()) {
+            match add
+                .deletion_vector
+                .as_ref()
+                .and_then(|dv| super::deletion::vector_file(url, dv))
+            {
+                Some(p) => p,
+                None => continue,
+            }
+        } else {
+            super::deletion::store_path(&file_url(url, &add.path))?
+        };
+        delete_path(wh, &path).await?;
+    }
+    Ok(())
 }
 
 /// Streams batches into new Parquet data files of a table, without committing them.

@@ -101,12 +101,6 @@ fn a_run_killed_between_table_commits_is_completed_by_the_next() {
     }
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()))
-}
-
 #[test]
 fn a_second_run_is_refused_while_one_holds_the_warehouse_and_a_dead_holder_is_taken_over() {
     let p = project();
@@ -115,12 +109,8 @@ fn a_second_run_is_refused_while_one_holds_the_warehouse_and_a_dead_holder_is_ta
     let before = p.warehouse_files();
     // A run in progress: this test process holds the lock.
     let lock = p.path().join("warehouse/_kbcrm/run.lock");
-    let holder = format!(
-        "{{\"pid\":{},\"host\":\"{}\",\"started_at\":\"2026-01-01T00:00:00Z\"}}",
-        std::process::id(),
-        hostname()
-    );
-    std::fs::write(&lock, &holder).unwrap();
+    let held = crate::support::hold_run_lock(p.path());
+    let holder = std::fs::read_to_string(&lock).unwrap();
     p.write("data/c.csv", "id,amount\n9,90.00\n");
     let out = p.kbcrm(&["run"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -136,12 +126,10 @@ fn a_second_run_is_refused_while_one_holds_the_warehouse_and_a_dead_holder_is_ta
         .collect();
     assert_eq!(after, before, "a refused run wrote something");
     assert!(lock.exists(), "the holder's lock was removed");
-    // The holder died (a pid no process has): the next run takes over and releases the lock.
-    let dead = holder.replace(
-        &format!("\"pid\":{}", std::process::id()),
-        "\"pid\":999999999",
-    );
-    std::fs::write(&lock, dead).unwrap();
+    // The holder died: its lock is gone with it, though the file still names it (and this
+    // test process, whose number it names, lives on): the next run takes over and releases it.
+    drop(held);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), holder);
     p.ok(&["run"]);
     assert_eq!(
         p.scalar("select count(*) from raw_p_orders"),

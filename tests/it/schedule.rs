@@ -106,19 +106,8 @@ fn once_runs_what_is_due_in_order_and_then_nothing() {
 #[test]
 fn a_run_the_warehouse_lock_refuses_is_skipped() {
     let p = project(&daily_three_hours_ago(), "");
-    std::fs::create_dir_all(p.path().join("warehouse/_kbcrm")).unwrap();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
     // A run in progress: this test process holds the lock.
-    std::fs::write(
-        p.path().join("warehouse/_kbcrm/run.lock"),
-        format!(
-            "{{\"pid\":{},\"host\":\"{host}\",\"started_at\":\"2026-01-01T00:00:00Z\"}}",
-            std::process::id()
-        ),
-    )
-    .unwrap();
+    let held = crate::support::hold_run_lock(p.path());
     let out = p.ok(&["schedule", "--once"]);
     assert!(
         out.contains("pipeline a skipped: another run holds the warehouse"),
@@ -130,7 +119,7 @@ fn a_run_the_warehouse_lock_refuses_is_skipped() {
     );
     assert!(history(&p).is_empty());
     // That 02:00 is done with: the next --once does not run it again.
-    std::fs::remove_file(p.path().join("warehouse/_kbcrm/run.lock")).unwrap();
+    drop(held);
     let again = p.ok(&["schedule", "--once"]);
     assert!(again.contains("nothing is due"), "{again}");
 }

@@ -304,3 +304,29 @@ pub fn truth_csv(name: &str) -> Vec<std::collections::HashMap<String, String>> {
         })
         .collect()
 }
+
+/// Hold `warehouse/_kbcrm/run.lock` of the project at `root` as a running `kbcrm run` holds it
+/// (an operating-system lock, the holder described in the file), until the file is dropped.
+pub fn hold_run_lock(root: &Path) -> std::fs::File {
+    let dir = root.join("warehouse/_kbcrm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let path = dir.join("run.lock");
+    std::fs::write(
+        &path,
+        format!(
+            "{{\"pid\":{},\"host\":\"{host}\",\"started_at\":\"2026-01-01T00:00:00Z\"}}",
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    file.lock().unwrap();
+    file
+}
