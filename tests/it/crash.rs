@@ -196,6 +196,96 @@ fn runs_killed_at_random_moments_lose_and_duplicate_nothing() {
     );
 }
 
+/// After a run is killed while holding the warehouse, four runs start at once, `tries` times
+/// (`KBCRM_STRESS_TRIES`, default 30): one of them runs, the others are refused as
+/// busy, none leaves a commit that jams the next, and the appended table holds every file's
+/// rows exactly once.
+#[test]
+fn runs_started_together_after_a_kill_never_jam_or_duplicate() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/\n    mode: append\n    \
+         incremental: { files: new }\n    schema: { id: int, v: int }\n",
+    );
+    let file = |i: usize| {
+        let mut text = String::from("id,v\n");
+        for r in 0..500 {
+            text.push_str(&format!("{},{}\n", i * 1000 + r, r % 7));
+        }
+        p.write(&format!("data/f{i:03}.csv"), text);
+    };
+    file(0);
+    p.ok(&["run"]);
+    let tries: usize = std::env::var("KBCRM_STRESS_TRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let lock = p.path().join("warehouse/_kbcrm/run.lock");
+    let (mut killed, mut refused) = (0, 0);
+    for i in 1..=tries {
+        file(i);
+        let mut victim = std::process::Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+            .arg("run")
+            .current_dir(p.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kbcrm starts");
+        // Killed once it holds the warehouse (or at the latest after 5 s).
+        let started = Instant::now();
+        while !lock.exists() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(i as u64 * 7 % 40));
+        killed += u32::from(victim.try_wait().expect("wait").is_none());
+        victim.kill().ok();
+        victim.wait().expect("reaped");
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                std::process::Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+                    .arg("run")
+                    .current_dir(p.path())
+                    .env("NO_COLOR", "1")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("kbcrm starts")
+            })
+            .collect();
+        for run in runs {
+            let out = run.wait_with_output().expect("run ends");
+            if !out.status.success() {
+                let err = stderr(&out);
+                assert!(
+                    err.contains("another kbcrm run") || err.contains("is starting on"),
+                    "try {i}: a run failed otherwise: {err}"
+                );
+                refused += 1;
+            }
+        }
+        // Never jammed: the next run works, and nothing is pending.
+        p.ok(&["run"]);
+        let pending = std::fs::read_dir(p.path().join("warehouse/_kbcrm/pending"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(pending, 0, "try {i}: a commit is left pending");
+        assert_eq!(
+            p.query("select count(*), count(distinct id) from raw_p_c"),
+            vec![vec![
+                ((i + 1) * 500).to_string(),
+                ((i + 1) * 500).to_string()
+            ]],
+            "try {i}: rows lost or duplicated"
+        );
+    }
+    eprintln!(
+        "concurrent starts: {tries} tries, {killed} runs killed holding the warehouse, \
+         {refused} of {} concurrent runs refused as busy",
+        tries * 4
+    );
+}
+
 /// The local file system failing the N-th write (a put, multipart upload, copy, rename or
 /// delete) after it is armed; reads always work. The run lock's own file is left alone: a lock
 /// that cannot be removed stays held until its process ends, and this process (the test) does
