@@ -114,19 +114,19 @@ fn to_folder(folder: &Path, name: &str, dir: &Path, files: &[PathBuf]) -> Result
     let fail = |what: &str, p: &Path, e: std::io::Error| {
         Failure::retry(format!("{what} {}: {e}", p.display()))
     };
-    std::fs::create_dir_all(folder).map_err(|e| fail("cannot create", folder, e))?;
-    let staging = folder.join(format!(".{name}.partial-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| fail("cannot clear", &staging, e))?;
-    }
+    let staging = super::Staging::new(folder, name).map_err(|e| Failure::retry(e.to_string()))?;
     for f in files {
-        let to = staging.join(f);
+        let to = staging.path().join(f);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| fail("cannot create", parent, e))?;
         }
-        std::fs::copy(dir.join(f), &to).map_err(|e| fail("cannot write", &to, e))?;
+        if let Err(e) = std::fs::copy(dir.join(f), &to) {
+            let _ = std::fs::remove_dir_all(staging.path());
+            return Err(fail("cannot write", &to, e));
+        }
     }
-    super::replace_dir(&staging, &folder.join(name)).map_err(|e| Failure::retry(e.to_string()))
+    super::replace_dir(staging.path(), &folder.join(name))
+        .map_err(|e| Failure::retry(e.to_string()))
 }
 
 async fn to_store(

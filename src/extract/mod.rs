@@ -203,18 +203,17 @@ async fn write_one(
     let pack = pack::gather(&ctx, x, options.as_of, &versions, run_tests).await?;
 
     let dir = options.out.join(&x.name);
-    let staging = options
-        .out
-        .join(format!(".{}.partial-{}", x.name, std::process::id()));
-    let written = write_files(&pack, x, &staging).await;
+    let staging = Staging::new(&options.out, &x.name)?;
+    let written = write_files(&pack, x, staging.path()).await;
     let files = match written {
         Ok(f) => f,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
+            let _ = std::fs::remove_dir_all(staging.path());
             return Err(e);
         }
     };
-    replace_dir(&staging, &dir)?;
+    replace_dir(staging.path(), &dir)?;
+    drop(staging);
     let deliveries = if options.deliver {
         deliver::deliver_all(x, &pack, &dir, &files).await
     } else {
@@ -237,11 +236,8 @@ fn stem(pack: &Pack, x: &Extract) -> String {
     format!("{}-{}", x.name, pack.as_of)
 }
 
+/// Write the extract's files into the (new, empty) folder `dir`.
 async fn write_files(pack: &Pack, x: &Extract, dir: &Path) -> Result<Vec<PathBuf>> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut files = Vec::new();
     for format in &x.formats {
         match format {
@@ -285,6 +281,77 @@ async fn write_files(pack: &Pack, x: &Extract, dir: &Path) -> Result<Vec<PathBuf
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// A folder where an extract's files are written before they replace the last ones
+/// (`.NAME.partial-PID-TOKEN` beside them), locked by the operating system for as long as the
+/// writing process lives. Folders of writers that were killed (nobody holds their lock) are
+/// removed when the next one starts.
+pub(crate) struct Staging {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Staging {
+    /// A new staging folder for extract `name` in `parent`, after removing abandoned ones.
+    pub(crate) fn new(parent: &Path, name: &str) -> Result<Staging> {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        remove_abandoned(parent, name);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let path = parent.join(format!(
+            ".{name}.partial-{}-{}",
+            std::process::id(),
+            &token[..12]
+        ));
+        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        let lock = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        lock.try_lock().map_err(|e| {
+            Error::io(
+                &path,
+                std::io::Error::other(format!("cannot lock a new folder: {e}")),
+            )
+        })?;
+        Ok(Staging { path, _lock: lock })
+    }
+
+    /// The folder.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Remove the staging folders of extract `name` in `parent` that no live process holds, and,
+/// when no other writer of it is at work, the earlier versions a killed writer was replacing.
+fn remove_abandoned(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let partial = format!(".{name}.partial-");
+    let old = format!(".{name}.old-");
+    let mut busy = false;
+    let mut olds = Vec::new();
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if file_name.starts_with(&partial) {
+            match std::fs::File::open(&path).map(|f| f.try_lock().map(|()| f)) {
+                // Nobody holds it: its writer is gone (or was an older kbcrm, which held no lock).
+                Ok(Ok(_held)) => {
+                    tracing::info!(folder = %path.display(), "removing an interrupted extract's folder");
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+                Ok(Err(_)) => busy = true,
+                Err(_) => {}
+            }
+        } else if file_name.starts_with(&old) {
+            olds.push(path);
+        }
+    }
+    if !busy {
+        for path in olds {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// Put the finished staging folder where the extract lives, replacing an earlier one.

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -848,4 +849,73 @@ fn a_scheduled_extract_is_written_delivered_and_recorded() {
     assert!(runs[0][2].contains("delivered"), "{runs:?}");
     let again = p.ok(&["schedule", "--once", "--out", out.path().to_str().unwrap()]);
     assert!(again.contains("nothing is due"), "{again}");
+}
+
+/// Extracts killed at seeded moments leave staging folders; the next extract removes every one
+/// that no live process holds (and leaves one a live writer holds), and its folder is whole.
+#[test]
+fn killed_extracts_leave_nothing_behind_the_next() {
+    let p = built();
+    let out = temp_out();
+    let started = Instant::now();
+    p.ok(&[
+        "extract",
+        "executive",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let took = started.elapsed();
+    let whole: Vec<_> = std::fs::read_dir(out.path().join("executive/tables"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let mut killed = 0;
+    for i in 1..=4u32 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kbcrm"))
+            .args(["extract", "executive", "--no-deliver", "--out"])
+            .arg(out.path())
+            .current_dir(p.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(took * i / 5);
+        killed += u32::from(child.try_wait().unwrap().is_none());
+        child.kill().ok();
+        child.wait().unwrap();
+    }
+    // A writer at work right now: its folder is locked and must stay.
+    let live = out.path().join(".executive.partial-1-live");
+    std::fs::create_dir(&live).unwrap();
+    let held = std::fs::File::open(&live).unwrap();
+    held.lock().unwrap();
+    // And one an older kbcrm left, which held no lock.
+    std::fs::create_dir(out.path().join(".executive.partial-4194305")).unwrap();
+    p.ok(&[
+        "extract",
+        "executive",
+        "--no-deliver",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let left: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter()
+            .all(|n| n == "executive" || n == ".executive.partial-1-live"),
+        "left behind after {killed} killed extracts: {left:?}"
+    );
+    assert!(live.exists(), "a live writer's folder was removed");
+    let now: Vec<_> = std::fs::read_dir(out.path().join("executive/tables"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(now.len(), whole.len());
+    drop(held);
+    eprintln!("killed extracts: {killed} of 4 killed while writing ({took:?} for a whole one)");
 }
