@@ -114,6 +114,14 @@ pub fn run_summary(reports: &[RunReport]) -> Result<()> {
                 bytes(t.bytes_written),
                 t.seconds
             ));
+            if !t.files_skipped.is_empty() {
+                out.push_str(&format!(
+                    "             skipped {} file{}: {}\n",
+                    t.files_skipped.len(),
+                    if t.files_skipped.len() == 1 { "" } else { "s" },
+                    t.files_skipped.join(", ")
+                ));
+            }
         }
         for i in &r.identities {
             out.push_str(&format!("  {i}\n"));
@@ -185,6 +193,7 @@ pub fn run_json(reports: &[RunReport]) -> Result<()> {
                     "version": t.version,
                     "changed": t.changed,
                     "skipped": t.skipped,
+                    "files_skipped": t.files_skipped,
                     "rows_read": t.rows_in,
                     "rows_written": t.rows_written,
                     "rows_rejected": t.rows_rejected,

@@ -71,13 +71,10 @@ impl Location {
         })
     }
 
-    /// Whether a file found under the prefix belongs to the source. `relative` is the path below
-    /// the prefix.
+    /// Whether a file found under the prefix is one the location names (its glob, if any);
+    /// files of other tools' names are skipped apart (`crate::sources::skip_reason`). `relative`
+    /// is the path below the prefix.
     pub fn matches(&self, relative: &str) -> bool {
-        let name = relative.rsplit('/').next().unwrap_or(relative);
-        if name.starts_with('.') || name.starts_with('_') {
-            return false;
-        }
         match &self.glob {
             Some(g) => g.is_match(relative),
             None => true,
@@ -119,7 +116,11 @@ mod tests {
         let l = Location::resolve("sources/sales/*.csv", root).unwrap();
         assert_eq!(l.store_url.as_str(), "file:///");
         assert_eq!(l.prefix, "proj/sources/sales");
-        assert!(l.matches("a.csv") && !l.matches("a.json") && !l.matches("_tmp.csv"));
+        assert!(l.matches("a.csv") && !l.matches("a.json"));
+        assert_eq!(
+            crate::sources::skip_reason("_tmp.csv"),
+            Some("starts with _")
+        );
         let l = Location::resolve("s3://bucket/raw/orders/", root).unwrap();
         assert_eq!(l.store_url.as_str(), "s3://bucket/");
         assert_eq!(l.prefix, "raw/orders/");

@@ -75,6 +75,8 @@ pub struct TableReport {
     pub version: Option<u64>,
     /// Why nothing was done, when nothing was: "no new files", "up to date".
     pub skipped: Option<&'static str>,
+    /// Files at a source's location it did not read, each "name (why)".
+    pub files_skipped: Vec<String>,
 }
 
 /// Outcome of one data test.
@@ -156,6 +158,8 @@ struct RunState {
     state_after: HashMap<StateKey, String>,
     /// (pipeline, source, file, size) loaded in this run.
     loaded_files: Vec<(String, String, String, u64)>,
+    /// Per source table, the files at its location it skipped ("name (why)").
+    skipped_files: HashMap<String, Vec<String>>,
     /// The data tests checked, by their index in the pipeline.
     tests: Vec<(usize, TestChecked)>,
     /// The as-of date and variables the SQL sees.
@@ -614,6 +618,7 @@ impl Runner {
             state_before: state::read_state(&ctx).await?,
             state_after: HashMap::new(),
             loaded_files: Vec::new(),
+            skipped_files: HashMap::new(),
             tests: Vec::new(),
             params,
             cluster,
@@ -815,6 +820,10 @@ impl Runner {
             changed: staged.changes(),
             version: staged.read_version,
             skipped: None,
+            files_skipped: state
+                .skipped_files
+                .remove(&staged.table)
+                .unwrap_or_default(),
         };
         self.progress.table_done(&report);
         state.tables.push(report);
@@ -835,6 +844,7 @@ impl Runner {
             changed: false,
             version: state.version_after(table),
             skipped: Some(why),
+            files_skipped: state.skipped_files.remove(table).unwrap_or_default(),
         };
         self.progress.table_done(&report);
         state.tables.push(report);

@@ -176,7 +176,21 @@ impl Runner {
         let store = store_for(&store_url)?;
         let mut files = match source.format {
             SourceFormat::Delta => Vec::new(),
-            _ => sources::list_files(source, &store).await?,
+            _ => {
+                let listing = sources::list_files(source, &store).await?;
+                if !listing.skipped.is_empty() {
+                    let named: Vec<String> =
+                        listing.skipped.iter().map(ToString::to_string).collect();
+                    tracing::info!(
+                        "source {}: skipped {} file(s): {}",
+                        source.name,
+                        named.len(),
+                        named.join(", ")
+                    );
+                    state.skipped_files.insert(source.table.clone(), named);
+                }
+                listing.files
+            }
         };
         // Whether this load reads only what came after the loads before it.
         let mut only_added = false;

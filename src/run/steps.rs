@@ -93,6 +93,7 @@ impl RunState {
             state_before: self.state_before.clone(),
             state_after: HashMap::new(),
             loaded_files: Vec::new(),
+            skipped_files: HashMap::new(),
             tests: Vec::new(),
             params: self.params.clone(),
             cluster: self.cluster.clone(),

@@ -56,6 +56,49 @@ pub struct SourceFile {
     pub modified: chrono::DateTime<chrono::Utc>,
 }
 
+/// A file at a source's location that is not read, and why: names starting with `_` or `.`
+/// (or in a folder named so) are the marker and temporary files of other tools (`_SUCCESS`,
+/// `.crc`, `_temporary/`), and a local file whose name the file store cannot list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    /// The file's path below the location.
+    pub name: String,
+    /// Why it is skipped.
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.why)
+    }
+}
+
+/// The files of a source's location: those read, and those skipped.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The files read, sorted by path.
+    pub files: Vec<SourceFile>,
+    /// The files skipped, sorted by name.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Why a file with this path below a location is skipped, if it is.
+pub fn skip_reason(relative: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = relative.split('/').collect();
+    let (folders, name) = segments.split_at(segments.len().saturating_sub(1));
+    if name.first().is_some_and(|n| n.starts_with('_')) {
+        Some("starts with _")
+    } else if name.first().is_some_and(|n| n.starts_with('.')) {
+        Some("starts with .")
+    } else if folders.iter().any(|f| f.starts_with('_')) {
+        Some("in a folder starting with _")
+    } else if folders.iter().any(|f| f.starts_with('.')) {
+        Some("in a folder starting with .")
+    } else {
+        None
+    }
+}
+
 /// What reading one file gave.
 #[derive(Debug, Default)]
 pub struct FileOutput {
@@ -71,9 +114,9 @@ pub struct FileOutput {
     pub bytes_read: u64,
 }
 
-/// The files of a source, sorted by path. No file at all is an error: a source that is
-/// legitimately empty still has its folder.
-pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result<Vec<SourceFile>> {
+/// The files of a source, sorted by path, and those skipped ([`skip_reason`]). No file at all
+/// is an error: a source that is legitimately empty still has its folder.
+pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result<Listing> {
     let loc = source.file_location()?;
     let prefix = StorePath::from(loc.prefix.trim_end_matches('/'));
     let err = |message: String| Error::Source {
@@ -85,22 +128,25 @@ pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result
     if loc.glob.is_none() && !loc.prefix.ends_with('/') {
         match store.head(&prefix).await {
             Ok(meta) => {
-                return Ok(vec![SourceFile {
-                    display: display_name(source, &meta.location),
-                    path: meta.location,
-                    size: meta.size,
-                    modified: meta.last_modified,
-                }]);
+                return Ok(Listing {
+                    files: vec![SourceFile {
+                        display: display_name(source, &meta.location),
+                        path: meta.location,
+                        size: meta.size,
+                        modified: meta.last_modified,
+                    }],
+                    skipped: Vec::new(),
+                });
             }
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(err(format!("cannot read '{}': {e}", loc.written))),
         }
     }
     let prefix_str = prefix.as_ref().to_string();
-    let mut files: Vec<SourceFile> = store
+    let listed: Vec<(String, object_store::ObjectMeta)> = store
         .list(Some(&prefix))
         .map_err(|e| err(format!("cannot list '{}': {e}", loc.written)))
-        .try_filter_map(|meta| {
+        .map_ok(|meta| {
             let rel = meta
                 .location
                 .as_ref()
@@ -108,26 +154,93 @@ pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result
                 .unwrap_or(meta.location.as_ref())
                 .trim_start_matches('/')
                 .to_string();
-            let keep = loc.matches(&rel) && !rel.split('/').any(|s| s.starts_with(['.', '_']));
-            let out = keep.then(|| SourceFile {
-                display: display_name(source, &meta.location),
-                path: meta.location,
-                size: meta.size,
-                modified: meta.last_modified,
-            });
-            async move { Ok(out) }
+            (rel, meta)
         })
         .try_collect()
         .await?;
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    for (rel, meta) in &listed {
+        if !loc.matches(rel) {
+            continue;
+        }
+        match skip_reason(rel) {
+            Some(why) => skipped.push(Skipped {
+                name: rel.clone(),
+                why,
+            }),
+            None => files.push(SourceFile {
+                display: display_name(source, &meta.location),
+                path: meta.location.clone(),
+                size: meta.size,
+                modified: meta.last_modified,
+            }),
+        }
+    }
+    // A local folder may hold files the file store does not list (names it cannot address).
+    if loc.store_url.scheme() == "file"
+        && let Ok(base) = loc.store_url.to_file_path()
+    {
+        let seen: std::collections::HashSet<&str> =
+            listed.iter().map(|(rel, _)| rel.as_str()).collect();
+        for rel in local_files(&base.join(prefix.as_ref())) {
+            if loc.matches(&rel) && !seen.contains(rel.as_str()) {
+                skipped.push(Skipped {
+                    why: skip_reason(&rel)
+                        .unwrap_or("the file store cannot list a file of this name"),
+                    name: rel,
+                });
+            }
+        }
+    }
     files.sort_by(|a, b| a.path.as_ref().cmp(b.path.as_ref()));
+    skipped.sort_by(|a, b| a.name.cmp(&b.name));
     if files.is_empty() {
+        let also = if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (skipped: {})",
+                skipped
+                    .iter()
+                    .take(5)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         return Err(err(format!(
-            "no files found at '{}'; check `location:` (relative to kbcrm.yaml) or generate the \
-             sample data with `kbcrm generate`",
+            "no files found at '{}'{also}; check `location:` (relative to kbcrm.yaml) or \
+             generate the sample data with `kbcrm generate`",
             loc.written
         )));
     }
-    Ok(files)
+    Ok(Listing { files, skipped })
+}
+
+/// The files below a local folder, as paths relative to it with `/` between folders.
+fn local_files(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((path, rel)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let child = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push((e.path(), child)),
+                Ok(t) if t.is_file() => out.push(child),
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 fn display_name(source: &Source, path: &StorePath) -> String {
@@ -230,6 +343,22 @@ pub(crate) fn raw_text(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     /// Found by the `csv_quarantine` fuzz target: invalid bytes grew the text past 4 KiB.
+    #[test]
+    fn skipped_names_say_why() {
+        assert_eq!(skip_reason("a.csv"), None);
+        assert_eq!(skip_reason("2024/a.csv"), None);
+        assert_eq!(skip_reason("_SUCCESS"), Some("starts with _"));
+        assert_eq!(skip_reason(".a.csv.crc"), Some("starts with ."));
+        assert_eq!(
+            skip_reason("_temporary/0/a.csv"),
+            Some("in a folder starting with _")
+        );
+        assert_eq!(
+            skip_reason(".git/x.csv"),
+            Some("in a folder starting with .")
+        );
+    }
+
     #[test]
     fn raw_text_of_invalid_utf8_stays_within_4_kib() {
         let bytes = vec![0xff_u8; 5000];

@@ -260,3 +260,32 @@ fn location_as_file_url() {
     p.ok(&["run"]);
     assert_eq!(p.scalar("select sum(id) from raw_t_s"), 3);
 }
+
+/// Files of other tools' names at a source's location (`_SUCCESS`, `.crc`, `_temporary/`) are
+/// not read, and the run summary names each with the rule that skipped it.
+#[test]
+fn skipped_files_are_counted_and_named() {
+    let p = Project::empty();
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/\n    schema: { id: int, v: int }\n",
+    );
+    for f in [
+        "a.csv",
+        "b c.csv",
+        "_SUCCESS",
+        ".a.csv.crc",
+        "_temporary/0/x.csv",
+    ] {
+        p.write(&format!("data/{f}"), "id,v\n1,2\n");
+    }
+    let out = p.ok(&["run"]);
+    assert!(
+        out.contains(
+            "skipped 3 files: .a.csv.crc (starts with .), _SUCCESS (starts with _), \
+             _temporary/0/x.csv (in a folder starting with _)"
+        ),
+        "{out}"
+    );
+    assert_eq!(p.query("select count(*) from raw_p_c"), vec![vec!["2"]]);
+}
