@@ -66,7 +66,8 @@ fn csv_decode(c: &mut Criterion) {
     let store = store_for(&source.file_location().expect("files").store_url).expect("store");
     let files = rt
         .block_on(sources::list_files(&source, &store))
-        .expect("files listed");
+        .expect("files listed")
+        .files;
     let bytes: u64 = files.iter().map(|f| f.size).sum();
     let schema = declared_schema(&source.columns);
     let mut group = c.benchmark_group("csv_decode");
