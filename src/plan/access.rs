@@ -141,9 +141,26 @@ pub(super) fn build(
     problems: &mut Vec<Problem>,
 ) -> Access {
     let mut at = |msg: String, loc: Option<&serde_saphyr::Location>| {
+        // Without a span, the key path the message starts with (`serve.listen: ...`).
+        let pos = match loc {
+            Some(l) => Some(yaml_pos(l, text)),
+            None => {
+                let path = msg
+                    .split([' ', ':'])
+                    .next()
+                    .unwrap_or_default()
+                    .split('.')
+                    .collect::<Vec<_>>();
+                // The whole path, or the deepest part of it written as a block (`roles.a`
+                // of `a: { tables: [...] }`).
+                (1..=path.len())
+                    .rev()
+                    .find_map(|n| super::loader::path_pos(text, &path[..n]))
+            }
+        };
         let mut p = Problem::new(PROJECT_FILE, msg);
-        if let Some(l) = loc {
-            p = p.at(yaml_pos(l, text), text);
+        if let Some(pos) = pos {
+            p = p.at(pos, text);
         }
         problems.push(p);
     };

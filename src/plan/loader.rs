@@ -46,6 +46,81 @@ pub(super) fn yaml_pos(loc: &serde_saphyr::Location, text: &str) -> Position {
     }
 }
 
+/// Where key `key` of the mapping at `map` is written: the first line from the mapping's start
+/// on that holds the key followed by `:` (bare or quoted). The mapping's own place when not
+/// found (a flow mapping of many keys on one line is found on that line too).
+pub(super) fn key_pos(map: &serde_saphyr::Location, text: &str, key: &str) -> Position {
+    let start = yaml_pos(map, text);
+    let spellings = [
+        format!("{key}:"),
+        format!("\"{}\":", key.replace('"', "\\\"")),
+        format!("'{}':", key.replace('\'', "''")),
+    ];
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if i + 1 >= start.line {
+            let mut from = if i + 1 == start.line {
+                start.column.saturating_sub(1).min(line.len())
+            } else {
+                0
+            };
+            while let Some(found) = spellings
+                .iter()
+                .filter_map(|s| line[from..].find(s.as_str()).map(|at| (at, s.len())))
+                .min()
+            {
+                let at = from + found.0;
+                // A key begins its line's text, or follows `{`, `,` or a space.
+                let before = line[..at].chars().last();
+                if before.is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '\t') {
+                    let mut p = Position::of_offset(text, offset + at, 0);
+                    p.len = key.len();
+                    return p;
+                }
+                from = at + 1;
+            }
+        }
+        offset += line.len();
+    }
+    start
+}
+
+/// Where the block-mapping key path `keys` (`["serve", "listen"]`) is written: each key found on
+/// a line below the one before it, more indented than it. `None` when it is not written so.
+pub(super) fn path_pos(text: &str, keys: &[&str]) -> Option<Position> {
+    let mut offset = 0;
+    let mut next = 0;
+    let mut indent: Option<usize> = None;
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let depth = body.len() - body.trim_start_matches(' ').len();
+        let key = keys.get(next)?;
+        let rest = &body[depth..];
+        let named = [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
+            .iter()
+            .any(|k| rest.starts_with(&format!("{k}:")));
+        // A line back at (or out of) the parent's depth ends the parent's block.
+        if let Some(parent) = indent
+            && !body.trim().is_empty()
+            && depth <= parent
+            && !named
+        {
+            return None;
+        }
+        if named && indent.is_none_or(|parent| depth > parent) {
+            if next + 1 == keys.len() {
+                let mut p = Position::of_offset(text, offset + depth, 0);
+                p.len = key.len();
+                return Some(p);
+            }
+            next += 1;
+            indent = Some(depth);
+        }
+        offset += line.len();
+    }
+    None
+}
+
 /// One pipeline file as read, before the cross-pipeline checks.
 pub(super) struct RawPipeline {
     pub(super) file: PathBuf,
@@ -87,7 +162,7 @@ impl Loader {
     pub(super) fn load(mut self, overrides: &Overrides) -> Result<Project> {
         let project_file = PathBuf::from(PROJECT_FILE);
         let text = self.read(&project_file).unwrap_or_default();
-        let spec: ProjectSpec = parse_yaml(&project_file, &text).map_err(Error::invalid)?;
+        let spec: ProjectSpec = parse_yaml(&project_file, &text).map_err(Error::Invalid)?;
         let warehouse = self.warehouse(&spec, &text, overrides);
         let storage = self.storage(&spec, &text);
         let engine = self.engine(&spec, &text, overrides);
@@ -437,7 +512,7 @@ impl Loader {
                         name,
                     });
                 }
-                Err(p) => self.problems.push(p),
+                Err(ps) => self.problems.extend(ps),
             }
         }
         let mut seen: HashMap<String, PathBuf> = HashMap::new();
@@ -573,18 +648,21 @@ impl Loader {
             (_, true) => None,
         };
         let mut columns = Vec::new();
+        let at_column = |msg: String, col: &str| {
+            Problem::new(&r.file, msg).at(key_pos(&s.schema.referenced, &r.text, col), &r.text)
+        };
         for (col, c) in &s.schema.value {
             if !valid_identifier(col) {
-                self.problems.push(here(
+                self.problems.push(at_column(
                     format!("column name '{col}' must be lowercase letters, digits and '_'"),
-                    &s.schema.referenced,
+                    col,
                 ));
             }
             let c = c.clone().into_full();
             if c.format.is_some() && !matches!(c.ty, ColumnType::Date | ColumnType::Timestamp) {
-                self.problems.push(here(
+                self.problems.push(at_column(
                     format!("column '{col}': `format:` applies to date and timestamp columns only"),
-                    &s.schema.referenced,
+                    col,
                 ));
             }
             columns.push(Column {
@@ -1399,4 +1477,28 @@ fn is_credential(key: &str) -> bool {
     ["secret", "key", "token", "password", "sas"]
         .iter()
         .any(|w| key.contains(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_paths_are_found_on_their_lines() {
+        let text = "name: p\nserve:\n  listen: x\n  max_connections: 0\nroles:\n  a:\n    \
+                    tables: [\"[\"]\n  b: { tables: [x] }\n";
+        assert_eq!(
+            path_pos(text, &["serve", "listen"]).map(|p| p.line),
+            Some(3)
+        );
+        assert_eq!(
+            path_pos(text, &["serve", "max_connections"]).map(|p| p.line),
+            Some(4)
+        );
+        assert_eq!(
+            path_pos(text, &["roles", "a", "tables"]).map(|p| p.line),
+            Some(7)
+        );
+        assert_eq!(path_pos(text, &["serve", "tables"]), None);
+    }
 }

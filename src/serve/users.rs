@@ -44,7 +44,7 @@ pub fn add_user(project: &Project, name: &str, role: &str, password: &str) -> Re
     let updated = with_user(&text, name, &entry);
     // Never write a file that no longer loads.
     let updated = std::sync::Arc::new(updated);
-    parse_yaml::<ProjectSpec>(Path::new(PROJECT_FILE), &updated).map_err(Error::invalid)?;
+    parse_yaml::<ProjectSpec>(Path::new(PROJECT_FILE), &updated).map_err(Error::Invalid)?;
     let tmp = file.with_extension("yaml.tmp");
     std::fs::write(&tmp, updated.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;

@@ -10,7 +10,6 @@ use arrow::util::display::FormatOptions;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::ObjectStore;
-use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::{FileOutput, Reject, SourceFile};
@@ -44,7 +43,7 @@ async fn read_parquet(
         source_name: source.name.clone(),
         message: format!("{}: not a readable Parquet file: {e}", file.display),
     };
-    let bytes = store.get(&file.path).await?.bytes().await?;
+    let bytes = super::fetch(source, &store, &file).await?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|b| b.build())
         .map_err(|e| bad_file(&e))?;

@@ -250,6 +250,48 @@ fn display_name(source: &Source, path: &StorePath) -> String {
     }
 }
 
+/// The bytes of one file of `source`; an error names the source, its pipeline and the file, and
+/// says what fits its store (a local file deleted meanwhile, or a bucket's access).
+pub(crate) async fn fetch(
+    source: &Source,
+    store: &Arc<dyn ObjectStore>,
+    file: &SourceFile,
+) -> Result<bytes::Bytes> {
+    let got = match store.get(&file.path).await {
+        Ok(got) => got.bytes().await,
+        Err(e) => Err(e),
+    };
+    got.map_err(|e| {
+        let local = source
+            .location
+            .as_ref()
+            .is_some_and(|l| l.store_url.scheme() == "file");
+        let message = match (&e, local) {
+            (object_store::Error::NotFound { .. }, true) => format!(
+                "{} was listed and then gone before it was read (deleted or moved while the \
+                 run read the source); nothing was committed, run again",
+                file.display
+            ),
+            (object_store::Error::NotFound { .. }, false) => format!(
+                "{} was listed and then gone before it was read; nothing was committed, run \
+                 again",
+                file.display
+            ),
+            (_, true) => format!("cannot read {}: {e}", file.display),
+            (_, false) => format!(
+                "cannot read {}: {e}; check the bucket's access (the credentials in the \
+                 environment, kbcrm.yaml's `storage:`)",
+                file.display
+            ),
+        };
+        Error::Source {
+            pipeline: source.pipeline.clone(),
+            source_name: source.name.clone(),
+            message,
+        }
+    })
+}
+
 /// Read every file of a text source, `parallel` files at a time, in file order.
 pub fn read_text_files(
     source: &Source,
@@ -265,7 +307,7 @@ pub fn read_text_files(
             let schema = schema.clone();
             let source = source.clone();
             async move {
-                let bytes = store.get(&file.path).await?.bytes().await?;
+                let bytes = fetch(&source, &store, &file).await?;
                 let out = tokio::task::spawn_blocking(move || {
                     parse_file(&source, &file.display, &bytes, schema)
                 })
@@ -356,6 +398,42 @@ mod tests {
             super::skip_reason(".git/x.csv"),
             Some("in a folder starting with .")
         );
+    }
+
+    /// A listed file gone before it is read: the source, its pipeline and the file named, no
+    /// advice about cloud credentials for a local file.
+    #[test]
+    fn a_file_gone_before_it_is_read_is_named_with_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("kbcrm.yaml"), "name: t\n").unwrap();
+        std::fs::write(
+            dir.path().join("pipelines/p.yaml"),
+            "sources:\n  c:\n    format: csv\n    location: data/\n    schema: { id: int }\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("data/a.csv"), "id\n1\n").unwrap();
+        let project =
+            crate::plan::Project::load(dir.path(), &crate::plan::Overrides::default()).unwrap();
+        let source = project.pipelines[0].sources[0].clone();
+        let store = super::stores::store_for(&source.file_location().unwrap().store_url).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listing = rt.block_on(super::list_files(&source, &store)).unwrap();
+        std::fs::remove_file(dir.path().join("data/a.csv")).unwrap();
+        let e = rt
+            .block_on(super::fetch(&source, &store, &listing.files[0]))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("source 'c' of pipeline 'p'")
+                && text.contains("a.csv was listed and then gone"),
+            "{text}"
+        );
+        assert!(!text.contains("credentials"), "{text}");
     }
 
     /// Found by the `csv_quarantine` fuzz target: invalid bytes grew the text past 4 KiB.

@@ -255,3 +255,61 @@ fn bad_server_users_and_roles_name_their_line() {
         ],
     );
 }
+
+/// Each problem of a file at its own line: a bad column name that is not the first, a tab in
+/// the indentation, every unknown or repeated key of kbcrm.yaml, with help that fits the file.
+#[test]
+fn every_problem_points_at_its_own_line_with_fitting_help() {
+    let p = Project::empty();
+    p.write("data/a.csv", "id,v\n1,2\n");
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/a.csv\n    schema:\n      id: int\n      \
+         v: int\n      \"Bad Name\": int\n",
+    );
+    let out = p.kbcrm(&["validate"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("pipelines/p.yaml:8:7: column name 'Bad Name'"),
+        "{err}"
+    );
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/a.csv\n    schema:\n      id: int\n\t  v: int\n",
+    );
+    let err = stderr(&p.kbcrm(&["validate"]));
+    assert!(
+        err.contains("pipelines/p.yaml:7:1: a tab in the indentation of line 7"),
+        "{err}"
+    );
+    p.write(
+        "pipelines/p.yaml",
+        "sources:\n  c:\n    format: csv\n    location: data/a.csv\n    schema: { id: int }\n",
+    );
+    p.write(
+        "kbcrm.yaml",
+        "name: e\nservve: {}\nname: f\nenginee:\n  memory_limit: 1GiB\n",
+    );
+    let err = stderr(&p.kbcrm(&["validate"]));
+    for expected in [
+        "kbcrm.yaml:2:1: unknown field `servve`",
+        "kbcrm.yaml:3:1: duplicate mapping key: name",
+        "kbcrm.yaml:4:1: unknown field `enginee`",
+        "`kbcrm schema --project-file` prints every allowed key",
+        "3 problem(s)",
+    ] {
+        assert!(err.contains(expected), "{expected} missing from:\n{err}");
+    }
+    assert!(!err.contains("DuplicateKeyPolicy"), "{err}");
+    p.write(
+        "kbcrm.yaml",
+        "name: e\nserve:\n  listen: nope\n  max_connections: 0\n",
+    );
+    let err = stderr(&p.kbcrm(&["validate"]));
+    assert!(err.contains("kbcrm.yaml:3:3: serve.listen"), "{err}");
+    assert!(
+        err.contains("kbcrm.yaml:4:3: serve.max_connections"),
+        "{err}"
+    );
+}
