@@ -19,13 +19,14 @@ use std::sync::OnceLock;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::TryStreamExt;
 use kbcrm::config::pipeline::Normalizer;
+use kbcrm::cubes::models::bgnbd::{BgNbd, Rft};
+use kbcrm::cubes::models::gamma_gamma::{GammaGamma, Spend};
 use kbcrm::generate::{GenerateOptions, generate};
 use kbcrm::identity::normalize::normalize;
 use kbcrm::plan::{Overrides, Project};
 use kbcrm::run::{Progress, RunOptions, Runner};
-use kbcrm::sources::{self, convert::declared_schema, stores::store_for};
-use kbcrm::stats::bgnbd::{BgNbd, Rft};
-use kbcrm::stats::gamma_gamma::{GammaGamma, Spend};
+use kbcrm::sources::{self, convert::declared_schema};
+use kbcrm::storage::store_for;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution, Gamma};
@@ -307,7 +308,7 @@ fn scd2(c: &mut Criterion) {
     rt.block_on(run_all(&check));
     let project = Project::load(&check, &Overrides::default()).expect("project loads");
     let batches = rt
-        .block_on(kbcrm::query::query(
+        .block_on(kbcrm::warehouse::query::query(
             &project,
             "select count(*) as n, count(*) filter (where is_current) as cur from dim_customer",
         ))

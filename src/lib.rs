@@ -4,13 +4,31 @@
 //! Declarative YAML pipelines load ERP, sales and service data into a customer-centred star
 //! schema of Delta Lake tables; Apache DataFusion answers SQL over it.
 //!
+//! ## How data moves, and the layers of the code
+//!
 //! ```text
-//! cli ─► config (YAML spec types) ─► plan (validated project, DAG) ─► run (the only sequencer)
-//!                                                                  │
-//!        sources ─► warehouse (staged writes, one commit per run) ◄┘
-//!        engine.rs builds the one DataFusion SessionContext used by all of them
-//!        query reads the warehouse's committed tables
+//!  faces      cli (demo, init)   serve (SQL over the wire)   extract (packs)   schedule   generate
+//!               │                   │                          │                 │          │
+//!  sequencer  run ── loads sources, builds models and identities in DAG order, tests, commits;
+//!               │    lineage, validate (models planned against schemas, no data)
+//!               ▼
+//!  stages     sources ──► warehouse ◄── identity          cubes (evaluate)
+//!             files, DBs   Delta tables, staged writes,    match records   scores predictions
+//!             → Arrow      one commit per run, query,      into one id     against a holdout
+//!                          run history, state
+//!               │
+//!  engine     engine: the DataFusion session (memory, spill), kbcrm's SQL functions (udf),
+//!               │     optimizer rules, rollup routing, Ballista (distributed), roles' views
+//!  plan       plan: the validated, typed project: pipelines, sources, models, tests, DAG,
+//!               │     access (roles, users), extracts
+//!  config     config: what the user wrote (kbcrm.yaml, pipelines/*.yaml) as serde types
+//!               │
+//!  leaves     error   sql (quoting)   storage (URLs, object stores, listing rules)   cubes::models
 //! ```
+//!
+//! Each layer imports only its own layer and those below it, and the modules of one layer form
+//! no circle; the integration test `layout` checks both over every `crate::` path. Each
+//! folder's `mod.rs` says what it owns and what it may import.
 //!
 //! A project is a folder with `kbcrm.yaml`, `pipelines/*.yaml` and `sql/**.sql`:
 //!
@@ -22,36 +40,25 @@
 //! let project = Project::load(std::path::Path::new("."), &Overrides::default())?;
 //! let runner = Runner::new(&project, RunOptions::default(), Progress::hidden()).await?;
 //! let reports = runner.run(&[]).await?; // every pipeline, in dependency order
-//! let answer = kbcrm::query::query(&project, "select count(*) from dim_customer").await?;
+//! let answer = kbcrm::warehouse::query::query(&project, "select count(*) from dim_customer").await?;
 //! # Ok(()) }
 //! ```
 
 pub mod cli;
 pub mod config;
-pub mod demo;
-#[cfg(feature = "ballista")]
-pub mod distributed;
+pub mod cubes;
 pub mod engine;
 pub mod error;
-pub mod evaluate;
 pub mod extract;
-pub mod freshness;
 pub mod generate;
 pub mod identity;
-pub mod init;
-pub mod lineage;
-pub mod optimizer;
 pub mod plan;
-pub mod query;
-pub mod roles;
-pub mod rollup;
 pub mod run;
 pub mod schedule;
 pub mod serve;
 pub mod sources;
-pub mod stats;
-pub mod udf;
-pub mod validate;
+pub mod sql;
+pub mod storage;
 pub mod warehouse;
 
 pub use error::{Error, Result};

@@ -11,6 +11,8 @@
 //! SIGTERM or Ctrl-C stops the scheduler between runs: a run under way finishes and commits
 //! (or fails and commits nothing) first. A second signal exits at once; the run's commit is
 //! all-or-nothing either way (an interrupted commit is completed by the next run).
+//!
+//! A face: may import `run`, `extract` and everything below them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -176,7 +178,7 @@ pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()
                 }
                 Job::Extract(x) => {
                     let producers = project.producers();
-                    let upstream = crate::extract::PACK_INPUTS.iter().find_map(|t| {
+                    let upstream = crate::plan::extracts::PACK_INPUTS.iter().find_map(|t| {
                         let p = match producers.get(t)? {
                             crate::plan::Producer::Source(s) => &s.pipeline,
                             crate::plan::Producer::Model(m) => &m.pipeline,

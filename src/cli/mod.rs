@@ -1,5 +1,10 @@
 //! The command line: arguments, logging, and one function per command.
+//!
+//! Owns the commands' arguments and output, `kbcrm demo` ([`demo`]) and `kbcrm init` ([`init`]).
+//! A face: it may import every other module; none imports it.
 
+pub mod demo;
+pub mod init;
 mod output;
 
 use std::path::PathBuf;
@@ -288,8 +293,8 @@ pub enum Command {
     /// Print where every table comes from: sources, models, identity resolutions, extracts.
     Lineage {
         /// Output format.
-        #[arg(long, short, value_enum, default_value_t = crate::lineage::LineageFormat::Text)]
-        format: crate::lineage::LineageFormat,
+        #[arg(long, short, value_enum, default_value_t = crate::run::lineage::LineageFormat::Text)]
+        format: crate::run::lineage::LineageFormat,
     },
     /// Print the JSON Schema of pipeline files (or of kbcrm.yaml) for editors.
     Schema {
@@ -415,7 +420,7 @@ impl Cli {
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Init { dir } => {
-            let written = crate::init::init(dir)?;
+            let written = crate::cli::init::init(dir)?;
             output::line(&format!(
                 "created {} in {}; next: cd {} && kbcrm run && kbcrm query \"select * from stg_crm_customers\"",
                 written.join(", "),
@@ -425,7 +430,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Validate => {
             let project = cli.load()?;
-            crate::validate::check_models(&project).await?;
+            crate::run::validate::check_models(&project).await?;
             let models: usize = project.pipelines.iter().map(|p| p.models.len()).sum();
             let sources: usize = project.pipelines.iter().map(|p| p.sources.len()).sum();
             output::line(&format!(
@@ -447,7 +452,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             exit_code_unchanged,
         } => {
             let project = cli.load()?;
-            crate::validate::check_models(&project).await?;
+            crate::run::validate::check_models(&project).await?;
             let options = RunOptions {
                 parallel: *parallel,
                 threads: *threads,
@@ -464,7 +469,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 crate::run::backfill::rerun(&project, id, progress).await?
             } else if let (Some(from), Some(to)) = (from, to) {
-                let every = crate::evaluate::parse_days(every)?;
+                let every = crate::cubes::evaluate::parse_days(every)?;
                 let dates = crate::run::backfill::dates(*from, *to, every)?;
                 crate::run::backfill::backfill(&project, pipelines, &dates, options, progress)
                     .await?
@@ -489,7 +494,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else {
                 sql.clone()
             };
-            let batches = crate::query::query(&project, &sql).await?;
+            let batches = crate::warehouse::query::query(&project, &sql).await?;
             output::batches(&batches, *format)
         }
         Command::Rejects {
@@ -501,28 +506,37 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let project = cli.load()?;
             let sql = rejects_sql(pipeline.as_deref(), run.as_deref(), *summary, *limit);
-            let batches = crate::query::query(&project, &sql).await?;
+            let batches = crate::warehouse::query::query(&project, &sql).await?;
             output::batches(&batches, *format)
         }
         Command::Cubes { as_of, action } => match action {
             Some(CubesAction::Evaluate { holdout }) => {
                 let project = cli.load()?;
-                crate::validate::check_models(&project).await?;
-                let days = crate::evaluate::parse_days(holdout)?;
-                let e =
-                    crate::evaluate::evaluate(&project, days, Progress::auto(cli.quiet)).await?;
+                crate::run::validate::check_models(&project).await?;
+                let days = crate::cubes::evaluate::parse_days(holdout)?;
+                let as_of = crate::cubes::evaluate::calibration_end(&project, days).await?;
+                let options = RunOptions {
+                    as_of: Some(as_of),
+                    trigger: Some("evaluate".into()),
+                    ..RunOptions::default()
+                };
+                Runner::new(&project, options, Progress::auto(cli.quiet))
+                    .await?
+                    .run(&[crate::cubes::evaluate::CUBES_PIPELINE.to_string()])
+                    .await?;
+                let e = crate::cubes::evaluate::score(&project, as_of, days).await?;
                 output::line(e.to_string().trim_end())
             }
             None => {
                 let project = cli.load()?;
-                crate::validate::check_models(&project).await?;
+                crate::run::validate::check_models(&project).await?;
                 let options = RunOptions {
                     as_of: *as_of,
                     ..RunOptions::default()
                 };
                 let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
                 let reports = runner
-                    .run(&[crate::evaluate::CUBES_PIPELINE.to_string()])
+                    .run(&[crate::cubes::evaluate::CUBES_PIPELINE.to_string()])
                     .await?;
                 output::run_summary(&reports)
             }
@@ -546,7 +560,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Schedule { once, out } => {
             let project = cli.load()?;
-            crate::validate::check_models(&project).await?;
+            crate::run::validate::check_models(&project).await?;
             let options = crate::schedule::ScheduleOptions {
                 once: *once,
                 out: std::path::absolute(out).map_err(|e| Error::io(out, e))?,
@@ -581,21 +595,21 @@ pub async fn run(cli: Cli) -> Result<()> {
                             format!(" where {}", filters.join(" and "))
                         }
                     );
-                    let batches = crate::query::query(&project, &sql).await?;
+                    let batches = crate::warehouse::query::query(&project, &sql).await?;
                     output::batches(&batches, *format)
                 }
             }
         }
         Command::Freshness { all } => {
             let project = cli.load()?;
-            let results = crate::freshness::check(&project, *all).await?;
-            let (text, verdict) = crate::freshness::report(&results);
+            let results = crate::sources::freshness::check(&project, *all).await?;
+            let (text, verdict) = crate::sources::freshness::report(&results);
             output::line(text.trim_end())?;
             verdict
         }
         Command::Lineage { format } => {
             let project = cli.load()?;
-            output::line(crate::lineage::render(&project, *format).trim_end())
+            output::line(crate::run::lineage::render(&project, *format).trim_end())
         }
         Command::Tables => {
             let project = cli.load()?;
@@ -634,7 +648,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo { scale, seed } => crate::demo::demo(&cli, *scale, *seed).await,
+        Command::Demo { scale, seed } => crate::cli::demo::demo(&cli, *scale, *seed).await,
         Command::Serve { listen } => {
             let project = cli.load()?;
             let server =
@@ -662,10 +676,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                     external_host,
                 } => {
                     output::line(&format!("Ballista scheduler listening on {bind}"))?;
-                    crate::distributed::scheduler(crate::distributed::SchedulerOptions {
-                        bind: *bind,
-                        external_host: external_host.clone(),
-                    })
+                    crate::engine::distributed::scheduler(
+                        crate::engine::distributed::SchedulerOptions {
+                            bind: *bind,
+                            external_host: external_host.clone(),
+                        },
+                    )
                     .await
                 }
                 BallistaRole::Executor {
@@ -680,16 +696,18 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output::line(&format!(
                         "Ballista executor on {bind_host}:{port} (gRPC {grpc_port}) joining {scheduler}"
                     ))?;
-                    crate::distributed::executor(crate::distributed::ExecutorOptions {
-                        scheduler: scheduler.clone(),
-                        bind_host: bind_host.clone(),
-                        port: *port,
-                        grpc_port: *grpc_port,
-                        external_host: external_host.clone(),
-                        work_dir: work_dir.clone(),
-                        vcores: *vcores,
-                        memory_limit: project.as_ref().and_then(|p| p.engine.memory_limit),
-                    })
+                    crate::engine::distributed::executor(
+                        crate::engine::distributed::ExecutorOptions {
+                            scheduler: scheduler.clone(),
+                            bind_host: bind_host.clone(),
+                            port: *port,
+                            grpc_port: *grpc_port,
+                            external_host: external_host.clone(),
+                            work_dir: work_dir.clone(),
+                            vcores: *vcores,
+                            memory_limit: project.as_ref().and_then(|p| p.engine.memory_limit),
+                        },
+                    )
                     .await
                 }
             }

@@ -2,6 +2,8 @@
 //!
 //! Unknown keys are rejected; every parse error becomes a [`Problem`] naming the file, line and
 //! column. Nothing here touches the file system beyond reading the one file it is given.
+//!
+//! May import only the leaves (`error`); everything above reads these types through `plan`.
 
 pub mod pipeline;
 pub mod project;
@@ -13,6 +15,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Position, Problem};
+
+/// The project file's name.
+pub const PROJECT_FILE: &str = "kbcrm.yaml";
 
 pub use pipeline::PipelineSpec;
 pub use project::ProjectSpec;
@@ -93,9 +98,7 @@ fn blank_key(text: &str, line: usize, column: usize) -> Option<String> {
 
 /// One parse error as a problem at its place, in the user's words.
 fn yaml_problem(display_path: &Path, text: &Arc<String>, e: &serde_saphyr::Error) -> Problem {
-    let project = display_path
-        .file_name()
-        .is_some_and(|n| n == crate::plan::PROJECT_FILE);
+    let project = display_path.file_name().is_some_and(|n| n == PROJECT_FILE);
     let mut message = yaml_message(e);
     let mut pos = e.location().map(|loc| match loc.span().byte_offset() {
         Some(off) => {
@@ -223,7 +226,7 @@ mod tests {
         );
         assert!(!ps[2].message.contains("DuplicateKeyPolicy"), "{}", ps[2]);
         let project = parse_yaml::<ProjectSpec>(
-            &PathBuf::from(crate::plan::PROJECT_FILE),
+            &PathBuf::from(PROJECT_FILE),
             &Arc::new("name: p\nservve: {}\nenginee: {}\n".to_string()),
         )
         .unwrap_err();

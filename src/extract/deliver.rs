@@ -91,7 +91,7 @@ pub async fn deliver_all(
 fn describe(d: &Delivery) -> String {
     match d {
         Delivery::Folder(p) => format!("folder {}", p.display()),
-        Delivery::Url(u) => crate::sources::stores::redact(u),
+        Delivery::Url(u) => crate::storage::redact(u),
         Delivery::Email(m) => format!("e-mail to {} via {}:{}", m.to.join(", "), m.host, m.port),
     }
 }
@@ -135,8 +135,7 @@ async fn to_store(
     dir: &Path,
     files: &[PathBuf],
 ) -> Result<(), Failure> {
-    let store =
-        crate::sources::stores::store_for(url).map_err(|e| Failure::fatal(e.to_string()))?;
+    let store = crate::storage::store_for(url).map_err(|e| Failure::fatal(e.to_string()))?;
     let base = object_store::path::Path::from_url_path(url.path())
         .map_err(|e| Failure::fatal(format!("{url}: {e}")))?;
     for f in files {

@@ -8,6 +8,8 @@
 //!
 //! Everything in the files comes from the table versions read and the as-of date, so the same
 //! versions give the same bytes.
+//!
+//! A face: may import `run` and everything below it; `schedule` and `cli` call it.
 
 mod deliver;
 mod html;
@@ -30,17 +32,9 @@ use crate::plan::extracts::{DEFAULT_EXTRACT, Extract};
 use crate::warehouse::Warehouse;
 use crate::warehouse::history::{RunKind, RunRecord, RunStatus};
 
+pub use crate::plan::extracts::PACK_INPUTS;
 pub use deliver::DeliveryReport;
 pub use pack::{Figure, FigureKind, Pack, PackTable, group_digits};
-
-/// The tables the executive pack reads.
-pub const PACK_INPUTS: &[&str] = &[
-    "cube_churn_warning",
-    "cube_loyalty",
-    "cube_purchasing_power",
-    "cube_knowledge_source",
-    "dim_customer",
-];
 
 /// What `kbcrm extract` was asked for.
 #[derive(Debug, Clone)]
@@ -198,7 +192,7 @@ async fn write_one(
     let versions: BTreeMap<String, u64> = wh.register_snapshots(&base).await?;
     let ctx = engine::session_with_runtime(&settings, &params, runtime)?;
     let role_name = x.role.as_deref().unwrap_or("(none)");
-    crate::roles::register_views(&base, &ctx, &versions, role_name, &role, project).await?;
+    crate::engine::roles::register_views(&base, &ctx, &versions, role_name, &role, project).await?;
     let run_tests = pack::test_status(&wh, &base, &versions).await?;
     let pack = pack::gather(&ctx, x, options.as_of, &versions, run_tests).await?;
 

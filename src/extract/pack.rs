@@ -590,7 +590,7 @@ pub async fn gather(
 /// Run a read-only query and return its rows as one batch.
 async fn collect(ctx: &SessionContext, sql: &str) -> Result<RecordBatch> {
     let df = ctx
-        .sql_with_options(sql, crate::query::read_only())
+        .sql_with_options(sql, crate::warehouse::query::read_only())
         .await
         .map_err(|e| Error::Usage(e.strip_backtrace()))?;
     let schema = Arc::new(df.schema().as_arrow().clone());

@@ -232,7 +232,6 @@ fn products_parquet(root: &Path, catalog: &Catalog) -> Result<FileCount> {
                 .with_precision_and_scale(10, 2)?,
         ))
     };
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid");
     let schema = Arc::new(Schema::new(vec![
         Field::new("product_id", DataType::Utf8, false),
         Field::new("sku", DataType::Utf8, false),
@@ -266,7 +265,7 @@ fn products_parquet(root: &Path, catalog: &Catalog) -> Result<FileCount> {
         dec(p.iter().map(|x| x.price_cents).collect())?,
         dec(p.iter().map(|x| x.cost_cents).collect())?,
         Arc::new(Date32Array::from_iter_values(
-            p.iter().map(|x| (x.launched - epoch).num_days() as i32),
+            p.iter().map(|x| crate::engine::epoch_days(x.launched)),
         )),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns)?;

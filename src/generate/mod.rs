@@ -5,6 +5,8 @@
 //! buys steadily and planted churners buy less and complain more before they stop. The ground
 //! truth (who is who, who churned when, which rows are malformed) goes to `truth/` beside the
 //! sources so tests can score against it.
+//!
+//! A face: may import `run` and everything below it; `cli` calls it.
 
 mod emit;
 mod names;

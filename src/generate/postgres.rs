@@ -14,8 +14,8 @@ use futures::SinkExt;
 use super::Summary;
 use crate::error::{Error, Result};
 use crate::sources::convert::parse_date;
-use crate::sources::database::quote_ident;
 use crate::sources::postgres::Connection;
+use crate::sql::quote_ident;
 
 /// Database types of a column.
 #[derive(Clone, Copy)]

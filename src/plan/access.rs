@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::config::ProjectSpec;
@@ -131,7 +132,62 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
 
 /// A well-formed SCRAM-SHA-256 verifier, or what is wrong with it.
 pub fn check_verifier(v: &str) -> Result<(), String> {
-    crate::serve::scram::Verifier::parse(v).map(|_| ())
+    Verifier::parse(v).map(|_| ())
+}
+
+/// A parsed SCRAM-SHA-256 verifier in PostgreSQL's form (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`);
+/// the server's side of the exchange is in `serve::scram`.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    /// PBKDF2 iterations the client must use.
+    pub iterations: u32,
+    /// Salt.
+    pub salt: Vec<u8>,
+    /// H(ClientKey).
+    pub stored_key: Vec<u8>,
+    /// HMAC(SaltedPassword, "Server Key").
+    pub server_key: Vec<u8>,
+}
+
+impl Verifier {
+    /// Parse PostgreSQL's form, or say what is wrong with it (the project loader reports this
+    /// with the line of kbcrm.yaml).
+    pub fn parse(v: &str) -> Result<Verifier, String> {
+        let bad = || {
+            "not a SCRAM-SHA-256 verifier; expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> \
+             (write it with `kbcrm user add NAME --role ROLE`, never a password)"
+                .to_string()
+        };
+        let rest = v.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
+        let (iter_salt, keys) = rest.split_once('$').ok_or_else(bad)?;
+        let (iter, salt) = iter_salt.split_once(':').ok_or_else(bad)?;
+        let (stored, server) = keys.split_once(':').ok_or_else(bad)?;
+        let verifier = Verifier {
+            iterations: iter.parse().map_err(|_| bad())?,
+            salt: base64::engine::general_purpose::STANDARD
+                .decode(salt)
+                .map_err(|_| bad())?,
+            stored_key: base64::engine::general_purpose::STANDARD
+                .decode(stored)
+                .map_err(|_| bad())?,
+            server_key: base64::engine::general_purpose::STANDARD
+                .decode(server)
+                .map_err(|_| bad())?,
+        };
+        if verifier.iterations < 4096 {
+            return Err(format!(
+                "the verifier uses {} iterations; at least 4096 are required",
+                verifier.iterations
+            ));
+        }
+        if verifier.salt.is_empty()
+            || verifier.stored_key.len() != 32
+            || verifier.server_key.len() != 32
+        {
+            return Err(bad());
+        }
+        Ok(verifier)
+    }
 }
 
 pub(super) fn build(

@@ -108,6 +108,15 @@ pub const PACK_TABLES: &[&str] = &[
     "notes",
 ];
 
+/// The tables the executive pack reads.
+pub const PACK_INPUTS: &[&str] = &[
+    "cube_churn_warning",
+    "cube_loyalty",
+    "cube_purchasing_power",
+    "cube_knowledge_source",
+    "dim_customer",
+];
+
 pub(super) fn build(
     spec: &ProjectSpec,
     text: &Arc<String>,

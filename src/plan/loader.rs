@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use url::Url;
 
+use super::identity::{Identity, RecordSource};
 use crate::config::pipeline::{
     ConnectionFrom, ConnectionSpec, DeletesSpec, IdentitySpec, IncrementalSpec, ModelEntry,
     ModelSpec, PipelineSpec, SourceFormat, SourceSpec, Survivorship, WriteMode,
@@ -15,7 +16,6 @@ use crate::config::project::parse_byte_size;
 use crate::config::types::ColumnType;
 use crate::config::{ProjectSpec, parse_yaml};
 use crate::error::{Error, Position, Problem, Result};
-use crate::identity::{Identity, RecordSource};
 use crate::plan::MemoryPoolKind;
 
 use super::data_tests::data_test;
@@ -228,7 +228,7 @@ impl Loader {
         if !self.problems.is_empty() {
             return Err(Error::Invalid(self.problems));
         }
-        crate::sources::stores::configure(storage);
+        crate::storage::configure(storage);
         Ok(Project {
             root: self.root,
             name,

@@ -72,7 +72,7 @@ impl Location {
     }
 
     /// Whether a file found under the prefix is one the location names (its glob, if any);
-    /// files of other tools' names are skipped apart (`crate::sources::skip_reason`). `relative`
+    /// files of other tools' names are skipped apart (`crate::storage::skip_reason`). `relative`
     /// is the path below the prefix.
     pub fn matches(&self, relative: &str) -> bool {
         match &self.glob {
@@ -118,7 +118,7 @@ mod tests {
         assert_eq!(l.prefix, "proj/sources/sales");
         assert!(l.matches("a.csv") && !l.matches("a.json"));
         assert_eq!(
-            crate::sources::skip_reason("_tmp.csv"),
+            crate::storage::skip_reason("_tmp.csv"),
             Some("starts with _")
         );
         let l = Location::resolve("s3://bucket/raw/orders/", root).unwrap();

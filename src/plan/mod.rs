@@ -2,6 +2,8 @@
 //!
 //! A [`Project`] cannot be half-valid: loading collects every problem in every file and fails with
 //! all of them, or returns a project whose pipelines, sources and models are ready to run.
+//!
+//! May import `config` and the leaves only: the engine, the stages and `run` take a [`Project`].
 
 pub mod access;
 pub mod dag;
@@ -9,6 +11,8 @@ mod data_tests;
 pub use data_tests::ADDED_ROWS;
 pub mod extracts;
 mod graph;
+mod identity;
+pub use identity::{Identity, RecordSource};
 mod loader;
 pub mod location;
 
@@ -22,7 +26,6 @@ use crate::config::pipeline::{ModelIncrementalSpec, Severity, SourceFormat, Writ
 pub use crate::config::project::MemoryPoolKind;
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
-use crate::identity::Identity;
 
 pub use location::Location;
 
@@ -37,8 +40,7 @@ pub const BUILTIN_TABLES: &[&str] = &[
     "model_evaluation",
 ];
 
-/// The project file's name.
-pub const PROJECT_FILE: &str = "kbcrm.yaml";
+pub use crate::config::PROJECT_FILE;
 
 /// Settings that override the project file (environment, then command line).
 #[derive(Debug, Clone, Default)]
@@ -402,7 +404,7 @@ pub struct Model {
     pub incremental: Option<ModelIncrementalSpec>,
     /// Type-2 options (`mode: scd2`).
     pub scd2: Option<Scd2>,
-    /// A rollup that aggregate queries are routed to ([`crate::rollup`]).
+    /// A rollup that aggregate queries are routed to ([`crate::engine::rollup`]).
     pub rollup: bool,
     /// Columns its data files are sorted by.
     pub cluster_by: Vec<String>,

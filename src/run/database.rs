@@ -22,9 +22,9 @@ use crate::error::{Error, Result};
 use crate::plan::{DELETED_AT, Database, Deletes, Incremental, Source};
 use crate::sources::convert::declared_schema;
 use crate::sources::database;
-use crate::sources::database::quote_ident;
 use crate::sources::mysql;
 use crate::sources::postgres;
+use crate::sql::quote_ident;
 use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
 
 /// The database of a source: its connection and its columns' types, PostgreSQL or MySQL.

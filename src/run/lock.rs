@@ -197,7 +197,7 @@ impl RunLock {
                             return Err(Error::Busy(format!(
                                 "the run lock {}/{path} is held and unreadable; delete it if \
                                  no kbcrm run is going on",
-                                crate::sources::stores::redact(wh.url()).trim_end_matches('/')
+                                crate::storage::redact(wh.url()).trim_end_matches('/')
                             )));
                         }
                     }

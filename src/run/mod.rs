@@ -1,18 +1,22 @@
 //! Running pipelines: the only sequencer. A pipeline run loads its sources, builds its models
 //! and identity resolutions in DAG order, checks each data test once the tables it reads are
 //! built, and then commits every table it changed, with the bookkeeping that describes them (cursors, loaded files), as one run.
+//!
+//! Owns the run lock, pending commits' recovery, data tests, backfills, [`lineage`] and
+//! [`validate`]. May import every stage and everything below; only the faces import it.
 
 pub mod backfill;
 mod board;
 mod database;
+pub mod lineage;
 mod lock;
 mod model;
 mod places;
-pub(crate) use model::model_definition;
 mod progress;
 mod quarantine;
 mod source;
 mod steps;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -79,38 +83,7 @@ pub struct TableReport {
     pub files_skipped: Vec<String>,
 }
 
-/// Outcome of one data test.
-#[derive(Debug, Clone)]
-pub struct TestReport {
-    /// Test name.
-    pub name: String,
-    /// Offending rows found.
-    pub failures: u64,
-    /// Its severity.
-    pub severity: Severity,
-    /// How much it read.
-    pub checked: Checked,
-}
-
-/// How much of its tables a data test read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Checked {
-    /// The tables whole.
-    All,
-    /// Only the rows this run added: the tables passed the test at the versions the run started
-    /// from and the run only added rows to them.
-    AddedRows,
-    /// The rows this run added and the values found missing at the versions the run started
-    /// from: a relationships test that failed there, on tables the run only added rows to.
-    AddedAndFailing,
-    /// Nothing: the same query over the same table versions as a run before, whose result this
-    /// is.
-    Reused,
-    /// Nothing: a unique test on a table that was unique at the version the run started from,
-    /// which the run changed only by merges on keys among the test's columns (a merge replaces
-    /// the rows of the keys it writes, and writes each key once).
-    KeptByMerge,
-}
+pub use crate::warehouse::state::{Checked, TestReport};
 
 /// What a pipeline run did.
 #[derive(Debug, Clone)]
@@ -163,7 +136,7 @@ struct RunState {
     /// The data tests checked, by their index in the pipeline.
     tests: Vec<(usize, TestChecked)>,
     /// The as-of date and variables the SQL sees.
-    params: crate::udf::RunParams,
+    params: crate::engine::udf::RunParams,
     /// A session on the project's Ballista cluster, when it has one: the models' SQL runs
     /// there, over the same table versions (committed, then this run's staged ones).
     cluster: Option<SessionContext>,
@@ -403,14 +376,14 @@ impl Runner {
     async fn run_in_turn(&self, pipeline: &Pipeline, turn: Turn) -> Option<Result<RunReport>> {
         let run_id = uuid::Uuid::now_v7().to_string();
         let started_at = chrono::Utc::now();
-        crate::lineage::emit(&self.project, &pipeline.name, &run_id, "START", None).await;
+        crate::run::lineage::emit(&self.project, &pipeline.name, &run_id, "START", None).await;
         let Some(result) = self.run_pipeline_as(pipeline, run_id.clone(), turn).await else {
-            crate::lineage::emit(&self.project, &pipeline.name, &run_id, "ABORT", None).await;
+            crate::run::lineage::emit(&self.project, &pipeline.name, &run_id, "ABORT", None).await;
             return None;
         };
         let error = result.as_ref().err().map(|e| e.to_string());
         let event = if error.is_some() { "FAIL" } else { "COMPLETE" };
-        crate::lineage::emit(
+        crate::run::lineage::emit(
             &self.project,
             &pipeline.name,
             &run_id,
@@ -589,7 +562,7 @@ impl Runner {
         run_id: &str,
         board: Option<board::BoardView>,
     ) -> Result<(SessionContext, RunState, Vec<TestReport>)> {
-        let params = crate::udf::RunParams {
+        let params = crate::engine::udf::RunParams {
             as_of_days: engine::epoch_days(
                 self.options
                     .as_of
@@ -774,11 +747,12 @@ impl Runner {
     #[cfg_attr(not(feature = "ballista"), allow(clippy::unused_async))]
     async fn cluster_session(
         &self,
-        params: &crate::udf::RunParams,
+        params: &crate::engine::udf::RunParams,
     ) -> Result<Option<SessionContext>> {
         #[cfg(feature = "ballista")]
         if let Some(cluster) = &self.project.engine.cluster {
-            let ctx = crate::distributed::session(&self.project.engine, params, cluster).await?;
+            let ctx =
+                crate::engine::distributed::session(&self.project.engine, params, cluster).await?;
             self.wh.register_for_cluster(&ctx).await?;
             return Ok(Some(ctx));
         }
@@ -1416,7 +1390,7 @@ mod tests {
 
     async fn checked_table(sql: &str) -> Option<String> {
         let ctx = SessionContext::new();
-        crate::udf::register(&ctx, &crate::udf::RunParams::default());
+        crate::engine::udf::register(&ctx, &crate::engine::udf::RunParams::default());
         for ddl in [
             "create table sales (id int, net double, gross double, day date)",
             "create table customers (id int, name varchar)",

@@ -19,7 +19,8 @@ use super::{RunState, Runner};
 use crate::config::pipeline::WriteMode;
 use crate::config::pipeline::{ModelIncrementalSpec, SlicesSpec};
 use crate::error::{Error, Result};
-use crate::identity::{Identity, LastFigures, RecordIds, Regrouped, Resolution, Since};
+use crate::identity::{LastFigures, RecordIds, Regrouped, Resolution, Since};
+use crate::plan::Identity;
 use crate::plan::Model;
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch_as};
@@ -42,31 +43,6 @@ pub(super) fn fingerprint(definition: &str, inputs: &[String], state: &RunState)
 /// The hash of a definition a fingerprint records.
 pub(super) fn definition_hash(definition: &str) -> String {
     hex::encode(Sha256::digest(definition.as_bytes()))
-}
-
-/// What a model's result depends on besides its inputs: its SQL and the run parameters it reads.
-fn definition(sql: &str, params: &crate::udf::RunParams) -> String {
-    let mut d = sql.to_string();
-    if sql.contains("kbcrm_as_of") {
-        d.push_str(&format!("\n-- as of {}", params.as_of_days));
-    }
-    if sql.contains("kbcrm_var") {
-        d.push_str(&format!("\n-- vars {:?}", params.vars));
-    }
-    d
-}
-
-/// A model's whole definition: its SQL with the run parameters it reads, and the order its
-/// files are written in.
-pub(crate) fn model_definition(model: &Model, params: &crate::udf::RunParams) -> String {
-    let mut d = definition(&model.sql, params);
-    if !model.cluster_by.is_empty() {
-        d.push_str(&format!("\n-- cluster by {}", model.cluster_by.join(", ")));
-    }
-    if let Some(files_by) = &model.files_by {
-        d.push_str(&format!("\n-- files by {files_by}"));
-    }
-    d
 }
 
 /// A driving table of an incremental model: its name, its full provider, its added rows.
@@ -163,7 +139,7 @@ impl Runner {
         let started = Instant::now();
         let key = inputs_key(&model.pipeline, &model.name);
         let print = fingerprint(
-            &model_definition(model, &state.params),
+            &crate::engine::udf::model_definition(model, &state.params),
             &model.depends_on,
             state,
         );
@@ -173,7 +149,7 @@ impl Runner {
         }
         if model.rollup {
             // Refused before it is built: SQL that queries could not be answered from.
-            crate::rollup::definition(ctx, model).await?;
+            crate::engine::rollup::definition(ctx, model).await?;
         }
         let bar = self.progress.step(&format!("build {}", model.name));
         let memory_limit = self.project.engine.memory_limit;
@@ -324,7 +300,7 @@ impl Runner {
                 for (table, full) in &sliced {
                     let rows = ctx
                         .read_table(full.clone())?
-                        .filter(crate::udf::slice_of(ident(by), slices).eq(lit(slice)))?
+                        .filter(crate::engine::udf::slice_of(ident(by), slices).eq(lit(slice)))?
                         .into_view();
                     ctx.deregister_table(*table)?;
                     ctx.register_table(*table, rows)?;

@@ -16,7 +16,8 @@ use super::{RunState, Runner, default_parallelism};
 use crate::config::pipeline::{SourceFormat, WriteMode};
 use crate::error::{Error, Result};
 use crate::plan::{Incremental, Source};
-use crate::sources::{self, convert::declared_schema, stores::store_for};
+use crate::sources::{self, convert::declared_schema};
+use crate::storage::store_for;
 use crate::warehouse::delta_compatible;
 use crate::warehouse::state::loaded_files;
 use crate::warehouse::write::{

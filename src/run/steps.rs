@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::board::Lookup;
 use super::{RunState, Runner, default_parallelism};
 use crate::error::{Error, Result};
-use crate::identity::Identity;
+use crate::plan::Identity;
 use crate::plan::{Model, Pipeline, Source};
 use crate::warehouse::Staged;
 

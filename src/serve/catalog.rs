@@ -15,9 +15,9 @@ use datafusion_postgres::DfSessionService;
 use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
 
 use crate::engine;
+use crate::engine::roles;
 use crate::error::{Error, Result};
 use crate::plan::{MemoryPoolKind, Project};
-use crate::roles;
 use crate::warehouse::Warehouse;
 
 /// The sessions of every role, built from one set of table versions.
@@ -112,11 +112,12 @@ pub async fn build(
     wh.register_runs(&base).await?;
     let mut tables = versions.clone();
     tables.insert(crate::warehouse::history::RUNS_TABLE.to_string(), 0);
-    let rollups = if project.engine.rollups {
+    let rollups = if project.engine.rollups && crate::engine::rollup::Rollups::declared(project) {
         let version_of = |t: &str| versions.get(t).copied();
-        crate::rollup::Rollups::load(&base, project, &version_of).await?
+        let state = crate::warehouse::state::read_state(&base).await?;
+        crate::engine::rollup::Rollups::load(&base, project, &version_of, &state).await?
     } else {
-        crate::rollup::Rollups::default()
+        crate::engine::rollup::Rollups::default()
     };
     let users = super::pgcompat::Users(Arc::new(project.access.users.keys().cloned().collect()));
     let mut roles = HashMap::new();
@@ -173,9 +174,9 @@ pub async fn build(
 }
 
 /// A session on the cluster of `root` with an empty catalog and kbcrm's functions as of today.
-fn on_cluster(root: &SessionContext, params: &crate::udf::RunParams) -> SessionContext {
+fn on_cluster(root: &SessionContext, params: &crate::engine::udf::RunParams) -> SessionContext {
     let ctx = engine::with_empty_catalog(root);
-    crate::udf::register(&ctx, params);
+    crate::engine::udf::register(&ctx, params);
     ctx
 }
 

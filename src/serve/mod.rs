@@ -6,6 +6,8 @@
 //! session per role holding only its tables with PII masked and rows filtered ([`catalog`]),
 //! a read-only statement policy ([`policy`]), statement timeouts and cancel requests that
 //! reach streaming results, and a connection limit ([`queries`]).
+//!
+//! A face: may import `run` and everything below it; only `cli` imports it.
 
 pub mod auth;
 pub mod catalog;
@@ -214,9 +216,12 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor
 async fn cluster_session(project: &Project) -> Result<Option<datafusion::prelude::SessionContext>> {
     match &project.engine.cluster {
         Some(cluster) => {
-            let ctx =
-                crate::distributed::session(&project.engine, &engine::today_params(), cluster)
-                    .await?;
+            let ctx = crate::engine::distributed::session(
+                &project.engine,
+                &engine::today_params(),
+                cluster,
+            )
+            .await?;
             tracing::info!(
                 "queries over warehouse tables run on the Ballista cluster; catalog queries, \
                  the run history and PostgreSQL functions in this process"

@@ -616,9 +616,7 @@ impl ScalarUDFImpl for Format {
                 match (spec, value) {
                     (Some('s'), v) => result.push_str(&v.unwrap_or_default()),
                     (Some('I'), Some(v)) => result.push_str(&pg_quote_ident(&v)),
-                    (Some('L'), Some(v)) => {
-                        result.push_str(&crate::sources::database::quote_literal(&v))
-                    }
+                    (Some('L'), Some(v)) => result.push_str(&crate::sql::quote_literal(&v)),
                     (Some('L'), None) => result.push_str("NULL"),
                     (Some('I'), None) => {
                         return Err(DataFusionError::Execution(
@@ -666,10 +664,7 @@ fn quote_literal_udf() -> ScalarUDF {
                 .downcast_ref::<StringArray>()
                 .ok_or_else(|| DataFusionError::Plan("quote_literal takes text".into()))?;
             let out: StringArray = (0..texts.len())
-                .map(|i| {
-                    (!texts.is_null(i))
-                        .then(|| crate::sources::database::quote_literal(texts.value(i)))
-                })
+                .map(|i| (!texts.is_null(i)).then(|| crate::sql::quote_literal(texts.value(i))))
                 .collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),
@@ -744,7 +739,7 @@ fn pg_quote_ident(name: &str) -> String {
     if bare {
         name.to_string()
     } else {
-        crate::sources::database::quote_ident(name)
+        crate::sql::quote_ident(name)
     }
 }
 
@@ -792,10 +787,10 @@ pub fn rewrite(stmt: &mut Statement) {
                         Some(c) => c.name.value.clone(),
                         None => a.name.value.clone(),
                     })
-                    .unwrap_or_else(|| "unnest".into())
-                    .replace('"', "\"\"");
+                    .unwrap_or_else(|| "unnest".into());
                 if let Ok(q) = parse_query(&format!(
-                    "SELECT CAST(NULL AS TEXT) AS \"{column}\" WHERE false"
+                    "SELECT CAST(NULL AS TEXT) AS {} WHERE false",
+                    crate::sql::quote_ident(&column)
                 )) {
                     *t = TableFactor::Derived {
                         lateral: false,
@@ -830,12 +825,13 @@ pub fn rewrite(stmt: &mut Statement) {
                         | TableFactor::Function { alias: Some(a), .. }
                             if a.columns.is_empty() =>
                         {
-                            a.name.value.replace('"', "\"\"")
+                            a.name.value.clone()
                         }
                         _ => "unnest".to_string(),
                     };
                     Some(format!(
-                        "SELECT CAST(NULL AS TEXT) AS \"{column}\" WHERE false"
+                        "SELECT CAST(NULL AS TEXT) AS {} WHERE false",
+                        crate::sql::quote_ident(&column)
                     ))
                 }
                 _ => None,

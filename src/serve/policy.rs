@@ -441,7 +441,7 @@ pub fn empty_index_catalog_queries(stmt: &mut Statement) {
             };
             let columns: Vec<String> = names
                 .iter()
-                .map(|n| format!("NULL AS \"{}\"", n.replace('"', "\"\"")))
+                .map(|n| format!("NULL AS {}", crate::sql::quote_ident(n)))
                 .collect();
             let sql = format!("SELECT {} WHERE {none}", columns.join(", "));
             if let Ok(q) = Parser::new(&PostgreSqlDialect {})

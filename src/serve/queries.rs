@@ -704,7 +704,7 @@ async fn explain_with_routing(
     role: &RoleSession,
     stmt: &Statement,
 ) -> PgWireResult<Option<LogicalPlan>> {
-    let Some(inner) = crate::rollup::explained(stmt) else {
+    let Some(inner) = crate::engine::rollup::explained(stmt) else {
         return Ok(None);
     };
     if role.cluster_for(stmt).is_some() {
@@ -712,7 +712,7 @@ async fn explain_with_routing(
     }
     let fail = |e: String| pg_error("ERROR", "XX000", e);
     let ctx = &role.ctx;
-    let Some(row) = crate::rollup::explain_row(ctx, &inner)
+    let Some(row) = crate::engine::rollup::explain_row(ctx, &inner)
         .await
         .map_err(|e| fail(e.to_string()))?
     else {
@@ -724,7 +724,7 @@ async fn explain_with_routing(
         .map_err(|e| fail(e.strip_backtrace()))?;
     let batches = df.collect().await.map_err(|e| fail(e.strip_backtrace()))?;
     let batches =
-        crate::rollup::with_explain_row(batches, &row).map_err(|e| fail(e.to_string()))?;
+        crate::engine::rollup::with_explain_row(batches, &row).map_err(|e| fail(e.to_string()))?;
     let df = ctx
         .read_batches(batches)
         .map_err(|e| fail(e.strip_backtrace()))?;

@@ -7,53 +7,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ring::{digest, hmac};
 
-/// A parsed verifier.
-#[derive(Debug, Clone)]
-pub struct Verifier {
-    /// PBKDF2 iterations the client must use.
-    pub iterations: u32,
-    /// Salt.
-    pub salt: Vec<u8>,
-    /// H(ClientKey).
-    pub stored_key: Vec<u8>,
-    /// HMAC(SaltedPassword, "Server Key").
-    pub server_key: Vec<u8>,
-}
+pub use crate::plan::access::Verifier;
 
 impl Verifier {
-    /// Parse PostgreSQL's form, or say what is wrong with it (the project loader reports this
-    /// with the line of kbcrm.yaml).
-    pub fn parse(v: &str) -> Result<Verifier, String> {
-        let bad = || {
-            "not a SCRAM-SHA-256 verifier; expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> \
-             (write it with `kbcrm user add NAME --role ROLE`, never a password)"
-                .to_string()
-        };
-        let rest = v.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
-        let (iter_salt, keys) = rest.split_once('$').ok_or_else(bad)?;
-        let (iter, salt) = iter_salt.split_once(':').ok_or_else(bad)?;
-        let (stored, server) = keys.split_once(':').ok_or_else(bad)?;
-        let verifier = Verifier {
-            iterations: iter.parse().map_err(|_| bad())?,
-            salt: B64.decode(salt).map_err(|_| bad())?,
-            stored_key: B64.decode(stored).map_err(|_| bad())?,
-            server_key: B64.decode(server).map_err(|_| bad())?,
-        };
-        if verifier.iterations < 4096 {
-            return Err(format!(
-                "the verifier uses {} iterations; at least 4096 are required",
-                verifier.iterations
-            ));
-        }
-        if verifier.salt.is_empty()
-            || verifier.stored_key.len() != 32
-            || verifier.server_key.len() != 32
-        {
-            return Err(bad());
-        }
-        Ok(verifier)
-    }
-
     /// A verifier no password matches, the same for every call with the same name, so that
     /// an unknown user goes through the same exchange (and time) as a known one with a wrong
     /// password, and repeated attempts see the same salt.

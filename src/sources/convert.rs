@@ -14,9 +14,6 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
 use crate::config::types::{ColumnType, UTC};
 use crate::plan::Column;
 
-/// Days from 0001-01-01 (CE) to 1970-01-01.
-const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
-
 /// A value parsed for one cell, before the row is accepted.
 #[derive(Debug, Clone, Copy)]
 pub enum Cell<'a> {
@@ -116,8 +113,7 @@ fn parse_bool(t: &str) -> Option<bool> {
 }
 
 fn days(d: NaiveDate) -> i32 {
-    use chrono::Datelike;
-    d.num_days_from_ce() - UNIX_EPOCH_DAYS_FROM_CE
+    crate::engine::epoch_days(d)
 }
 
 /// A decimal from its text, `None` when it is not one or does not fit.

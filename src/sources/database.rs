@@ -6,6 +6,7 @@ use super::mysql;
 use super::postgres::Connection;
 use crate::config::pipeline::SourceFormat;
 use crate::plan::{ConnectionRef, Database, Relation, Source};
+use crate::sql::quote_ident;
 
 /// The URL from where the pipeline says, or what is wrong.
 pub fn url_text(connection: &ConnectionRef) -> std::result::Result<String, String> {
@@ -28,16 +29,6 @@ pub fn url_text(connection: &ConnectionRef) -> std::result::Result<String, Strin
         return Err(format!("the connection URL in {connection} is empty"));
     }
     Ok(url)
-}
-
-/// `"name"` with quotes doubled.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` with quotes doubled.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// The relation as SQL: a quoted table name or the query as a derived table.

@@ -3,15 +3,18 @@
 //! Text formats (CSV, NDJSON) are parsed row by row: a row that does not fit the declared schema
 //! becomes a [`Reject`] with its file, line and reason, and never stops a good row. Columnar
 //! formats (Parquet, Delta) are cast to the declared types.
+//!
+//! A stage: owns reading files and databases and `kbcrm freshness` ([`freshness`]). May import
+//! `warehouse` (its Delta-compatible types), `engine`, `plan`, `config` and the leaves.
 
 mod columnar;
 pub mod convert;
 mod csv;
 pub mod database;
+pub mod freshness;
 mod json;
 pub mod mysql;
 pub mod postgres;
-pub mod stores;
 
 use std::sync::Arc;
 
@@ -82,23 +85,6 @@ pub struct Listing {
     pub skipped: Vec<Skipped>,
 }
 
-/// Why a file with this path below a location is skipped, if it is.
-pub fn skip_reason(relative: &str) -> Option<&'static str> {
-    let segments: Vec<&str> = relative.split('/').collect();
-    let (folders, name) = segments.split_at(segments.len().saturating_sub(1));
-    if name.first().is_some_and(|n| n.starts_with('_')) {
-        Some("starts with _")
-    } else if name.first().is_some_and(|n| n.starts_with('.')) {
-        Some("starts with .")
-    } else if folders.iter().any(|f| f.starts_with('_')) {
-        Some("in a folder starting with _")
-    } else if folders.iter().any(|f| f.starts_with('.')) {
-        Some("in a folder starting with .")
-    } else {
-        None
-    }
-}
-
 /// What reading one file gave.
 #[derive(Debug, Default)]
 pub struct FileOutput {
@@ -114,7 +100,7 @@ pub struct FileOutput {
     pub bytes_read: u64,
 }
 
-/// The files of a source, sorted by path, and those skipped ([`skip_reason`]). No file at all
+/// The files of a source, sorted by path, and those skipped ([`crate::storage::skip_reason`]). No file at all
 /// is an error: a source that is legitimately empty still has its folder.
 pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result<Listing> {
     let loc = source.file_location()?;
@@ -164,7 +150,7 @@ pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result
         if !loc.matches(rel) {
             continue;
         }
-        match skip_reason(rel) {
+        match crate::storage::skip_reason(rel) {
             Some(why) => skipped.push(Skipped {
                 name: rel.clone(),
                 why,
@@ -186,7 +172,7 @@ pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result
         for rel in local_files(&base.join(prefix.as_ref())) {
             if loc.matches(&rel) && !seen.contains(rel.as_str()) {
                 skipped.push(Skipped {
-                    why: skip_reason(&rel)
+                    why: crate::storage::skip_reason(&rel)
                         .unwrap_or("the file store cannot list a file of this name"),
                     name: rel,
                 });
@@ -386,16 +372,22 @@ pub(crate) fn raw_text(bytes: &[u8]) -> String {
 mod tests {
     #[test]
     fn skipped_names_say_why() {
-        assert_eq!(super::skip_reason("a.csv"), None);
-        assert_eq!(super::skip_reason("2024/a.csv"), None);
-        assert_eq!(super::skip_reason("_SUCCESS"), Some("starts with _"));
-        assert_eq!(super::skip_reason(".a.csv.crc"), Some("starts with ."));
+        assert_eq!(crate::storage::skip_reason("a.csv"), None);
+        assert_eq!(crate::storage::skip_reason("2024/a.csv"), None);
         assert_eq!(
-            super::skip_reason("_temporary/0/a.csv"),
+            crate::storage::skip_reason("_SUCCESS"),
+            Some("starts with _")
+        );
+        assert_eq!(
+            crate::storage::skip_reason(".a.csv.crc"),
+            Some("starts with .")
+        );
+        assert_eq!(
+            crate::storage::skip_reason("_temporary/0/a.csv"),
             Some("in a folder starting with _")
         );
         assert_eq!(
-            super::skip_reason(".git/x.csv"),
+            crate::storage::skip_reason(".git/x.csv"),
             Some("in a folder starting with .")
         );
     }
@@ -417,7 +409,7 @@ mod tests {
         let project =
             crate::plan::Project::load(dir.path(), &crate::plan::Overrides::default()).unwrap();
         let source = project.pipelines[0].sources[0].clone();
-        let store = super::stores::store_for(&source.file_location().unwrap().store_url).unwrap();
+        let store = crate::storage::store_for(&source.file_location().unwrap().store_url).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -17,17 +17,15 @@ use tokio::sync::mpsc;
 
 use super::convert::{Cell, RowBuilder, parse_text};
 use super::csv::recycle;
-use super::database::{bounds_sql, quote_ident, quote_literal, select_sql, url_text};
+use super::database::{bounds_sql, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::Result;
 use crate::plan::{Column, Database, Relation, Source};
+use crate::sql::{quote_ident, quote_literal};
 
 /// The binary character set: a BLOB, not text.
 const BINARY: u16 = 63;
-/// Days from 0001-01-01 (CE) to 1970-01-01.
-const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
-
 /// A resolved connection: the options mysql_async takes, and what to name it by.
 pub struct Connection {
     opts: mysql_async::Opts,
@@ -421,9 +419,8 @@ pub async fn describe(
 }
 
 fn days_from_ymd(y: u16, m: u8, d: u8) -> Option<i32> {
-    use chrono::Datelike;
     chrono::NaiveDate::from_ymd_opt(i32::from(y), u32::from(m), u32::from(d))
-        .map(|d| d.num_days_from_ce() - UNIX_EPOCH_DAYS_FROM_CE)
+        .map(crate::engine::epoch_days)
 }
 
 /// Decode one value into a cell of the declared type.

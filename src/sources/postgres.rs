@@ -21,11 +21,12 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::convert::{Cell, RowBuilder};
 use super::csv::recycle;
-use super::database::{bounds_sql, quote_ident, quote_literal, select_sql, url_text};
+use super::database::{bounds_sql, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
 use crate::plan::{Column, Database, Relation, Source};
+use crate::sql::{quote_ident, quote_literal};
 
 /// Microseconds from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;

@@ -4,11 +4,16 @@
 //! nothing committed, see [`mod@write`]) and committed together at the end of a pipeline run through
 //! a run manifest, so that a failed run changes no table and a run killed while committing is
 //! completed by the next command that opens the warehouse ([`Warehouse::recover`]).
+//!
+//! A stage: owns the Delta tables, staged writes and commits, the run history and state, and
+//! read-only queries over committed tables ([`query`]). May import `engine`, `plan`, `config`
+//! and the leaves; never `sources`, `identity` or anything above.
 
 mod commit;
 pub mod deletion;
 mod digest;
 pub mod history;
+pub mod query;
 pub mod scd2;
 mod schema;
 pub mod state;
@@ -31,7 +36,7 @@ use object_store::path::Path as StorePath;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::sources::stores::store_for;
+use crate::storage::store_for;
 
 pub use commit::{RUN_ID_KEY, commit_run};
 pub use deletion::DataFile;
@@ -98,8 +103,8 @@ impl Warehouse {
                 .map_err(|_| Error::Usage(format!("warehouse '{url}' is not a local folder")))?;
             std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
-        crate::sources::stores::register_delta_schemes();
-        crate::sources::stores::check_commit_safety(url)?;
+        crate::storage::register_delta_schemes();
+        crate::storage::check_commit_safety(url)?;
         let store = store_for(url)?;
         let root = StorePath::from_url_path(url.path())
             .map_err(|e| Error::Usage(format!("warehouse '{url}': {e}")))?;

@@ -8,14 +8,12 @@
 
 use datafusion::prelude::SessionContext;
 
-use super::write::{
-    NewData, column_list, delete_files, latest_per_key, new_rows_at, quote_ident, stage,
-    write_frame,
-};
+use super::write::{NewData, delete_files, latest_per_key, new_rows_at, stage, write_frame};
 use super::{Staged, Warehouse};
 use crate::config::pipeline::WriteMode;
 use crate::error::Result;
 use crate::plan::Scd2;
+use crate::sql::{column_list, quote_ident};
 
 const EPOCH_START: &str = "1900-01-01T00:00:00Z";
 /// Open versions end here: far off, and inside the range of nanosecond timestamps so that any

@@ -192,13 +192,46 @@ pub fn test_results_schema() -> SchemaRef {
     ]))
 }
 
+/// Outcome of one data test.
+#[derive(Debug, Clone)]
+pub struct TestReport {
+    /// Test name.
+    pub name: String,
+    /// Offending rows found.
+    pub failures: u64,
+    /// Its severity.
+    pub severity: crate::config::pipeline::Severity,
+    /// How much it read.
+    pub checked: Checked,
+}
+
+/// How much of its tables a data test read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// The tables whole.
+    All,
+    /// Only the rows this run added: the tables passed the test at the versions the run started
+    /// from and the run only added rows to them.
+    AddedRows,
+    /// The rows this run added and the values found missing at the versions the run started
+    /// from: a relationships test that failed there, on tables the run only added rows to.
+    AddedAndFailing,
+    /// Nothing: the same query over the same table versions as a run before, whose result this
+    /// is.
+    Reused,
+    /// Nothing: a unique test on a table that was unique at the version the run started from,
+    /// which the run changed only by merges on keys among the test's columns (a merge replaces
+    /// the rows of the keys it writes, and writes each key once).
+    KeptByMerge,
+}
+
 /// Stage the data-test results of a run.
 pub async fn stage_test_results(
     wh: &Warehouse,
     ctx: &SessionContext,
     run_id: &str,
     pipeline: &str,
-    tests: &[crate::run::TestReport],
+    tests: &[TestReport],
 ) -> Result<Staged> {
     let n = tests.len();
     let now = chrono::Utc::now().timestamp_micros();

@@ -26,6 +26,7 @@ use super::schema::{conform_batch, same_columns};
 use super::{Warehouse, files_provider, table_files_provider};
 use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
+use crate::sql::{column_list, quote_ident};
 
 /// What a staged write does to its table.
 #[derive(Debug, Clone, Default)]
@@ -1067,20 +1068,6 @@ async fn keep_latest(
 
 /// The column of a row's source file position while repeated keys are resolved.
 const SOURCE_FILE_COLUMN: &str = "__kbcrm_source_file";
-
-/// Quote an identifier for generated SQL.
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quoted identifiers separated by commas, for generated SQL.
-pub(crate) fn column_list<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> String {
-    names
-        .into_iter()
-        .map(|n| quote_ident(n.as_ref()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 const FILE_COLUMN: &str = "__kbcrm_file";
 

@@ -439,7 +439,7 @@ fn run_through_faulty_store(rt: &tokio::runtime::Runtime, p: &Project) -> kbcrm:
 #[test]
 fn runs_whose_store_fails_a_write_lose_and_duplicate_nothing() {
     let faulty = Arc::new(Faulty::default());
-    kbcrm::sources::stores::register_store("faulty", faulty.clone());
+    kbcrm::storage::register_store("faulty", faulty.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

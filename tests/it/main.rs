@@ -10,6 +10,7 @@ mod extract;
 mod freshness;
 mod history;
 mod incremental;
+mod layout;
 mod lineage;
 mod models;
 mod mysql;

@@ -359,7 +359,7 @@ fn demo_generates_runs_and_answers_its_examples() {
         .unwrap();
     assert!(status.success());
     let out = p.ok(&["demo", "--scale", "0.01"]);
-    for (title, _) in kbcrm::demo::EXAMPLES {
+    for (title, _) in kbcrm::cli::demo::EXAMPLES {
         assert!(out.contains(title), "missing example {title}:\n{out}");
     }
     assert!(out.contains("demo finished in"), "{out}");

@@ -5,6 +5,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::SessionContext;
 
 use crate::engine;
+use crate::engine::rollup::Rollups;
 use crate::error::{Error, Result};
 use crate::plan::Project;
 use crate::warehouse::Warehouse;
@@ -17,16 +18,18 @@ pub async fn session(project: &Project) -> Result<SessionContext> {
     #[cfg(feature = "ballista")]
     if let Some(cluster) = &project.engine.cluster {
         let ctx =
-            crate::distributed::session(&project.engine, &engine::today_params(), cluster).await?;
+            crate::engine::distributed::session(&project.engine, &engine::today_params(), cluster)
+                .await?;
         wh.register_for_cluster(&ctx).await?;
         return Ok(ctx);
     }
     let ctx = engine::session(&project.engine, &engine::today_params())?;
     let versions = wh.register_all(&ctx).await?;
     wh.register_runs(&ctx).await?;
-    if project.engine.rollups {
+    if project.engine.rollups && Rollups::declared(project) {
         let version_of = |t: &str| versions.get(t).copied().flatten();
-        let rollups = crate::rollup::Rollups::load(&ctx, project, &version_of).await?;
+        let state = super::state::read_state(&ctx).await?;
+        let rollups = Rollups::load(&ctx, project, &version_of, &state).await?;
         rollups.attach(&ctx, |_| true).await?;
     }
     Ok(ctx)
@@ -49,8 +52,8 @@ pub async fn query(project: &Project, sql: &str) -> Result<Vec<RecordBatch>> {
         .map_err(|e| Error::Usage(format!("query failed: {}", e.strip_backtrace())))?;
     let batches = df.collect().await?;
     match explained(sql) {
-        Some(inner) => match crate::rollup::explain_row(&ctx, &inner).await? {
-            Some(row) => crate::rollup::with_explain_row(batches, &row),
+        Some(inner) => match crate::engine::rollup::explain_row(&ctx, &inner).await? {
+            Some(row) => crate::engine::rollup::with_explain_row(batches, &row),
             None => Ok(batches),
         },
         None => Ok(batches),
@@ -62,7 +65,7 @@ fn explained(sql: &str) -> Option<String> {
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
     match Parser::parse_sql(&GenericDialect {}, sql).ok()?.as_slice() {
-        [stmt] => crate::rollup::explained(stmt),
+        [stmt] => crate::engine::rollup::explained(stmt),
         _ => None,
     }
 }

@@ -22,7 +22,7 @@ pub async fn check_models(project: &Project) -> Result<()> {
     let config = datafusion::prelude::SessionConfig::new()
         .set_bool("datafusion.sql_parser.collect_spans", true);
     let ctx = SessionContext::new_with_config(config);
-    crate::udf::register(&ctx, &crate::engine::today_params());
+    crate::engine::udf::register(&ctx, &crate::engine::today_params());
     register_empty(&ctx, QUARANTINE_TABLE, quarantine_schema())?;
     register_empty(&ctx, state::STATE_TABLE, state::state_schema())?;
     register_empty(&ctx, state::LOADED_FILES_TABLE, state::files_schema())?;
@@ -41,7 +41,7 @@ pub async fn check_models(project: &Project) -> Result<()> {
     for p in &project.pipelines {
         let mut params = crate::engine::today_params();
         params.vars = p.vars.clone();
-        crate::udf::register(&ctx, &params);
+        crate::engine::udf::register(&ctx, &params);
         for step in &p.steps {
             match *step {
                 Step::Model(i) => check_model(&ctx, p, &p.models[i], &mut problems).await?,
@@ -102,11 +102,15 @@ async fn check_model(
         }
     };
     if m.rollup
-        && let Err(why) = crate::rollup::check(ctx, m).await
+        && let Err(why) = crate::engine::rollup::check(ctx, m).await
     {
         problems.push(Problem::new(
             &m.file,
-            format!("model '{}': {why} ({})", m.name, crate::rollup::SHAPE),
+            format!(
+                "model '{}': {why} ({})",
+                m.name,
+                crate::engine::rollup::SHAPE
+            ),
         ));
     }
     if let Some(expr) = &m.files_by {

@@ -750,7 +750,8 @@ fn staleness(
     };
     let v: serde_json::Value = serde_json::from_str(recorded).unwrap_or_default();
     // A rollup reads no run parameters (refused when the project loads).
-    let definition = crate::run::model_definition(model, &crate::udf::RunParams::default());
+    let definition =
+        crate::engine::udf::model_definition(model, &crate::engine::udf::RunParams::default());
     let hash = hex::encode(Sha256::digest(definition.as_bytes()));
     if v.get("definition").and_then(|d| d.as_str()) != Some(hash.as_str()) {
         return Some(format!(
@@ -777,21 +778,23 @@ fn staleness(
 }
 
 impl Rollups {
+    /// Whether the project declares any rollup.
+    pub fn declared(project: &Project) -> bool {
+        rollup_models(project).next().is_some()
+    }
+
     /// Read every rollup of the project from `ctx`, whose tables are at `version_of`.
     /// Rollups not built yet are left out; SQL that is not a rollup is an error naming the
     /// file (a run refuses it before it is ever built).
+    /// `state` is the warehouse's `kbcrm_state` (read only when [`Rollups::declared`]).
     pub async fn load(
         ctx: &SessionContext,
         project: &Project,
         version_of: &(dyn Fn(&str) -> Option<u64> + Sync),
+        state: &HashMap<(String, String, String), String>,
     ) -> Result<Self> {
         let mut defs = Vec::new();
-        let mut models = rollup_models(project).peekable();
-        if models.peek().is_none() {
-            return Ok(Self { defs });
-        }
-        let state = crate::warehouse::state::read_state(ctx).await?;
-        for model in models {
+        for model in rollup_models(project) {
             if !ctx.table_exist(model.name.as_str())? {
                 continue;
             }
@@ -803,7 +806,10 @@ impl Rollups {
             );
             def.stale = staleness(model, state.get(&key), version_of);
             if def.stale.is_none() {
-                let sql = format!("select count(*) from \"{}\"", model.name);
+                let sql = format!(
+                    "select count(*) from {}",
+                    crate::sql::quote_ident(&model.name)
+                );
                 let batches = ctx.sql(&sql).await?.collect().await?;
                 def.rows = batches
                     .first()

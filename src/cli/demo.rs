@@ -57,7 +57,7 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
     } else {
         eprintln!("using the sample data in {}", sources.display());
     }
-    crate::validate::check_models(&project).await?;
+    crate::run::validate::check_models(&project).await?;
     // The sample data's history ends on this day; the cubes look at the customers as of then,
     // and as of a quarter before, so the executive pack shows how the figures moved.
     let end = crate::generate::history_end();
@@ -81,7 +81,7 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
     crate::cli::print_run_summary(&reports)?;
     for (title, sql) in EXAMPLES {
         println!("\n-- {title}\n{sql};");
-        let batches = crate::query::query(&project, sql).await?;
+        let batches = crate::warehouse::query::query(&project, sql).await?;
         crate::cli::print_batches(&batches, OutputFormat::Table)?;
     }
     println!("\n-- The executive pack (kbcrm extract)");
@@ -106,7 +106,7 @@ pub async fn demo(cli: &Cli, scale: f64, seed: u64) -> Result<()> {
 /// build them again).
 async fn has_cubes_as_of(project: &crate::plan::Project, date: chrono::NaiveDate) -> bool {
     let sql = format!("select count(*) from cube_churn_warning where as_of = date '{date}'");
-    match crate::query::query(project, &sql).await {
+    match crate::warehouse::query::query(project, &sql).await {
         Ok(batches) => batches.iter().any(|b| {
             b.num_rows() > 0
                 && arrow::array::cast::AsArray::as_primitive::<arrow::datatypes::Int64Type>(

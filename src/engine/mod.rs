@@ -1,5 +1,17 @@
 //! The one place that builds the DataFusion session: memory pool, spill folder, settings,
 //! the warehouse's tables. The CLI, runs, cubes and the server all start here.
+//!
+//! Owns the session ([`session`], memory pools, spill), kbcrm's SQL functions ([`udf`]), the
+//! optimizer rules ([`optimizer`]), rollup routing ([`rollup`]), roles' views of tables ([`roles`])
+//! and Ballista clusters (`distributed`). May import `plan`, `config`, the leaves and
+//! `cubes::models`; never a stage (sources, warehouse, identity, cubes) or anything above.
+
+#[cfg(feature = "ballista")]
+pub mod distributed;
+pub mod optimizer;
+pub mod roles;
+pub mod rollup;
+pub mod udf;
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -19,7 +31,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
 use crate::plan::{EngineSettings, MemoryPoolKind};
-use crate::udf::{self, RunParams};
+use udf::RunParams;
 
 /// Build a session with the project's engine settings and kbcrm's functions. Tables are
 /// registered by the caller (see [`crate::warehouse::Warehouse::register_all`]).
@@ -48,7 +60,7 @@ pub fn session_with_runtime(
     let config = configure(SessionConfig::new(), settings)?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     udf::register(&ctx, params);
-    crate::optimizer::register(&ctx);
+    crate::engine::optimizer::register(&ctx);
     Ok(ctx)
 }
 
@@ -64,7 +76,7 @@ pub fn session_in_catalog(
         .with_default_catalog_and_schema(catalog, "public");
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     udf::register(&ctx, params);
-    crate::optimizer::register(&ctx);
+    crate::engine::optimizer::register(&ctx);
     Ok(ctx)
 }
 
@@ -234,7 +246,7 @@ pub fn runtime(settings: &EngineSettings) -> Result<Arc<RuntimeEnv>> {
 
 fn runtime_with_pool(settings: &EngineSettings, pool: MemoryPoolKind) -> Result<Arc<RuntimeEnv>> {
     let mut runtime = RuntimeEnvBuilder::new()
-        .with_object_store_registry(Arc::new(crate::sources::stores::StoreRegistry::default()));
+        .with_object_store_registry(Arc::new(crate::storage::StoreRegistry::default()));
     if let Some(limit) = settings.memory_limit {
         runtime = runtime.with_memory_pool(memory_pool(pool, limit));
     }
@@ -248,9 +260,18 @@ fn runtime_with_pool(settings: &EngineSettings, pool: MemoryPoolKind) -> Result<
     Ok(runtime.build_arc()?)
 }
 
-/// Days since the epoch of a date.
+/// Days since 1970-01-01 of a date: Arrow's `Date32`. Source decoding calls it per value.
+#[inline]
 pub fn epoch_days(d: chrono::NaiveDate) -> i32 {
-    (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date")).num_days() as i32
+    use chrono::Datelike;
+    /// 1970-01-01 in days from the first of January of year 1.
+    const EPOCH_DAYS_FROM_CE: i32 = 719_163;
+    d.num_days_from_ce() - EPOCH_DAYS_FROM_CE
+}
+
+/// The date of an Arrow `Date32` value, if chrono can represent it.
+pub fn date_of_epoch_day(days: i32) -> Option<chrono::NaiveDate> {
+    arrow::datatypes::Date32Type::to_naive_date_opt(days)
 }
 
 /// Run parameters for a read-only session: as of today, no variables.

@@ -37,7 +37,7 @@ pub async fn check(project: &Project, all: bool) -> Result<Vec<SourceFreshness>>
                 continue;
             }
             let (warn_after, error_after) = s.freshness.unwrap_or((None, None));
-            let store = crate::sources::stores::store_for(&s.file_location()?.store_url)?;
+            let store = crate::storage::store_for(&s.file_location()?.store_url)?;
             let newest = match crate::sources::list_files(s, &store).await {
                 Ok(listing) => listing.files.iter().map(|f| f.modified).max(),
                 Err(Error::Source { .. }) => None,

@@ -90,7 +90,7 @@ pub fn edges(project: &Project) -> Vec<Edge> {
         project.extracts.clone()
     };
     for x in &extracts {
-        for t in crate::extract::PACK_INPUTS
+        for t in crate::plan::extracts::PACK_INPUTS
             .iter()
             .filter(|t| built.contains(**t))
         {

@@ -78,7 +78,7 @@ async fn restricted(
         .iter()
         .map(|f| {
             let name = f.name();
-            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            let quoted = crate::sql::quote_ident(name);
             if !pii.contains(name.as_str()) {
                 return quoted;
             }
@@ -91,8 +91,9 @@ async fn restricted(
         })
         .collect();
     let sql = format!(
-        "select {} from \"{table}\"{}",
+        "select {} from {}{}",
         cols.join(", "),
+        crate::sql::quote_ident(table),
         filter.map(|f| format!(" where {f}")).unwrap_or_default()
     );
     let df = base.sql(&sql).await.map_err(|e| e.strip_backtrace())?;

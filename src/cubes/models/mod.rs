@@ -1,5 +1,7 @@
 //! The statistical models behind the cubes: BG/NBD for repeat purchases and churn, Gamma-Gamma
 //! for spend, fitted by maximum likelihood.
+//!
+//! A leaf: imports nothing from kbcrm, so the engine's SQL functions can wrap it.
 
 pub mod bgnbd;
 mod fit;

@@ -16,7 +16,6 @@ use chrono::NaiveDate;
 use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
 use crate::plan::Project;
-use crate::run::{Progress, RunOptions, Runner};
 use crate::warehouse::state::stage_batch;
 use crate::warehouse::{Warehouse, commit_run};
 
@@ -140,29 +139,23 @@ const METRIC_NAMES: &[&str] = &[
     "churn_false_flag_rate",
 ];
 
-/// Build the cubes as of (last purchase date − holdout), score them, and record the scores.
-pub async fn evaluate(
-    project: &Project,
-    holdout_days: i64,
-    progress: Progress,
-) -> Result<Evaluation> {
+/// The date the cubes are built as of for an evaluation: the last completed purchase minus the
+/// holdout. The caller builds the cubes as of it (a run of [`CUBES_PIPELINE`]), then [`score`]s
+/// them.
+pub async fn calibration_end(project: &Project, holdout_days: i64) -> Result<NaiveDate> {
     if project.pipeline(CUBES_PIPELINE).is_none() {
         return Err(Error::Usage(format!(
             "the project has no '{CUBES_PIPELINE}' pipeline to evaluate"
         )));
     }
     let last = last_purchase_date(project).await?;
-    let as_of = last - chrono::Duration::days(holdout_days);
-    let options = RunOptions {
-        as_of: Some(as_of),
-        trigger: Some("evaluate".into()),
-        ..RunOptions::default()
-    };
-    Runner::new(project, options, progress)
-        .await?
-        .run(&[CUBES_PIPELINE.to_string()])
-        .await?;
-    let ctx = crate::query::session(project).await?;
+    Ok(last - chrono::Duration::days(holdout_days))
+}
+
+/// Score the cubes built as of `as_of` on the `holdout_days` after it, and record the scores in
+/// [`EVALUATION_TABLE`].
+pub async fn score(project: &Project, as_of: NaiveDate, holdout_days: i64) -> Result<Evaluation> {
+    let ctx = crate::warehouse::query::session(project).await?;
     let sql = METRICS_SQL
         .replace("AS_OF", &as_of.to_string())
         .replace("HOLDOUT", &holdout_days.to_string());
@@ -190,24 +183,19 @@ pub async fn evaluate(
 }
 
 async fn last_purchase_date(project: &Project) -> Result<NaiveDate> {
-    let batches = crate::query::query(
+    let batches = crate::warehouse::query::query(
         project,
         "select cast(max(order_ts) as date) from fact_sales where status = 'completed'",
     )
     .await?;
-    let days = batches
+    batches
         .first()
-        .and_then(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<Date32Array>()
-                .map(|a| a.value(0))
-        })
+        .and_then(|b| b.column(0).as_any().downcast_ref::<Date32Array>())
+        .and_then(|a| a.is_valid(0).then(|| a.value(0)))
+        .and_then(crate::engine::date_of_epoch_day)
         .ok_or_else(|| {
             Error::Usage("fact_sales holds no completed order; run the pipelines first".into())
-        })?;
-    Ok(NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")
-        + chrono::Duration::days(i64::from(days)))
+        })
 }
 
 async fn record(

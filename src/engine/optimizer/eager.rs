@@ -297,7 +297,7 @@ impl OptimizerRule for EagerAggregate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optimizer::tests::run;
+    use crate::engine::optimizer::tests::run;
     use datafusion::prelude::SessionContext;
 
     async fn session(rule: bool) -> SessionContext {

@@ -10,6 +10,8 @@
 //! Delta tables on object storage commit with conditional writes (put-if-absent): kbcrm
 //! registers these schemes with the Delta log store that does so, and refuses settings that
 //! would turn that off ([`check_commit_safety`]).
+//!
+//! A leaf: imports only `error`. Also owns which names a listing skips ([`skip_reason`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -246,5 +248,22 @@ impl datafusion::execution::object_store::ObjectStoreRegistry for StoreRegistry 
                 Ok(store)
             }
         }
+    }
+}
+
+/// Why a file with this path below a location is skipped, if it is.
+pub fn skip_reason(relative: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = relative.split('/').collect();
+    let (folders, name) = segments.split_at(segments.len().saturating_sub(1));
+    if name.first().is_some_and(|n| n.starts_with('_')) {
+        Some("starts with _")
+    } else if name.first().is_some_and(|n| n.starts_with('.')) {
+        Some("starts with .")
+    } else if folders.iter().any(|f| f.starts_with('_')) {
+        Some("in a folder starting with _")
+    } else if folders.iter().any(|f| f.starts_with('.')) {
+        Some("in a folder starting with .")
+    } else {
+        None
     }
 }

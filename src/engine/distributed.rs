@@ -1,7 +1,7 @@
 //! Queries on an Apache DataFusion Ballista cluster, and the cluster's own processes.
 //!
 //! Every process of a cluster is this binary, so every one knows kbcrm's SQL functions and
-//! opens the object stores the way kbcrm does ([`crate::sources::stores::StoreRegistry`]):
+//! opens the object stores the way kbcrm does ([`crate::storage::StoreRegistry`]):
 //! - the client ([`session`]): plans the SQL with kbcrm's functions and sends it to the
 //!   scheduler at `df://host:port`, or to a scheduler and executor started inside the process;
 //! - `kbcrm ballista scheduler` ([`scheduler`]): turns a query into stages; its sessions know
@@ -28,10 +28,10 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::engine;
+use crate::engine::udf::{self, RunParams};
 use crate::error::{Error, Result};
 use crate::plan::{Cluster, EngineSettings};
-use crate::sources::stores::StoreRegistry;
-use crate::udf::{self, RunParams};
+use crate::storage::StoreRegistry;
 
 /// A client session on the cluster, with kbcrm's functions; tables are registered by the
 /// caller, as Parquet listings.
@@ -43,7 +43,7 @@ pub async fn session(
     let config = engine::configure(cluster_config(), settings)?;
     let local = SessionContext::new_with_config_rt(config, engine::runtime(settings)?);
     udf::register(&local, params);
-    crate::optimizer::register(&local);
+    crate::engine::optimizer::register(&local);
     let state = local.state();
     if let Cluster::Scheduler(url) = cluster {
         reachable(url).await?;

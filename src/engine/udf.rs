@@ -22,8 +22,8 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 
-use crate::stats::bgnbd::{BgNbd, Rft};
-use crate::stats::gamma_gamma::{GammaGamma, Spend};
+use crate::cubes::models::bgnbd::{BgNbd, Rft};
+use crate::cubes::models::gamma_gamma::{GammaGamma, Spend};
 
 /// Run parameters visible to SQL.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -32,6 +32,31 @@ pub struct RunParams {
     pub as_of_days: i32,
     /// Pipeline variables (`kbcrm_var('name')`), as text.
     pub vars: BTreeMap<String, String>,
+}
+
+/// What a model's result depends on besides its inputs: its SQL and the run parameters it reads.
+pub fn sql_definition(sql: &str, params: &RunParams) -> String {
+    let mut d = sql.to_string();
+    if sql.contains("kbcrm_as_of") {
+        d.push_str(&format!("\n-- as of {}", params.as_of_days));
+    }
+    if sql.contains("kbcrm_var") {
+        d.push_str(&format!("\n-- vars {:?}", params.vars));
+    }
+    d
+}
+
+/// A model's whole definition: its SQL with the run parameters it reads, and the order its
+/// files are written in.
+pub fn model_definition(model: &crate::plan::Model, params: &RunParams) -> String {
+    let mut d = sql_definition(&model.sql, params);
+    if !model.cluster_by.is_empty() {
+        d.push_str(&format!("\n-- cluster by {}", model.cluster_by.join(", ")));
+    }
+    if let Some(files_by) = &model.files_by {
+        d.push_str(&format!("\n-- files by {files_by}"));
+    }
+    d
 }
 
 /// Register every kbcrm function in `ctx`.
