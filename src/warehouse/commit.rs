@@ -127,7 +127,9 @@ async fn apply(wh: &Warehouse, manifest: &Manifest) -> Result<HashMap<String, u6
 }
 
 /// Fault injection for crash tests: with `KBCRM_CRASH_AFTER_TABLE_COMMITS=N` the process dies
-/// right after the N-th table commit of a run, as a power cut would leave it.
+/// right after the N-th table commit of a run, as a power cut would leave it. Only in builds with
+/// the `fault-injection` feature, which `cargo test` turns on.
+#[cfg(feature = "fault-injection")]
 fn crash_point(committed: usize) {
     if std::env::var("KBCRM_CRASH_AFTER_TABLE_COMMITS")
         .ok()
@@ -137,6 +139,9 @@ fn crash_point(committed: usize) {
         std::process::abort();
     }
 }
+
+#[cfg(not(feature = "fault-injection"))]
+fn crash_point(_committed: usize) {}
 
 /// Commit one table of a manifest; `read` is the table at its read version when the caller
 /// has it loaded already.
