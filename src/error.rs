@@ -73,9 +73,24 @@ pub enum Error {
     #[diagnostic(help("fix the destination or its credentials and run `kbcrm extract` again"))]
     Delivery(String),
 
+    /// An extract's workbook could not be written: a table of it exceeds what a worksheet holds.
+    /// Exit code 1.
+    #[error("writing the workbook failed: {0}")]
+    #[diagnostic(help(
+        "a worksheet holds at most 1,048,576 rows, 16,384 columns and 32,767 characters in a \
+         cell; narrow the extract's tables or choose csv or parquet"
+    ))]
+    Workbook(#[source] rust_xlsxwriter::XlsxError),
+
     /// The warehouse store refused an operation or holds something unexpected. Exit code 1.
-    #[error("warehouse: {0}")]
-    Warehouse(String),
+    #[error("warehouse: {message}")]
+    Warehouse {
+        /// What failed; when a library reported it, its words are part of this.
+        message: String,
+        /// The library's error, when one reported it.
+        #[source]
+        cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 
     /// A run's commit failed after its manifest was written: some of its tables may be
     /// committed, the others will be from the manifest. Exit code 1.
@@ -159,6 +174,25 @@ impl Error {
     /// One problem as an error.
     pub fn invalid(problem: Problem) -> Self {
         Error::Invalid(vec![problem])
+    }
+
+    /// A warehouse error kbcrm found itself.
+    pub fn warehouse(message: impl Into<String>) -> Self {
+        Error::Warehouse {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// A warehouse error a library reported: `what` failed, and `cause` says why.
+    pub fn warehouse_caused(
+        what: impl std::fmt::Display,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Warehouse {
+            message: format!("{what}: {cause}"),
+            cause: Some(Box::new(cause)),
+        }
     }
 
     /// Wrap an I/O error with the path it concerns.

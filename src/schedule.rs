@@ -73,7 +73,7 @@ async fn read_state(wh: &Warehouse) -> Result<BTreeMap<String, DateTime<Utc>>> {
         Ok(r) => {
             let bytes = r.bytes().await?;
             serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Warehouse(format!(
+                Error::warehouse(format!(
                     "{} is not readable ({e}); move it away to start the schedule afresh",
                     state_path(wh)
                 ))

@@ -15,7 +15,7 @@ const HEADER_FILL: u32 = 0xDDEBF7;
 
 /// The workbook's bytes.
 pub fn workbook(pack: &Pack) -> Result<Vec<u8>> {
-    build(pack).map_err(|e| Error::Internal(format!("writing the workbook: {e}")))
+    build(pack).map_err(Error::Workbook)
 }
 
 /// Where a table landed on a sheet: header row, first column, last data row, last column.

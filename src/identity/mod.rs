@@ -26,6 +26,16 @@ use crate::plan::{Identity, RecordSource};
 use crate::sql::{column_list, quote_ident};
 use crate::warehouse::delta_compatible_batch;
 
+/// What the identity map held before a resolution, as [`Identity`]'s `assign` reads it.
+struct Before<'a> {
+    /// The map (or, narrowed, the match-key table).
+    existing: &'a Existing,
+    /// Each record's row of `existing`, if it had one.
+    known: Vec<Option<MapRow>>,
+    /// Records the figures count before this resolution.
+    records: usize,
+}
+
 /// What a resolution found.
 #[derive(Debug, Clone, Default)]
 pub struct IdentityStats {
@@ -748,15 +758,12 @@ impl Identity {
             .collect();
         let records_before = index.iter().map(FastMap::len).sum();
         drop(index);
-        self.assign(
-            records,
-            &existing,
+        let before = Before {
+            existing: &existing,
             known,
-            records_before,
-            None,
-            now_micros,
-            threads,
-        )
+            records: records_before,
+        };
+        self.assign(records, before, None, now_micros, threads)
     }
 
     /// The resolution of [`Identity::resolve`] with `since`, or why it cannot be made so.
@@ -990,11 +997,14 @@ impl Identity {
             .into_iter()
             .map(|keys| keys.into_iter().map(|(k, (_, now))| (k, now)).collect())
             .collect();
+        let before = Before {
+            existing: &existing,
+            known,
+            records: rows.len(),
+        };
         let mut resolution = self.assign(
             records,
-            &existing,
-            known,
-            rows.len(),
+            before,
             Some((first_added, &sizes)),
             now_micros,
             threads,
@@ -1027,17 +1037,19 @@ impl Identity {
     /// record), and the map and key rows returned are only those that change; the figures are
     /// then those of these records. Otherwise `existing` is the map and both tables are
     /// returned whole.
-    #[allow(clippy::too_many_arguments)]
     fn assign(
         &self,
         records: Records,
-        existing: &Existing,
-        known: Vec<Option<MapRow>>,
-        records_before: usize,
+        before: Before<'_>,
         narrowed: Option<(usize, &[FastMap<Key, usize>])>,
         now: i64,
         threads: usize,
     ) -> Result<Resolution> {
+        let Before {
+            existing,
+            known,
+            records: records_before,
+        } = before;
         let started = std::time::Instant::now();
         let first_added = narrowed.map(|(first, _)| first);
         let recs = &records.recs;

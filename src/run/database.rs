@@ -15,13 +15,13 @@ use tokio::task::JoinSet;
 use tracing::info;
 
 use super::source::CursorFilter;
-use super::{RunState, Runner};
+use super::{RunState, Runner, StepFigures};
 use crate::config::pipeline::{SourceFormat, WriteMode};
 use crate::config::types::{ColumnType, UTC};
 use crate::error::{Error, Result};
 use crate::plan::{DELETED_AT, Database, Deletes, Incremental, Source};
 use crate::sources::convert::declared_schema;
-use crate::sources::database;
+use crate::sources::database::{self, ReadQuery};
 use crate::sources::mysql;
 use crate::sources::postgres;
 use crate::sql::quote_ident;
@@ -118,24 +118,12 @@ impl Remote {
         }
     }
 
-    /// Read the rows of `sql` into `tx`.
-    #[allow(clippy::too_many_arguments)]
-    async fn read(
-        &self,
-        session: Session,
-        source: &Source,
-        sql: &str,
-        schema: SchemaRef,
-        label: &str,
-        keys: &[usize],
-        tx: mpsc::Sender<Result<crate::sources::FileOutput>>,
-    ) -> Result<()> {
+    /// Run the query's SQL, sending its rows to the query's channel.
+    async fn read(&self, session: Session, query: ReadQuery<'_>) -> Result<()> {
         match (self, session) {
-            (Remote::Pg(_, types), Session::Pg(c)) => {
-                postgres::copy_out(source, &c, sql, types, schema, label, keys, tx).await
-            }
+            (Remote::Pg(_, types), Session::Pg(c)) => postgres::copy_out(query, &c, types).await,
             (Remote::My(_, kinds), Session::My(mut c)) => {
-                let r = mysql::read(source, &mut c, sql, kinds, schema, label, keys, tx).await;
+                let r = mysql::read(query, &mut c, kinds).await;
                 let _ = c.disconnect().await;
                 r
             }
@@ -175,7 +163,15 @@ impl Remote {
         let session = keys_only.session(source).await?;
         let sql = database::select_sql(&probe, db, None);
         let (tx, mut rx) = mpsc::channel(4);
-        let read = keys_only.read(session, &probe, &sql, schema, "keys", &[], tx);
+        let query = ReadQuery {
+            source: &probe,
+            sql: &sql,
+            schema,
+            label: "keys",
+            keys: &[],
+            tx,
+        };
+        let read = keys_only.read(session, query);
         let collect = async {
             let mut batches = Vec::new();
             while let Some(out) = rx.recv().await {
@@ -374,17 +370,15 @@ impl Runner {
                         }
                     },
                 };
-                let r = remote
-                    .read(
-                        session,
-                        &source,
-                        &sql,
-                        declared,
-                        &label,
-                        &key_idx,
-                        tx.clone(),
-                    )
-                    .await;
+                let query = ReadQuery {
+                    source: &source,
+                    sql: &sql,
+                    schema: declared,
+                    label: &label,
+                    keys: &key_idx,
+                    tx: tx.clone(),
+                };
+                let r = remote.read(session, query).await;
                 if let Err(e) = r {
                     let _ = tx.send(Err(e)).await;
                 }
@@ -447,9 +441,10 @@ impl Runner {
                 _ => true,
             };
             if due && !full {
-                let at_source = remote.all_keys(source, db, &key_idx).await?;
+                let mut kept = remote.all_keys(source, db, &key_idx).await?;
+                kept.append(&mut new_keys);
                 let gone = self
-                    .gone_rows(source, ctx, &schema, &key_idx, at_source, new_keys, now)
+                    .gone_rows(source, ctx, &schema, &key_idx, kept, now)
                     .await?;
                 for b in &gone {
                     marked += b.num_rows() as u64;
@@ -507,21 +502,29 @@ impl Runner {
             .await
             .map_err(|e| super::in_pipeline(e, &source.pipeline))?;
         bar.finish();
-        self.record(ctx, state, staged, "source", rows_read, rejected, started)
-            .await
+        self.record(
+            ctx,
+            state,
+            staged,
+            StepFigures {
+                kind: "source",
+                rows_in: rows_read,
+                rows_rejected: rejected,
+                started,
+            },
+        )
+        .await
     }
 
-    /// Rows of the table not yet marked deleted whose keys are neither at the source nor among
-    /// the rows just read, with `_deleted_at` set to `now`.
-    #[allow(clippy::too_many_arguments)]
+    /// Rows of the table not yet marked deleted whose keys are not among `kept` (the keys at the
+    /// source and those of the rows just read), with `_deleted_at` set to `now`.
     async fn gone_rows(
         &self,
         source: &Source,
         ctx: &SessionContext,
         schema: &SchemaRef,
         key_idx: &[usize],
-        at_source: Vec<RecordBatch>,
-        new_keys: Vec<RecordBatch>,
+        kept: Vec<RecordBatch>,
         now: i64,
     ) -> Result<Vec<RecordBatch>> {
         let Some(table) = self.wh.load(&source.table).await? else {
@@ -530,7 +533,7 @@ impl Runner {
         let key_schema: SchemaRef = Arc::new(schema.project(key_idx)?);
         let conform = |b: &RecordBatch| crate::warehouse::conform_batch(b, &key_schema);
         let mut keys: Vec<RecordBatch> = Vec::new();
-        for b in at_source.iter().chain(&new_keys) {
+        for b in &kept {
             keys.push(conform(b)?);
         }
         let suffix = format!("{}_{}", source.pipeline, source.name);

@@ -102,6 +102,18 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
+/// How a step that staged a write went, for its [`TableReport`].
+struct StepFigures {
+    /// What built the table: "source", "model", "identity", "quarantine", "state".
+    kind: &'static str,
+    /// Rows read.
+    rows_in: u64,
+    /// Rows rejected to the quarantine.
+    rows_rejected: u64,
+    /// When the step started.
+    started: Instant,
+}
+
 /// Runs pipelines of one project against one warehouse.
 #[derive(Clone)]
 pub struct Runner {
@@ -666,10 +678,12 @@ impl Runner {
                     ctx,
                     state,
                     staged,
-                    "quarantine",
-                    rejects.len() as u64,
-                    0,
-                    started,
+                    StepFigures {
+                        kind: "quarantine",
+                        rows_in: rejects.len() as u64,
+                        rows_rejected: 0,
+                        started,
+                    },
                 )
                 .await?;
             }
@@ -704,8 +718,18 @@ impl Runner {
         if state.staged.iter().any(Staged::changes) && !tests.is_empty() {
             let s =
                 state::stage_test_results(&self.wh, ctx, &state.run_id, pipeline, tests).await?;
-            self.record(ctx, state, s, "state", tests.len() as u64, 0, started)
-                .await?;
+            self.record(
+                ctx,
+                state,
+                s,
+                StepFigures {
+                    kind: "state",
+                    rows_in: tests.len() as u64,
+                    rows_rejected: 0,
+                    started,
+                },
+            )
+            .await?;
         }
         let staged = state::stage_state(
             &self.wh,
@@ -717,13 +741,33 @@ impl Runner {
         .await?;
         if let Some(s) = staged {
             let rows = s.metrics.rows_in;
-            self.record(ctx, state, s, "state", rows, 0, started)
-                .await?;
+            self.record(
+                ctx,
+                state,
+                s,
+                StepFigures {
+                    kind: "state",
+                    rows_in: rows,
+                    rows_rejected: 0,
+                    started,
+                },
+            )
+            .await?;
         }
         let files = std::mem::take(&mut state.loaded_files);
         if let Some(s) = state::stage_loaded_files(&self.wh, ctx, &state.run_id, &files).await? {
-            self.record(ctx, state, s, "state", files.len() as u64, 0, started)
-                .await?;
+            self.record(
+                ctx,
+                state,
+                s,
+                StepFigures {
+                    kind: "state",
+                    rows_in: files.len() as u64,
+                    rows_rejected: 0,
+                    started,
+                },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -762,17 +806,19 @@ impl Runner {
     }
 
     /// Keep a staged write, make its new state readable by later steps, and report it.
-    #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
         ctx: &SessionContext,
         state: &mut RunState,
         staged: Staged,
-        kind: &'static str,
-        rows_in: u64,
-        rows_rejected: u64,
-        started: Instant,
+        step: StepFigures,
     ) -> Result<()> {
+        let StepFigures {
+            kind,
+            rows_in,
+            rows_rejected,
+            started,
+        } = step;
         if staged.changes() {
             let provider = table_files_provider(&staged.files, staged.schema.clone()).await?;
             ctx.deregister_table(&staged.table)?;

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tracing::{Instrument, info, instrument};
 use url::Url;
 
-use super::{RunState, Runner};
+use super::{RunState, Runner, StepFigures};
 use crate::config::pipeline::WriteMode;
 use crate::config::pipeline::{ModelIncrementalSpec, SlicesSpec};
 use crate::error::{Error, Result};
@@ -244,8 +244,18 @@ impl Runner {
         .map_err(|e| super::in_pipeline(e, &model.pipeline))?;
         bar.inc(rows, 0);
         bar.finish();
-        self.record(ctx, state, staged, "model", rows, 0, started)
-            .await?;
+        self.record(
+            ctx,
+            state,
+            staged,
+            StepFigures {
+                kind: "model",
+                rows_in: rows,
+                rows_rejected: 0,
+                started,
+            },
+        )
+        .await?;
         state.state_after.insert(key, print);
         Ok(())
     }
@@ -819,7 +829,17 @@ impl Runner {
                 Ok(Some(staged)) if failed.is_none() => {
                     let rows = stats.records as u64;
                     let recorded = self
-                        .record(ctx, state, staged, "identity", rows, 0, started)
+                        .record(
+                            ctx,
+                            state,
+                            staged,
+                            StepFigures {
+                                kind: "identity",
+                                rows_in: rows,
+                                rows_rejected: 0,
+                                started,
+                            },
+                        )
                         .await;
                     failed = recorded.err();
                 }
@@ -949,8 +969,18 @@ impl Runner {
             None => stage(&self.wh, ctx, new, WriteMode::Overwrite, &[]).await?,
         };
         bar.finish();
-        self.record(ctx, state, staged, "identity", rows, 0, started)
-            .await?;
+        self.record(
+            ctx,
+            state,
+            staged,
+            StepFigures {
+                kind: "identity",
+                rows_in: rows,
+                rows_rejected: 0,
+                started,
+            },
+        )
+        .await?;
         state.identities.push(stats);
         state.state_after.insert(key, print);
         Ok(())

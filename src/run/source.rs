@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use tracing::{info, instrument};
 
-use super::{RunState, Runner, default_parallelism};
+use super::{RunState, Runner, StepFigures, default_parallelism};
 use crate::config::pipeline::{SourceFormat, WriteMode};
 use crate::error::{Error, Result};
 use crate::plan::{Incremental, Source};
@@ -430,8 +430,18 @@ impl Runner {
             .await
             .map_err(|e| super::in_pipeline(e, &source.pipeline))?;
         bar.finish();
-        self.record(ctx, state, staged, "source", rows_read, rejected, started)
-            .await
+        self.record(
+            ctx,
+            state,
+            staged,
+            StepFigures {
+                kind: "source",
+                rows_in: rows_read,
+                rows_rejected: rejected,
+                started,
+            },
+        )
+        .await
     }
 }
 

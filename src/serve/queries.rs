@@ -333,20 +333,38 @@ where
     Ok(Response::Execution(Tag::new("SET")))
 }
 
+/// How a statement's rows are written: the column names the client wrote, the format it asked
+/// for, and its session's formatting options.
+struct Encoding<'a> {
+    names: &'a [Option<String>],
+    format: &'a Format,
+    options: Arc<FormatOptions>,
+}
+
+/// What stops a statement: its token (cancelled by a cancel request, a timeout or a closed
+/// connection) and its deadline.
+#[derive(Clone, Copy)]
+struct Limits<'a> {
+    token: &'a CancellationToken,
+    deadline: Option<Instant>,
+}
+
 /// A query's response: its columns, and rows computed on the pool as they are read, ended by
 /// an error when the statement is cancelled or times out.
-#[allow(clippy::too_many_arguments)]
 fn query_response(
     shared: &Shared,
     ctx: Arc<SessionContext>,
     plan: LogicalPlan,
     stmt: &Statement,
-    names: &[Option<String>],
-    format: &Format,
-    options: Arc<FormatOptions>,
-    token: &CancellationToken,
-    deadline: Option<Instant>,
+    encoding: Encoding<'_>,
+    limits: Limits<'_>,
 ) -> PgWireResult<Response> {
+    let Encoding {
+        names,
+        format,
+        options,
+    } = encoding;
+    let Limits { token, deadline } = limits;
     if super::copy::is_copy_out(stmt) {
         let (_, copy) = super::copy::query_of(stmt)?;
         // Rows encoded as the copy format needs them: binary fields, or text to escape.
@@ -428,7 +446,15 @@ impl SimpleQueryHandler for Queries {
                 Verdict::Run if declared_cursor(&stmt).is_some() => {
                     out.push(
                         self.declare_cursor(
-                            client, &conn, &role, &stmt, &options, &token, deadline,
+                            client,
+                            &conn,
+                            &role,
+                            &stmt,
+                            &options,
+                            Limits {
+                                token: &token,
+                                deadline,
+                            },
                         )
                         .await?,
                     );
@@ -441,11 +467,15 @@ impl SimpleQueryHandler for Queries {
                         ctx,
                         plan,
                         &stmt,
-                        &[],
-                        &Format::UnifiedText,
-                        options.clone(),
-                        &token,
-                        deadline,
+                        Encoding {
+                            names: &[],
+                            format: &Format::UnifiedText,
+                            options: options.clone(),
+                        },
+                        Limits {
+                            token: &token,
+                            deadline,
+                        },
                     )?);
                 }
                 Verdict::Run if execute::is_query(&stmt) => {
@@ -464,11 +494,15 @@ impl SimpleQueryHandler for Queries {
                         ctx,
                         plan,
                         &stmt,
-                        &names,
-                        &Format::UnifiedText,
-                        options.clone(),
-                        &token,
-                        deadline,
+                        Encoding {
+                            names: &names,
+                            format: &Format::UnifiedText,
+                            options: options.clone(),
+                        },
+                        Limits {
+                            token: &token,
+                            deadline,
+                        },
                     )?);
                 }
                 Verdict::Run => {
@@ -513,7 +547,6 @@ impl Queries {
     /// `DECLARE name CURSOR FOR query`: the query planned and its rows computed on the query
     /// threads as `FETCH` asks for them (datafusion-postgres answers `FETCH` and `CLOSE` from
     /// the cursor's portal; the rows it pulls come from the pool).
-    #[allow(clippy::too_many_arguments)]
     async fn declare_cursor<C>(
         &self,
         client: &mut C,
@@ -521,13 +554,13 @@ impl Queries {
         role: &Arc<RoleSession>,
         stmt: &Statement,
         options: &Arc<FormatOptions>,
-        token: &CancellationToken,
-        deadline: Option<Instant>,
+        limits: Limits<'_>,
     ) -> PgWireResult<Response>
     where
         C: ClientInfo + ClientPortalStore + Send + Sync,
         C::PortalStore: PortalStore,
     {
+        let Limits { token, deadline } = limits;
         use pgwire::api::stmt::StoredStatement;
         use pgwire::api::store::MemPortalStore;
         let Some((name, query)) = declared_cursor(stmt) else {
@@ -978,11 +1011,15 @@ impl ExtendedQueryHandler for Queries {
                     ctx,
                     plan,
                     stmt,
-                    &written_names(&portal.statement.statement.0),
-                    &portal.result_column_format,
-                    options,
-                    &token,
-                    deadline,
+                    Encoding {
+                        names: &written_names(&portal.statement.statement.0),
+                        format: &portal.result_column_format,
+                        options,
+                    },
+                    Limits {
+                        token: &token,
+                        deadline,
+                    },
                 )
             }
             statement => {

@@ -61,11 +61,15 @@ async fn read_parquet(
 
 async fn read_delta(source: &Source, schema: SchemaRef) -> Result<FileOutput> {
     let location = source.file_location()?;
+    let display = location.written.clone();
     let url = location
         .store_url
         .join(&location.prefix)
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let display = location.written.clone();
+        .map_err(|e| Error::Source {
+            pipeline: source.pipeline.clone(),
+            source_name: source.name.clone(),
+            message: format!("'{display}' is not a location a Delta table can be read from: {e}"),
+        })?;
     let table = deltalake::open_table(url)
         .await
         .map_err(|e| Error::Source {

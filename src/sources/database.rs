@@ -8,6 +8,22 @@ use crate::config::pipeline::SourceFormat;
 use crate::plan::{ConnectionRef, Database, Relation, Source};
 use crate::sql::quote_ident;
 
+/// One read of a database source: the SQL to run, the batches' schema, and where they go.
+pub struct ReadQuery<'a> {
+    /// The source read.
+    pub source: &'a Source,
+    /// The SELECT (or COPY body) to run.
+    pub sql: &'a str,
+    /// The declared columns the rows are decoded into.
+    pub schema: arrow::datatypes::SchemaRef,
+    /// The table or query as messages and rejects name it.
+    pub label: &'a str,
+    /// Positions of the key columns in `schema` (rows missing a key are rejected).
+    pub keys: &'a [usize],
+    /// Where each batch of rows (and each failure) is sent.
+    pub tx: tokio::sync::mpsc::Sender<crate::error::Result<super::FileOutput>>,
+}
+
 /// The URL from where the pipeline says, or what is wrong.
 pub fn url_text(connection: &ConnectionRef) -> std::result::Result<String, String> {
     let url = match connection {

@@ -9,15 +9,13 @@
 
 use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
 use mysql_async::consts::ColumnType as My;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Column as MyColumn, Conn, OptsBuilder, SslOpts, Value};
-use tokio::sync::mpsc;
 
 use super::convert::{Cell, RowBuilder, parse_text};
 use super::csv::recycle;
-use super::database::{bounds_sql, select_sql, url_text};
+use super::database::{ReadQuery, bounds_sql, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
 use crate::error::Result;
@@ -501,17 +499,15 @@ fn decode<'a>(col: &Column, kind: Kind, v: &'a Value) -> std::result::Result<Cel
 
 /// Read `sql` with the binary protocol, decoding rows into batches of the declared schema;
 /// batches go to `tx` as they fill. `label` names the read in quarantine rows.
-#[allow(clippy::too_many_arguments)]
-pub async fn read(
-    source: &Source,
-    conn: &mut Conn,
-    sql: &str,
-    kinds: &[Kind],
-    schema: SchemaRef,
-    label: &str,
-    keys: &[usize],
-    tx: mpsc::Sender<Result<FileOutput>>,
-) -> Result<()> {
+pub async fn read(query: ReadQuery<'_>, conn: &mut Conn, kinds: &[Kind]) -> Result<()> {
+    let ReadQuery {
+        source,
+        sql,
+        schema,
+        label,
+        keys,
+        tx,
+    } = query;
     let failed = |e: mysql_async::Error| {
         source_error(source, format!("reading {label} failed: {}", explain(&e)))
     };

@@ -10,10 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
 use futures::{StreamExt, pin_mut};
 use postgres_protocol::types as wire;
-use tokio::sync::mpsc;
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::{FromSql, Type};
@@ -21,10 +19,10 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::convert::{Cell, RowBuilder};
 use super::csv::recycle;
-use super::database::{bounds_sql, select_sql, url_text};
+use super::database::{ReadQuery, bounds_sql, select_sql, url_text};
 use super::{BATCH_ROWS, FileOutput, Reject, source_error};
 use crate::config::types::ColumnType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::plan::{Column, Database, Relation, Source};
 use crate::sql::{quote_ident, quote_literal};
 
@@ -612,17 +610,15 @@ fn decode<'a>(
 
 /// Read `sql` with binary COPY, decoding rows into batches of the declared schema; batches go to
 /// `tx` as they fill. `part` names the read in quarantine rows.
-#[allow(clippy::too_many_arguments)]
-pub async fn copy_out(
-    source: &Source,
-    client: &Client,
-    sql: &str,
-    types: &[Type],
-    schema: SchemaRef,
-    origin: &str,
-    keys: &[usize],
-    tx: mpsc::Sender<Result<FileOutput>>,
-) -> Result<()> {
+pub async fn copy_out(query: ReadQuery<'_>, client: &Client, types: &[Type]) -> Result<()> {
+    let ReadQuery {
+        source,
+        sql,
+        schema,
+        label: origin,
+        keys,
+        tx,
+    } = query;
     let copy = format!("COPY ({sql}) TO STDOUT (FORMAT binary)");
     let stream = client.copy_out(&copy).await.map_err(|e| {
         source_error(
@@ -659,9 +655,12 @@ pub async fn copy_out(
             .zip(scratch.iter_mut())
             .enumerate()
         {
-            let raw: Option<Raw<'_>> = row
-                .try_get(i)
-                .map_err(|e| Error::Internal(format!("binary COPY column {i}: {e}")))?;
+            let raw: Option<Raw<'_>> = row.try_get(i).map_err(|e| {
+                source_error(
+                    source,
+                    format!("reading column {} of {origin} failed: {e}", col.name),
+                )
+            })?;
             match raw {
                 None if col.required => {
                     problem = Some((

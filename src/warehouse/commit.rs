@@ -217,12 +217,14 @@ async fn commit_table(
         )
         .await
         .map_err(|e| match e {
-            deltalake::DeltaTableError::VersionAlreadyExists(_) => Error::Warehouse(format!(
+            deltalake::DeltaTableError::VersionAlreadyExists(_) => Error::warehouse(format!(
                 "committing table '{}' failed: {e}. Another run changed it at the same time; \
                  run again",
                 t.table
             )),
-            other => Error::Warehouse(format!("committing table '{}' failed: {other}", t.table)),
+            other => {
+                Error::warehouse_caused(format!("committing table '{}' failed", t.table), other)
+            }
         })?;
     Ok(commit.version())
 }
@@ -260,7 +262,7 @@ impl Warehouse {
             let manifest: Manifest = match serde_json::from_slice(&bytes) {
                 Ok(m) => m,
                 Err(e) => {
-                    return Err(Error::Warehouse(format!(
+                    return Err(Error::warehouse(format!(
                         "pending run manifest '{}' is unreadable ({e}); move it away to continue",
                         meta.location
                     )));

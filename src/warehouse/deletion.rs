@@ -60,7 +60,7 @@ impl Deleted {
         rows.sort_unstable();
         rows.dedup();
         if rows.last().is_some_and(|&r| r >= file_rows) {
-            return Err(Error::Warehouse(format!(
+            return Err(Error::warehouse(format!(
                 "a deletion vector removes row {} of a file of {file_rows} rows",
                 rows.last().copied().unwrap_or_default()
             )));
@@ -127,7 +127,7 @@ pub(crate) async fn table_files(table: &DeltaTable, url: &Url) -> Result<Vec<Dat
         let file_url = super::write::file_url(url, &f.path());
         if f.deletion_vector_descriptor().is_some() {
             let rows = f.num_records().ok_or_else(|| {
-                Error::Warehouse(format!(
+                Error::warehouse(format!(
                     "file '{}' has rows deleted by a deletion vector but no row count in its \
                      statistics; rewrite the table in the tool that wrote it, or rebuild it \
                      with `kbcrm run --full-refresh`",
@@ -154,7 +154,7 @@ pub(crate) async fn table_files(table: &DeltaTable, url: &Url) -> Result<Vec<Dat
     for (i, file_rows) in marked {
         let file = &mut files[i];
         let mask = masks.get(&normalized(file.url.as_str())).ok_or_else(|| {
-            Error::Warehouse(format!(
+            Error::warehouse(format!(
                 "the deletion vector of data file {} could not be read",
                 file.url
             ))
@@ -242,7 +242,7 @@ impl KeySet {
                 .zip(&self.types)
                 .map(|(name, ty)| {
                     let column = batch.column_by_name(name).ok_or_else(|| {
-                        Error::Warehouse(format!("a data file has no key column '{name}'"))
+                        Error::warehouse(format!("a data file has no key column '{name}'"))
                     })?;
                     Ok(arrow::compute::cast(column, ty)?)
                 })
@@ -300,11 +300,12 @@ pub(crate) async fn write_deletion_vectors(
 
 /// The store path of a file of the warehouse.
 pub(crate) fn store_path(url: &Url) -> Result<StorePath> {
-    StorePath::from_url_path(url.path()).map_err(|e| Error::Warehouse(format!("file {url}: {e}")))
+    StorePath::from_url_path(url.path())
+        .map_err(|e| Error::warehouse_caused(format!("file {url}"), e))
 }
 
 fn kernel_error(e: buoyant_kernel::Error) -> Error {
-    Error::Warehouse(format!("writing a deletion vector: {e}"))
+    Error::warehouse_caused("writing a deletion vector", e)
 }
 
 /// The store path of the deletion vector file a descriptor of the table at `table_url` names,

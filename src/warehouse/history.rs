@@ -177,7 +177,7 @@ impl Warehouse {
             }
             let bytes = self.store().get(&e.location).await?.bytes().await?;
             let record: RunRecord = serde_json::from_slice(&bytes).map_err(|err| {
-                Error::Warehouse(format!(
+                Error::warehouse(format!(
                     "the run record {} is not readable ({err}); move it away",
                     e.location
                 ))

@@ -523,7 +523,10 @@ impl Warehouse {
 /// `e` with the table it is about.
 fn with_table(e: Error, table: &str) -> Error {
     match e {
-        Error::Warehouse(m) => Error::Warehouse(format!("table '{table}': {m}")),
+        Error::Warehouse { message, cause } => Error::Warehouse {
+            message: format!("table '{table}': {message}"),
+            cause,
+        },
         other => other,
     }
 }
@@ -572,7 +575,7 @@ pub(crate) fn listing(
     schema: arrow::datatypes::SchemaRef,
 ) -> Result<Arc<dyn TableProvider>> {
     if let Some(f) = files.iter().find(|f| f.deleted.is_some()) {
-        return Err(Error::Warehouse(format!(
+        return Err(Error::warehouse(format!(
             "file '{}' has rows deleted by a deletion vector: a Ballista cluster reads a table's \
              files as plain Parquet and would return those rows. Rebuild the table with \
              `kbcrm run --full-refresh` (a project with `engine.cluster` writes no deletion \

@@ -208,7 +208,7 @@ impl TableWriter {
         let i = match self.writers.iter().position(|(v, _)| *v == value) {
             Some(i) => i,
             None if self.writers.len() >= MAX_FILES_BY_VALUES => {
-                return Err(Error::Warehouse(format!(
+                return Err(Error::warehouse(format!(
                     "`files_by` divides the rows written to {} among more than \
                      {MAX_FILES_BY_VALUES} values, each with files of its own; it is meant for a \
                      few values (years, regions): use a coarser expression",
@@ -506,7 +506,7 @@ async fn stage_with(
     let same = same_columns(&current_schema, &new.schema);
     if !same && mode != WriteMode::Overwrite {
         delete_files(wh, &url, &new.adds).await?;
-        return Err(Error::Warehouse(format!(
+        return Err(Error::warehouse(format!(
             "table '{}' has columns ({}) but the new data has ({}); `mode: {}` cannot change a \
              table's columns. Run with --full-refresh to rebuild it",
             new.table,
@@ -1165,17 +1165,16 @@ async fn merge(
     let result = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
         let gone = removing.then_some(gone_name.as_str());
         let names = (new_name.as_str(), target_name.as_str(), gone);
-        merge_sql(
-            wh,
-            ctx,
-            &url,
-            &new,
+        let job = MergeJob {
+            url: &url,
+            new: &new,
             keys,
             names,
-            current.version(),
-            &markable,
-            with_keys.as_deref(),
-        )
+            read_version: current.version(),
+            markable: &markable,
+            with_keys: with_keys.as_deref(),
+        };
+        merge_sql(wh, ctx, job)
     })
     .await;
     if removing {
@@ -1315,21 +1314,37 @@ const MAX_MARKED_SHARE: f64 = 0.5;
 /// few of their rows on every run).
 const MIN_MARKED_FILE_ROWS: u64 = 1024;
 
+/// What one merge works on.
+struct MergeJob<'a> {
+    /// The table.
+    url: &'a Url,
+    /// The rows to merge, written as files already.
+    new: &'a NewData,
+    /// The merge keys.
+    keys: &'a [String],
+    /// The session's names of the new rows, the table, and the rows gone at the source.
+    names: (&'a str, &'a str, Option<&'a str>),
+    /// The table's version the merge reads.
+    read_version: Option<u64>,
+    /// The files that may get a deletion vector instead of being rewritten, by URL.
+    markable: &'a HashMap<String, (&'a DataFile, Option<u64>)>,
+    /// The files holding keys that come again, when they were looked up from the files.
+    with_keys: Option<&'a [String]>,
+}
+
 /// Run the merge: the files it rewrites or marks rows of, the files it writes, and the number
 /// of new or changed rows. The files of `markable` (by URL) keep their rows and get a deletion
 /// vector for the replaced ones, unless that would mark more than half of their rows.
-#[allow(clippy::too_many_arguments)]
-async fn merge_sql(
-    wh: &Warehouse,
-    ctx: &SessionContext,
-    url: &Url,
-    new: &NewData,
-    keys: &[String],
-    (new_name, target_name, gone_name): (&str, &str, Option<&str>),
-    read_version: Option<u64>,
-    markable: &HashMap<String, (&DataFile, Option<u64>)>,
-    with_keys: Option<&[String]>,
-) -> Result<Merged> {
+async fn merge_sql(wh: &Warehouse, ctx: &SessionContext, job: MergeJob<'_>) -> Result<Merged> {
+    let MergeJob {
+        url,
+        new,
+        keys,
+        names: (new_name, target_name, gone_name),
+        read_version,
+        markable,
+        with_keys,
+    } = job;
     let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
     let on = same(keys, "c", "t");
     // Only target rows whose keys come again can be equal to new rows.
