@@ -1,0 +1,504 @@
+//! Sources: each kind's settings checked and resolved (files, CSV options, databases, keys).
+
+use super::*;
+
+impl Loader {
+    pub(super) fn source(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<Source> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        let before = self.problems.len();
+        if !valid_identifier(name) {
+            self.problems.push(here(
+                format!("source name '{name}' must be lowercase letters, digits and '_'"),
+                at,
+            ));
+        }
+        let table = match &s.table {
+            Some(t) if !valid_identifier(&t.value) => {
+                self.problems.push(here(
+                    format!(
+                        "table name '{}' must be lowercase letters, digits and '_'",
+                        t.value
+                    ),
+                    &t.referenced,
+                ));
+                t.value.clone()
+            }
+            Some(t) => t.value.clone(),
+            None => format!("raw_{}_{}", r.name, name),
+        };
+        let location = match (&s.location, s.format.is_database()) {
+            (Some(l), false) => match Location::resolve(&l.value, &self.root) {
+                Ok(l) => Some(l),
+                Err(msg) => {
+                    self.problems.push(here(msg, &l.referenced));
+                    None
+                }
+            },
+            (None, false) => {
+                self.problems.push(here(
+                    format!(
+                        "source '{name}' has no `location:`; give the path, folder, glob or URL \
+                         of its files"
+                    ),
+                    at,
+                ));
+                None
+            }
+            (_, true) => None,
+        };
+        let mut columns = Vec::new();
+        let at_column = |msg: String, col: &str| {
+            Problem::new(&r.file, msg).at(key_pos(&s.schema.referenced, &r.text, col), &r.text)
+        };
+        for (col, c) in &s.schema.value {
+            if !valid_identifier(col) {
+                self.problems.push(at_column(
+                    format!("column name '{col}' must be lowercase letters, digits and '_'"),
+                    col,
+                ));
+            }
+            let c = c.clone().into_full();
+            if c.format.is_some() && !matches!(c.ty, ColumnType::Date | ColumnType::Timestamp) {
+                self.problems.push(at_column(
+                    format!("column '{col}': `format:` applies to date and timestamp columns only"),
+                    col,
+                ));
+            }
+            columns.push(Column {
+                name: col.clone(),
+                source_name: c.source.clone().unwrap_or_else(|| col.clone()),
+                ty: c.ty,
+                required: c.required,
+                format: c.format,
+            });
+        }
+        if columns.is_empty() {
+            self.problems.push(here(
+                format!("source '{name}' declares no columns under `schema:`"),
+                &s.schema.referenced,
+            ));
+        }
+        self.check_keys(r, &format!("source '{name}'"), s.mode, &s.keys, at, |k| {
+            s.schema.value.contains_key(k)
+        });
+        if s.csv.is_some() && s.format != SourceFormat::Csv {
+            self.problems.push(here(
+                format!("source '{name}': `csv:` options need `format: csv`"),
+                at,
+            ));
+        }
+        let csv = s.csv.as_ref().map_or_else(CsvSettings::default, |o| {
+            let mut c = CsvSettings::default();
+            for (opt, v, slot) in [
+                ("delimiter", o.delimiter, &mut c.delimiter),
+                ("quote", o.quote, &mut c.quote),
+            ] {
+                if let Some(ch) = v {
+                    if ch.is_ascii() {
+                        *slot = ch as u8;
+                    } else {
+                        self.problems.push(here(
+                            format!("source '{name}': csv {opt} must be one ASCII character"),
+                            at,
+                        ));
+                    }
+                }
+            }
+            c.header = o.header.unwrap_or(true);
+            if let Some(n) = &o.null_values {
+                c.null_values = n.clone();
+            }
+            c
+        });
+        let incremental = match &s.incremental {
+            None => None,
+            Some(IncrementalSpec {
+                files: Some(_),
+                cursor: None,
+                ..
+            }) => Some(Incremental::NewFiles),
+            Some(IncrementalSpec {
+                files: None,
+                cursor: Some(c),
+                ..
+            }) => {
+                if !s.schema.value.contains_key(c) {
+                    self.problems.push(here(
+                        format!(
+                            "source '{name}': incremental cursor '{c}' is not among its columns"
+                        ),
+                        at,
+                    ));
+                }
+                Some(Incremental::Cursor(c.clone()))
+            }
+            Some(_) => {
+                self.problems.push(here(
+                    format!(
+                        "source '{name}': `incremental:` takes one of `files: new` and \
+                         `cursor: COLUMN`"
+                    ),
+                    at,
+                ));
+                None
+            }
+        };
+        let database = self.database_source(r, name, s, at, &columns, incremental.as_ref());
+        if incremental.is_some() && s.mode == WriteMode::Overwrite {
+            self.problems.push(here(
+                format!(
+                    "source '{name}': an incremental source adds to its table; use `mode: append` \
+                     or `mode: merge` (with `keys:`)"
+                ),
+                at,
+            ));
+        }
+        if incremental == Some(Incremental::NewFiles)
+            && (s.format == SourceFormat::Delta || s.format.is_database())
+        {
+            self.problems.push(here(
+                format!(
+                    "source '{name}': `files: new` needs a file format; use `cursor:` for a \
+                     Delta table or a database"
+                ),
+                at,
+            ));
+        }
+        let max_reject_ratio = s.rejects.as_ref().map_or(0.05, |r| r.max_ratio);
+        if !(0.0..=1.0).contains(&max_reject_ratio) {
+            self.problems.push(here(
+                format!("source '{name}': rejects.max_ratio must be between 0 and 1"),
+                at,
+            ));
+        }
+        let freshness = s.freshness.as_ref().map(|f| {
+            let mut parse = |what: &str, v: &Option<serde_saphyr::Spanned<String>>| {
+                let v = v.as_ref()?;
+                match super::super::access::parse_duration(&v.value) {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        self.problems.push(here(
+                            format!("source '{name}': freshness.{what}: {msg}"),
+                            &v.referenced,
+                        ));
+                        None
+                    }
+                }
+            };
+            (
+                parse("warn_after", &f.warn_after),
+                parse("error_after", &f.error_after),
+            )
+        });
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Source {
+            pipeline: r.name.clone(),
+            name: name.to_string(),
+            table,
+            format: s.format,
+            location,
+            database,
+            mode: s.mode,
+            keys: s.keys.clone(),
+            columns,
+            csv,
+            max_reject_ratio,
+            incremental,
+            freshness,
+        })
+    }
+
+    /// The database settings of a source, checked; `None` for a file source (after checking
+    /// it uses no database setting).
+    pub(super) fn database_source(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+        columns: &[Column],
+        incremental: Option<&Incremental>,
+    ) -> Option<Database> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        let overlap = s.incremental.as_ref().and_then(|i| i.overlap.as_deref());
+        if !s.format.is_database() {
+            let used = [
+                ("connection", s.connection.is_some()),
+                ("query", s.query.is_some()),
+                ("partition", s.partition.is_some()),
+                ("deletes", s.deletes.is_some()),
+                ("incremental.overlap", overlap.is_some()),
+            ];
+            for (what, _) in used.iter().filter(|(_, u)| *u) {
+                self.problems.push(here(
+                    format!("source '{name}': `{what}:` applies to database sources (`format: postgres` or `mysql`)"),
+                    at,
+                ));
+            }
+            return None;
+        }
+        let column = |c: &str| columns.iter().find(|x| x.name == c);
+        if s.freshness.is_some() {
+            self.problems.push(here(
+                format!(
+                    "source '{name}': `freshness:` judges the age of files; a database source has \
+                     none (check the age of its cursor column in a data test instead)"
+                ),
+                at,
+            ));
+        }
+        let connection = match &s.connection {
+            None => {
+                self.problems.push(here(
+                    format!(
+                        "source '{name}' needs `connection:`, the name of an environment variable \
+                         holding the database URL (e.g. `connection: ERP_DATABASE_URL`) or \
+                         `{{ file: PATH }}`; the URL itself never goes into a YAML file"
+                    ),
+                    at,
+                ));
+                None
+            }
+            Some(c) => match &c.value {
+                ConnectionSpec::Name(v) | ConnectionSpec::From(ConnectionFrom::Env(v)) => {
+                    if v.contains("://") {
+                        self.problems.push(here(
+                            format!(
+                                "source '{name}': `connection:` looks like a URL; put the URL in \
+                                 an environment variable (or a file) and name that here, so no \
+                                 password is written in a YAML file"
+                            ),
+                            &c.referenced,
+                        ));
+                        None
+                    } else if v.is_empty()
+                        || !v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                    {
+                        self.problems.push(here(
+                            format!(
+                                "source '{name}': `connection: {v}` is not an environment \
+                                 variable name (letters, digits and '_')"
+                            ),
+                            &c.referenced,
+                        ));
+                        None
+                    } else {
+                        Some(ConnectionRef::Env(v.clone()))
+                    }
+                }
+                ConnectionSpec::From(ConnectionFrom::File(f)) => {
+                    Some(ConnectionRef::File(self.root.join(f)))
+                }
+            },
+        };
+        let relation = match (&s.location, &s.query) {
+            (Some(t), None) => {
+                let ok = {
+                    let parts: Vec<&str> = t.value.split('.').collect();
+                    parts.len() <= 3
+                        && parts.iter().all(|p| {
+                            let mut ch = p.chars();
+                            ch.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+                                && ch.all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+                        })
+                };
+                if !ok {
+                    self.problems.push(here(
+                        format!(
+                            "source '{name}': `location: {}` is not a table name; write \
+                             `schema.table`, or use `query:` for anything else",
+                            t.value
+                        ),
+                        &t.referenced,
+                    ));
+                }
+                Some(Relation::Table(t.value.clone()))
+            }
+            (None, Some(q)) => {
+                let text = q.value.trim().trim_end_matches(';').trim().to_string();
+                let lower = text.to_ascii_lowercase();
+                if !(lower.starts_with("select") || lower.starts_with("with")) {
+                    self.problems.push(here(
+                        format!("source '{name}': `query:` must be one SELECT"),
+                        &q.referenced,
+                    ));
+                }
+                Some(Relation::Query(text))
+            }
+            (None, None) => {
+                self.problems.push(here(
+                    format!(
+                        "source '{name}' reads a database: give the table as `location: \
+                         schema.table`, or a SELECT as `query:`"
+                    ),
+                    at,
+                ));
+                None
+            }
+            (Some(_), Some(q)) => {
+                self.problems.push(here(
+                    format!("source '{name}': give `location:` (a table) or `query:`, not both"),
+                    &q.referenced,
+                ));
+                None
+            }
+        };
+        let partition = s.partition.as_ref().and_then(|p| {
+            let ok_type = column(&p.column)
+                .is_some_and(|c| matches!(c.ty, ColumnType::Int | ColumnType::BigInt));
+            if !ok_type {
+                self.problems.push(here(
+                    format!(
+                        "source '{name}': partition column '{}' must be an int or bigint column \
+                         of its schema",
+                        p.column
+                    ),
+                    at,
+                ));
+                None
+            } else if !(1..=64).contains(&p.parts) {
+                self.problems.push(here(
+                    format!("source '{name}': partition parts must be 1 to 64"),
+                    at,
+                ));
+                None
+            } else {
+                Some((p.column.clone(), p.parts))
+            }
+        });
+        let overlap = match overlap {
+            None => None,
+            Some(o) => {
+                let cursor_ok = match incremental {
+                    Some(Incremental::Cursor(c)) => column(c)
+                        .is_some_and(|c| matches!(c.ty, ColumnType::Timestamp | ColumnType::Date)),
+                    _ => false,
+                };
+                if !cursor_ok {
+                    self.problems.push(here(
+                        format!(
+                            "source '{name}': `overlap:` needs a `cursor:` column of type \
+                             timestamp or date"
+                        ),
+                        at,
+                    ));
+                }
+                match super::super::access::parse_duration(o) {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        self.problems
+                            .push(here(format!("source '{name}': overlap: {msg}"), at));
+                        None
+                    }
+                }
+            }
+        };
+        let deletes = match &s.deletes {
+            None => None,
+            Some(d) => {
+                if s.mode != WriteMode::Merge {
+                    self.problems.push(here(
+                        format!(
+                            "source '{name}': `deletes:` marks rows by key; it needs `mode: \
+                             merge` with `keys:`"
+                        ),
+                        at,
+                    ));
+                }
+                if columns.iter().any(|c| c.name == DELETED_AT) {
+                    self.problems.push(here(
+                        format!(
+                            "source '{name}': with `deletes:` kbcrm adds the column \
+                             '{DELETED_AT}'; the schema may not declare it"
+                        ),
+                        at,
+                    ));
+                }
+                match d {
+                    DeletesSpec::SoftColumn(c) => {
+                        let ok = column(c).is_some_and(|c| {
+                            matches!(
+                                c.ty,
+                                ColumnType::Timestamp | ColumnType::Date | ColumnType::Bool
+                            )
+                        });
+                        if !ok {
+                            self.problems.push(here(
+                                format!(
+                                    "source '{name}': soft_column '{c}' must be a timestamp, \
+                                     date or bool column of its schema"
+                                ),
+                                at,
+                            ));
+                        }
+                        Some(Deletes::SoftColumn(c.clone()))
+                    }
+                    DeletesSpec::CompareKeys(every) => {
+                        if every == "always" {
+                            Some(Deletes::CompareKeys(None))
+                        } else {
+                            match super::super::access::parse_duration(every) {
+                                Ok(d) => Some(Deletes::CompareKeys(d)),
+                                Err(msg) => {
+                                    self.problems.push(here(
+                                        format!(
+                                            "source '{name}': compare_keys: {msg} (or `always`)"
+                                        ),
+                                        at,
+                                    ));
+                                    None
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        Some(Database {
+            format: s.format,
+            connection: connection?,
+            relation: relation?,
+            partition,
+            overlap,
+            deletes,
+        })
+    }
+
+    pub(super) fn check_keys(
+        &mut self,
+        r: &RawPipeline,
+        what: &str,
+        mode: WriteMode,
+        keys: &[String],
+        at: &serde_saphyr::Location,
+        known: impl Fn(&str) -> bool,
+    ) {
+        let problem = if mode == WriteMode::Merge && keys.is_empty() {
+            Some(format!(
+                "{what}: `mode: merge` needs `keys:` (the columns that identify a row)"
+            ))
+        } else if mode != WriteMode::Merge && !keys.is_empty() {
+            Some(format!("{what}: `keys:` is only used with `mode: merge`"))
+        } else {
+            keys.iter()
+                .find(|k| !known(k))
+                .map(|k| format!("{what}: key column '{k}' is not among its columns"))
+        };
+        if let Some(msg) = problem {
+            self.problems
+                .push(Problem::new(&r.file, msg).at(yaml_pos(at, &r.text), &r.text));
+        }
+    }
+}
