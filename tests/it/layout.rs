@@ -275,3 +275,30 @@ fn the_layering_check_finds_upward_imports_and_circles() {
     );
     assert_eq!(module_of(&["cubes", "evaluate"]), Some("cubes"));
 }
+
+/// Rooms a person can hold in their head: a source file grows past this only by splitting it.
+const MAX_FILE_LINES: usize = 820;
+
+#[test]
+fn no_source_file_is_longer_than_a_room() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut long = Vec::new();
+    let mut dirs = vec![src.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let lines = std::fs::read_to_string(&p).unwrap().lines().count();
+                if lines > MAX_FILE_LINES {
+                    long.push(format!("{} ({lines} lines)", p.strip_prefix(&src).unwrap().display()));
+                }
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "files over {MAX_FILE_LINES} lines; split them into child modules: {long:?}"
+    );
+}
