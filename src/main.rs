@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// mimalloc instead of the system allocator: the engine's many short-lived buffers of many sizes
-/// left glibc's arenas holding freed memory (a scale-10 star build under a 2 GiB limit peaked at
-/// 3.7 GB resident).
+/// left glibc's arenas holding freed memory, far above `memory_limit` (see BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: kbcrm_alloc::MiMalloc = kbcrm_alloc::MiMalloc;
 
@@ -14,16 +13,15 @@ fn main() -> ExitCode {
     let cli = kbcrm::cli::Cli::parse();
     // Before any other thread starts: a load gives freed memory back to the system after a
     // fifth of a second instead of a second, so that its resident size follows `memory_limit`
-    // (a scale-10 run under 2 GiB: 3.06 GiB resident with mimalloc's one-second delay, 2.74 GiB
-    // with 200 ms; at once, 0 ms, made CSV loads a quarter slower). Queries and the server keep
-    // mimalloc's delay: reusing freed pages made heavy scale-10 queries 5-20% faster. The
-    // environment's MIMALLOC_PURGE_DELAY overrides both.
+    // (returning it at once made CSV loads markedly slower). Queries and the server keep
+    // mimalloc's delay: reusing freed pages makes heavy queries faster. The environment's
+    // MIMALLOC_PURGE_DELAY overrides both. BENCHMARKS.md has the figures.
     if cli.command.builds_tables() {
         kbcrm_alloc::return_freed_memory_soon();
     }
-    // No transparent huge pages: Linux zeroes a whole 2 MiB page on its first touch (47% of a
-    // 1% batch's CPU time); without them the batch runs 28% faster in a third less memory, a full
-    // load 13% faster, queries as fast (MIMALLOC_ALLOW_THP overrides).
+    // No transparent huge pages: Linux zeroes a whole 2 MiB page on its first touch, which was
+    // most of a small batch's CPU time; without them batches and loads run faster in less
+    // memory, queries as fast (BENCHMARKS.md; MIMALLOC_ALLOW_THP overrides).
     kbcrm_alloc::no_transparent_huge_pages();
     kbcrm::cli::init_tracing(&cli);
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -42,7 +42,7 @@ pub fn session(settings: &EngineSettings, params: &RunParams) -> Result<SessionC
 /// The runtime of `kbcrm run`'s sessions, shared by the pipelines of a run: its memory pool is
 /// `fair` unless the project says otherwise. A model's plan often holds several large sorts at
 /// once (a `cluster_by` sort above sort-merge joins); with a greedy pool one of them takes the
-/// memory the others need to merge their spills (fact_sales at scale 10 failed so under 4 GiB).
+/// memory the others need to merge their spills, and the model fails.
 pub fn run_runtime(settings: &EngineSettings) -> Result<Arc<RuntimeEnv>> {
     runtime_with_pool(
         settings,

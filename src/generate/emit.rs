@@ -1,6 +1,5 @@
 //! Writing the simulated world as each source system would export it.
 
-
 mod part;
 pub use part::part;
 use std::ops::Range;
@@ -282,7 +281,6 @@ fn products_parquet(root: &Path, catalog: &Catalog) -> Result<FileCount> {
         malformed: 0,
     })
 }
-
 
 /// What changes, visibly in some system, for an existing customer on the day of batch `b`.
 fn visible_change(c: &Customer, b: u32) -> Option<&'static str> {

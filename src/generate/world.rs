@@ -3,7 +3,6 @@
 //! Each customer draws from its own random stream (seeded by the seed and its index), so the
 //! world is the same whatever the scale of parallelism or the batch being written.
 
-
 mod simulate;
 use chrono::{Duration, NaiveDate, NaiveDateTime, NaiveTime};
 use rand::{Rng, SeedableRng};
@@ -560,4 +559,3 @@ pub fn customer(idx: u64, seed: u64, catalog: &Catalog) -> Customer {
     }
     c
 }
-

@@ -666,9 +666,9 @@ impl Runner {
 
 /// Run a pipeline's commit on a runtime of its own, one worker that does nothing else. A commit
 /// is a few small reads and writes of the tables' logs; on the run's runtime each would wait
-/// behind the query tasks of the pipelines still building beside it (both workers busy), and a
-/// commit that takes 0.03 s alone took 0.3 s. The pipelines after it commit in turn, so the
-/// last one's commit waited for all of those.
+/// behind the query tasks of the pipelines still building beside it (both workers busy) and
+/// take many times as long. The pipelines after it commit in turn, so the last one's commit
+/// would wait for all of those.
 async fn commit_aside<T: Send + 'static>(
     commit: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {

@@ -12,8 +12,8 @@
 //! the enclosing levels. Commas and clause keywords end a chain.
 
 /// Deepest nesting a statement may reach (as measured here). The engine's planning time grows
-/// with the square of a chain's length and cannot be interrupted (a chain of 1,000 additions
-/// plans in 0.7 s, of 4,000 in 11 s on one core): this keeps any statement's planning short.
+/// with the square of a chain's length and cannot be interrupted (BENCHMARKS.md has the planning
+/// time at this depth): this keeps any statement's planning short.
 pub const MAX_DEPTH: usize = 1_000;
 
 /// Most planning work a statement may ask for, counted as the sum of the squares of its chains'

@@ -292,7 +292,10 @@ fn no_source_file_is_longer_than_a_room() {
             } else if p.extension().is_some_and(|x| x == "rs") {
                 let lines = std::fs::read_to_string(&p).unwrap().lines().count();
                 if lines > MAX_FILE_LINES {
-                    long.push(format!("{} ({lines} lines)", p.strip_prefix(&src).unwrap().display()));
+                    long.push(format!(
+                        "{} ({lines} lines)",
+                        p.strip_prefix(&src).unwrap().display()
+                    ));
                 }
             }
         }

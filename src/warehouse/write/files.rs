@@ -123,10 +123,9 @@ impl TableWriter {
 
 /// How kbcrm writes its Parquet data files: compressed with LZ4 (the `LZ4_RAW` codec) instead of
 /// the Delta writer's Snappy. Reading is where an incremental run spends its time (a 1% batch
-/// looks up its keys among every row of the large tables), and LZ4 decompresses faster: the
-/// scale-1 batch took 2.40 s instead of 2.49 s (median of 7, alternated), a full load the same
-/// (23.5 s), for files 6% larger. Files written before keep their codec; readers handle both,
-/// as do DuckDB, Spark and pyarrow.
+/// looks up its keys among every row of the large tables), and LZ4 decompresses faster, for
+/// slightly larger files (measured in BENCHMARKS.md). Files written before keep their codec;
+/// readers handle both, as do DuckDB, Spark and pyarrow.
 pub(super) fn data_file_properties() -> parquet::file::properties::WriterProperties {
     parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::LZ4_RAW)
