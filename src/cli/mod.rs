@@ -3,18 +3,20 @@
 //! Owns the commands' arguments and output, `kbcrm demo` ([`demo`]) and `kbcrm init` ([`init`]).
 //! A face: it may import every other module; none imports it.
 
+mod commands;
 pub mod demo;
 pub mod init;
 mod output;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
 use crate::plan::{Overrides, Project};
 use crate::run::{Progress, RunOptions, Runner};
 
+use commands::*;
 pub use output::OutputFormat;
 
 /// kbcrm: customer data warehouse ETL and OLAP engine.
@@ -61,7 +63,7 @@ impl Command {
     pub fn builds_tables(&self) -> bool {
         matches!(
             self,
-            Command::Run { .. } | Command::Cubes { .. } | Command::Schedule { .. }
+            Command::Run(_) | Command::Cubes { .. } | Command::Schedule { .. }
         )
     }
 }
@@ -122,6 +124,46 @@ pub enum LogFormat {
     Text,
     /// One JSON object per event, for schedulers.
     Json,
+}
+
+/// The arguments of `kbcrm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipelines to run.
+    pub pipelines: Vec<String>,
+    /// Source files read at once; default the number of cores.
+    #[arg(long)]
+    pub parallel: Option<usize>,
+    /// Steps run at once (sources loaded, models built), across the pipelines building
+    /// side by side; default `engine.threads` in kbcrm.yaml, else the number of cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Reload every source file and rebuild every model, ignoring cursors and loaded files.
+    #[arg(long)]
+    pub full_refresh: bool,
+    /// The date the run is as of (`kbcrm_as_of()` in SQL), e.g. 2025-12-31; default today.
+    #[arg(long, value_name = "DATE", conflicts_with_all = ["from", "rerun"])]
+    pub as_of: Option<chrono::NaiveDate>,
+    /// Backfill: one run per as-of date from this date to --to, in order; the same command
+    /// resumes after a failure.
+    #[arg(long, value_name = "DATE", requires = "to", conflicts_with = "rerun")]
+    pub from: Option<chrono::NaiveDate>,
+    /// Last as-of date of a backfill.
+    #[arg(long, value_name = "DATE", requires = "from")]
+    pub to: Option<chrono::NaiveDate>,
+    /// Days between backfill dates, e.g. 1d or 1w.
+    #[arg(long, default_value = "1d", requires = "from")]
+    pub every: String,
+    /// Repeat a recorded run (its pipeline, its as-of date); a prefix of the id will do.
+    #[arg(long, value_name = "RUN_ID")]
+    pub rerun: Option<String>,
+    /// What to print on stdout: a summary, or one JSON document (run ids, tables, versions,
+    /// rows) for the scheduler that called kbcrm.
+    #[arg(long, value_enum, default_value_t = RunOutput::Text)]
+    pub output: RunOutput,
+    /// Exit with code 4 when the run changed no table (Airflow: skip_on_exit_code=4).
+    #[arg(long)]
+    pub exit_code_unchanged: bool,
 }
 
 /// The commands.
@@ -190,43 +232,7 @@ pub enum Command {
     /// Check the project: YAML specs, SQL models and the DAG. Exits 2 with the problems.
     Validate,
     /// Run pipelines (all, in dependency order, when none are named).
-    Run {
-        /// Pipelines to run.
-        pipelines: Vec<String>,
-        /// Source files read at once; default the number of cores.
-        #[arg(long)]
-        parallel: Option<usize>,
-        /// Steps run at once (sources loaded, models built), across the pipelines building
-        /// side by side; default `engine.threads` in kbcrm.yaml, else the number of cores.
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Reload every source file and rebuild every model, ignoring cursors and loaded files.
-        #[arg(long)]
-        full_refresh: bool,
-        /// The date the run is as of (`kbcrm_as_of()` in SQL), e.g. 2025-12-31; default today.
-        #[arg(long, value_name = "DATE", conflicts_with_all = ["from", "rerun"])]
-        as_of: Option<chrono::NaiveDate>,
-        /// Backfill: one run per as-of date from this date to --to, in order; the same command
-        /// resumes after a failure.
-        #[arg(long, value_name = "DATE", requires = "to", conflicts_with = "rerun")]
-        from: Option<chrono::NaiveDate>,
-        /// Last as-of date of a backfill.
-        #[arg(long, value_name = "DATE", requires = "from")]
-        to: Option<chrono::NaiveDate>,
-        /// Days between backfill dates, e.g. 1d or 1w.
-        #[arg(long, default_value = "1d", requires = "from")]
-        every: String,
-        /// Repeat a recorded run (its pipeline, its as-of date); a prefix of the id will do.
-        #[arg(long, value_name = "RUN_ID")]
-        rerun: Option<String>,
-        /// What to print on stdout: a summary, or one JSON document (run ids, tables, versions,
-        /// rows) for the scheduler that called kbcrm.
-        #[arg(long, value_enum, default_value_t = RunOutput::Text)]
-        output: RunOutput,
-        /// Exit with code 4 when the run changed no table (Airflow: skip_on_exit_code=4).
-        #[arg(long)]
-        exit_code_unchanged: bool,
-    },
+    Run(RunArgs),
     /// Build the cubes (the `cubes` pipeline), or check how well they predict.
     Cubes {
         /// The date the cubes are as of; default today.
@@ -438,55 +444,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 project.pipelines.len()
             ))
         }
-        Command::Run {
-            pipelines,
-            parallel,
-            threads,
-            full_refresh,
-            as_of,
-            from,
-            to,
-            every,
-            rerun,
-            output: run_output,
-            exit_code_unchanged,
-        } => {
-            let project = cli.load()?;
-            crate::run::validate::check_models(&project).await?;
-            let options = RunOptions {
-                parallel: *parallel,
-                threads: *threads,
-                full_refresh: *full_refresh,
-                as_of: *as_of,
-                trigger: None,
-            };
-            let progress = Progress::auto(cli.quiet);
-            let reports = if let Some(id) = rerun {
-                if !pipelines.is_empty() {
-                    return Err(Error::Usage(
-                        "--rerun repeats the recorded run's own pipeline; name no pipelines".into(),
-                    ));
-                }
-                crate::run::backfill::rerun(&project, id, progress).await?
-            } else if let (Some(from), Some(to)) = (from, to) {
-                let every = crate::cubes::evaluate::parse_days(every)?;
-                let dates = crate::run::backfill::dates(*from, *to, every)?;
-                crate::run::backfill::backfill(&project, pipelines, &dates, options, progress)
-                    .await?
-            } else {
-                let runner = Runner::new(&project, options, progress).await?;
-                runner.run(pipelines).await?
-            };
-            match run_output {
-                RunOutput::Text => output::run_summary(&reports)?,
-                RunOutput::Json => output::run_json(&reports)?,
-            }
-            let changed = reports.iter().any(|r| r.tables.iter().any(|t| t.changed));
-            if *exit_code_unchanged && !changed {
-                return Err(Error::Unchanged);
-            }
-            Ok(())
-        }
+        Command::Run(args) => run_pipelines(&cli, args).await,
         Command::Query { sql, format } => {
             let project = cli.load()?;
             let sql = if sql == "-" {
@@ -509,64 +467,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             let batches = crate::warehouse::query::query(&project, &sql).await?;
             output::batches(&batches, *format)
         }
-        Command::Cubes { as_of, action } => match action {
-            Some(CubesAction::Evaluate { holdout }) => {
-                let project = cli.load()?;
-                crate::run::validate::check_models(&project).await?;
-                let days = crate::cubes::evaluate::parse_days(holdout)?;
-                let as_of = crate::cubes::evaluate::calibration_end(&project, days).await?;
-                let options = RunOptions {
-                    as_of: Some(as_of),
-                    trigger: Some("evaluate".into()),
-                    ..RunOptions::default()
-                };
-                Runner::new(&project, options, Progress::auto(cli.quiet))
-                    .await?
-                    .run(&[crate::cubes::evaluate::CUBES_PIPELINE.to_string()])
-                    .await?;
-                let e = crate::cubes::evaluate::score(&project, as_of, days).await?;
-                output::line(e.to_string().trim_end())
-            }
-            None => {
-                let project = cli.load()?;
-                crate::run::validate::check_models(&project).await?;
-                let options = RunOptions {
-                    as_of: *as_of,
-                    ..RunOptions::default()
-                };
-                let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
-                let reports = runner
-                    .run(&[crate::cubes::evaluate::CUBES_PIPELINE.to_string()])
-                    .await?;
-                output::run_summary(&reports)
-            }
-        },
+        Command::Cubes { as_of, action } => cubes(&cli, *as_of, action.as_ref()).await,
         Command::Extract {
             name,
             out,
             as_of,
             no_deliver,
-        } => {
-            let project = cli.load()?;
-            let options = crate::extract::ExtractOptions {
-                out: std::path::absolute(out).map_err(|e| Error::io(out, e))?,
-                as_of: *as_of,
-                deliver: !*no_deliver,
-                trigger: "cli".into(),
-            };
-            let reports = crate::extract::extract(&project, name.as_deref(), &options).await?;
-            output::extract_summary(&reports)?;
-            crate::extract::delivery_failures(&reports)
-        }
-        Command::Schedule { once, out } => {
-            let project = cli.load()?;
-            crate::run::validate::check_models(&project).await?;
-            let options = crate::schedule::ScheduleOptions {
-                once: *once,
-                out: std::path::absolute(out).map_err(|e| Error::io(out, e))?,
-            };
-            crate::schedule::schedule(&project, &options).await
-        }
+        } => extract(&cli, name.as_deref(), out, *as_of, !*no_deliver).await,
+        Command::Schedule { once, out } => schedule(&cli, *once, out).await,
         Command::Runs {
             action,
             name,
@@ -577,27 +485,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = cli.load()?;
             match action {
                 Some(RunsAction::Show { id }) => output::run_record(&project, id).await,
-                None => {
-                    let mut filters = Vec::new();
-                    if let Some(n) = name {
-                        filters.push(format!("name = {}", crate::warehouse::state::literal(n)));
-                    }
-                    if *failed {
-                        filters.push("status = 'failed'".to_string());
-                    }
-                    let sql = format!(
-                        "select run_id, kind, name, trigger, as_of, started_at, \
-                         round(seconds, 1) as seconds, status, rows_written, tables_changed, \
-                         error from kbcrm_runs{} order by started_at desc limit {limit}",
-                        if filters.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" where {}", filters.join(" and "))
-                        }
-                    );
-                    let batches = crate::warehouse::query::query(&project, &sql).await?;
-                    output::batches(&batches, *format)
-                }
+                None => runs_list(&project, name.as_deref(), *failed, *limit, *format).await,
             }
         }
         Command::Freshness { all } => {
@@ -636,82 +524,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 out: out.clone(),
                 batch: *batch,
             };
-            let summary = crate::generate::generate(&opts)?;
-            output::line(&summary.to_string())?;
-            if let Some(url) = erp_postgres {
-                let loaded = crate::generate::postgres::load_erp(url, &summary, *batch).await?;
-                for (table, rows, malformed) in loaded {
-                    output::line(&format!(
-                        "  {table:<28} {rows:>10} rows loaded into PostgreSQL ({malformed} malformed left out)"
-                    ))?;
-                }
-            }
-            Ok(())
+            generate(&opts, erp_postgres.as_deref()).await
         }
         Command::Demo { scale, seed } => crate::cli::demo::demo(&cli, *scale, *seed).await,
-        Command::Serve { listen } => {
-            let project = cli.load()?;
-            let server =
-                crate::serve::Server::bind(project, cli.overrides(), listen.as_deref()).await?;
-            let addr = server.local_addr()?;
-            output::line(&format!(
-                "kbcrm serve: listening on {addr}; connect with psql \"host={} port={} user=NAME dbname=kbcrm\"",
-                addr.ip(),
-                addr.port()
-            ))?;
-            server.run().await
-        }
+        Command::Serve { listen } => serve(&cli, listen.as_deref()).await,
         #[cfg(feature = "ballista")]
-        Command::Ballista { role } => {
-            // A project is optional: its `storage:` settings and memory limit apply when the
-            // process starts in one.
-            let project = if cli.project_dir().join("kbcrm.yaml").exists() {
-                Some(cli.load()?)
-            } else {
-                None
-            };
-            match role {
-                BallistaRole::Scheduler {
-                    bind,
-                    external_host,
-                } => {
-                    output::line(&format!("Ballista scheduler listening on {bind}"))?;
-                    crate::engine::distributed::scheduler(
-                        crate::engine::distributed::SchedulerOptions {
-                            bind: *bind,
-                            external_host: external_host.clone(),
-                        },
-                    )
-                    .await
-                }
-                BallistaRole::Executor {
-                    scheduler,
-                    bind_host,
-                    port,
-                    grpc_port,
-                    external_host,
-                    work_dir,
-                    vcores,
-                } => {
-                    output::line(&format!(
-                        "Ballista executor on {bind_host}:{port} (gRPC {grpc_port}) joining {scheduler}"
-                    ))?;
-                    crate::engine::distributed::executor(
-                        crate::engine::distributed::ExecutorOptions {
-                            scheduler: scheduler.clone(),
-                            bind_host: bind_host.clone(),
-                            port: *port,
-                            grpc_port: *grpc_port,
-                            external_host: external_host.clone(),
-                            work_dir: work_dir.clone(),
-                            vcores: *vcores,
-                            memory_limit: project.as_ref().and_then(|p| p.engine.memory_limit),
-                        },
-                    )
-                    .await
-                }
-            }
-        }
+        Command::Ballista { role } => ballista(&cli, role).await,
         Command::User {
             action:
                 UserAction::Add {
@@ -719,14 +537,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     role,
                     password_stdin,
                 },
-        } => {
-            let project = cli.load()?;
-            let password = read_password(name, *password_stdin)?;
-            crate::serve::users::add_user(&project, name, role, &password)?;
-            output::line(&format!(
-                "user '{name}' (role {role}) written to kbcrm.yaml; a running server picks it up within seconds"
-            ))
-        }
+        } => add_user(&cli, name, role, *password_stdin),
     }
 }
 

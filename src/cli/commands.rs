@@ -1,0 +1,245 @@
+//! The commands whose work is more than a few lines, one function each; [`super::run`]
+//! dispatches to them.
+
+use super::*;
+
+/// `kbcrm run`: pipelines, a backfill or a rerun; the summary or JSON on stdout.
+pub(super) async fn run_pipelines(cli: &Cli, args: &RunArgs) -> Result<()> {
+    let RunArgs {
+        pipelines,
+        parallel,
+        threads,
+        full_refresh,
+        as_of,
+        from,
+        to,
+        every,
+        rerun,
+        output: run_output,
+        exit_code_unchanged,
+    } = args;
+    let project = cli.load()?;
+    crate::run::validate::check_models(&project).await?;
+    let options = RunOptions {
+        parallel: *parallel,
+        threads: *threads,
+        full_refresh: *full_refresh,
+        as_of: *as_of,
+        trigger: None,
+    };
+    let progress = Progress::auto(cli.quiet);
+    let reports = if let Some(id) = rerun {
+        if !pipelines.is_empty() {
+            return Err(Error::Usage(
+                "--rerun repeats the recorded run's own pipeline; name no pipelines".into(),
+            ));
+        }
+        crate::run::backfill::rerun(&project, id, progress).await?
+    } else if let (Some(from), Some(to)) = (from, to) {
+        let every = crate::cubes::evaluate::parse_days(every)?;
+        let dates = crate::run::backfill::dates(*from, *to, every)?;
+        crate::run::backfill::backfill(&project, pipelines, &dates, options, progress).await?
+    } else {
+        let runner = Runner::new(&project, options, progress).await?;
+        runner.run(pipelines).await?
+    };
+    match run_output {
+        RunOutput::Text => output::run_summary(&reports)?,
+        RunOutput::Json => output::run_json(&reports)?,
+    }
+    let changed = reports.iter().any(|r| r.tables.iter().any(|t| t.changed));
+    if *exit_code_unchanged && !changed {
+        return Err(Error::Unchanged);
+    }
+    Ok(())
+}
+
+/// `kbcrm runs`: the run history, newest first.
+pub(super) async fn runs_list(
+    project: &Project,
+    name: Option<&str>,
+    failed: bool,
+    limit: usize,
+    format: OutputFormat,
+) -> Result<()> {
+    let mut filters = Vec::new();
+    if let Some(n) = name {
+        filters.push(format!("name = {}", crate::warehouse::state::literal(n)));
+    }
+    if failed {
+        filters.push("status = 'failed'".to_string());
+    }
+    let sql = format!(
+        "select run_id, kind, name, trigger, as_of, started_at, \
+         round(seconds, 1) as seconds, status, rows_written, tables_changed, \
+         error from kbcrm_runs{} order by started_at desc limit {limit}",
+        if filters.is_empty() {
+            String::new()
+        } else {
+            format!(" where {}", filters.join(" and "))
+        }
+    );
+    let batches = crate::warehouse::query::query(project, &sql).await?;
+    output::batches(&batches, format)
+}
+
+/// `kbcrm ballista scheduler|executor`: a process of a Ballista cluster.
+#[cfg(feature = "ballista")]
+pub(super) async fn ballista(cli: &Cli, role: &BallistaRole) -> Result<()> {
+    // A project is optional: its `storage:` settings and memory limit apply when the
+    // process starts in one.
+    let project = if cli.project_dir().join("kbcrm.yaml").exists() {
+        Some(cli.load()?)
+    } else {
+        None
+    };
+    match role {
+        BallistaRole::Scheduler {
+            bind,
+            external_host,
+        } => {
+            output::line(&format!("Ballista scheduler listening on {bind}"))?;
+            crate::engine::distributed::scheduler(crate::engine::distributed::SchedulerOptions {
+                bind: *bind,
+                external_host: external_host.clone(),
+            })
+            .await
+        }
+        BallistaRole::Executor {
+            scheduler,
+            bind_host,
+            port,
+            grpc_port,
+            external_host,
+            work_dir,
+            vcores,
+        } => {
+            output::line(&format!(
+                "Ballista executor on {bind_host}:{port} (gRPC {grpc_port}) joining {scheduler}"
+            ))?;
+            crate::engine::distributed::executor(crate::engine::distributed::ExecutorOptions {
+                scheduler: scheduler.clone(),
+                bind_host: bind_host.clone(),
+                port: *port,
+                grpc_port: *grpc_port,
+                external_host: external_host.clone(),
+                work_dir: work_dir.clone(),
+                vcores: *vcores,
+                memory_limit: project.as_ref().and_then(|p| p.engine.memory_limit),
+            })
+            .await
+        }
+    }
+}
+
+/// `kbcrm cubes`: build the cubes, or evaluate their predictions on a holdout.
+pub(super) async fn cubes(
+    cli: &Cli,
+    as_of: Option<chrono::NaiveDate>,
+    action: Option<&CubesAction>,
+) -> Result<()> {
+    match action {
+        Some(CubesAction::Evaluate { holdout }) => {
+            let project = cli.load()?;
+            crate::run::validate::check_models(&project).await?;
+            let days = crate::cubes::evaluate::parse_days(holdout)?;
+            let as_of = crate::cubes::evaluate::calibration_end(&project, days).await?;
+            let options = RunOptions {
+                as_of: Some(as_of),
+                trigger: Some("evaluate".into()),
+                ..RunOptions::default()
+            };
+            Runner::new(&project, options, Progress::auto(cli.quiet))
+                .await?
+                .run(&[crate::cubes::evaluate::CUBES_PIPELINE.to_string()])
+                .await?;
+            let e = crate::cubes::evaluate::score(&project, as_of, days).await?;
+            output::line(e.to_string().trim_end())
+        }
+        None => {
+            let project = cli.load()?;
+            crate::run::validate::check_models(&project).await?;
+            let options = RunOptions {
+                as_of,
+                ..RunOptions::default()
+            };
+            let runner = Runner::new(&project, options, Progress::auto(cli.quiet)).await?;
+            let reports = runner
+                .run(&[crate::cubes::evaluate::CUBES_PIPELINE.to_string()])
+                .await?;
+            output::run_summary(&reports)
+        }
+    }
+}
+
+/// `kbcrm generate`: the sample sources, and the ERP tables into PostgreSQL when asked.
+pub(super) async fn generate(
+    opts: &crate::generate::GenerateOptions,
+    erp_postgres: Option<&str>,
+) -> Result<()> {
+    let summary = crate::generate::generate(opts)?;
+    output::line(&summary.to_string())?;
+    if let Some(url) = erp_postgres {
+        let loaded = crate::generate::postgres::load_erp(url, &summary, opts.batch).await?;
+        for (table, rows, malformed) in loaded {
+            output::line(&format!(
+                "  {table:<28} {rows:>10} rows loaded into PostgreSQL ({malformed} malformed left out)"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// `kbcrm user add`: a user's SCRAM verifier written to kbcrm.yaml.
+pub(super) fn add_user(cli: &Cli, name: &str, role: &str, password_stdin: bool) -> Result<()> {
+    let project = cli.load()?;
+    let password = read_password(name, password_stdin)?;
+    crate::serve::users::add_user(&project, name, role, &password)?;
+    output::line(&format!(
+        "user '{name}' (role {role}) written to kbcrm.yaml; a running server picks it up within seconds"
+    ))
+}
+
+/// `kbcrm serve`: the SQL server, until it is stopped.
+pub(super) async fn serve(cli: &Cli, listen: Option<&str>) -> Result<()> {
+    let project = cli.load()?;
+    let server = crate::serve::Server::bind(project, cli.overrides(), listen).await?;
+    let addr = server.local_addr()?;
+    output::line(&format!(
+        "kbcrm serve: listening on {addr}; connect with psql \"host={} port={} user=NAME dbname=kbcrm\"",
+        addr.ip(),
+        addr.port()
+    ))?;
+    server.run().await
+}
+
+/// `kbcrm extract`: one extract or every one, written and (unless told not to) delivered.
+pub(super) async fn extract(
+    cli: &Cli,
+    name: Option<&str>,
+    out: &std::path::Path,
+    as_of: Option<chrono::NaiveDate>,
+    deliver: bool,
+) -> Result<()> {
+    let project = cli.load()?;
+    let options = crate::extract::ExtractOptions {
+        out: std::path::absolute(out).map_err(|e| Error::io(out, e))?,
+        as_of,
+        deliver,
+        trigger: "cli".into(),
+    };
+    let reports = crate::extract::extract(&project, name, &options).await?;
+    output::extract_summary(&reports)?;
+    crate::extract::delivery_failures(&reports)
+}
+
+/// `kbcrm schedule`: pipelines and extracts on their cron schedules, until stopped (or once).
+pub(super) async fn schedule(cli: &Cli, once: bool, out: &std::path::Path) -> Result<()> {
+    let project = cli.load()?;
+    crate::run::validate::check_models(&project).await?;
+    let options = crate::schedule::ScheduleOptions {
+        once,
+        out: std::path::absolute(out).map_err(|e| Error::io(out, e))?,
+    };
+    crate::schedule::schedule(&project, &options).await
+}
