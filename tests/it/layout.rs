@@ -120,8 +120,8 @@ fn segments(text: &str) -> Vec<String> {
     path
 }
 
-/// Every import between modules in the Rust files of `src`, with the files no layer holds.
-fn imports(src: &Path) -> (Vec<Import>, Vec<String>) {
+/// The Rust files below `src`, sorted.
+fn rust_files(src: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let mut dirs = vec![src.to_path_buf()];
     while let Some(d) = dirs.pop() {
@@ -135,6 +135,12 @@ fn imports(src: &Path) -> (Vec<Import>, Vec<String>) {
         }
     }
     files.sort();
+    files
+}
+
+/// Every import between modules in the Rust files of `src`, with the files no layer holds.
+fn imports(src: &Path) -> (Vec<Import>, Vec<String>) {
+    let files = rust_files(src);
     let mut out = Vec::new();
     let mut unplaced = Vec::new();
     for file in files {
@@ -283,21 +289,13 @@ const MAX_FILE_LINES: usize = 820;
 fn no_source_file_is_longer_than_a_room() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut long = Vec::new();
-    let mut dirs = vec![src.clone()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                let lines = std::fs::read_to_string(&p).unwrap().lines().count();
-                if lines > MAX_FILE_LINES {
-                    long.push(format!(
-                        "{} ({lines} lines)",
-                        p.strip_prefix(&src).unwrap().display()
-                    ));
-                }
-            }
+    for p in rust_files(&src) {
+        let lines = std::fs::read_to_string(&p).unwrap().lines().count();
+        if lines > MAX_FILE_LINES {
+            long.push(format!(
+                "{} ({lines} lines)",
+                p.strip_prefix(&src).unwrap().display()
+            ));
         }
     }
     assert!(
