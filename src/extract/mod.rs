@@ -32,7 +32,6 @@ use crate::plan::extracts::{DEFAULT_EXTRACT, Extract};
 use crate::warehouse::Warehouse;
 use crate::warehouse::history::{RunKind, RunRecord, RunStatus};
 
-pub use crate::plan::extracts::PACK_INPUTS;
 pub use deliver::DeliveryReport;
 pub use pack::{Figure, FigureKind, Pack, PackTable, group_digits};
 

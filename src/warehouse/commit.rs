@@ -442,6 +442,15 @@ mod tests {
         manifest
     }
 
+    /// What a command that opens the warehouse at `root` resolves.
+    async fn recover(root: &Url) -> Vec<Resolved> {
+        Warehouse::open(root)
+            .expect("open")
+            .recover()
+            .await
+            .expect("recover")
+    }
+
     async fn rows(wh: &Warehouse, t: &str) -> usize {
         wh.files_at(t, None).await.expect("files").len()
     }
@@ -467,11 +476,7 @@ mod tests {
             // Killed before its first table commit, tables untouched since: completed.
             let a = stage_row(&wh, "t", 1).await;
             leave_manifest(&wh, "run-a", &[&a]).await;
-            let resolved = Warehouse::open(&root)
-                .expect("open")
-                .recover()
-                .await
-                .expect("recover");
+            let resolved = recover(&root).await;
             assert_eq!(
                 resolved,
                 vec![Resolved::Completed {
@@ -486,11 +491,7 @@ mod tests {
             leave_manifest(&wh, "run-b", &[&b]).await;
             append_row(&wh, 3).await;
             let before = files("t");
-            let resolved = Warehouse::open(&root)
-                .expect("open")
-                .recover()
-                .await
-                .expect("recover");
+            let resolved = recover(&root).await;
             assert_eq!(
                 resolved,
                 vec![Resolved::RolledBack {
@@ -499,17 +500,14 @@ mod tests {
                     kept: vec![],
                 }]
             );
-            assert_eq!(files("t"), before - 1, "the rolled-back run's file stays");
+            assert_eq!(
+                files("t"),
+                before - 1,
+                "the rolled-back run's file is removed"
+            );
             assert_eq!(rows(&wh, "t").await, 3);
             assert!(!wh.commit_in_progress().await.expect("list"));
-            assert!(
-                Warehouse::open(&root)
-                    .expect("open")
-                    .recover()
-                    .await
-                    .expect("again")
-                    .is_empty()
-            );
+            assert!(recover(&root).await.is_empty());
 
             // One table committed before the kill, the other changed since: the rest rolled
             // back, the committed one kept and named.
@@ -523,11 +521,7 @@ mod tests {
             commit_run(&wh, "run-d", "p", &[other])
                 .await
                 .expect("another run");
-            let resolved = Warehouse::open(&root)
-                .expect("open")
-                .recover()
-                .await
-                .expect("recover");
+            let resolved = recover(&root).await;
             assert_eq!(
                 resolved,
                 vec![Resolved::RolledBack {
