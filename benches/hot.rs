@@ -64,9 +64,10 @@ fn csv_decode(c: &mut Criterion) {
         .expect("the sales pipeline's order_lines source")
         .clone();
     let rt = runtime();
-    let store = store_for(&source.file_location().expect("files").store_url).expect("store");
+    let location = source.location().expect("a file source");
+    let store = store_for(&location.store_url).expect("store");
     let files = rt
-        .block_on(sources::list_files(&source, &store))
+        .block_on(sources::list_files(&source, location, &store))
         .expect("files listed")
         .files;
     let bytes: u64 = files.iter().map(|f| f.size).sum();

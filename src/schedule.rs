@@ -24,8 +24,8 @@ use object_store::{ObjectStoreExt, PutPayload};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::pipeline::Misfire;
 use crate::error::{Error, Result};
+use crate::plan::Misfire;
 use crate::plan::{Pipeline, Project};
 use crate::run::{Progress, RunOptions, Runner};
 use crate::warehouse::{META_DIR, Warehouse};

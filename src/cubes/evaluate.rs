@@ -13,9 +13,8 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema};
 use chrono::NaiveDate;
 
-use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
-use crate::plan::Project;
+use crate::plan::{Project, Write};
 use crate::warehouse::state::stage_batch;
 use crate::warehouse::{Warehouse, commit_run};
 
@@ -223,8 +222,10 @@ async fn record(
     ];
     let batch = RecordBatch::try_new(schema, columns)?;
     let wh = Warehouse::open(&project.warehouse)?;
-    let keys = ["as_of", "holdout_days", "metric"].map(String::from);
-    let staged = stage_batch(&wh, ctx, EVALUATION_TABLE, batch, WriteMode::Merge, &keys).await?;
+    let keys = ["as_of", "holdout_days", "metric"]
+        .map(String::from)
+        .to_vec();
+    let staged = stage_batch(&wh, ctx, EVALUATION_TABLE, batch, &Write::Merge { keys }).await?;
     let run_id = uuid::Uuid::now_v7().to_string();
     commit_run(&wh, &run_id, "cubes-evaluate", &[staged]).await?;
     Ok(())

@@ -13,7 +13,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use object_store::{ObjectStoreExt, PutPayload};
 
 use super::pack::Pack;
-use crate::config::project::SmtpTls;
+use crate::plan::SmtpTls;
 use crate::plan::extracts::{Delivery, Email, Extract};
 
 /// One delivery's outcome.

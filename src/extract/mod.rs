@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
 
-use crate::config::project::ExtractFormat;
 use crate::engine;
 use crate::error::{Error, Result};
+use crate::plan::ExtractFormat;
 use crate::plan::Project;
 use crate::plan::access::Role;
 use crate::plan::extracts::{DEFAULT_EXTRACT, Extract};

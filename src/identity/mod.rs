@@ -24,10 +24,10 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, Timestamp
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::prelude::SessionContext;
 
-use crate::config::pipeline::{Normalizer, Survivorship};
 use crate::config::types::UTC;
 use crate::error::{Error, Result};
 use crate::plan::{Identity, RecordSource};
+use crate::plan::{Normalizer, Survivorship};
 use crate::sql::{column_list, quote_ident};
 use crate::warehouse::delta_compatible_batch;
 use records::*;

@@ -1,6 +1,6 @@
 //! Normalising identity fields so that spellings of one value compare equal.
 
-use crate::config::pipeline::Normalizer;
+use crate::plan::Normalizer;
 
 /// Legal forms and filler words dropped from names before matching.
 const NAME_NOISE: &[&str] = &[

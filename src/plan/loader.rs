@@ -599,14 +599,16 @@ impl Loader {
     }
 }
 
-fn model_options_problem(spec: &ModelSpec) -> Option<String> {
+/// How a model's table is written, from its options; the problem when they do not fit together.
+fn model_write(spec: &ModelSpec) -> std::result::Result<ModelWrite, String> {
     let what = format!("model '{}'", spec.path);
-    match spec.mode {
-        WriteMode::Merge | WriteMode::Scd2 if spec.keys.is_empty() => Some(format!(
+    let keyed = matches!(spec.mode, WriteMode::Merge | WriteMode::Scd2);
+    let problem = match spec.mode {
+        _ if keyed && spec.keys.is_empty() => Some(format!(
             "{what}: `mode: {}` needs `keys:` (the columns that identify a row)",
             spec.mode.as_str()
         )),
-        WriteMode::Overwrite | WriteMode::Append if !spec.keys.is_empty() => Some(format!(
+        _ if !keyed && !spec.keys.is_empty() => Some(format!(
             "{what}: `keys:` is only used with `mode: merge` or `mode: scd2`"
         )),
         WriteMode::Scd2 if spec.scd2.is_none() => Some(format!(
@@ -615,12 +617,10 @@ fn model_options_problem(spec: &ModelSpec) -> Option<String> {
         m if m != WriteMode::Scd2 && spec.scd2.is_some() => {
             Some(format!("{what}: `scd2:` options need `mode: scd2`"))
         }
-        m if m != WriteMode::Merge && m != WriteMode::Scd2 && spec.incremental.is_some() => {
-            Some(format!(
-                "{what}: `incremental:` needs `mode: merge` or `mode: scd2` (new rows are merged \
-                 by key)"
-            ))
-        }
+        _ if !keyed && spec.incremental.is_some() => Some(format!(
+            "{what}: `incremental:` needs `mode: merge` or `mode: scd2` (new rows are merged by \
+             key)"
+        )),
         m if spec.rollup && m != WriteMode::Overwrite => Some(format!(
             "{what}: a rollup is rebuilt whole (`mode: overwrite`, the default), so that it \
              always sums every row of its tables"
@@ -635,7 +635,27 @@ fn model_options_problem(spec: &ModelSpec) -> Option<String> {
             ))
         }
         _ => None,
+    };
+    if let Some(problem) = problem {
+        return Err(problem);
     }
+    let keys = spec.keys.clone();
+    Ok(match (spec.mode, &spec.scd2) {
+        (WriteMode::Overwrite, _) => ModelWrite::Table(Write::Overwrite),
+        (WriteMode::Append, _) => ModelWrite::Table(Write::Append),
+        (WriteMode::Merge, _) => ModelWrite::Table(Write::Merge { keys }),
+        (WriteMode::Scd2, Some(s)) => ModelWrite::Scd2(Scd2 {
+            keys,
+            tracked: s.tracked.clone(),
+            valid_from: s.valid_from.clone(),
+            surrogate_key: s.surrogate_key.clone(),
+        }),
+        (WriteMode::Scd2, None) => {
+            return Err(format!(
+                "{what}: `mode: scd2` needs `scd2: {{ tracked: [columns] }}`"
+            ));
+        }
+    })
 }
 
 /// Expand a model path or glob relative to the project root into sorted relative file paths.

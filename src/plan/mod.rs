@@ -22,8 +22,9 @@ use std::sync::Arc;
 
 use url::Url;
 
-use crate::config::pipeline::{ModelIncrementalSpec, Severity, SourceFormat, WriteMode};
+pub use crate::config::pipeline::{Misfire, Normalizer, Severity, Survivorship};
 pub use crate::config::project::MemoryPoolKind;
+pub use crate::config::project::{ExtractFormat, SmtpTls};
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
 
@@ -210,9 +211,76 @@ pub enum Incremental {
     Cursor(String),
 }
 
+/// How new rows meet a table's current rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Replace the table's content.
+    Overwrite,
+    /// Add the rows.
+    Append,
+    /// Upsert by `keys`: new keys are inserted, existing keys replaced when changed.
+    Merge {
+        /// The columns that identify a row.
+        keys: Vec<String>,
+    },
+}
+
+impl Write {
+    /// The name as written in YAML (`mode:`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Write::Overwrite => "overwrite",
+            Write::Append => "append",
+            Write::Merge { .. } => "merge",
+        }
+    }
+
+    /// The merge keys; empty for the other writes.
+    pub fn keys(&self) -> &[String] {
+        match self {
+            Write::Merge { keys } => keys,
+            _ => &[],
+        }
+    }
+}
+
+/// How a model's table is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelWrite {
+    /// As a source's table is.
+    Table(Write),
+    /// As a type-2 slowly changing dimension.
+    Scd2(Scd2),
+}
+
+impl ModelWrite {
+    /// The name as written in YAML (`mode:`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModelWrite::Table(w) => w.as_str(),
+            ModelWrite::Scd2(_) => "scd2",
+        }
+    }
+
+    /// The columns that identify a row (merge and type-2); empty otherwise.
+    pub fn keys(&self) -> &[String] {
+        match self {
+            ModelWrite::Table(w) => w.keys(),
+            ModelWrite::Scd2(s) => &s.keys,
+        }
+    }
+
+    /// Whether the model's table is merged by keys.
+    pub fn is_merge(&self) -> bool {
+        matches!(self, ModelWrite::Table(Write::Merge { .. }))
+    }
+}
+
 /// Options of a type-2 slowly changing dimension model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scd2 {
+    /// The columns that identify an entity (its business key).
+    pub keys: Vec<String>,
     /// Columns whose change opens a new version.
     pub tracked: Vec<String>,
     /// Column holding when a change took effect (else the run time).
@@ -230,20 +298,12 @@ pub struct Source {
     pub name: String,
     /// Table it loads into.
     pub table: String,
-    /// File format.
-    pub format: SourceFormat,
-    /// Where the files are (file formats).
-    pub location: Option<Location>,
-    /// What to read from a database (database formats).
-    pub database: Option<Database>,
-    /// Write mode.
-    pub mode: WriteMode,
-    /// Merge keys.
-    pub keys: Vec<String>,
+    /// What it reads: files or a database.
+    pub input: Input,
+    /// How its rows meet the table's.
+    pub write: Write,
     /// Declared columns in order.
     pub columns: Vec<Column>,
-    /// CSV options.
-    pub csv: CsvSettings,
     /// Highest share of rejected rows before the run fails.
     pub max_reject_ratio: f64,
     /// What is new since the last run, when the source is incremental.
@@ -252,24 +312,75 @@ pub struct Source {
     pub freshness: Option<(Option<std::time::Duration>, Option<std::time::Duration>)>,
 }
 
+/// What a source reads.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Files in a location.
+    Files {
+        /// Their format.
+        format: FileFormat,
+        /// Where they are.
+        location: Location,
+    },
+    /// A table or query of a database.
+    Database(Database),
+}
+
+/// The format of a file source.
+#[derive(Debug, Clone)]
+pub enum FileFormat {
+    /// Separated values, with their options.
+    Csv(CsvSettings),
+    /// Newline-delimited JSON.
+    Json,
+    /// Apache Parquet.
+    Parquet,
+    /// A Delta Lake table.
+    Delta,
+}
+
+/// The kind of database a source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
+}
+
+impl DatabaseKind {
+    /// The name as written in YAML (`format:`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DatabaseKind::Postgres => "postgres",
+            DatabaseKind::Mysql => "mysql",
+        }
+    }
+}
+
 impl Source {
-    /// The location of a file source; an internal error for a database source.
-    pub fn file_location(&self) -> Result<&Location> {
-        self.location.as_ref().ok_or_else(|| {
-            Error::Internal(format!(
-                "source '{}' reads a database, not files",
-                self.name
-            ))
-        })
+    /// Where a file source's files are; `None` for a database source.
+    pub fn location(&self) -> Option<&Location> {
+        match &self.input {
+            Input::Files { location, .. } => Some(location),
+            Input::Database(_) => None,
+        }
+    }
+
+    /// What a database source reads; `None` for a file source.
+    pub fn database(&self) -> Option<&Database> {
+        match &self.input {
+            Input::Database(db) => Some(db),
+            Input::Files { .. } => None,
+        }
     }
 
     /// Where the source reads from, for people: the location as written, or the database table
     /// or query (never the connection URL).
     pub fn origin(&self) -> String {
-        match (&self.location, &self.database) {
-            (Some(l), _) => l.written.clone(),
-            (None, Some(db)) => db.origin(),
-            (None, None) => String::new(),
+        match &self.input {
+            Input::Files { location, .. } => location.written.clone(),
+            Input::Database(db) => db.origin(),
         }
     }
 }
@@ -278,7 +389,7 @@ impl Source {
 #[derive(Debug, Clone)]
 pub struct Database {
     /// `postgres` or `mysql`.
-    pub format: SourceFormat,
+    pub kind: DatabaseKind,
     /// Where the connection URL comes from.
     pub connection: ConnectionRef,
     /// The table or query read.
@@ -294,10 +405,7 @@ pub struct Database {
 impl Database {
     /// `postgres erp.customers` or `mysql query`.
     pub fn origin(&self) -> String {
-        let kind = match self.format {
-            SourceFormat::Mysql => "mysql",
-            _ => "postgres",
-        };
+        let kind = self.kind.as_str();
         match &self.relation {
             Relation::Table(t) => format!("{kind} {t}"),
             Relation::Query(_) => format!("{kind} query"),
@@ -394,16 +502,12 @@ pub struct Model {
     pub file: PathBuf,
     /// The SQL text.
     pub sql: Arc<String>,
-    /// Write mode.
-    pub mode: WriteMode,
-    /// Merge keys.
-    pub keys: Vec<String>,
+    /// How its table is written.
+    pub write: ModelWrite,
     /// Tables it reads.
     pub depends_on: Vec<String>,
     /// What suffices to refresh it (merge models): driving tables, and a key to widen to.
-    pub incremental: Option<ModelIncrementalSpec>,
-    /// Type-2 options (`mode: scd2`).
-    pub scd2: Option<Scd2>,
+    pub incremental: Option<ModelIncremental>,
     /// A rollup that aggregate queries are routed to ([`crate::engine::rollup`]).
     pub rollup: bool,
     /// Columns its data files are sorted by.
@@ -411,7 +515,26 @@ pub struct Model {
     /// The expression whose values divide its rows among data files.
     pub files_by: Option<String>,
     /// Built a slice of a key at a time when its inputs are large.
-    pub slices: Option<crate::config::pipeline::SlicesSpec>,
+    pub slices: Option<Slices>,
+}
+
+/// What refreshes an incremental model: its driving tables' new rows, optionally widened to
+/// every row of the keys those new rows carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelIncremental {
+    /// Tables whose added rows drive the refresh.
+    pub tables: Vec<String>,
+    /// With a key: rebuild every row of the keys among the added rows.
+    pub key: Option<String>,
+}
+
+/// How a model is built a slice of a key at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slices {
+    /// The column the slices divide (a join key of the model's large tables).
+    pub by: String,
+    /// The most rows of the largest sliced table in one slice.
+    pub rows: u64,
 }
 
 /// A data test with its table resolved.

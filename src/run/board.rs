@@ -354,7 +354,7 @@ mod tests {
                 true => vec![deltalake::kernel::Action::Remove(Default::default())],
                 false => Vec::new(),
             },
-            mode: crate::config::pipeline::WriteMode::Append,
+            operation: crate::warehouse::write::Operation::Append,
             metrics: Default::default(),
             schema: Arc::new(arrow::datatypes::Schema::empty()),
             files: Vec::new(),

@@ -466,28 +466,31 @@ pub(super) fn kept_unique_by_merges(
     };
     // An identity's map and key table are merged on the record when only some records moved
     // (and replaced whole otherwise, which the writes below then show).
-    let record = vec!["source".to_string(), "source_id".to_string()];
+    let record = ["source".to_string(), "source_id".to_string()];
     let merge_keys = pipeline
         .sources
         .iter()
         .filter(|s| s.table == t.table)
-        .map(|s| (s.mode, &s.keys))
+        .map(|s| match &s.write {
+            Write::Merge { keys } => Some(keys.as_slice()),
+            _ => None,
+        })
         .chain(
             pipeline
                 .models
                 .iter()
                 .filter(|m| m.name == t.table)
-                .map(|m| (m.mode, &m.keys)),
+                .map(|m| m.write.is_merge().then(|| m.write.keys())),
         )
         .chain(
             pipeline
                 .identities
                 .iter()
                 .filter(|i| i.map_table == t.table || i.keys_table() == t.table)
-                .map(|_| (WriteMode::Merge, &record)),
+                .map(|_| Some(record.as_slice())),
         )
         .next();
-    let Some((WriteMode::Merge, keys)) = merge_keys else {
+    let Some(Some(keys)) = merge_keys else {
         return false;
     };
     if keys.is_empty() || !keys.iter().all(|k| t.unique_columns.contains(k)) {
@@ -499,7 +502,7 @@ pub(super) fn kept_unique_by_merges(
         .filter(|s| s.table == t.table && s.changes())
         .peekable();
     writes.peek().is_some()
-        && writes.all(|s| s.mode == WriteMode::Merge && s.read_version == Some(committed))
+        && writes.all(|s| s.operation == Operation::Merge && s.read_version == Some(committed))
 }
 
 /// Whether every non-null value of `column` in `removed` (files a run took out of `table`) is

@@ -16,10 +16,9 @@ use tracing::info;
 
 use super::source::CursorFilter;
 use super::{RunState, Runner, StepFigures};
-use crate::config::pipeline::{SourceFormat, WriteMode};
 use crate::config::types::{ColumnType, UTC};
 use crate::error::{Error, Result};
-use crate::plan::{DELETED_AT, Database, Deletes, Incremental, Source};
+use crate::plan::{DELETED_AT, Database, DatabaseKind, Deletes, Incremental, Source, Write};
 use crate::sources::convert::declared_schema;
 use crate::sources::database::{self, ReadQuery};
 use crate::sources::mysql;
@@ -46,8 +45,8 @@ enum Session {
 impl Remote {
     /// Connect, check the declared columns, and keep the session for the first read.
     async fn open(source: &Source, db: &Database) -> Result<(Remote, Session)> {
-        match db.format {
-            SourceFormat::Mysql => {
+        match db.kind {
+            DatabaseKind::Mysql => {
                 let conn = mysql::connection(source, db)?;
                 let mut session = conn.connect(source).await?;
                 let kinds = mysql::describe(source, db, &mut session, &conn).await?;
@@ -56,7 +55,7 @@ impl Remote {
                     Session::My(session),
                 ))
             }
-            _ => {
+            DatabaseKind::Postgres => {
                 let conn = postgres::connection(source, db)?;
                 let client = conn.connect(source).await?;
                 let types = postgres::describe(source, db, &client, &conn).await?;
@@ -274,14 +273,11 @@ impl Runner {
     pub(super) async fn load_database_source(
         &self,
         source: &Source,
+        db: &Database,
         ctx: &SessionContext,
         state: &mut RunState,
     ) -> Result<()> {
         let started = Instant::now();
-        let db = source
-            .database
-            .as_ref()
-            .ok_or_else(|| Error::Internal("not a database source".into()))?;
         let full = self.options.full_refresh;
         let (remote, mut session) = Remote::open(source, db).await?;
         let origin = source.origin();
@@ -337,7 +333,8 @@ impl Runner {
             _ => vec![condition.clone()],
         };
         let key_idx: Vec<usize> = source
-            .keys
+            .write
+            .keys()
             .iter()
             .filter_map(|k| source.columns.iter().position(|c| &c.name == k))
             .collect();
@@ -477,16 +474,11 @@ impl Runner {
             database = %remote.display(),
             "database source read"
         );
-        if rows == 0 && !full && source.mode != WriteMode::Overwrite {
+        if rows == 0 && !full && source.write != Write::Overwrite {
             bar.finish();
             self.skip(state, &source.table, "source", "no new rows");
             return Ok(());
         }
-        let mode = if full {
-            WriteMode::Overwrite
-        } else {
-            source.mode
-        };
         let new = NewData {
             table: source.table.clone(),
             schema,
@@ -498,7 +490,11 @@ impl Runner {
             keys_unique: false,
             all_changes: false,
         };
-        let staged = stage(&self.wh, ctx, new, mode, &source.keys)
+        let write = match full {
+            true => Write::Overwrite,
+            false => source.write.clone(),
+        };
+        let staged = stage(&self.wh, ctx, new, &write)
             .await
             .map_err(|e| super::in_pipeline(e, &source.pipeline))?;
         bar.finish();
@@ -554,7 +550,8 @@ impl Runner {
             .map(|f| format!("t.{}", quote_ident(f.name())))
             .collect();
         let on: Vec<String> = source
-            .keys
+            .write
+            .keys()
             .iter()
             .map(|k| format!("k.{k} = t.{k}", k = quote_ident(k)))
             .collect();

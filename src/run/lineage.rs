@@ -214,10 +214,10 @@ fn datasets(project: &Project, pipeline: &str) -> (Vec<(String, String)>, Vec<St
                 let s = project
                     .pipeline(pipeline)
                     .and_then(|p| p.sources.iter().find(|s| s.origin() == e.from.1));
-                if let Some(l) = s.and_then(|s| s.location.as_ref()) {
+                if let Some(l) = s.and_then(|s| s.location()) {
                     inputs.insert((l.store_url.to_string(), l.prefix.clone()));
                 }
-                if let Some(db) = s.and_then(|s| s.database.as_ref()) {
+                if let Some(db) = s.and_then(|s| s.database()) {
                     inputs.insert(crate::sources::database::lineage_dataset(db));
                 }
             }

@@ -28,14 +28,14 @@ use std::time::Instant;
 use datafusion::prelude::SessionContext;
 use tracing::{Instrument, info, instrument};
 
-use crate::config::pipeline::{Severity, WriteMode};
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::identity::IdentityStats;
-use crate::plan::{Pipeline, Project, Step};
+use crate::plan::{Pipeline, Project, Severity, Step, Write};
 use crate::sources;
 use crate::warehouse::history::{RunKind, RunRecord, RunStatus, TableRecord};
 use crate::warehouse::state::{self, StateKey};
+use crate::warehouse::write::Operation;
 use crate::warehouse::{DataFile, Staged, Warehouse, commit_run, file_url, table_files_provider};
 use deltalake::kernel::Action;
 use steps::Work;

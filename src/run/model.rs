@@ -17,12 +17,10 @@ use tracing::{Instrument, info, instrument};
 use url::Url;
 
 use super::{RunState, Runner, StepFigures};
-use crate::config::pipeline::WriteMode;
-use crate::config::pipeline::{ModelIncrementalSpec, SlicesSpec};
 use crate::error::{Error, Result};
 use crate::identity::{LastFigures, RecordIds, Regrouped, Resolution, Since};
 use crate::plan::Identity;
-use crate::plan::Model;
+use crate::plan::{Model, ModelIncremental, ModelWrite, Slices, Write};
 use crate::warehouse::scd2::stage_scd2;
 use crate::warehouse::state::{StateKey, stage_batch_as};
 use crate::warehouse::write::{
@@ -96,7 +94,7 @@ fn key_type(
 
 /// How many slices a model with `slices:` is built in: enough that no slice holds more than
 /// `rows` rows of its largest input table with the sliced column.
-async fn slice_count(ctx: &SessionContext, model: &Model, spec: &SlicesSpec) -> Result<u64> {
+async fn slice_count(ctx: &SessionContext, model: &Model, spec: &Slices) -> Result<u64> {
     let mut largest = 0u64;
     for table in &model.depends_on {
         let provider = ctx.table_provider(table.as_str()).await?;
@@ -218,9 +216,9 @@ impl Runner {
         step_done(&model.name, "model SQL written", started);
         let looked_up = Instant::now();
         let rows = new.rows;
-        let mode = match (self.options.full_refresh, model.mode) {
-            (true, WriteMode::Merge) => WriteMode::Overwrite,
-            (_, m) => m,
+        let write = match (self.options.full_refresh, &model.write) {
+            (true, ModelWrite::Table(Write::Merge { .. })) => &ModelWrite::Table(Write::Overwrite),
+            (_, w) => w,
         };
         // Rebuilt keys: rows of them the SQL no longer gives go, so that each key's rows are
         // what a whole build would hold.
@@ -228,19 +226,21 @@ impl Runner {
             &rebuilt,
             model.incremental.as_ref().and_then(|i| i.key.as_ref()),
         ) {
-            (Some(keys), Some(key)) if mode == WriteMode::Merge => {
+            (Some(keys), Some(key)) if write.is_merge() => {
                 self.vanished_rows(ctx, model, key, keys.clone(), &new)
                     .await?
             }
             _ => None,
         };
         step_done(&model.name, "vanished rows looked up", looked_up);
-        let staged = match (mode, &model.scd2, vanished) {
-            (WriteMode::Scd2, Some(opts), _) => {
-                stage_scd2(&self.wh, ctx, new, &model.keys, opts, state.run_micros).await
+        let staged = match (write, vanished) {
+            (ModelWrite::Scd2(opts), _) => {
+                stage_scd2(&self.wh, ctx, new, opts, state.run_micros).await
             }
-            (_, _, Some(gone)) => stage_merge_removing(&self.wh, ctx, new, &model.keys, gone).await,
-            _ => stage(&self.wh, ctx, new, mode, &model.keys).await,
+            (ModelWrite::Table(_), Some(gone)) => {
+                stage_merge_removing(&self.wh, ctx, new, write.keys(), gone).await
+            }
+            (ModelWrite::Table(w), None) => stage(&self.wh, ctx, new, w).await,
         }
         .map_err(|e| super::in_pipeline(e, &model.pipeline))?;
         bar.inc(rows, 0);
@@ -357,7 +357,7 @@ impl Runner {
         ctx: &SessionContext,
         state: &RunState,
         model: &Model,
-        inc: &ModelIncrementalSpec,
+        inc: &ModelIncremental,
         key: &StateKey,
     ) -> Result<Narrowed> {
         if state.version_after(&model.name).is_none() {
@@ -427,7 +427,8 @@ impl Runner {
         ])?;
         let columns = |qualifier: &str| -> Vec<Expr> {
             model
-                .keys
+                .write
+                .keys()
                 .iter()
                 .map(|k| Expr::Column(Column::new(Some(qualifier), k)))
                 .collect()

@@ -9,9 +9,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 
-use crate::config::pipeline::WriteMode;
 use crate::config::types::UTC;
 use crate::error::Result;
+use crate::plan::Write;
 use crate::sources::Reject;
 use crate::warehouse::state::stage_batch;
 use crate::warehouse::{Staged, Warehouse};
@@ -82,7 +82,7 @@ pub(super) async fn stage_rejects(
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
     ];
     let batch = RecordBatch::try_new(schema, columns)?;
-    stage_batch(wh, ctx, QUARANTINE_TABLE, batch, WriteMode::Append, &[])
+    stage_batch(wh, ctx, QUARANTINE_TABLE, batch, &Write::Append)
         .await
         .map(Some)
 }

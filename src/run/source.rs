@@ -13,15 +13,14 @@ use futures::StreamExt;
 use tracing::{info, instrument};
 
 use super::{RunState, Runner, StepFigures, default_parallelism};
-use crate::config::pipeline::{SourceFormat, WriteMode};
 use crate::error::{Error, Result};
-use crate::plan::{Incremental, Source};
+use crate::plan::{FileFormat, Incremental, Input, Source, Write};
 use crate::sources::{self, convert::declared_schema};
 use crate::storage::store_for;
 use crate::warehouse::delta_compatible;
 use crate::warehouse::state::loaded_files;
 use crate::warehouse::write::{
-    KEYS_IN_MEMORY_ROWS, NewData, TableWriter, delete_files, latest_rows, stage,
+    KEYS_IN_MEMORY_ROWS, NewData, TableWriter, delete_files, latest_per_key, latest_rows, stage,
 };
 
 /// Keeps rows whose cursor column is above the last watermark, and finds the new watermark.
@@ -170,15 +169,16 @@ impl Runner {
     ) -> Result<()> {
         let started = Instant::now();
         let full = self.options.full_refresh;
-        if source.database.is_some() {
-            return self.load_database_source(source, ctx, state).await;
-        }
-        let store_url = source.file_location()?.store_url.clone();
+        let (format, location) = match &source.input {
+            Input::Database(db) => return self.load_database_source(source, db, ctx, state).await,
+            Input::Files { format, location } => (format, location),
+        };
+        let store_url = location.store_url.clone();
         let store = store_for(&store_url)?;
-        let mut files = match source.format {
-            SourceFormat::Delta => Vec::new(),
+        let mut files = match format {
+            FileFormat::Delta => Vec::new(),
             _ => {
-                let listing = sources::list_files(source, &store).await?;
+                let listing = sources::list_files(source, location, &store).await?;
                 if !listing.skipped.is_empty() {
                     let named: Vec<String> =
                         listing.skipped.iter().map(ToString::to_string).collect();
@@ -265,8 +265,8 @@ impl Runner {
         let encoder_count = if files.len() > 1 { 2 } else { 1 };
         // Keeps the reading task of a text source until the load ends.
         let mut _reader_task = None;
-        let mut stream = match source.format {
-            SourceFormat::Csv | SourceFormat::Json => {
+        let mut stream = match format {
+            FileFormat::Csv(_) | FileFormat::Json => {
                 // Read and parsed in a task of its own, so files keep being parsed while this
                 // one hands batches to the encoders.
                 let mut files =
@@ -286,14 +286,8 @@ impl Runner {
                 )
                 .boxed()
             }
-            SourceFormat::Parquet | SourceFormat::Delta => {
+            FileFormat::Parquet | FileFormat::Delta => {
                 sources::read_columnar(source, store, files, schema.clone())
-            }
-            SourceFormat::Postgres | SourceFormat::Mysql => {
-                return Err(Error::Internal(format!(
-                    "source '{}' reads a database, not files",
-                    source.name
-                )));
             }
         };
         let url = self.wh.table_url(&source.table);
@@ -302,7 +296,7 @@ impl Runner {
         // Two encoders (files alternate between them) when there is more than one file.
         // A keyed source's files are written apart, each source file into files of its own, so
         // that a key several of them repeat keeps the last file's row.
-        let keyed = !source.keys.is_empty() && source.mode == WriteMode::Merge;
+        let keyed = matches!(source.write, Write::Merge { .. });
         let mut senders = Vec::new();
         let mut encoders = Vec::new();
         for _ in 0..encoder_count {
@@ -398,7 +392,7 @@ impl Runner {
         .await?;
         let mut keys_unique = false;
         if let Some(held) = held {
-            let written = write_held(&url, &table_schema, held, &source.keys).await?;
+            let written = write_held(&url, &table_schema, held, source.write.keys()).await?;
             adds.extend(written.adds);
             source_files.extend(written.source_files);
             rows += written.rows;
@@ -411,10 +405,6 @@ impl Runner {
             rows_kept = rows,
             "source read"
         );
-        let mode = match (full, source.mode) {
-            (true, _) => WriteMode::Overwrite,
-            (false, m) => m,
-        };
         let new = NewData {
             table: source.table.clone(),
             schema: table_schema,
@@ -426,7 +416,17 @@ impl Runner {
             keys_unique,
             all_changes: false,
         };
-        let staged = stage(&self.wh, ctx, new, mode, &source.keys)
+        let write = match full {
+            true => Write::Overwrite,
+            false => source.write.clone(),
+        };
+        // A full refresh of a keyed source loads all its files again: a key that several of
+        // them repeat keeps the last file's row, as a merge of each in turn would.
+        let new = match full && keyed && !new.keys_unique {
+            true => latest_per_key(&self.wh, ctx, new, source.write.keys()).await?,
+            false => new,
+        };
+        let staged = stage(&self.wh, ctx, new, &write)
             .await
             .map_err(|e| super::in_pipeline(e, &source.pipeline))?;
         bar.finish();

@@ -8,11 +8,10 @@ use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 
-use crate::config::pipeline::WriteMode;
 use crate::config::types::UTC;
 use crate::error::{Error, Position, Problem, Result};
 use crate::identity::map_schema;
-use crate::plan::{Model, Pipeline, Project, Step};
+use crate::plan::{Model, ModelWrite, Pipeline, Project, Step};
 use crate::run::{QUARANTINE_TABLE, quarantine_schema};
 use crate::warehouse::{delta_compatible, state};
 
@@ -142,14 +141,14 @@ async fn check_model(
             ));
         }
     };
-    for k in &m.keys {
+    for k in m.write.keys() {
         missing("key", k);
     }
     for c in &m.cluster_by {
         missing("cluster_by column", c);
     }
     let mut table_schema = schema.clone();
-    if let (WriteMode::Scd2, Some(opts)) = (m.mode, &m.scd2) {
+    if let ModelWrite::Scd2(opts) = &m.write {
         for c in &opts.tracked {
             missing("tracked column", c);
         }

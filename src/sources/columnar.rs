@@ -13,9 +13,8 @@ use object_store::ObjectStore;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::{FileOutput, Reject, SourceFile};
-use crate::config::pipeline::SourceFormat;
 use crate::error::{Error, Result};
-use crate::plan::Source;
+use crate::plan::{FileFormat, Input, Location, Source};
 
 /// Read a Parquet or Delta source: one output per Parquet file, or one for the Delta table.
 pub fn read_columnar<'a>(
@@ -24,8 +23,11 @@ pub fn read_columnar<'a>(
     files: Vec<SourceFile>,
     schema: SchemaRef,
 ) -> BoxStream<'a, Result<FileOutput>> {
-    match source.format {
-        SourceFormat::Delta => futures::stream::once(read_delta(source, schema)).boxed(),
+    match &source.input {
+        Input::Files {
+            format: FileFormat::Delta,
+            location,
+        } => futures::stream::once(read_delta(source, location, schema)).boxed(),
         _ => futures::stream::iter(files)
             .then(move |f| read_parquet(source, store.clone(), f, schema.clone()))
             .boxed(),
@@ -59,8 +61,7 @@ async fn read_parquet(
     Ok(out)
 }
 
-async fn read_delta(source: &Source, schema: SchemaRef) -> Result<FileOutput> {
-    let location = source.file_location()?;
+async fn read_delta(source: &Source, location: &Location, schema: SchemaRef) -> Result<FileOutput> {
     let display = location.written.clone();
     let url = location
         .store_url

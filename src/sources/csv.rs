@@ -5,16 +5,16 @@ use arrow::datatypes::SchemaRef;
 use super::convert::{Cell, RowBuilder, parse_text};
 use super::{BATCH_ROWS, FileOutput, Reject, raw_text};
 use crate::error::{Error, Result};
-use crate::plan::Source;
+use crate::plan::{CsvSettings, Source};
 
 /// Parse one CSV file.
 pub(super) fn parse(
     source: &Source,
+    opts: &CsvSettings,
     file: &str,
     bytes: &[u8],
     schema: SchemaRef,
 ) -> Result<FileOutput> {
-    let opts = &source.csv;
     let mut reader = ::csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)

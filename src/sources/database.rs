@@ -4,8 +4,7 @@
 
 use super::mysql;
 use super::postgres::Connection;
-use crate::config::pipeline::SourceFormat;
-use crate::plan::{ConnectionRef, Database, Relation, Source};
+use crate::plan::{ConnectionRef, Database, DatabaseKind, Relation, Source};
 use crate::sql::quote_ident;
 
 /// One read of a database source: the SQL to run, the batches' schema, and where they go.
@@ -60,17 +59,17 @@ pub fn relation_sql(db: &Database) -> String {
 /// cannot be read here, the namespace names where it comes from.
 pub fn lineage_dataset(db: &Database) -> (String, String) {
     let url = url_text(&db.connection).ok();
-    let conn = match db.format {
-        SourceFormat::Mysql => url
+    let conn = match db.kind {
+        DatabaseKind::Mysql => url
             .and_then(|u| mysql::Connection::parse(&u, "").ok())
             .map(|c| (c.namespace, c.database)),
-        _ => url
+        DatabaseKind::Postgres => url
             .and_then(|u| Connection::parse(&u, "").ok())
             .map(|c| (c.namespace, c.database)),
     };
     let table = match &db.relation {
         Relation::Table(t) if t.contains('.') => t.clone(),
-        Relation::Table(t) if db.format == SourceFormat::Postgres => {
+        Relation::Table(t) if db.kind == DatabaseKind::Postgres => {
             format!("public.{t}")
         }
         Relation::Table(t) => t.clone(),

@@ -33,12 +33,15 @@ pub async fn check(project: &Project, all: bool) -> Result<Vec<SourceFreshness>>
     let mut out = Vec::new();
     for p in &project.pipelines {
         for s in &p.sources {
-            if (s.freshness.is_none() && !all) || s.location.is_none() {
+            let Some(location) = s.location() else {
+                continue;
+            };
+            if s.freshness.is_none() && !all {
                 continue;
             }
             let (warn_after, error_after) = s.freshness.unwrap_or((None, None));
-            let store = crate::storage::store_for(&s.file_location()?.store_url)?;
-            let newest = match crate::sources::list_files(s, &store).await {
+            let store = crate::storage::store_for(&location.store_url)?;
+            let newest = match crate::sources::list_files(s, location, &store).await {
                 Ok(listing) => listing.files.iter().map(|f| f.modified).max(),
                 Err(Error::Source { .. }) => None,
                 Err(e) => return Err(e),

@@ -24,9 +24,8 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::config::pipeline::SourceFormat;
 use crate::error::{Error, Result};
-use crate::plan::Source;
+use crate::plan::{FileFormat, Input, Location, Source};
 
 /// Rows per batch produced by the text readers.
 pub const BATCH_ROWS: usize = 32 * 1024;
@@ -102,8 +101,11 @@ pub struct FileOutput {
 
 /// The files of a source, sorted by path, and those skipped ([`crate::storage::skip_reason`]). No file at all
 /// is an error: a source that is legitimately empty still has its folder.
-pub async fn list_files(source: &Source, store: &Arc<dyn ObjectStore>) -> Result<Listing> {
-    let loc = source.file_location()?;
+pub async fn list_files(
+    source: &Source,
+    loc: &Location,
+    store: &Arc<dyn ObjectStore>,
+) -> Result<Listing> {
     let prefix = StorePath::from(loc.prefix.trim_end_matches('/'));
     let err = |message: String| Error::Source {
         pipeline: source.pipeline.clone(),
@@ -230,7 +232,7 @@ fn local_files(dir: &std::path::Path) -> Vec<String> {
 }
 
 fn display_name(source: &Source, path: &StorePath) -> String {
-    match &source.location {
+    match source.location() {
         Some(l) if l.store_url.scheme() != "file" => format!("{}{path}", l.store_url),
         _ => format!("/{path}"),
     }
@@ -249,8 +251,7 @@ pub(crate) async fn fetch(
     };
     got.map_err(|e| {
         let local = source
-            .location
-            .as_ref()
+            .location()
             .is_some_and(|l| l.store_url.scheme() == "file");
         let message = match (&e, local) {
             (object_store::Error::NotFound { .. }, true) => format!(
@@ -316,10 +317,19 @@ pub fn parse_file(
     bytes: &[u8],
     schema: SchemaRef,
 ) -> Result<FileOutput> {
-    match source.format {
-        SourceFormat::Csv => csv::parse(source, file, bytes, schema),
-        SourceFormat::Json => json::parse(source, file, bytes, schema),
-        other => Err(Error::Internal(format!("{other:?} is not a text format"))),
+    match &source.input {
+        Input::Files {
+            format: FileFormat::Csv(opts),
+            ..
+        } => csv::parse(source, opts, file, bytes, schema),
+        Input::Files {
+            format: FileFormat::Json,
+            ..
+        } => json::parse(source, file, bytes, schema),
+        _ => Err(Error::Internal(format!(
+            "source '{}' is not a CSV or JSON source",
+            source.name
+        ))),
     }
 }
 
@@ -332,11 +342,7 @@ pub fn table_schema(source: &Source) -> SchemaRef {
         .iter()
         .map(|f| f.as_ref().clone())
         .collect();
-    if source
-        .database
-        .as_ref()
-        .is_some_and(|d| d.deletes.is_some())
-    {
+    if source.database().is_some_and(|d| d.deletes.is_some()) {
         fields.push(arrow::datatypes::Field::new(
             crate::plan::DELETED_AT,
             arrow::datatypes::DataType::Timestamp(
@@ -409,12 +415,15 @@ mod tests {
         let project =
             crate::plan::Project::load(dir.path(), &crate::plan::Overrides::default()).unwrap();
         let source = project.pipelines[0].sources[0].clone();
-        let store = crate::storage::store_for(&source.file_location().unwrap().store_url).unwrap();
+        let location = source.location().unwrap();
+        let store = crate::storage::store_for(&location.store_url).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let listing = rt.block_on(super::list_files(&source, &store)).unwrap();
+        let listing = rt
+            .block_on(super::list_files(&source, location, &store))
+            .unwrap();
         std::fs::remove_file(dir.path().join("data/a.csv")).unwrap();
         let e = rt
             .block_on(super::fetch(&source, &store, &listing.files[0]))

@@ -64,7 +64,10 @@ pub async fn commit_run(
             app_metadata: HashMap::from([
                 (RUN_ID_KEY.to_string(), serde_json::json!(run_id)),
                 ("kbcrm.pipeline".to_string(), serde_json::json!(pipeline)),
-                ("kbcrm.mode".to_string(), serde_json::json!(s.mode.as_str())),
+                (
+                    "kbcrm.mode".to_string(),
+                    serde_json::json!(s.operation.as_str()),
+                ),
                 (
                     "kbcrm.rowsWritten".to_string(),
                     serde_json::json!(s.metrics.rows_written),
@@ -380,7 +383,7 @@ mod tests {
     use datafusion::prelude::SessionContext;
 
     use super::*;
-    use crate::config::pipeline::WriteMode;
+    use crate::plan::Write;
     use crate::warehouse::Staged;
     use crate::warehouse::state::stage_batch;
 
@@ -389,16 +392,9 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
         let batch =
             RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![n]))]).expect("batch");
-        let staged = stage_batch(
-            wh,
-            &SessionContext::new(),
-            "t",
-            batch,
-            WriteMode::Append,
-            &[],
-        )
-        .await
-        .expect("stage");
+        let staged = stage_batch(wh, &SessionContext::new(), "t", batch, &Write::Append)
+            .await
+            .expect("stage");
         commit_run(wh, &format!("run-{n}"), "p", &[staged])
             .await
             .expect("commit");
@@ -409,7 +405,7 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
         let batch =
             RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![n]))]).expect("batch");
-        stage_batch(wh, &SessionContext::new(), t, batch, WriteMode::Append, &[])
+        stage_batch(wh, &SessionContext::new(), t, batch, &Write::Append)
             .await
             .expect("stage")
     }

@@ -8,11 +8,12 @@
 
 use datafusion::prelude::SessionContext;
 
-use super::write::{NewData, delete_files, latest_per_key, new_rows_at, stage, write_frame};
+use super::write::{
+    NewData, Operation, delete_files, latest_per_key, new_rows_at, stage, write_frame,
+};
 use super::{Staged, Warehouse};
-use crate::config::pipeline::WriteMode;
 use crate::error::Result;
-use crate::plan::Scd2;
+use crate::plan::{Scd2, Write};
 use crate::sql::{column_list, quote_ident};
 
 const EPOCH_START: &str = "1900-01-01T00:00:00Z";
@@ -36,10 +37,10 @@ pub async fn stage_scd2(
     wh: &Warehouse,
     ctx: &SessionContext,
     new: NewData,
-    keys: &[String],
     opts: &Scd2,
     run_micros: i64,
 ) -> Result<Staged> {
+    let keys = &opts.keys;
     let new = latest_per_key(wh, ctx, new, keys).await?;
     let table = new.table.clone();
     let url = wh.table_url(&table);
@@ -115,10 +116,10 @@ pub async fn stage_scd2(
     if opts.surrogate_key.is_none() {
         version_keys.push("valid_from".to_string());
     }
-    let mode = if current.is_some() {
-        WriteMode::Merge
+    let write = if current.is_some() {
+        Write::Merge { keys: version_keys }
     } else {
-        WriteMode::Overwrite
+        Write::Overwrite
     };
     // Each version written differs from the table's version of its keys, if any: a closed
     // version in its end, one updated in place in an untracked column, a new one in its key.
@@ -126,8 +127,8 @@ pub async fn stage_scd2(
         all_changes: true,
         ..versions
     };
-    let mut staged = stage(wh, ctx, versions, mode, &version_keys).await?;
-    staged.mode = WriteMode::Scd2;
+    let mut staged = stage(wh, ctx, versions, &write).await?;
+    staged.operation = Operation::Scd2;
     Ok(staged)
 }
 

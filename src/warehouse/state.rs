@@ -13,9 +13,9 @@ use datafusion::prelude::SessionContext;
 
 use super::write::{NewData, TableWriter, stage};
 use super::{Staged, Warehouse, delta_compatible_batch};
-use crate::config::pipeline::WriteMode;
 use crate::config::types::UTC;
 use crate::error::Result;
+use crate::plan::{Severity, Write};
 
 /// Name of the state table.
 pub const STATE_TABLE: &str = "kbcrm_state";
@@ -109,8 +109,8 @@ pub async fn stage_state(
         Arc::new(StringArray::from(vec![run_id; changed.len()])),
     ];
     let batch = RecordBatch::try_new(state_schema(), columns)?;
-    let keys = ["scope", "name", "key"].map(String::from);
-    stage_batch(wh, ctx, STATE_TABLE, batch, WriteMode::Merge, &keys)
+    let keys = ["scope", "name", "key"].map(String::from).to_vec();
+    stage_batch(wh, ctx, STATE_TABLE, batch, &Write::Merge { keys })
         .await
         .map(Some)
 }
@@ -167,7 +167,7 @@ pub async fn stage_loaded_files(
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
     ];
     let batch = RecordBatch::try_new(files_schema(), columns)?;
-    stage_batch(wh, ctx, LOADED_FILES_TABLE, batch, WriteMode::Append, &[])
+    stage_batch(wh, ctx, LOADED_FILES_TABLE, batch, &Write::Append)
         .await
         .map(Some)
 }
@@ -200,7 +200,7 @@ pub struct TestReport {
     /// Offending rows found.
     pub failures: u64,
     /// Its severity.
-    pub severity: crate::config::pipeline::Severity,
+    pub severity: Severity,
     /// How much it read.
     pub checked: Checked,
 }
@@ -243,8 +243,8 @@ pub async fn stage_test_results(
         )),
         Arc::new(StringArray::from_iter_values(tests.iter().map(
             |t| match t.severity {
-                crate::config::pipeline::Severity::Error => "error",
-                crate::config::pipeline::Severity::Warn => "warn",
+                Severity::Error => "error",
+                Severity::Warn => "warn",
             },
         ))),
         Arc::new(Int64Array::from_iter_values(
@@ -256,7 +256,7 @@ pub async fn stage_test_results(
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
     ];
     let batch = RecordBatch::try_new(test_results_schema(), columns)?;
-    stage_batch(wh, ctx, TEST_RESULTS_TABLE, batch, WriteMode::Append, &[]).await
+    stage_batch(wh, ctx, TEST_RESULTS_TABLE, batch, &Write::Append).await
 }
 
 /// Write one in-memory batch as a staged write of `table`.
@@ -265,10 +265,9 @@ pub async fn stage_batch(
     ctx: &SessionContext,
     table: &str,
     batch: RecordBatch,
-    mode: WriteMode,
-    keys: &[String],
+    write: &Write,
 ) -> Result<Staged> {
-    stage_batch_as(wh, ctx, table, batch, mode, keys, false).await
+    stage_batch_as(wh, ctx, table, batch, write, false).await
 }
 
 /// [`stage_batch`] of rows known to repeat no key and each to be new or to differ from the
@@ -279,8 +278,7 @@ pub async fn stage_batch_as(
     ctx: &SessionContext,
     table: &str,
     batch: RecordBatch,
-    mode: WriteMode,
-    keys: &[String],
+    write: &Write,
     changes: bool,
 ) -> Result<Staged> {
     let schema = batch.schema();
@@ -298,7 +296,7 @@ pub async fn stage_batch_as(
         keys_unique: changes,
         all_changes: changes,
     };
-    stage(wh, ctx, new, mode, keys).await
+    stage(wh, ctx, new, write).await
 }
 
 /// A SQL string literal.

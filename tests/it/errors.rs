@@ -192,6 +192,25 @@ fn csv_header_not_matching_schema() {
 }
 
 #[test]
+fn a_source_cannot_be_written_as_a_type_2_dimension() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        PIPELINE.replace("    location:", "    mode: scd2\n    location:"),
+    );
+    let err = fails(
+        &p,
+        2,
+        &[
+            "pipelines/p.yaml:3:",
+            "`mode: scd2`",
+            "SQL model with `mode: scd2`",
+        ],
+    );
+    assert!(!err.contains("bug in kbcrm"), "{err}");
+}
+
+#[test]
 fn validate_reports_all_problems_at_once() {
     let p = project();
     p.write(

@@ -17,11 +17,16 @@ const LAYERS: &[&[&str]] = &[
     &["cli", "serve", "extract", "schedule", "generate"],
 ];
 
-/// An import of one module by another, with where it is written.
+/// The YAML spec modules: what the user wrote stops at `plan`, which turns it into typed,
+/// validated values; the layers between `plan` and the faces never see it.
+const SPEC_MODULES: &[&str] = &["config::pipeline", "config::project"];
+
+/// An import of one module by another, with the path named and where it is written.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Import {
     from: String,
     to: String,
+    path: String,
     at: String,
 }
 
@@ -171,6 +176,7 @@ fn imports(src: &Path) -> (Vec<Import>, Vec<String>) {
                     out.push(Import {
                         from: from.to_string(),
                         to: to.to_string(),
+                        path: path.join("::"),
                         at: format!(
                             "src/{}:{}",
                             file.strip_prefix(src).unwrap().display(),
@@ -191,6 +197,19 @@ fn violations(imports: &[Import]) -> Vec<String> {
         .filter(|i| layer(&i.to) > layer(&i.from))
         .map(|i| format!("{}: {} imports {}, a layer above it", i.at, i.from, i.to))
         .collect();
+    let (plan, faces) = (layer("plan"), LAYERS.len() - 1);
+    out.extend(
+        imports
+            .iter()
+            .filter(|i| (plan + 1..faces).contains(&layer(&i.from)))
+            .filter(|i| SPEC_MODULES.iter().any(|m| i.path.starts_with(m)))
+            .map(|i| {
+                format!(
+                    "{}: {} reads the YAML spec ({}); take the typed value from plan",
+                    i.at, i.from, i.path
+                )
+            }),
+    );
     let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for i in imports.iter().filter(|i| layer(&i.to) == layer(&i.from)) {
         edges
@@ -263,6 +282,7 @@ fn the_layering_check_finds_upward_imports_and_circles() {
     let import = |from: &str, to: &str| Import {
         from: from.into(),
         to: to.into(),
+        path: to.into(),
         at: format!("src/{from}.rs:1"),
     };
     assert_eq!(
@@ -275,6 +295,17 @@ fn the_layering_check_finds_upward_imports_and_circles() {
     ]);
     assert_eq!(circle.len(), 2, "{circle:?}");
     assert!(violations(&[import("warehouse", "engine"), import("run", "warehouse")]).is_empty());
+    let spec = |from: &str| Import {
+        path: "config::pipeline::WriteMode".into(),
+        ..import(from, "config")
+    };
+    assert_eq!(
+        violations(&[spec("warehouse"), spec("plan"), spec("cli")]),
+        [
+            "src/warehouse.rs:1: warehouse reads the YAML spec (config::pipeline::WriteMode); \
+             take the typed value from plan"
+        ]
+    );
     assert_eq!(
         module_of(&["cubes", "models", "bgnbd"]),
         Some("cubes::models")

@@ -50,11 +50,14 @@ impl Loader {
                     continue;
                 }
             };
-            if let Some(msg) = model_options_problem(&spec) {
-                self.problems.push(here(msg));
-                continue;
-            }
-            if files.len() > 1 && matches!(spec.mode, WriteMode::Merge | WriteMode::Scd2) {
+            let write = match model_write(&spec) {
+                Ok(w) => w,
+                Err(msg) => {
+                    self.problems.push(here(msg));
+                    continue;
+                }
+            };
+            if files.len() > 1 && !write.keys().is_empty() {
                 self.problems.push(here(format!(
                     "'{}' matches {} files; `mode: merge` with `keys:` needs one model per entry",
                     spec.path,
@@ -108,19 +111,19 @@ impl Loader {
                                 name,
                                 file: rel,
                                 sql,
-                                mode: spec.mode,
-                                keys: spec.keys.clone(),
+                                write: write.clone(),
                                 depends_on: refs.iter().map(|t| t.name.clone()).collect(),
-                                incremental: spec.incremental.clone(),
-                                scd2: spec.scd2.as_ref().map(|s| Scd2 {
-                                    tracked: s.tracked.clone(),
-                                    valid_from: s.valid_from.clone(),
-                                    surrogate_key: s.surrogate_key.clone(),
+                                incremental: spec.incremental.as_ref().map(|i| ModelIncremental {
+                                    tables: i.tables.clone(),
+                                    key: i.key.clone(),
                                 }),
                                 rollup: spec.rollup,
                                 cluster_by: spec.cluster_by.clone(),
                                 files_by: spec.files_by.clone(),
-                                slices: spec.slices.clone(),
+                                slices: spec.slices.as_ref().map(|s| Slices {
+                                    by: s.by.clone(),
+                                    rows: s.rows,
+                                }),
                             },
                             refs,
                         ))

@@ -86,9 +86,7 @@ impl Loader {
                 &s.schema.referenced,
             ));
         }
-        self.check_keys(r, &format!("source '{name}'"), s.mode, &s.keys, at, |k| {
-            s.schema.value.contains_key(k)
-        });
+        let write = self.source_write(r, name, s, at);
         if s.csv.is_some() && s.format != SourceFormat::Csv {
             self.problems.push(here(
                 format!("source '{name}': `csv:` options need `format: csv`"),
@@ -152,6 +150,29 @@ impl Loader {
             }
         };
         let database = self.database_source(r, name, s, at, &columns, incremental.as_ref());
+        let input = match (s.format, location, database) {
+            (SourceFormat::Csv, Some(location), _) => Some(Input::Files {
+                format: FileFormat::Csv(csv),
+                location,
+            }),
+            (SourceFormat::Json, Some(location), _) => Some(Input::Files {
+                format: FileFormat::Json,
+                location,
+            }),
+            (SourceFormat::Parquet, Some(location), _) => Some(Input::Files {
+                format: FileFormat::Parquet,
+                location,
+            }),
+            (SourceFormat::Delta, Some(location), _) => Some(Input::Files {
+                format: FileFormat::Delta,
+                location,
+            }),
+            (SourceFormat::Postgres | SourceFormat::Mysql, _, Some(db)) => {
+                Some(Input::Database(db))
+            }
+            // The problem is already reported.
+            _ => None,
+        };
         if incremental.is_some() && s.mode == WriteMode::Overwrite {
             self.problems.push(here(
                 format!(
@@ -205,13 +226,9 @@ impl Loader {
             pipeline: r.name.clone(),
             name: name.to_string(),
             table,
-            format: s.format,
-            location,
-            database,
-            mode: s.mode,
-            keys: s.keys.clone(),
+            input: input?,
+            write: write?,
             columns,
-            csv,
             max_reject_ratio,
             incremental,
             freshness,
@@ -467,7 +484,10 @@ impl Loader {
             }
         };
         Some(Database {
-            format: s.format,
+            kind: match s.format {
+                SourceFormat::Mysql => DatabaseKind::Mysql,
+                _ => DatabaseKind::Postgres,
+            },
             connection: connection?,
             relation: relation?,
             partition,
@@ -476,29 +496,44 @@ impl Loader {
         })
     }
 
-    pub(super) fn check_keys(
+    /// How a source's rows meet its table, from `mode:` and `keys:`; `None` (with the problem
+    /// reported) when they do not fit together.
+    fn source_write(
         &mut self,
         r: &RawPipeline,
-        what: &str,
-        mode: WriteMode,
-        keys: &[String],
+        name: &str,
+        s: &SourceSpec,
         at: &serde_saphyr::Location,
-        known: impl Fn(&str) -> bool,
-    ) {
-        let problem = if mode == WriteMode::Merge && keys.is_empty() {
+    ) -> Option<Write> {
+        let what = format!("source '{name}'");
+        let problem = if s.mode == WriteMode::Scd2 {
+            Some(format!(
+                "{what}: `mode: scd2` builds a model's history; load the source with `mode: \
+                 append` or `mode: merge` and keep its history in an SQL model with `mode: scd2`"
+            ))
+        } else if s.mode == WriteMode::Merge && s.keys.is_empty() {
             Some(format!(
                 "{what}: `mode: merge` needs `keys:` (the columns that identify a row)"
             ))
-        } else if mode != WriteMode::Merge && !keys.is_empty() {
+        } else if s.mode != WriteMode::Merge && !s.keys.is_empty() {
             Some(format!("{what}: `keys:` is only used with `mode: merge`"))
         } else {
-            keys.iter()
-                .find(|k| !known(k))
+            s.keys
+                .iter()
+                .find(|k| !s.schema.value.contains_key(*k))
                 .map(|k| format!("{what}: key column '{k}' is not among its columns"))
         };
         if let Some(msg) = problem {
             self.problems
                 .push(Problem::new(&r.file, msg).at(yaml_pos(at, &r.text), &r.text));
+            return None;
         }
+        Some(match s.mode {
+            WriteMode::Append => Write::Append,
+            WriteMode::Merge => Write::Merge {
+                keys: s.keys.clone(),
+            },
+            _ => Write::Overwrite,
+        })
     }
 }

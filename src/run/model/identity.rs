@@ -222,12 +222,11 @@ impl Runner {
         info!(%stats, "identity resolved");
         // A whole resolution replaces both tables; one from the added rows merges the records
         // whose id or rule changed (and, into the key table, the added ones).
-        let (mode, on) = match whole {
-            true => (WriteMode::Overwrite, Vec::new()),
-            false => (
-                WriteMode::Merge,
-                vec!["source".to_string(), "source_id".to_string()],
-            ),
+        let write = match whole {
+            true => Write::Overwrite,
+            false => Write::Merge {
+                keys: vec!["source".to_string(), "source_id".to_string()],
+            },
         };
         // The key table is staged on a task of its own (only the next run reads it) while
         // the map is staged and the records edited since the last run are found here.
@@ -239,10 +238,10 @@ impl Runner {
                 true => None,
                 false => {
                     let (wh, keys_ctx) = (self.wh.clone(), crate::engine::fork_session(ctx).await?);
-                    let (table, on) = (keys_table.clone(), on.clone());
+                    let (table, write) = (keys_table.clone(), write.clone());
                     Some(tokio::spawn(
                         async move {
-                            stage_batch_as(&wh, &keys_ctx, &table, keys, mode, &on, !whole).await
+                            stage_batch_as(&wh, &keys_ctx, &table, keys, &write, !whole).await
                         }
                         .in_current_span(),
                     ))
@@ -251,7 +250,7 @@ impl Runner {
         let stage_map = async {
             match !whole && map.num_rows() == 0 {
                 true => Ok(None),
-                false => stage_batch_as(&self.wh, ctx, &identity.map_table, map, mode, &on, !whole)
+                false => stage_batch_as(&self.wh, ctx, &identity.map_table, map, &write, !whole)
                     .await
                     .map(Some),
             }
@@ -421,7 +420,7 @@ impl Runner {
                 let gone = RecordBatch::try_new(schema, vec![Arc::new(gone)])?;
                 stage_merge_removing(&self.wh, ctx, new, &keys, gone).await?
             }
-            None => stage(&self.wh, ctx, new, WriteMode::Overwrite, &[]).await?,
+            None => stage(&self.wh, ctx, new, &Write::Overwrite).await?,
         };
         bar.finish();
         self.record(

@@ -77,7 +77,7 @@ pub(super) async fn merge(
             return Err(e);
         }
         let mut staged = append(url, current, new).await?;
-        staged.mode = WriteMode::Merge;
+        staged.operation = Operation::Merge;
         return Ok(staged);
     }
     // Tried again with sort-merge joins when a hash join does not fit; `new`'s files are deleted
@@ -160,7 +160,7 @@ pub(super) async fn merge(
         url,
         read_version: current.version(),
         actions,
-        mode: WriteMode::Merge,
+        operation: Operation::Merge,
         metrics,
         schema: new.schema,
         files,

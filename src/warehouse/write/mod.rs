@@ -31,8 +31,8 @@ use super::deletion::{DataFile, Deleted, KeySet};
 use super::scd2::same;
 use super::schema::{conform_batch, same_columns};
 use super::{Warehouse, files_provider, table_files_provider};
-use crate::config::pipeline::WriteMode;
 use crate::error::{Error, Result};
+use crate::plan::Write;
 use crate::sql::{column_list, quote_ident};
 use files::*;
 use merge::*;
@@ -64,13 +64,48 @@ pub struct Staged {
     /// The Delta actions to commit; empty when the table does not change.
     pub actions: Vec<Action>,
     /// How the write was made.
-    pub mode: WriteMode,
+    pub operation: Operation,
     /// Figures for the run summary.
     pub metrics: WriteMetrics,
     /// The table's schema after the write.
     pub schema: SchemaRef,
     /// Data files of the table after the write (for reading it before the commit).
     pub files: Vec<DataFile>,
+}
+
+/// What a staged write did to its table, as its history records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// The rows were replaced.
+    Overwrite,
+    /// Rows were added.
+    Append,
+    /// Rows were merged by keys.
+    Merge,
+    /// Versions of a type-2 dimension were closed and opened.
+    Scd2,
+}
+
+impl Operation {
+    /// The name as `mode:` writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Overwrite => "overwrite",
+            Operation::Append => "append",
+            Operation::Merge => "merge",
+            Operation::Scd2 => "scd2",
+        }
+    }
+}
+
+impl From<&Write> for Operation {
+    fn from(write: &Write) -> Self {
+        match write {
+            Write::Overwrite => Operation::Overwrite,
+            Write::Append => Operation::Append,
+            Write::Merge { .. } => Operation::Merge,
+        }
+    }
 }
 
 impl Staged {
@@ -194,31 +229,29 @@ fn same_layout(table: &DeltaTable, new: &NewData) -> Result<bool> {
     Ok(cluster_by == new.cluster_by && config.get(FILES_BY_PROPERTY) == new.files_by.as_ref())
 }
 
-/// Work out what writing `new` with `mode` does to the table's current version, writing any
+/// Work out what writing `new` with `write` does to the table's current version, writing any
 /// further files needed (merge), and return the staged write. Nothing is committed.
 pub async fn stage(
     wh: &Warehouse,
     ctx: &SessionContext,
     new: NewData,
-    mode: WriteMode,
-    keys: &[String],
+    write: &Write,
 ) -> Result<Staged> {
-    stage_with(wh, ctx, new, mode, keys, None).await
+    stage_with(wh, ctx, new, write, None).await
 }
 
 async fn stage_with(
     wh: &Warehouse,
     ctx: &SessionContext,
     new: NewData,
-    mode: WriteMode,
-    keys: &[String],
+    write: &Write,
     gone: Option<RecordBatch>,
 ) -> Result<Staged> {
+    let keys = write.keys();
     let url = wh.table_url(&new.table);
     let current = wh.load(&new.table).await?;
-    // A merge needs unique keys; so does the full refresh of a keyed source, which loads all
-    // its files again.
-    let new = if (mode == WriteMode::Merge || !new.source_files.is_empty()) && !new.keys_unique {
+    // A merge needs unique keys.
+    let new = if matches!(write, Write::Merge { .. }) && !new.keys_unique {
         let started = std::time::Instant::now();
         let new = latest_per_key(wh, ctx, new, keys).await?;
         step_done(&new.table, "keys checked unique", started);
@@ -227,7 +260,7 @@ async fn stage_with(
         new
     };
     let Some(current) = current else {
-        return create(url, new, mode, wh.allows_deletion_vectors());
+        return create(url, new, write, wh.allows_deletion_vectors());
     };
     let current_schema: SchemaRef = Arc::new(
         current
@@ -238,7 +271,7 @@ async fn stage_with(
             .clone(),
     );
     let same = same_columns(&current_schema, &new.schema);
-    if !same && mode != WriteMode::Overwrite {
+    if !same && *write != Write::Overwrite {
         delete_files(wh, &url, &new.adds).await?;
         return Err(Error::warehouse(format!(
             "table '{}' has columns ({}) but the new data has ({}); `mode: {}` cannot change a \
@@ -246,16 +279,13 @@ async fn stage_with(
             new.table,
             describe(&current_schema),
             describe(&new.schema),
-            mode.as_str()
+            write.as_str()
         )));
     }
-    match mode {
-        WriteMode::Append => append(url, &current, new).await,
-        WriteMode::Overwrite => overwrite(wh, ctx, url, &current, new, same).await,
-        WriteMode::Merge => merge(wh, ctx, url, &current, new, keys, gone).await,
-        WriteMode::Scd2 => Err(Error::Internal(
-            "type-2 writes go through warehouse::scd2::stage_scd2".into(),
-        )),
+    match write {
+        Write::Append => append(url, &current, new).await,
+        Write::Overwrite => overwrite(wh, ctx, url, &current, new, same).await,
+        Write::Merge { keys } => merge(wh, ctx, url, &current, new, keys, gone).await,
     }
 }
 
@@ -269,7 +299,10 @@ pub async fn stage_merge_removing(
     gone: RecordBatch,
 ) -> Result<Staged> {
     let gone = (gone.num_rows() > 0).then_some(gone);
-    stage_with(wh, ctx, new, WriteMode::Merge, keys, gone).await
+    let write = Write::Merge {
+        keys: keys.to_vec(),
+    };
+    stage_with(wh, ctx, new, &write, gone).await
 }
 
 /// The rows of `new`'s files (written, not committed) as a table.
@@ -328,7 +361,7 @@ pub(crate) fn add_record_count(add: &Add) -> Option<u64> {
 /// The table property that lets writers mark rows deleted instead of rewriting files.
 const ENABLE_DELETION_VECTORS: &str = "delta.enableDeletionVectors";
 
-fn create(url: Url, new: NewData, mode: WriteMode, deletion_vectors: bool) -> Result<Staged> {
+fn create(url: Url, new: NewData, write: &Write, deletion_vectors: bool) -> Result<Staged> {
     let struct_type: StructType = new.schema.as_ref().try_into_kernel()?;
     let mut configuration = clustering(&new);
     // Deletion vectors need reader version 3 and writer version 7 with the feature named.
@@ -359,7 +392,7 @@ fn create(url: Url, new: NewData, mode: WriteMode, deletion_vectors: bool) -> Re
         url,
         read_version: None,
         actions,
-        mode,
+        operation: write.into(),
         metrics,
         schema: new.schema,
         files,
@@ -412,7 +445,7 @@ async fn append(url: Url, current: &DeltaTable, new: NewData) -> Result<Staged> 
         url,
         read_version: current.version(),
         actions: new.adds.into_iter().map(Action::Add).collect(),
-        mode: WriteMode::Append,
+        operation: Operation::Append,
         metrics,
         schema: new.schema,
         files,
@@ -451,7 +484,7 @@ async fn overwrite(
             url,
             read_version: current.version(),
             actions: Vec::new(),
-            mode: WriteMode::Overwrite,
+            operation: Operation::Overwrite,
             metrics: WriteMetrics {
                 rows_in: metrics_rows,
                 ..Default::default()
@@ -475,7 +508,7 @@ async fn overwrite(
         url,
         read_version: current.version(),
         actions,
-        mode: WriteMode::Overwrite,
+        operation: Operation::Overwrite,
         metrics,
         schema: new.schema,
         files: new_files.into_iter().map(DataFile::whole).collect(),
