@@ -53,6 +53,17 @@ footer { color: #666; font-size: .8em; text-align: center; padding: 8px 16px 24p
 /// The dashboard's HTML.
 pub fn dashboard(pack: &Pack, top: usize) -> String {
     let mut h = String::new();
+    header(&mut h, pack);
+    cards(&mut h, pack);
+    churn_section(&mut h, pack, top);
+    loyalty_section(&mut h, pack);
+    purchasing_section(&mut h, pack, top);
+    closing_sections(&mut h, pack, top);
+    h
+}
+
+/// The page's head and its header: title, as-of date, what it is compared with, for whom.
+fn header(h: &mut String, pack: &Pack) {
     let _ = write!(
         h,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -76,7 +87,10 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
         esc(&pack.title),
         esc(&sub)
     );
+}
 
+/// The headline figures as cards, and the sections left out.
+fn cards(h: &mut String, pack: &Pack) {
     h.push_str("<div class=\"cards\">");
     for f in &pack.headline {
         let class = match f.change() {
@@ -112,8 +126,10 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
             esc(why)
         );
     }
+}
 
-    // Churn warnings.
+/// Churn warnings: revenue at risk and warned customers by region, and the customers.
+fn churn_section(h: &mut String, pack: &Pack, top: usize) {
     let churn = pack.table("churn_warnings");
     let region = pack.table("risk_by_region");
     if churn.is_some() || region.is_some() {
@@ -149,8 +165,10 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
         }
         h.push_str("</section>\n");
     }
+}
 
-    // Loyalty.
+/// Loyalty: customers per tier and the Pareto curve.
+fn loyalty_section(h: &mut String, pack: &Pack) {
     let tiers = pack.table("loyalty_tiers");
     let pareto = pack.table("pareto");
     if tiers.is_some() || pareto.is_some() {
@@ -188,8 +206,10 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
         }
         h.push_str("</section>\n");
     }
+}
 
-    // Purchasing power.
+/// Purchasing power: lifetime values, spend per band, and the top customers.
+fn purchasing_section(h: &mut String, pack: &Pack, top: usize) {
     let bands = pack.table("purchasing_power_bands");
     let clv = pack.table("clv_distribution");
     let top_clv = pack.table("top_clv");
@@ -233,7 +253,10 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
         }
         h.push_str("</section>\n");
     }
+}
 
+/// Knowledge sources, the extract's own queries, the notes, and the page's end.
+fn closing_sections(h: &mut String, pack: &Pack, top: usize) {
     if let Some(t) = pack.table("knowledge_sources") {
         let _ = writeln!(
             h,
@@ -266,7 +289,6 @@ pub fn dashboard(pack: &Pack, top: usize) -> String {
          notes. The workbook holds every row.</footer></body></html>",
         env!("CARGO_PKG_VERSION")
     );
-    h
 }
 
 fn texts(t: &PackTable, col: &str) -> Vec<String> {

@@ -16,6 +16,9 @@ use datafusion::prelude::SessionContext;
 use crate::error::{Error, Result};
 use crate::plan::extracts::Extract;
 use crate::warehouse::Warehouse;
+use sections::{Section, sections};
+
+mod sections;
 
 /// The cubes the pack reads, in the order their as-of dates are looked up.
 const CUBES: &[&str] = &[
@@ -329,76 +332,9 @@ pub async fn gather(
     versions: &BTreeMap<String, u64>,
     tests: TestStatus,
 ) -> Result<Pack> {
-    let readable = |t: &str| ctx.table_exist(t).unwrap_or(false);
-    let why_not = |t: &str| -> String {
-        if versions.contains_key(t) {
-            format!(
-                "role '{}' may not read {t}",
-                x.role.as_deref().unwrap_or("(none)")
-            )
-        } else {
-            format!("{t} is not in the warehouse; run the cubes pipeline")
-        }
-    };
-    let cubes: Vec<&str> = CUBES.iter().copied().filter(|c| readable(c)).collect();
-    if cubes.is_empty() {
-        return Err(Error::Usage(format!(
-            "extract '{}': the executive pack reads the cubes ({}), and none can be read: {}",
-            x.name,
-            CUBES.join(", "),
-            CUBES
-                .iter()
-                .map(|c| why_not(c))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )));
-    }
-    let dates_sql = cubes
-        .iter()
-        .map(|c| format!("select distinct as_of from {c}"))
-        .collect::<Vec<_>>()
-        .join(" union ");
-    let dates = collect(
-        ctx,
-        &format!("select as_of from ({dates_sql}) order by as_of"),
-    )
-    .await?;
-    let dates: Vec<NaiveDate> = cells(dates.column(0))
-        .into_iter()
-        .filter_map(|c| match c {
-            Cell::Date(d) => Some(d),
-            _ => None,
-        })
-        .collect();
-    let as_of = match as_of.or(x.as_of) {
-        Some(d) if dates.contains(&d) => d,
-        Some(d) => {
-            return Err(Error::Usage(format!(
-                "extract '{}': the cubes hold nothing as of {d} (they are as of: {}); build \
-                 them with `kbcrm cubes --as-of {d}` or pick one of those dates",
-                x.name,
-                if dates.is_empty() {
-                    "none".into()
-                } else {
-                    dates
-                        .iter()
-                        .map(|d| d.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                }
-            )));
-        }
-        None => *dates.last().ok_or_else(|| {
-            Error::Usage(format!(
-                "extract '{}': the cubes have no rows{}; run the cubes pipeline first",
-                x.name,
-                x.role
-                    .as_ref()
-                    .map(|r| format!(" that role '{r}' may see"))
-                    .unwrap_or_default()
-            ))
-        })?,
-    };
+    let cubes = readable_cubes(ctx, x, versions)?;
+    let dates = cube_dates(ctx, &cubes).await?;
+    let as_of = pick_as_of(x, &dates, as_of)?;
     let previous = dates.iter().copied().filter(|d| *d < as_of).max();
     let d = format!("date '{as_of}'");
 
@@ -421,133 +357,118 @@ pub async fn gather(
     }
     pack.tables.push(headline_table(&pack));
 
-    let top = x.top;
-    let sections: Vec<(&str, &str, Vec<&str>, String)> = vec![
-        (
-            "churn_warnings",
-            "Churn warnings: red and amber customers by revenue at risk",
-            vec!["cube_churn_warning", "dim_customer"],
-            format!(
-                "select w.customer_id, c.customer_name, c.region, c.segment, w.warning_level, \
-                 w.risk_score, w.revenue_at_risk, w.reasons, w.account_owner, \
-                 w.days_since_last, w.p_alive \
-                 from cube_churn_warning w \
-                 left join dim_customer c on c.customer_id = w.customer_id and c.is_current \
-                 where w.as_of = {d} and w.warning_level in ('red', 'amber') \
-                 order by w.revenue_at_risk desc nulls last, w.customer_id"
-            ),
-        ),
-        (
-            "risk_by_region",
-            "Revenue at risk by region",
-            vec!["cube_churn_warning", "dim_customer"],
-            format!(
-                "select coalesce(c.region, 'unknown') as region, count(*) as customers, \
-                 sum(case when w.warning_level = 'red' then 1 else 0 end) as red, \
-                 sum(case when w.warning_level = 'amber' then 1 else 0 end) as amber, \
-                 sum(w.revenue_at_risk) as revenue_at_risk \
-                 from cube_churn_warning w \
-                 left join dim_customer c on c.customer_id = w.customer_id and c.is_current \
-                 where w.as_of = {d} group by 1 order by revenue_at_risk desc, region"
-            ),
-        ),
-        (
-            "loyalty_tiers",
-            "Loyalty tiers: the customer relationship structure",
-            vec!["cube_loyalty"],
-            format!(
-                "with l as (select * from cube_loyalty where as_of = {d}), \
-                 t as (select count(*) as n, sum(cast(monetary as double)) as m from l) \
-                 select tier, count(*) as customers, \
-                 cast(count(*) as double) / max(t.n) as customer_share, \
-                 sum(cast(l.monetary as double)) as revenue, \
-                 sum(cast(l.monetary as double)) / max(t.m) as revenue_share, \
-                 avg(cast(frequency as double)) as avg_orders, \
-                 avg(cast(recency_days as double)) as avg_recency_days \
-                 from l cross join t group by tier \
-                 order by case tier when 'champion' then 1 when 'loyal' then 2 \
-                 when 'potential' then 3 when 'new' then 4 when 'at risk' then 5 \
-                 when 'hibernating' then 6 when 'lost' then 7 else 8 end, tier"
-            ),
-        ),
-        (
-            "pareto",
-            "Pareto curve: share of revenue from the top customers",
-            vec!["cube_loyalty"],
-            format!(
-                "with r as (select cast(monetary as double) as m, \
-                 row_number() over (order by monetary desc, customer_id) as rn, \
-                 count(*) over () as n from cube_loyalty where as_of = {d}), \
-                 c as (select rn, n, sum(m) over (order by rn rows between unbounded preceding \
-                 and current row) as cum, sum(m) over () as total from r) \
-                 select cast(ceil(rn * 100.0 / n) as bigint) as top_customers_pct, \
-                 max(cum) / max(total) as revenue_share \
-                 from c group by 1 order by 1"
-            ),
-        ),
-        (
-            "purchasing_power_bands",
-            "Purchasing power bands",
-            vec!["cube_purchasing_power"],
-            format!(
-                "select purchasing_power_band, count(*) as customers, \
-                 avg(cast(avg_order_value as double)) as avg_order_value, \
-                 sum(cast(spend_12m as double)) as spend_12m, \
-                 sum(predicted_spend) as predicted_spend_12m, sum(clv) as clv, \
-                 avg(p_alive) as p_alive \
-                 from cube_purchasing_power where as_of = {d} \
-                 group by 1 order by case purchasing_power_band when 'very high' then 1 \
-                 when 'high' then 2 when 'medium' then 3 when 'low' then 4 \
-                 when 'very low' then 5 else 6 end, 1"
-            ),
-        ),
-        (
-            "clv_distribution",
-            "Customer lifetime value: how many customers in each range",
-            vec!["cube_purchasing_power"],
-            format!(
-                "with bins(bin, lo, hi, clv_range) as (values \
-                 (1, -1e300, 50.0, 'under 50'), (2, 50.0, 100.0, '50-100'), \
-                 (3, 100.0, 250.0, '100-250'), (4, 250.0, 500.0, '250-500'), \
-                 (5, 500.0, 1000.0, '500-1k'), (6, 1000.0, 2500.0, '1k-2.5k'), \
-                 (7, 2500.0, 5000.0, '2.5k-5k'), (8, 5000.0, 1e300, '5k+')), \
-                 p as (select clv from cube_purchasing_power where as_of = {d} and clv is not null) \
-                 select b.clv_range, count(p.clv) as customers, \
-                 coalesce(sum(p.clv), 0.0) as clv \
-                 from bins b left join p on p.clv >= b.lo and p.clv < b.hi \
-                 group by b.bin, b.clv_range order by b.bin"
-            ),
-        ),
-        (
-            "top_clv",
-            "Top customers by predicted lifetime value",
-            vec!["cube_purchasing_power", "dim_customer"],
-            format!(
-                "select p.customer_id, c.customer_name, p.region, p.segment, \
-                 p.purchasing_power_band, p.predicted_purchases, p.predicted_spend, p.clv, \
-                 p.p_alive, p.spend_12m \
-                 from cube_purchasing_power p \
-                 left join dim_customer c on c.customer_id = p.customer_id and c.is_current \
-                 where p.as_of = {d} order by p.clv desc nulls last, p.customer_id limit {top}"
-            ),
-        ),
-        (
-            "knowledge_sources",
-            "Key customer knowledge sources",
-            vec!["cube_knowledge_source", "dim_customer"],
-            format!(
-                "select k.knowledge_rank, k.customer_id, c.customer_name, k.knowledge_score, \
-                 k.knowledge_value, k.willingness, k.absorption, k.suggestions, k.surveys, \
-                 k.feedback, k.campaign_responses \
-                 from cube_knowledge_source k \
-                 left join dim_customer c on c.customer_id = k.customer_id and c.is_current \
-                 where k.as_of = {d} order by k.knowledge_rank, k.customer_id limit {top}"
-            ),
-        ),
-    ];
+    add_sections(ctx, x, versions, sections(&d, x.top), &mut pack).await?;
+    add_queries(ctx, x, &mut pack).await?;
+    let notes = notes_table(&pack);
+    pack.tables.push(notes);
+    Ok(pack)
+}
+
+/// Whether the recipient's view holds table `t`.
+fn readable(ctx: &SessionContext, t: &str) -> bool {
+    ctx.table_exist(t).unwrap_or(false)
+}
+
+/// Why the recipient cannot read table `t`: the role may not, or the table was never built.
+fn why_not(x: &Extract, versions: &BTreeMap<String, u64>, t: &str) -> String {
+    if versions.contains_key(t) {
+        format!(
+            "role '{}' may not read {t}",
+            x.role.as_deref().unwrap_or("(none)")
+        )
+    } else {
+        format!("{t} is not in the warehouse; run the cubes pipeline")
+    }
+}
+
+/// The cubes the recipient may read; an error saying why when it may read none.
+fn readable_cubes(
+    ctx: &SessionContext,
+    x: &Extract,
+    versions: &BTreeMap<String, u64>,
+) -> Result<Vec<&'static str>> {
+    let cubes: Vec<&'static str> = CUBES.iter().copied().filter(|c| readable(ctx, c)).collect();
+    if cubes.is_empty() {
+        return Err(Error::Usage(format!(
+            "extract '{}': the executive pack reads the cubes ({}), and none can be read: {}",
+            x.name,
+            CUBES.join(", "),
+            CUBES
+                .iter()
+                .map(|c| why_not(x, versions, c))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
+    Ok(cubes)
+}
+
+/// The as-of dates the cubes hold, oldest first.
+async fn cube_dates(ctx: &SessionContext, cubes: &[&str]) -> Result<Vec<NaiveDate>> {
+    let dates_sql = cubes
+        .iter()
+        .map(|c| format!("select distinct as_of from {c}"))
+        .collect::<Vec<_>>()
+        .join(" union ");
+    let dates = collect(
+        ctx,
+        &format!("select as_of from ({dates_sql}) order by as_of"),
+    )
+    .await?;
+    Ok(cells(dates.column(0))
+        .into_iter()
+        .filter_map(|c| match c {
+            Cell::Date(d) => Some(d),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The as-of date asked for (by the caller, else by the extract), which the cubes must hold;
+/// the newest they hold when none is asked for.
+fn pick_as_of(x: &Extract, dates: &[NaiveDate], as_of: Option<NaiveDate>) -> Result<NaiveDate> {
+    match as_of.or(x.as_of) {
+        Some(d) if dates.contains(&d) => Ok(d),
+        Some(d) => Err(Error::Usage(format!(
+            "extract '{}': the cubes hold nothing as of {d} (they are as of: {}); build \
+             them with `kbcrm cubes --as-of {d}` or pick one of those dates",
+            x.name,
+            if dates.is_empty() {
+                "none".into()
+            } else {
+                dates
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ))),
+        None => dates.last().copied().ok_or_else(|| {
+            Error::Usage(format!(
+                "extract '{}': the cubes have no rows{}; run the cubes pipeline first",
+                x.name,
+                x.role
+                    .as_ref()
+                    .map(|r| format!(" that role '{r}' may see"))
+                    .unwrap_or_default()
+            ))
+        }),
+    }
+}
+
+/// Adds each section whose tables the recipient may read, with those tables' versions; the
+/// others are noted as left out, with why.
+async fn add_sections(
+    ctx: &SessionContext,
+    x: &Extract,
+    versions: &BTreeMap<String, u64>,
+    sections: Vec<Section>,
+    pack: &mut Pack,
+) -> Result<()> {
     for (name, title, needs, sql) in sections {
-        if let Some(t) = needs.iter().find(|t| !readable(t)) {
-            pack.omitted.push((title.to_string(), why_not(t)));
+        if let Some(t) = needs.iter().find(|t| !readable(ctx, t)) {
+            pack.omitted
+                .push((title.to_string(), why_not(x, versions, t)));
             continue;
         }
         let batch = collect(ctx, &sql).await.map_err(|e| {
@@ -569,6 +490,11 @@ pub async fn gather(
             batch,
         });
     }
+    Ok(())
+}
+
+/// Adds a table for each of the extract's own queries.
+async fn add_queries(ctx: &SessionContext, x: &Extract, pack: &mut Pack) -> Result<()> {
     for (name, sql) in &x.queries {
         let batch = collect(ctx, sql).await.map_err(|e| {
             Error::Usage(format!(
@@ -582,9 +508,7 @@ pub async fn gather(
             batch,
         });
     }
-    let notes = notes_table(&pack);
-    pack.tables.push(notes);
-    Ok(pack)
+    Ok(())
 }
 
 /// Run a read-only query and return its rows as one batch.

@@ -50,86 +50,13 @@ fn build(pack: &Pack) -> std::result::Result<Vec<u8>, XlsxError> {
     let tiers = pack.table("loyalty_tiers");
     let pareto = pack.table("pareto");
     if tiers.is_some() || pareto.is_some() {
-        let ws = wb.add_worksheet();
-        ws.set_name("Loyalty")?;
-        title(ws, 0, "Loyalty structure", pack)?;
-        let mut col = 0;
-        if let Some(t) = tiers {
-            let p = table(ws, 3, 0, t)?;
-            ws.set_freeze_panes(4, 0)?;
-            let mut c = Chart::new(ChartType::Bar);
-            c.add_series()
-                .set_name("Customers")
-                .set_categories(("Loyalty", p.header + 1, p.col, p.last_row, p.col))
-                .set_values(("Loyalty", p.header + 1, p.col + 1, p.last_row, p.col + 1))
-                .set_format(&mut fill(ACCENT));
-            c.title().set_name("Loyalty tiers (customers)");
-            c.x_axis().set_num_format("#,##0");
-            c.y_axis().set_reverse();
-            c.legend().set_hidden();
-            ws.insert_chart(p.last_row + 3, 0, &c)?;
-            col = p.last_col + 2;
-        }
-        if let Some(t) = pareto {
-            let p = table(ws, 3, col, t)?;
-            let mut c = Chart::new(ChartType::ScatterStraight);
-            c.add_series()
-                .set_name("Share of revenue")
-                .set_categories(("Loyalty", p.header + 1, p.col, p.last_row, p.col))
-                .set_values(("Loyalty", p.header + 1, p.col + 1, p.last_row, p.col + 1))
-                .set_format(
-                    ChartFormat::new().set_line(
-                        rust_xlsxwriter::ChartLine::new()
-                            .set_color(Color::RGB(ACCENT))
-                            .set_width(2.25),
-                    ),
-                );
-            c.title()
-                .set_name("Pareto curve: revenue share of the top customers");
-            c.x_axis()
-                .set_name("Top customers (%)")
-                .set_min(0)
-                .set_max(100);
-            c.y_axis().set_num_format("0%").set_min(0).set_max(1);
-            c.legend().set_hidden();
-            ws.insert_chart(
-                tiers.map(|t| t.rows() as u32 + 22).unwrap_or(3) + 3,
-                col.min(2),
-                &c,
-            )?;
-        }
+        loyalty_sheet(wb.add_worksheet(), pack, tiers, pareto)?;
     }
     let bands = pack.table("purchasing_power_bands");
     let clv = pack.table("clv_distribution");
     let top = pack.table("top_clv");
     if bands.is_some() || clv.is_some() || top.is_some() {
-        let ws = wb.add_worksheet();
-        ws.set_name("Purchasing power")?;
-        title(ws, 0, "Purchasing power and predicted lifetime value", pack)?;
-        let mut row = 3;
-        if let Some(t) = bands {
-            let p = table(ws, row, 0, t)?;
-            row = p.last_row + 3;
-        }
-        if let Some(t) = clv {
-            let p = table(ws, row, 0, t)?;
-            let mut c = Chart::new(ChartType::Column);
-            c.add_series()
-                .set_name("Customers")
-                .set_categories(("Purchasing power", p.header + 1, 0, p.last_row, 0))
-                .set_values(("Purchasing power", p.header + 1, 1, p.last_row, 1))
-                .set_format(&mut fill(ACCENT));
-            c.title()
-                .set_name("Predicted 12-month CLV: customers per range");
-            c.y_axis().set_num_format("#,##0");
-            c.legend().set_hidden();
-            ws.insert_chart(p.header, p.last_col + 2, &c)?;
-            row = p.last_row + 12;
-        }
-        if let Some(t) = top {
-            sub_title(ws, row, &t.title)?;
-            table(ws, row + 1, 0, t)?;
-        }
+        purchasing_sheet(wb.add_worksheet(), pack, bands, clv, top)?;
     }
     if let Some(t) = pack.table("knowledge_sources") {
         let ws = wb.add_worksheet();
@@ -150,6 +77,101 @@ fn build(pack: &Pack) -> std::result::Result<Vec<u8>, XlsxError> {
         list_sheet(ws, t, pack)?;
     }
     wb.save_to_buffer()
+}
+
+/// The loyalty sheet: the tiers with a bar chart, and the Pareto curve beside them.
+fn loyalty_sheet(
+    ws: &mut Worksheet,
+    pack: &Pack,
+    tiers: Option<&PackTable>,
+    pareto: Option<&PackTable>,
+) -> std::result::Result<(), XlsxError> {
+    ws.set_name("Loyalty")?;
+    title(ws, 0, "Loyalty structure", pack)?;
+    let mut col = 0;
+    if let Some(t) = tiers {
+        let p = table(ws, 3, 0, t)?;
+        ws.set_freeze_panes(4, 0)?;
+        let mut c = Chart::new(ChartType::Bar);
+        c.add_series()
+            .set_name("Customers")
+            .set_categories(("Loyalty", p.header + 1, p.col, p.last_row, p.col))
+            .set_values(("Loyalty", p.header + 1, p.col + 1, p.last_row, p.col + 1))
+            .set_format(&mut fill(ACCENT));
+        c.title().set_name("Loyalty tiers (customers)");
+        c.x_axis().set_num_format("#,##0");
+        c.y_axis().set_reverse();
+        c.legend().set_hidden();
+        ws.insert_chart(p.last_row + 3, 0, &c)?;
+        col = p.last_col + 2;
+    }
+    if let Some(t) = pareto {
+        let p = table(ws, 3, col, t)?;
+        let mut c = Chart::new(ChartType::ScatterStraight);
+        c.add_series()
+            .set_name("Share of revenue")
+            .set_categories(("Loyalty", p.header + 1, p.col, p.last_row, p.col))
+            .set_values(("Loyalty", p.header + 1, p.col + 1, p.last_row, p.col + 1))
+            .set_format(
+                ChartFormat::new().set_line(
+                    rust_xlsxwriter::ChartLine::new()
+                        .set_color(Color::RGB(ACCENT))
+                        .set_width(2.25),
+                ),
+            );
+        c.title()
+            .set_name("Pareto curve: revenue share of the top customers");
+        c.x_axis()
+            .set_name("Top customers (%)")
+            .set_min(0)
+            .set_max(100);
+        c.y_axis().set_num_format("0%").set_min(0).set_max(1);
+        c.legend().set_hidden();
+        ws.insert_chart(
+            tiers.map(|t| t.rows() as u32 + 22).unwrap_or(3) + 3,
+            col.min(2),
+            &c,
+        )?;
+    }
+    Ok(())
+}
+
+/// The purchasing power sheet: the bands, the lifetime value ranges with a column chart, and
+/// the top customers.
+fn purchasing_sheet(
+    ws: &mut Worksheet,
+    pack: &Pack,
+    bands: Option<&PackTable>,
+    clv: Option<&PackTable>,
+    top: Option<&PackTable>,
+) -> std::result::Result<(), XlsxError> {
+    ws.set_name("Purchasing power")?;
+    title(ws, 0, "Purchasing power and predicted lifetime value", pack)?;
+    let mut row = 3;
+    if let Some(t) = bands {
+        let p = table(ws, row, 0, t)?;
+        row = p.last_row + 3;
+    }
+    if let Some(t) = clv {
+        let p = table(ws, row, 0, t)?;
+        let mut c = Chart::new(ChartType::Column);
+        c.add_series()
+            .set_name("Customers")
+            .set_categories(("Purchasing power", p.header + 1, 0, p.last_row, 0))
+            .set_values(("Purchasing power", p.header + 1, 1, p.last_row, 1))
+            .set_format(&mut fill(ACCENT));
+        c.title()
+            .set_name("Predicted 12-month CLV: customers per range");
+        c.y_axis().set_num_format("#,##0");
+        c.legend().set_hidden();
+        ws.insert_chart(p.header, p.last_col + 2, &c)?;
+        row = p.last_row + 12;
+    }
+    if let Some(t) = top {
+        sub_title(ws, row, &t.title)?;
+        table(ws, row + 1, 0, t)?;
+    }
+    Ok(())
 }
 
 fn fill(color: u32) -> ChartFormat {

@@ -414,6 +414,115 @@ fn details(rng: &mut ChaCha8Rng, email: String, b2b: bool) -> Details {
     }
 }
 
+/// The customer's e-mail address: at its company for a business customer, else at a mail
+/// provider.
+fn email_address(
+    rng: &mut ChaCha8Rng,
+    idx: u64,
+    first: &str,
+    last: &str,
+    has_company: bool,
+) -> String {
+    let email = if has_company {
+        format!(
+            "{}.{}@{}{}.example",
+            ascii(first),
+            ascii(last),
+            "firma",
+            permute(idx, 11) % 1_000_000
+        )
+    } else {
+        format!(
+            "{}.{}{}@{}",
+            ascii(first),
+            ascii(last),
+            permute(idx, 5) % 100_000,
+            MAIL_DOMAINS[rng.random_range(0..MAIL_DOMAINS.len())]
+        )
+    };
+    email.to_lowercase()
+}
+
+/// How the customer will behave, by one random roll.
+fn draw_cohort(rng: &mut ChaCha8Rng) -> Cohort {
+    let roll: f64 = rng.random();
+    match roll {
+        r if r < 0.15 => Cohort::Loyal,
+        r if r < 0.70 => Cohort::Regular,
+        r if r < 0.90 => Cohort::Churner,
+        _ => Cohort::New,
+    }
+}
+
+/// The day the customer was acquired, by cohort.
+fn draw_acquired(rng: &mut ChaCha8Rng, cohort: Cohort) -> NaiveDate {
+    match cohort {
+        Cohort::New if rng.random_bool(0.1) => {
+            end() + Duration::days(rng.random_range(1..=HORIZON_DAYS))
+        }
+        Cohort::New => end() - Duration::days(rng.random_range(1..180)),
+        Cohort::Loyal => start() - Duration::days(rng.random_range(0..700)),
+        _ => start() + Duration::days(rng.random_range(-365..540)),
+    }
+}
+
+/// The day a churner leaves, some months after its first day in the history.
+fn draw_churn_date(
+    rng: &mut ChaCha8Rng,
+    cohort: Cohort,
+    first_day: NaiveDate,
+) -> Option<NaiveDate> {
+    if cohort != Cohort::Churner {
+        return None;
+    }
+    let lo = (first_day + Duration::days(150)).max(start() + Duration::days(240));
+    let hi = end() - Duration::days(60);
+    Some(if lo >= hi {
+        hi
+    } else {
+        lo + Duration::days(rng.random_range(0..(hi - lo).num_days().max(1)))
+    })
+}
+
+/// For some customers, one change of address, e-mail or credit limit on a day after the
+/// history: the day and the new details.
+fn draw_change(
+    rng: &mut ChaCha8Rng,
+    base: &Details,
+    email: &str,
+    b2b: bool,
+    idx: u64,
+    first: &str,
+    last: &str,
+) -> Option<(NaiveDate, Details)> {
+    if !rng.random_bool(0.3) {
+        return None;
+    }
+    let day = end() + Duration::days(rng.random_range(1..=HORIZON_DAYS));
+    let mut d = base.clone();
+    match rng.random_range(0..3) {
+        0 => {
+            let moved = details(rng, email.to_string(), b2b);
+            d.street = moved.street;
+            d.postcode = moved.postcode;
+            d.city = moved.city;
+            d.region = moved.region;
+        }
+        1 => {
+            d.email = format!(
+                "{}.{}.{}@{}",
+                ascii(first),
+                ascii(last),
+                permute(idx, 17) % 10_000,
+                MAIL_DOMAINS[rng.random_range(0..MAIL_DOMAINS.len())]
+            )
+            .to_lowercase()
+        }
+        _ => d.credit_limit = d.credit_limit.map(|c| c + 10_000).or(Some(2_000)),
+    }
+    Some((day, d))
+}
+
 /// Simulate customer `idx`.
 pub fn customer(idx: u64, seed: u64, catalog: &Catalog) -> Customer {
     let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 1000 + idx));
@@ -429,23 +538,7 @@ pub fn customer(idx: u64, seed: u64, catalog: &Catalog) -> Customer {
             COMPANY_FORMS[rng.random_range(0..COMPANY_FORMS.len())]
         )
     });
-    let email = match &company {
-        Some(_) => format!(
-            "{}.{}@{}{}.example",
-            ascii(first),
-            ascii(last),
-            "firma",
-            permute(idx, 11) % 1_000_000
-        ),
-        None => format!(
-            "{}.{}{}@{}",
-            ascii(first),
-            ascii(last),
-            permute(idx, 5) % 100_000,
-            MAIL_DOMAINS[rng.random_range(0..MAIL_DOMAINS.len())]
-        ),
-    }
-    .to_lowercase();
+    let email = email_address(&mut rng, idx, first, last, company.is_some());
     let phone = format!("+4915{:08}", permute(idx, 7) % 100_000_000);
     let tax_id = b2b.then(|| format!("DE{:09}", 100_000_000 + permute(idx, 13) % 900_000_000));
     let segment = if b2b {
@@ -458,57 +551,11 @@ pub fn customer(idx: u64, seed: u64, catalog: &Catalog) -> Customer {
     } else {
         "consumer"
     };
-    let roll: f64 = rng.random();
-    let cohort = match roll {
-        r if r < 0.15 => Cohort::Loyal,
-        r if r < 0.70 => Cohort::Regular,
-        r if r < 0.90 => Cohort::Churner,
-        _ => Cohort::New,
-    };
-    let acquired = match cohort {
-        Cohort::New if rng.random_bool(0.1) => {
-            end() + Duration::days(rng.random_range(1..=HORIZON_DAYS))
-        }
-        Cohort::New => end() - Duration::days(rng.random_range(1..180)),
-        Cohort::Loyal => start() - Duration::days(rng.random_range(0..700)),
-        _ => start() + Duration::days(rng.random_range(-365..540)),
-    };
-    let first_day = acquired.max(start());
-    let churn_date = (cohort == Cohort::Churner).then(|| {
-        let lo = (first_day + Duration::days(150)).max(start() + Duration::days(240));
-        let hi = end() - Duration::days(60);
-        if lo >= hi {
-            hi
-        } else {
-            lo + Duration::days(rng.random_range(0..(hi - lo).num_days().max(1)))
-        }
-    });
+    let cohort = draw_cohort(&mut rng);
+    let acquired = draw_acquired(&mut rng, cohort);
+    let churn_date = draw_churn_date(&mut rng, cohort, acquired.max(start()));
     let base = details(&mut rng, email.clone(), b2b);
-    let change = rng.random_bool(0.3).then(|| {
-        let day = end() + Duration::days(rng.random_range(1..=HORIZON_DAYS));
-        let mut d = base.clone();
-        match rng.random_range(0..3) {
-            0 => {
-                let moved = details(&mut rng, email.clone(), b2b);
-                d.street = moved.street;
-                d.postcode = moved.postcode;
-                d.city = moved.city;
-                d.region = moved.region;
-            }
-            1 => {
-                d.email = format!(
-                    "{}.{}.{}@{}",
-                    ascii(first),
-                    ascii(last),
-                    permute(idx, 17) % 10_000,
-                    MAIL_DOMAINS[rng.random_range(0..MAIL_DOMAINS.len())]
-                )
-                .to_lowercase()
-            }
-            _ => d.credit_limit = d.credit_limit.map(|c| c + 10_000).or(Some(2_000)),
-        }
-        (day, d)
-    });
+    let change = draw_change(&mut rng, &base, &email, b2b, idx, first, last);
     let in_erp = b2b || rng.random_bool(0.3);
     let n_crm = if rng.random_bool(0.04) { 2 } else { 1 };
     let account_manager = catalog

@@ -26,13 +26,80 @@ impl Identity {
         let started = std::time::Instant::now();
         let first_added = narrowed.map(|(first, _)| first);
         let recs = &records.recs;
+        let (mut uf, rule_of, oversized) =
+            self.match_records(&records, narrowed.map(|(_, sizes)| sizes), threads)?;
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: records matched"
+        );
+        let clusters = clusters_of(&mut uf, recs.len());
+        let mut stats = IdentityStats {
+            entity: self.entity.clone(),
+            records: recs.len(),
+            oversized_groups: oversized,
+            ..Default::default()
+        };
+        let mut new_ids = String::new();
+        let chosen = self.choose_ids(&clusters, existing, &known, &mut new_ids, &mut stats);
+        // Distinct ids: the pieces of a cluster that split keep its id, and are one entity.
+        let kept: FastSet<&str> = chosen.iter().filter_map(|c| c.ok()).collect();
+        stats.entities = kept.len() + stats.new_ids;
+        drop(kept);
+        let ids = ids_by_record(&clusters, &chosen, &new_ids, recs.len());
+        let regrouped = regrouped_ids(
+            records_before,
+            &ids,
+            known.iter().map(|k| k.map(|row| existing.id(row))),
+        );
+        let (rule_names, by_rule) = self.rule_names(&rule_of);
+        stats.by_rule = by_rule;
+        let assigned = Assigned {
+            records: &records,
+            existing,
+            known: &known,
+            ids: &ids,
+            rule_names: &rule_names,
+            rules: self.rules.len(),
+        };
+        let (map_rows, key_rows) = assigned.rows_to_write(first_added);
+        let map = self.map_batch(&assigned, &map_rows, first_added, now)?;
+        let keys = self.keys_batch(&assigned, &key_rows)?;
+        let record_ids = RecordIds {
+            source: recs.iter().map(|r| r.source).collect(),
+            record: StringArray::from_iter_values(recs.iter().map(|r| records.id(r))),
+            id: StringArray::from_iter_values(ids.iter()),
+        };
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "identity: ids assigned"
+        );
+        Ok(Resolution {
+            map,
+            keys,
+            whole: first_added.is_none(),
+            stats,
+            regrouped,
+            record_ids,
+        })
+    }
+
+    /// Join the records rule by rule: the sets they form, the rule each record first joined
+    /// by, and the number of groups past `max_group`. With `sizes`, each key's group has the
+    /// size given (over every record) rather than its size among these records.
+    fn match_records(
+        &self,
+        records: &Records,
+        sizes: Option<&[FastMap<Key, usize>]>,
+        threads: usize,
+    ) -> Result<(UnionFind, Vec<Option<usize>>, usize)> {
+        let recs = &records.recs;
         let mut uf = UnionFind((0..recs.len()).collect());
         let mut rule_of: Vec<Option<usize>> = vec![None; recs.len()];
         let mut oversized = 0;
         // Each rule's groups are found on their own, side by side; records are then joined
         // rule by rule, in priority order.
-        let mut groupings = run_split(self.rules.len(), threads, |ri| group_by_key(&records, ri));
-        if let Some((_, sizes)) = narrowed {
+        let mut groupings = run_split(self.rules.len(), threads, |ri| group_by_key(records, ri));
+        if let Some(sizes) = sizes {
             for (ri, grouping) in groupings.iter_mut().enumerate() {
                 for (first, n) in &mut grouping.groups {
                     *n = records
@@ -57,35 +124,26 @@ impl Identity {
             }
         }
         drop(groupings);
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            "identity: records matched"
-        );
-        // A set's root is its smallest member, so clusters come in order of first record.
-        let mut cluster_of: Vec<usize> = vec![usize::MAX; recs.len()];
-        let mut clusters: Vec<Vec<usize>> = Vec::new();
-        for i in 0..recs.len() {
-            let root = uf.find(i);
-            if cluster_of[root] == usize::MAX {
-                cluster_of[root] = clusters.len();
-                clusters.push(Vec::new());
-            }
-            clusters[cluster_of[root]].push(i);
-        }
-        let mut stats = IdentityStats {
-            entity: self.entity.clone(),
-            records: recs.len(),
-            oversized_groups: oversized,
-            ..Default::default()
-        };
-        // Each cluster keeps the smallest id its records had, or gets a new one; new ids are
-        // written into one text first, so that every record's id can be a slice. A cluster
-        // without an old id holds only new records; the added ones come sorted by source and
-        // id, so new ids are numbered as a whole resolution numbers them.
-        let mut new_ids = String::new();
+        Ok((uf, rule_of, oversized))
+    }
+
+    /// Each cluster's id: the smallest id its records had, or a new one (its span of
+    /// `new_ids`), counting the ids merged and made in `stats`.
+    ///
+    /// New ids are written into one text first, so that every record's id can be a slice. A
+    /// cluster without an old id holds only new records; the added ones come sorted by source
+    /// and id, so new ids are numbered as a whole resolution numbers them.
+    fn choose_ids<'e>(
+        &self,
+        clusters: &[Vec<usize>],
+        existing: &'e Existing,
+        known: &[Option<MapRow>],
+        new_ids: &mut String,
+        stats: &mut IdentityStats,
+    ) -> Vec<std::result::Result<&'e str, Span>> {
         let mut chosen: Vec<std::result::Result<&str, Span>> = Vec::with_capacity(clusters.len());
         let mut next = existing.largest + 1;
-        for members in &clusters {
+        for members in clusters {
             let mut old: Vec<&str> = members
                 .iter()
                 .filter_map(|&m| known[m])
@@ -107,30 +165,16 @@ impl Identity {
                 }
             });
         }
-        // Distinct ids: the pieces of a cluster that split keep its id, and are one entity.
-        let kept: FastSet<&str> = chosen.iter().filter_map(|c| c.ok()).collect();
-        stats.entities = kept.len() + stats.new_ids;
-        drop(kept);
-        let mut ids: Vec<&str> = vec![""; recs.len()];
-        for (members, id) in clusters.iter().zip(&chosen) {
-            let id = match *id {
-                Ok(id) => id,
-                Err((start, end)) => &new_ids[start..end],
-            };
-            for &m in members {
-                ids[m] = id;
-            }
-        }
-        let regrouped = regrouped_ids(
-            records_before,
-            &ids,
-            known.iter().map(|k| k.map(|row| existing.id(row))),
-        );
+        chosen
+    }
+
+    /// Each record's rule name ("unmatched" when no rule joined it), and the number of records
+    /// under each rule, in rule order, "unmatched" last.
+    fn rule_names(&self, rule_of: &[Option<usize>]) -> (Vec<&str>, Vec<(String, usize)>) {
         let mut by_rule = vec![0usize; self.rules.len() + 1];
-        let rule_names: Vec<&str> = recs
+        let rule_names: Vec<&str> = rule_of
             .iter()
-            .enumerate()
-            .map(|(i, _)| match rule_of[i] {
+            .map(|rule| match *rule {
                 Some(ri) => {
                     by_rule[ri] += 1;
                     self.rules[ri].0.as_str()
@@ -141,68 +185,67 @@ impl Identity {
                 }
             })
             .collect();
-        stats.by_rule = self
+        let by_rule: Vec<(String, usize)> = self
             .rules
             .iter()
             .map(|(n, _)| n.clone())
             .chain(std::iter::once("unmatched".to_string()))
             .zip(by_rule)
             .collect();
-        // The rows to write: every record, or those whose id or rule changed and, for the key
-        // table, the added ones whose keys changed too (an edited record whose match fields
-        // stayed keeps its row).
-        let moved = |i: usize| match known[i] {
-            Some(row) => existing.id(row) != ids[i] || existing.rule(row) != rule_names[i],
-            None => true,
-        };
-        let rekeyed = |i: usize| match known[i] {
-            Some(row) => {
-                (0..self.rules.len()).any(|ri| existing.key(row, ri) != records.key(&recs[i], ri))
-            }
-            None => true,
-        };
-        let (map_rows, key_rows): (Vec<usize>, Vec<usize>) = match first_added {
-            None => ((0..recs.len()).collect(), (0..recs.len()).collect()),
-            Some(first) => (
-                (0..recs.len()).filter(|&i| moved(i)).collect(),
-                (0..recs.len())
-                    .filter(|&i| moved(i) || (i >= first && rekeyed(i)))
-                    .collect(),
-            ),
-        };
-        let source_names = |rows: &[usize]| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(
-                rows.iter()
-                    .map(|&i| self.sources[recs[i].source].name.as_str()),
-            ))
-        };
+        (rule_names, by_rule)
+    }
+
+    /// The source name of each of `rows`.
+    fn source_names(&self, recs: &[Rec], rows: &[usize]) -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(
+            rows.iter()
+                .map(|&i| self.sources[recs[i].source].name.as_str()),
+        ))
+    }
+
+    /// The map's rows of records `rows`: a record that kept its id and rule keeps its time of
+    /// matching in a whole resolution; every other is matched `now`.
+    fn map_batch(
+        &self,
+        a: &Assigned<'_>,
+        rows: &[usize],
+        first_added: Option<usize>,
+        now: i64,
+    ) -> Result<RecordBatch> {
+        let (records, recs) = (a.records, &a.records.recs);
         let matched_at =
-            TimestampMicrosecondArray::from_iter_values(map_rows.iter().map(|&i| {
-                match (first_added, known[i]) {
-                    (None, Some(row)) if !moved(i) => existing.matched_at(row),
+            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|&i| {
+                match (first_added, a.known[i]) {
+                    (None, Some(row)) if !a.moved(i) => a.existing.matched_at(row),
                     _ => now,
                 }
             }))
             .with_timezone(UTC);
-        let map = RecordBatch::try_new(
+        RecordBatch::try_new(
             map_schema(&self.id_column),
             vec![
-                source_names(&map_rows),
-                strings(&map_rows, |i| records.id(&recs[i])),
-                strings(&map_rows, |i| ids[i]),
-                strings(&map_rows, |i| rule_names[i]),
+                self.source_names(recs, rows),
+                strings(rows, |i| records.id(&recs[i])),
+                strings(rows, |i| a.ids[i]),
+                strings(rows, |i| a.rule_names[i]),
                 Arc::new(matched_at),
             ],
         )
-        .map_err(|e| Error::Internal(format!("identity map: {e}")))?;
+        .map_err(|e| Error::Internal(format!("identity map: {e}")))
+    }
+
+    /// The match-key table's rows of records `rows`: the map's columns, then each rule's key
+    /// in two halves.
+    fn keys_batch(&self, a: &Assigned<'_>, rows: &[usize]) -> Result<RecordBatch> {
+        let (records, recs) = (a.records, &a.records.recs);
         let mut key_columns = vec![
-            source_names(&key_rows),
-            strings(&key_rows, |i| records.id(&recs[i])),
-            strings(&key_rows, |i| ids[i]),
-            strings(&key_rows, |i| rule_names[i]),
+            self.source_names(recs, rows),
+            strings(rows, |i| records.id(&recs[i])),
+            strings(rows, |i| a.ids[i]),
+            strings(rows, |i| a.rule_names[i]),
         ];
         for ri in 0..self.rules.len() {
-            let halves: Vec<Option<(i64, i64)>> = key_rows
+            let halves: Vec<Option<(i64, i64)>> = rows
                 .iter()
                 .map(|&i| records.key(&recs[i], ri).map(split_key))
                 .collect();
@@ -212,24 +255,93 @@ impl Identity {
                 )));
             }
         }
-        let keys = RecordBatch::try_new(self.keys_schema(), key_columns)
-            .map_err(|e| Error::Internal(format!("identity match keys: {e}")))?;
-        let record_ids = RecordIds {
-            source: recs.iter().map(|r| r.source).collect(),
-            record: StringArray::from_iter_values(recs.iter().map(|r| records.id(r))),
-            id: StringArray::from_iter_values(ids.iter()),
+        RecordBatch::try_new(self.keys_schema(), key_columns)
+            .map_err(|e| Error::Internal(format!("identity match keys: {e}")))
+    }
+}
+
+/// The clusters of the joined records, each a list of its records. A set's root is its
+/// smallest member, so clusters come in order of first record.
+fn clusters_of(uf: &mut UnionFind, n: usize) -> Vec<Vec<usize>> {
+    let mut cluster_of: Vec<usize> = vec![usize::MAX; n];
+    let mut clusters: Vec<Vec<usize>> = Vec::new();
+    for i in 0..n {
+        let root = uf.find(i);
+        if cluster_of[root] == usize::MAX {
+            cluster_of[root] = clusters.len();
+            clusters.push(Vec::new());
+        }
+        clusters[cluster_of[root]].push(i);
+    }
+    clusters
+}
+
+/// Each of `n` records' id: its cluster's, an old id or a span of `new_ids`.
+fn ids_by_record<'a>(
+    clusters: &[Vec<usize>],
+    chosen: &[std::result::Result<&'a str, Span>],
+    new_ids: &'a str,
+    n: usize,
+) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = vec![""; n];
+    for (members, id) in clusters.iter().zip(chosen) {
+        let id = match *id {
+            Ok(id) => id,
+            Err((start, end)) => &new_ids[start..end],
         };
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            "identity: ids assigned"
-        );
-        Ok(Resolution {
-            map,
-            keys,
-            whole: first_added.is_none(),
-            stats,
-            regrouped,
-            record_ids,
-        })
+        for &m in members {
+            ids[m] = id;
+        }
+    }
+    ids
+}
+
+/// The records with their ids and rules as assigned, and what they had before.
+struct Assigned<'a> {
+    records: &'a Records,
+    existing: &'a Existing,
+    known: &'a [Option<MapRow>],
+    ids: &'a [&'a str],
+    rule_names: &'a [&'a str],
+    /// The number of rules.
+    rules: usize,
+}
+
+impl Assigned<'_> {
+    /// Whether record `i` is new, or its id or rule changed.
+    fn moved(&self, i: usize) -> bool {
+        match self.known[i] {
+            Some(row) => {
+                self.existing.id(row) != self.ids[i]
+                    || self.existing.rule(row) != self.rule_names[i]
+            }
+            None => true,
+        }
+    }
+
+    /// Whether record `i` is new, or one of its keys changed.
+    fn rekeyed(&self, i: usize) -> bool {
+        match self.known[i] {
+            Some(row) => (0..self.rules).any(|ri| {
+                self.existing.key(row, ri) != self.records.key(&self.records.recs[i], ri)
+            }),
+            None => true,
+        }
+    }
+
+    /// The records to write to the map and to the match-key table: every record, or with
+    /// `first_added`, those whose id or rule changed and, for the key table, the added ones
+    /// whose keys changed too (an edited record whose match fields stayed keeps its row).
+    fn rows_to_write(&self, first_added: Option<usize>) -> (Vec<usize>, Vec<usize>) {
+        let n = self.records.recs.len();
+        match first_added {
+            None => ((0..n).collect(), (0..n).collect()),
+            Some(first) => (
+                (0..n).filter(|&i| self.moved(i)).collect(),
+                (0..n)
+                    .filter(|&i| self.moved(i) || (i >= first && self.rekeyed(i)))
+                    .collect(),
+            ),
+        }
     }
 }

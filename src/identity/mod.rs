@@ -13,6 +13,7 @@ mod assign;
 mod golden;
 pub mod normalize;
 mod records;
+mod since;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,7 @@ use crate::plan::{Normalizer, Survivorship};
 use crate::sql::{column_list, quote_ident};
 use crate::warehouse::delta_compatible_batch;
 use records::*;
+use since::{Scan, group_sizes, kept_records, rows_of_ids, touched_ids};
 
 /// What the identity map held before a resolution, as [`Identity`]'s `assign` reads it.
 struct Before<'a> {
@@ -484,207 +486,42 @@ impl Identity {
         threads: usize,
     ) -> Result<std::result::Result<Resolution, String>> {
         let started = std::time::Instant::now();
-        let keys_table = self.keys_table();
-        if !ctx.table_exist(keys_table.as_str())? {
-            return Ok(Err(format!("no match-key table '{keys_table}' yet")));
-        }
-        let Some(last) = since.last else {
-            return Ok(Err("no figures of the last resolution recorded".into()));
+        let (last, added, existing) = match self.read_since(ctx, since, threads, started).await? {
+            Ok(read) => read,
+            Err(reason) => return Ok(Err(reason)),
         };
-        let keys_sql = format!(
-            "select {} from {}",
-            column_list(self.keys_schema().fields().iter().map(|f| f.name())),
-            quote_ident(&keys_table)
-        );
-        let tables: Vec<&str> = since.added.iter().map(String::as_str).collect();
-        let (mut added, existing) = futures::future::try_join(
-            self.load_records(ctx, threads, &tables),
-            Existing::read(self, ctx, &keys_table, &keys_sql),
-        )
-        .await?;
-        if added.without_id > 0 {
-            return Ok(Err(format!("{} added rows have no id", added.without_id)));
-        }
         let loaded = added.recs.len();
-        added.sort_and_dedup();
-        if added.recs.len() != loaded {
-            return Ok(Err("an id repeats among the added rows".into()));
-        }
-        tracing::debug!(
-            added = loaded,
-            seconds = started.elapsed().as_secs_f64(),
-            "identity: match-key table read, added records loaded"
-        );
         let rules = self.rules.len();
-        let source_index: HashMap<&str, usize> = self
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
-        let rule_index: HashMap<&str, usize> = self
-            .rules
-            .iter()
-            .map(|(name, _)| name.as_str())
-            .chain(std::iter::once("unmatched"))
-            .enumerate()
-            .map(|(i, name)| (name, i))
-            .collect();
-        let added_at: FastMap<(usize, &str), usize> = added
-            .recs
-            .iter()
-            .enumerate()
-            .map(|(j, r)| ((r.source, added.id(r)), j))
-            .collect();
-        // Every row: its source counted, its rule counted, and the rows of added records (new
-        // versions of changed ones) found.
-        let mut held = vec![0usize; self.sources.len()];
-        let mut rules_then = vec![0usize; rules + 1];
-        let mut old_of_added: Vec<Option<MapRow>> = vec![None; loaded];
-        for (b, batch) in existing.batches.iter().enumerate() {
-            let source = batch.column(0).as_string::<i32>();
-            let record = batch.column(1).as_string::<i32>();
-            let rule = batch.column(3).as_string::<i32>();
-            for i in 0..batch.num_rows() {
-                let Some(&si) = source_index.get(source.value(i)) else {
-                    return Ok(Err(format!(
-                        "the match-key table holds records of source '{}', which is not declared",
-                        source.value(i)
-                    )));
-                };
-                let Some(&ri) = rule_index.get(rule.value(i)) else {
-                    return Ok(Err(format!(
-                        "the match-key table holds rule '{}', which is not declared",
-                        rule.value(i)
-                    )));
-                };
-                held[si] += 1;
-                rules_then[ri] += 1;
-                if let Some(&j) = added_at.get(&(si, record.value(i))) {
-                    old_of_added[j] = Some((b, i));
-                }
-            }
-        }
-        drop(added_at);
-        // The record tables must hold exactly the records the table holds plus the new ones: a
-        // record that went would otherwise keep its id.
-        for (si, s) in self.sources.iter().enumerate() {
-            let new = added
-                .recs
-                .iter()
-                .zip(&old_of_added)
-                .filter(|(r, old)| r.source == si && old.is_none())
-                .count();
-            if since.rows_then[si] != held[si] as u64
-                || since.rows_now[si] != (held[si] + new) as u64
-            {
-                return Ok(Err(format!(
-                    "table '{}' held {} rows and holds {} now, but the map had {} of its records \
-                     and {new} are new (a record was removed, or rows repeat an id or have none)",
-                    s.table, since.rows_then[si], since.rows_now[si], held[si]
-                )));
-            }
-        }
-        // The keys whose groups change: the added records' keys and their old rows' keys.
-        let mut touched: Vec<FastSet<Key>> = vec![FastSet::default(); rules];
-        for (j, r) in added.recs.iter().enumerate() {
-            for (ri, keys) in touched.iter_mut().enumerate() {
-                keys.extend(added.key(r, ri));
-                keys.extend(old_of_added[j].and_then(|row| existing.key(row, ri)));
-            }
-        }
-        // The ids of every record in those groups, and of the added records' old rows; then
-        // every record of those ids, in the table's order.
-        let mut ids: FastSet<&str> = old_of_added
-            .iter()
-            .flatten()
-            .map(|&row| existing.id(row))
-            .collect();
-        for (b, batch) in existing.batches.iter().enumerate() {
-            let halves: Vec<_> = (0..rules).map(|ri| key_halves(batch, ri)).collect();
-            for i in 0..batch.num_rows() {
-                let in_group = halves
-                    .iter()
-                    .zip(&touched)
-                    .any(|(h, keys)| key_at(*h, i).is_some_and(|k| keys.contains(&k)));
-                if in_group {
-                    ids.insert(existing.id((b, i)));
-                }
-            }
-        }
-        drop(touched);
-        let mut rows: Vec<MapRow> = Vec::new();
-        for (b, batch) in existing.batches.iter().enumerate() {
-            let id = batch.column(2).as_string::<i32>();
-            rows.extend(
-                (0..batch.num_rows())
-                    .filter(|&i| ids.contains(id.value(i)))
-                    .map(|i| (b, i)),
-            );
-        }
-        // The size of each of these records' groups, old and new, over the whole table.
-        let mut sizes: Vec<FastMap<Key, (usize, usize)>> = vec![FastMap::default(); rules];
-        for (ri, keys) in sizes.iter_mut().enumerate() {
-            for &row in &rows {
-                keys.extend(existing.key(row, ri).map(|k| (k, (0, 0))));
-            }
-            for r in &added.recs {
-                keys.extend(added.key(r, ri).map(|k| (k, (0, 0))));
-            }
-        }
-        for batch in &existing.batches {
-            for (ri, keys) in sizes.iter_mut().enumerate() {
-                let h = key_halves(batch, ri);
-                for i in 0..batch.num_rows() {
-                    if let Some(size) = key_at(h, i).and_then(|k| keys.get_mut(&k)) {
-                        size.0 += 1;
-                    }
-                }
-            }
-        }
-        for (ri, keys) in sizes.iter_mut().enumerate() {
-            for size in keys.values_mut() {
-                size.1 = size.0;
-            }
-            for (j, r) in added.recs.iter().enumerate() {
-                if let Some(k) = old_of_added[j].and_then(|row| existing.key(row, ri)) {
-                    keys.get_mut(&k).expect("an old row's key is counted").1 -= 1;
-                }
-                if let Some(k) = added.key(r, ri) {
-                    keys.get_mut(&k).expect("an added key is counted").1 += 1;
-                }
-            }
-        }
-        // Groups past `max_group` before and after: only these keys' groups changed size.
-        let oversized = |then: bool| {
-            sizes
-                .iter()
-                .flat_map(|keys| keys.values())
-                .filter(|&&(before, after)| (if then { before } else { after }) > self.max_group)
-                .count()
+        let source_index = self.source_index();
+        let rule_index = self.rule_index();
+        let Scan {
+            held,
+            mut rules_then,
+            old_of_added,
+        } = match self.scan_keys_table(&existing, &added, &source_index, &rule_index) {
+            Ok(scan) => scan,
+            Err(reason) => return Ok(Err(reason)),
         };
-        let Some(oversized_now) =
-            (last.oversized_groups + oversized(false)).checked_sub(oversized(true))
-        else {
+        if let Err(reason) = self.check_row_counts(since, &added, &old_of_added, &held) {
+            return Ok(Err(reason));
+        }
+        // The ids the added rows reach; then every record of those ids, in the table's order.
+        let ids = touched_ids(&existing, &added, &old_of_added, rules);
+        let rows = rows_of_ids(&existing, &ids);
+        let sizes = group_sizes(&existing, &added, &old_of_added, &rows, rules);
+        let Some(oversized_now) = self.oversized_now(last, &sizes) else {
             return Ok(Err(
                 "the recorded figures do not fit the match-key table".into()
             ));
         };
-        // The records to match: those rows, less the old rows of added records, which are
-        // replaced by their new rows (which keep their old row, for their id).
-        let replaced: FastSet<MapRow> = old_of_added.iter().flatten().copied().collect();
-        let mut records = Records::default();
-        let mut known: Vec<Option<MapRow>> = Vec::with_capacity(rows.len() + loaded);
-        for &row in &rows {
-            if replaced.contains(&row) {
-                continue;
-            }
-            let (b, i) = row;
-            let si = source_index[existing.batches[b].column(0).as_string::<i32>().value(i)];
-            let record = existing.batches[b].column(1).as_string::<i32>().value(i);
-            records.push(si, record, (0..rules).map(|ri| existing.key(row, ri)));
-            known.push(Some(row));
-        }
+        let (mut records, mut known) = kept_records(
+            &existing,
+            &source_index,
+            &rows,
+            &old_of_added,
+            rules,
+            loaded,
+        );
         tracing::debug!(
             records = records.recs.len() + loaded,
             added = loaded,
