@@ -95,6 +95,55 @@ async fn write_state(wh: &Warehouse, state: &BTreeMap<String, DateTime<Utc>>) ->
 /// Run the scheduler until stopped (or, with `once`, until what is due has run).
 pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()> {
     let tz = project.timezone;
+    let jobs = scheduled_jobs(project)?;
+    print_next_times(&jobs, tz);
+
+    let stop = CancellationToken::new();
+    spawn_signal_watch(stop.clone());
+    let wh = Warehouse::open(&project.warehouse)?;
+    let mut state = read_state(&wh).await?;
+    loop {
+        let (due, skipped) = due_jobs(&jobs, tz, &mut state);
+        if due.is_empty() && options.once {
+            println!("kbcrm schedule: nothing is due");
+        }
+        let mut failed: Vec<String> = Vec::new();
+        for (i, tick) in due {
+            if stop.is_cancelled() {
+                break;
+            }
+            let job = &jobs[i].0;
+            let ok = run_job(project, job, &failed, &stop, options).await;
+            if !ok && let Job::Pipeline(p) = job {
+                failed.push(p.name.clone());
+            }
+            state.insert(job.key(), tick);
+            write_state(&wh, &state).await?;
+        }
+        // Runs wrote their times above; only skipped misfires are left to keep.
+        if skipped {
+            write_state(&wh, &state).await?;
+        }
+        if options.once || stop.is_cancelled() {
+            break;
+        }
+        let Some(next) = next_fire(&jobs, tz) else {
+            println!("kbcrm schedule: no schedule fires again");
+            break;
+        };
+        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    println!("kbcrm schedule: stopped");
+    Ok(())
+}
+
+/// The pipelines and extracts that have a schedule, with their cron expressions; an error when
+/// none has.
+fn scheduled_jobs(project: &Project) -> Result<Vec<(Job<'_>, croner::Cron)>> {
     let mut jobs: Vec<(Job, croner::Cron)> = Vec::new();
     for p in &project.pipelines {
         if let Some(expr) = &p.schedule {
@@ -113,7 +162,12 @@ pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()
                 .into(),
         ));
     }
-    for (job, cron) in &jobs {
+    Ok(jobs)
+}
+
+/// Prints each job with its cron expression and next time.
+fn print_next_times(jobs: &[(Job<'_>, croner::Cron)], tz: chrono_tz::Tz) {
+    for (job, cron) in jobs {
         let next = cron
             .find_next_occurrence(&Utc::now().with_timezone(&tz), false)
             .map(|t| t.with_timezone(&Utc).to_rfc3339())
@@ -124,110 +178,94 @@ pub async fn schedule(project: &Project, options: &ScheduleOptions) -> Result<()
             cron.pattern
         );
     }
+}
 
-    let stop = CancellationToken::new();
-    spawn_signal_watch(stop.clone());
-    let wh = Warehouse::open(&project.warehouse)?;
-    let mut state = read_state(&wh).await?;
-    loop {
-        let now = Utc::now();
-        let local = now.with_timezone(&tz);
-        let mut due: Vec<(usize, DateTime<Utc>)> = Vec::new();
-        let mut skipped = false;
-        for (i, (job, cron)) in jobs.iter().enumerate() {
-            let Ok(tick) = cron.find_previous_occurrence(&local, true) else {
-                continue;
-            };
-            let tick = tick.with_timezone(&Utc);
-            if state.get(&job.key()).is_some_and(|last| *last >= tick) {
-                continue;
-            }
-            if now - tick > MISSED_AFTER && job.misfire() == Misfire::Skip {
-                info!("{}: skipping the missed run of {tick}", job.key());
-                println!(
-                    "kbcrm schedule: {} missed {tick}; skipped (misfire: skip)",
-                    job.key()
-                );
-                state.insert(job.key(), tick);
-                skipped = true;
-                continue;
-            }
-            due.push((i, tick));
-        }
-        if due.is_empty() && options.once {
-            println!("kbcrm schedule: nothing is due");
-        }
-        let mut failed: Vec<String> = Vec::new();
-        for (i, tick) in due {
-            if stop.is_cancelled() {
-                break;
-            }
-            let job = &jobs[i].0;
-            let ok = match job {
-                Job::Pipeline(p) => {
-                    if let Some(up) = p.depends_on.iter().find(|d| failed.contains(d)) {
-                        println!(
-                            "kbcrm schedule: pipeline {} skipped until its next time: its \
-                             upstream pipeline {up} did not run",
-                            p.name
-                        );
-                        false
-                    } else {
-                        run_pipeline(project, p, &stop).await
-                    }
-                }
-                Job::Extract(x) => {
-                    let producers = project.producers();
-                    let upstream = crate::plan::extracts::PACK_INPUTS.iter().find_map(|t| {
-                        let p = match producers.get(t)? {
-                            crate::plan::Producer::Source(s) => &s.pipeline,
-                            crate::plan::Producer::Model(m) => &m.pipeline,
-                        };
-                        failed.contains(p).then_some(p)
-                    });
-                    if let Some(up) = upstream {
-                        println!(
-                            "kbcrm schedule: extract {} skipped until its next time: pipeline \
-                             {up}, which builds what it reads, did not run",
-                            x.name
-                        );
-                        false
-                    } else {
-                        run_extract(project, x, options).await
-                    }
-                }
-            };
-            if !ok && let Job::Pipeline(p) = job {
-                failed.push(p.name.clone());
-            }
-            state.insert(job.key(), tick);
-            write_state(&wh, &state).await?;
-        }
-        // Runs wrote their times above; only skipped misfires are left to keep.
-        if skipped {
-            write_state(&wh, &state).await?;
-        }
-        if options.once || stop.is_cancelled() {
-            break;
-        }
-        let now = Utc::now().with_timezone(&tz);
-        let next = jobs
-            .iter()
-            .filter_map(|(_, c)| c.find_next_occurrence(&now, false).ok())
-            .min()
-            .map(|t| t.with_timezone(&Utc));
-        let Some(next) = next else {
-            println!("kbcrm schedule: no schedule fires again");
-            break;
+/// The jobs due now (index, scheduled time), and whether a missed time of a `misfire: skip` job
+/// was marked as done in `state` instead.
+fn due_jobs(
+    jobs: &[(Job<'_>, croner::Cron)],
+    tz: chrono_tz::Tz,
+    state: &mut BTreeMap<String, DateTime<Utc>>,
+) -> (Vec<(usize, DateTime<Utc>)>, bool) {
+    let now = Utc::now();
+    let local = now.with_timezone(&tz);
+    let mut due: Vec<(usize, DateTime<Utc>)> = Vec::new();
+    let mut skipped = false;
+    for (i, (job, cron)) in jobs.iter().enumerate() {
+        let Ok(tick) = cron.find_previous_occurrence(&local, true) else {
+            continue;
         };
-        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.cancelled() => break,
+        let tick = tick.with_timezone(&Utc);
+        if state.get(&job.key()).is_some_and(|last| *last >= tick) {
+            continue;
+        }
+        if now - tick > MISSED_AFTER && job.misfire() == Misfire::Skip {
+            info!("{}: skipping the missed run of {tick}", job.key());
+            println!(
+                "kbcrm schedule: {} missed {tick}; skipped (misfire: skip)",
+                job.key()
+            );
+            state.insert(job.key(), tick);
+            skipped = true;
+            continue;
+        }
+        due.push((i, tick));
+    }
+    (due, skipped)
+}
+
+/// Runs one due job, unless a pipeline it reads from failed in this tick. Returns whether it
+/// ran and succeeded.
+async fn run_job(
+    project: &Project,
+    job: &Job<'_>,
+    failed: &[String],
+    stop: &CancellationToken,
+    options: &ScheduleOptions,
+) -> bool {
+    match job {
+        Job::Pipeline(p) => {
+            if let Some(up) = p.depends_on.iter().find(|d| failed.contains(d)) {
+                println!(
+                    "kbcrm schedule: pipeline {} skipped until its next time: its \
+                     upstream pipeline {up} did not run",
+                    p.name
+                );
+                false
+            } else {
+                run_pipeline(project, p, stop).await
+            }
+        }
+        Job::Extract(x) => {
+            let producers = project.producers();
+            let upstream = crate::plan::extracts::PACK_INPUTS.iter().find_map(|t| {
+                let p = match producers.get(t)? {
+                    crate::plan::Producer::Source(s) => &s.pipeline,
+                    crate::plan::Producer::Model(m) => &m.pipeline,
+                };
+                failed.contains(p).then_some(p)
+            });
+            if let Some(up) = upstream {
+                println!(
+                    "kbcrm schedule: extract {} skipped until its next time: pipeline \
+                     {up}, which builds what it reads, did not run",
+                    x.name
+                );
+                false
+            } else {
+                run_extract(project, x, options).await
+            }
         }
     }
-    println!("kbcrm schedule: stopped");
-    Ok(())
+}
+
+/// The next time any job fires, if one ever does.
+fn next_fire(jobs: &[(Job<'_>, croner::Cron)], tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+    let now = Utc::now().with_timezone(&tz);
+    jobs.iter()
+        .filter_map(|(_, c)| c.find_next_occurrence(&now, false).ok())
+        .min()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 fn parse(expr: &str) -> Result<croner::Cron> {

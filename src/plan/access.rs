@@ -10,6 +10,7 @@ use base64::Engine;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::config::ProjectSpec;
+use crate::config::project::{RoleSpec, ServeSpec, UserSpec};
 use crate::error::Problem;
 
 use super::PROJECT_FILE;
@@ -190,13 +191,17 @@ impl Verifier {
     }
 }
 
-pub(super) fn build(
-    spec: &ProjectSpec,
-    text: &Arc<String>,
-    root: &std::path::Path,
-    problems: &mut Vec<Problem>,
-) -> Access {
-    let mut at = |msg: String, loc: Option<&serde_saphyr::Location>| {
+/// Problems found in kbcrm.yaml, placed at their YAML position or at the key path the message
+/// starts with.
+struct Reporter<'a> {
+    text: &'a Arc<String>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Reporter<'_> {
+    /// Records a problem in kbcrm.yaml, at `loc` when given.
+    fn at(&mut self, msg: String, loc: Option<&serde_saphyr::Location>) {
+        let text = self.text;
         // Without a span, the key path the message starts with (`serve.listen: ...`).
         let pos = match loc {
             Some(l) => Some(yaml_pos(l, text)),
@@ -218,13 +223,41 @@ pub(super) fn build(
         if let Some(pos) = pos {
             p = p.at(pos, text);
         }
-        problems.push(p);
-    };
-    let s = &spec.serve;
+        self.problems.push(p);
+    }
+}
+
+pub(super) fn build(
+    spec: &ProjectSpec,
+    text: &Arc<String>,
+    root: &std::path::Path,
+    problems: &mut Vec<Problem>,
+) -> Access {
+    let mut at = Reporter { text, problems };
+    let serve = serve_settings(&spec.serve, root, &mut at);
+
+    let mut roles = BTreeMap::new();
+    for (name, r) in &spec.roles {
+        roles.insert(name.clone(), role(name, r, &mut at));
+    }
+    let mut users = BTreeMap::new();
+    for (name, u) in &spec.users {
+        users.insert(name.clone(), user(name, u, &roles, &mut at));
+    }
+    Access {
+        serve,
+        roles,
+        pii: spec.pii.clone().into_iter().collect(),
+        users,
+    }
+}
+
+/// The server settings of `serve:`, each checked; defaults where one is missing or wrong.
+fn serve_settings(s: &ServeSpec, root: &std::path::Path, at: &mut Reporter<'_>) -> ServeSettings {
     let mut serve = ServeSettings::default();
     if let Some(l) = &s.listen {
         if l.parse::<std::net::SocketAddr>().is_err() {
-            at(
+            at.at(
                 format!("serve.listen: '{l}' is not an address; write e.g. 127.0.0.1:5433"),
                 None,
             );
@@ -233,50 +266,50 @@ pub(super) fn build(
     }
     if let Some(n) = s.max_connections {
         if n == 0 {
-            at("serve.max_connections must be at least 1".into(), None);
+            at.at("serve.max_connections must be at least 1".into(), None);
         }
         serve.max_connections = n.max(1);
     }
     if let Some(t) = &s.statement_timeout {
         match parse_duration(&t.value) {
             Ok(d) => serve.statement_timeout = d,
-            Err(m) => at(format!("serve.statement_timeout: {m}"), Some(&t.referenced)),
+            Err(m) => at.at(format!("serve.statement_timeout: {m}"), Some(&t.referenced)),
         }
     }
     if let Some(t) = &s.refresh_interval {
         match parse_duration(&t.value) {
             Ok(Some(d)) => serve.refresh_interval = d,
-            Ok(None) => at(
+            Ok(None) => at.at(
                 "serve.refresh_interval must be more than 0".into(),
                 Some(&t.referenced),
             ),
-            Err(m) => at(format!("serve.refresh_interval: {m}"), Some(&t.referenced)),
+            Err(m) => at.at(format!("serve.refresh_interval: {m}"), Some(&t.referenced)),
         }
     }
     if let Some(t) = &s.login_timeout {
         match parse_duration(&t.value) {
             Ok(Some(d)) => serve.login_timeout = d,
-            Ok(None) => at(
+            Ok(None) => at.at(
                 "serve.login_timeout must be more than 0".into(),
                 Some(&t.referenced),
             ),
-            Err(m) => at(format!("serve.login_timeout: {m}"), Some(&t.referenced)),
+            Err(m) => at.at(format!("serve.login_timeout: {m}"), Some(&t.referenced)),
         }
     }
     if let Some(n) = s.max_pending_logins {
         if n == 0 {
-            at("serve.max_pending_logins must be at least 1".into(), None);
+            at.at("serve.max_pending_logins must be at least 1".into(), None);
         }
         serve.max_pending_logins = n.max(1);
     }
     if let Some(m) = &s.max_message_size {
         match crate::config::project::parse_byte_size(&m.value) {
             Ok(n) if ((64 << 10)..=(1 << 30)).contains(&n) => serve.max_message_size = n,
-            Ok(_) => at(
+            Ok(_) => at.at(
                 "serve.max_message_size must be between 64KiB and 1GiB".into(),
                 Some(&m.referenced),
             ),
-            Err(msg) => at(
+            Err(msg) => at.at(
                 format!("serve.max_message_size: {msg}"),
                 Some(&m.referenced),
             ),
@@ -284,7 +317,7 @@ pub(super) fn build(
     }
     if let Some(d) = &s.database {
         if d.is_empty() || d.len() > 63 || d.chars().any(|c| c.is_control() || c == '"') {
-            at(
+            at.at(
                 format!(
                     "serve.database: '{d}' is not a database name (1 to 63 characters, no quotes)"
                 ),
@@ -300,84 +333,74 @@ pub(super) fn build(
         .map(|t| (root.join(&t.cert), root.join(&t.key)));
     serve.require_tls = s.require_tls;
     if serve.require_tls && serve.tls.is_none() {
-        at(
+        at.at(
             "serve.require_tls is true but serve.tls names no certificate and key".into(),
             None,
         );
     }
+    serve
+}
 
-    let mut roles = BTreeMap::new();
-    for (name, r) in &spec.roles {
-        let mut b = GlobSetBuilder::new();
-        for pat in &r.tables {
-            match Glob::new(pat) {
-                Ok(g) => {
-                    b.add(g);
-                }
-                Err(e) => at(format!("roles.{name}.tables: '{pat}': {e}"), None),
+/// One role of `roles:`, its table patterns and statement timeout checked.
+fn role(name: &str, r: &RoleSpec, at: &mut Reporter<'_>) -> Role {
+    let mut b = GlobSetBuilder::new();
+    for pat in &r.tables {
+        match Glob::new(pat) {
+            Ok(g) => {
+                b.add(g);
             }
+            Err(e) => at.at(format!("roles.{name}.tables: '{pat}': {e}"), None),
         }
-        let matcher = b.build().unwrap_or_else(|_| GlobSet::empty());
-        let statement_timeout =
-            r.statement_timeout
-                .as_ref()
-                .and_then(|t| match parse_duration(&t.value) {
-                    Ok(d) => Some(d),
-                    Err(m) => {
-                        at(
-                            format!("roles.{name}.statement_timeout: {m}"),
-                            Some(&t.referenced),
-                        );
-                        None
-                    }
-                });
-        roles.insert(
-            name.clone(),
-            Role {
-                tables: r.tables.clone(),
-                matcher: Arc::new(matcher),
-                pii: r.pii,
-                row_filter: r.row_filter.clone().into_iter().collect(),
-                statement_timeout,
-            },
+    }
+    let matcher = b.build().unwrap_or_else(|_| GlobSet::empty());
+    let statement_timeout =
+        r.statement_timeout
+            .as_ref()
+            .and_then(|t| match parse_duration(&t.value) {
+                Ok(d) => Some(d),
+                Err(m) => {
+                    at.at(
+                        format!("roles.{name}.statement_timeout: {m}"),
+                        Some(&t.referenced),
+                    );
+                    None
+                }
+            });
+    Role {
+        tables: r.tables.clone(),
+        matcher: Arc::new(matcher),
+        pii: r.pii,
+        row_filter: r.row_filter.clone().into_iter().collect(),
+        statement_timeout,
+    }
+}
+
+/// One user of `users:`, its role and SCRAM verifier checked.
+fn user(name: &str, u: &UserSpec, roles: &BTreeMap<String, Role>, at: &mut Reporter<'_>) -> User {
+    if !roles.contains_key(&u.role.value) {
+        let known: Vec<&str> = roles.keys().map(String::as_str).collect();
+        at.at(
+            format!(
+                "users.{name}.role: no role '{}' under roles: (declared: {})",
+                u.role.value,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+            Some(&u.role.referenced),
         );
     }
-    let mut users = BTreeMap::new();
-    for (name, u) in &spec.users {
-        if !roles.contains_key(&u.role.value) {
-            let known: Vec<&str> = roles.keys().map(String::as_str).collect();
-            at(
-                format!(
-                    "users.{name}.role: no role '{}' under roles: (declared: {})",
-                    u.role.value,
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-                Some(&u.role.referenced),
-            );
-        }
-        if let Err(m) = check_verifier(&u.scram.value) {
-            at(
-                format!("users.{name}.scram: {m}"),
-                Some(&u.scram.referenced),
-            );
-        }
-        users.insert(
-            name.clone(),
-            User {
-                role: u.role.value.clone(),
-                scram: u.scram.value.clone(),
-            },
+    if let Err(m) = check_verifier(&u.scram.value) {
+        at.at(
+            format!("users.{name}.scram: {m}"),
+            Some(&u.scram.referenced),
         );
     }
-    Access {
-        serve,
-        roles,
-        pii: spec.pii.clone().into_iter().collect(),
-        users,
+    User {
+        role: u.role.value.clone(),
+        scram: u.scram.value.clone(),
     }
 }
 

@@ -10,6 +10,9 @@ use crate::error::Problem;
 use super::loader::{Loader, RawPipeline, yaml_pos};
 use super::*;
 
+/// Each built table's (pipeline, file).
+type Producers = BTreeMap<String, (String, PathBuf)>;
+
 impl Loader {
     /// Cross-file checks: one producer per table, every read table built somewhere, no cycles.
     /// Orders models and pipelines.
@@ -18,10 +21,37 @@ impl Loader {
         raw: &[RawPipeline],
         mut pipelines: Vec<Pipeline>,
     ) -> Vec<Pipeline> {
+        let (producers, deps) = self.collect_producers(&pipelines);
+        self.check_reads(&pipelines, &producers);
+        self.check_test_tables(raw, &producers);
+        let order = match dag::topo_order(&deps) {
+            Ok(o) => o,
+            Err(cycle) => {
+                self.report_model_cycle(&cycle, &producers);
+                return pipelines;
+            }
+        };
+        let rank: HashMap<&str, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        for p in &mut pipelines {
+            order_pipeline(p, &rank, &producers);
+        }
+        self.order_pipelines(&mut pipelines);
+        pipelines
+    }
+
+    /// The producer of every table and the tables each reads; reports tables built twice.
+    fn collect_producers(
+        &mut self,
+        pipelines: &[Pipeline],
+    ) -> (Producers, BTreeMap<String, Vec<String>>) {
         // table -> (pipeline, file)
-        let mut producers: BTreeMap<String, (String, PathBuf)> = BTreeMap::new();
+        let mut producers: Producers = BTreeMap::new();
         let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for p in &pipelines {
+        for p in pipelines {
             let identity_outputs = p.identities.iter().flat_map(|i| {
                 let inputs: Vec<String> = i.sources.iter().map(|s| s.table.clone()).collect();
                 let mut golden_inputs = inputs.clone();
@@ -57,8 +87,13 @@ impl Loader {
                 deps.insert(table, d);
             }
         }
+        (producers, deps)
+    }
+
+    /// Reports identity record sources and models that read a table nothing builds.
+    fn check_reads(&mut self, pipelines: &[Pipeline], producers: &Producers) {
         let names: Vec<&str> = producers.keys().map(String::as_str).collect();
-        for p in &pipelines {
+        for p in pipelines {
             for i in &p.identities {
                 for s in &i.sources {
                     if !producers.contains_key(&s.table) {
@@ -96,6 +131,10 @@ impl Loader {
                 }
             }
         }
+    }
+
+    /// Reports data tests and relationships tests on tables nothing builds.
+    fn check_test_tables(&mut self, raw: &[RawPipeline], producers: &Producers) {
         for (table, file, pos, text) in std::mem::take(&mut self.test_positions) {
             if !table.is_empty() && !producers.contains_key(&table) {
                 self.problems.push(
@@ -124,71 +163,33 @@ impl Loader {
                 }
             }
         }
-        let order = match dag::topo_order(&deps) {
-            Ok(o) => o,
-            Err(cycle) => {
-                let file = producers
-                    .get(&cycle[0])
-                    .map(|(_, f)| f.clone())
-                    .unwrap_or_default();
-                let text = cycle
-                    .iter()
-                    .map(|t| match producers.get(t) {
-                        Some((_, f)) => format!("{t} ({})", f.display()),
-                        None => t.clone(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" -> ");
-                self.problems.push(
-                    Problem::new(
-                        file,
-                        format!("models depend on each other in a cycle: {text}"),
-                    )
-                    .help("a model cannot read, directly or through others, the table it builds"),
-                );
-                return pipelines;
-            }
-        };
-        let rank: HashMap<&str, usize> = order
+    }
+
+    /// Reports a cycle among the tables models build, naming each table's file.
+    fn report_model_cycle(&mut self, cycle: &[String], producers: &Producers) {
+        let file = producers
+            .get(&cycle[0])
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default();
+        let text = cycle
             .iter()
-            .enumerate()
-            .map(|(i, t)| (t.as_str(), i))
-            .collect();
-        for p in &mut pipelines {
-            p.models
-                .sort_by_key(|m| rank.get(m.name.as_str()).copied().unwrap_or(usize::MAX));
-            let of = |t: &str| rank.get(t).copied().unwrap_or(usize::MAX);
-            let mut steps: Vec<(usize, Step)> = p
-                .models
-                .iter()
-                .enumerate()
-                .map(|(i, m)| (of(&m.name), Step::Model(i)))
-                .chain(
-                    p.identities
-                        .iter()
-                        .enumerate()
-                        .map(|(i, id)| (of(&id.map_table), Step::Identity(i))),
-                )
-                .collect();
-            steps.sort_by_key(|(r, _)| *r);
-            p.steps = steps.into_iter().map(|(_, s)| s).collect();
-            let identity_inputs: Vec<String> = p
-                .identities
-                .iter()
-                .flat_map(|i| i.sources.iter().map(|s| s.table.clone()))
-                .collect();
-            let mut up: Vec<String> = p
-                .models
-                .iter()
-                .flat_map(|m| m.depends_on.iter())
-                .chain(identity_inputs.iter())
-                .filter_map(|t| producers.get(t).map(|(pl, _)| pl.clone()))
-                .filter(|pl| *pl != p.name)
-                .collect();
-            up.sort();
-            up.dedup();
-            p.depends_on = up;
-        }
+            .map(|t| match producers.get(t) {
+                Some((_, f)) => format!("{t} ({})", f.display()),
+                None => t.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(" -> ");
+        self.problems.push(
+            Problem::new(
+                file,
+                format!("models depend on each other in a cycle: {text}"),
+            )
+            .help("a model cannot read, directly or through others, the table it builds"),
+        );
+    }
+
+    /// Sorts pipelines so each comes after the pipelines whose tables it reads.
+    fn order_pipelines(&mut self, pipelines: &mut [Pipeline]) {
         let graph: BTreeMap<String, Vec<String>> = pipelines
             .iter()
             .map(|p| (p.name.clone(), p.depends_on.clone()))
@@ -210,8 +211,44 @@ impl Loader {
                 ),
             )),
         }
-        pipelines
     }
+}
+
+/// Orders one pipeline's models and steps by table rank and sets the pipelines it depends on.
+fn order_pipeline(p: &mut Pipeline, rank: &HashMap<&str, usize>, producers: &Producers) {
+    p.models
+        .sort_by_key(|m| rank.get(m.name.as_str()).copied().unwrap_or(usize::MAX));
+    let of = |t: &str| rank.get(t).copied().unwrap_or(usize::MAX);
+    let mut steps: Vec<(usize, Step)> = p
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (of(&m.name), Step::Model(i)))
+        .chain(
+            p.identities
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (of(&id.map_table), Step::Identity(i))),
+        )
+        .collect();
+    steps.sort_by_key(|(r, _)| *r);
+    p.steps = steps.into_iter().map(|(_, s)| s).collect();
+    let identity_inputs: Vec<String> = p
+        .identities
+        .iter()
+        .flat_map(|i| i.sources.iter().map(|s| s.table.clone()))
+        .collect();
+    let mut up: Vec<String> = p
+        .models
+        .iter()
+        .flat_map(|m| m.depends_on.iter())
+        .chain(identity_inputs.iter())
+        .filter_map(|t| producers.get(t).map(|(pl, _)| pl.clone()))
+        .filter(|pl| *pl != p.name)
+        .collect();
+    up.sort();
+    up.dedup();
+    p.depends_on = up;
 }
 
 /// The known name closest to `name`, when it is close enough to be a typo.

@@ -16,7 +16,7 @@ use pgwire::api::cancel::CancelHandler;
 use pgwire::api::{ClientInfo, METADATA_USER, PgWireConnectionState};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
-use pgwire::messages::startup::{Authentication, PasswordMessageFamily, SecretKey};
+use pgwire::messages::startup::{Authentication, PasswordMessageFamily, SecretKey, Startup};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, ProtocolVersion};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -237,129 +237,10 @@ impl StartupHandler for Login {
     {
         match message {
             PgWireFrontendMessage::Startup(ref startup) => {
-                protocol_negotiation(client, startup).await?;
-                save_startup_parameters_to_metadata(client, startup);
-                if self.shared.serve.require_tls && !client.is_secure() {
-                    return Err(pg_error(
-                        "FATAL",
-                        "28000",
-                        "this server accepts only TLS connections; connect with sslmode=require",
-                    ));
-                }
-                if client
-                    .metadata()
-                    .get(METADATA_USER)
-                    .is_none_or(|u| u.is_empty())
-                {
-                    return Err(pg_error("FATAL", "28000", "no user name given"));
-                }
-                // Like PostgreSQL, a client naming no database asks for its user's.
-                let database = &self.shared.serve.database;
-                let asked = client
-                    .metadata()
-                    .get(pgwire::api::METADATA_DATABASE)
-                    .or_else(|| client.metadata().get(METADATA_USER))
-                    .cloned()
-                    .unwrap_or_default();
-                if &asked != database {
-                    return Err(pg_error(
-                        "FATAL",
-                        "3D000",
-                        format!(
-                            "database \"{}\" does not exist; this server holds one database, \
-                             \"{database}\" (connect with dbname={database})",
-                            asked.chars().take(64).collect::<String>()
-                        ),
-                    ));
-                }
-                client.set_state(PgWireConnectionState::AuthenticationInProgress);
-                client
-                    .send(PgWireBackendMessage::Authentication(Authentication::SASL(
-                        vec!["SCRAM-SHA-256".to_string()],
-                    )))
-                    .await?;
+                self.start(client, startup).await?;
             }
             PgWireFrontendMessage::PasswordMessageFamily(msg) => {
-                if !matches!(
-                    client.state(),
-                    PgWireConnectionState::AuthenticationInProgress
-                ) {
-                    return Err(pg_error(
-                        "FATAL",
-                        "08P01",
-                        "a password message before the startup message",
-                    ));
-                }
-                let user = client
-                    .metadata()
-                    .get(METADATA_USER)
-                    .cloned()
-                    .unwrap_or_default();
-                let mut state = self.state.lock().await;
-                match std::mem::replace(&mut *state, AuthState::Done) {
-                    AuthState::Start => {
-                        let (mechanism, data) = sasl_initial(msg)?;
-                        if mechanism != "SCRAM-SHA-256" {
-                            return Err(pg_error(
-                                "FATAL",
-                                "28000",
-                                format!(
-                                    "authentication method {} is not offered; use SCRAM-SHA-256",
-                                    mechanism.chars().take(64).collect::<String>()
-                                ),
-                            ));
-                        }
-                        let verifier = self
-                            .shared
-                            .user(&user)
-                            .and_then(|u| Verifier::parse(&u.scram).ok())
-                            .unwrap_or_else(|| Verifier::decoy(&self.shared.secret, &user));
-                        let (server_first, pending) =
-                            scram::server_first(&data, verifier, &scram::random_nonce())
-                                .map_err(|e| malformed(&e))?;
-                        client
-                            .send(PgWireBackendMessage::Authentication(
-                                Authentication::SASLContinue(Bytes::from(server_first)),
-                            ))
-                            .await?;
-                        *state = AuthState::Challenged(Box::new(pending), user);
-                    }
-                    AuthState::Challenged(pending, user) => {
-                        let data = sasl_continue(msg)?;
-                        let server_final = match pending.finish(&data) {
-                            Ok(f) => f,
-                            Err(ScramError::WrongProof) => {
-                                tracing::warn!(%user, "failed login");
-                                return Err(auth_failed(&user));
-                            }
-                            Err(e) => return Err(malformed(&e)),
-                        };
-                        // A decoy verifier never matches, so a user passing here exists.
-                        let Some(account) = self.shared.user(&user) else {
-                            return Err(auth_failed(&user));
-                        };
-                        let Ok(slot) = self.shared.slots.clone().try_acquire_owned() else {
-                            tracing::warn!(%user, "connection limit reached");
-                            return Err(pg_error(
-                                "FATAL",
-                                "53300",
-                                "sorry, too many clients already",
-                            ));
-                        };
-                        client
-                            .send(PgWireBackendMessage::Authentication(
-                                Authentication::SASLFinal(Bytes::from(server_final)),
-                            ))
-                            .await?;
-                        self.open_session(client, &user, &account.role, slot);
-                        finish_authentication(client, &self.shared.parameters).await?;
-                        self.limits
-                            .logged_in
-                            .store(true, std::sync::atomic::Ordering::Release);
-                        tracing::info!(%user, role = %account.role, "login");
-                    }
-                    AuthState::Done => return Err(PgWireError::InvalidSASLState),
-                }
+                self.password(client, msg).await?;
             }
             _ => {
                 return Err(pg_error(
@@ -369,6 +250,183 @@ impl StartupHandler for Login {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+impl Login {
+    /// Answers the startup message: TLS policy, user and database checked, SCRAM-SHA-256
+    /// offered.
+    async fn start<C>(&self, client: &mut C, startup: &Startup) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        protocol_negotiation(client, startup).await?;
+        save_startup_parameters_to_metadata(client, startup);
+        if self.shared.serve.require_tls && !client.is_secure() {
+            return Err(pg_error(
+                "FATAL",
+                "28000",
+                "this server accepts only TLS connections; connect with sslmode=require",
+            ));
+        }
+        if client
+            .metadata()
+            .get(METADATA_USER)
+            .is_none_or(|u| u.is_empty())
+        {
+            return Err(pg_error("FATAL", "28000", "no user name given"));
+        }
+        // Like PostgreSQL, a client naming no database asks for its user's.
+        let database = &self.shared.serve.database;
+        let asked = client
+            .metadata()
+            .get(pgwire::api::METADATA_DATABASE)
+            .or_else(|| client.metadata().get(METADATA_USER))
+            .cloned()
+            .unwrap_or_default();
+        if &asked != database {
+            return Err(pg_error(
+                "FATAL",
+                "3D000",
+                format!(
+                    "database \"{}\" does not exist; this server holds one database, \
+                     \"{database}\" (connect with dbname={database})",
+                    asked.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        client.set_state(PgWireConnectionState::AuthenticationInProgress);
+        client
+            .send(PgWireBackendMessage::Authentication(Authentication::SASL(
+                vec!["SCRAM-SHA-256".to_string()],
+            )))
+            .await?;
+        Ok(())
+    }
+
+    /// Answers a password message: the first SCRAM message gets the challenge, the second
+    /// logs the user in.
+    async fn password<C>(&self, client: &mut C, msg: PasswordMessageFamily) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !matches!(
+            client.state(),
+            PgWireConnectionState::AuthenticationInProgress
+        ) {
+            return Err(pg_error(
+                "FATAL",
+                "08P01",
+                "a password message before the startup message",
+            ));
+        }
+        let user = client
+            .metadata()
+            .get(METADATA_USER)
+            .cloned()
+            .unwrap_or_default();
+        let mut state = self.state.lock().await;
+        match std::mem::replace(&mut *state, AuthState::Done) {
+            AuthState::Start => {
+                *state = self.challenge(client, msg, user).await?;
+            }
+            AuthState::Challenged(pending, user) => {
+                self.log_in(client, msg, *pending, user).await?;
+            }
+            AuthState::Done => return Err(PgWireError::InvalidSASLState),
+        }
+        Ok(())
+    }
+
+    /// Sends the server-first SCRAM message for the client's first one; the state that awaits
+    /// the client's proof.
+    async fn challenge<C>(
+        &self,
+        client: &mut C,
+        msg: PasswordMessageFamily,
+        user: String,
+    ) -> PgWireResult<AuthState>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (mechanism, data) = sasl_initial(msg)?;
+        if mechanism != "SCRAM-SHA-256" {
+            return Err(pg_error(
+                "FATAL",
+                "28000",
+                format!(
+                    "authentication method {} is not offered; use SCRAM-SHA-256",
+                    mechanism.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        let verifier = self
+            .shared
+            .user(&user)
+            .and_then(|u| Verifier::parse(&u.scram).ok())
+            .unwrap_or_else(|| Verifier::decoy(&self.shared.secret, &user));
+        let (server_first, pending) = scram::server_first(&data, verifier, &scram::random_nonce())
+            .map_err(|e| malformed(&e))?;
+        client
+            .send(PgWireBackendMessage::Authentication(
+                Authentication::SASLContinue(Bytes::from(server_first)),
+            ))
+            .await?;
+        Ok(AuthState::Challenged(Box::new(pending), user))
+    }
+
+    /// Checks the client's proof, takes a place under `max_connections` and opens the session.
+    async fn log_in<C>(
+        &self,
+        client: &mut C,
+        msg: PasswordMessageFamily,
+        pending: scram::Pending,
+        user: String,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let data = sasl_continue(msg)?;
+        let server_final = match pending.finish(&data) {
+            Ok(f) => f,
+            Err(ScramError::WrongProof) => {
+                tracing::warn!(%user, "failed login");
+                return Err(auth_failed(&user));
+            }
+            Err(e) => return Err(malformed(&e)),
+        };
+        // A decoy verifier never matches, so a user passing here exists.
+        let Some(account) = self.shared.user(&user) else {
+            return Err(auth_failed(&user));
+        };
+        let Ok(slot) = self.shared.slots.clone().try_acquire_owned() else {
+            tracing::warn!(%user, "connection limit reached");
+            return Err(pg_error(
+                "FATAL",
+                "53300",
+                "sorry, too many clients already",
+            ));
+        };
+        client
+            .send(PgWireBackendMessage::Authentication(
+                Authentication::SASLFinal(Bytes::from(server_final)),
+            ))
+            .await?;
+        self.open_session(client, &user, &account.role, slot);
+        finish_authentication(client, &self.shared.parameters).await?;
+        self.limits
+            .logged_in
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(%user, role = %account.role, "login");
         Ok(())
     }
 }

@@ -130,10 +130,7 @@ pub fn check(sql: &str) -> Result<(), TooComplex> {
         match c {
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 tokens -= 1;
-                i = b[i..]
-                    .iter()
-                    .position(|&x| x == b'\n')
-                    .map_or(b.len(), |p| i + p + 1);
+                i = skip_line_comment(b, i);
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 tokens -= 1;
@@ -151,13 +148,7 @@ pub fn check(sql: &str) -> Result<(), TooComplex> {
                 i += 1;
             }
             b')' | b']' => {
-                // A CASE left open inside the bracket closes with it.
-                while levels.len() > 1 && levels[levels.len() - 1].case {
-                    levels.pop();
-                }
-                if levels.len() > 1 {
-                    levels.pop();
-                }
+                close_bracket(&mut levels);
                 i += 1;
             }
             b',' => {
@@ -173,61 +164,20 @@ pub fn check(sql: &str) -> Result<(), TooComplex> {
                 levels[0] = Level::default();
                 i += 1;
             }
-            b'0'..=b'9' | b'.' => {
-                i += 1;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
-                {
-                    i += 1;
-                }
-            }
+            b'0'..=b'9' | b'.' => i = skip_number(b, i),
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
-                {
-                    i += 1;
-                }
+                i = word_end(b, i);
                 // E'...' strings take backslash escapes.
                 if i - start == 1 && matches!(c, b'e' | b'E') && b.get(i) == Some(&b'\'') {
                     i = skip_quoted(b, i, b'\'', true);
                     continue;
                 }
-                let word = &sql[start..i];
-                let l = &mut levels[top];
-                if CHAIN_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
-                    work += 2 * l.chain + 1;
-                    l.chain += 1;
-                } else if FLAT_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
-                    work += 2 * l.flat + 1;
-                    l.flat += 1;
-                    l.chain = 0;
-                } else if word.eq_ignore_ascii_case("case") {
-                    let base = l.depth();
-                    levels.push(Level {
-                        base,
-                        case: true,
-                        ..Level::default()
-                    });
-                } else if word.eq_ignore_ascii_case("end") {
-                    if l.case {
-                        levels.pop();
-                    }
-                } else if CLAUSE_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
-                    l.chain = 0;
-                    l.in_from = word.eq_ignore_ascii_case("from");
-                }
+                work += on_word(&mut levels, &sql[start..i]);
             }
             _ => {
                 // An operator: one token of operator characters.
-                i += 1;
-                while i < b.len() && b"+-*/<>=~!@#%^&|`?:".contains(&b[i]) {
-                    if b[i] == b'-' && b.get(i + 1) == Some(&b'-') {
-                        break;
-                    }
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        break;
-                    }
-                    i += 1;
-                }
+                i = skip_operator(b, i);
                 let l = &mut levels[top];
                 work += 2 * l.chain + 1;
                 l.chain += 1;
@@ -243,6 +193,88 @@ pub fn check(sql: &str) -> Result<(), TooComplex> {
         }
     }
     Ok(())
+}
+
+/// Past a `--` comment starting at `i`: the start of the next line.
+fn skip_line_comment(b: &[u8], i: usize) -> usize {
+    b[i..]
+        .iter()
+        .position(|&x| x == b'\n')
+        .map_or(b.len(), |p| i + p + 1)
+}
+
+/// Closes the innermost bracket level, and any CASE left open inside it.
+fn close_bracket(levels: &mut Vec<Level>) {
+    // A CASE left open inside the bracket closes with it.
+    while levels.len() > 1 && levels[levels.len() - 1].case {
+        levels.pop();
+    }
+    if levels.len() > 1 {
+        levels.pop();
+    }
+}
+
+/// Past a number (or a lone `.`) starting at `i`.
+fn skip_number(b: &[u8], mut i: usize) -> usize {
+    i += 1;
+    while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_') {
+        i += 1;
+    }
+    i
+}
+
+/// Past a keyword or name starting at `i`.
+fn word_end(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80) {
+        i += 1;
+    }
+    i
+}
+
+/// Past an operator starting at `i`: one token of operator characters, stopping before a
+/// comment.
+fn skip_operator(b: &[u8], mut i: usize) -> usize {
+    i += 1;
+    while i < b.len() && b"+-*/<>=~!@#%^&|`?:".contains(&b[i]) {
+        if b[i] == b'-' && b.get(i + 1) == Some(&b'-') {
+            break;
+        }
+        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// Applies a keyword or name to the innermost level; returns the planning work it adds.
+fn on_word(levels: &mut Vec<Level>, word: &str) -> usize {
+    let mut work = 0;
+    let top = levels.len() - 1;
+    let l = &mut levels[top];
+    if CHAIN_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
+        work += 2 * l.chain + 1;
+        l.chain += 1;
+    } else if FLAT_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
+        work += 2 * l.flat + 1;
+        l.flat += 1;
+        l.chain = 0;
+    } else if word.eq_ignore_ascii_case("case") {
+        let base = l.depth();
+        levels.push(Level {
+            base,
+            case: true,
+            ..Level::default()
+        });
+    } else if word.eq_ignore_ascii_case("end") {
+        if l.case {
+            levels.pop();
+        }
+    } else if CLAUSE_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
+        l.chain = 0;
+        l.in_from = word.eq_ignore_ascii_case("from");
+    }
+    work
 }
 
 /// Past a quoted string or identifier starting at `i` (doubled quotes escape; with

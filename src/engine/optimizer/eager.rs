@@ -114,7 +114,141 @@ fn join_below(input: &LogicalPlan) -> Option<&Join> {
     }
 }
 
+/// The key columns of an inner equi-join on columns with no other condition.
+fn equi_keys(join: &Join) -> Option<Vec<(Column, Column)>> {
+    if join.join_type != JoinType::Inner
+        || join.filter.is_some()
+        || join.null_equality != datafusion::common::NullEquality::NullEqualsNothing
+    {
+        return None;
+    }
+    let mut keys = Vec::with_capacity(join.on.len());
+    for (l, r) in &join.on {
+        let (Some(l), Some(r)) = (column_of(l), column_of(r)) else {
+            return None;
+        };
+        keys.push((l.clone(), r.clone()));
+    }
+    if keys.is_empty() {
+        return None;
+    }
+    Some(keys)
+}
+
+/// The aggregates when every one is plain and none is over a partial, with the columns they
+/// read.
+fn plain_aggregates(aggr_expr: &[Expr]) -> Option<(Vec<Plain<'_>>, HashSet<Column>)> {
+    let mut aggregates = Vec::with_capacity(aggr_expr.len());
+    let mut arg_columns = HashSet::new();
+    for e in aggr_expr {
+        let p = plain(e)?;
+        for a in p.args {
+            for c in a.column_refs() {
+                if c.name.starts_with(PARTIAL) {
+                    return None;
+                }
+                arg_columns.insert(c.clone());
+            }
+        }
+        aggregates.push(p);
+    }
+    Some((aggregates, arg_columns))
+}
+
+/// Whether every grouping is a column of D or a join key of S.
+fn groups_by_d_or_s_key(
+    group_expr: &[Expr],
+    s_plan: &LogicalPlan,
+    d_plan: &LogicalPlan,
+    s_keys: &[Column],
+) -> bool {
+    let s_schema = s_plan.schema();
+    let d_schema = d_plan.schema();
+    for g in group_expr {
+        let Some(c) = column_of(g) else {
+            return false;
+        };
+        let on_d = d_schema.has_column(c);
+        let s_key = s_schema.has_column(c) && s_keys.contains(c);
+        if !(on_d || s_key) {
+            return false;
+        }
+    }
+    true
+}
+
+/// The partial aggregate over S, grouped by S's join keys; `None` when an aggregate has no
+/// partial form.
+fn partial_aggregate(
+    s_plan: &Arc<LogicalPlan>,
+    s_keys: &[Column],
+    aggregates: &[Plain<'_>],
+) -> Result<Option<LogicalPlan>> {
+    let mut partial_exprs = Vec::with_capacity(aggregates.len());
+    for (i, p) in aggregates.iter().enumerate() {
+        let arg = p.args.first().cloned();
+        let e = match (p.kind, arg) {
+            (Kind::Sum, Some(a)) => sum(a),
+            (Kind::Min, Some(a)) => min(a),
+            (Kind::Max, Some(a)) => max(a),
+            (Kind::Count, Some(a)) if p.args.len() == 1 => count(a),
+            _ => return Ok(None),
+        };
+        partial_exprs.push(e.alias(format!("{PARTIAL}{i}")));
+    }
+    let mut seen = HashSet::new();
+    let group: Vec<Expr> = s_keys
+        .iter()
+        .filter(|c| seen.insert((*c).clone()))
+        .map(|c| Expr::Column(c.clone()))
+        .collect();
+    let partial = LogicalPlan::Aggregate(Aggregate::try_new(s_plan.clone(), group, partial_exprs)?);
+    Ok(Some(partial))
+}
+
+/// The final aggregate over the new join: partials combined, cast to the query's types, under
+/// the query's names.
+fn final_aggregate(
+    agg: &Aggregate,
+    new_join: Arc<LogicalPlan>,
+    aggregates: &[Plain<'_>],
+) -> Result<Aggregate> {
+    let mut combined_exprs = Vec::with_capacity(aggregates.len());
+    for (i, (p, original)) in aggregates.iter().zip(&agg.aggr_expr).enumerate() {
+        let partial_col = Expr::Column(Column::new_unqualified(format!("{PARTIAL}{i}")));
+        let combined = match p.kind {
+            Kind::Sum | Kind::Count => sum(partial_col),
+            Kind::Min => min(partial_col),
+            Kind::Max => max(partial_col),
+        };
+        let want = original.get_type(agg.input.schema())?;
+        let have = combined.get_type(new_join.schema())?;
+        let e = if have == want {
+            combined
+        } else {
+            cast(combined, want)
+        };
+        combined_exprs.push(e.alias(original.schema_name().to_string()));
+    }
+    Aggregate::try_new(new_join, agg.group_expr.clone(), combined_exprs)
+}
+
+/// Whether the rewritten aggregate has the same output columns (names, qualifiers, types) as
+/// the query's.
+fn same_output(rewritten: &Aggregate, agg: &Aggregate) -> bool {
+    rewritten.schema.fields().len() == agg.schema.fields().len()
+        && !rewritten
+            .schema
+            .iter()
+            .zip(agg.schema.iter())
+            .any(|((q1, f1), (q2, f2))| {
+                q1 != q2 || f1.name() != f2.name() || f1.data_type() != f2.data_type()
+            })
+}
+
 impl EagerAggregate {
+    /// The aggregate with S grouped by its join key below the join, or `None` when the rule
+    /// does not apply.
     fn try_rewrite(&self, agg: &Aggregate) -> Result<Option<LogicalPlan>> {
         if agg.group_expr.is_empty() {
             return Ok(None);
@@ -122,38 +256,12 @@ impl EagerAggregate {
         let Some(join) = join_below(&agg.input) else {
             return Ok(None);
         };
-        if join.join_type != JoinType::Inner
-            || join.filter.is_some()
-            || join.null_equality != datafusion::common::NullEquality::NullEqualsNothing
-        {
+        let Some(keys) = equi_keys(join) else {
             return Ok(None);
-        }
-        let mut keys = Vec::with_capacity(join.on.len());
-        for (l, r) in &join.on {
-            let (Some(l), Some(r)) = (column_of(l), column_of(r)) else {
-                return Ok(None);
-            };
-            keys.push((l.clone(), r.clone()));
-        }
-        if keys.is_empty() {
+        };
+        let Some((aggregates, arg_columns)) = plain_aggregates(&agg.aggr_expr) else {
             return Ok(None);
-        }
-        let mut aggregates = Vec::with_capacity(agg.aggr_expr.len());
-        let mut arg_columns = HashSet::new();
-        for e in &agg.aggr_expr {
-            let Some(p) = plain(e) else {
-                return Ok(None);
-            };
-            for a in p.args {
-                for c in a.column_refs() {
-                    if c.name.starts_with(PARTIAL) {
-                        return Ok(None);
-                    }
-                    arg_columns.insert(c.clone());
-                }
-            }
-            aggregates.push(p);
-        }
+        };
         if arg_columns.is_empty() {
             return Ok(None);
         }
@@ -178,40 +286,13 @@ impl EagerAggregate {
             .iter()
             .map(|(l, r)| if s_is_left { l.clone() } else { r.clone() })
             .collect();
-        let s_schema = s_plan.schema();
-        let d_schema = d_plan.schema();
-        for g in &agg.group_expr {
-            let Some(c) = column_of(g) else {
-                return Ok(None);
-            };
-            let on_d = d_schema.has_column(c);
-            let s_key = s_schema.has_column(c) && s_keys.contains(c);
-            if !(on_d || s_key) {
-                return Ok(None);
-            }
+        if !groups_by_d_or_s_key(&agg.group_expr, s_plan, d_plan, &s_keys) {
+            return Ok(None);
         }
 
-        // The partial aggregate over S, grouped by S's join keys.
-        let mut partial_exprs = Vec::with_capacity(aggregates.len());
-        for (i, p) in aggregates.iter().enumerate() {
-            let arg = p.args.first().cloned();
-            let e = match (p.kind, arg) {
-                (Kind::Sum, Some(a)) => sum(a),
-                (Kind::Min, Some(a)) => min(a),
-                (Kind::Max, Some(a)) => max(a),
-                (Kind::Count, Some(a)) if p.args.len() == 1 => count(a),
-                _ => return Ok(None),
-            };
-            partial_exprs.push(e.alias(format!("{PARTIAL}{i}")));
-        }
-        let mut seen = HashSet::new();
-        let group: Vec<Expr> = s_keys
-            .iter()
-            .filter(|c| seen.insert((*c).clone()))
-            .map(|c| Expr::Column(c.clone()))
-            .collect();
-        let partial =
-            LogicalPlan::Aggregate(Aggregate::try_new(s_plan.clone(), group, partial_exprs)?);
+        let Some(partial) = partial_aggregate(s_plan, &s_keys, &aggregates)? else {
+            return Ok(None);
+        };
         let partial = Arc::new(partial);
         let (new_left, new_right) = if s_is_left {
             (partial, d_plan.clone())
@@ -229,37 +310,8 @@ impl EagerAggregate {
             join.null_aware,
         )?);
 
-        // The final aggregate: partials combined, cast to the query's types, under the
-        // query's names.
-        let new_join = Arc::new(new_join);
-        let mut combined_exprs = Vec::with_capacity(aggregates.len());
-        for (i, (p, original)) in aggregates.iter().zip(&agg.aggr_expr).enumerate() {
-            let partial_col = Expr::Column(Column::new_unqualified(format!("{PARTIAL}{i}")));
-            let combined = match p.kind {
-                Kind::Sum | Kind::Count => sum(partial_col),
-                Kind::Min => min(partial_col),
-                Kind::Max => max(partial_col),
-            };
-            let want = original.get_type(agg.input.schema())?;
-            let have = combined.get_type(new_join.schema())?;
-            let e = if have == want {
-                combined
-            } else {
-                cast(combined, want)
-            };
-            combined_exprs.push(e.alias(original.schema_name().to_string()));
-        }
-        let rewritten = Aggregate::try_new(new_join, agg.group_expr.clone(), combined_exprs)?;
-        // The same output columns (names, qualifiers, types) as the query's aggregate.
-        if rewritten.schema.fields().len() != agg.schema.fields().len()
-            || rewritten
-                .schema
-                .iter()
-                .zip(agg.schema.iter())
-                .any(|((q1, f1), (q2, f2))| {
-                    q1 != q2 || f1.name() != f2.name() || f1.data_type() != f2.data_type()
-                })
-        {
+        let rewritten = final_aggregate(agg, Arc::new(new_join), &aggregates)?;
+        if !same_output(&rewritten, agg) {
             return Ok(None);
         }
         Ok(Some(LogicalPlan::Aggregate(rewritten)))

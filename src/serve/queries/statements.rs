@@ -89,8 +89,6 @@ pub(super) fn show_all<C: ClientInfo + ?Sized>(
     conn: &ConnSession,
     client: &C,
 ) -> PgWireResult<LogicalPlan> {
-    use datafusion::arrow::array::StringArray;
-    use datafusion::arrow::datatypes::{DataType, Field, Schema};
     let meta = client.metadata();
     let get = |key: &str, default: &str| meta.get(key).cloned().unwrap_or(default.to_string());
     let timeout = meta
@@ -189,6 +187,13 @@ pub(super) fn show_all<C: ClientInfo + ?Sized>(
             "Shows whether the current transaction is read-only.",
         ),
     ];
+    settings_table(&rows)
+}
+
+/// A plan reading the settings rows as a table of name, setting and description.
+fn settings_table(rows: &[(&str, String, &str)]) -> PgWireResult<LogicalPlan> {
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
     let schema = Arc::new(Schema::new(vec![
         Field::new("name", DataType::Utf8, false),
         Field::new("setting", DataType::Utf8, false),
