@@ -84,45 +84,18 @@ impl Runner {
             .get(&result_key)
             .and_then(|n| n.parse::<u64>().ok());
         // The values a relationships test found missing when it last ran, all of them.
-        let failing_before = match (&t.referenced, &t.added_rows, failures_before, before) {
-            (Some(r), Some(_), Some(n), Some(_)) if n > 0 => {
-                match state.state_before.get(&failing_key) {
-                    Some(kept) => failing_values(ctx, &t.table, &r.column, kept)
-                        .await
-                        .filter(|v| v.num_rows() as u64 == n)
-                        .map(|values| (values, r)),
-                    None => None,
-                }
-            }
-            _ => None,
-        };
-        // A custom SQL test that filters the rows of one table, each on its own, checks
-        // added rows like the built-in per-row tests (its query is planned to tell only
-        // when it passed before on other table versions).
-        let added = match before {
-            Some(b) if *b != print && (failures_before == Some(0) || failing_before.is_some()) => {
-                let table = match &t.added_rows {
-                    Some(_) => Some(t.table.as_str()),
-                    None => row_local_table(ctx, t).await,
-                };
-                table.and_then(|table| {
-                    added_rows(b, t, table, state).map(|narrowed| (table, narrowed))
-                })
-            }
-            _ => None,
-        };
-        // A relationships test whose referenced table was rewritten narrows only when none
-        // of the values its rows may refer to went away.
-        let added = match added {
-            Some((table, narrowed)) => match (narrowed.referenced_removed, &t.referenced) {
-                (None, _) => Some((table, narrowed.added)),
-                (Some(removed), Some(r)) => values_kept(ctx, &r.to_table, &r.to_column, removed)
-                    .await
-                    .then_some((table, narrowed.added)),
-                (Some(_), None) => None,
-            },
-            None => None,
-        };
+        let failing_before =
+            kept_failing_values(ctx, t, state, &failing_key, failures_before, before).await;
+        let added = added_to_check(
+            ctx,
+            t,
+            state,
+            before,
+            &print,
+            failures_before,
+            failing_before.is_some(),
+        )
+        .await;
         let (failures, failing, checked) = if before == Some(&print) && failures_before.is_some() {
             (failures_before.unwrap_or_default(), None, Checked::Reused)
         } else if failures_before == Some(0)
@@ -137,48 +110,8 @@ impl Runner {
                 Some(_) => Checked::AddedAndFailing,
                 None => Checked::AddedRows,
             };
-            let (failures, failing) = match (files, &t.added_rows, failing_before) {
-                (files, Some(query), failing) => {
-                    let added = match files {
-                        Some((files, schema)) => {
-                            Some(ctx.read_table(table_files_provider(&files, schema).await?)?)
-                        }
-                        None => None,
-                    };
-                    // The values that failed join those of the added rows: the old rows'
-                    // other values are still in the table they refer to.
-                    let rows = match (added, failing) {
-                        (Some(added), Some((values, r))) => Some(
-                            added
-                                .select_columns(&[r.column.as_str()])?
-                                .union(ctx.read_batch(values)?)?,
-                        ),
-                        (None, Some((values, _))) => Some(ctx.read_batch(values)?),
-                        (added, None) => added,
-                    };
-                    match rows {
-                        Some(rows) => {
-                            ctx.register_table(crate::plan::ADDED_ROWS, rows.into_view())?;
-                            let n = failing_rows(ctx, query, pipeline, t).await;
-                            ctx.deregister_table(crate::plan::ADDED_ROWS)?;
-                            n?
-                        }
-                        None => (0, None),
-                    }
-                }
-                // The test's own query, over only the added rows of its one table.
-                (Some((files, schema)), None, _) => {
-                    let added = table_files_provider(&files, schema).await?;
-                    let whole = ctx.table_provider(table).await?;
-                    ctx.deregister_table(table)?;
-                    ctx.register_table(table, added)?;
-                    let n = failing_rows(ctx, &t.query, pipeline, t).await;
-                    ctx.deregister_table(table)?;
-                    ctx.register_table(table, whole)?;
-                    n?
-                }
-                (None, None, _) => (0, None),
-            };
+            let (failures, failing) =
+                check_added(ctx, pipeline, t, table, files, failing_before).await?;
             (failures, failing, checked)
         } else {
             let (failures, failing) = failing_rows(ctx, &t.query, pipeline, t).await?;
@@ -200,6 +133,125 @@ impl Runner {
             seconds,
         })
     }
+}
+
+/// The values a relationships test that checks added rows found missing when it last ran (on
+/// other table versions: `before`), all of them, with the test's reference; `None` when it
+/// found none, or they cannot be read.
+async fn kept_failing_values<'t>(
+    ctx: &SessionContext,
+    t: &'t crate::plan::DataTest,
+    state: &RunState,
+    failing_key: &StateKey,
+    failures_before: Option<u64>,
+    before: Option<&String>,
+) -> Option<(arrow::record_batch::RecordBatch, &'t crate::plan::Reference)> {
+    match (&t.referenced, &t.added_rows, failures_before, before) {
+        (Some(r), Some(_), Some(n), Some(_)) if n > 0 => {
+            match state.state_before.get(failing_key) {
+                Some(kept) => failing_values(ctx, &t.table, &r.column, kept)
+                    .await
+                    .filter(|v| v.num_rows() as u64 == n)
+                    .map(|values| (values, r)),
+                None => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The table whose added rows a test may check instead of its tables whole, with the files the
+/// run added to it: when its last check (`before`) was on other table versions and passed, or
+/// kept the values that failed (`failing`).
+async fn added_to_check<'t>(
+    ctx: &SessionContext,
+    t: &'t crate::plan::DataTest,
+    state: &RunState,
+    before: Option<&String>,
+    print: &str,
+    failures_before: Option<u64>,
+    failing: bool,
+) -> Option<(&'t str, Option<Files>)> {
+    // A custom SQL test that filters the rows of one table, each on its own, checks
+    // added rows like the built-in per-row tests (its query is planned to tell only
+    // when it passed before on other table versions).
+    let added = match before {
+        Some(b) if *b != print && (failures_before == Some(0) || failing) => {
+            let table = match &t.added_rows {
+                Some(_) => Some(t.table.as_str()),
+                None => row_local_table(ctx, t).await,
+            };
+            table.and_then(|table| added_rows(b, t, table, state).map(|narrowed| (table, narrowed)))
+        }
+        _ => None,
+    };
+    // A relationships test whose referenced table was rewritten narrows only when none
+    // of the values its rows may refer to went away.
+    match added {
+        Some((table, narrowed)) => match (narrowed.referenced_removed, &t.referenced) {
+            (None, _) => Some((table, narrowed.added)),
+            (Some(removed), Some(r)) => values_kept(ctx, &r.to_table, &r.to_column, removed)
+                .await
+                .then_some((table, narrowed.added)),
+            (Some(_), None) => None,
+        },
+        None => None,
+    }
+}
+
+/// Check only the rows added to `table` (in `files`; `None` when it gained none): with the
+/// test's query for added rows, over them and the values that failed before; else with its own
+/// query, over them in place of the table. The failures and failing values.
+async fn check_added(
+    ctx: &SessionContext,
+    pipeline: &Pipeline,
+    t: &crate::plan::DataTest,
+    table: &str,
+    files: Option<Files>,
+    failing_before: Option<(arrow::record_batch::RecordBatch, &crate::plan::Reference)>,
+) -> Result<(u64, Option<String>)> {
+    Ok(match (files, &t.added_rows, failing_before) {
+        (files, Some(query), failing) => {
+            let added = match files {
+                Some((files, schema)) => {
+                    Some(ctx.read_table(table_files_provider(&files, schema).await?)?)
+                }
+                None => None,
+            };
+            // The values that failed join those of the added rows: the old rows'
+            // other values are still in the table they refer to.
+            let rows = match (added, failing) {
+                (Some(added), Some((values, r))) => Some(
+                    added
+                        .select_columns(&[r.column.as_str()])?
+                        .union(ctx.read_batch(values)?)?,
+                ),
+                (None, Some((values, _))) => Some(ctx.read_batch(values)?),
+                (added, None) => added,
+            };
+            match rows {
+                Some(rows) => {
+                    ctx.register_table(crate::plan::ADDED_ROWS, rows.into_view())?;
+                    let n = failing_rows(ctx, query, pipeline, t).await;
+                    ctx.deregister_table(crate::plan::ADDED_ROWS)?;
+                    n?
+                }
+                None => (0, None),
+            }
+        }
+        // The test's own query, over only the added rows of its one table.
+        (Some((files, schema)), None, _) => {
+            let added = table_files_provider(&files, schema).await?;
+            let whole = ctx.table_provider(table).await?;
+            ctx.deregister_table(table)?;
+            ctx.register_table(table, added)?;
+            let n = failing_rows(ctx, &t.query, pipeline, t).await;
+            ctx.deregister_table(table)?;
+            ctx.register_table(table, whole)?;
+            n?
+        }
+        (None, None, _) => (0, None),
+    })
 }
 
 /// What checking one data test found, and the state entries that record it.

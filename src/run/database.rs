@@ -14,16 +14,19 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::info;
 
-use super::source::CursorFilter;
+use super::progress::Step;
+use super::source::{CursorFilter, ReadTotals};
 use super::{RunState, Runner, StepFigures};
 use crate::config::types::{ColumnType, UTC};
 use crate::error::{Error, Result};
 use crate::plan::{DELETED_AT, Database, DatabaseKind, Deletes, Incremental, Source, Write};
+use crate::sources::FileOutput;
 use crate::sources::convert::declared_schema;
 use crate::sources::database::{self, ReadQuery};
 use crate::sources::mysql;
 use crate::sources::postgres;
 use crate::sql::quote_ident;
+use crate::warehouse::Staged;
 use crate::warehouse::write::{NewData, TableWriter, delete_files, stage};
 
 /// The database of a source: its connection and its columns' types, PostgreSQL or MySQL.
@@ -115,6 +118,34 @@ impl Remote {
             Session::Pg(c) => postgres::bounds(source, c, db, column, condition).await,
             Session::My(c) => mysql::bounds(source, c, db, column, condition).await,
         }
+    }
+
+    /// The conditions of the key ranges read at once, each on its own connection, within
+    /// `condition`; only `condition` when the source is not read in parts.
+    async fn key_ranges(
+        &self,
+        session: &mut Session,
+        source: &Source,
+        db: &Database,
+        condition: Option<&str>,
+    ) -> Result<Vec<Option<String>>> {
+        Ok(match &db.partition {
+            Some((column, n)) if *n > 1 => {
+                let col = source
+                    .columns
+                    .iter()
+                    .find(|c| &c.name == column)
+                    .map_or(column.as_str(), |c| c.source_name.as_str());
+                match self.bounds(session, source, db, col, condition).await? {
+                    Some((lo, hi)) => database::ranges(col, lo, hi, *n)
+                        .into_iter()
+                        .map(|r| Some(and(condition, &r)))
+                        .collect(),
+                    None => vec![condition.map(str::to_string)],
+                }
+            }
+            _ => vec![condition.map(str::to_string)],
+        })
     }
 
     /// Run the query's SQL, sending its rows to the query's channel.
@@ -287,134 +318,29 @@ impl Runner {
         let now = chrono::Utc::now().timestamp_micros();
 
         // What is new: rows past the watermark, less the overlap.
-        let cursor_key = (
-            source.pipeline.clone(),
-            source.name.clone(),
-            "cursor".to_string(),
-        );
-        let watermark = (!full)
-            .then(|| state.state_before.get(&cursor_key).cloned())
-            .flatten();
-        let mut cursor = None;
-        let mut condition = None;
-        if let Some(Incremental::Cursor(c)) = &source.incremental {
-            let idx = source
-                .columns
-                .iter()
-                .position(|x| &x.name == c)
-                .unwrap_or(0);
-            let mut filter = CursorFilter::new(idx, declared.field(idx).data_type(), None)?;
-            if let Some(w) = &watermark {
-                filter.seed(w)?;
-                condition = Some(remote.cursor_condition(source, idx, w, db.overlap));
-            }
-            cursor = Some(filter);
-        }
+        let (mut cursor, condition) =
+            cursor_and_condition(source, db, &remote, &declared, state, full)?;
 
         // Key ranges read at once, each on its own connection.
-        let parts: Vec<Option<String>> = match &db.partition {
-            Some((column, n)) if *n > 1 => {
-                let col = source
-                    .columns
-                    .iter()
-                    .find(|c| &c.name == column)
-                    .map_or(column.as_str(), |c| c.source_name.as_str());
-                match remote
-                    .bounds(&mut session, source, db, col, condition.as_deref())
-                    .await?
-                {
-                    Some((lo, hi)) => database::ranges(col, lo, hi, *n)
-                        .into_iter()
-                        .map(|r| Some(and(condition.as_deref(), &r)))
-                        .collect(),
-                    None => vec![condition.clone()],
-                }
-            }
-            _ => vec![condition.clone()],
+        let parts = remote
+            .key_ranges(&mut session, source, db, condition.as_deref())
+            .await?;
+        let key_idx = key_positions(source);
+        let reading = Reading {
+            source,
+            db,
+            schema: &schema,
+            key_idx: &key_idx,
+            now,
         };
-        let key_idx: Vec<usize> = source
-            .write
-            .keys()
-            .iter()
-            .filter_map(|k| source.columns.iter().position(|c| &c.name == k))
-            .collect();
-        let (tx, mut rx) = mpsc::channel(2 * parts.len() + 2);
-        let mut tasks = JoinSet::new();
-        let mut first = Some(session);
-        for (i, cond) in parts.into_iter().enumerate() {
-            let sql = database::select_sql(source, db, cond.as_deref());
-            let (source, remote, declared, tx, key_idx) = (
-                source.clone(),
-                remote.clone(),
-                declared.clone(),
-                tx.clone(),
-                key_idx.clone(),
-            );
-            let label = if i == 0 && first.is_some() {
-                origin.clone()
-            } else {
-                format!("{origin} part {}", i + 1)
-            };
-            let given = first.take();
-            tasks.spawn(async move {
-                let session = match given {
-                    Some(s) => s,
-                    None => match remote.session(&source).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                    },
-                };
-                let query = ReadQuery {
-                    source: &source,
-                    sql: &sql,
-                    schema: declared,
-                    label: &label,
-                    keys: &key_idx,
-                    tx: tx.clone(),
-                };
-                let r = remote.read(session, query).await;
-                if let Err(e) = r {
-                    let _ = tx.send(Err(e)).await;
-                }
-            });
-        }
-        drop(tx);
+        let (mut rx, mut tasks) =
+            spawn_reads(&reading, &remote, &declared, parts, session, &origin);
 
         let url = self.wh.table_url(&source.table);
         let mut writer = TableWriter::new(&url, schema.clone())?;
-        let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
-        let mut new_keys: Vec<RecordBatch> = Vec::new();
-        let failure = loop {
-            let Some(out) = rx.recv().await else {
-                break None;
-            };
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => break Some(e),
-            };
-            rows_read += out.rows_read;
-            bytes_read += out.bytes_read;
-            rejected += out.rejects.len() as u64;
-            for b in &out.batches {
-                if let Some(c) = &mut cursor {
-                    c.apply(b)?;
-                }
-                if matches!(db.deletes, Some(Deletes::CompareKeys(_))) {
-                    new_keys.push(b.project(&key_idx)?);
-                }
-                writer
-                    .write(&with_deleted_at(source, db, b, &schema, now)?)
-                    .await?;
-            }
-            bar.inc(out.rows_read, out.bytes_read);
-            state
-                .rejects
-                .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
-        };
-        if let Some(e) = failure {
+        let received =
+            receive_rows(&reading, state, &mut rx, &mut writer, &mut cursor, &bar).await?;
+        if let Some(e) = received.failure {
             tasks.shutdown().await;
             let (adds, _) = writer.finish().await?;
             delete_files(&self.wh, &url, &adds).await?;
@@ -423,38 +349,22 @@ impl Runner {
         while tasks.join_next().await.is_some() {}
 
         // Rows gone at the source, marked deleted.
-        let compare_key = (
-            source.pipeline.clone(),
-            source.name.clone(),
-            "keys_compared".to_string(),
-        );
-        let mut marked = 0u64;
-        if let Some(Deletes::CompareKeys(every)) = &db.deletes {
-            let due = match (every, state.state_before.get(&compare_key)) {
-                (Some(every), Some(last)) if !full => last
-                    .parse::<i64>()
-                    .map(|last| now - last >= every.as_micros() as i64)
-                    .unwrap_or(true),
-                _ => true,
-            };
-            if due && !full {
-                let mut kept = remote.all_keys(source, db, &key_idx).await?;
-                kept.append(&mut new_keys);
-                let gone = self
-                    .gone_rows(source, ctx, &schema, &key_idx, kept, now)
-                    .await?;
-                for b in &gone {
-                    marked += b.num_rows() as u64;
-                    writer.write(b).await?;
-                }
-                // The time is kept only when it decides the next comparison, so that a run with
-                // nothing new commits nothing.
-                if every.is_some() {
-                    state.state_after.insert(compare_key, now.to_string());
-                }
-            }
-        }
+        let marked = self
+            .mark_gone(
+                &reading,
+                ctx,
+                state,
+                &remote,
+                received.new_keys,
+                &mut writer,
+            )
+            .await?;
 
+        let ReadTotals {
+            rows_read,
+            rejected,
+            bytes_read,
+        } = received.totals;
         let (adds, rows) = writer.finish().await?;
         self.settle_read(
             source,
@@ -479,6 +389,33 @@ impl Runner {
             self.skip(state, &source.table, "source", "no new rows");
             return Ok(());
         }
+        let staged = self.stage_read(source, ctx, schema, adds, rows).await?;
+        bar.finish();
+        self.record(
+            ctx,
+            state,
+            staged,
+            StepFigures {
+                kind: "source",
+                rows_in: rows_read,
+                rows_rejected: rejected,
+                started,
+            },
+        )
+        .await
+    }
+
+    /// Stage the files written as the source's new rows, in place of the whole table on a
+    /// full refresh.
+    async fn stage_read(
+        &self,
+        source: &Source,
+        ctx: &SessionContext,
+        schema: SchemaRef,
+        adds: Vec<deltalake::kernel::Add>,
+        rows: u64,
+    ) -> Result<Staged> {
+        let full = self.options.full_refresh;
         let new = NewData {
             table: source.table.clone(),
             schema,
@@ -494,22 +431,56 @@ impl Runner {
             true => Write::Overwrite,
             false => source.write.clone(),
         };
-        let staged = stage(&self.wh, ctx, new, &write)
+        stage(&self.wh, ctx, new, &write)
             .await
-            .map_err(|e| super::in_pipeline(e, &source.pipeline))?;
-        bar.finish();
-        self.record(
-            ctx,
-            state,
-            staged,
-            StepFigures {
-                kind: "source",
-                rows_in: rows_read,
-                rows_rejected: rejected,
-                started,
-            },
-        )
-        .await
+            .map_err(|e| super::in_pipeline(e, &source.pipeline))
+    }
+
+    /// With deletes that compare keys, when a comparison is due (never on a full refresh): the
+    /// rows gone at the source, written marked deleted; how many there were.
+    async fn mark_gone(
+        &self,
+        reading: &Reading<'_>,
+        ctx: &SessionContext,
+        state: &mut RunState,
+        remote: &Remote,
+        mut new_keys: Vec<RecordBatch>,
+        writer: &mut TableWriter,
+    ) -> Result<u64> {
+        let (source, db, now) = (reading.source, reading.db, reading.now);
+        let full = self.options.full_refresh;
+        let compare_key = (
+            source.pipeline.clone(),
+            source.name.clone(),
+            "keys_compared".to_string(),
+        );
+        let mut marked = 0u64;
+        if let Some(Deletes::CompareKeys(every)) = &db.deletes {
+            let due = match (every, state.state_before.get(&compare_key)) {
+                (Some(every), Some(last)) if !full => last
+                    .parse::<i64>()
+                    .map(|last| now - last >= every.as_micros() as i64)
+                    .unwrap_or(true),
+                _ => true,
+            };
+            if due && !full {
+                let mut kept = remote.all_keys(source, db, reading.key_idx).await?;
+                kept.append(&mut new_keys);
+                let gone = self
+                    .gone_rows(source, ctx, reading.schema, reading.key_idx, kept, now)
+                    .await?;
+                for b in &gone {
+                    marked += b.num_rows() as u64;
+                    writer.write(b).await?;
+                }
+                // The time is kept only when it decides the next comparison, so that a run with
+                // nothing new commits nothing.
+                if every.is_some() {
+                    state.state_after.insert(compare_key, now.to_string());
+                }
+            }
+        }
+        Ok(marked)
     }
 
     /// Rows of the table not yet marked deleted whose keys are not among `kept` (the keys at the
@@ -576,4 +547,186 @@ impl Runner {
         }
         Ok(out)
     }
+}
+
+/// What reading a database source's rows into its table needs.
+struct Reading<'a> {
+    source: &'a Source,
+    db: &'a Database,
+    /// The table's columns: the declared ones, and `_deleted_at` when it tracks deletes.
+    schema: &'a SchemaRef,
+    /// The positions of the write's key columns among the declared ones.
+    key_idx: &'a [usize],
+    /// The time of the load, µs since the epoch: rows marked deleted without a time get it.
+    now: i64,
+}
+
+/// The positions of the write's key columns among the source's columns.
+fn key_positions(source: &Source) -> Vec<usize> {
+    source
+        .write
+        .keys()
+        .iter()
+        .filter_map(|k| source.columns.iter().position(|c| &c.name == k))
+        .collect()
+}
+
+/// A cursor source's filter, from the watermark of the loads before unless on a full refresh,
+/// and the condition that reads only the rows past that watermark, less the overlap.
+fn cursor_and_condition(
+    source: &Source,
+    db: &Database,
+    remote: &Remote,
+    declared: &SchemaRef,
+    state: &RunState,
+    full: bool,
+) -> Result<(Option<CursorFilter>, Option<String>)> {
+    let cursor_key = (
+        source.pipeline.clone(),
+        source.name.clone(),
+        "cursor".to_string(),
+    );
+    let watermark = (!full)
+        .then(|| state.state_before.get(&cursor_key).cloned())
+        .flatten();
+    let mut cursor = None;
+    let mut condition = None;
+    if let Some(Incremental::Cursor(c)) = &source.incremental {
+        let idx = source
+            .columns
+            .iter()
+            .position(|x| &x.name == c)
+            .unwrap_or(0);
+        let mut filter = CursorFilter::new(idx, declared.field(idx).data_type(), None)?;
+        if let Some(w) = &watermark {
+            filter.seed(w)?;
+            condition = Some(remote.cursor_condition(source, idx, w, db.overlap));
+        }
+        cursor = Some(filter);
+    }
+    Ok((cursor, condition))
+}
+
+/// Start reading each part's rows (each part by its condition) in a task of its own: the
+/// first on `session`, the others each on a session of its own. The channel the rows and
+/// failures come on, and the tasks.
+fn spawn_reads(
+    reading: &Reading<'_>,
+    remote: &Remote,
+    declared: &SchemaRef,
+    parts: Vec<Option<String>>,
+    session: Session,
+    origin: &str,
+) -> (mpsc::Receiver<Result<FileOutput>>, JoinSet<()>) {
+    let (source, db) = (reading.source, reading.db);
+    let (tx, rx) = mpsc::channel(2 * parts.len() + 2);
+    let mut tasks = JoinSet::new();
+    let mut first = Some(session);
+    for (i, cond) in parts.into_iter().enumerate() {
+        let sql = database::select_sql(source, db, cond.as_deref());
+        let (source, remote, declared, tx, key_idx) = (
+            source.clone(),
+            remote.clone(),
+            declared.clone(),
+            tx.clone(),
+            reading.key_idx.to_vec(),
+        );
+        let label = if i == 0 && first.is_some() {
+            origin.to_string()
+        } else {
+            format!("{origin} part {}", i + 1)
+        };
+        let given = first.take();
+        tasks.spawn(async move {
+            let session = match given {
+                Some(s) => s,
+                None => match remote.session(&source).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                },
+            };
+            let query = ReadQuery {
+                source: &source,
+                sql: &sql,
+                schema: declared,
+                label: &label,
+                keys: &key_idx,
+                tx: tx.clone(),
+            };
+            let r = remote.read(session, query).await;
+            if let Err(e) = r {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+    }
+    drop(tx);
+    (rx, tasks)
+}
+
+/// What the reads sent: their totals, the keys of the rows read (when deletes compare keys),
+/// and the failure that ended them, when one did.
+struct Received {
+    totals: ReadTotals,
+    new_keys: Vec<RecordBatch>,
+    failure: Option<Error>,
+}
+
+/// Write the rows the reads send (with `_deleted_at`), the cursor seeing each, until the reads
+/// end or one fails; their rejected rows go to the run.
+async fn receive_rows(
+    reading: &Reading<'_>,
+    state: &mut RunState,
+    rx: &mut mpsc::Receiver<Result<FileOutput>>,
+    writer: &mut TableWriter,
+    cursor: &mut Option<CursorFilter>,
+    bar: &Step,
+) -> Result<Received> {
+    let Reading {
+        source,
+        db,
+        schema,
+        key_idx,
+        now,
+    } = *reading;
+    let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
+    let mut new_keys: Vec<RecordBatch> = Vec::new();
+    let failure = loop {
+        let Some(out) = rx.recv().await else {
+            break None;
+        };
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => break Some(e),
+        };
+        rows_read += out.rows_read;
+        bytes_read += out.bytes_read;
+        rejected += out.rejects.len() as u64;
+        for b in &out.batches {
+            if let Some(c) = cursor.as_mut() {
+                c.apply(b)?;
+            }
+            if matches!(db.deletes, Some(Deletes::CompareKeys(_))) {
+                new_keys.push(b.project(key_idx)?);
+            }
+            writer
+                .write(&with_deleted_at(source, db, b, schema, now)?)
+                .await?;
+        }
+        bar.inc(out.rows_read, out.bytes_read);
+        state
+            .rejects
+            .extend(out.rejects.into_iter().map(|r| (source.name.clone(), r)));
+    };
+    Ok(Received {
+        totals: ReadTotals {
+            rows_read,
+            rejected,
+            bytes_read,
+        },
+        new_keys,
+        failure,
+    })
 }

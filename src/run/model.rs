@@ -188,26 +188,10 @@ impl Runner {
             (Some(spec), true, None) => slice_count(ctx, model, spec).await?,
             _ => 1,
         };
-        let mut result = match &model.slices {
-            Some(spec) if slices > 1 => self.write_sliced(ctx, model, &spec.by, slices).await,
-            _ => {
-                self.write_model(cluster.as_ref().unwrap_or(ctx), model)
-                    .await
-            }
-        };
-        if let Err(e) = &result
-            && cluster.is_some()
-            && not_distributable(e)
-        {
-            tracing::warn!(
-                model = %model.name,
-                reason = %e.to_string().lines().next().unwrap_or_default(),
-                "the cluster cannot be sent this model's plan (a table function or a table \
-                 only this process has); it runs in this process"
-            );
-            result = self.write_model(ctx, model).await;
-        }
-        let result = result.map_err(|e| model_err(&e));
+        let result = self
+            .write_model_on(ctx, model, cluster.as_ref(), slices)
+            .await
+            .map_err(|e| model_err(&e));
         for (table, provider) in narrowed {
             ctx.deregister_table(table.as_str())?;
             ctx.register_table(table.as_str(), provider)?;
@@ -259,6 +243,35 @@ impl Runner {
         .await?;
         state.state_after.insert(key, print);
         Ok(())
+    }
+
+    /// Run the model's SQL into new, uncommitted files: on `cluster` when given (in this
+    /// process when the cluster cannot be sent its plan), else here, in `slices` slices when
+    /// there are more than one.
+    async fn write_model_on(
+        &self,
+        ctx: &SessionContext,
+        model: &Model,
+        cluster: Option<&SessionContext>,
+        slices: u64,
+    ) -> Result<NewData> {
+        let mut result = match &model.slices {
+            Some(spec) if slices > 1 => self.write_sliced(ctx, model, &spec.by, slices).await,
+            _ => self.write_model(cluster.unwrap_or(ctx), model).await,
+        };
+        if let Err(e) = &result
+            && cluster.is_some()
+            && not_distributable(e)
+        {
+            tracing::warn!(
+                model = %model.name,
+                reason = %e.to_string().lines().next().unwrap_or_default(),
+                "the cluster cannot be sent this model's plan (a table function or a table \
+                 only this process has); it runs in this process"
+            );
+            result = self.write_model(ctx, model).await;
+        }
+        result
     }
 
     /// Run `sql` into new, uncommitted files of `table` (with sort-merge joins when a hash join

@@ -241,169 +241,248 @@ impl Runner {
             }
             return Ok(());
         }
-        let deps = dependencies(&work);
-        let n = work.len();
-        let mut started = vec![false; n];
-        let mut done = vec![false; n];
-        // Steps to run again once nothing else runs.
-        let mut alone: Vec<usize> = Vec::new();
-        // What each finished step reported, joined in step order at the end.
-        let mut finished: Vec<Option<RunState>> = (0..n).map(|_| None).collect();
-        // The step each staged write of this call came from, to put them in step order.
-        let first_staged = state.staged.len();
-        let mut origin: Vec<usize> = Vec::new();
-        let mut error: Option<Error> = None;
-        let mut running: JoinSet<Done> = JoinSet::new();
-        // Steps running, and whether each ran beside another at some time.
-        let mut in_flight: Vec<usize> = Vec::new();
-        let mut overlapped = vec![false; n];
+        let mut run = SideBySide::new(work, chains, threads, state.staged.len());
         // Posts of the pipelines this one reads from before they commit.
         let mut posted = state.board.as_ref().map(|v| v.board.subscribe());
         loop {
             // Whether a step waits only for tables an upstream pipeline has not staged yet.
-            let mut waiting = false;
-            if error.is_none() {
-                let exclusive = alone.first().copied().filter(|_| running.is_empty());
-                for i in self.urgent_first(state, &work, &deps, &chains) {
-                    let ready = match exclusive {
-                        Some(e) => i == e,
-                        None => {
-                            alone.is_empty()
-                                && running.len() < threads
-                                && !started[i]
-                                && deps[i].iter().all(|d| done[*d])
-                        }
-                    };
-                    if !ready {
-                        continue;
-                    }
-                    let upstream = match &state.board {
-                        Some(view) => {
-                            let tables = view.upstream_tables(work[i].reads());
-                            match view.board.look_up(&tables) {
-                                Ok(Lookup::Ready(staged)) => staged,
-                                Ok(Lookup::Pending) => {
-                                    waiting = true;
-                                    continue;
-                                }
-                                Err(e) => {
-                                    error = Some(e);
-                                    break;
-                                }
-                            }
-                        }
-                        None => Vec::new(),
-                    };
-                    if let Err(e) = self.adopt(ctx, state, upstream).await {
-                        error = Some(e);
-                        break;
-                    }
-                    if exclusive.is_some() {
-                        alone.remove(0);
-                    }
-                    let fork_ctx = match crate::engine::fork_session(ctx).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            error = Some(e);
-                            break;
-                        }
-                    };
-                    started[i] = true;
-                    if !in_flight.is_empty() {
-                        overlapped[i] = true;
-                        for j in &in_flight {
-                            overlapped[*j] = true;
-                        }
-                    }
-                    in_flight.push(i);
-                    let fork = state.fork();
-                    let at = fork.staged.len();
-                    let (runner, step, chain) = (self.clone(), work[i].clone(), chains[i]);
-                    running.spawn(
-                        async move {
-                            let mut fork = fork;
-                            let result = runner.run_work(&step, chain, &fork_ctx, &mut fork).await;
-                            (i, at, fork, fork_ctx, result)
-                        }
-                        .in_current_span(),
-                    );
-                    if exclusive.is_some() {
-                        break;
-                    }
-                }
-            }
-            let joined = match (&mut posted, waiting && error.is_none()) {
+            let waiting = run.error.is_none() && self.start_ready(&mut run, ctx, state).await;
+            let joined = match (&mut posted, waiting && run.error.is_none()) {
                 // Wake at a post, or when a running step ends.
                 (Some(posted), true) => {
-                    if running.is_empty() {
+                    if run.running.is_empty() {
                         if posted.changed().await.is_err() {
                             break;
                         }
                         continue;
                     }
                     tokio::select! {
-                        joined = running.join_next() => joined,
+                        joined = run.running.join_next() => joined,
                         _ = posted.changed() => continue,
                     }
                 }
-                _ => running.join_next().await,
+                _ => run.running.join_next().await,
             };
             let Some(joined) = joined else {
                 break;
             };
-            let (i, at, mut fork, fork_ctx, result) = match joined {
-                Ok(d) => d,
-                Err(e) => {
-                    error.get_or_insert(Error::Internal(format!("a step of the run failed: {e}")));
-                    continue;
+            self.step_ended(&mut run, joined, ctx, state).await;
+        }
+        run.finish(state)
+    }
+
+    /// Start the steps that may start, urgent ones first: when no step waits to run again
+    /// alone, each whose earlier steps are done, up to `threads` at once; else that step, once
+    /// none runs. Whether a step waits only for tables an upstream pipeline has not staged yet.
+    /// On an error no further step starts, and `run` keeps the error.
+    async fn start_ready(
+        &self,
+        run: &mut SideBySide,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) -> bool {
+        let mut waiting = false;
+        let exclusive = run
+            .alone
+            .first()
+            .copied()
+            .filter(|_| run.running.is_empty());
+        for i in self.urgent_first(state, &run.work, &run.deps, &run.chains) {
+            let ready = match exclusive {
+                Some(e) => i == e,
+                None => {
+                    run.alone.is_empty()
+                        && run.running.len() < run.threads
+                        && !run.started[i]
+                        && run.deps[i].iter().all(|d| run.done[*d])
                 }
             };
-            in_flight.retain(|j| *j != i);
-            match result {
-                Err(e) if e.is_out_of_memory() && overlapped[i] && error.is_none() => {
-                    tracing::info!(
-                        step = work[i].writes().join(", "),
-                        "a step ran out of memory beside other steps; it runs again alone"
-                    );
-                    let fork_staged: Vec<Staged> = fork.staged.drain(at..).collect();
-                    self.discard(&fork_staged).await;
-                    overlapped[i] = false;
-                    alone.push(i);
-                    continue;
+            if !ready {
+                continue;
+            }
+            let upstream = match &state.board {
+                Some(view) => {
+                    let tables = view.upstream_tables(run.work[i].reads());
+                    match view.board.look_up(&tables) {
+                        Ok(Lookup::Ready(staged)) => staged,
+                        Ok(Lookup::Pending) => {
+                            waiting = true;
+                            continue;
+                        }
+                        Err(e) => {
+                            run.error = Some(e);
+                            break;
+                        }
+                    }
                 }
+                None => Vec::new(),
+            };
+            if let Err(e) = self.adopt(ctx, state, upstream).await {
+                run.error = Some(e);
+                break;
+            }
+            if exclusive.is_some() {
+                run.alone.remove(0);
+            }
+            let fork_ctx = match crate::engine::fork_session(ctx).await {
+                Ok(c) => c,
                 Err(e) => {
-                    error.get_or_insert(e);
+                    run.error = Some(e);
+                    break;
                 }
-                Ok(()) => {}
+            };
+            self.spawn_step(run, i, fork_ctx, state);
+            if exclusive.is_some() {
+                break;
             }
-            let succeeded = error.is_none();
-            // Later steps read what this one staged, in the run's session.
-            for s in fork.staged.drain(at..) {
-                if s.changes()
-                    && let Err(e) = share_table(&fork_ctx, ctx, &s.table).await
-                {
-                    error.get_or_insert(e);
-                }
-                origin.push(i);
-                state.staged.push(s);
-            }
-            if succeeded {
-                self.post(state, &work[i].writes());
-            }
-            done[i] = true;
-            finished[i] = Some(fork);
         }
+        waiting
+    }
+
+    /// Start step `i` in a task of its own, in `fork_ctx` and a fork of the run's state.
+    fn spawn_step(
+        &self,
+        run: &mut SideBySide,
+        i: usize,
+        fork_ctx: SessionContext,
+        state: &RunState,
+    ) {
+        run.started[i] = true;
+        if !run.in_flight.is_empty() {
+            run.overlapped[i] = true;
+            for j in &run.in_flight {
+                run.overlapped[*j] = true;
+            }
+        }
+        run.in_flight.push(i);
+        let fork = state.fork();
+        let at = fork.staged.len();
+        let (runner, step, chain) = (self.clone(), run.work[i].clone(), run.chains[i]);
+        run.running.spawn(
+            async move {
+                let mut fork = fork;
+                let result = runner.run_work(&step, chain, &fork_ctx, &mut fork).await;
+                (i, at, fork, fork_ctx, result)
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Take in a step that ended: what it staged (shared with the run's session) and its
+    /// state. A step that ran out of memory beside others is set to run again alone instead.
+    async fn step_ended(
+        &self,
+        run: &mut SideBySide,
+        joined: std::result::Result<Done, tokio::task::JoinError>,
+        ctx: &SessionContext,
+        state: &mut RunState,
+    ) {
+        let (i, at, mut fork, fork_ctx, result) = match joined {
+            Ok(d) => d,
+            Err(e) => {
+                run.error
+                    .get_or_insert(Error::Internal(format!("a step of the run failed: {e}")));
+                return;
+            }
+        };
+        run.in_flight.retain(|j| *j != i);
+        match result {
+            Err(e) if e.is_out_of_memory() && run.overlapped[i] && run.error.is_none() => {
+                tracing::info!(
+                    step = run.work[i].writes().join(", "),
+                    "a step ran out of memory beside other steps; it runs again alone"
+                );
+                let fork_staged: Vec<Staged> = fork.staged.drain(at..).collect();
+                self.discard(&fork_staged).await;
+                run.overlapped[i] = false;
+                run.alone.push(i);
+                return;
+            }
+            Err(e) => {
+                run.error.get_or_insert(e);
+            }
+            Ok(()) => {}
+        }
+        let succeeded = run.error.is_none();
+        // Later steps read what this one staged, in the run's session.
+        for s in fork.staged.drain(at..) {
+            if s.changes()
+                && let Err(e) = share_table(&fork_ctx, ctx, &s.table).await
+            {
+                run.error.get_or_insert(e);
+            }
+            run.origin.push(i);
+            state.staged.push(s);
+        }
+        if succeeded {
+            self.post(state, &run.work[i].writes());
+        }
+        run.done[i] = true;
+        run.finished[i] = Some(fork);
+    }
+}
+
+/// The steps of a run going side by side: each step's earlier steps and chain, which started
+/// and which are done, what those that ended gave, and the first error.
+struct SideBySide {
+    work: Vec<Work>,
+    deps: Vec<Vec<usize>>,
+    chains: Vec<usize>,
+    /// Steps run at once.
+    threads: usize,
+    started: Vec<bool>,
+    done: Vec<bool>,
+    /// Steps to run again once nothing else runs.
+    alone: Vec<usize>,
+    /// What each finished step reported, joined in step order at the end.
+    finished: Vec<Option<RunState>>,
+    /// The step each staged write of this call came from, to put them in step order.
+    first_staged: usize,
+    origin: Vec<usize>,
+    error: Option<Error>,
+    running: JoinSet<Done>,
+    /// Steps running, and whether each ran beside another at some time.
+    in_flight: Vec<usize>,
+    overlapped: Vec<bool>,
+}
+
+impl SideBySide {
+    /// Nothing started yet; the run's state held `first_staged` writes.
+    fn new(work: Vec<Work>, chains: Vec<usize>, threads: usize, first_staged: usize) -> Self {
+        let deps = dependencies(&work);
+        let n = work.len();
+        SideBySide {
+            work,
+            deps,
+            chains,
+            threads,
+            started: vec![false; n],
+            done: vec![false; n],
+            alone: Vec::new(),
+            finished: (0..n).map(|_| None).collect(),
+            first_staged,
+            origin: Vec::new(),
+            error: None,
+            running: JoinSet::new(),
+            in_flight: Vec::new(),
+            overlapped: vec![false; n],
+        }
+    }
+
+    /// Take what the steps gave into the run's state; the first error, if a step failed.
+    fn finish(self, state: &mut RunState) -> Result<()> {
         // Reports, records and writes in the pipeline's step order, however the steps ended.
-        let mut staged: Vec<(usize, Staged)> = origin
+        let mut staged: Vec<(usize, Staged)> = self
+            .origin
             .into_iter()
-            .zip(state.staged.drain(first_staged..))
+            .zip(state.staged.drain(self.first_staged..))
             .collect();
         staged.sort_by_key(|(i, _)| *i);
         state.staged.extend(staged.into_iter().map(|(_, s)| s));
-        for fork in finished.into_iter().flatten() {
+        for fork in self.finished.into_iter().flatten() {
             state.join(fork);
         }
-        match error {
+        match self.error {
             Some(e) => Err(e),
             None => Ok(()),
         }
