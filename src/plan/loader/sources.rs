@@ -20,7 +20,45 @@ impl Loader {
                 at,
             ));
         }
-        let table = match &s.table {
+        let table = self.source_table(r, name, s);
+        let location = self.source_location(r, name, s, at);
+        let columns = self.source_columns(r, name, s);
+        let write = self.source_write(r, name, s, at);
+        let csv = self.source_csv(r, name, s, at);
+        let incremental = self.source_incremental(r, name, s, at);
+        let database = self.database_source(r, name, s, at, &columns, incremental.as_ref());
+        let input = source_input(s.format, location, csv, database);
+        self.check_incremental_fits(r, name, s, at, incremental.as_ref());
+        let max_reject_ratio = s.rejects.as_ref().map_or(0.05, |r| r.max_ratio);
+        if !(0.0..=1.0).contains(&max_reject_ratio) {
+            self.problems.push(here(
+                format!("source '{name}': rejects.max_ratio must be between 0 and 1"),
+                at,
+            ));
+        }
+        let freshness = self.source_freshness(r, name, s);
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Source {
+            pipeline: r.name.clone(),
+            name: name.to_string(),
+            table,
+            input: input?,
+            write: write?,
+            columns,
+            max_reject_ratio,
+            incremental,
+            freshness,
+        })
+    }
+
+    /// The table a source loads into: `table:` (its name checked) or `raw_<pipeline>_<source>`.
+    fn source_table(&mut self, r: &RawPipeline, name: &str, s: &SourceSpec) -> String {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        match &s.table {
             Some(t) if !valid_identifier(&t.value) => {
                 self.problems.push(here(
                     format!(
@@ -33,8 +71,21 @@ impl Loader {
             }
             Some(t) => t.value.clone(),
             None => format!("raw_{}_{}", r.name, name),
+        }
+    }
+
+    /// Where a file source's files are, from `location:`; `None` for a database source.
+    fn source_location(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<Location> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
         };
-        let location = match (&s.location, s.format.is_database()) {
+        match (&s.location, s.format.is_database()) {
             (Some(l), false) => match Location::resolve(&l.value, &self.root) {
                 Ok(l) => Some(l),
                 Err(msg) => {
@@ -53,6 +104,13 @@ impl Loader {
                 None
             }
             (_, true) => None,
+        }
+    }
+
+    /// The columns of a source's `schema:`, each checked, in order.
+    fn source_columns(&mut self, r: &RawPipeline, name: &str, s: &SourceSpec) -> Vec<Column> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
         };
         let mut columns = Vec::new();
         let at_column = |msg: String, col: &str| {
@@ -86,14 +144,27 @@ impl Loader {
                 &s.schema.referenced,
             ));
         }
-        let write = self.source_write(r, name, s, at);
+        columns
+    }
+
+    /// A source's CSV settings from its `csv:` options (checked), or the defaults.
+    fn source_csv(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+    ) -> CsvSettings {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
         if s.csv.is_some() && s.format != SourceFormat::Csv {
             self.problems.push(here(
                 format!("source '{name}': `csv:` options need `format: csv`"),
                 at,
             ));
         }
-        let csv = s.csv.as_ref().map_or_else(CsvSettings::default, |o| {
+        s.csv.as_ref().map_or_else(CsvSettings::default, |o| {
             let mut c = CsvSettings::default();
             for (opt, v, slot) in [
                 ("delimiter", o.delimiter, &mut c.delimiter),
@@ -115,8 +186,21 @@ impl Loader {
                 c.null_values = n.clone();
             }
             c
-        });
-        let incremental = match &s.incremental {
+        })
+    }
+
+    /// What is new since the last run for an incremental source, from `incremental:`.
+    fn source_incremental(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<Incremental> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        match &s.incremental {
             None => None,
             Some(IncrementalSpec {
                 files: Some(_),
@@ -148,30 +232,20 @@ impl Loader {
                 ));
                 None
             }
-        };
-        let database = self.database_source(r, name, s, at, &columns, incremental.as_ref());
-        let input = match (s.format, location, database) {
-            (SourceFormat::Csv, Some(location), _) => Some(Input::Files {
-                format: FileFormat::Csv(csv),
-                location,
-            }),
-            (SourceFormat::Json, Some(location), _) => Some(Input::Files {
-                format: FileFormat::Json,
-                location,
-            }),
-            (SourceFormat::Parquet, Some(location), _) => Some(Input::Files {
-                format: FileFormat::Parquet,
-                location,
-            }),
-            (SourceFormat::Delta, Some(location), _) => Some(Input::Files {
-                format: FileFormat::Delta,
-                location,
-            }),
-            (SourceFormat::Postgres | SourceFormat::Mysql, _, Some(db)) => {
-                Some(Input::Database(db))
-            }
-            // The problem is already reported.
-            _ => None,
+        }
+    }
+
+    /// Check that an incremental source's mode and format suit the way it finds what is new.
+    fn check_incremental_fits(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+        incremental: Option<&Incremental>,
+    ) {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
         };
         if incremental.is_some() && s.mode == WriteMode::Overwrite {
             self.problems.push(here(
@@ -182,7 +256,7 @@ impl Loader {
                 at,
             ));
         }
-        if incremental == Some(Incremental::NewFiles)
+        if incremental == Some(&Incremental::NewFiles)
             && (s.format == SourceFormat::Delta || s.format.is_database())
         {
             self.problems.push(here(
@@ -193,14 +267,19 @@ impl Loader {
                 at,
             ));
         }
-        let max_reject_ratio = s.rejects.as_ref().map_or(0.05, |r| r.max_ratio);
-        if !(0.0..=1.0).contains(&max_reject_ratio) {
-            self.problems.push(here(
-                format!("source '{name}': rejects.max_ratio must be between 0 and 1"),
-                at,
-            ));
-        }
-        let freshness = s.freshness.as_ref().map(|f| {
+    }
+
+    /// A source's freshness thresholds (warn after, error after), from `freshness:`.
+    fn source_freshness(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+    ) -> Option<(Option<std::time::Duration>, Option<std::time::Duration>)> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        s.freshness.as_ref().map(|f| {
             let mut parse = |what: &str, v: &Option<serde_saphyr::Spanned<String>>| {
                 let v = v.as_ref()?;
                 match super::super::access::parse_duration(&v.value) {
@@ -218,20 +297,6 @@ impl Loader {
                 parse("warn_after", &f.warn_after),
                 parse("error_after", &f.error_after),
             )
-        });
-        if self.problems.len() > before {
-            return None;
-        }
-        Some(Source {
-            pipeline: r.name.clone(),
-            name: name.to_string(),
-            table,
-            input: input?,
-            write: write?,
-            columns,
-            max_reject_ratio,
-            incremental,
-            freshness,
         })
     }
 
@@ -266,7 +331,6 @@ impl Loader {
             }
             return None;
         }
-        let column = |c: &str| columns.iter().find(|x| x.name == c);
         if s.freshness.is_some() {
             self.problems.push(here(
                 format!(
@@ -276,7 +340,36 @@ impl Loader {
                 at,
             ));
         }
-        let connection = match &s.connection {
+        let connection = self.database_connection(r, name, s, at);
+        let relation = self.database_relation(r, name, s, at);
+        let partition = self.database_partition(r, name, s, at, columns);
+        let overlap = self.database_overlap(r, name, at, overlap, columns, incremental);
+        let deletes = self.database_deletes(r, name, s, at, columns);
+        Some(Database {
+            kind: match s.format {
+                SourceFormat::Mysql => DatabaseKind::Mysql,
+                _ => DatabaseKind::Postgres,
+            },
+            connection: connection?,
+            relation: relation?,
+            partition,
+            overlap,
+            deletes,
+        })
+    }
+
+    /// Where a database source's connection URL comes from, from `connection:` (never a URL).
+    fn database_connection(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<ConnectionRef> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        match &s.connection {
             None => {
                 self.problems.push(here(
                     format!(
@@ -319,8 +412,21 @@ impl Loader {
                     Some(ConnectionRef::File(self.root.join(f)))
                 }
             },
+        }
+    }
+
+    /// What a database source reads: the table of `location:` or the SELECT of `query:`.
+    fn database_relation(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+    ) -> Option<Relation> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
         };
-        let relation = match (&s.location, &s.query) {
+        match (&s.location, &s.query) {
             (Some(t), None) => {
                 let ok = {
                     let parts: Vec<&str> = t.value.split('.').collect();
@@ -371,8 +477,23 @@ impl Loader {
                 ));
                 None
             }
+        }
+    }
+
+    /// A database source's parallel reads (column, number of ranges), from `partition:`.
+    fn database_partition(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+        columns: &[Column],
+    ) -> Option<(String, u32)> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
         };
-        let partition = s.partition.as_ref().and_then(|p| {
+        let column = |c: &str| columns.iter().find(|x| x.name == c);
+        s.partition.as_ref().and_then(|p| {
             let ok_type = column(&p.column)
                 .is_some_and(|c| matches!(c.ty, ColumnType::Int | ColumnType::BigInt));
             if !ok_type {
@@ -394,8 +515,24 @@ impl Loader {
             } else {
                 Some((p.column.clone(), p.parts))
             }
-        });
-        let overlap = match overlap {
+        })
+    }
+
+    /// How far below the watermark an incremental database read starts again (`overlap:`).
+    fn database_overlap(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        at: &serde_saphyr::Location,
+        overlap: Option<&str>,
+        columns: &[Column],
+        incremental: Option<&Incremental>,
+    ) -> Option<std::time::Duration> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
+        };
+        let column = |c: &str| columns.iter().find(|x| x.name == c);
+        match overlap {
             None => None,
             Some(o) => {
                 let cursor_ok = match incremental {
@@ -421,8 +558,23 @@ impl Loader {
                     }
                 }
             }
+        }
+    }
+
+    /// How deletes at a database source are found, from `deletes:`.
+    fn database_deletes(
+        &mut self,
+        r: &RawPipeline,
+        name: &str,
+        s: &SourceSpec,
+        at: &serde_saphyr::Location,
+        columns: &[Column],
+    ) -> Option<Deletes> {
+        let here = |msg: String, loc: &serde_saphyr::Location| {
+            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
         };
-        let deletes = match &s.deletes {
+        let column = |c: &str| columns.iter().find(|x| x.name == c);
+        match &s.deletes {
             None => None,
             Some(d) => {
                 if s.mode != WriteMode::Merge {
@@ -482,18 +634,7 @@ impl Loader {
                     }
                 }
             }
-        };
-        Some(Database {
-            kind: match s.format {
-                SourceFormat::Mysql => DatabaseKind::Mysql,
-                _ => DatabaseKind::Postgres,
-            },
-            connection: connection?,
-            relation: relation?,
-            partition,
-            overlap,
-            deletes,
-        })
+        }
     }
 
     /// How a source's rows meet its table, from `mode:` and `keys:`; `None` (with the problem
@@ -535,5 +676,35 @@ impl Loader {
             },
             _ => Write::Overwrite,
         })
+    }
+}
+
+/// What a source reads, from its format and the location or database settings that suit it.
+fn source_input(
+    format: SourceFormat,
+    location: Option<Location>,
+    csv: CsvSettings,
+    database: Option<Database>,
+) -> Option<Input> {
+    match (format, location, database) {
+        (SourceFormat::Csv, Some(location), _) => Some(Input::Files {
+            format: FileFormat::Csv(csv),
+            location,
+        }),
+        (SourceFormat::Json, Some(location), _) => Some(Input::Files {
+            format: FileFormat::Json,
+            location,
+        }),
+        (SourceFormat::Parquet, Some(location), _) => Some(Input::Files {
+            format: FileFormat::Parquet,
+            location,
+        }),
+        (SourceFormat::Delta, Some(location), _) => Some(Input::Files {
+            format: FileFormat::Delta,
+            location,
+        }),
+        (SourceFormat::Postgres | SourceFormat::Mysql, _, Some(db)) => Some(Input::Database(db)),
+        // The problem is already reported.
+        _ => None,
     }
 }

@@ -32,42 +32,16 @@ pub(super) async fn merge(
     // those keys are found too, and the merge then reads only them: a batch that changes rows
     // of a few files (this year's open invoices) does not read the others again.
     let started = std::time::Instant::now();
-    // The files holding any key of the new rows, when they were looked up.
-    let mut with_keys: Option<Vec<String>> = None;
-    let any_known = match gone {
-        Some(_) => Ok(true),
-        None if old.len() > 1 => {
-            let files = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
-                files_with_keys(ctx, keys, &new_name, &target_name)
-            })
-            .await;
-            match files {
-                Ok(files) if !files.is_empty() && files.len() < old.len() => {
-                    ctx.deregister_table(&target_name)?;
-                    let only = current
-                        .table_provider()
-                        .with_file_column(FILE_COLUMN)
-                        .with_file_paths(files.clone())
-                        .await?;
-                    ctx.register_table(&target_name, only)?;
-                    with_keys = Some(files);
-                    Ok(true)
-                }
-                Ok(files) => {
-                    let any = !files.is_empty();
-                    with_keys = Some(files);
-                    Ok(any)
-                }
-                Err(e) => Err(e),
-            }
-        }
-        None => {
-            crate::engine::spill_joins_on_retry(ctx, &new.table, || {
-                known_keys(ctx, keys, &new_name, &target_name)
-            })
-            .await
-        }
-    };
+    let (any_known, with_keys) = look_up_keys(
+        ctx,
+        current,
+        &new.table,
+        keys,
+        (new_name.as_str(), target_name.as_str()),
+        gone.as_ref(),
+        old.len(),
+    )
+    .await?;
     step_done(&new.table, "merge: keys looked up", started);
     if !matches!(any_known, Ok(true)) {
         ctx.deregister_table(&new_name)?;
@@ -89,16 +63,7 @@ pub(super) async fn merge(
     }
     let removing = ctx.table_exist(gone_name.as_str())?;
     // Files the merge may mark rows of instead of rewriting them, with their sizes.
-    let markable: HashMap<String, (&DataFile, Option<u64>)> = if marks_rows(wh, current)? {
-        old.iter()
-            .map(|(f, r)| {
-                let size = r.size.and_then(|s| u64::try_from(s).ok());
-                (f.url.to_string(), (f, size))
-            })
-            .collect()
-    } else {
-        HashMap::new()
-    };
+    let markable = markable_files(wh, current, &old)?;
     let result = crate::engine::spill_joins_on_retry(ctx, &new.table, || {
         let gone = removing.then_some(gone_name.as_str());
         let names = (new_name.as_str(), target_name.as_str(), gone);
@@ -121,6 +86,84 @@ pub(super) async fn merge(
     ctx.deregister_table(&target_name)?;
     delete_files(wh, &url, &new.adds).await?;
     let merged = result?;
+    merged_write(current, url, new, old, merged)
+}
+
+/// Whether the table holds any key of the new rows, and which files do when looked up.
+async fn look_up_keys(
+    ctx: &SessionContext,
+    current: &DeltaTable,
+    table: &str,
+    keys: &[String],
+    (new_name, target_name): (&str, &str),
+    gone: Option<&RecordBatch>,
+    old_files: usize,
+) -> Result<(Result<bool>, Option<Vec<String>>)> {
+    // The files holding any key of the new rows, when they were looked up.
+    let mut with_keys: Option<Vec<String>> = None;
+    let any_known = match gone {
+        Some(_) => Ok(true),
+        None if old_files > 1 => {
+            let files = crate::engine::spill_joins_on_retry(ctx, table, || {
+                files_with_keys(ctx, keys, new_name, target_name)
+            })
+            .await;
+            match files {
+                Ok(files) if !files.is_empty() && files.len() < old_files => {
+                    ctx.deregister_table(target_name)?;
+                    let only = current
+                        .table_provider()
+                        .with_file_column(FILE_COLUMN)
+                        .with_file_paths(files.clone())
+                        .await?;
+                    ctx.register_table(target_name, only)?;
+                    with_keys = Some(files);
+                    Ok(true)
+                }
+                Ok(files) => {
+                    let any = !files.is_empty();
+                    with_keys = Some(files);
+                    Ok(any)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            crate::engine::spill_joins_on_retry(ctx, table, || {
+                known_keys(ctx, keys, new_name, target_name)
+            })
+            .await
+        }
+    };
+    Ok((any_known, with_keys))
+}
+
+/// The files a merge may mark rows of instead of rewriting them, by URL, with their sizes.
+fn markable_files<'a>(
+    wh: &Warehouse,
+    current: &DeltaTable,
+    old: &'a [(DataFile, Remove)],
+) -> Result<HashMap<String, (&'a DataFile, Option<u64>)>> {
+    Ok(if marks_rows(wh, current)? {
+        old.iter()
+            .map(|(f, r)| {
+                let size = r.size.and_then(|s| u64::try_from(s).ok());
+                (f.url.to_string(), (f, size))
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    })
+}
+
+/// The staged merge: the table's files after it and the actions that get there.
+fn merged_write(
+    current: &DeltaTable,
+    url: Url,
+    new: NewData,
+    old: Vec<(DataFile, Remove)>,
+    merged: Merged,
+) -> Result<Staged> {
     // A file with rows marked deleted is removed and added again with its new deletion vector.
     let mut marked_adds = marked_file_adds(current, &url, &merged.marked)?;
     let mut files = Vec::with_capacity(old.len() + merged.adds.len());
@@ -288,33 +331,10 @@ pub(super) async fn merge_sql(
     } = job;
     let cols = column_list(new.schema.fields().iter().map(|f| f.name()));
     let on = same(keys, "c", "t");
-    // Only target rows whose keys come again can be equal to new rows.
-    let key_list = column_list(keys);
-    let on_kt = same(keys, "k", "t");
-    let t_cols = new
-        .schema
-        .fields()
-        .iter()
-        .map(|f| format!("t.{}", quote_ident(f.name())))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let t_cols = target_columns(new);
     let started = std::time::Instant::now();
-    // Rows known to be changes are the new rows as written; others are compared with the table.
-    let (changed_df, changed_rows) = match new.all_changes {
-        true => (
-            ctx.sql(&format!("select {cols} from {new_name}")).await?,
-            new.rows,
-        ),
-        false => {
-            let changed = format!(
-                "select {cols} from {new_name} except \
-                 select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
-            );
-            let df = ctx.sql(&changed).await?.cache().await?;
-            let rows = df.clone().count().await? as u64;
-            (df, rows)
-        }
-    };
+    let (changed_df, changed_rows) =
+        find_changed(ctx, new, keys, (new_name, target_name), &cols, &t_cols).await?;
     step_done(&new.table, "merge: changed rows found", started);
     let started = std::time::Instant::now();
     if changed_rows == 0 && gone_name.is_none() {
@@ -327,15 +347,7 @@ pub(super) async fn merge_sql(
     }
     ctx.register_table("__kbcrm_changed", changed_df.clone().into_view())?;
     // Rows of removed keys go, with the files that hold them.
-    let (touched_gone, keep_gone) = match gone_name {
-        Some(g) => (
-            format!(
-                " union select distinct t.{FILE_COLUMN} from {target_name} t join {g} c on {on}"
-            ),
-            format!(" and not exists (select 1 from {g} c where {on})"),
-        ),
-        None => (String::new(), String::new()),
-    };
+    let (touched_gone, keep_gone) = gone_clauses(gone_name, target_name, &on);
     let touched_sql = format!(
         "select distinct t.{FILE_COLUMN} from {target_name} t join __kbcrm_changed c on {on}{touched_gone}"
     );
@@ -372,53 +384,17 @@ pub(super) async fn merge_sql(
         .filter(|p| !marks.contains_key(&normalize_file(url, p)))
         .collect();
     let touched_urls: HashSet<String> = touched.iter().map(|p| normalize_file(url, p)).collect();
-    let list = touched
-        .iter()
-        .map(|p| format!("'{}'", p.replace('\'', "''")))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = quoted_list(&touched);
     // The new and changed rows, and the rows kept from the touched files, go to files of their
     // own, each laid out as the table declares: the kept rows' files are tagged with the
     // version they are unchanged since, so that a model reading only what changed skips them.
-    let result = async {
-        let (mut adds, _) = write_like(ctx, url, new, "select * from __kbcrm_changed").await?;
-        if !touched.is_empty() {
-            let kept_sql = format!(
-                "select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
+    let kept_sql = (!touched.is_empty()).then(|| {
+        format!(
+            "select {t_cols} from {target_name} t where t.{FILE_COLUMN} in ({list}) \
                  and not exists (select 1 from __kbcrm_changed c where {on}){keep_gone}"
-            );
-            let (kept, _) = match write_like(ctx, url, new, &kept_sql).await {
-                Ok(kept) => kept,
-                Err(e) => {
-                    delete_files(wh, url, &adds).await?;
-                    return Err(e);
-                }
-            };
-            adds.extend(
-                kept.into_iter()
-                    .map(|add| tag_unchanged_since(add, read_version)),
-            );
-        }
-        if marks.is_empty() {
-            return Ok((adds, HashMap::new()));
-        }
-        let vectors: Vec<&Deleted> = marks.values().map(Arc::as_ref).collect();
-        match super::super::deletion::write_deletion_vectors(wh.store(), url, &vectors).await {
-            Ok(descriptors) => {
-                let marked = marks
-                    .into_iter()
-                    .zip(descriptors)
-                    .map(|((u, d), dv)| (u, (d, dv)))
-                    .collect();
-                Ok((adds, marked))
-            }
-            Err(e) => {
-                delete_files(wh, url, &adds).await?;
-                Err(e)
-            }
-        }
-    }
-    .await;
+        )
+    });
+    let result = write_merged(wh, ctx, url, new, kept_sql, read_version, marks).await;
     step_done(&new.table, "merge: files rewritten", started);
     ctx.deregister_table("__kbcrm_changed")?;
     let (adds, marked) = result?;
@@ -428,6 +404,115 @@ pub(super) async fn merge_sql(
         marked,
         changed_rows,
     })
+}
+
+/// The new rows' columns, read from the table as `t`.
+fn target_columns(new: &NewData) -> String {
+    new.schema
+        .fields()
+        .iter()
+        .map(|f| format!("t.{}", quote_ident(f.name())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The new rows that change the table, and how many they are.
+async fn find_changed(
+    ctx: &SessionContext,
+    new: &NewData,
+    keys: &[String],
+    (new_name, target_name): (&str, &str),
+    cols: &str,
+    t_cols: &str,
+) -> Result<(datafusion::dataframe::DataFrame, u64)> {
+    // Only target rows whose keys come again can be equal to new rows.
+    let key_list = column_list(keys);
+    let on_kt = same(keys, "k", "t");
+    // Rows known to be changes are the new rows as written; others are compared with the table.
+    Ok(match new.all_changes {
+        true => (
+            ctx.sql(&format!("select {cols} from {new_name}")).await?,
+            new.rows,
+        ),
+        false => {
+            let changed = format!(
+                "select {cols} from {new_name} except \
+                 select {t_cols} from (select distinct {key_list} from {new_name}) k join {target_name} t on {on_kt}"
+            );
+            let df = ctx.sql(&changed).await?.cache().await?;
+            let rows = df.clone().count().await? as u64;
+            (df, rows)
+        }
+    })
+}
+
+/// The SQL added for rows of removed keys: to the touched files, and to the kept rows.
+fn gone_clauses(gone_name: Option<&str>, target_name: &str, on: &str) -> (String, String) {
+    match gone_name {
+        Some(g) => (
+            format!(
+                " union select distinct t.{FILE_COLUMN} from {target_name} t join {g} c on {on}"
+            ),
+            format!(" and not exists (select 1 from {g} c where {on})"),
+        ),
+        None => (String::new(), String::new()),
+    }
+}
+
+/// The files as an SQL list of quoted strings.
+fn quoted_list(files: &[&String]) -> String {
+    files
+        .iter()
+        .map(|p| format!("'{}'", p.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Write the changed rows, the kept rows (`kept_sql`) and the deletion vectors of `marks`.
+async fn write_merged(
+    wh: &Warehouse,
+    ctx: &SessionContext,
+    url: &Url,
+    new: &NewData,
+    kept_sql: Option<String>,
+    read_version: Option<u64>,
+    marks: HashMap<String, Arc<Deleted>>,
+) -> Result<(
+    Vec<Add>,
+    HashMap<String, (Arc<Deleted>, DeletionVectorDescriptor)>,
+)> {
+    let (mut adds, _) = write_like(ctx, url, new, "select * from __kbcrm_changed").await?;
+    if let Some(kept_sql) = kept_sql {
+        let (kept, _) = match write_like(ctx, url, new, &kept_sql).await {
+            Ok(kept) => kept,
+            Err(e) => {
+                delete_files(wh, url, &adds).await?;
+                return Err(e);
+            }
+        };
+        adds.extend(
+            kept.into_iter()
+                .map(|add| tag_unchanged_since(add, read_version)),
+        );
+    }
+    if marks.is_empty() {
+        return Ok((adds, HashMap::new()));
+    }
+    let vectors: Vec<&Deleted> = marks.values().map(Arc::as_ref).collect();
+    match super::super::deletion::write_deletion_vectors(wh.store(), url, &vectors).await {
+        Ok(descriptors) => {
+            let marked = marks
+                .into_iter()
+                .zip(descriptors)
+                .map(|((u, d), dv)| (u, (d, dv)))
+                .collect();
+            Ok((adds, marked))
+        }
+        Err(e) => {
+            delete_files(wh, url, &adds).await?;
+            Err(e)
+        }
+    }
 }
 
 /// All the rows of `file` (its URL `url`) to mark deleted once the rows of the keys in `set`
