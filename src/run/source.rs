@@ -418,6 +418,12 @@ fn read_files<'a>(
 /// actions and rows.
 type Written = Vec<(usize, (Vec<deltalake::kernel::Add>, u64))>;
 
+/// The encoders of a load: where to send each (source file, batch), and their tasks.
+type Encoders = (
+    Vec<Sender<(usize, RecordBatch)>>,
+    Vec<JoinHandle<Result<Written>>>,
+);
+
 /// Start `count` encoders, each writing the batches sent to it into new files of the table at
 /// `url`, new files for each source file: their senders and tasks.
 fn spawn_encoders(
@@ -425,10 +431,7 @@ fn spawn_encoders(
     table_schema: &SchemaRef,
     count: usize,
     parallel: usize,
-) -> (
-    Vec<Sender<(usize, RecordBatch)>>,
-    Vec<JoinHandle<Result<Written>>>,
-) {
+) -> Encoders {
     let mut senders = Vec::new();
     let mut encoders = Vec::new();
     for _ in 0..count {

@@ -334,3 +334,85 @@ fn no_source_file_is_longer_than_a_room() {
         "files over {MAX_FILE_LINES} lines; split them into child modules: {long:?}"
     );
 }
+
+/// A function grows past this many lines only with its reason written right above it, on a
+/// comment line starting `// Long because:`.
+const MAX_FN_LINES: usize = 120;
+const LONG_BECAUSE: &str = "// Long because:";
+
+/// The functions of one file's text longer than [`MAX_FN_LINES`] with no reason above them:
+/// (name, first line, length). A function ends at the first `}` line of its own indentation.
+fn long_functions(text: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let code = line.trim_start();
+        let indent = &line[..line.len() - code.len()];
+        let code = ["pub ", "pub(crate) ", "pub(super) "]
+            .iter()
+            .find_map(|v| code.strip_prefix(v))
+            .unwrap_or(code);
+        let code = code.strip_prefix("async ").unwrap_or(code);
+        let Some(name) = code.strip_prefix("fn ") else {
+            continue;
+        };
+        let name: String = name
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let close = format!("{indent}}}");
+        let Some(end) = lines[i + 1..].iter().position(|l| *l == close) else {
+            continue; // a declaration without a body
+        };
+        let length = end + 2;
+        // The reason sits above the doc comments and attributes.
+        let above = lines[..i]
+            .iter()
+            .rev()
+            .map(|l| l.trim_start())
+            .find(|l| !l.starts_with("///") && !l.starts_with("#["));
+        if length > MAX_FN_LINES && !above.is_some_and(|l| l.starts_with(LONG_BECAUSE)) {
+            out.push((name, i + 1, length));
+        }
+    }
+    out
+}
+
+#[test]
+fn no_function_is_longer_than_a_page_without_a_reason() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut long = Vec::new();
+    for p in rust_files(&src) {
+        let text = std::fs::read_to_string(&p).unwrap();
+        for (name, line, length) in long_functions(&text) {
+            let file = p.strip_prefix(&src).unwrap().display();
+            long.push(format!("src/{file}:{line} {name} ({length} lines)"));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FN_LINES} lines; split them, or write `{LONG_BECAUSE} ...` right \
+         above one that must stay whole:\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn the_function_length_check_counts_lines_and_reads_reasons() {
+    let body = "    x();\n".repeat(MAX_FN_LINES);
+    let long = format!("/// Doc.\npub async fn f() {{\n{body}}}\n");
+    assert_eq!(
+        long_functions(&long),
+        [("f".to_string(), 2, MAX_FN_LINES + 2)]
+    );
+    let reasoned = format!("{LONG_BECAUSE} one table.\n#[inline]\n{long}");
+    assert!(long_functions(&reasoned).is_empty());
+    let short = format!(
+        "impl A {{\n    fn g(&self) {{\n{}    }}\n}}\n",
+        "x();\n".repeat(10)
+    );
+    assert!(long_functions(&short).is_empty());
+    let body = "        x();\n".repeat(MAX_FN_LINES);
+    let method = format!("impl A {{\n    pub(super) fn h() {{\n{body}    }}\n}}\n");
+    assert_eq!(long_functions(&method)[0].0, "h");
+}
