@@ -108,6 +108,26 @@ pub enum Error {
         message: String,
     },
 
+    /// The golden records of an identity resolution could not be built (its SQL failed, e.g. for
+    /// memory or a survivorship rule the data does not fit). Exit code 1.
+    #[error("identity '{entity}': building its golden records failed: {cause}")]
+    Identity {
+        /// The entity resolved.
+        entity: String,
+        /// What failed.
+        #[source]
+        cause: Box<Error>,
+    },
+
+    /// A pipeline read tables another pipeline of the run had not committed yet, and that one
+    /// failed or builds again alone; this pipeline builds again once it has committed. The run
+    /// handles it: it reaches a user only if the rebuild cannot happen. Exit code 1.
+    #[error(
+        "a pipeline this one reads from failed or builds again alone; this one builds again once \
+         it has committed"
+    )]
+    UpstreamWithdrawn,
+
     /// DataFusion failed.
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),
@@ -168,7 +188,7 @@ impl Error {
             self,
             Error::DataFusion(e)
                 if matches!(e.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_))
-        )
+        ) || matches!(self, Error::Identity { cause, .. } if cause.is_out_of_memory())
     }
 
     /// One problem as an error.

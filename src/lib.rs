@@ -27,8 +27,12 @@
 //! ```
 //!
 //! Each layer imports only its own layer and those below it, and the modules of one layer form
-//! no circle; the integration test `layout` checks both over every `crate::` path. Each
-//! folder's `mod.rs` says what it owns and what it may import.
+//! no circle; the integration test `layout` checks both over every `crate::` path. What the user
+//! wrote (`config::pipeline`, `config::project`) stops at `plan`: the engine, the stages and `run`
+//! take plan's typed values (`plan::Write::Merge { keys }`, `plan::Input::Files { .. }`), in
+//! which an invalid combination of settings cannot be written. Each folder's `mod.rs` says what
+//! it owns and what it may import; no file is longer than about 800 lines and no function longer
+//! than 120 without its reason written above it (`// Long because:`), which `layout` checks too.
 //!
 //! A project is a folder with `kbcrm.yaml`, `pipelines/*.yaml` and `sql/**.sql`:
 //!

@@ -194,7 +194,7 @@ impl Board {
             return Ok(Lookup::Ready(Vec::new()));
         }
         if self.is_closed() {
-            return Err(closed());
+            return Err(Error::UpstreamWithdrawn);
         }
         let posted = self.lock();
         let mut ready = Vec::new();
@@ -247,19 +247,10 @@ impl Board {
                 return Ok(ready);
             }
             if changed.changed().await.is_err() {
-                return Err(closed());
+                return Err(Error::UpstreamWithdrawn);
             }
         }
     }
-}
-
-/// The error of a wait the board's closing stopped; the pipeline then builds again.
-fn closed() -> Error {
-    Error::Internal(
-        "a pipeline this one reads from failed or builds again alone; this one builds again \
-         once it has committed"
-            .into(),
-    )
 }
 
 /// One pipeline's place on its run's board.

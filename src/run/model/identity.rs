@@ -396,10 +396,11 @@ impl Runner {
         }
         .await
         .map_err(|e| {
-            Error::Internal(format!(
-                "the golden-record SQL of identity '{}' failed: {e}\n{golden_sql}",
-                identity.entity
-            ))
+            tracing::debug!(entity = %identity.entity, sql = %golden_sql, "the golden-record SQL failed");
+            Error::Identity {
+                entity: identity.entity.clone(),
+                cause: Box::new(e),
+            }
         });
         if let Some(full) = full_map {
             ctx.deregister_table(RECORDS)?;
