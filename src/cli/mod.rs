@@ -463,6 +463,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             format,
         } => {
             let project = cli.load()?;
+            let wh = crate::warehouse::Warehouse::open(&project.warehouse)?;
+            if wh.load(crate::run::QUARANTINE_TABLE).await?.is_none() {
+                eprintln!(
+                    "no row has been rejected here: the warehouse has no quarantine table yet. A \
+                     run commits rejected rows to it when they are within rejects.max_ratio; a \
+                     run that fails on the limit names its reasons and first rows in its error"
+                );
+                return Ok(());
+            }
             let sql = rejects_sql(pipeline.as_deref(), run.as_deref(), *summary, *limit);
             let batches = crate::warehouse::query::query(&project, &sql).await?;
             output::batches(&batches, *format)

@@ -294,9 +294,11 @@ pub enum NewFiles {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CsvOptions {
-    /// Field separator, one character; default ",".
+    /// Field separator: one ASCII character (`","` by default, `";"`, `"|"`, `"\t"`), or
+    /// `whitespace`: fields separated by runs of blanks (spaces, tabs), leading and trailing
+    /// blanks of a line ignored, each value trimmed.
     #[serde(default)]
-    pub delimiter: Option<char>,
+    pub delimiter: Option<String>,
     /// Quote character; default '"'.
     #[serde(default)]
     pub quote: Option<char>,
@@ -306,6 +308,36 @@ pub struct CsvOptions {
     /// Field values that mean "no value"; default [""].
     #[serde(default)]
     pub null_values: Option<Vec<String>>,
+    /// Whether every line ends with a delimiter (`1|2|3|`), which then ends no field. Detected
+    /// per file when not given: a header whose last name is empty, or (without a header) a
+    /// first line with one more field than declared, the last empty.
+    #[serde(default)]
+    pub trailing_delimiter: Option<bool>,
+    /// Lines at the start of each file to skip before the header (or the first row); default 0.
+    #[serde(default)]
+    pub skip_rows: Option<u64>,
+    /// Lines starting with this character are skipped (e.g. `"#"`); default none.
+    #[serde(default)]
+    pub comment: Option<char>,
+    /// The files' text encoding: `utf-8` (default), `latin1` (ISO-8859-1) or `windows-1252`;
+    /// the others are read as UTF-8 after transcoding. A UTF-8 byte-order mark is skipped.
+    #[serde(default)]
+    pub encoding: Option<TextEncoding>,
+}
+
+/// The text encoding of CSV files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+pub enum TextEncoding {
+    /// UTF-8.
+    #[default]
+    #[serde(rename = "utf-8", alias = "utf8")]
+    Utf8,
+    /// ISO-8859-1: each byte is the character of that number.
+    #[serde(rename = "latin1", alias = "iso-8859-1")]
+    Latin1,
+    /// Windows code page 1252 (Latin-1 with printable characters in 0x80-0x9F).
+    #[serde(rename = "windows-1252", alias = "cp1252")]
+    Windows1252,
 }
 
 /// Limits on rows rejected to quarantine.

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use url::Url;
 
-pub use crate::config::pipeline::{Misfire, Normalizer, Severity, Survivorship};
+pub use crate::config::pipeline::{Misfire, Normalizer, Severity, Survivorship, TextEncoding};
 pub use crate::config::project::MemoryPoolKind;
 pub use crate::config::project::{ExtractFormat, SmtpTls};
 use crate::config::types::ColumnType;
@@ -471,24 +471,45 @@ pub struct Column {
 #[derive(Debug, Clone)]
 pub struct CsvSettings {
     /// Field separator.
-    pub delimiter: u8,
+    pub delimiter: Delimiter,
     /// Quote character.
     pub quote: u8,
     /// First line is a header.
     pub header: bool,
     /// Values meaning null.
     pub null_values: Vec<String>,
+    /// Every line ends with a delimiter; `None`: detected per file.
+    pub trailing_delimiter: Option<bool>,
+    /// Lines skipped at the start of each file.
+    pub skip_rows: u64,
+    /// Lines starting with this byte are skipped.
+    pub comment: Option<u8>,
+    /// The files' text encoding.
+    pub encoding: TextEncoding,
 }
 
 impl Default for CsvSettings {
     fn default() -> Self {
         CsvSettings {
-            delimiter: b',',
+            delimiter: Delimiter::Byte(b','),
             quote: b'"',
             header: true,
             null_values: vec![String::new()],
+            trailing_delimiter: None,
+            skip_rows: 0,
+            comment: None,
+            encoding: TextEncoding::Utf8,
         }
     }
+}
+
+/// What separates the fields of a CSV line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delimiter {
+    /// One ASCII character.
+    Byte(u8),
+    /// A run of blanks (spaces and tabs).
+    Whitespace,
 }
 
 /// A validated SQL model.

@@ -117,3 +117,107 @@ async fn known_rejects(
     }
     Ok(out)
 }
+
+/// Reasons listed in a failed run's message, and rows shown as examples.
+const REASONS_SHOWN: usize = 5;
+const EXAMPLES_SHOWN: usize = 3;
+/// Bytes of a rejected row's raw text shown in a message.
+const RAW_SHOWN: usize = 200;
+
+/// Rejected rows in words, for a run that failed on them: how many for each reason and column
+/// (the value a reason quotes left out), most first, and the first rows with their file, line
+/// and raw text (cut and escaped).
+pub(super) fn in_words<'a>(rejects: impl Iterator<Item = &'a Reject>) -> String {
+    let mut counts: Vec<((Option<&str>, String), u64)> = Vec::new();
+    let mut examples = Vec::new();
+    for r in rejects {
+        let key = (r.column.as_deref(), without_value(&r.reason));
+        match counts.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((key, 1)),
+        }
+        if examples.len() < EXAMPLES_SHOWN {
+            examples.push(r);
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut out = String::from("Why, by rows:");
+    for ((column, reason), n) in counts.iter().take(REASONS_SHOWN) {
+        match column {
+            Some(c) => out.push_str(&format!("\n  {n} × column '{c}': {reason}")),
+            None => out.push_str(&format!("\n  {n} × {reason}")),
+        }
+    }
+    if counts.len() > REASONS_SHOWN {
+        out.push_str(&format!(
+            "\n  and {} other reasons",
+            counts.len() - REASONS_SHOWN
+        ));
+    }
+    out.push_str("\nThe first rejected rows:");
+    for r in examples {
+        out.push_str(&format!(
+            "\n  {}:{}: {} ({})",
+            r.file,
+            r.line,
+            shown_raw(&r.raw),
+            r.reason
+        ));
+    }
+    out
+}
+
+/// A reason with the value it quotes at its start replaced by `<value>`.
+fn without_value(reason: &str) -> String {
+    let quoted = reason
+        .strip_prefix('\'')
+        .and_then(|rest| rest.find('\'').map(|end| &rest[end + 1..]));
+    match quoted {
+        Some(rest) => format!("<value>{rest}"),
+        None => reason.to_string(),
+    }
+}
+
+/// A row's raw text as a message shows it: quoted, escaped, at most [`RAW_SHOWN`] bytes.
+fn shown_raw(raw: &str) -> String {
+    let cut = &raw[..raw.floor_char_boundary(RAW_SHOWN)];
+    let more = if cut.len() < raw.len() { "..." } else { "" };
+    format!("\"{}\"{more}", cut.escape_debug())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reject(line: u64, column: Option<&str>, reason: &str, raw: &str) -> Reject {
+        Reject {
+            file: "data/a.csv".into(),
+            line,
+            column: column.map(String::from),
+            raw: raw.into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn rejects_in_words_count_reasons_and_show_the_first_rows() {
+        let rejects = [
+            reject(2, None, "expected 3 fields, found 4", "1|2|3|"),
+            reject(3, Some("amount"), "'x' is not a decimal(10,2)", "2,x"),
+            reject(4, Some("amount"), "'y' is not a decimal(10,2)", "3,y"),
+            reject(5, Some("amount"), "'z' is not a decimal(10,2)", &"\u{1b}".repeat(300)),
+        ];
+        let words = in_words(rejects.iter());
+        let lines: Vec<&str> = words.lines().collect();
+        assert_eq!(lines[1], "  3 × column 'amount': <value> is not a decimal(10,2)");
+        assert_eq!(lines[2], "  1 × expected 3 fields, found 4");
+        assert_eq!(
+            lines[4],
+            "  data/a.csv:2: \"1|2|3|\" (expected 3 fields, found 4)"
+        );
+        assert_eq!(lines.len(), 7, "{words}");
+        let long = shown_raw(&"\u{1b}".repeat(300));
+        assert!(long.ends_with("...") && long.len() <= 6 * RAW_SHOWN + 5, "{long}");
+        assert_eq!(without_value("no quote"), "no quote");
+    }
+}

@@ -1,11 +1,17 @@
 //! CSV files into declared columns, rejecting bad rows with their line.
 
+use std::borrow::Cow;
+
 use arrow::datatypes::SchemaRef;
 
 use super::convert::{Cell, RowBuilder, parse_text};
 use super::{BATCH_ROWS, FileOutput, Reject, raw_text};
 use crate::error::{Error, Result};
-use crate::plan::{Column, CsvSettings, Source};
+use crate::plan::{Column, CsvSettings, Delimiter, Source, TextEncoding};
+
+/// The field separator a `delimiter: whitespace` file is read with, after each run of blanks
+/// between two fields begins with it (the ASCII unit separator).
+const BLANK_RUN: u8 = 0x1f;
 
 /// Parse one CSV file.
 pub(super) fn parse(
@@ -15,13 +21,19 @@ pub(super) fn parse(
     bytes: &[u8],
     schema: SchemaRef,
 ) -> Result<FileOutput> {
-    let mut reader = csv_reader(opts, bytes);
-    let mut record = ::csv::ByteRecord::new();
     let mut out = FileOutput {
         file: file.to_string(),
         bytes_read: bytes.len() as u64,
         ..Default::default()
     };
+    // The text as UTF-8 from its first line after `skip_rows`, and the same bytes with the
+    // separators a whitespace-delimited file is read with (byte for byte the same length).
+    let text = utf8_text(opts.encoding, bytes);
+    let (skipped_lines, text) = skip_lines(&text, opts.skip_rows);
+    let bytes = text;
+    let input = separated(opts, bytes);
+    let mut reader = csv_reader(opts, &input);
+    let mut record = ::csv::ByteRecord::new();
     let source_err = |message: String| Error::Source {
         pipeline: source.pipeline.clone(),
         source_name: source.name.clone(),
@@ -29,8 +41,15 @@ pub(super) fn parse(
     };
 
     // Map declared columns to field positions.
-    let Some((positions, width)) =
-        field_positions(source, opts, file, &mut reader, &mut record, &source_err)?
+    let first_line = skipped_lines + 1;
+    let Some((positions, width, mut trailing)) = field_positions(
+        source,
+        opts,
+        (file, first_line),
+        &mut reader,
+        &mut record,
+        &source_err,
+    )?
     else {
         return Ok(out); // empty file: nothing to load
     };
@@ -43,10 +62,10 @@ pub(super) fn parse(
     // A rejected row's raw text runs to the start of the next record.
     let mut open_reject: Option<(usize, usize)> = None; // (reject index, byte start)
     // Line numbers counted from the bytes (the reader's own count is off for CRLF files).
-    let (mut counted_to, mut line) = (0usize, 1u64);
+    let (mut counted_to, mut line) = (0usize, first_line);
     loop {
         let read = reader.read_byte_record(&mut record);
-        let start = record_start(&record, bytes);
+        let start = record_start(&record, &input);
         line += count_newlines(&bytes[counted_to..start.max(counted_to)]);
         counted_to = start.max(counted_to);
         if let Some((i, s)) = open_reject.take() {
@@ -94,10 +113,22 @@ pub(super) fn parse(
             );
             continue;
         }
-        if record.len() != width {
+        let ends_empty = record
+            .len()
+            .checked_sub(1)
+            .and_then(|last| record.get(last))
+            .is_some_and(<[u8]>::is_empty);
+        // Without a header, whether lines end with a delimiter is told by the first one.
+        let trailing = *trailing.get_or_insert(record.len() == width + 1 && ends_empty);
+        let found = record.len() - usize::from(trailing && ends_empty);
+        if found != width || (trailing && !ends_empty) {
+            let wanted = match trailing {
+                true => format!("{width} fields and a delimiter at the end of the line"),
+                false => format!("{width} fields"),
+            };
             reject(
                 None,
-                format!("expected {width} fields, found {}", record.len()),
+                format!("expected {wanted}, found {}", record.len()),
                 &mut out,
             );
             continue;
@@ -130,67 +161,200 @@ pub(super) fn parse(
 
 /// A CSV reader of `bytes` that yields every line (the header too), of any number of fields.
 fn csv_reader<'a>(opts: &CsvSettings, bytes: &'a [u8]) -> ::csv::Reader<&'a [u8]> {
+    let (delimiter, trim) = match opts.delimiter {
+        Delimiter::Byte(d) => (d, ::csv::Trim::None),
+        Delimiter::Whitespace => (BLANK_RUN, ::csv::Trim::Fields),
+    };
     ::csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .delimiter(opts.delimiter)
+        .delimiter(delimiter)
         .quote(opts.quote)
+        .comment(opts.comment)
+        .trim(trim)
         .from_reader(bytes)
 }
 
-/// Each declared column's field position and the record width; `None` for an empty file.
+/// The file's bytes as UTF-8: transcoded from Latin-1 or Windows-1252, a UTF-8 byte-order mark
+/// dropped.
+fn utf8_text(encoding: TextEncoding, bytes: &[u8]) -> Cow<'_, [u8]> {
+    match encoding {
+        TextEncoding::Utf8 => Cow::Borrowed(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)),
+        // Latin-1 is the first 256 code points, byte for byte.
+        TextEncoding::Latin1 if bytes.is_ascii() => Cow::Borrowed(bytes),
+        TextEncoding::Latin1 => Cow::Owned(
+            bytes
+                .iter()
+                .map(|&b| char::from(b))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        TextEncoding::Windows1252 => {
+            let (text, _, _) = encoding_rs::WINDOWS_1252.decode(bytes);
+            match text {
+                Cow::Borrowed(t) => Cow::Borrowed(t.as_bytes()),
+                Cow::Owned(t) => Cow::Owned(t.into_bytes()),
+            }
+        }
+    }
+}
+
+/// The text after its first `n` lines, with the number of lines skipped.
+fn skip_lines(text: &[u8], n: u64) -> (u64, &[u8]) {
+    let mut at = 0;
+    for skipped in 0..n {
+        match text[at..].iter().position(|b| *b == b'\n') {
+            Some(i) => at += i + 1,
+            None => return (skipped, &text[text.len()..]),
+        }
+    }
+    (n, &text[at..])
+}
+
+/// The bytes to read fields from: for `delimiter: whitespace`, each run of blanks between two
+/// fields of a line (outside quotes) starts with [`BLANK_RUN`]; the rest of the run and the
+/// blanks at either end of a line are trimmed from the values by the reader.
+fn separated<'a>(opts: &CsvSettings, bytes: &'a [u8]) -> Cow<'a, [u8]> {
+    if opts.delimiter != Delimiter::Whitespace {
+        return Cow::Borrowed(bytes);
+    }
+    let mut out = bytes.to_vec();
+    let (mut quoted, mut in_field) = (false, false);
+    for i in 0..out.len() {
+        let b = out[i];
+        if b == opts.quote {
+            quoted = !quoted;
+            in_field = true;
+        } else if quoted {
+            continue;
+        } else if b == b'\n' || b == b'\r' {
+            in_field = false;
+        } else if b == b' ' || b == b'\t' {
+            // A run that ends before the line does separates two fields.
+            if in_field {
+                let rest = &bytes[i..];
+                let next = rest.iter().position(|c| *c != b' ' && *c != b'\t');
+                if next.is_some_and(|n| !matches!(rest[n], b'\n' | b'\r')) {
+                    out[i] = BLANK_RUN;
+                }
+            }
+            in_field = false;
+        } else {
+            in_field = true;
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Each declared column's field position, the record width, and whether lines end with a
+/// delimiter (`None`: not known before the first row); `None` for an empty file. `at` is the
+/// file and the line of its first record.
 fn field_positions(
     source: &Source,
     opts: &CsvSettings,
-    file: &str,
+    at: (&str, u64),
     reader: &mut ::csv::Reader<&[u8]>,
     record: &mut ::csv::ByteRecord,
     source_err: &impl Fn(String) -> Error,
-) -> Result<Option<(Vec<usize>, usize)>> {
-    let width;
-    let positions: Vec<usize> = if opts.header {
-        match reader.read_byte_record(record) {
-            Ok(true) => {}
-            Ok(false) => return Ok(None),
-            Err(e) => return Err(source_err(format!("{file}:1: cannot read the header: {e}"))),
-        }
-        let header: Vec<String> = record
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let f = if i == 0 {
-                    f.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(f)
-                } else {
-                    f
-                };
-                String::from_utf8_lossy(f).trim().to_string()
-            })
-            .collect();
-        width = header.len();
-        let missing: Vec<&str> = source
-            .columns
-            .iter()
-            .filter(|c| !header.iter().any(|h| h == &c.source_name))
-            .map(|c| c.source_name.as_str())
-            .collect();
-        if !missing.is_empty() {
+) -> Result<Option<(Vec<usize>, usize, Option<bool>)>> {
+    let (file, line) = at;
+    if !opts.header {
+        let width = source.columns.len();
+        return Ok(Some(((0..width).collect(), width, opts.trailing_delimiter)));
+    }
+    match reader.read_byte_record(record) {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(e) => {
             return Err(source_err(format!(
-                "{file}:1: the CSV header does not match the declared schema: missing column(s) {}; \
-                 the file has {}. Fix `schema:` in the pipeline (or `source:` to map a field name)",
-                quote_all(&missing),
-                quote_all(&header.iter().map(String::as_str).collect::<Vec<_>>())
+                "{file}:{line}: cannot read the header: {e}"
             )));
         }
-        source
-            .columns
-            .iter()
-            .map(|c| header.iter().position(|h| h == &c.source_name).unwrap_or(0))
-            .collect()
-    } else {
-        width = source.columns.len();
-        (0..source.columns.len()).collect()
+    }
+    let mut header: Vec<String> = record
+        .iter()
+        .map(|f| String::from_utf8_lossy(f).trim().to_string())
+        .collect();
+    // A header ending with a delimiter names no last column.
+    let trailing = opts
+        .trailing_delimiter
+        .unwrap_or_else(|| header.len() > 1 && header.last().is_some_and(String::is_empty));
+    if trailing && header.last().is_some_and(String::is_empty) {
+        header.pop();
+    }
+    let missing: Vec<&str> = source
+        .columns
+        .iter()
+        .filter(|c| !header.iter().any(|h| h == &c.source_name))
+        .map(|c| c.source_name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        let line_text = String::from_utf8_lossy(record.as_slice());
+        return Err(source_err(format!(
+            "{file}:{line}: the CSV header does not match the declared schema: missing column(s) \
+             {}; the file has {}. {}",
+            quote_all(&missing),
+            quote_all(&header.iter().map(String::as_str).collect::<Vec<_>>()),
+            header_hint(opts, &header, &line_text)
+        )));
+    }
+    let positions = source
+        .columns
+        .iter()
+        .map(|c| header.iter().position(|h| h == &c.source_name).unwrap_or(0))
+        .collect();
+    Ok(Some((positions, header.len(), Some(trailing))))
+}
+
+/// What to change when a header does not name the declared columns: another delimiter when the
+/// line splits into about as many fields by it, `header: false` when the line looks like data,
+/// else the schema.
+fn header_hint(opts: &CsvSettings, header: &[String], line: &str) -> String {
+    let current = match opts.delimiter {
+        Delimiter::Byte(d) => Some(d),
+        Delimiter::Whitespace => None,
     };
-    Ok(Some((positions, width)))
+    // Fields of the line by another common delimiter, when it gives more than the current one.
+    let other = [b',', b';', b'|', b'\t']
+        .into_iter()
+        .filter(|d| Some(*d) != current)
+        .map(|d| (d, line.split(char::from(d)).count()))
+        .filter(|(_, n)| *n >= 2 && *n > header.len())
+        .max_by_key(|(_, n)| *n);
+    let fields: Vec<&str> = match other {
+        Some((d, _)) => line.split(char::from(d)).collect(),
+        None => header.iter().map(String::as_str).collect(),
+    };
+    // Data, not names: a field that is a number, or a date.
+    let data = fields.iter().any(|f| {
+        let f = f.trim();
+        !f.is_empty()
+            && (f.parse::<f64>().is_ok()
+                || chrono::NaiveDate::parse_from_str(f, "%Y-%m-%d").is_ok())
+    });
+    let mut fixes = Vec::new();
+    if let Some((d, n)) = other {
+        let shown = match d {
+            b'\t' => "\"\\t\"".to_string(),
+            d => format!("'{}'", char::from(d)),
+        };
+        fixes.push(format!(
+            "the line splits into {n} fields by {shown}: is that the delimiter (`csv: {{ delimiter: \
+             {shown} }}`)?"
+        ));
+    }
+    if data {
+        fixes.push(
+            "the first line looks like data, not column names: if the files have no header, set \
+             `csv: { header: false }` (the columns are then taken in the declared order)"
+                .to_string(),
+        );
+    }
+    if fixes.is_empty() {
+        "Fix `schema:` in the pipeline (or `source:` to map a field name)".to_string()
+    } else {
+        fixes.join("; ")
+    }
 }
 
 /// Where the record just read starts in the bytes.

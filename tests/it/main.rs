@@ -3,6 +3,7 @@
 mod backfill;
 mod bad_input;
 mod crash;
+mod csv_shapes;
 mod cubes;
 mod distributed;
 mod errors;

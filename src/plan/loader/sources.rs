@@ -166,25 +166,63 @@ impl Loader {
         }
         s.csv.as_ref().map_or_else(CsvSettings::default, |o| {
             let mut c = CsvSettings::default();
-            for (opt, v, slot) in [
-                ("delimiter", o.delimiter, &mut c.delimiter),
-                ("quote", o.quote, &mut c.quote),
-            ] {
-                if let Some(ch) = v {
-                    if ch.is_ascii() {
-                        *slot = ch as u8;
-                    } else {
-                        self.problems.push(here(
-                            format!("source '{name}': csv {opt} must be one ASCII character"),
-                            at,
-                        ));
+            let mut problems = Vec::new();
+            let ascii = |opt: &str, ch: char, problems: &mut Vec<String>| -> Option<u8> {
+                let ok = ch.is_ascii() && ch != '\n' && ch != '\r';
+                if !ok {
+                    problems.push(format!(
+                        "source '{name}': csv {opt} must be one ASCII character other than a line \
+                         break"
+                    ));
+                }
+                ok.then_some(ch as u8)
+            };
+            match o.delimiter.as_deref() {
+                None => {}
+                Some("whitespace") => c.delimiter = Delimiter::Whitespace,
+                Some(d) => {
+                    let mut chars = d.chars();
+                    match (chars.next(), chars.next()) {
+                        (Some(ch), None) => {
+                            if let Some(b) = ascii("delimiter", ch, &mut problems) {
+                                c.delimiter = Delimiter::Byte(b);
+                            }
+                        }
+                        _ => problems.push(format!(
+                            "source '{name}': csv delimiter '{d}' is not one character; write one \
+                             ASCII character (`\"|\"`, `\"\\t\"` for a tab) or `whitespace` for \
+                             runs of blanks"
+                        )),
                     }
                 }
+            }
+            if let Some(q) = o.quote {
+                c.quote = ascii("quote", q, &mut problems).unwrap_or(c.quote);
+            }
+            if let Some(ch) = o.comment {
+                c.comment = ascii("comment", ch, &mut problems);
+            }
+            let delimiter = match c.delimiter {
+                Delimiter::Byte(d) => Some(d),
+                Delimiter::Whitespace => None,
+            };
+            if delimiter == Some(c.quote)
+                || (c.comment.is_some() && (c.comment == delimiter || c.comment == Some(c.quote)))
+            {
+                problems.push(format!(
+                    "source '{name}': csv delimiter, quote and comment must be different characters"
+                ));
+            }
+            for msg in problems {
+                self.problems.push(here(msg, at));
             }
             c.header = o.header.unwrap_or(true);
             if let Some(n) = &o.null_values {
                 c.null_values = n.clone();
             }
+            c.trailing_delimiter = o.trailing_delimiter;
+            c.skip_rows = o.skip_rows.unwrap_or(0);
+            c.encoding = o.encoding.unwrap_or_default();
             c
         })
     }
