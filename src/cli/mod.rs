@@ -263,8 +263,15 @@ pub enum Command {
     /// Run a SQL query over the warehouse.
     Query {
         /// The SQL; `-` reads it from stdin. It may start with a `--` comment.
-        #[arg(allow_hyphen_values = true)]
-        sql: String,
+        #[arg(allow_hyphen_values = true, required_unless_present = "file")]
+        sql: Option<String>,
+        /// Read the SQL from this file instead.
+        #[arg(long, value_name = "FILE.sql", conflicts_with = "sql")]
+        file: Option<std::path::PathBuf>,
+        /// Print on stderr what the query took and read: planning and execution time, rows,
+        /// rows and bytes scanned, files and row groups pruned.
+        #[arg(long)]
+        timing: bool,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
@@ -445,15 +452,27 @@ pub async fn run(cli: Cli) -> Result<()> {
             ))
         }
         Command::Run(args) => run_pipelines(&cli, args).await,
-        Command::Query { sql, format } => {
+        Command::Query {
+            sql,
+            file,
+            timing,
+            format,
+        } => {
             let project = cli.load()?;
-            let sql = if sql == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|e| Error::io("<stdin>", e))?
-            } else {
-                sql.clone()
+            let sql = match (sql.as_deref(), file) {
+                (_, Some(path)) => {
+                    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?
+                }
+                (Some("-"), None) => std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Error::io("<stdin>", e))?,
+                (sql, None) => sql.unwrap_or_default().to_string(),
             };
-            let batches = crate::warehouse::query::query(&project, &sql).await?;
-            output::batches(&batches, *format)
+            let (batches, figures) = crate::warehouse::query::query_timed(&project, &sql).await?;
+            output::batches(&batches, *format)?;
+            if *timing {
+                eprintln!("{figures}");
+            }
+            Ok(())
         }
         Command::Rejects {
             pipeline,

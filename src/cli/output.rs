@@ -58,7 +58,10 @@ pub fn batches(batches: &[RecordBatch], format: OutputFormat) -> Result<()> {
         OutputFormat::Json => {
             let mut buf = Vec::new();
             {
-                let mut writer = arrow::json::LineDelimitedWriter::new(&mut buf);
+                // Every column in every line, a missing value as `null`.
+                let mut writer = arrow::json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow::json::writer::LineDelimited>(&mut buf);
                 for b in batches {
                     writer.write(b)?;
                 }

@@ -18,6 +18,7 @@ mod mysql;
 mod object_storage;
 mod pipeline_run;
 mod postgres;
+mod query_cli;
 mod recovery;
 mod rollups;
 mod schedule;
