@@ -444,6 +444,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Validate => {
             let project = cli.load()?;
             crate::run::validate::check_models(&project).await?;
+            crate::run::validate::check_source_files(&project).await?;
             let models: usize = project.pipelines.iter().map(|p| p.models.len()).sum();
             let sources: usize = project.pipelines.iter().map(|p| p.sources.len()).sum();
             output::line(&format!(
@@ -460,9 +461,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let project = cli.load()?;
             let sql = match (sql.as_deref(), file) {
-                (_, Some(path)) => {
-                    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?
-                }
+                (_, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
                 (Some("-"), None) => std::io::read_to_string(std::io::stdin())
                     .map_err(|e| Error::io("<stdin>", e))?,
                 (sql, None) => sql.unwrap_or_default().to_string(),

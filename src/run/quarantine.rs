@@ -205,11 +205,19 @@ mod tests {
             reject(2, None, "expected 3 fields, found 4", "1|2|3|"),
             reject(3, Some("amount"), "'x' is not a decimal(10,2)", "2,x"),
             reject(4, Some("amount"), "'y' is not a decimal(10,2)", "3,y"),
-            reject(5, Some("amount"), "'z' is not a decimal(10,2)", &"\u{1b}".repeat(300)),
+            reject(
+                5,
+                Some("amount"),
+                "'z' is not a decimal(10,2)",
+                &"\u{1b}".repeat(300),
+            ),
         ];
         let words = in_words(rejects.iter());
         let lines: Vec<&str> = words.lines().collect();
-        assert_eq!(lines[1], "  3 × column 'amount': <value> is not a decimal(10,2)");
+        assert_eq!(
+            lines[1],
+            "  3 × column 'amount': <value> is not a decimal(10,2)"
+        );
         assert_eq!(lines[2], "  1 × expected 3 fields, found 4");
         assert_eq!(
             lines[4],
@@ -217,7 +225,10 @@ mod tests {
         );
         assert_eq!(lines.len(), 7, "{words}");
         let long = shown_raw(&"\u{1b}".repeat(300));
-        assert!(long.ends_with("...") && long.len() <= 6 * RAW_SHOWN + 5, "{long}");
+        assert!(
+            long.ends_with("...") && long.len() <= 6 * RAW_SHOWN + 5,
+            "{long}"
+        );
         assert_eq!(without_value("no quote"), "no quote");
     }
 }

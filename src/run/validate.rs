@@ -8,6 +8,9 @@ use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 
+mod files;
+pub use files::check_source_files;
+
 use crate::config::types::UTC;
 use crate::error::{Error, Position, Problem, Result};
 use crate::identity::map_schema;

@@ -307,20 +307,10 @@ fn field_positions(
 }
 
 /// What to change when a header does not name the declared columns: another delimiter when the
-/// line splits into about as many fields by it, `header: false` when the line looks like data,
-/// else the schema.
+/// line splits into more fields by it, `header: false` when the line looks like data, else the
+/// schema.
 fn header_hint(opts: &CsvSettings, header: &[String], line: &str) -> String {
-    let current = match opts.delimiter {
-        Delimiter::Byte(d) => Some(d),
-        Delimiter::Whitespace => None,
-    };
-    // Fields of the line by another common delimiter, when it gives more than the current one.
-    let other = [b',', b';', b'|', b'\t']
-        .into_iter()
-        .filter(|d| Some(*d) != current)
-        .map(|d| (d, line.split(char::from(d)).count()))
-        .filter(|(_, n)| *n >= 2 && *n > header.len())
-        .max_by_key(|(_, n)| *n);
+    let other = other_delimiter(opts, header.len(), line);
     let fields: Vec<&str> = match other {
         Some((d, _)) => line.split(char::from(d)).collect(),
         None => header.iter().map(String::as_str).collect(),
@@ -332,17 +322,7 @@ fn header_hint(opts: &CsvSettings, header: &[String], line: &str) -> String {
             && (f.parse::<f64>().is_ok()
                 || chrono::NaiveDate::parse_from_str(f, "%Y-%m-%d").is_ok())
     });
-    let mut fixes = Vec::new();
-    if let Some((d, n)) = other {
-        let shown = match d {
-            b'\t' => "\"\\t\"".to_string(),
-            d => format!("'{}'", char::from(d)),
-        };
-        fixes.push(format!(
-            "the line splits into {n} fields by {shown}: is that the delimiter (`csv: {{ delimiter: \
-             {shown} }}`)?"
-        ));
-    }
+    let mut fixes: Vec<String> = other.map(delimiter_fix).into_iter().collect();
     if data {
         fixes.push(
             "the first line looks like data, not column names: if the files have no header, set \
@@ -355,6 +335,39 @@ fn header_hint(opts: &CsvSettings, header: &[String], line: &str) -> String {
     } else {
         fixes.join("; ")
     }
+}
+
+/// The likely delimiter of a line that split into `fields` fields by the declared one, when
+/// another common delimiter (`,` `;` `|` tab) splits it into more: the fix to write.
+pub(crate) fn delimiter_hint(opts: &CsvSettings, fields: usize, line: &str) -> Option<String> {
+    other_delimiter(opts, fields, line).map(delimiter_fix)
+}
+
+/// A common delimiter other than the declared one that splits `line` into more than `fields`
+/// fields (at least two), and into how many; the one giving most.
+fn other_delimiter(opts: &CsvSettings, fields: usize, line: &str) -> Option<(u8, usize)> {
+    let current = match opts.delimiter {
+        Delimiter::Byte(d) => Some(d),
+        Delimiter::Whitespace => None,
+    };
+    [b',', b';', b'|', b'\t']
+        .into_iter()
+        .filter(|d| Some(*d) != current)
+        .map(|d| (d, line.split(char::from(d)).count()))
+        .filter(|(_, n)| *n >= 2 && *n > fields)
+        .max_by_key(|(_, n)| *n)
+}
+
+/// The words suggesting delimiter `d`, which splits the line into `n` fields.
+fn delimiter_fix((d, n): (u8, usize)) -> String {
+    let shown = match d {
+        b'\t' => "\"\\t\"".to_string(),
+        d => format!("'{}'", char::from(d)),
+    };
+    format!(
+        "the line splits into {n} fields by {shown}: is that the delimiter (`csv: {{ delimiter: \
+         {shown} }}`)?"
+    )
 }
 
 /// Where the record just read starts in the bytes.

@@ -10,6 +10,7 @@
 mod columnar;
 pub mod convert;
 mod csv;
+pub(crate) use csv::delimiter_hint;
 pub mod database;
 pub mod freshness;
 mod json;

@@ -123,7 +123,10 @@ pub async fn query_timed(project: &Project, sql: &str) -> Result<(Vec<RecordBatc
 }
 
 /// Add what the scans of `plan` (and of its inputs) read and pruned to `figures`.
-fn add_scan_figures(plan: &dyn datafusion::physical_plan::ExecutionPlan, figures: &mut QueryFigures) {
+fn add_scan_figures(
+    plan: &dyn datafusion::physical_plan::ExecutionPlan,
+    figures: &mut QueryFigures,
+) {
     use datafusion::physical_plan::metrics::MetricValue;
     if let Some(metrics) = plan.metrics()
         && plan.children().is_empty()

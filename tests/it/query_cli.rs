@@ -20,7 +20,10 @@ fn project() -> Project {
 #[test]
 fn sql_from_a_file_json_with_nulls_and_timing() {
     let p = project();
-    p.write("q.sql", "-- the names\nselect id, name from raw_p_t order by id\n");
+    p.write(
+        "q.sql",
+        "-- the names\nselect id, name from raw_p_t order by id\n",
+    );
     let out = p.kbcrm(&["query", "--file", "q.sql", "--format", "json", "--timing"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines: Vec<serde_json::Value> = stdout(&out)
