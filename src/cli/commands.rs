@@ -243,3 +243,44 @@ pub(super) async fn schedule(cli: &Cli, once: bool, out: &std::path::Path) -> Re
     };
     crate::schedule::schedule(&project, &options).await
 }
+
+/// `kbcrm query`: the SQL from the argument, stdin (`-`) or `file`; `timing` adds what it took
+/// and read on stderr.
+pub(super) async fn query(
+    cli: &Cli,
+    sql: Option<&str>,
+    file: Option<&std::path::Path>,
+    timing: bool,
+    format: OutputFormat,
+) -> Result<()> {
+    let project = cli.load()?;
+    let sql = match (sql, file) {
+        (_, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
+        (Some("-"), None) => {
+            std::io::read_to_string(std::io::stdin()).map_err(|e| Error::io("<stdin>", e))?
+        }
+        (sql, None) => sql.unwrap_or_default().to_string(),
+    };
+    let (batches, figures) = crate::warehouse::query::query_timed(&project, &sql).await?;
+    output::batches(&batches, format)?;
+    if timing {
+        eprintln!("{figures}");
+    }
+    Ok(())
+}
+
+/// `kbcrm rejects`: the rows `sql` selects from quarantine; in words when there is none yet.
+pub(super) async fn rejects(cli: &Cli, sql: &str, format: OutputFormat) -> Result<()> {
+    let project = cli.load()?;
+    let wh = crate::warehouse::Warehouse::open(&project.warehouse)?;
+    if wh.load(crate::run::QUARANTINE_TABLE).await?.is_none() {
+        eprintln!(
+            "no row has been rejected here: the warehouse has no quarantine table yet. A run \
+             commits rejected rows to it when they are within rejects.max_ratio; a run that fails \
+             on the limit names its reasons and first rows in its error"
+        );
+        return Ok(());
+    }
+    let batches = crate::warehouse::query::query(&project, sql).await?;
+    output::batches(&batches, format)
+}

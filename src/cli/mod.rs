@@ -458,21 +458,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             file,
             timing,
             format,
-        } => {
-            let project = cli.load()?;
-            let sql = match (sql.as_deref(), file) {
-                (_, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
-                (Some("-"), None) => std::io::read_to_string(std::io::stdin())
-                    .map_err(|e| Error::io("<stdin>", e))?,
-                (sql, None) => sql.unwrap_or_default().to_string(),
-            };
-            let (batches, figures) = crate::warehouse::query::query_timed(&project, &sql).await?;
-            output::batches(&batches, *format)?;
-            if *timing {
-                eprintln!("{figures}");
-            }
-            Ok(())
-        }
+        } => query(&cli, sql.as_deref(), file.as_deref(), *timing, *format).await,
         Command::Rejects {
             pipeline,
             run,
@@ -480,19 +466,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             limit,
             format,
         } => {
-            let project = cli.load()?;
-            let wh = crate::warehouse::Warehouse::open(&project.warehouse)?;
-            if wh.load(crate::run::QUARANTINE_TABLE).await?.is_none() {
-                eprintln!(
-                    "no row has been rejected here: the warehouse has no quarantine table yet. A \
-                     run commits rejected rows to it when they are within rejects.max_ratio; a \
-                     run that fails on the limit names its reasons and first rows in its error"
-                );
-                return Ok(());
-            }
             let sql = rejects_sql(pipeline.as_deref(), run.as_deref(), *summary, *limit);
-            let batches = crate::warehouse::query::query(&project, &sql).await?;
-            output::batches(&batches, *format)
+            rejects(&cli, &sql, *format).await
         }
         Command::Cubes { as_of, action } => cubes(&cli, *as_of, action.as_ref()).await,
         Command::Extract {

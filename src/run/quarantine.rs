@@ -140,7 +140,7 @@ pub(super) fn in_words<'a>(rejects: impl Iterator<Item = &'a Reject>) -> String 
             examples.push(r);
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     let mut out = String::from("Why, by rows:");
     for ((column, reason), n) in counts.iter().take(REASONS_SHOWN) {
         match column {

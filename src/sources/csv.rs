@@ -29,8 +29,7 @@ pub(super) fn parse(
     // The text as UTF-8 from its first line after `skip_rows`, and the same bytes with the
     // separators a whitespace-delimited file is read with (byte for byte the same length).
     let text = utf8_text(opts.encoding, bytes);
-    let (skipped_lines, text) = skip_lines(&text, opts.skip_rows);
-    let bytes = text;
+    let (skipped_lines, bytes) = skip_lines(&text, opts.skip_rows);
     let input = separated(opts, bytes);
     let mut reader = csv_reader(opts, &input);
     let mut record = ::csv::ByteRecord::new();
@@ -39,10 +38,13 @@ pub(super) fn parse(
         source_name: source.name.clone(),
         message,
     };
-
     // Map declared columns to field positions.
     let first_line = skipped_lines + 1;
-    let Some((positions, width, mut trailing)) = field_positions(
+    let Some(Layout {
+        positions,
+        width,
+        mut trailing,
+    }) = field_positions(
         source,
         opts,
         (file, first_line),
@@ -53,7 +55,6 @@ pub(super) fn parse(
     else {
         return Ok(out); // empty file: nothing to load
     };
-
     let mut rows = RowBuilder::new(&source.columns, schema);
     // Reused between rows; emptied before each reuse so its lifetime can change.
     let mut spare: Vec<Cell<'static>> = Vec::with_capacity(source.columns.len());
@@ -88,10 +89,7 @@ pub(super) fn parse(
             continue; // blank line
         }
         out.rows_read += 1;
-        // A quote opened and never closed runs to the end of the file: the last record then
-        // holds an odd number of quote characters (escaped quotes come in pairs).
         let end = (reader.position().byte() as usize).min(bytes.len());
-        let unterminated = end == bytes.len() && odd_quotes(&bytes[start..end], opts.quote);
         let mut reject = |column: Option<String>, reason: String, out: &mut FileOutput| {
             out.rejects.push(Reject {
                 file: file.to_string(),
@@ -102,35 +100,12 @@ pub(super) fn parse(
             });
             open_reject = Some((out.rejects.len() - 1, start));
         };
-        if unterminated {
-            reject(
-                None,
-                format!(
-                    "unterminated quoted field: the quote opened on line {line} is never closed, \
-                     so the rest of the file would be one value"
-                ),
-                &mut out,
-            );
+        if let Some(reason) = unterminated(&bytes[start..end], end == bytes.len(), opts, line) {
+            reject(None, reason, &mut out);
             continue;
         }
-        let ends_empty = record
-            .len()
-            .checked_sub(1)
-            .and_then(|last| record.get(last))
-            .is_some_and(<[u8]>::is_empty);
-        // Without a header, whether lines end with a delimiter is told by the first one.
-        let trailing = *trailing.get_or_insert(record.len() == width + 1 && ends_empty);
-        let found = record.len() - usize::from(trailing && ends_empty);
-        if found != width || (trailing && !ends_empty) {
-            let wanted = match trailing {
-                true => format!("{width} fields and a delimiter at the end of the line"),
-                false => format!("{width} fields"),
-            };
-            reject(
-                None,
-                format!("expected {wanted}, found {}", record.len()),
-                &mut out,
-            );
+        if let Some(reason) = field_count_problem(&record, width, &mut trailing) {
+            reject(None, reason, &mut out);
             continue;
         }
         let mut cells: Vec<Cell<'_>> = recycle(std::mem::take(&mut spare));
@@ -157,6 +132,31 @@ pub(super) fn parse(
         out.batches.push(rows.finish()?);
     }
     Ok(out)
+}
+
+/// Why a record does not have `width` fields (and, when lines end with a delimiter, an empty
+/// one after them), if it does not. Without a header, whether lines end with a delimiter is told
+/// by the first record.
+fn field_count_problem(
+    record: &::csv::ByteRecord,
+    width: usize,
+    trailing: &mut Option<bool>,
+) -> Option<String> {
+    let ends_empty = record
+        .len()
+        .checked_sub(1)
+        .and_then(|last| record.get(last))
+        .is_some_and(<[u8]>::is_empty);
+    let trailing = *trailing.get_or_insert(record.len() == width + 1 && ends_empty);
+    let found = record.len() - usize::from(trailing && ends_empty);
+    if found == width && (ends_empty || !trailing) {
+        return None;
+    }
+    let wanted = match trailing {
+        true => format!("{width} fields and a delimiter at the end of the line"),
+        false => format!("{width} fields"),
+    };
+    Some(format!("expected {wanted}, found {}", record.len()))
 }
 
 /// A CSV reader of `bytes` that yields every line (the header too), of any number of fields.
@@ -212,43 +212,55 @@ fn skip_lines(text: &[u8], n: u64) -> (u64, &[u8]) {
 }
 
 /// The bytes to read fields from: for `delimiter: whitespace`, each run of blanks between two
-/// fields of a line (outside quotes) starts with [`BLANK_RUN`]; the rest of the run and the
-/// blanks at either end of a line are trimmed from the values by the reader.
+/// fields of a line (outside quotes) ends with [`BLANK_RUN`], so that the next field starts at
+/// the separator (a quoted value at its quote); the rest of the run and the blanks at either end
+/// of a line are trimmed from the values by the reader.
 fn separated<'a>(opts: &CsvSettings, bytes: &'a [u8]) -> Cow<'a, [u8]> {
     if opts.delimiter != Delimiter::Whitespace {
         return Cow::Borrowed(bytes);
     }
+    let blank = |b: u8| b == b' ' || b == b'\t';
     let mut out = bytes.to_vec();
-    let (mut quoted, mut in_field) = (false, false);
-    for i in 0..out.len() {
-        let b = out[i];
+    let (mut quoted, mut in_field, mut i) = (false, false, 0);
+    while i < bytes.len() {
+        let b = bytes[i];
         if b == opts.quote {
             quoted = !quoted;
             in_field = true;
         } else if quoted {
-            continue;
+            // Blanks and line breaks inside quotes belong to the value.
         } else if b == b'\n' || b == b'\r' {
             in_field = false;
-        } else if b == b' ' || b == b'\t' {
+        } else if blank(b) {
+            let run = bytes[i..].iter().take_while(|c| blank(**c)).count();
             // A run that ends before the line does separates two fields.
-            if in_field {
-                let rest = &bytes[i..];
-                let next = rest.iter().position(|c| *c != b' ' && *c != b'\t');
-                if next.is_some_and(|n| !matches!(rest[n], b'\n' | b'\r')) {
-                    out[i] = BLANK_RUN;
-                }
+            let ends_line = matches!(bytes.get(i + run), None | Some(b'\n' | b'\r'));
+            if in_field && !ends_line {
+                out[i + run - 1] = BLANK_RUN;
             }
             in_field = false;
+            i += run;
+            continue;
         } else {
             in_field = true;
         }
+        i += 1;
     }
     Cow::Owned(out)
 }
 
-/// Each declared column's field position, the record width, and whether lines end with a
-/// delimiter (`None`: not known before the first row); `None` for an empty file. `at` is the
-/// file and the line of its first record.
+/// Where a file's fields are.
+struct Layout {
+    /// Each declared column's field position.
+    positions: Vec<usize>,
+    /// Fields in a record.
+    width: usize,
+    /// Whether lines end with a delimiter (`None`: not known before the first row).
+    trailing: Option<bool>,
+}
+
+/// The [`Layout`] of a file, from its header if it has one; `None` for an empty file. `at` is
+/// the file and the line of its first record.
 fn field_positions(
     source: &Source,
     opts: &CsvSettings,
@@ -256,11 +268,15 @@ fn field_positions(
     reader: &mut ::csv::Reader<&[u8]>,
     record: &mut ::csv::ByteRecord,
     source_err: &impl Fn(String) -> Error,
-) -> Result<Option<(Vec<usize>, usize, Option<bool>)>> {
+) -> Result<Option<Layout>> {
     let (file, line) = at;
     if !opts.header {
         let width = source.columns.len();
-        return Ok(Some(((0..width).collect(), width, opts.trailing_delimiter)));
+        return Ok(Some(Layout {
+            positions: (0..width).collect(),
+            width,
+            trailing: opts.trailing_delimiter,
+        }));
     }
     match reader.read_byte_record(record) {
         Ok(true) => {}
@@ -303,7 +319,11 @@ fn field_positions(
         .iter()
         .map(|c| header.iter().position(|h| h == &c.source_name).unwrap_or(0))
         .collect();
-    Ok(Some((positions, header.len(), Some(trailing))))
+    Ok(Some(Layout {
+        positions,
+        width: header.len(),
+        trailing: Some(trailing),
+    }))
 }
 
 /// What to change when a header does not name the declared columns: another delimiter when the
@@ -388,6 +408,18 @@ fn record_start(record: &::csv::ByteRecord, bytes: &[u8]) -> usize {
 #[inline]
 fn count_newlines(bytes: &[u8]) -> u64 {
     bytes.iter().filter(|b| **b == b'\n').count() as u64
+}
+
+/// Why a record is cut off, if it is: a quote opened and never closed runs to the end of the
+/// file, so the last record (`last`) then holds an odd number of quote characters (escaped
+/// quotes come in pairs).
+fn unterminated(record: &[u8], last: bool, opts: &CsvSettings, line: u64) -> Option<String> {
+    (last && odd_quotes(record, opts.quote)).then(|| {
+        format!(
+            "unterminated quoted field: the quote opened on line {line} is never closed, so the \
+             rest of the file would be one value"
+        )
+    })
 }
 
 /// Whether the bytes hold an odd number of `quote` characters.
