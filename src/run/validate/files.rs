@@ -11,7 +11,7 @@ use crate::storage::store_for;
 /// Bytes read from the start of each source's first file.
 const SAMPLE_BYTES: u64 = 64 * 1024;
 
-/// Read the start of the first file of each CSV and JSON source (at most [`SAMPLE_BYTES`], cut
+/// Read the start of the first file of each CSV and JSON source (at most 64 KiB, cut
 /// at its last whole line) as a load does, and fail with every source whose header does not
 /// match or none of whose sampled rows loads: the file, line and reason, and the likely fix. A
 /// source with no file yet is passed over.
