@@ -260,3 +260,32 @@ fn validate_reads_the_first_rows_and_names_a_header_or_delimiter_mismatch() {
     std::fs::remove_file(p.path().join("data/t.csv")).unwrap();
     assert!(p.ok(&["validate"]).starts_with("ok:"));
 }
+
+#[test]
+fn a_header_naming_a_declared_column_twice_is_an_error_unless_read_by_position() {
+    let data = b"id,name,name\n1,Ann,Anna\n";
+    let p = project("", "id: int, name: string", data);
+    let before = p.warehouse_files();
+    let out = p.kbcrm(&["run"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("data/t.csv:1")
+            && err.contains("names column 'name' twice (fields 2 and 3)")
+            && err.contains("header: false, skip_rows: 1"),
+        "{err}"
+    );
+    assert_eq!(before, p.warehouse_files(), "nothing may be committed");
+    // By position, as the message says: the second 'name' kept as its own column.
+    let p = project(
+        "header: false, skip_rows: 1",
+        "id: int, name: string, name_2: string",
+        data,
+    );
+    p.ok(&["run"]);
+    assert_eq!(rows(&p, "id, name, name_2", "id"), [["1", "Ann", "Anna"]]);
+    // A repeated name the schema does not declare is not read, so it is no problem.
+    let p = project("", "id: int", data);
+    p.ok(&["run"]);
+    assert_eq!(p.scalar("select count(*) from raw_p_t"), 1);
+}
