@@ -55,6 +55,35 @@ pub(super) async fn stage_rejects(
     if rejects.is_empty() {
         return Ok(None);
     }
+    let batch = rejects_batch(run_id, pipeline, &rejects)?;
+    stage_batch(wh, ctx, QUARANTINE_TABLE, batch, &Write::Append)
+        .await
+        .map(Some)
+}
+
+/// Keep the rejects of a run that fails on them where `kbcrm rejects --run ID` finds them,
+/// committing nothing; a failure to keep them is logged, and the run's own error stands.
+pub(super) async fn keep_failed(
+    wh: &Warehouse,
+    pipeline: &str,
+    run_id: &str,
+    rejects: &[&(String, Reject)],
+) {
+    let kept = match rejects_batch(run_id, pipeline, rejects) {
+        Ok(batch) => wh.keep_rejected(run_id, &batch).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = kept {
+        tracing::warn!("the rejected rows of run {run_id} could not be kept: {e}");
+    }
+}
+
+/// Rejects as rows of the `quarantine` table.
+fn rejects_batch(
+    run_id: &str,
+    pipeline: &str,
+    rejects: &[&(String, Reject)],
+) -> Result<RecordBatch> {
     let schema = quarantine_schema();
     let n = rejects.len();
     let now = chrono::Utc::now().timestamp_micros();
@@ -81,10 +110,7 @@ pub(super) async fn stage_rejects(
         )),
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
     ];
-    let batch = RecordBatch::try_new(schema, columns)?;
-    stage_batch(wh, ctx, QUARANTINE_TABLE, batch, &Write::Append)
-        .await
-        .map(Some)
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 /// (source, file, line) of the rows of `pipeline` already in quarantine.

@@ -316,7 +316,10 @@ fn field_positions(
     }
     // A declared name the header holds twice: which field is meant is not known.
     for c in &source.columns {
-        let mut at = header.iter().enumerate().filter(|(_, h)| **h == c.source_name);
+        let mut at = header
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h == c.source_name);
         if let (Some((first, _)), Some((second, _))) = (at.next(), at.next()) {
             return Err(source_err(format!(
                 "{file}:{line}: the CSV header names column '{}' twice (fields {} and {}), so which \

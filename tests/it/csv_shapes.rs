@@ -221,6 +221,20 @@ fn a_run_failing_on_its_reject_limit_says_why_and_shows_the_first_rows() {
     );
     assert!(err.contains("data/t.csv:4: \"x,Dee\""), "{err}");
     assert_eq!(before, p.warehouse_files(), "nothing may be committed");
+    // Every rejected row of the failed run, by its id from the error.
+    let run_id = err
+        .split("kbcrm rejects --run ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("the run id in the error");
+    let listed = p.ok(&["rejects", "--run", run_id, "--format", "csv"]);
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    assert!(listed.contains("x,Dee"), "{listed}");
+    let summary = p.ok(&["rejects", "--run", run_id, "--summary", "--format", "csv"]);
+    assert!(
+        summary.contains(",2\n") && summary.contains(",1"),
+        "{summary}"
+    );
     // No row was ever committed to quarantine: `rejects` says so instead of failing.
     let out = p.kbcrm(&["rejects", "--summary"]);
     let err = stderr(&out);
