@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 use crate::config::types::UTC;
 use crate::error::Result;
 use crate::plan::Write;
-use crate::sources::Reject;
+use crate::sources::{self, Reject};
 use crate::warehouse::state::stage_batch;
 use crate::warehouse::{Staged, Warehouse};
 
@@ -147,8 +147,6 @@ async fn known_rejects(
 /// Reasons listed in a failed run's message, and rows shown as examples.
 const REASONS_SHOWN: usize = 5;
 const EXAMPLES_SHOWN: usize = 3;
-/// Bytes of a rejected row's raw text shown in a message.
-const RAW_SHOWN: usize = 200;
 
 /// Rejected rows in words, for a run that failed on them: how many for each reason and column
 /// (the value a reason quotes left out), most first, and the first rows with their file, line
@@ -204,11 +202,13 @@ fn without_value(reason: &str) -> String {
     }
 }
 
-/// A row's raw text as a message shows it: quoted, escaped, at most [`RAW_SHOWN`] bytes.
+/// A row's raw text as a message shows it: quoted, escaped, cut at [`sources::SHOWN_BYTES`].
 fn shown_raw(raw: &str) -> String {
-    let cut = &raw[..raw.floor_char_boundary(RAW_SHOWN)];
-    let more = if cut.len() < raw.len() { "..." } else { "" };
-    format!("\"{}\"{more}", cut.escape_debug())
+    let shown = sources::shown(raw);
+    match shown.strip_suffix("...") {
+        Some(cut) if raw.len() > sources::SHOWN_BYTES => format!("\"{cut}\"..."),
+        _ => format!("\"{shown}\""),
+    }
 }
 
 #[cfg(test)]
@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(lines.len(), 7, "{words}");
         let long = shown_raw(&"\u{1b}".repeat(300));
         assert!(
-            long.ends_with("...") && long.len() <= 6 * RAW_SHOWN + 5,
+            long.ends_with("...") && long.len() <= 6 * sources::SHOWN_BYTES + 5,
             "{long}"
         );
         assert_eq!(without_value("no quote"), "no quote");
