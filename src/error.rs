@@ -318,10 +318,20 @@ impl Problem {
         }
     }
 
-    /// Attach a position and the file text for the snippet.
+    /// Attach a position and the file text for the snippet. When a line the snippet would show
+    /// is longer than [`SNIPPET_LINE_BYTES`], the snippet is left out and the message shows the
+    /// error's line cut around its column instead.
     pub fn at(mut self, position: Position, text: &std::sync::Arc<String>) -> Self {
         self.position = Some(position);
-        self.text = Some(text.clone());
+        match near(text, position) {
+            None => self.text = Some(text.clone()),
+            Some(window) => {
+                self.message = format!(
+                    "{} (line {} is too long to show; near column {}: {window})",
+                    self.message, position.line, position.column
+                );
+            }
+        }
         self
     }
 
@@ -365,7 +375,87 @@ impl Diagnostic for Problem {
     }
 }
 
+/// Lines longer than this are not shown whole in a message.
+pub const SNIPPET_LINE_BYTES: usize = 400;
+
+/// Characters shown on each side of an error's column in a long line.
+const NEAR_CHARS: usize = 40;
+
+/// When the error's line or a line beside it is longer than [`SNIPPET_LINE_BYTES`]: the
+/// error's line cut to [`NEAR_CHARS`] characters either side of its offset, control characters
+/// escaped.
+fn near(text: &str, position: Position) -> Option<String> {
+    let offset = text.floor_char_boundary(position.offset.min(text.len()));
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    // The snippet shows a line either side: any of the three too long leaves it out.
+    let before = text[..start.saturating_sub(1)]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let after = text[(end + 1).min(text.len())..]
+        .find('\n')
+        .map_or(text.len(), |i| end + 1 + i);
+    let longest = text[before..after.max(before)]
+        .split('\n')
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    if longest <= SNIPPET_LINE_BYTES {
+        return None;
+    }
+    let left: String = text[start..offset].chars().rev().take(NEAR_CHARS).collect();
+    let left: String = left.chars().rev().collect();
+    let right: String = text[offset..end].chars().take(NEAR_CHARS).collect();
+    let cut_left = left.len() < offset - start;
+    let cut_right = right.len() < end - offset;
+    let mut out = String::from(if cut_left { "..." } else { "" });
+    for c in left.chars().chain(['\u{25b8}']).chain(right.chars()) {
+        match c.is_control() {
+            true => out.extend(c.escape_debug()),
+            false => out.push(c),
+        }
+    }
+    if cut_right {
+        out.push_str("...");
+    }
+    Some(out)
+}
+
 /// A named source for miette rendering of a project file (used by the CLI).
 pub fn named_source(file: &Path, text: &str) -> NamedSource<String> {
     NamedSource::new(file.display().to_string(), text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_line_is_cut_around_the_error_and_not_given_to_the_snippet() {
+        let line = format!("{}\u{1b}bad{}", "x".repeat(70_000), "y".repeat(5_000_000));
+        let text = std::sync::Arc::new(format!("name: p\nsql: {line}\nnext: 1\n"));
+        let offset = text.find('\u{1b}').unwrap();
+        let position = Position::of_offset(&text, offset, 3);
+        let problem = Problem::new("p.yaml", "bad value").at(position, &text);
+        assert!(problem.text.is_none(), "no snippet of a 5 MB line");
+        assert!(problem.labels().is_none());
+        let shown = problem.to_string();
+        assert!(shown.len() < 400, "{}", shown.len());
+        assert!(
+            shown.contains(&format!("near column {}", position.column)),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("...xxxx") && shown.contains("\\u{1b}bad"),
+            "{shown}"
+        );
+        // Short lines keep their snippet.
+        let short = std::sync::Arc::new("a: 1\nb: x\n".to_string());
+        let p = Problem::new("p.yaml", "bad").at(Position::of_offset(&short, 8, 1), &short);
+        assert!(p.text.is_some() && p.labels().is_some());
+        // A long line beside the error's is not shown either.
+        let beside = std::sync::Arc::new(format!("a: 1\nb: {}\n", "z".repeat(1000)));
+        let p = Problem::new("p.yaml", "bad").at(Position::of_offset(&beside, 3, 1), &beside);
+        assert!(p.text.is_none(), "{p}");
+    }
 }

@@ -269,15 +269,33 @@ pub(super) async fn query(
     Ok(())
 }
 
-/// `kbcrm rejects`: the rows `sql` selects from quarantine; in words when there is none yet.
-pub(super) async fn rejects(cli: &Cli, sql: &str, format: OutputFormat) -> Result<()> {
+/// `kbcrm rejects`: the rows `sql` selects from quarantine, or from the rows a failed `run`
+/// kept; in words when there is none yet.
+pub(super) async fn rejects(
+    cli: &Cli,
+    sql: &str,
+    run: Option<&str>,
+    format: OutputFormat,
+) -> Result<()> {
     let project = cli.load()?;
     let wh = crate::warehouse::Warehouse::open(&project.warehouse)?;
+    if let Some(kept) = match run {
+        Some(id) => wh.rejected_by(id).await?,
+        None => None,
+    } {
+        let ctx = datafusion::prelude::SessionContext::new();
+        let table =
+            datafusion::datasource::MemTable::try_new(crate::run::quarantine_schema(), vec![kept])?;
+        ctx.register_table(crate::run::QUARANTINE_TABLE, std::sync::Arc::new(table))?;
+        let batches = ctx.sql(sql).await?.collect().await?;
+        return output::batches(&batches, format);
+    }
     if wh.load(crate::run::QUARANTINE_TABLE).await?.is_none() {
         eprintln!(
             "no row has been rejected here: the warehouse has no quarantine table yet. A run \
              commits rejected rows to it when they are within rejects.max_ratio; a run that fails \
-             on the limit names its reasons and first rows in its error"
+             on the limit names its reasons and first rows in its error, and `kbcrm rejects --run \
+             ID` lists them"
         );
         return Ok(());
     }

@@ -247,7 +247,7 @@ pub enum Command {
         /// Only this pipeline.
         #[arg(long)]
         pipeline: Option<String>,
-        /// Only this run.
+        /// Only this run; also a run that failed on `rejects.max_ratio` and committed nothing.
         #[arg(long)]
         run: Option<String>,
         /// Count rows per source and reason instead of listing them.
@@ -467,7 +467,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             format,
         } => {
             let sql = rejects_sql(pipeline.as_deref(), run.as_deref(), *summary, *limit);
-            rejects(&cli, &sql, *format).await
+            rejects(&cli, &sql, run.as_deref(), *format).await
         }
         Command::Cubes { as_of, action } => cubes(&cli, *as_of, action.as_ref()).await,
         Command::Extract {

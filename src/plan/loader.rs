@@ -151,7 +151,24 @@ impl Loader {
     }
 
     fn read(&mut self, rel: &Path) -> Option<Arc<String>> {
-        match std::fs::read_to_string(self.root.join(rel)) {
+        let path = self.root.join(rel);
+        let limit = max_file_bytes();
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.len() > limit
+        {
+            self.problems.push(Problem::new(
+                rel,
+                format!(
+                    "the file is {} bytes, more than the {limit} a project file may have; a \
+                     pipeline, kbcrm.yaml or SQL model is text a person writes (data goes in the \
+                     files a source reads). Raise the limit with {MAX_FILE_BYTES_ENV} if it must \
+                     be this large",
+                    meta.len()
+                ),
+            ));
+            return None;
+        }
+        match std::fs::read_to_string(path) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 self.problems
@@ -597,6 +614,18 @@ impl Loader {
         }
         self.check_graph(&raw, pipelines)
     }
+}
+
+/// The environment variable that sets the largest project file kbcrm reads, in bytes.
+pub const MAX_FILE_BYTES_ENV: &str = "KBCRM_MAX_FILE_BYTES";
+
+/// The largest project file (kbcrm.yaml, a pipeline, an SQL model) read: 8 MiB, or
+/// [`MAX_FILE_BYTES_ENV`].
+fn max_file_bytes() -> u64 {
+    std::env::var(MAX_FILE_BYTES_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(8 << 20)
 }
 
 /// How a model's table is written, from its options; the problem when they do not fit together.

@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 use crate::config::types::UTC;
 use crate::error::Result;
 use crate::plan::Write;
-use crate::sources::Reject;
+use crate::sources::{self, Reject};
 use crate::warehouse::state::stage_batch;
 use crate::warehouse::{Staged, Warehouse};
 
@@ -55,6 +55,35 @@ pub(super) async fn stage_rejects(
     if rejects.is_empty() {
         return Ok(None);
     }
+    let batch = rejects_batch(run_id, pipeline, &rejects)?;
+    stage_batch(wh, ctx, QUARANTINE_TABLE, batch, &Write::Append)
+        .await
+        .map(Some)
+}
+
+/// Keep the rejects of a run that fails on them where `kbcrm rejects --run ID` finds them,
+/// committing nothing; a failure to keep them is logged, and the run's own error stands.
+pub(super) async fn keep_failed(
+    wh: &Warehouse,
+    pipeline: &str,
+    run_id: &str,
+    rejects: &[&(String, Reject)],
+) {
+    let kept = match rejects_batch(run_id, pipeline, rejects) {
+        Ok(batch) => wh.keep_rejected(run_id, &batch).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = kept {
+        tracing::warn!("the rejected rows of run {run_id} could not be kept: {e}");
+    }
+}
+
+/// Rejects as rows of the `quarantine` table.
+fn rejects_batch(
+    run_id: &str,
+    pipeline: &str,
+    rejects: &[&(String, Reject)],
+) -> Result<RecordBatch> {
     let schema = quarantine_schema();
     let n = rejects.len();
     let now = chrono::Utc::now().timestamp_micros();
@@ -81,10 +110,7 @@ pub(super) async fn stage_rejects(
         )),
         Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone(UTC)),
     ];
-    let batch = RecordBatch::try_new(schema, columns)?;
-    stage_batch(wh, ctx, QUARANTINE_TABLE, batch, &Write::Append)
-        .await
-        .map(Some)
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 /// (source, file, line) of the rows of `pipeline` already in quarantine.
@@ -121,8 +147,6 @@ async fn known_rejects(
 /// Reasons listed in a failed run's message, and rows shown as examples.
 const REASONS_SHOWN: usize = 5;
 const EXAMPLES_SHOWN: usize = 3;
-/// Bytes of a rejected row's raw text shown in a message.
-const RAW_SHOWN: usize = 200;
 
 /// Rejected rows in words, for a run that failed on them: how many for each reason and column
 /// (the value a reason quotes left out), most first, and the first rows with their file, line
@@ -178,11 +202,13 @@ fn without_value(reason: &str) -> String {
     }
 }
 
-/// A row's raw text as a message shows it: quoted, escaped, at most [`RAW_SHOWN`] bytes.
+/// A row's raw text as a message shows it: quoted, escaped, cut at [`sources::SHOWN_BYTES`].
 fn shown_raw(raw: &str) -> String {
-    let cut = &raw[..raw.floor_char_boundary(RAW_SHOWN)];
-    let more = if cut.len() < raw.len() { "..." } else { "" };
-    format!("\"{}\"{more}", cut.escape_debug())
+    let shown = sources::shown(raw);
+    match shown.strip_suffix("...") {
+        Some(cut) if raw.len() > sources::SHOWN_BYTES => format!("\"{cut}\"..."),
+        _ => format!("\"{shown}\""),
+    }
 }
 
 #[cfg(test)]
@@ -226,7 +252,7 @@ mod tests {
         assert_eq!(lines.len(), 7, "{words}");
         let long = shown_raw(&"\u{1b}".repeat(300));
         assert!(
-            long.ends_with("...") && long.len() <= 6 * RAW_SHOWN + 5,
+            long.ends_with("...") && long.len() <= 6 * sources::SHOWN_BYTES + 5,
             "{long}"
         );
         assert_eq!(without_value("no quote"), "no quote");

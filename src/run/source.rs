@@ -140,22 +140,26 @@ impl Runner {
     ) -> Result<()> {
         if rows_read > 0 && rejected as f64 / rows_read as f64 > source.max_reject_ratio {
             delete_files(&self.wh, url, adds).await?;
-            let rejects = state
+            let rejects: Vec<&(String, sources::Reject)> = state
                 .rejects
                 .iter()
                 .filter(|(name, _)| *name == source.name)
-                .map(|(_, r)| r);
+                .collect();
+            super::quarantine::keep_failed(&self.wh, &source.pipeline, &state.run_id, &rejects)
+                .await;
             return Err(Error::DataQuality {
                 pipeline: source.pipeline.clone(),
                 message: format!(
                     "source '{}' rejected {rejected} of {rows_read} rows ({:.2}%), more than \
-                     rejects.max_ratio {}, so nothing was committed.\n{}\nFix the files or the \
-                     source's `schema:` and `csv:` options, or raise `rejects.max_ratio` to \
-                     commit the rows that fit and keep the others in `quarantine`",
+                     rejects.max_ratio {}, so nothing was committed.\n{}\n`kbcrm rejects --run \
+                     {}` lists every rejected row. Fix the files or the source's `schema:` and \
+                     `csv:` options, or raise `rejects.max_ratio` to commit the rows that fit and \
+                     keep the others in `quarantine`",
                     source.name,
                     100.0 * rejected as f64 / rows_read as f64,
                     source.max_reject_ratio,
-                    super::quarantine::in_words(rejects)
+                    super::quarantine::in_words(rejects.iter().map(|(_, r)| r)),
+                    state.run_id
                 ),
             });
         }

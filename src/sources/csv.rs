@@ -310,9 +310,27 @@ fn field_positions(
             "{file}:{line}: the CSV header does not match the declared schema: missing column(s) \
              {}; the file has {}. {}",
             quote_all(&missing),
-            quote_all(&header.iter().map(String::as_str).collect::<Vec<_>>()),
+            super::shown(&quote_all(&header.iter().map(String::as_str).collect::<Vec<_>>())),
             header_hint(opts, &header, &line_text)
         )));
+    }
+    // A declared name the header holds twice: which field is meant is not known.
+    for c in &source.columns {
+        let mut at = header
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h == c.source_name);
+        if let (Some((first, _)), Some((second, _))) = (at.next(), at.next()) {
+            return Err(source_err(format!(
+                "{file}:{line}: the CSV header names column '{}' twice (fields {} and {}), so which \
+                 one to load is not known. Rename one in the file, or read the fields by position: \
+                 `csv: {{ header: false, skip_rows: 1 }}` with the columns declared in the file's \
+                 order",
+                c.source_name,
+                first + 1,
+                second + 1
+            )));
+        }
     }
     let positions = source
         .columns

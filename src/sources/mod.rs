@@ -367,6 +367,27 @@ pub(crate) fn source_error(source: &Source, message: String) -> Error {
 
 /// Cut a raw row for the quarantine table: at most 4 KiB of text (invalid UTF-8 bytes become
 /// U+FFFD, three bytes each, so the text is cut again after the conversion).
+/// Bytes of a file's text a message quotes at most: a message names what was expected, and
+/// never echoes a whole line of whatever file a location points at.
+pub(crate) const SHOWN_BYTES: usize = 200;
+
+/// Text from a file as a message shows it: control characters escaped, cut at
+/// [`SHOWN_BYTES`] with `...`.
+pub(crate) fn shown(text: &str) -> String {
+    let cut = &text[..text.floor_char_boundary(SHOWN_BYTES)];
+    let mut out = String::with_capacity(cut.len() + 3);
+    for c in cut.chars() {
+        match c.is_control() {
+            true => out.extend(c.escape_debug()),
+            false => out.push(c),
+        }
+    }
+    if cut.len() < text.len() {
+        out.push_str("...");
+    }
+    out
+}
+
 pub(crate) fn raw_text(bytes: &[u8]) -> String {
     const MAX: usize = 4096;
     let cut = &bytes[..bytes.len().min(MAX)];
@@ -449,5 +470,14 @@ mod tests {
             text.len()
         );
         assert_eq!(super::raw_text(b"a,b\r\n"), "a,b");
+    }
+
+    #[test]
+    fn text_a_message_shows_is_cut_and_escaped() {
+        assert_eq!(super::shown("a\tb"), "a\\tb");
+        let long = "é".repeat(300);
+        let shown = super::shown(&long);
+        assert!(shown.ends_with("...") && shown.len() <= super::SHOWN_BYTES + 3, "{shown}");
+        assert_eq!(super::shown("'a',\u{1b}[2J"), "'a',\\u{1b}[2J");
     }
 }

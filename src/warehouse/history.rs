@@ -335,3 +335,30 @@ fn runs_batch(runs: &[RunRecord]) -> Result<RecordBatch> {
     ];
     Ok(RecordBatch::try_new(runs_schema(), columns)?)
 }
+
+impl Warehouse {
+    /// Keep the rows a failed run rejected (`_kbcrm/rejects/<run id>.parquet`), outside every
+    /// table: nothing is committed, and `kbcrm rejects --run ID` still lists them.
+    pub async fn keep_rejected(&self, run_id: &str, batch: &RecordBatch) -> Result<()> {
+        let mut body = Vec::new();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(&mut body, batch.schema(), None)?;
+        writer.write(batch)?;
+        writer.close()?;
+        let path = self.path(&format!("{META_DIR}/rejects/{run_id}.parquet"));
+        self.store().put(&path, PutPayload::from(body)).await?;
+        Ok(())
+    }
+
+    /// The rows a failed run rejected, when it kept them ([`Warehouse::keep_rejected`]).
+    pub async fn rejected_by(&self, run_id: &str) -> Result<Option<Vec<RecordBatch>>> {
+        let path = self.path(&format!("{META_DIR}/rejects/{run_id}.parquet"));
+        let bytes = match self.store().get(&path).await {
+            Ok(got) => got.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+            .build()?;
+        Ok(Some(reader.collect::<std::result::Result<Vec<_>, _>>()?))
+    }
+}

@@ -221,6 +221,20 @@ fn a_run_failing_on_its_reject_limit_says_why_and_shows_the_first_rows() {
     );
     assert!(err.contains("data/t.csv:4: \"x,Dee\""), "{err}");
     assert_eq!(before, p.warehouse_files(), "nothing may be committed");
+    // Every rejected row of the failed run, by its id from the error.
+    let run_id = err
+        .split("kbcrm rejects --run ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("the run id in the error");
+    let listed = p.ok(&["rejects", "--run", run_id, "--format", "csv"]);
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    assert!(listed.contains("x,Dee"), "{listed}");
+    let summary = p.ok(&["rejects", "--run", run_id, "--summary", "--format", "csv"]);
+    assert!(
+        summary.contains(",2\n") && summary.contains(",1"),
+        "{summary}"
+    );
     // No row was ever committed to quarantine: `rejects` says so instead of failing.
     let out = p.kbcrm(&["rejects", "--summary"]);
     let err = stderr(&out);
@@ -259,4 +273,33 @@ fn validate_reads_the_first_rows_and_names_a_header_or_delimiter_mismatch() {
     assert!(p.ok(&["validate"]).starts_with("ok:"));
     std::fs::remove_file(p.path().join("data/t.csv")).unwrap();
     assert!(p.ok(&["validate"]).starts_with("ok:"));
+}
+
+#[test]
+fn a_header_naming_a_declared_column_twice_is_an_error_unless_read_by_position() {
+    let data = b"id,name,name\n1,Ann,Anna\n";
+    let p = project("", "id: int, name: string", data);
+    let before = p.warehouse_files();
+    let out = p.kbcrm(&["run"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("data/t.csv:1")
+            && err.contains("names column 'name' twice (fields 2 and 3)")
+            && err.contains("header: false, skip_rows: 1"),
+        "{err}"
+    );
+    assert_eq!(before, p.warehouse_files(), "nothing may be committed");
+    // By position, as the message says: the second 'name' kept as its own column.
+    let p = project(
+        "header: false, skip_rows: 1",
+        "id: int, name: string, name_2: string",
+        data,
+    );
+    p.ok(&["run"]);
+    assert_eq!(rows(&p, "id, name, name_2", "id"), [["1", "Ann", "Anna"]]);
+    // A repeated name the schema does not declare is not read, so it is no problem.
+    let p = project("", "id: int", data);
+    p.ok(&["run"]);
+    assert_eq!(p.scalar("select count(*) from raw_p_t"), 1);
 }

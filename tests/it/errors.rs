@@ -332,3 +332,47 @@ fn every_problem_points_at_its_own_line_with_fitting_help() {
         "{err}"
     );
 }
+
+#[test]
+fn an_error_on_a_very_long_line_is_cut_around_its_column_without_a_panic() {
+    let p = project();
+    // The unknown table sits past column 65,535 of a one-line model.
+    p.write(
+        "sql/stg_orders.sql",
+        format!("select order_id, amount{} from nowhere", " ".repeat(70_000)),
+    );
+    let out = p.kbcrm(&["validate"]);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        &err[..err.len().min(2000)]
+    );
+    assert!(!err.contains("panicked"), "{}", &err[..err.len().min(2000)]);
+    assert!(err.len() < 4000, "the message is {} bytes", err.len());
+    assert!(
+        err.contains("'nowhere'") && err.contains("line 1 is too long to show; near column"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_project_file_over_the_size_limit_is_refused_at_once() {
+    let p = project();
+    p.write(
+        "pipelines/p.yaml",
+        format!("{PIPELINE}# {}\n", "x".repeat(5000)),
+    );
+    let out = p.kbcrm_with_env(&["validate"], &[("KBCRM_MAX_FILE_BYTES", "4096")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("pipelines/p.yaml")
+            && err.contains("more than the 4096 a project file may have")
+            && err.contains("KBCRM_MAX_FILE_BYTES"),
+        "{err}"
+    );
+    // Within the default limit it loads.
+    assert!(p.ok(&["validate"]).starts_with("ok:"));
+}

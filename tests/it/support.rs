@@ -255,7 +255,8 @@ impl Project {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
-                    if !p.ends_with("_kbcrm/runs") {
+                    // Run records and a failed run's kept rejects are not tables.
+                    if !p.ends_with("_kbcrm/runs") && !p.ends_with("_kbcrm/rejects") {
                         stack.push(p);
                     }
                 } else {
