@@ -298,7 +298,8 @@ pub struct CsvOptions {
     /// `whitespace`: fields separated by runs of blanks (spaces, tabs), leading and trailing
     /// blanks of a line ignored, each value trimmed.
     #[serde(default)]
-    pub delimiter: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub delimiter: Option<Spanned<String>>,
     /// Quote character; default '"'.
     #[serde(default)]
     pub quote: Option<char>,

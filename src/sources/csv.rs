@@ -310,7 +310,9 @@ fn field_positions(
             "{file}:{line}: the CSV header does not match the declared schema: missing column(s) \
              {}; the file has {}. {}",
             quote_all(&missing),
-            super::shown(&quote_all(&header.iter().map(String::as_str).collect::<Vec<_>>())),
+            super::shown(&quote_all(
+                &header.iter().map(String::as_str).collect::<Vec<_>>()
+            )),
             header_hint(opts, &header, &line_text)
         )));
     }

@@ -477,7 +477,10 @@ mod tests {
         assert_eq!(super::shown("a\tb"), "a\\tb");
         let long = "é".repeat(300);
         let shown = super::shown(&long);
-        assert!(shown.ends_with("...") && shown.len() <= super::SHOWN_BYTES + 3, "{shown}");
+        assert!(
+            shown.ends_with("...") && shown.len() <= super::SHOWN_BYTES + 3,
+            "{shown}"
+        );
         assert_eq!(super::shown("'a',\u{1b}[2J"), "'a',\\u{1b}[2J");
     }
 }

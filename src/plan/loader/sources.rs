@@ -177,10 +177,13 @@ impl Loader {
                 }
                 ok.then_some(ch as u8)
             };
-            match o.delimiter.as_deref() {
+            // A bad delimiter is pointed at where it is written.
+            let mut at_delimiter = None;
+            match o.delimiter.as_ref().map(|d| d.value.as_str()) {
                 None => {}
                 Some("whitespace") => c.delimiter = Delimiter::Whitespace,
                 Some(d) => {
+                    at_delimiter = o.delimiter.as_ref().map(|d| d.referenced);
                     let mut chars = d.chars();
                     match (chars.next(), chars.next()) {
                         (Some(ch), None) => {
@@ -196,6 +199,7 @@ impl Loader {
                     }
                 }
             }
+            let of_delimiter = problems.len();
             if let Some(q) = o.quote {
                 c.quote = ascii("quote", q, &mut problems).unwrap_or(c.quote);
             }
@@ -213,8 +217,12 @@ impl Loader {
                     "source '{name}': csv delimiter, quote and comment must be different characters"
                 ));
             }
-            for msg in problems {
-                self.problems.push(here(msg, at));
+            for (i, msg) in problems.into_iter().enumerate() {
+                let loc = match at_delimiter {
+                    Some(d) if i < of_delimiter => d,
+                    _ => *at,
+                };
+                self.problems.push(here(msg, &loc));
             }
             c.header = o.header.unwrap_or(true);
             if let Some(n) = &o.null_values {
