@@ -131,6 +131,13 @@ pub(super) struct RawPipeline {
     pub(super) name: String,
 }
 
+impl RawPipeline {
+    /// A problem at `loc` in the pipeline file.
+    pub(super) fn here(&self, msg: String, loc: &serde_saphyr::Location) -> Problem {
+        Problem::new(&self.file, msg).at(yaml_pos(loc, &self.text), &self.text)
+    }
+}
+
 pub(super) struct Loader {
     pub(super) root: PathBuf,
     pub(super) problems: Vec<Problem>,

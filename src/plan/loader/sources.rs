@@ -10,12 +10,9 @@ impl Loader {
         s: &SourceSpec,
         at: &serde_saphyr::Location,
     ) -> Option<Source> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         let before = self.problems.len();
         if !valid_identifier(name) {
-            self.problems.push(here(
+            self.problems.push(r.here(
                 format!("source name '{name}' must be lowercase letters, digits and '_'"),
                 at,
             ));
@@ -31,7 +28,7 @@ impl Loader {
         self.check_incremental_fits(r, name, s, at, incremental.as_ref());
         let max_reject_ratio = s.rejects.as_ref().map_or(0.05, |r| r.max_ratio);
         if !(0.0..=1.0).contains(&max_reject_ratio) {
-            self.problems.push(here(
+            self.problems.push(r.here(
                 format!("source '{name}': rejects.max_ratio must be between 0 and 1"),
                 at,
             ));
@@ -55,12 +52,9 @@ impl Loader {
 
     /// The table a source loads into: `table:` (its name checked) or `raw_<pipeline>_<source>`.
     fn source_table(&mut self, r: &RawPipeline, name: &str, s: &SourceSpec) -> String {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         match &s.table {
             Some(t) if !valid_identifier(&t.value) => {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!(
                         "table name '{}' must be lowercase letters, digits and '_'",
                         t.value
@@ -82,19 +76,16 @@ impl Loader {
         s: &SourceSpec,
         at: &serde_saphyr::Location,
     ) -> Option<Location> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         match (&s.location, s.format.is_database()) {
             (Some(l), false) => match Location::resolve(&l.value, &self.root) {
                 Ok(l) => Some(l),
                 Err(msg) => {
-                    self.problems.push(here(msg, &l.referenced));
+                    self.problems.push(r.here(msg, &l.referenced));
                     None
                 }
             },
             (None, false) => {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!(
                         "source '{name}' has no `location:`; give the path, folder, glob or URL \
                          of its files"
@@ -109,9 +100,6 @@ impl Loader {
 
     /// The columns of a source's `schema:`, each checked, in order.
     fn source_columns(&mut self, r: &RawPipeline, name: &str, s: &SourceSpec) -> Vec<Column> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         let mut columns = Vec::new();
         let at_column = |msg: String, col: &str| {
             Problem::new(&r.file, msg).at(key_pos(&s.schema.referenced, &r.text, col), &r.text)
@@ -139,7 +127,7 @@ impl Loader {
             });
         }
         if columns.is_empty() {
-            self.problems.push(here(
+            self.problems.push(r.here(
                 format!("source '{name}' declares no columns under `schema:`"),
                 &s.schema.referenced,
             ));
@@ -155,11 +143,8 @@ impl Loader {
         s: &SourceSpec,
         at: &serde_saphyr::Location,
     ) -> CsvSettings {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         if s.csv.is_some() && s.format != SourceFormat::Csv {
-            self.problems.push(here(
+            self.problems.push(r.here(
                 format!("source '{name}': `csv:` options need `format: csv`"),
                 at,
             ));
@@ -222,7 +207,7 @@ impl Loader {
                     Some(d) if i < of_delimiter => d,
                     _ => *at,
                 };
-                self.problems.push(here(msg, &loc));
+                self.problems.push(r.here(msg, &loc));
             }
             c.header = o.header.unwrap_or(true);
             if let Some(n) = &o.null_values {
@@ -243,9 +228,6 @@ impl Loader {
         s: &SourceSpec,
         at: &serde_saphyr::Location,
     ) -> Option<Incremental> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         match &s.incremental {
             None => None,
             Some(IncrementalSpec {
@@ -259,7 +241,7 @@ impl Loader {
                 ..
             }) => {
                 if !s.schema.value.contains_key(c) {
-                    self.problems.push(here(
+                    self.problems.push(r.here(
                         format!(
                             "source '{name}': incremental cursor '{c}' is not among its columns"
                         ),
@@ -269,7 +251,7 @@ impl Loader {
                 Some(Incremental::Cursor(c.clone()))
             }
             Some(_) => {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!(
                         "source '{name}': `incremental:` takes one of `files: new` and \
                          `cursor: COLUMN`"
@@ -290,11 +272,8 @@ impl Loader {
         at: &serde_saphyr::Location,
         incremental: Option<&Incremental>,
     ) {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         if incremental.is_some() && s.mode == WriteMode::Overwrite {
-            self.problems.push(here(
+            self.problems.push(r.here(
                 format!(
                     "source '{name}': an incremental source adds to its table; use `mode: append` \
                      or `mode: merge` (with `keys:`)"
@@ -305,7 +284,7 @@ impl Loader {
         if incremental == Some(&Incremental::NewFiles)
             && (s.format == SourceFormat::Delta || s.format.is_database())
         {
-            self.problems.push(here(
+            self.problems.push(r.here(
                 format!(
                     "source '{name}': `files: new` needs a file format; use `cursor:` for a \
                      Delta table or a database"
@@ -322,16 +301,13 @@ impl Loader {
         name: &str,
         s: &SourceSpec,
     ) -> Option<(Option<std::time::Duration>, Option<std::time::Duration>)> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         s.freshness.as_ref().map(|f| {
             let mut parse = |what: &str, v: &Option<serde_saphyr::Spanned<String>>| {
                 let v = v.as_ref()?;
                 match super::super::access::parse_duration(&v.value) {
                     Ok(d) => d,
                     Err(msg) => {
-                        self.problems.push(here(
+                        self.problems.push(r.here(
                             format!("source '{name}': freshness.{what}: {msg}"),
                             &v.referenced,
                         ));
@@ -357,9 +333,6 @@ impl Loader {
         columns: &[Column],
         incremental: Option<&Incremental>,
     ) -> Option<Database> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         let overlap = s.incremental.as_ref().and_then(|i| i.overlap.as_deref());
         if !s.format.is_database() {
             let used = [
@@ -370,7 +343,7 @@ impl Loader {
                 ("incremental.overlap", overlap.is_some()),
             ];
             for (what, _) in used.iter().filter(|(_, u)| *u) {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!("source '{name}': `{what}:` applies to database sources (`format: postgres` or `mysql`)"),
                     at,
                 ));
@@ -378,7 +351,7 @@ impl Loader {
             return None;
         }
         if s.freshness.is_some() {
-            self.problems.push(here(
+            self.problems.push(r.here(
                 format!(
                     "source '{name}': `freshness:` judges the age of files; a database source has \
                      none (check the age of its cursor column in a data test instead)"
@@ -412,12 +385,9 @@ impl Loader {
         s: &SourceSpec,
         at: &serde_saphyr::Location,
     ) -> Option<ConnectionRef> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         match &s.connection {
             None => {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!(
                         "source '{name}' needs `connection:`, the name of an environment variable \
                          holding the database URL (e.g. `connection: ERP_DATABASE_URL`) or \
@@ -430,7 +400,7 @@ impl Loader {
             Some(c) => match &c.value {
                 ConnectionSpec::Name(v) | ConnectionSpec::From(ConnectionFrom::Env(v)) => {
                     if v.contains("://") {
-                        self.problems.push(here(
+                        self.problems.push(r.here(
                             format!(
                                 "source '{name}': `connection:` looks like a URL; put the URL in \
                                  an environment variable (or a file) and name that here, so no \
@@ -442,7 +412,7 @@ impl Loader {
                     } else if v.is_empty()
                         || !v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
                     {
-                        self.problems.push(here(
+                        self.problems.push(r.here(
                             format!(
                                 "source '{name}': `connection: {v}` is not an environment \
                                  variable name (letters, digits and '_')"
@@ -469,9 +439,6 @@ impl Loader {
         s: &SourceSpec,
         at: &serde_saphyr::Location,
     ) -> Option<Relation> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         match (&s.location, &s.query) {
             (Some(t), None) => {
                 let ok = {
@@ -484,7 +451,7 @@ impl Loader {
                         })
                 };
                 if !ok {
-                    self.problems.push(here(
+                    self.problems.push(r.here(
                         format!(
                             "source '{name}': `location: {}` is not a table name; write \
                              `schema.table`, or use `query:` for anything else",
@@ -499,7 +466,7 @@ impl Loader {
                 let text = q.value.trim().trim_end_matches(';').trim().to_string();
                 let lower = text.to_ascii_lowercase();
                 if !(lower.starts_with("select") || lower.starts_with("with")) {
-                    self.problems.push(here(
+                    self.problems.push(r.here(
                         format!("source '{name}': `query:` must be one SELECT"),
                         &q.referenced,
                     ));
@@ -507,7 +474,7 @@ impl Loader {
                 Some(Relation::Query(text))
             }
             (None, None) => {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!(
                         "source '{name}' reads a database: give the table as `location: \
                          schema.table`, or a SELECT as `query:`"
@@ -517,7 +484,7 @@ impl Loader {
                 None
             }
             (Some(_), Some(q)) => {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!("source '{name}': give `location:` (a table) or `query:`, not both"),
                     &q.referenced,
                 ));
@@ -535,15 +502,12 @@ impl Loader {
         at: &serde_saphyr::Location,
         columns: &[Column],
     ) -> Option<(String, u32)> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         let column = |c: &str| columns.iter().find(|x| x.name == c);
         s.partition.as_ref().and_then(|p| {
             let ok_type = column(&p.column)
                 .is_some_and(|c| matches!(c.ty, ColumnType::Int | ColumnType::BigInt));
             if !ok_type {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!(
                         "source '{name}': partition column '{}' must be an int or bigint column \
                          of its schema",
@@ -553,7 +517,7 @@ impl Loader {
                 ));
                 None
             } else if !(1..=64).contains(&p.parts) {
-                self.problems.push(here(
+                self.problems.push(r.here(
                     format!("source '{name}': partition parts must be 1 to 64"),
                     at,
                 ));
@@ -574,9 +538,6 @@ impl Loader {
         columns: &[Column],
         incremental: Option<&Incremental>,
     ) -> Option<std::time::Duration> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         let column = |c: &str| columns.iter().find(|x| x.name == c);
         match overlap {
             None => None,
@@ -587,7 +548,7 @@ impl Loader {
                     _ => false,
                 };
                 if !cursor_ok {
-                    self.problems.push(here(
+                    self.problems.push(r.here(
                         format!(
                             "source '{name}': `overlap:` needs a `cursor:` column of type \
                              timestamp or date"
@@ -599,7 +560,7 @@ impl Loader {
                     Ok(d) => d,
                     Err(msg) => {
                         self.problems
-                            .push(here(format!("source '{name}': overlap: {msg}"), at));
+                            .push(r.here(format!("source '{name}': overlap: {msg}"), at));
                         None
                     }
                 }
@@ -616,15 +577,12 @@ impl Loader {
         at: &serde_saphyr::Location,
         columns: &[Column],
     ) -> Option<Deletes> {
-        let here = |msg: String, loc: &serde_saphyr::Location| {
-            Problem::new(&r.file, msg).at(yaml_pos(loc, &r.text), &r.text)
-        };
         let column = |c: &str| columns.iter().find(|x| x.name == c);
         match &s.deletes {
             None => None,
             Some(d) => {
                 if s.mode != WriteMode::Merge {
-                    self.problems.push(here(
+                    self.problems.push(r.here(
                         format!(
                             "source '{name}': `deletes:` marks rows by key; it needs `mode: \
                              merge` with `keys:`"
@@ -633,7 +591,7 @@ impl Loader {
                     ));
                 }
                 if columns.iter().any(|c| c.name == DELETED_AT) {
-                    self.problems.push(here(
+                    self.problems.push(r.here(
                         format!(
                             "source '{name}': with `deletes:` kbcrm adds the column \
                              '{DELETED_AT}'; the schema may not declare it"
@@ -650,7 +608,7 @@ impl Loader {
                             )
                         });
                         if !ok {
-                            self.problems.push(here(
+                            self.problems.push(r.here(
                                 format!(
                                     "source '{name}': soft_column '{c}' must be a timestamp, \
                                      date or bool column of its schema"
@@ -667,7 +625,7 @@ impl Loader {
                             match super::super::access::parse_duration(every) {
                                 Ok(d) => Some(Deletes::CompareKeys(d)),
                                 Err(msg) => {
-                                    self.problems.push(here(
+                                    self.problems.push(r.here(
                                         format!(
                                             "source '{name}': compare_keys: {msg} (or `always`)"
                                         ),
