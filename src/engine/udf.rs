@@ -83,7 +83,8 @@ pub fn register(ctx: &SessionContext, params: &RunParams) {
 #[derive(Debug, Clone, Copy)]
 struct NumericFn {
     name: &'static str,
-    arity: usize,
+    /// Its arguments' names, in order (shown by an error for a wrong call).
+    params: &'static [&'static str],
     f: fn(&[f64]) -> f64,
 }
 
@@ -102,28 +103,27 @@ impl std::hash::Hash for NumericFn {
 }
 
 const NUMERIC: &[NumericFn] = &[
-    // (x, t_x, T, r, alpha, a, b)
     NumericFn {
         name: "bgnbd_p_alive",
-        arity: 7,
+        params: &["x", "t_x", "t", "r", "alpha", "a", "b"],
         f: |v| bgnbd(v, 3).p_alive(&rft(v)),
     },
-    // (x, t_x, T, horizon, r, alpha, a, b)
     NumericFn {
         name: "bgnbd_expected_purchases",
-        arity: 8,
+        params: &["x", "t_x", "t", "horizon", "r", "alpha", "a", "b"],
         f: |v| bgnbd(v, 4).expected_purchases(&rft(v), v[3]),
     },
-    // (x, t_x, T, horizon, periods, discount rate per period, r, alpha, a, b)
     NumericFn {
         name: "bgnbd_discounted_purchases",
-        arity: 10,
+        // `rate`: the discount rate per period.
+        params: &[
+            "x", "t_x", "t", "horizon", "periods", "rate", "r", "alpha", "a", "b",
+        ],
         f: |v| discounted(&bgnbd(v, 6), &rft(v), v[3], v[4], v[5]),
     },
-    // (x, m, p, q, gamma)
     NumericFn {
         name: "gg_expected_spend",
-        arity: 5,
+        params: &["x", "m", "p", "q", "gamma"],
         f: |v| {
             GammaGamma {
                 p: v[2],
@@ -134,6 +134,15 @@ const NUMERIC: &[NumericFn] = &[
         },
     },
 ];
+
+/// A signature whose arguments have names, which an error for a wrong call lists
+/// (`bgnbd_p_alive(x: Float64, t_x: Float64, ...)`); unnamed if the names do not fit it.
+fn named(signature: Signature, params: &[&str]) -> Signature {
+    signature
+        .clone()
+        .with_parameter_names(params.to_vec())
+        .unwrap_or(signature)
+}
 
 fn rft(v: &[f64]) -> Rft {
     Rft {
@@ -177,7 +186,14 @@ impl NumericUdf {
     fn new(f: &NumericFn) -> Self {
         NumericUdf {
             f: *f,
-            signature: Signature::uniform(f.arity, vec![DataType::Float64], Volatility::Immutable),
+            signature: named(
+                Signature::uniform(
+                    f.params.len(),
+                    vec![DataType::Float64],
+                    Volatility::Immutable,
+                ),
+                f.params,
+            ),
         }
     }
 }
@@ -202,7 +218,7 @@ impl ScalarUDFImpl for NumericUdf {
             .map(|a| a.as_primitive::<Float64Type>())
             .collect();
         let mut out = Float64Builder::with_capacity(args.number_rows);
-        let mut v = vec![0.0; self.f.arity];
+        let mut v = vec![0.0; self.f.params.len()];
         for row in 0..args.number_rows {
             if cols.iter().any(|c| c.is_null(row)) {
                 out.append_null();
@@ -436,10 +452,13 @@ impl FitUdaf {
     fn new(kind: FitKind) -> Self {
         FitUdaf {
             kind,
-            signature: Signature::uniform(
-                kind.inputs().len(),
-                vec![DataType::Float64],
-                Volatility::Immutable,
+            signature: named(
+                Signature::uniform(
+                    kind.inputs().len(),
+                    vec![DataType::Float64],
+                    Volatility::Immutable,
+                ),
+                kind.inputs(),
             ),
         }
     }

@@ -54,3 +54,24 @@ fn sql_from_a_file_json_with_nulls_and_timing() {
     let out = p.kbcrm(&["query", "--file", "q.sql", "select 1"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[test]
+fn a_wrong_call_of_a_model_function_names_its_arguments() {
+    let p = project();
+    for (sql, expected) in [
+        (
+            "select bgnbd_p_alive(1.0, 2.0)",
+            "bgnbd_p_alive(x: Float64, t_x: Float64, t: Float64, r: Float64, alpha: Float64, \
+             a: Float64, b: Float64)",
+        ),
+        (
+            "select gg_fit(1.0) from raw_p_t",
+            "gg_fit(x: Float64, m: Float64)",
+        ),
+    ] {
+        let out = p.kbcrm(&["query", sql]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{sql}: {err}");
+        assert!(err.contains(expected), "{sql}: {err}");
+    }
+}
