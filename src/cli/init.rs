@@ -1,6 +1,9 @@
-//! `kbcrm init`: a new project with one working pipeline to start from.
+//! `kbcrm init`: a new project with one working pipeline to start from, or (`--from`) with a
+//! pipeline written from the user's own files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+mod from;
 
 use crate::error::{Error, Result};
 use crate::plan::PROJECT_FILE;
@@ -103,4 +106,58 @@ pub fn init(dir: &Path) -> Result<Vec<String>> {
         written.push(rel.to_string());
     }
     Ok(written)
+}
+
+/// `kbcrm init DIR --from PATH...`: a pipeline (named after the project folder) with a source
+/// guessed from each path and a staging model per source, in a new project or beside the
+/// pipelines of an existing one. Returns the files written and what was guessed.
+pub fn init_from(dir: &Path, paths: &[PathBuf]) -> Result<(Vec<String>, String)> {
+    let name = std::path::absolute(dir)
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "kbcrm".into());
+    let pipeline = from::pipeline_name(&name);
+    let sources = from::guess(dir, paths)?;
+    let mut files = vec![(
+        format!("pipelines/{pipeline}.yaml"),
+        from::pipeline_yaml(&pipeline, &sources),
+    )];
+    for s in &sources {
+        files.push((
+            format!("sql/staging/stg_{}.sql", s.name),
+            from::staging_sql(&pipeline, s),
+        ));
+    }
+    for (rel, _) in &files {
+        if dir.join(rel).exists() {
+            return Err(Error::Usage(format!(
+                "'{}' already exists; kbcrm init --from does not overwrite a file (move it, or \
+                 run it in another folder)",
+                dir.join(rel).display()
+            )));
+        }
+    }
+    if !dir.join(PROJECT_FILE).exists() {
+        files.push((
+            PROJECT_FILE.to_string(),
+            format!(
+                "# kbcrm project file. Paths are relative to this file.\nname: {name}\nwarehouse: \
+                 warehouse/\n"
+            ),
+        ));
+        files.push((".gitignore".to_string(), "/warehouse/\n".to_string()));
+    }
+    let mut written = Vec::new();
+    for (rel, body) in files {
+        let path = dir.join(&rel);
+        if path.exists() {
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::write(&path, body).map_err(|e| Error::io(&path, e))?;
+        written.push(rel);
+    }
+    Ok((written, from::summary(&sources)))
 }

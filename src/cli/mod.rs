@@ -228,6 +228,10 @@ pub enum Command {
         /// The folder (created when missing).
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Write a pipeline from these files or folders instead of the example: each becomes a
+        /// source whose format, CSV options and column types are guessed from its first lines.
+        #[arg(long, num_args = 1.., value_name = "PATH")]
+        from: Vec<PathBuf>,
     },
     /// Check the project: YAML specs, SQL models and the DAG. Exits 2 with the problems.
     Validate,
@@ -432,7 +436,18 @@ impl Cli {
 /// Run the parsed command.
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Init { dir } => {
+        Command::Init { dir, from } if !from.is_empty() => {
+            let (written, guessed) = crate::cli::init::init_from(dir, from)?;
+            eprint!("{guessed}");
+            output::line(&format!(
+                "created {} in {}; review the guesses in the pipeline file, then: cd {} && kbcrm \
+                 validate && kbcrm run",
+                written.join(", "),
+                dir.display(),
+                dir.display()
+            ))
+        }
+        Command::Init { dir, .. } => {
             let written = crate::cli::init::init(dir)?;
             output::line(&format!(
                 "created {} in {}; next: cd {} && kbcrm run && kbcrm query \"select * from stg_crm_customers\"",

@@ -9,6 +9,7 @@
 
 mod columnar;
 pub mod convert;
+pub mod sniff;
 mod csv;
 pub(crate) use csv::delimiter_hint;
 pub mod database;

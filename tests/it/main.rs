@@ -11,6 +11,7 @@ mod extract;
 mod freshness;
 mod history;
 mod incremental;
+mod init_from;
 mod layout;
 mod lineage;
 mod models;
