@@ -302,3 +302,27 @@ pub(super) async fn rejects(
     let batches = crate::warehouse::query::query(&project, sql).await?;
     output::batches(&batches, format)
 }
+
+/// `kbcrm init`: the example project, or (`from` not empty) a pipeline guessed from those files
+/// with what was guessed on stderr.
+pub(super) fn init(dir: &std::path::Path, from: &[std::path::PathBuf]) -> Result<()> {
+    if from.is_empty() {
+        let written = crate::cli::init::init(dir)?;
+        return output::line(&format!(
+            "created {} in {}; next: cd {} && kbcrm run && kbcrm query \"select * from \
+             stg_crm_customers\"",
+            written.join(", "),
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let (written, guessed) = crate::cli::init::init_from(dir, from)?;
+    eprint!("{guessed}");
+    output::line(&format!(
+        "created {} in {}; review the guesses in the pipeline file, then: cd {} && kbcrm validate \
+         && kbcrm run",
+        written.join(", "),
+        dir.display(),
+        dir.display()
+    ))
+}

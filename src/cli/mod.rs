@@ -436,26 +436,7 @@ impl Cli {
 /// Run the parsed command.
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Init { dir, from } if !from.is_empty() => {
-            let (written, guessed) = crate::cli::init::init_from(dir, from)?;
-            eprint!("{guessed}");
-            output::line(&format!(
-                "created {} in {}; review the guesses in the pipeline file, then: cd {} && kbcrm \
-                 validate && kbcrm run",
-                written.join(", "),
-                dir.display(),
-                dir.display()
-            ))
-        }
-        Command::Init { dir, .. } => {
-            let written = crate::cli::init::init(dir)?;
-            output::line(&format!(
-                "created {} in {}; next: cd {} && kbcrm run && kbcrm query \"select * from stg_crm_customers\"",
-                written.join(", "),
-                dir.display(),
-                dir.display()
-            ))
-        }
+        Command::Init { dir, from } => init(dir, from),
         Command::Validate => {
             let project = cli.load()?;
             crate::run::validate::check_models(&project).await?;

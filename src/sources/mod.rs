@@ -9,8 +9,8 @@
 
 mod columnar;
 pub mod convert;
-pub mod sniff;
 mod csv;
+pub mod sniff;
 pub(crate) use csv::delimiter_hint;
 pub mod database;
 pub mod freshness;
