@@ -233,6 +233,19 @@ fn separated<'a>(opts: &CsvSettings, bytes: &'a [u8]) -> Cow<'a, [u8]> {
             in_field = false;
         } else if blank(b) {
             let run = bytes[i..].iter().take_while(|c| blank(**c)).count();
+            // Blanks before a quoted first value go after it, so that it starts at its quote.
+            let line_start = i == 0 || bytes[i - 1] == b'\n';
+            if line_start
+                && bytes.get(i + run) == Some(&opts.quote)
+                && let Some(close) = closing_quote(&bytes[i + run..], opts.quote)
+            {
+                let value = &bytes[i + run..=i + run + close];
+                out[i..i + value.len()].copy_from_slice(value);
+                out[i + value.len()..=i + run + close].fill(b' ');
+                i += run + close + 1;
+                in_field = true;
+                continue;
+            }
             // A run that ends before the line does separates two fields.
             let ends_line = matches!(bytes.get(i + run), None | Some(b'\n' | b'\r'));
             if in_field && !ends_line {
@@ -247,6 +260,21 @@ fn separated<'a>(opts: &CsvSettings, bytes: &'a [u8]) -> Cow<'a, [u8]> {
         i += 1;
     }
     Cow::Owned(out)
+}
+
+/// Where the quoted value at the start of `s` closes (escaped quotes come in pairs), when it
+/// closes on its line.
+fn closing_quote(s: &[u8], quote: u8) -> Option<usize> {
+    let mut j = 1;
+    while j < s.len() {
+        match s[j] {
+            b'\n' => return None,
+            c if c == quote && s.get(j + 1) == Some(&quote) => j += 2,
+            c if c == quote => return Some(j),
+            _ => j += 1,
+        }
+    }
+    None
 }
 
 /// Where a file's fields are.

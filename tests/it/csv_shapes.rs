@@ -107,6 +107,17 @@ fn whitespace_separated_columns_with_crlf_and_leading_blanks_load() {
     );
     quoted.ok(&["run"]);
     assert_eq!(rows(&quoted, "id, name", "id"), [["1", "Ann  Lee"]]);
+    // A quoted first value after leading blanks, a quote inside it, a tab before the next.
+    let first = project(
+        "delimiter: whitespace",
+        "name: string, id: int",
+        b"name id\n  \"Ann \"\"A\"\" Lee\"\t 1\n \"Bo\"  2  \n",
+    );
+    first.ok(&["run"]);
+    assert_eq!(
+        rows(&first, "name, id", "id"),
+        [["Ann \"A\" Lee", "1"], ["Bo", "2"]]
+    );
 }
 
 #[test]
