@@ -409,16 +409,24 @@ fn near(text: &str, position: Position) -> Option<String> {
     let cut_left = left.len() < offset - start;
     let cut_right = right.len() < end - offset;
     let mut out = String::from(if cut_left { "..." } else { "" });
-    for c in left.chars().chain(['\u{25b8}']).chain(right.chars()) {
+    out.push_str(&escape_controls(&format!("{left}\u{25b8}{right}")));
+    if cut_right {
+        out.push_str("...");
+    }
+    Some(out)
+}
+
+/// Text from a file as a message shows it: control characters escaped (`\t`, `\u{1b}`), the
+/// rest as it is.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
         match c.is_control() {
             true => out.extend(c.escape_debug()),
             false => out.push(c),
         }
     }
-    if cut_right {
-        out.push_str("...");
-    }
-    Some(out)
+    out
 }
 
 /// A named source for miette rendering of a project file (used by the CLI).

@@ -177,7 +177,7 @@ fn csv_reader<'a>(opts: &CsvSettings, bytes: &'a [u8]) -> ::csv::Reader<&'a [u8]
 
 /// The file's bytes as UTF-8: transcoded from Latin-1 or Windows-1252, a UTF-8 byte-order mark
 /// dropped.
-fn utf8_text(encoding: TextEncoding, bytes: &[u8]) -> Cow<'_, [u8]> {
+pub(super) fn utf8_text(encoding: TextEncoding, bytes: &[u8]) -> Cow<'_, [u8]> {
     match encoding {
         TextEncoding::Utf8 => Cow::Borrowed(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)),
         // Latin-1 is the first 256 code points, byte for byte.
@@ -384,12 +384,7 @@ fn header_hint(opts: &CsvSettings, header: &[String], line: &str) -> String {
         None => header.iter().map(String::as_str).collect(),
     };
     // Data, not names: a field that is a number, or a date.
-    let data = fields.iter().any(|f| {
-        let f = f.trim();
-        !f.is_empty()
-            && (f.parse::<f64>().is_ok()
-                || chrono::NaiveDate::parse_from_str(f, "%Y-%m-%d").is_ok())
-    });
+    let data = fields.iter().any(|f| super::sniff::is_data(f));
     let mut fixes: Vec<String> = other.map(delimiter_fix).into_iter().collect();
     if data {
         fixes.push(

@@ -376,13 +376,7 @@ pub(crate) const SHOWN_BYTES: usize = 200;
 /// [`SHOWN_BYTES`] with `...`.
 pub(crate) fn shown(text: &str) -> String {
     let cut = &text[..text.floor_char_boundary(SHOWN_BYTES)];
-    let mut out = String::with_capacity(cut.len() + 3);
-    for c in cut.chars() {
-        match c.is_control() {
-            true => out.extend(c.escape_debug()),
-            false => out.push(c),
-        }
-    }
+    let mut out = crate::error::escape_controls(cut);
     if cut.len() < text.len() {
         out.push_str("...");
     }

@@ -129,18 +129,19 @@ pub fn sniff_csv(bytes: &[u8]) -> Option<Sniffed> {
 }
 
 /// The text of the bytes and its encoding: UTF-8 when valid (a byte-order mark dropped), else
-/// Windows-1252 when it has bytes 0x80-0x9f, else Latin-1.
+/// Windows-1252 when it has bytes 0x80-0x9f, else Latin-1; transcoded as a load reads it.
 fn decode(bytes: &[u8]) -> (Cow<'_, str>, TextEncoding) {
     let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    if let Ok(text) = std::str::from_utf8(body) {
-        return (Cow::Borrowed(text), TextEncoding::Utf8);
-    }
-    if body.iter().any(|b| (0x80..0xa0).contains(b)) {
-        let (text, _, _) = encoding_rs::WINDOWS_1252.decode(body);
-        return (Cow::Owned(text.into_owned()), TextEncoding::Windows1252);
-    }
-    let text = body.iter().map(|&b| char::from(b)).collect();
-    (Cow::Owned(text), TextEncoding::Latin1)
+    let encoding = match std::str::from_utf8(body) {
+        Ok(_) => TextEncoding::Utf8,
+        Err(_) if body.iter().any(|b| (0x80..0xa0).contains(b)) => TextEncoding::Windows1252,
+        Err(_) => TextEncoding::Latin1,
+    };
+    let text = match super::csv::utf8_text(encoding, bytes) {
+        Cow::Borrowed(t) => String::from_utf8_lossy(t),
+        Cow::Owned(t) => Cow::Owned(String::from_utf8_lossy(&t).into_owned()),
+    };
+    (text, encoding)
 }
 
 /// The delimiter that splits the lines into the most fields consistently (the same number on
@@ -228,8 +229,14 @@ fn looks_like_header(first: &[String]) -> bool {
     let mut seen = std::collections::HashSet::new();
     first.iter().all(|f| {
         let f = f.trim();
-        !f.is_empty() && seen.insert(f) && f.parse::<f64>().is_err() && date_format(f).is_none()
+        !f.is_empty() && seen.insert(f) && !is_data(f)
     })
+}
+
+/// Whether a field reads as a value rather than a name: a number or a date.
+pub(super) fn is_data(field: &str) -> bool {
+    let f = field.trim();
+    f.parse::<f64>().is_ok() || date_format(f).is_some()
 }
 
 /// The first date format `value` reads with.
@@ -264,8 +271,13 @@ fn column_names(header: Option<&[String]>, width: usize) -> Vec<(String, Option<
 }
 
 /// A name as an identifier: lowercase ASCII letters, digits and `_`, not starting with a digit
-/// (`c_` put before one that would).
+/// (`c_` put before one that would); empty when the name has no letter or digit.
 pub fn identifier(name: &str) -> String {
+    identifier_led(name, "c_")
+}
+
+/// [`identifier`] with `lead` put before a name that would start with a digit.
+pub fn identifier_led(name: &str, lead: &str) -> String {
     let mut out = String::new();
     for c in name.chars() {
         match c {
@@ -276,7 +288,7 @@ pub fn identifier(name: &str) -> String {
     }
     let out = out.trim_matches('_').to_string();
     match out.chars().next() {
-        Some(c) if c.is_ascii_digit() => format!("c_{out}"),
+        Some(c) if c.is_ascii_digit() => format!("{lead}{out}"),
         _ => out,
     }
 }

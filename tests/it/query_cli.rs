@@ -38,7 +38,7 @@ fn sql_from_a_file_json_with_nulls_and_timing() {
         "{timing}"
     );
     assert!(timing.contains("; 3 rows; scanned 3 rows"), "{timing}");
-    // A filter on a column the files' statistics bound skips the other files.
+    // A filtered query reports its own answer's rows.
     let out = p.kbcrm(&["query", "--timing", "select name from raw_p_t where id = 3"]);
     let timing = stderr(&out);
     assert!(out.status.success(), "{timing}");

@@ -102,19 +102,9 @@ pub(super) fn pipeline_name(project: &str) -> String {
 
 /// A source name from a file or folder name.
 fn source_name(stem: &str) -> String {
-    let mut out = String::new();
-    for c in stem.chars() {
-        match c {
-            c if c.is_ascii_alphanumeric() => out.push(c.to_ascii_lowercase()),
-            _ if !out.ends_with('_') => out.push('_'),
-            _ => {}
-        }
-    }
-    let out = out.trim_matches('_').to_string();
-    match out.chars().next() {
-        None => "source".to_string(),
-        Some(c) if c.is_ascii_digit() => format!("s_{out}"),
-        _ => out,
+    match crate::sources::sniff::identifier_led(stem, "s_") {
+        name if name.is_empty() => "source".to_string(),
+        name => name,
     }
 }
 
