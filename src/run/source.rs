@@ -493,17 +493,24 @@ async fn feed_encoders(
     keyed: bool,
 ) -> Result<(ReadTotals, Option<Vec<(usize, RecordBatch)>>)> {
     let (mut rows_read, mut rejected, mut bytes_read) = (0u64, 0u64, 0u64);
-    let mut file_no = 0usize;
+    // Files seen, and outputs (a large CSV file comes in pieces, each an output).
+    let (mut file_no, mut outputs) = (0usize, 0usize);
     // A keyed source's rows are held while they are few: keys that several files repeat
     // are then resolved in memory and the kept rows written once, instead of every file
     // being written, read back and written again. Past the limit they go to the encoders.
     let mut held: Option<Vec<(usize, RecordBatch)>> = keyed.then(Vec::new);
     let mut held_rows = 0u64;
     'files: while let Some(out) = stream.next().await {
-        let tx = &senders[file_no % senders.len()];
-        let file = if keyed { file_no } else { 0 };
-        file_no += 1;
         let out = out?;
+        if !out.continues || file_no == 0 {
+            file_no += 1;
+        }
+        // A keyed source's file goes to one encoder whole; other outputs alternate.
+        let (tx, file) = match keyed {
+            true => (&senders[(file_no - 1) % senders.len()], file_no - 1),
+            false => (&senders[outputs % senders.len()], 0),
+        };
+        outputs += 1;
         rows_read += out.rows_read;
         bytes_read += out.bytes_read;
         rejected += out.rejects.len() as u64;

@@ -13,7 +13,7 @@ use crate::plan::{Column, CsvSettings, Delimiter, Source, TextEncoding};
 /// between two fields begins with it (the ASCII unit separator).
 const BLANK_RUN: u8 = 0x1f;
 
-/// Parse one CSV file.
+/// Parse one CSV file held whole.
 pub(super) fn parse(
     source: &Source,
     opts: &CsvSettings,
@@ -21,15 +21,66 @@ pub(super) fn parse(
     bytes: &[u8],
     schema: SchemaRef,
 ) -> Result<FileOutput> {
+    let whole = Piece {
+        bytes,
+        first_line: 1,
+        before: Before::Nothing,
+        last: true,
+    };
+    parse_piece(source, opts, file, whole, schema, |_| {})
+}
+
+/// A piece of a CSV file that ends after a record ([`super::chunks`]).
+pub(super) struct Piece<'a> {
+    /// Its bytes as they are in the file.
+    pub bytes: &'a [u8],
+    /// The file's line its first byte is on.
+    pub first_line: u64,
+    /// What the pieces before it told.
+    pub before: Before,
+    /// Whether it is the file's last piece.
+    pub last: bool,
+}
+
+/// What the pieces of a file before this one told it.
+#[derive(Debug, Clone)]
+pub(super) enum Before {
+    /// It is the first piece: it holds the lines `skip_rows` skips, and the header.
+    Nothing,
+    /// They held no record (comment or blank lines only); the header is yet to come.
+    NoRecord,
+    /// Where the fields are (whether lines end with a delimiter may still be open).
+    Layout(Layout),
+}
+
+/// Parse a piece of a CSV file. It tells `found` what the next piece needs to know as soon as
+/// it knows (after the header, or without one after the first record), so that the file's
+/// pieces are parsed side by side.
+pub(super) fn parse_piece(
+    source: &Source,
+    opts: &CsvSettings,
+    file: &str,
+    piece: Piece<'_>,
+    schema: SchemaRef,
+    found: impl FnOnce(Before),
+) -> Result<FileOutput> {
+    let first = matches!(piece.before, Before::Nothing);
     let mut out = FileOutput {
         file: file.to_string(),
-        bytes_read: bytes.len() as u64,
+        bytes_read: piece.bytes.len() as u64,
+        continues: !first,
         ..Default::default()
     };
     // The text as UTF-8 from its first line after `skip_rows`, and the same bytes with the
     // separators a whitespace-delimited file is read with (byte for byte the same length).
-    let text = utf8_text(opts.encoding, bytes);
-    let (skipped_lines, bytes) = skip_lines(&text, opts.skip_rows);
+    let text = match (first, opts.encoding) {
+        (false, TextEncoding::Utf8) => Cow::Borrowed(piece.bytes),
+        _ => utf8_text(opts.encoding, piece.bytes),
+    };
+    let (skipped_lines, bytes) = match first {
+        true => skip_lines(&text, opts.skip_rows),
+        false => (0, &text[..]),
+    };
     let input = separated(opts, bytes);
     let mut reader = csv_reader(opts, &input);
     let mut record = ::csv::ByteRecord::new();
@@ -39,22 +90,37 @@ pub(super) fn parse(
         message,
     };
     // Map declared columns to field positions.
-    let first_line = skipped_lines + 1;
-    let Some(Layout {
+    let first_line = piece.first_line + skipped_lines;
+    let layout = match piece.before {
+        Before::Layout(layout) => layout,
+        Before::Nothing | Before::NoRecord => match field_positions(
+            source,
+            opts,
+            (file, first_line),
+            &mut reader,
+            &mut record,
+            &source_err,
+        )? {
+            Some(layout) => layout,
+            None => {
+                found(Before::NoRecord);
+                return Ok(out); // empty: nothing to load
+            }
+        },
+    };
+    // The next piece waits for the layout: told at once when it is known, else after the
+    // first record says whether lines end with a delimiter.
+    let mut found = Some(found);
+    if layout.trailing.is_some()
+        && let Some(tell) = found.take()
+    {
+        tell(Before::Layout(layout.clone()));
+    }
+    let Layout {
         positions,
         width,
         mut trailing,
-    }) = field_positions(
-        source,
-        opts,
-        (file, first_line),
-        &mut reader,
-        &mut record,
-        &source_err,
-    )?
-    else {
-        return Ok(out); // empty file: nothing to load
-    };
+    } = layout;
     let mut rows = RowBuilder::new(&source.columns, schema);
     // Reused between rows; emptied before each reuse so its lifetime can change.
     let mut spare: Vec<Cell<'static>> = Vec::with_capacity(source.columns.len());
@@ -100,11 +166,20 @@ pub(super) fn parse(
             });
             open_reject = Some((out.rejects.len() - 1, start));
         };
-        if let Some(reason) = unterminated(&bytes[start..end], end == bytes.len(), opts, line) {
+        let at_end = piece.last && end == bytes.len();
+        if let Some(reason) = unterminated(&bytes[start..end], at_end, opts, line) {
             reject(None, reason, &mut out);
             continue;
         }
-        if let Some(reason) = field_count_problem(&record, width, &mut trailing) {
+        let problem = field_count_problem(&record, width, &mut trailing);
+        if let Some(tell) = found.take_if(|_| trailing.is_some()) {
+            tell(Before::Layout(Layout {
+                positions: positions.clone(),
+                width,
+                trailing,
+            }));
+        }
+        if let Some(reason) = problem {
             reject(None, reason, &mut out);
             continue;
         }
@@ -130,6 +205,13 @@ pub(super) fn parse(
     }
     if !rows.is_empty() {
         out.batches.push(rows.finish()?);
+    }
+    if let Some(tell) = found {
+        tell(Before::Layout(Layout {
+            positions,
+            width,
+            trailing,
+        }));
     }
     Ok(out)
 }
@@ -278,7 +360,8 @@ fn closing_quote(s: &[u8], quote: u8) -> Option<usize> {
 }
 
 /// Where a file's fields are.
-struct Layout {
+#[derive(Debug, Clone)]
+pub(super) struct Layout {
     /// Each declared column's field position.
     positions: Vec<usize>,
     /// Fields in a record.

@@ -7,6 +7,7 @@
 //! A stage: owns reading files and databases and `kbcrm freshness` ([`freshness`]). May import
 //! `warehouse` (its Delta-compatible types), `engine`, `plan`, `config` and the leaves.
 
+mod chunks;
 mod columnar;
 pub mod convert;
 mod csv;
@@ -99,6 +100,9 @@ pub struct FileOutput {
     pub rows_read: u64,
     /// Bytes read.
     pub bytes_read: u64,
+    /// Whether these rows continue the file of the output before (a large CSV file is read in
+    /// pieces, each an output of its own).
+    pub continues: bool,
 }
 
 /// The files of a source, sorted by path, and those skipped ([`crate::storage::skip_reason`]). No file at all
@@ -251,37 +255,45 @@ pub(crate) async fn fetch(
         Ok(got) => got.bytes().await,
         Err(e) => Err(e),
     };
-    got.map_err(|e| {
-        let local = source
-            .location()
-            .is_some_and(|l| l.store_url.scheme() == "file");
-        let message = match (&e, local) {
-            (object_store::Error::NotFound { .. }, true) => format!(
-                "{} was listed and then gone before it was read (deleted or moved while the \
-                 run read the source); nothing was committed, run again",
-                file.display
-            ),
-            (object_store::Error::NotFound { .. }, false) => format!(
-                "{} was listed and then gone before it was read; nothing was committed, run \
-                 again",
-                file.display
-            ),
-            (_, true) => format!("cannot read {}: {e}", file.display),
-            (_, false) => format!(
-                "cannot read {}: {e}; check the bucket's access (the credentials in the \
-                 environment, kbcrm.yaml's `storage:`)",
-                file.display
-            ),
-        };
-        Error::Source {
-            pipeline: source.pipeline.clone(),
-            source_name: source.name.clone(),
-            message,
-        }
-    })
+    got.map_err(|e| read_error(source, file, &e))
 }
 
-/// Read every file of a text source, `parallel` files at a time, in file order.
+/// Why a listed file could not be read, and what to do.
+pub(super) fn read_error(source: &Source, file: &SourceFile, e: &object_store::Error) -> Error {
+    let local = source
+        .location()
+        .is_some_and(|l| l.store_url.scheme() == "file");
+    let message = match (e, local) {
+        (object_store::Error::NotFound { .. }, true) => format!(
+            "{} was listed and then gone before it was read (deleted or moved while the \
+             run read the source); nothing was committed, run again",
+            file.display
+        ),
+        (object_store::Error::NotFound { .. }, false) => format!(
+            "{} was listed and then gone before it was read; nothing was committed, run \
+             again",
+            file.display
+        ),
+        (_, true) => format!("cannot read {}: {e}", file.display),
+        (_, false) => format!(
+            "cannot read {}: {e}; check the bucket's access (the credentials in the \
+             environment, kbcrm.yaml's `storage:`)",
+            file.display
+        ),
+    };
+    Error::Source {
+        pipeline: source.pipeline.clone(),
+        source_name: source.name.clone(),
+        message,
+    }
+}
+
+/// Parsing one file, or one piece of a large CSV file.
+pub(super) type ReadJob = futures::future::BoxFuture<'static, Result<FileOutput>>;
+
+/// Read every file of a text source in file order, `parallel` files (or pieces of a large CSV
+/// file) at a time. A CSV file is read [`chunks::PIECE_BYTES`] at a time and its pieces parsed
+/// as they arrive, so a load holds a few pieces of a file, never the whole file.
 pub fn read_text_files(
     source: &Source,
     store: Arc<dyn ObjectStore>,
@@ -289,24 +301,41 @@ pub fn read_text_files(
     schema: SchemaRef,
     parallel: usize,
 ) -> BoxStream<'static, Result<FileOutput>> {
-    let source = source.clone();
+    let source = Arc::new(source.clone());
     stream::iter(files)
-        .map(move |file| {
-            let store = store.clone();
-            let schema = schema.clone();
-            let source = source.clone();
-            async move {
-                let bytes = fetch(&source, &store, &file).await?;
-                let out = tokio::task::spawn_blocking(move || {
-                    parse_file(&source, &file.display, &bytes, schema)
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("reader task failed: {e}")))??;
-                Ok(out)
+        .flat_map(move |file| {
+            let (source, store, schema) = (source.clone(), store.clone(), schema.clone());
+            let ends = match &source.input {
+                Input::Files {
+                    format: FileFormat::Csv(opts),
+                    ..
+                } => chunks::RecordEnds::new(opts),
+                _ => None,
+            };
+            match ends {
+                Some(ends) => {
+                    chunks::pieces(source, store, file, schema, ends, chunks::PIECE_BYTES)
+                }
+                None => {
+                    let job: ReadJob = Box::pin(async move {
+                        let bytes = fetch(&source, &store, &file).await?;
+                        blocking(move || parse_file(&source, &file.display, &bytes, schema)).await
+                    });
+                    stream::iter([job]).boxed()
+                }
             }
         })
         .buffered(parallel.max(1))
         .boxed()
+}
+
+/// Run a parse on a thread that may block.
+pub(super) async fn blocking(
+    parse: impl FnOnce() -> Result<FileOutput> + Send + 'static,
+) -> Result<FileOutput> {
+    tokio::task::spawn_blocking(parse)
+        .await
+        .map_err(|e| Error::Internal(format!("reader task failed: {e}")))?
 }
 
 pub use columnar::read_columnar;
