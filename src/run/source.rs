@@ -216,14 +216,15 @@ impl Runner {
         let _one_partition =
             (only_added && self.threads(state) > 1).then(|| crate::engine::one_partition(ctx));
         let parallel = self.options.parallel.unwrap_or_else(default_parallelism);
-        let encoder_count = if files.len() > 1 { 2 } else { 1 };
+        let pieces = files.iter().any(|f| f.size > sources::PIECE_BYTES as u64);
+        let encoder_count = if files.len() > 1 || pieces { 2 } else { 1 };
         // Keeps the reading task of a text source until the load ends.
         let (_reader_task, mut stream) = read_files(source, format, store, files, schema, parallel);
         let url = self.wh.table_url(&source.table);
         // The Parquet files are encoded in a task of their own, while the next files are read
         // and parsed: a load keeps every core busy instead of parsing and encoding in turn.
-        // Two encoders (files alternate between them) when there is more than one file.
-        // A keyed source's files are written apart, each source file into files of its own, so
+        // Two encoders (files, or pieces of a large CSV file, alternate between them) when
+        // there is more than one file or a file read in pieces. A keyed source's files are written apart, each source file into files of its own, so
         // that a key several of them repeat keeps the last file's row.
         let keyed = matches!(source.write, Write::Merge { .. });
         let (senders, encoders) = spawn_encoders(&url, &table_schema, encoder_count, parallel);

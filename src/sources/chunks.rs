@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::plan::{CsvSettings, Delimiter, FileFormat, Input, Source};
 
 /// Bytes a piece of a CSV file holds at least (the last piece may hold less).
-pub(super) const PIECE_BYTES: usize = 16 << 20;
+pub const PIECE_BYTES: usize = 16 << 20;
 
 /// Where the scan is.
 #[derive(Debug, Clone, Copy, PartialEq)]

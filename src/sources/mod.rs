@@ -338,6 +338,7 @@ pub(super) async fn blocking(
         .map_err(|e| Error::Internal(format!("reader task failed: {e}")))?
 }
 
+pub use chunks::PIECE_BYTES;
 pub use columnar::read_columnar;
 
 /// One CSV or NDJSON file of `source` into rows of `schema` (see [`table_schema`]) and rejected
