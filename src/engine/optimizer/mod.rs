@@ -8,11 +8,16 @@
 //! above held 15 GB under a 1 GiB memory limit. Counting is summing ones, so this rule writes
 //! each plain `count` beside a single DISTINCT as a `sum`, and DataFusion's rewrite then applies:
 //! the distinct values become a GROUP BY key, which the engine accounts for and spills.
+//!
+//! [`EagerAggregate`] groups a fact by its join key before the join with a dimension;
+//! [`KeyReduction`] reduces an aggregate's input to the join keys a filtered relation can match.
 
 use std::sync::Arc;
 
 mod eager;
 pub use eager::EagerAggregate;
+mod semi;
+pub use semi::KeyReduction;
 
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{Column, Result};
@@ -158,6 +163,7 @@ impl OptimizerRule for CountBesideDistinct {
 pub fn register(ctx: &datafusion::prelude::SessionContext) {
     ctx.add_optimizer_rule(Arc::new(CountBesideDistinct));
     ctx.add_optimizer_rule(Arc::new(EagerAggregate));
+    ctx.add_optimizer_rule(Arc::new(KeyReduction));
 }
 
 #[cfg(test)]
