@@ -399,27 +399,6 @@ mod tests {
         assert_eq!(ends(&opts, "1,a\n2,\"open\n3,b\n", 1), vec![4]);
     }
 
-    /// A project with one CSV source `c` declared with `csv` and `schema`, reading `text`.
-    fn source_reading(csv: &str, schema: &str, text: &[u8]) -> (tempfile::TempDir, Source) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
-        std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        std::fs::write(dir.path().join("kbcrm.yaml"), "name: t\n").unwrap();
-        std::fs::write(
-            dir.path().join("pipelines/p.yaml"),
-            format!(
-                "sources:\n  c:\n    format: csv\n    location: data/f.csv\n    csv: {csv}\n    \
-                 schema: {schema}\n"
-            ),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("data/f.csv"), text).unwrap();
-        let project =
-            crate::plan::Project::load(dir.path(), &crate::plan::Overrides::default()).unwrap();
-        let source = project.pipelines[0].sources[0].clone();
-        (dir, source)
-    }
-
     /// The file read in pieces of at least `piece_bytes`, three parsed at a time.
     fn read_in_pieces(source: &Source, piece_bytes: usize) -> Vec<FileOutput> {
         let Input::Files {
@@ -462,7 +441,7 @@ mod tests {
     /// Pieces of every size give what the whole file gives: the same rows in order, the same
     /// rejects with their lines and raw text, the same counts.
     fn same_as_whole(csv: &str, schema: &str, text: &[u8]) {
-        let (_dir, source) = source_reading(csv, schema, text);
+        let (_dir, source) = super::super::tests::one_csv_source(csv, schema, text);
         // The file as the reader names it.
         let display = read_in_pieces(&source, text.len())[0].file.clone();
         let schema_ref = super::super::table_schema(&source);

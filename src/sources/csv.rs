@@ -73,14 +73,8 @@ pub(super) fn parse_piece(
     };
     // The text as UTF-8 from its first line after `skip_rows`, and the same bytes with the
     // separators a whitespace-delimited file is read with (byte for byte the same length).
-    let text = match (first, opts.encoding) {
-        (false, TextEncoding::Utf8) => Cow::Borrowed(piece.bytes),
-        _ => utf8_text(opts.encoding, piece.bytes),
-    };
-    let (skipped_lines, bytes) = match first {
-        true => skip_lines(&text, opts.skip_rows),
-        false => (0, &text[..]),
-    };
+    let (text, start, skipped_lines) = piece_text(opts, piece.bytes, first);
+    let bytes = &text[start..];
     let input = separated(opts, bytes);
     let mut reader = csv_reader(opts, &input);
     let mut record = ::csv::ByteRecord::new();
@@ -92,30 +86,24 @@ pub(super) fn parse_piece(
     // Map declared columns to field positions.
     let first_line = piece.first_line + skipped_lines;
     let layout = match piece.before {
-        Before::Layout(layout) => layout,
-        Before::Nothing | Before::NoRecord => match field_positions(
+        Before::Layout(layout) => Some(layout),
+        Before::Nothing | Before::NoRecord => field_positions(
             source,
             opts,
             (file, first_line),
             &mut reader,
             &mut record,
             &source_err,
-        )? {
-            Some(layout) => layout,
-            None => {
-                found(Before::NoRecord);
-                return Ok(out); // empty: nothing to load
-            }
-        },
+        )?,
+    };
+    let Some(layout) = layout else {
+        found(Before::NoRecord);
+        return Ok(out); // empty: nothing to load
     };
     // The next piece waits for the layout: told at once when it is known, else after the
     // first record says whether lines end with a delimiter.
-    let mut found = Some(found);
-    if layout.trailing.is_some()
-        && let Some(tell) = found.take()
-    {
-        tell(Before::Layout(layout.clone()));
-    }
+    let mut teller = Teller(Some(found));
+    teller.tell(&layout.positions, layout.width, layout.trailing, false);
     let Layout {
         positions,
         width,
@@ -135,52 +123,27 @@ pub(super) fn parse_piece(
         let start = record_start(&record, &input);
         line += count_newlines(&bytes[counted_to..start.max(counted_to)]);
         counted_to = start.max(counted_to);
+        let next = matches!(read, Ok(true))
+            .then_some(start)
+            .unwrap_or(bytes.len());
         if let Some((i, s)) = open_reject.take() {
-            let end = if matches!(read, Ok(true)) {
-                start
-            } else {
-                bytes.len()
-            };
-            out.rejects[i].raw = raw_text(&bytes[s..end.max(s)]);
+            out.rejects[i].raw = raw_text(&bytes[s..next.max(s)]);
         }
-        match read {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                // The csv reader only fails on I/O, not on content; report and stop this file.
-                return Err(source_err(format!("{file}: cannot read: {e}")));
-            }
+        // The csv reader only fails on I/O, not on content; report and stop this file.
+        if !read.map_err(|e| source_err(format!("{file}: cannot read: {e}")))? {
+            break;
         }
         if record.len() == 1 && record.get(0).is_some_and(<[u8]>::is_empty) {
             continue; // blank line
         }
         out.rows_read += 1;
         let end = (reader.position().byte() as usize).min(bytes.len());
-        let mut reject = |column: Option<String>, reason: String, out: &mut FileOutput| {
-            out.rejects.push(Reject {
-                file: file.to_string(),
-                line,
-                column,
-                raw: String::new(),
-                reason,
-            });
-            open_reject = Some((out.rejects.len() - 1, start));
-        };
         let at_end = piece.last && end == bytes.len();
-        if let Some(reason) = unterminated(&bytes[start..end], at_end, opts, line) {
-            reject(None, reason, &mut out);
-            continue;
-        }
-        let problem = field_count_problem(&record, width, &mut trailing);
-        if let Some(tell) = found.take_if(|_| trailing.is_some()) {
-            tell(Before::Layout(Layout {
-                positions: positions.clone(),
-                width,
-                trailing,
-            }));
-        }
+        let problem = unterminated(&bytes[start..end], at_end, opts, line)
+            .or_else(|| field_count_problem(&record, width, &mut trailing));
+        teller.tell(&positions, width, trailing, false);
         if let Some(reason) = problem {
-            reject(None, reason, &mut out);
+            open_reject = Some((push_reject(&mut out, file, line, None, reason), start));
             continue;
         }
         let mut cells: Vec<Cell<'_>> = recycle(std::mem::take(&mut spare));
@@ -194,7 +157,10 @@ pub(super) fn parse_piece(
         );
         if let Some((column, reason)) = failed {
             spare = recycle(cells);
-            reject(Some(column), reason, &mut out);
+            open_reject = Some((
+                push_reject(&mut out, file, line, Some(column), reason),
+                start,
+            ));
             continue;
         }
         rows.push(&cells);
@@ -206,14 +172,60 @@ pub(super) fn parse_piece(
     if !rows.is_empty() {
         out.batches.push(rows.finish()?);
     }
-    if let Some(tell) = found {
-        tell(Before::Layout(Layout {
-            positions,
-            width,
-            trailing,
-        }));
-    }
+    teller.tell(&positions, width, trailing, true);
     Ok(out)
+}
+
+/// Add a rejected row (its raw text is filled in once the next record's start is known); its
+/// index.
+fn push_reject(
+    out: &mut FileOutput,
+    file: &str,
+    line: u64,
+    column: Option<String>,
+    reason: String,
+) -> usize {
+    out.rejects.push(Reject {
+        file: file.to_string(),
+        line,
+        column,
+        raw: String::new(),
+        reason,
+    });
+    out.rejects.len() - 1
+}
+
+/// A piece's text as UTF-8 (a byte-order mark dropped from the first piece), where its records
+/// start after the lines `skip_rows` skips in the first piece, and how many lines those are.
+fn piece_text<'a>(opts: &CsvSettings, bytes: &'a [u8], first: bool) -> (Cow<'a, [u8]>, usize, u64) {
+    let text = match (first, opts.encoding) {
+        (false, TextEncoding::Utf8) => Cow::Borrowed(bytes),
+        _ => utf8_text(opts.encoding, bytes),
+    };
+    if !first {
+        return (text, 0, 0);
+    }
+    let (skipped, rest) = skip_lines(&text, opts.skip_rows);
+    let start = text.len() - rest.len();
+    (text, start, skipped)
+}
+
+/// Tells the next piece of a file where its fields are, once: as soon as whether lines end
+/// with a delimiter is known, or at the piece's end.
+struct Teller<F: FnOnce(Before)>(Option<F>);
+
+impl<F: FnOnce(Before)> Teller<F> {
+    fn tell(&mut self, positions: &[usize], width: usize, trailing: Option<bool>, at_end: bool) {
+        if (trailing.is_some() || at_end)
+            && let Some(tell) = self.0.take()
+        {
+            tell(Before::Layout(Layout {
+                positions: positions.to_vec(),
+                width,
+                trailing,
+            }));
+        }
+    }
 }
 
 /// Why a record does not have `width` fields (and, when lines end with a delimiter, an empty

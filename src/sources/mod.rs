@@ -445,23 +445,36 @@ mod tests {
         );
     }
 
-    /// A listed file gone before it is read: the source, its pipeline and the file named, no
-    /// advice about cloud credentials for a local file.
-    #[test]
-    fn a_file_gone_before_it_is_read_is_named_with_its_source() {
+    /// A project with one CSV source `c` declared with `csv` and `schema`, reading `text`.
+    pub(super) fn one_csv_source(
+        csv: &str,
+        schema: &str,
+        text: &[u8],
+    ) -> (tempfile::TempDir, crate::plan::Source) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::write(dir.path().join("kbcrm.yaml"), "name: t\n").unwrap();
         std::fs::write(
             dir.path().join("pipelines/p.yaml"),
-            "sources:\n  c:\n    format: csv\n    location: data/\n    schema: { id: int }\n",
+            format!(
+                "sources:\n  c:\n    format: csv\n    location: data/f.csv\n    csv: {csv}\n    \
+                 schema: {schema}\n"
+            ),
         )
         .unwrap();
-        std::fs::write(dir.path().join("data/a.csv"), "id\n1\n").unwrap();
+        std::fs::write(dir.path().join("data/f.csv"), text).unwrap();
         let project =
             crate::plan::Project::load(dir.path(), &crate::plan::Overrides::default()).unwrap();
         let source = project.pipelines[0].sources[0].clone();
+        (dir, source)
+    }
+
+    /// A listed file gone before it is read: the source, its pipeline and the file named, no
+    /// advice about cloud credentials for a local file.
+    #[test]
+    fn a_file_gone_before_it_is_read_is_named_with_its_source() {
+        let (dir, source) = one_csv_source("{}", "{ id: int }", b"id\n1\n");
         let location = source.location().unwrap();
         let store = crate::storage::store_for(&location.store_url).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -471,14 +484,14 @@ mod tests {
         let listing = rt
             .block_on(super::list_files(&source, location, &store))
             .unwrap();
-        std::fs::remove_file(dir.path().join("data/a.csv")).unwrap();
+        std::fs::remove_file(dir.path().join("data/f.csv")).unwrap();
         let e = rt
             .block_on(super::fetch(&source, &store, &listing.files[0]))
             .unwrap_err();
         let text = e.to_string();
         assert!(
             text.contains("source 'c' of pipeline 'p'")
-                && text.contains("a.csv was listed and then gone"),
+                && text.contains("f.csv was listed and then gone"),
             "{text}"
         );
         assert!(!text.contains("credentials"), "{text}");
