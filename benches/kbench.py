@@ -30,8 +30,7 @@ except ImportError:
         raise
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "duckdb", "psycopg[binary]", "pyyaml",
-                    "tpchgen-cli"],
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "duckdb", "psycopg[binary]", "pyyaml"],
                    check=True)
     os.execv(str(python), [str(python), sys.argv[0], *sys.argv[1:]])
 

@@ -224,8 +224,9 @@ impl Runner {
         // The Parquet files are encoded in a task of their own, while the next files are read
         // and parsed: a load keeps every core busy instead of parsing and encoding in turn.
         // Two encoders (files, or pieces of a large CSV file, alternate between them) when
-        // there is more than one file or a file read in pieces. A keyed source's files are written apart, each source file into files of its own, so
-        // that a key several of them repeat keeps the last file's row.
+        // there is more than one file or a file read in pieces. A keyed source's files are
+        // written apart, each source file into files of its own, so that a key several of them
+        // repeat keeps the last file's row.
         let keyed = matches!(source.write, Write::Merge { .. });
         let (senders, encoders) = spawn_encoders(&url, &table_schema, encoder_count, parallel);
         let (totals, held) = feed_encoders(

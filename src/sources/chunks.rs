@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use super::csv::{self, Before};
 use super::{ReadJob, SourceFile, blocking, read_error};
 use crate::error::{Error, Result};
-use crate::plan::{CsvSettings, Delimiter, FileFormat, Input, Source};
+use crate::plan::{CsvSettings, Delimiter, Source};
 
 /// Bytes a piece of a CSV file holds at least (the last piece may hold less).
 pub const PIECE_BYTES: usize = 16 << 20;
@@ -50,6 +50,8 @@ pub(super) struct RecordEnds {
     scanned: usize,
     /// The end of the last whole record seen.
     last_end: Option<usize>,
+    /// Whether the file's first bytes are still to be checked for a UTF-8 byte-order mark.
+    at_file_start: bool,
 }
 
 impl RecordEnds {
@@ -71,6 +73,7 @@ impl RecordEnds {
             },
             scanned: 0,
             last_end: None,
+            at_file_start: true,
         })
     }
 
@@ -78,8 +81,15 @@ impl RecordEnds {
     /// position just after a line break), if one was seen. A UTF-8 byte-order mark at the very
     /// start is passed over.
     pub(super) fn scan(&mut self, buf: &[u8]) -> Option<usize> {
-        if self.scanned == 0 && buf.len() >= 3 && buf.starts_with(b"\xEF\xBB\xBF") {
-            self.scanned = 3;
+        const BOM: &[u8] = b"\xEF\xBB\xBF";
+        if self.at_file_start {
+            if buf.len() < BOM.len() && BOM.starts_with(buf) {
+                return self.last_end; // the mark, or not: told by the next bytes
+            }
+            if buf.starts_with(BOM) {
+                self.scanned = BOM.len();
+            }
+            self.at_file_start = false;
         }
         while self.scanned < buf.len() {
             self.step(buf);
@@ -201,6 +211,7 @@ impl RecordEnds {
 /// What reading a CSV file piece by piece keeps between pieces.
 struct PieceReader {
     source: Arc<Source>,
+    opts: Arc<CsvSettings>,
     store: Arc<dyn ObjectStore>,
     file: Arc<SourceFile>,
     schema: SchemaRef,
@@ -222,6 +233,7 @@ struct PieceReader {
 /// each created as its piece has been read.
 pub(super) fn pieces(
     source: Arc<Source>,
+    opts: Arc<CsvSettings>,
     store: Arc<dyn ObjectStore>,
     file: SourceFile,
     schema: SchemaRef,
@@ -230,6 +242,7 @@ pub(super) fn pieces(
 ) -> BoxStream<'static, ReadJob> {
     let reader = PieceReader {
         source,
+        opts,
         store,
         file: Arc::new(file),
         schema,
@@ -286,18 +299,11 @@ impl PieceReader {
     fn parse_job(&mut self, piece: bytes::Bytes, last: bool) -> ReadJob {
         let first_line = self.line;
         self.line += memchr::memchr_iter(b'\n', &piece).count() as u64;
-        let (source, file, schema) = (self.source.clone(), self.file.clone(), self.schema.clone());
+        let (source, opts) = (self.source.clone(), self.opts.clone());
+        let (file, schema) = (self.file.clone(), self.schema.clone());
         let (tell, next) = watch::channel(None);
         let before = self.before.replace(next);
         Box::pin(async move {
-            let Input::Files {
-                format: FileFormat::Csv(opts),
-                ..
-            } = &source.input
-            else {
-                return Err(Error::Internal("a CSV piece of another source".into()));
-            };
-            let opts = opts.clone();
             let before = match before {
                 None => Before::Nothing,
                 Some(mut told) => match told.wait_for(Option::is_some).await {
@@ -326,6 +332,7 @@ impl PieceReader {
 mod tests {
     use super::super::FileOutput;
     use super::*;
+    use crate::plan::{FileFormat, Input};
 
     fn settings(f: impl FnOnce(&mut CsvSettings)) -> CsvSettings {
         let mut opts = CsvSettings::default();
@@ -394,6 +401,21 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_order_mark_is_passed_over_however_the_bytes_arrive() {
+        // The quoted first value after the mark opens at its quote: no cut inside it.
+        let opts = CsvSettings::default();
+        let text = "\u{feff}\"a\nb\",1\n2,3\n";
+        for step in [1, 2, 4, text.len()] {
+            let found = ends(&opts, text, step);
+            assert!(
+                !found.contains(&text.find("b\"").unwrap()),
+                "step {step}: {found:?}"
+            );
+            assert_eq!(found.last(), Some(&text.len()), "step {step}");
+        }
+    }
+
+    #[test]
     fn an_unclosed_quote_runs_to_the_end() {
         let opts = CsvSettings::default();
         assert_eq!(ends(&opts, "1,a\n2,\"open\n3,b\n", 1), vec![4]);
@@ -423,6 +445,7 @@ mod tests {
             let schema = super::super::table_schema(source);
             pieces(
                 Arc::new(source.clone()),
+                Arc::new(opts.clone()),
                 store,
                 file,
                 schema,

@@ -302,19 +302,24 @@ pub fn read_text_files(
     parallel: usize,
 ) -> BoxStream<'static, Result<FileOutput>> {
     let source = Arc::new(source.clone());
+    // A CSV source's options, when its files can be read in pieces.
+    let csv = match &source.input {
+        Input::Files {
+            format: FileFormat::Csv(opts),
+            ..
+        } if chunks::RecordEnds::new(opts).is_some() => Some(Arc::new(opts.clone())),
+        _ => None,
+    };
     stream::iter(files)
         .flat_map(move |file| {
             let (source, store, schema) = (source.clone(), store.clone(), schema.clone());
-            let ends = match &source.input {
-                Input::Files {
-                    format: FileFormat::Csv(opts),
-                    ..
-                } => chunks::RecordEnds::new(opts),
-                _ => None,
-            };
+            let ends = csv
+                .as_ref()
+                .and_then(|o| Some((o.clone(), chunks::RecordEnds::new(o)?)));
             match ends {
-                Some(ends) => {
-                    chunks::pieces(source, store, file, schema, ends, chunks::PIECE_BYTES)
+                Some((opts, ends)) => {
+                    let size = chunks::PIECE_BYTES;
+                    chunks::pieces(source, opts, store, file, schema, ends, size)
                 }
                 None => {
                     let job: ReadJob = Box::pin(async move {

@@ -122,16 +122,7 @@ fn key_source(plan: &LogicalPlan, keys: &[Column]) -> Option<(LogicalPlan, Vec<C
     let inner = |p: &LogicalPlan, keys: &[Column]| key_source(p, keys);
     match plan {
         LogicalPlan::SubqueryAlias(a) => inner(&a.input, &by_position(plan, &a.input, keys)?),
-        LogicalPlan::Projection(p) => {
-            let mapped = keys
-                .iter()
-                .map(|k| {
-                    let i = plan.schema().index_of_column(k).ok()?;
-                    passed_column(&p.expr[i])
-                })
-                .collect::<Option<Vec<_>>>()?;
-            inner(&p.input, &mapped)
-        }
+        LogicalPlan::Projection(p) => inner(&p.input, &through_projection(plan, &p.expr, keys)?),
         LogicalPlan::Join(j) => {
             let holds = |side: &LogicalPlan| keys.iter().all(|k| side.schema().has_column(k));
             let left =
@@ -151,6 +142,14 @@ fn key_source(plan: &LogicalPlan, keys: &[Column]) -> Option<(LogicalPlan, Vec<C
         }
         _ => Some((plan.clone(), keys.to_vec())),
     }
+}
+
+/// The input columns a projection (`plan`, with `exprs`) passes on unchanged as `keys`, if it
+/// passes them all.
+fn through_projection(plan: &LogicalPlan, exprs: &[Expr], keys: &[Column]) -> Option<Vec<Column>> {
+    keys.iter()
+        .map(|k| passed_column(&exprs[plan.schema().index_of_column(k).ok()?]))
+        .collect()
 }
 
 /// The column a projection's expression passes on unchanged, if it does.
@@ -233,14 +232,9 @@ fn reduce_side(
             return reduce_aggregate(plan, agg, keys, source, source_keys);
         }
         LogicalPlan::SubqueryAlias(a) => by_position(plan, &a.input, keys).map(|k| (&a.input, k)),
-        LogicalPlan::Projection(p) => keys
-            .iter()
-            .map(|k| {
-                let i = plan.schema().index_of_column(k).ok()?;
-                passed_column(&p.expr[i])
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(|k| (&p.input, k)),
+        LogicalPlan::Projection(p) => {
+            through_projection(plan, &p.expr, keys).map(|k| (&p.input, k))
+        }
         _ => None,
     };
     let Some((input, mapped)) = child else {
