@@ -255,6 +255,13 @@ pub struct ServeSpec {
     /// (`dbname=kbcrm`); default "kbcrm".
     #[serde(default)]
     pub database: Option<String>,
+    /// Memory for the decoded columns of the tables queries read, kept between queries so
+    /// that a query on an unchanged table does not read and decode its files again, e.g.
+    /// "4GiB"; default "1GiB", "0" for none. Apart from `engine.memory_limit`, which bounds
+    /// each query's own work.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub cache: Option<Spanned<String>>,
 }
 
 /// A TLS certificate chain and its private key.

@@ -55,7 +55,12 @@ pub struct ServeSettings {
     pub max_message_size: usize,
     /// The database clients connect to (`dbname=`).
     pub database: String,
+    /// Bytes of decoded columns kept in memory between queries (0: none).
+    pub cache: usize,
 }
+
+/// `serve.cache` when kbcrm.yaml does not set it: 1 GiB.
+pub const DEFAULT_CACHE: usize = 1 << 30;
 
 impl Default for ServeSettings {
     fn default() -> Self {
@@ -70,6 +75,7 @@ impl Default for ServeSettings {
             max_pending_logins: 32,
             max_message_size: 64 << 20,
             database: "kbcrm".into(),
+            cache: DEFAULT_CACHE,
         }
     }
 }
@@ -313,6 +319,12 @@ fn serve_settings(s: &ServeSpec, root: &std::path::Path, at: &mut Reporter<'_>) 
                 format!("serve.max_message_size: {msg}"),
                 Some(&m.referenced),
             ),
+        }
+    }
+    if let Some(c) = &s.cache {
+        match crate::config::project::parse_byte_size(&c.value) {
+            Ok(n) => serve.cache = n,
+            Err(msg) => at.at(format!("serve.cache: {msg}"), Some(&c.referenced)),
         }
     }
     if let Some(d) = &s.database {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
+use datafusion::catalog::TableProvider;
 use datafusion::common::ScalarValue;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
@@ -14,11 +15,12 @@ use datafusion::prelude::SessionContext;
 use datafusion_postgres::DfSessionService;
 use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
 
+use super::cache::{CachedTable, ColumnCache};
 use crate::engine;
 use crate::engine::roles;
 use crate::error::{Error, Result};
 use crate::plan::{MemoryPoolKind, Project};
-use crate::warehouse::Warehouse;
+use crate::warehouse::{DataFile, Warehouse};
 
 /// The sessions of every role, built from one set of table versions.
 pub struct Catalog {
@@ -91,23 +93,32 @@ impl RoleSession {
     }
 }
 
-/// Build every role's session from the warehouse as it is now; with `cluster` (a session on
-/// the project's Ballista cluster), each role also gets a session there over the same table
-/// versions.
+/// Build every role's session from the warehouse as it is now, its tables read through
+/// `cache`; with `cluster` (a session on the project's Ballista cluster), each role also gets
+/// a session there over the same table versions.
 pub async fn build(
     project: &Project,
     runtime: &Arc<RuntimeEnv>,
     cluster: Option<&SessionContext>,
+    cache: &Arc<ColumnCache>,
 ) -> Result<Catalog> {
     let params = engine::today_params();
     let database = &project.access.serve.database;
     let base = engine::session_with_runtime(&project.engine, &params, runtime.clone())?;
     let wh = Warehouse::open(&project.warehouse)?;
     let cluster_base = cluster.map(|root| on_cluster(root, &params));
-    let versions: BTreeMap<String, u64> = match &cluster_base {
-        Some(cb) => wh.register_snapshots_and_for_cluster(&base, cb).await?,
-        None => wh.register_snapshots(&base).await?,
+    let cached = |name: &str, version: u64, files: &[DataFile], inner| {
+        Arc::new(CachedTable::new(name, version, files, inner, cache.clone()))
+            as Arc<dyn TableProvider>
     };
+    let versions: BTreeMap<String, u64> = match &cluster_base {
+        Some(cb) => {
+            wh.register_snapshots_and_for_cluster(&base, cb, Some(&cached))
+                .await?
+        }
+        None => wh.register_snapshots_wrapped(&base, &cached).await?,
+    };
+    cache.retain(&versions);
     // The run history is served too (to roles granted `kbcrm_runs`), read afresh per query.
     wh.register_runs(&base).await?;
     let mut tables = versions.clone();

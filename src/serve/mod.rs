@@ -10,6 +10,7 @@
 //! A face: may import `run` and everything below it; only `cli` imports it.
 
 pub mod auth;
+pub mod cache;
 pub mod catalog;
 pub mod cluster;
 pub mod complexity;
@@ -63,6 +64,8 @@ pub struct Shared {
     serve: ServeSettings,
     catalog: RwLock<Arc<Catalog>>,
     runtime: Arc<RuntimeEnv>,
+    /// Decoded columns of the tables served (`serve.cache`).
+    cache: Arc<cache::ColumnCache>,
     /// A session on the project's Ballista cluster, whose scheduler and settings the roles'
     /// cluster sessions share.
     cluster: Option<datafusion::prelude::SessionContext>,
@@ -153,7 +156,8 @@ impl Shared {
         if !roles_changed && latest == self.catalog().versions {
             return Ok(false);
         }
-        let fresh = catalog::build(&project, &self.runtime, self.cluster.as_ref()).await?;
+        let fresh =
+            catalog::build(&project, &self.runtime, self.cluster.as_ref(), &self.cache).await?;
         *self.catalog.write().expect("catalog lock") = Arc::new(fresh);
         self.roles_changed
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -275,7 +279,8 @@ impl Server {
         };
         let runtime = engine::runtime(&project.engine)?;
         let cluster = cluster_session(&project).await?;
-        let catalog = catalog::build(&project, &runtime, cluster.as_ref()).await?;
+        let cache = Arc::new(cache::ColumnCache::new(serve.cache));
+        let catalog = catalog::build(&project, &runtime, cluster.as_ref(), &cache).await?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
@@ -300,6 +305,7 @@ impl Server {
             roles_changed: std::sync::atomic::AtomicBool::new(false),
             catalog: RwLock::new(Arc::new(catalog)),
             runtime,
+            cache,
             cluster,
             secret,
             registry: Arc::new(Registry::default()),

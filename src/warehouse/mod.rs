@@ -40,6 +40,10 @@ use crate::storage::store_for;
 
 pub use commit::{RUN_ID_KEY, commit_run};
 pub use deletion::DataFile;
+
+/// Passes a served table's provider through: its name, version, files and the provider.
+pub type Wrap<'a> =
+    dyn Fn(&str, u64, &[DataFile], Arc<dyn TableProvider>) -> Arc<dyn TableProvider> + Sync + 'a;
 pub use schema::{conform_batch, delta_compatible, delta_compatible_batch};
 pub(crate) use write::file_url;
 pub use write::{Staged, WriteMetrics};
@@ -285,7 +289,17 @@ impl Warehouse {
         &self,
         ctx: &SessionContext,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        self.register_listings(Some(ctx), None).await
+        self.register_listings(Some(ctx), None, None).await
+    }
+
+    /// [`Warehouse::register_snapshots`] with each table's provider passed through `wrap` (its
+    /// name, version and files, and the provider), e.g. to keep its columns in memory.
+    pub async fn register_snapshots_wrapped(
+        &self,
+        ctx: &SessionContext,
+        wrap: &Wrap<'_>,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        self.register_listings(Some(ctx), None, Some(wrap)).await
     }
 
     /// [`Warehouse::register_snapshots`] with DataFusion's own listing tables, which a Ballista
@@ -294,7 +308,7 @@ impl Warehouse {
         &self,
         ctx: &SessionContext,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        self.register_listings(None, Some(ctx)).await
+        self.register_listings(None, Some(ctx), None).await
     }
 
     /// The same table versions twice, read once: as [`Warehouse::register_snapshots`] in
@@ -304,14 +318,17 @@ impl Warehouse {
         &self,
         local: &SessionContext,
         cluster: &SessionContext,
+        wrap: Option<&Wrap<'_>>,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        self.register_listings(Some(local), Some(cluster)).await
+        self.register_listings(Some(local), Some(cluster), wrap)
+            .await
     }
 
     async fn register_listings(
         &self,
         checked: Option<&SessionContext>,
         plain: Option<&SessionContext>,
+        wrap: Option<&Wrap<'_>>,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
         let mut versions = std::collections::BTreeMap::new();
         for name in self.table_names().await? {
@@ -328,7 +345,10 @@ impl Warehouse {
             if let Some(ctx) = checked {
                 table.update_datafusion_session(&ctx.state())?;
                 ctx.deregister_table(name.as_str())?;
-                let provider = table_files_provider(&files, schema.clone()).await?;
+                let mut provider = table_files_provider(&files, schema.clone()).await?;
+                if let Some(wrap) = wrap {
+                    provider = wrap(&name, version, &files, provider);
+                }
                 ctx.register_table(name.as_str(), provider)?;
             }
             if let Some(ctx) = plain {

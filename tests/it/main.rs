@@ -24,6 +24,7 @@ mod recovery;
 mod rollups;
 mod schedule;
 mod serve;
+mod serve_cache;
 mod serve_clients;
 mod serve_limits;
 mod sources;
