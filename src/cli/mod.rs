@@ -281,7 +281,26 @@ pub enum Command {
         format: OutputFormat,
     },
     /// List the warehouse's tables: version, rows, size, last run.
-    Tables,
+    Tables {
+        /// Show each table's files instead: the current version's, and those no current version
+        /// references (which `kbcrm vacuum` removes).
+        #[arg(long)]
+        files: bool,
+    },
+    /// Remove the data files no table version within the retention period references: files
+    /// replaced by merges and overwrites, and files of runs killed before they committed.
+    /// Takes the run lock; versions committed within the retention stay readable.
+    Vacuum {
+        /// Only these tables (default: all).
+        tables: Vec<String>,
+        /// Keep the files of versions committed within this period, e.g. 7d, 12h, 0 for none
+        /// (time travel to older versions then fails).
+        #[arg(long, default_value = "7d", value_name = "DURATION")]
+        retain: String,
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The run history: pipeline runs and extracts, newest first (also the table kbcrm_runs).
     Runs {
         /// Show one run in full instead.
@@ -398,10 +417,12 @@ pub fn init_tracing(cli: &Cli) {
     };
     let filter = EnvFilter::try_from_default_env()
         // Ballista's scheduler reports, as an error, when it cannot print a finished stage's
-        // metrics; nothing is wrong with the query.
+        // metrics; nothing is wrong with the query. delta-rs's vacuum warns that keeping
+        // versions is an experimental API (`kbcrm vacuum` keeps the ones models read).
         .unwrap_or_else(|_| {
             EnvFilter::new(format!(
-                "kbcrm={default},warn,ballista_scheduler::display=off"
+                "kbcrm={default},warn,ballista_scheduler::display=off,\
+                 deltalake_core::operations::vacuum=error"
             ))
         });
     let builder = tracing_subscriber::fmt()
@@ -497,10 +518,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = cli.load()?;
             output::line(crate::run::lineage::render(&project, *format).trim_end())
         }
-        Command::Tables => {
+        Command::Tables { files } => {
             let project = cli.load()?;
-            output::tables(&project).await
+            output::tables(&project, *files).await
         }
+        Command::Vacuum {
+            tables,
+            retain,
+            dry_run,
+        } => vacuum(&cli, tables, retain, *dry_run).await,
         Command::Schema { project_file } => {
             let schema = if *project_file {
                 crate::config::project_json_schema()

@@ -151,8 +151,11 @@ pub fn run_summary(reports: &[RunReport]) -> Result<()> {
 }
 
 /// `kbcrm tables`.
-pub async fn tables(project: &Project) -> Result<()> {
+pub async fn tables(project: &Project, files: bool) -> Result<()> {
     let wh = Warehouse::open(&project.warehouse)?;
+    if files {
+        return table_files(&wh).await;
+    }
     let names = wh.table_names().await?;
     let mut out = format!(
         "{:<32} {:>7} {:>12} {:>10} {:>6}  {}\n",
@@ -181,6 +184,36 @@ pub async fn tables(project: &Project) -> Result<()> {
 }
 
 /// Print run results as one JSON document.
+/// `kbcrm tables --files`: the files of each table's current version and the unreferenced
+/// ones in its folder, which `kbcrm vacuum` removes once they are older than its retention.
+async fn table_files(wh: &Warehouse) -> Result<()> {
+    let mut out = format!(
+        "{:<32} {:>7} {:>10} {:>13} {:>16}\n",
+        "table", "files", "size", "unreferenced", "unreferenced size"
+    );
+    let (mut files, mut size) = (0, 0);
+    for t in wh.table_files().await? {
+        out.push_str(&format!(
+            "{:<32} {:>7} {:>10} {:>13} {:>16}\n",
+            t.table,
+            t.files,
+            bytes(t.bytes),
+            t.unreferenced_files,
+            bytes(t.unreferenced_bytes)
+        ));
+        files += t.unreferenced_files;
+        size += t.unreferenced_bytes;
+    }
+    if files > 0 {
+        out.push_str(&format!(
+            "{files} files ({}) are referenced by no current version: `kbcrm vacuum` removes \
+             those older than its retention (7 days unless --retain says otherwise)\n",
+            bytes(size)
+        ));
+    }
+    write_out(|w| w.write_all(out.as_bytes()))
+}
+
 pub fn run_json(reports: &[RunReport]) -> Result<()> {
     let runs: Vec<serde_json::Value> = reports
         .iter()
@@ -308,7 +341,16 @@ pub async fn run_record(project: &Project, id: &str) -> Result<()> {
         r.ended_at.to_rfc3339(),
         (r.ended_at - r.started_at).num_milliseconds() as f64 / 1000.0
     ));
-    if !r.tables.is_empty() {
+    if r.kind == crate::warehouse::history::RunKind::Vacuum {
+        for t in &r.tables {
+            s.push_str(&format!(
+                "  {:<32} {:>8} files removed, {}\n",
+                t.table,
+                t.files_removed,
+                bytes(t.bytes_removed)
+            ));
+        }
+    } else if !r.tables.is_empty() {
         s.push_str(&format!(
             "  {:<32} {:>8} {:>10} {:>10} {:>9}  changed\n",
             "table", "version", "read", "written", "rejected"

@@ -11,7 +11,7 @@ mod data_tests;
 use data_tests::TestChecked;
 mod database;
 pub mod lineage;
-mod lock;
+pub(crate) mod lock;
 mod model;
 mod places;
 mod progress;
@@ -431,6 +431,8 @@ impl Runner {
                         rows_written: t.rows_written,
                         rows_rejected: t.rows_rejected,
                         changed: t.changed,
+                        files_removed: 0,
+                        bytes_removed: 0,
                     })
                     .collect();
                 record.tests_passed =

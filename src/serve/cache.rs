@@ -98,6 +98,28 @@ pub struct Held {
 /// Cached columns of one table version, in the order asked for.
 type Found = (Arc<Vec<usize>>, Vec<Arc<Vec<ArrayRef>>>);
 
+impl State {
+    fn make_room(&mut self, bytes: usize, budget: usize) -> bool {
+        if bytes > budget {
+            return false;
+        }
+        while self.used + bytes > budget {
+            let Some(oldest) = self
+                .columns
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(c) = self.columns.remove(&oldest) {
+                self.used -= c.bytes;
+            }
+        }
+        self.used + bytes <= budget
+    }
+}
+
 impl fmt::Debug for ColumnCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let held = self.held();
@@ -155,9 +177,13 @@ impl ColumnCache {
         let layout = s.layouts.get(&(table.to_string(), version))?.clone();
         s.clock += 1;
         let now = s.clock;
-        let mut found = Vec::with_capacity(columns.len());
-        for c in columns {
-            let column = s.columns.get_mut(&Key::new(table, version, c))?;
+        let keys: Vec<Key> = columns.iter().map(|c| Key::new(table, version, c)).collect();
+        if !keys.iter().all(|k| s.columns.contains_key(k)) {
+            return None;
+        }
+        let mut found = Vec::with_capacity(keys.len());
+        for k in &keys {
+            let column = s.columns.get_mut(k)?;
             column.last_used = now;
             found.push(column.chunks.clone());
         }
@@ -179,6 +205,13 @@ impl ColumnCache {
             claimed.push(c.clone());
         }
         claimed
+    }
+
+    /// Drop the columns used longest ago until `bytes` more fit the budget; whether they do.
+    /// A load calls it as it reads, so the cache and the columns being loaded stay within the
+    /// budget together.
+    fn make_room(&self, bytes: usize) -> bool {
+        self.state().make_room(bytes, self.budget)
     }
 
     /// Loading `columns` failed or they do not fit: leave them to the files.
@@ -229,19 +262,7 @@ impl ColumnCache {
             s.used -= freed;
         }
         s.layouts.insert(id, Arc::new(layout));
-        while s.used + bytes > self.budget {
-            let Some(oldest) = s
-                .columns
-                .iter()
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            if let Some(c) = s.columns.remove(&oldest) {
-                s.used -= c.bytes;
-            }
-        }
+        s.make_room(bytes, self.budget);
         s.clock += 1;
         let now = s.clock;
         for (name, chunks, size) in sized {
@@ -300,7 +321,7 @@ impl CachedTable {
             let Ok(_turn) = cache.loads.acquire().await else {
                 return;
             };
-            match load(&state, &files, &schema, &columns, cache.budget).await {
+            match load(&state, &files, &schema, &columns, &cache).await {
                 Ok(Some((layout, loaded))) => {
                     let bytes: usize = loaded
                         .iter()
@@ -323,13 +344,14 @@ impl CachedTable {
 }
 
 /// `columns` of the table of `files`, read file by file: the rows of each chunk and the chunks
-/// of each column; `None` when they outgrow `budget` bytes.
+/// of each column; `None` when they outgrow the cache's budget. Held columns make room as the
+/// load grows.
 async fn load(
     state: &SessionState,
     files: &[DataFile],
     schema: &SchemaRef,
     columns: &[String],
-    budget: usize,
+    cache: &ColumnCache,
 ) -> Result<Option<(Vec<usize>, Vec<(String, Vec<ArrayRef>)>)>> {
     let projection = columns
         .iter()
@@ -351,7 +373,7 @@ async fn load(
             while let Some(batch) = stream.next().await {
                 let batch = batch?;
                 bytes += batch.get_array_memory_size();
-                if bytes > budget {
+                if !cache.make_room(bytes) {
                     return Ok(None);
                 }
                 layout.push(batch.num_rows());
@@ -605,6 +627,11 @@ mod tests {
         cache.insert("t", 1, vec![1000; 8], vec![("e".into(), column(8))]);
         assert_eq!(names(&cache), ["t@1.a", "t@1.c", "t@1.d"]);
         assert!(cache.claim("t", 1, &["e".into()]).is_empty());
+        // A load growing to two columns' size makes room as it reads: the cache and the load
+        // stay within the budget together.
+        assert!(cache.make_room(2 * one));
+        assert_eq!(names(&cache), ["t@1.d"]);
+        assert!(!cache.make_room(3 * one + 1));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum RunKind {
     Pipeline,
     /// An extract written (and delivered).
     Extract,
+    /// Unreferenced files removed (`kbcrm vacuum`).
+    Vacuum,
 }
 
 /// How a run ended.
@@ -60,6 +62,12 @@ pub struct TableRecord {
     pub rows_rejected: u64,
     /// Whether the run changed it.
     pub changed: bool,
+    /// Files removed from its folder (a vacuum).
+    #[serde(default)]
+    pub files_removed: u64,
+    /// Their bytes.
+    #[serde(default)]
+    pub bytes_removed: u64,
 }
 
 /// One run, as recorded.
@@ -293,6 +301,7 @@ fn runs_batch(runs: &[RunRecord]) -> Result<RecordBatch> {
             match r.kind {
                 RunKind::Pipeline => "pipeline",
                 RunKind::Extract => "extract",
+                RunKind::Vacuum => "vacuum",
             }
             .into()
         }),

@@ -17,9 +17,10 @@ pub mod query;
 pub mod scd2;
 mod schema;
 pub mod state;
+pub mod upkeep;
 pub mod write;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use datafusion::catalog::{Session, TableProvider};
@@ -40,6 +41,7 @@ use crate::storage::store_for;
 
 pub use commit::{RUN_ID_KEY, commit_run};
 pub use deletion::DataFile;
+pub use upkeep::{TableFiles, Vacuumed};
 
 /// Passes a served table's provider through: its name, version, files and the provider.
 pub type Wrap<'a> =
@@ -285,10 +287,7 @@ impl Warehouse {
     /// Register every table's current version as a plain Parquet listing of its active files:
     /// the fastest way to scan a version that does not change (the server's snapshots).
     /// Returns each table's version.
-    pub async fn register_snapshots(
-        &self,
-        ctx: &SessionContext,
-    ) -> Result<std::collections::BTreeMap<String, u64>> {
+    pub async fn register_snapshots(&self, ctx: &SessionContext) -> Result<BTreeMap<String, u64>> {
         self.register_listings(Some(ctx), None, None).await
     }
 
@@ -298,7 +297,7 @@ impl Warehouse {
         &self,
         ctx: &SessionContext,
         wrap: &Wrap<'_>,
-    ) -> Result<std::collections::BTreeMap<String, u64>> {
+    ) -> Result<BTreeMap<String, u64>> {
         self.register_listings(Some(ctx), None, Some(wrap)).await
     }
 
@@ -307,7 +306,7 @@ impl Warehouse {
     pub async fn register_for_cluster(
         &self,
         ctx: &SessionContext,
-    ) -> Result<std::collections::BTreeMap<String, u64>> {
+    ) -> Result<BTreeMap<String, u64>> {
         self.register_listings(None, Some(ctx), None).await
     }
 
@@ -319,7 +318,7 @@ impl Warehouse {
         local: &SessionContext,
         cluster: &SessionContext,
         wrap: Option<&Wrap<'_>>,
-    ) -> Result<std::collections::BTreeMap<String, u64>> {
+    ) -> Result<BTreeMap<String, u64>> {
         self.register_listings(Some(local), Some(cluster), wrap)
             .await
     }
@@ -329,8 +328,8 @@ impl Warehouse {
         checked: Option<&SessionContext>,
         plain: Option<&SessionContext>,
         wrap: Option<&Wrap<'_>>,
-    ) -> Result<std::collections::BTreeMap<String, u64>> {
-        let mut versions = std::collections::BTreeMap::new();
+    ) -> Result<BTreeMap<String, u64>> {
+        let mut versions = BTreeMap::new();
         for name in self.table_names().await? {
             let Some(table) = self.load(&name).await? else {
                 continue;
@@ -511,8 +510,8 @@ impl Warehouse {
 
     /// The newest committed version of every table, read from the `_delta_log` listings only
     /// (cheap enough to poll).
-    pub async fn latest_versions(&self) -> Result<std::collections::BTreeMap<String, u64>> {
-        let mut out = std::collections::BTreeMap::new();
+    pub async fn latest_versions(&self) -> Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
         for (name, dir) in self.folders().await? {
             let log = dir.join("_delta_log");
             let entries: Vec<_> = self.store.list(Some(&log)).try_collect().await?;

@@ -30,3 +30,4 @@ mod serve_limits;
 mod sources;
 mod star;
 mod support;
+mod upkeep;
