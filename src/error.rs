@@ -191,6 +191,36 @@ impl Error {
         ) || matches!(self, Error::Identity { cause, .. } if cause.is_out_of_memory())
     }
 
+    /// What refused a write, when the cause is the store's filesystem: full, over a quota, or
+    /// read-only (as the system words it anywhere in the error's causes).
+    pub fn storage_refusal(&self) -> Option<&'static str> {
+        const REFUSALS: &[(&[&str], &str)] = &[
+            (
+                &["os error 28", "No space left on device"],
+                "the disk is full",
+            ),
+            (
+                &["os error 122", "Disk quota exceeded"],
+                "the disk quota is used up",
+            ),
+            (
+                &["os error 30", "Read-only file system"],
+                "the filesystem is read-only",
+            ),
+        ];
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            let text = e.to_string();
+            for (words, what) in REFUSALS {
+                if words.iter().any(|w| text.contains(w)) {
+                    return Some(what);
+                }
+            }
+            cause = e.source();
+        }
+        None
+    }
+
     /// One problem as an error.
     pub fn invalid(problem: Problem) -> Self {
         Error::Invalid(vec![problem])

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     // memory, queries as fast (BENCHMARKS.md; MIMALLOC_ALLOW_THP overrides).
     kbcrm_alloc::no_transparent_huge_pages();
     kbcrm::cli::init_tracing(&cli);
+    quiet_upload_cleanup_panics();
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = miette::set_hook(Box::new(move |_| {
         // Whole lines when a program reads the messages; wrapped and coloured on a terminal.
@@ -65,4 +66,24 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// object_store's `BufWriter::abort` panics ("Already shut down") when it is called after a
+/// failed upload (apache/arrow-rs-object-store#810), and delta-rs calls it from a detached
+/// task when a writer that failed is dropped (on a full disk, for one). The panic ends only
+/// that cleanup task: the write's error is reported as it is. It is logged at debug level
+/// instead of printed; every other panic is printed as before.
+fn quiet_upload_cleanup_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_buffered_writer = info.location().is_some_and(|l| {
+            l.file().contains("object_store") && l.file().ends_with("buffered.rs")
+        });
+        let message = info.payload().downcast_ref::<&str>().copied();
+        if in_buffered_writer && message == Some("Already shut down") {
+            tracing::debug!("an upload's cleanup after a failed write panicked (object_store#810)");
+            return;
+        }
+        default(info);
+    }));
 }

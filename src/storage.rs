@@ -267,3 +267,14 @@ pub fn skip_reason(relative: &str) -> Option<&'static str> {
         None
     }
 }
+
+/// Bytes free to this process on the filesystem holding a local `url` (its nearest existing
+/// folder); `None` for object stores or when the system does not say.
+pub fn free_space(url: &Url) -> Option<u64> {
+    let mut path = url.to_file_path().ok()?;
+    while !path.exists() {
+        path = path.parent()?.to_path_buf();
+    }
+    let stat = rustix::fs::statvfs(&path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}

@@ -448,6 +448,24 @@ impl Runner {
         Some(result)
     }
 
+    /// A build that failed because the warehouse's filesystem refused a write, said in words:
+    /// where, the free space, and that nothing was committed.
+    fn refused_write(&self, e: Error) -> Error {
+        let Some(what) = e.storage_refusal() else {
+            return e;
+        };
+        let url = self.wh.url();
+        let free = crate::storage::free_space(url)
+            .map(|b| format!(" ({} MiB free there)", b >> 20))
+            .unwrap_or_default();
+        Error::warehouse(format!(
+            "writing the warehouse at {url} failed: {what}{free}. Nothing was committed: every \
+             table is at its previous version, and the files this run wrote are referenced by \
+             none (`kbcrm tables --files` shows them, `kbcrm vacuum` removes them). Free space \
+             and run again. The store said: {e}"
+        ))
+    }
+
     #[instrument(skip(self, pipeline, run_id, turn), fields(pipeline = %pipeline.name))]
     async fn run_pipeline_as(
         &self,
@@ -512,7 +530,7 @@ impl Runner {
                 return None;
             }
             (Err(_), false) => return None,
-            (Err(e), true) => return Some(Err(e)),
+            (Err(e), true) => return Some(Err(self.refused_write(e))),
         };
         let staged = self
             .stage_bookkeeping(&ctx, &mut state, &pipeline.name, &tests)

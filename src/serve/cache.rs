@@ -177,7 +177,10 @@ impl ColumnCache {
         let layout = s.layouts.get(&(table.to_string(), version))?.clone();
         s.clock += 1;
         let now = s.clock;
-        let keys: Vec<Key> = columns.iter().map(|c| Key::new(table, version, c)).collect();
+        let keys: Vec<Key> = columns
+            .iter()
+            .map(|c| Key::new(table, version, c))
+            .collect();
         if !keys.iter().all(|k| s.columns.contains_key(k)) {
             return None;
         }

@@ -1,7 +1,7 @@
 //! Warehouse upkeep: `kbcrm tables --files` shows the files no current version references,
 //! and `kbcrm vacuum` removes those no retained version needs (files replaced by merges, files
 //! of a run killed before it committed) without changing a row, while incremental models can
-//! still read the versions they last read.
+//! still read the versions they last read. A run into a full disk says so and commits nothing.
 
 use std::path::{Path, PathBuf};
 
@@ -66,12 +66,17 @@ fn table_files(p: &Project, table: &str) -> (usize, usize) {
     (cells[1].parse().unwrap(), cells[4].parse().unwrap())
 }
 
-/// The sources of day `batch` generated.
+/// The sources of day `batch` generated (seed 7).
 fn generate(p: &Project, batch: &str) {
+    generate_seeded(p, 7, batch);
+}
+
+fn generate_seeded(p: &Project, seed: u64, batch: &str) {
+    let seed = seed.to_string();
     let out = run_in(
         p.path(),
         &[
-            "generate", "--scale", "0.01", "--seed", "7", "--out", "sources", "--batch", batch,
+            "generate", "--scale", "0.01", "--seed", &seed, "--out", "sources", "--batch", batch,
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -152,4 +157,88 @@ fn vacuum_names_an_unknown_table_and_reports_each_one() {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert_eq!(tables, ["dim_customer", "fact_sales", "would"], "{out}");
+}
+
+/// A tmpfs of `mib` MiB mounted for the test's life (it needs root, as `.ci/run` has).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            crate::support::may_skip("mounting a small tmpfs (root, `mount`)");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    /// Fill the disk but for `keep` bytes.
+    fn fill(&self, keep: u64) -> PathBuf {
+        let ballast = self.dir.path().join("ballast");
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        let free: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("free bytes from df");
+        let file = std::fs::File::create(&ballast).unwrap();
+        file.set_len(0).unwrap();
+        std::io::Write::write_all(
+            &mut std::io::BufWriter::new(file),
+            &vec![0u8; free.saturating_sub(keep) as usize],
+        )
+        .unwrap();
+        ballast
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_run_into_a_full_disk_says_so_and_commits_nothing() {
+    let Some(disk) = SmallDisk::mount(96) else {
+        return;
+    };
+    let warehouse = disk.dir.path().join("warehouse");
+    let env = [("KBCRM_WAREHOUSE", warehouse.to_str().unwrap())];
+    let p = Project::demo_with_own_data(0.01, 9);
+    p.ok_with_env(&["run", "--as-of", AS_OF], &env);
+    let tables = p.ok_with_env(&["tables"], &env);
+    generate_seeded(&p, 9, "2");
+    let ballast = disk.fill(256 << 10);
+    let out = p.kbcrm_with_env(&["run", "--as-of", AS_OF], &env);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for want in [
+        "the disk is full",
+        "MiB free there",
+        warehouse.to_str().unwrap(),
+        "Nothing was committed",
+    ] {
+        assert!(err.contains(want), "'{want}' not in:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(p.ok_with_env(&["tables"], &env), tables, "a table changed");
+    // Space freed, the same run goes through.
+    std::fs::remove_file(ballast).unwrap();
+    p.ok_with_env(&["run", "--as-of", AS_OF], &env);
+    assert_ne!(p.ok_with_env(&["tables"], &env), tables);
 }
