@@ -43,6 +43,8 @@ pub struct ScheduleOptions {
 enum Job<'a> {
     Pipeline(&'a Pipeline),
     Extract(&'a crate::plan::extracts::Extract),
+    /// `maintenance.vacuum`, with its retention.
+    Vacuum(Duration),
 }
 
 impl Job<'_> {
@@ -50,13 +52,14 @@ impl Job<'_> {
         match self {
             Job::Pipeline(p) => format!("pipeline:{}", p.name),
             Job::Extract(x) => format!("extract:{}", x.name),
+            Job::Vacuum(_) => "maintenance:vacuum".to_string(),
         }
     }
 
     fn misfire(&self) -> Misfire {
         match self {
             Job::Pipeline(p) => p.misfire,
-            Job::Extract(_) => Misfire::RunOnce,
+            Job::Extract(_) | Job::Vacuum(_) => Misfire::RunOnce,
         }
     }
 }
@@ -155,10 +158,13 @@ fn scheduled_jobs(project: &Project) -> Result<Vec<(Job<'_>, croner::Cron)>> {
             jobs.push((Job::Extract(x), parse(expr)?));
         }
     }
+    if let Some((expr, retain)) = &project.vacuum {
+        jobs.push((Job::Vacuum(*retain), parse(expr)?));
+    }
     if jobs.is_empty() {
         return Err(Error::Usage(
-            "nothing is scheduled: give a pipeline (or an extract in kbcrm.yaml) a \
-             `schedule:` cron expression, e.g. schedule: \"0 2 * * *\""
+            "nothing is scheduled: give a pipeline (or an extract, or `maintenance.vacuum` in \
+             kbcrm.yaml) a `schedule:` cron expression, e.g. schedule: \"0 2 * * *\""
                 .into(),
         ));
     }
@@ -255,6 +261,31 @@ async fn run_job(
             } else {
                 run_extract(project, x, options).await
             }
+        }
+        Job::Vacuum(retain) => run_vacuum(project, *retain).await,
+    }
+}
+
+/// The scheduled vacuum; a run holding the warehouse skips it until its next time.
+async fn run_vacuum(project: &Project, retain: Duration) -> bool {
+    match crate::run::upkeep::vacuum(project, &[], retain, false, "schedule").await {
+        Ok(done) => {
+            println!(
+                "kbcrm schedule: vacuum removed {} files ({} bytes), run {}",
+                done.files(),
+                done.bytes(),
+                done.run_id.unwrap_or_default()
+            );
+            true
+        }
+        Err(Error::Busy(why)) => {
+            println!("kbcrm schedule: vacuum skipped until its next time: {why}");
+            false
+        }
+        Err(e) => {
+            warn!("scheduled vacuum failed: {e}");
+            println!("kbcrm schedule: vacuum failed: {e}");
+            false
         }
     }
 }

@@ -327,90 +327,33 @@ pub(super) fn init(dir: &std::path::Path, from: &[std::path::PathBuf]) -> Result
     ))
 }
 
-/// `kbcrm vacuum`: under the run lock, after completing any interrupted run, each table's
-/// unreferenced files older than the retention removed, except those of the versions
-/// incremental models last read; recorded in the run history.
+/// `kbcrm vacuum`: the files removed (or that would be) per table, and the total.
 pub(super) async fn vacuum(
     cli: &Cli,
     tables: &[String],
     retain: &str,
     dry_run: bool,
 ) -> Result<()> {
-    use crate::warehouse::history::{RunKind, RunRecord, RunStatus, TableRecord};
     let retain = crate::plan::access::parse_duration(retain)
         .map_err(|m| Error::Usage(format!("--retain: {m}")))?
         .unwrap_or_default();
     let project = cli.load()?;
-    let wh = crate::warehouse::Warehouse::open(&project.warehouse)?;
-    let names = wh.table_names().await?;
-    if let Some(t) = tables.iter().find(|t| !names.contains(t)) {
-        return Err(Error::Usage(format!(
-            "the warehouse has no table '{t}' (`kbcrm tables` lists them)"
-        )));
-    }
-    let _lock = crate::run::lock::RunLock::acquire(&wh).await?;
-    // Files an interrupted run staged are committed first: they are referenced after that.
-    wh.recover().await?;
-    // The versions incremental models read at their next run keep their files.
-    let ctx = crate::engine::session(&project.engine, &crate::engine::today_params())?;
-    wh.register_snapshots(&ctx).await?;
-    let state = crate::warehouse::state::read_state(&ctx).await?;
-    let keep = crate::warehouse::upkeep::recorded_inputs(&state);
-    let mut record = RunRecord::new(
-        uuid::Uuid::now_v7().to_string(),
-        RunKind::Vacuum,
-        "vacuum",
-        "cli",
-        None,
-        chrono::Utc::now(),
-    );
+    let done = crate::run::upkeep::vacuum(&project, tables, retain, dry_run, "cli").await?;
     let mut out = String::new();
-    let (mut files, mut size) = (0u64, 0u64);
-    for name in names
-        .iter()
-        .filter(|n| tables.is_empty() || tables.contains(n))
-    {
-        let kept = keep.get(name).map(Vec::as_slice).unwrap_or_default();
-        let done = match wh.vacuum_table(name, retain, kept, dry_run).await {
-            Ok(done) => done,
-            Err(e) => {
-                record.status = RunStatus::Failed;
-                record.error = Some(e.to_string());
-                record.ended_at = chrono::Utc::now();
-                if !dry_run {
-                    wh.record_run(&record).await;
-                }
-                return Err(e);
-            }
-        };
+    for t in &done.tables {
         out.push_str(&format!(
             "{:<32} {:>7} files {:>10}\n",
-            done.table,
-            done.files,
-            output::bytes(done.bytes)
+            t.table,
+            t.files,
+            output::bytes(t.bytes)
         ));
-        files += done.files as u64;
-        size += done.bytes;
-        record.tables.push(TableRecord {
-            table: done.table,
-            version: wh.load(name).await?.and_then(|t| t.version()),
-            rows_read: 0,
-            rows_written: 0,
-            rows_rejected: 0,
-            changed: false,
-            files_removed: done.files as u64,
-            bytes_removed: done.bytes,
-        });
     }
     let verb = if dry_run { "would remove" } else { "removed" };
     out.push_str(&format!(
-        "{verb} {files} files ({}) no version of the last {} references\n",
-        output::bytes(size),
+        "{verb} {} files ({}) no version of the last {} references",
+        done.files(),
+        output::bytes(done.bytes()),
         humantime::format_duration(retain)
     ));
-    record.ended_at = chrono::Utc::now();
-    if !dry_run {
-        wh.record_run(&record).await;
-    }
-    output::line(out.trim_end())
+    output::line(&out)
 }

@@ -59,6 +59,31 @@ pub struct ProjectSpec {
     /// pack of the cubes' findings as a workbook, a dashboard and tables, for one recipient role.
     #[serde(default)]
     pub extracts: IndexMap<String, ExtractSpec>,
+    /// Upkeep `kbcrm schedule` runs on its own schedule: `vacuum`.
+    #[serde(default)]
+    pub maintenance: MaintenanceSpec,
+}
+
+/// Scheduled upkeep of the warehouse.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceSpec {
+    /// `kbcrm vacuum` on a schedule.
+    #[serde(default)]
+    pub vacuum: Option<VacuumSpec>,
+}
+
+/// When `kbcrm schedule` vacuums the warehouse, and what it keeps.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VacuumSpec {
+    /// Cron expression in the project's time zone, e.g. "0 3 * * 0" (Sundays at 03:00).
+    #[schemars(with = "String")]
+    pub schedule: Spanned<String>,
+    /// Files of versions committed within this period stay, e.g. "7d" (the default).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub retain: Option<Spanned<String>>,
 }
 
 /// Where OpenLineage events go: a file (one JSON event per line) or an HTTP endpoint.

@@ -251,6 +251,7 @@ impl Loader {
                 namespace: o.namespace.clone().unwrap_or_else(|| name.clone()),
             })
         });
+        let vacuum = self.vacuum(&spec, &text);
         if !self.problems.is_empty() {
             return Err(Error::Invalid(self.problems));
         }
@@ -265,7 +266,38 @@ impl Loader {
             extracts,
             timezone,
             openlineage,
+            vacuum,
         })
+    }
+
+    /// `maintenance.vacuum`: its cron expression and retention, each checked.
+    fn vacuum(
+        &mut self,
+        spec: &ProjectSpec,
+        text: &Arc<String>,
+    ) -> Option<(String, std::time::Duration)> {
+        let v = spec.maintenance.vacuum.as_ref()?;
+        let mut problem = |msg: String, at: &serde_saphyr::Location| {
+            self.problems
+                .push(Problem::new(PROJECT_FILE, msg).at(yaml_pos(at, text), text));
+        };
+        if let Err(msg) = super::check_cron(&v.schedule.value) {
+            problem(
+                format!("maintenance.vacuum.schedule: {msg}"),
+                &v.schedule.referenced,
+            );
+        }
+        let retain = match &v.retain {
+            None => super::DEFAULT_RETAIN,
+            Some(r) => match super::access::parse_duration(&r.value) {
+                Ok(d) => d.unwrap_or_default(),
+                Err(msg) => {
+                    problem(format!("maintenance.vacuum.retain: {msg}"), &r.referenced);
+                    super::DEFAULT_RETAIN
+                }
+            },
+        };
+        Some((v.schedule.value.clone(), retain))
     }
 
     fn warehouse(&mut self, spec: &ProjectSpec, text: &Arc<String>, o: &Overrides) -> Option<Url> {

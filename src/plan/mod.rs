@@ -160,7 +160,12 @@ pub struct Project {
     pub timezone: chrono_tz::Tz,
     /// Where OpenLineage events go, when anywhere.
     pub openlineage: Option<OpenLineageTarget>,
+    /// `kbcrm vacuum` on a schedule: its cron expression and retention.
+    pub vacuum: Option<(String, std::time::Duration)>,
 }
+
+/// The retention of `kbcrm vacuum` when none is given.
+pub const DEFAULT_RETAIN: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// A validated pipeline.
 #[derive(Debug, Clone)]

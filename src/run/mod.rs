@@ -11,7 +11,7 @@ mod data_tests;
 use data_tests::TestChecked;
 mod database;
 pub mod lineage;
-pub(crate) mod lock;
+mod lock;
 mod model;
 mod places;
 mod progress;
@@ -19,6 +19,7 @@ mod quarantine;
 mod source;
 mod staging;
 mod steps;
+pub mod upkeep;
 pub mod validate;
 
 use std::collections::HashMap;

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -45,6 +46,7 @@ use crate::warehouse::DataFile;
 /// The columns kept, shared by every role session of a server.
 pub struct ColumnCache {
     budget: usize,
+    keep: Duration,
     state: Mutex<State>,
     /// One load at a time: loading decodes whole columns, and queries come first.
     loads: tokio::sync::Semaphore,
@@ -61,6 +63,9 @@ struct State {
     pending: HashSet<Key>,
     /// Larger than the budget, or failed to load: left to the files.
     refused: HashSet<Key>,
+    /// Found no room when last tried (every held column in use): not tried again before the
+    /// held ones may go.
+    deferred: HashMap<Key, Instant>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -84,6 +89,7 @@ struct Column {
     chunks: Arc<Vec<ArrayRef>>,
     bytes: usize,
     last_used: u64,
+    touched: Instant,
 }
 
 /// What the cache holds now.
@@ -99,7 +105,9 @@ pub struct Held {
 type Found = (Arc<Vec<usize>>, Vec<Arc<Vec<ArrayRef>>>);
 
 impl State {
-    fn make_room(&mut self, bytes: usize, budget: usize) -> bool {
+    /// Drop columns not used within `keep` (the one used longest ago first) until `bytes` more
+    /// fit `budget`; whether they do.
+    fn make_room(&mut self, bytes: usize, budget: usize, keep: Duration) -> bool {
         if bytes > budget {
             return false;
         }
@@ -107,6 +115,7 @@ impl State {
             let Some(oldest) = self
                 .columns
                 .iter()
+                .filter(|(_, c)| c.touched.elapsed() >= keep)
                 .min_by_key(|(_, c)| c.last_used)
                 .map(|(k, _)| k.clone())
             else {
@@ -131,11 +140,22 @@ impl fmt::Debug for ColumnCache {
     }
 }
 
+/// How long a column used by a query is kept from being evicted for another's: when the
+/// columns queries read in turn outgrow the cache, it keeps the ones it holds instead of
+/// loading and evicting on every query.
+pub const KEEP_USED_FOR: Duration = Duration::from_secs(300);
+
 impl ColumnCache {
     /// A cache holding at most `budget` bytes of decoded columns (0: none).
     pub fn new(budget: usize) -> ColumnCache {
+        ColumnCache::keeping(budget, KEEP_USED_FOR)
+    }
+
+    /// [`ColumnCache::new`], a column used within `keep` not evicted for another.
+    pub fn keeping(budget: usize, keep: Duration) -> ColumnCache {
         ColumnCache {
             budget,
+            keep,
             state: Mutex::new(State::default()),
             loads: tokio::sync::Semaphore::new(1),
         }
@@ -188,6 +208,7 @@ impl ColumnCache {
         for k in &keys {
             let column = s.columns.get_mut(k)?;
             column.last_used = now;
+            column.touched = Instant::now();
             found.push(column.chunks.clone());
         }
         Some((layout, found))
@@ -200,10 +221,18 @@ impl ColumnCache {
         let mut claimed = Vec::new();
         for c in columns {
             let key = Key::new(table, version, c);
-            if s.columns.contains_key(&key) || s.pending.contains(&key) || s.refused.contains(&key)
+            let deferred = s
+                .deferred
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < self.keep);
+            if s.columns.contains_key(&key)
+                || s.pending.contains(&key)
+                || s.refused.contains(&key)
+                || deferred
             {
                 continue;
             }
+            s.deferred.remove(&key);
             s.pending.insert(key);
             claimed.push(c.clone());
         }
@@ -214,7 +243,17 @@ impl ColumnCache {
     /// A load calls it as it reads, so the cache and the columns being loaded stay within the
     /// budget together.
     fn make_room(&self, bytes: usize) -> bool {
-        self.state().make_room(bytes, self.budget)
+        self.state().make_room(bytes, self.budget, self.keep)
+    }
+
+    /// No room for `columns` now: tried again once the held columns may go.
+    fn defer(&self, table: &str, version: u64, columns: &[String]) {
+        let mut s = self.state();
+        for c in columns {
+            let key = Key::new(table, version, c);
+            s.pending.remove(&key);
+            s.deferred.insert(key, Instant::now());
+        }
     }
 
     /// Loading `columns` failed or they do not fit: leave them to the files.
@@ -265,7 +304,11 @@ impl ColumnCache {
             s.used -= freed;
         }
         s.layouts.insert(id, Arc::new(layout));
-        s.make_room(bytes, self.budget);
+        if !s.make_room(bytes, self.budget, self.keep) {
+            drop(s);
+            self.defer(table, version, &names);
+            return;
+        }
         s.clock += 1;
         let now = s.clock;
         for (name, chunks, size) in sized {
@@ -277,6 +320,7 @@ impl ColumnCache {
                     chunks: Arc::new(chunks),
                     bytes: size,
                     last_used: now,
+                    touched: Instant::now(),
                 },
             );
             s.used += size;
@@ -325,7 +369,7 @@ impl CachedTable {
                 return;
             };
             match load(&state, &files, &schema, &columns, &cache).await {
-                Ok(Some((layout, loaded))) => {
+                Ok(Loaded::Columns(layout, loaded)) => {
                     let bytes: usize = loaded
                         .iter()
                         .flat_map(|(_, c)| c.iter().map(|a| a.get_array_memory_size()))
@@ -333,7 +377,11 @@ impl CachedTable {
                     cache.insert(&name, version, layout, loaded);
                     tracing::debug!(table = %name, version, ?columns, bytes, "columns cached");
                 }
-                Ok(None) => {
+                Ok(Loaded::NoRoom) => {
+                    tracing::debug!(table = %name, version, ?columns, "no room in serve.cache now; read from the files");
+                    cache.defer(&name, version, &columns);
+                }
+                Ok(Loaded::TooLarge) => {
                     tracing::debug!(table = %name, version, ?columns, "columns larger than serve.cache; read from the files");
                     cache.refuse(&name, version, &columns);
                 }
@@ -346,16 +394,25 @@ impl CachedTable {
     }
 }
 
-/// `columns` of the table of `files`, read file by file: the rows of each chunk and the chunks
-/// of each column; `None` when they outgrow the cache's budget. Held columns make room as the
-/// load grows.
+/// What loading columns came to.
+enum Loaded {
+    /// The rows of each chunk, and the chunks of each column.
+    Columns(Vec<usize>, Vec<(String, Vec<ArrayRef>)>),
+    /// Larger than the whole cache.
+    TooLarge,
+    /// Every held column was in use: no room now.
+    NoRoom,
+}
+
+/// `columns` of the table of `files`, read file by file. Held columns not in use make room as
+/// the load grows.
 async fn load(
     state: &SessionState,
     files: &[DataFile],
     schema: &SchemaRef,
     columns: &[String],
     cache: &ColumnCache,
-) -> Result<Option<(Vec<usize>, Vec<(String, Vec<ArrayRef>)>)>> {
+) -> Result<Loaded> {
     let projection = columns
         .iter()
         .map(|c| schema.index_of(c))
@@ -376,8 +433,11 @@ async fn load(
             while let Some(batch) = stream.next().await {
                 let batch = batch?;
                 bytes += batch.get_array_memory_size();
+                if bytes > cache.budget {
+                    return Ok(Loaded::TooLarge);
+                }
                 if !cache.make_room(bytes) {
-                    return Ok(None);
+                    return Ok(Loaded::NoRoom);
                 }
                 layout.push(batch.num_rows());
                 for (i, column) in batch.columns().iter().enumerate() {
@@ -386,10 +446,10 @@ async fn load(
             }
         }
     }
-    Ok(Some((
+    Ok(Loaded::Columns(
         layout,
         columns.iter().cloned().zip(chunks).collect(),
-    )))
+    ))
 }
 
 #[async_trait::async_trait]
@@ -605,7 +665,7 @@ mod tests {
             .iter()
             .map(|a| a.get_array_memory_size())
             .sum::<usize>();
-        let cache = ColumnCache::new(3 * one);
+        let cache = ColumnCache::keeping(3 * one, Duration::ZERO);
         for c in ["a", "b", "c"] {
             assert_eq!(cache.claim("t", 1, &[c.to_string()]), vec![c.to_string()]);
             cache.insert("t", 1, vec![1000, 1000], vec![(c.to_string(), column(2))]);
@@ -635,6 +695,32 @@ mod tests {
         assert!(cache.make_room(2 * one));
         assert_eq!(names(&cache), ["t@1.d"]);
         assert!(!cache.make_room(3 * one + 1));
+    }
+
+    #[test]
+    fn columns_in_use_are_not_evicted_for_others() {
+        let one = column(2)
+            .iter()
+            .map(|a| a.get_array_memory_size())
+            .sum::<usize>();
+        let cache = ColumnCache::keeping(2 * one, Duration::from_secs(3600));
+        for c in ["a", "b"] {
+            cache.claim("t", 1, &[c.to_string()]);
+            cache.insert("t", 1, vec![1000, 1000], vec![(c.to_string(), column(2))]);
+        }
+        // Queries reading more than the cache holds, in turn: what it holds stays, the rest is
+        // read from the files and not tried again for a while.
+        assert_eq!(cache.claim("t", 1, &["c".into()]), vec!["c".to_string()]);
+        assert!(!cache.make_room(one));
+        cache.insert("t", 1, vec![1000, 1000], vec![("c".into(), column(2))]);
+        assert_eq!(names(&cache), ["t@1.a", "t@1.b"]);
+        assert!(cache.claim("t", 1, &["c".into()]).is_empty());
+        // Once they are no longer in use, they make room.
+        let cache = ColumnCache::keeping(2 * one, Duration::ZERO);
+        for c in ["a", "b", "c"] {
+            cache.insert("t", 1, vec![1000, 1000], vec![(c.to_string(), column(2))]);
+        }
+        assert_eq!(names(&cache), ["t@1.b", "t@1.c"]);
     }
 
     #[test]

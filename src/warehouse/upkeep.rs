@@ -117,7 +117,8 @@ impl Warehouse {
                 continue;
             };
             let listed = self.folder_files(&table).await?;
-            let unreferenced = self.removable(&table, Duration::ZERO, &[]).await?;
+            let mut unreferenced = self.removable(&table, Duration::ZERO, &[]).await?;
+            unreferenced.retain(|f| listed.contains_key(f));
             let gone: u64 = unreferenced.iter().filter_map(|f| listed.get(f)).sum();
             let total: u64 = listed.values().sum();
             out.push(TableFiles {
@@ -149,7 +150,9 @@ impl Warehouse {
             });
         };
         let listed = self.folder_files(&table).await?;
-        let removable = self.removable(&table, retain, keep).await?;
+        let mut removable = self.removable(&table, retain, keep).await?;
+        // Removed files stay in the log as tombstones: only those still there count.
+        removable.retain(|f| listed.contains_key(f));
         let bytes = removable.iter().filter_map(|f| listed.get(f)).sum();
         if !dry_run {
             let store = table.object_store();

@@ -223,7 +223,8 @@ fn a_run_into_a_full_disk_says_so_and_commits_nothing() {
     p.ok_with_env(&["run", "--as-of", AS_OF], &env);
     let tables = p.ok_with_env(&["tables"], &env);
     generate_seeded(&p, 9, "2");
-    let ballast = disk.fill(256 << 10);
+    // Room for less than the batch's first data files: the run fails while it builds.
+    let ballast = disk.fill(4 << 10);
     let out = p.kbcrm_with_env(&["run", "--as-of", AS_OF], &env);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -241,4 +242,51 @@ fn a_run_into_a_full_disk_says_so_and_commits_nothing() {
     std::fs::remove_file(ballast).unwrap();
     p.ok_with_env(&["run", "--as-of", AS_OF], &env);
     assert_ne!(p.ok_with_env(&["tables"], &env), tables);
+}
+
+/// Files no current version references, over all tables (`kbcrm tables --files`).
+fn unreferenced_total(p: &Project) -> usize {
+    p.ok(&["tables", "--files"])
+        .lines()
+        .find(|l| l.contains("are referenced by no current version"))
+        .map_or(0, |l| l.split_whitespace().next().unwrap().parse().unwrap())
+}
+
+#[test]
+fn the_scheduler_vacuums_on_the_maintenance_schedule() {
+    let p = Project::demo_with_own_data(0.01, 10);
+    p.ok(&["run", "--as-of", AS_OF]);
+    generate_seeded(&p, 10, "2");
+    p.ok(&["run", "--as-of", AS_OF]);
+    let before = contents(&p);
+    assert!(unreferenced_total(&p) > 0, "the merges replaced no file");
+    let yaml = std::fs::read_to_string(p.path().join("kbcrm.yaml")).unwrap();
+    p.write(
+        "kbcrm.yaml",
+        format!("{yaml}\nmaintenance:\n  vacuum:\n    schedule: \"every day\"\n"),
+    );
+    p.fails_cleanly(
+        &["validate"],
+        &[],
+        &["maintenance.vacuum.schedule", "cron"],
+        &[],
+    );
+    p.write(
+        "kbcrm.yaml",
+        format!(
+            "{yaml}\nmaintenance:\n  vacuum:\n    schedule: \"* * * * *\"\n    retain: \"0\"\n"
+        ),
+    );
+    let out = p.ok(&["schedule", "--once"]);
+    assert!(out.contains("maintenance:vacuum"), "{out}");
+    assert!(out.contains("vacuum removed"), "{out}");
+    // After a whole run every version models read is the current one: nothing is kept.
+    assert_eq!(unreferenced_total(&p), 0);
+    assert_eq!(contents(&p), before);
+    let runs = p.ok(&["runs"]);
+    let line = runs
+        .lines()
+        .find(|l| l.contains("vacuum"))
+        .unwrap_or_else(|| panic!("no vacuum in\n{runs}"));
+    assert!(line.contains("schedule"), "{line}");
 }
