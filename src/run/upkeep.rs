@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::plan::Project;
 use crate::warehouse::history::{RunKind, RunRecord, RunStatus, TableRecord};
+use crate::warehouse::state::STATE_TABLE;
 use crate::warehouse::{Vacuumed, Warehouse};
 
 /// What a vacuum removed (or would remove), per table.
@@ -52,7 +53,9 @@ pub async fn vacuum(
     wh.recover().await?;
     // The versions incremental models read at their next run keep their files.
     let ctx = crate::engine::session(&project.engine, &crate::engine::today_params())?;
-    wh.register_snapshots(&ctx).await?;
+    if let Some(table) = wh.load(STATE_TABLE).await? {
+        wh.register(&ctx, STATE_TABLE, &table).await?;
+    }
     let state = crate::warehouse::state::read_state(&ctx).await?;
     let keep = crate::warehouse::upkeep::recorded_inputs(&state);
     let run_id = uuid::Uuid::now_v7().to_string();

@@ -105,6 +105,19 @@ pub struct Held {
 type Found = (Arc<Vec<usize>>, Vec<Arc<Vec<ArrayRef>>>);
 
 impl State {
+    /// Drop the columns of `key`s `gone` says, giving their bytes back.
+    fn drop_where(&mut self, gone: impl Fn(&Key) -> bool) {
+        let mut freed = 0;
+        self.columns.retain(|k, c| {
+            if gone(k) {
+                freed += c.bytes;
+                return false;
+            }
+            true
+        });
+        self.used -= freed;
+    }
+
     /// Drop columns not used within `keep` (the one used longest ago first) until `bytes` more
     /// fit `budget`; whether they do.
     fn make_room(&mut self, bytes: usize, budget: usize, keep: Duration) -> bool {
@@ -178,17 +191,10 @@ impl ColumnCache {
     pub fn retain(&self, versions: &BTreeMap<String, u64>) {
         let mut s = self.state();
         let current = |table: &str, version: u64| versions.get(table) == Some(&version);
-        let mut freed = 0;
-        s.columns.retain(|k, c| {
-            let keep = current(&k.table, k.version);
-            if !keep {
-                freed += c.bytes;
-            }
-            keep
-        });
-        s.used -= freed;
+        s.drop_where(|k| !current(&k.table, k.version));
         s.layouts.retain(|(t, v), _| current(t, *v));
         s.refused.retain(|k| current(&k.table, k.version));
+        s.deferred.retain(|k, _| current(&k.table, k.version));
     }
 
     /// `columns` of a table version when all of them are held.
@@ -267,14 +273,14 @@ impl ColumnCache {
     }
 
     /// Keep the loaded `columns` (cut into chunks of `layout` rows), making room by dropping the
-    /// columns used longest ago.
+    /// columns used longest ago; their bytes when kept.
     fn insert(
         &self,
         table: &str,
         version: u64,
         layout: Vec<usize>,
         columns: Vec<(String, Vec<ArrayRef>)>,
-    ) {
+    ) -> Option<usize> {
         let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
         let sized: Vec<(String, Vec<ArrayRef>, usize)> = columns
             .into_iter()
@@ -286,28 +292,20 @@ impl ColumnCache {
         let bytes: usize = sized.iter().map(|(_, _, b)| b).sum();
         if bytes > self.budget {
             self.refuse(table, version, &names);
-            return;
+            return None;
         }
         let mut s = self.state();
         let id = (table.to_string(), version);
         // Another cut (it cannot happen for the same files and reader; should it, the columns
         // held would no longer line up with the new ones, so they go).
         if s.layouts.get(&id).is_some_and(|l| **l != layout) {
-            let mut freed = 0;
-            s.columns.retain(|k, c| {
-                let keep = !(k.table == table && k.version == version);
-                if !keep {
-                    freed += c.bytes;
-                }
-                keep
-            });
-            s.used -= freed;
+            s.drop_where(|k| k.table == table && k.version == version);
         }
         s.layouts.insert(id, Arc::new(layout));
         if !s.make_room(bytes, self.budget, self.keep) {
             drop(s);
             self.defer(table, version, &names);
-            return;
+            return None;
         }
         s.clock += 1;
         let now = s.clock;
@@ -325,6 +323,7 @@ impl ColumnCache {
             );
             s.used += size;
         }
+        Some(bytes)
     }
 }
 
@@ -370,12 +369,8 @@ impl CachedTable {
             };
             match load(&state, &files, &schema, &columns, &cache).await {
                 Ok(Loaded::Columns(layout, loaded)) => {
-                    let bytes: usize = loaded
-                        .iter()
-                        .flat_map(|(_, c)| c.iter().map(|a| a.get_array_memory_size()))
-                        .sum();
-                    cache.insert(&name, version, layout, loaded);
-                    tracing::debug!(table = %name, version, ?columns, bytes, "columns cached");
+                    let bytes = cache.insert(&name, version, layout, loaded);
+                    tracing::debug!(table = %name, version, ?columns, ?bytes, "columns cached");
                 }
                 Ok(Loaded::NoRoom) => {
                     tracing::debug!(table = %name, version, ?columns, "no room in serve.cache now; read from the files");
